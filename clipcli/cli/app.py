@@ -1,0 +1,77 @@
+"""The Typer app every command registers on, and the one place errors become exit codes.
+
+Commands live in sibling modules and are thin: parse options, call the library, write
+records. A :class:`~clipcli.errors.ClipcliError` becomes ``error: <message>`` on stderr and
+its ``exit_code``; a closed stdout (``| head``) ends the run quietly.
+"""
+
+import functools
+import os
+import sys
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from .. import __version__
+from ..errors import ClipcliError
+
+app = typer.Typer(
+    name="clipcli",
+    help="Batch image-text scoring with CLIP: encode, classify, similarity, models, download.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"clipcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    ] = None,
+) -> None:
+    """Batch image-text scoring with CLIP. Data goes to stdout, messages to stderr."""
+
+
+def error_line(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe, point stdout at devnull so the interpreter's final flush is quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def command(*args, **kwargs) -> Callable:
+    """``app.command`` plus the error policy: typed errors -> one line and their exit code."""
+
+    def register(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*a, **kw):
+            try:
+                return fn(*a, **kw)
+            except ClipcliError as error:
+                error_line(str(error))
+                raise typer.Exit(error.exit_code) from None
+            except BrokenPipeError:
+                _silence_stdout()
+                raise typer.Exit(0) from None
+            except KeyboardInterrupt:
+                error_line("interrupted")
+                raise typer.Exit(130) from None
+
+        return app.command(*args, **kwargs)(run)
+
+    return register

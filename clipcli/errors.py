@@ -1,0 +1,49 @@
+"""Errors the library raises. Each carries the exit code the CLI turns it into.
+
+The CLI prints ``str(error)`` as one line on stderr and exits with ``error.exit_code``;
+no traceback is shown for any of these.
+"""
+
+from __future__ import annotations
+
+
+class ClipcliError(Exception):
+    """Base class: a problem the user can act on, described in one line."""
+
+    exit_code = 2
+
+
+class CheckpointError(ClipcliError):
+    """A checkpoint file cannot be read, or does not describe a CLIP model we can build."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint would need arbitrary code execution to load, and we refuse it."""
+
+
+class ContextLengthError(ClipcliError, ValueError):
+    """A text does not fit in the model's context (and truncation was not asked for)."""
+
+
+class UnknownModelError(ClipcliError, ValueError):
+    """A model name that is neither a released model nor an existing checkpoint path."""
+
+
+class DownloadError(ClipcliError):
+    """A file could not be downloaded or did not verify."""
+
+
+class ChecksumError(DownloadError):
+    """A downloaded or cached file's sha256 does not match the expected one."""
+
+
+class OfflineError(DownloadError):
+    """A model is not cached and cannot be downloaded (offline or unreachable)."""
+
+
+class InputError(ClipcliError):
+    """An input (image, list file, caption file, URL) cannot be used."""
+
+
+class OutputExistsError(ClipcliError):
+    """An output file exists and --overwrite was not given."""
