@@ -62,6 +62,6 @@ def load(
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     path = resolve_checkpoint(name, download_root)
-    model = build_model(read_state_dict(path), source=str(path))
+    model = build_model(read_state_dict(path, dtype=dtype), source=str(path))
     model = model.to(device=device, dtype=dtype).eval()
     return model, image_transform(model.visual.input_resolution)

@@ -1,0 +1,415 @@
+"""The CLIP model: a vision tower (ViT or ModifiedResNet) and a causal text Transformer.
+
+Modules read from the smallest piece to the whole. Parameter names and shapes are exactly
+those of OpenAI's released state dicts, so ``load_state_dict(strict=True)`` takes them as
+they are; :func:`build_model` reads every hyperparameter off the tensor shapes.
+No I/O and no printing here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CheckpointError
+
+HEAD_WIDTH = 64  # every released CLIP uses 64-wide attention heads
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm that always computes in float32, then returns the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    """The sigmoid approximation of GELU that CLIP was trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with the packed ``in_proj`` weights of ``nn.MultiheadAttention``."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        B, T, C = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3C)
+        qkv = qkv.view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.out_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.c_fc = nn.Linear(width, 4 * width)
+        self.gelu = QuickGELU()
+        self.c_proj = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.attn = SelfAttention(width, heads)
+        self.ln_1 = LayerNorm(width)
+        self.mlp = MLP(width)
+        self.ln_2 = LayerNorm(width)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of pre-norm residual blocks over batch-first sequences ``(B, T, width)``."""
+
+    def __init__(self, width: int, layers: int, heads: int, causal: bool = False):
+        super().__init__()
+        self.width = width
+        self.layers = layers
+        self.causal = causal
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x, causal=self.causal)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int):
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.output_dim = output_dim
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        scale = width**-0.5
+        grid = input_resolution // patch_size
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)  # (B, width, grid, grid)
+        x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, width)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, width)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, grid*grid+1, width)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj  # (B, output_dim)
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck whose strided convolution is replaced by average pooling (anti-aliasing)."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride > 1 or inplanes != planes * self.expansion:
+            # Keys "-1" (pool, no parameters), "0" (conv), "1" (norm) match the released names.
+            self.downsample = nn.Sequential(
+                OrderedDict(
+                    [
+                        ("-1", nn.AvgPool2d(stride)),
+                        ("0", nn.Conv2d(inplanes, planes * self.expansion, 1, stride=1, bias=False)),
+                        ("1", nn.BatchNorm2d(planes * self.expansion)),
+                    ]
+                )
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(self.avgpool(out)))
+        return self.relu3(out + identity)
+
+
+class AttentionPool2d(nn.Module):
+    """Pool a feature map by letting its mean attend over all positions (one query)."""
+
+    def __init__(self, spatial_dim: int, embed_dim: int, heads: int, output_dim: int):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.randn(spatial_dim**2 + 1, embed_dim) / embed_dim**0.5)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.c_proj = nn.Linear(embed_dim, output_dim)
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # (B, HW+1, C)
+        x = x + self.positional_embedding.to(x.dtype)
+        hs = C // self.heads
+        q = self.q_proj(x[:, :1]).view(B, 1, self.heads, hs).transpose(1, 2)  # (B, nh, 1, hs)
+        k = self.k_proj(x).view(B, -1, self.heads, hs).transpose(1, 2)  # (B, nh, HW+1, hs)
+        v = self.v_proj(x).view(B, -1, self.heads, hs).transpose(1, 2)  # (B, nh, HW+1, hs)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, 1, hs)
+        return self.c_proj(y.transpose(1, 2).reshape(B, C))  # (B, output_dim)
+
+
+class ModifiedResNet(nn.Module):
+    """CLIP's ResNet: a 3-convolution stem with average pooling, anti-aliased bottlenecks,
+    and attention pooling in place of global average pooling."""
+
+    def __init__(self, layers: tuple[int, ...], output_dim: int, heads: int, input_resolution: int, width: int):
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.output_dim = output_dim
+        self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width // 2)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width // 2)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.avgpool = nn.AvgPool2d(2)
+
+        inplanes = width
+        stages = []
+        for i, blocks in enumerate(layers):
+            planes, stride = width * 2**i, 1 if i == 0 else 2
+            stage = [Bottleneck(inplanes, planes, stride)]
+            inplanes = planes * Bottleneck.expansion
+            stage += [Bottleneck(inplanes, planes) for _ in range(1, blocks)]
+            stages.append(nn.Sequential(*stage))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+
+        embed_dim = width * 32  # the last stage's channels: width * 8 * expansion
+        self.attnpool = AttentionPool2d(input_resolution // 32, embed_dim, heads, output_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        x = self.relu3(self.bn3(self.conv3(x)))
+        x = self.avgpool(x)  # (B, width, res/4, res/4)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, width*32, res/32, res/32)
+        return self.attnpool(x)
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    """Everything needed to build a CLIP; :func:`config_from_state_dict` reads it off a checkpoint."""
+
+    embed_dim: int
+    image_resolution: int
+    vision_layers: int | tuple[int, ...]  # an int for ViT, four stage depths for ResNet
+    vision_width: int
+    vision_patch_size: int | None  # None for ResNet
+    context_length: int
+    vocab_size: int
+    transformer_width: int
+    transformer_heads: int
+    transformer_layers: int
+
+    @property
+    def vision_heads(self) -> int:
+        width = self.vision_width * 32 if self.vision_patch_size is None else self.vision_width
+        return max(1, width // HEAD_WIDTH)
+
+
+class CLIP(nn.Module):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        self.config = config
+        self.context_length = config.context_length
+        self.vocab_size = config.vocab_size
+        if config.vision_patch_size is None:
+            self.visual = ModifiedResNet(
+                layers=tuple(config.vision_layers),
+                output_dim=config.embed_dim,
+                heads=config.vision_heads,
+                input_resolution=config.image_resolution,
+                width=config.vision_width,
+            )
+        else:
+            self.visual = VisionTransformer(
+                input_resolution=config.image_resolution,
+                patch_size=config.vision_patch_size,
+                width=config.vision_width,
+                layers=int(config.vision_layers),
+                heads=config.vision_heads,
+                output_dim=config.embed_dim,
+            )
+        width = config.transformer_width
+        self.transformer = Transformer(width, config.transformer_layers, config.transformer_heads, causal=True)
+        self.token_embedding = nn.Embedding(config.vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(config.context_length, width))
+        self.ln_final = LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.empty(width, config.embed_dim))
+        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
+        self.initialize_parameters()
+
+    def initialize_parameters(self) -> None:
+        """CLIP's initialisation (used when training from scratch; loading overwrites it)."""
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        if isinstance(self.visual, ModifiedResNet):
+            pool = self.visual.attnpool
+            std = pool.c_proj.in_features**-0.5
+            for linear in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
+                nn.init.normal_(linear.weight, std=std)
+                nn.init.zeros_(linear.bias)
+            for stage in (self.visual.layer1, self.visual.layer2, self.visual.layer3, self.visual.layer4):
+                for block in stage:
+                    nn.init.zeros_(block.bn3.weight)  # each residual branch starts as the identity
+        else:
+            for block in self.visual.transformer.resblocks:
+                _init_block(block, self.visual.transformer.width, self.visual.transformer.layers)
+        for block in self.transformer.resblocks:
+            _init_block(block, self.transformer.width, self.transformer.layers)
+        nn.init.normal_(self.text_projection, std=self.transformer.width**-0.5)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.token_embedding.weight.dtype
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.visual(image.to(self.dtype))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        # The tower is causal and reads out the end-of-text token (the largest id in each row),
+        # so positions after the last end-of-text token in the batch cannot change the result.
+        eot = text.argmax(dim=-1)  # (B,)
+        T = int(eot.max()) + 1 if text.numel() else text.shape[-1]
+        x = self.token_embedding(text[:, :T]) + self.positional_embedding[:T].to(self.dtype)  # (B, T, width)
+        x = self.ln_final(self.transformer(x))
+        features = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection  # (B, embed_dim)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits_per_image, logits_per_text)``: cosine similarity times ``logit_scale.exp()``."""
+        image_features = self.encode_image(image, normalize=True)
+        text_features = self.encode_text(text, normalize=True)
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        return logits_per_image, logits_per_image.t()
+
+
+def _init_block(block: ResidualAttentionBlock, width: int, layers: int) -> None:
+    proj_std = width**-0.5 * (2 * layers) ** -0.5
+    nn.init.normal_(block.attn.in_proj_weight, std=width**-0.5)
+    nn.init.zeros_(block.attn.in_proj_bias)
+    nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+    nn.init.zeros_(block.attn.out_proj.bias)
+    nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+    nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+
+# Entries of the released TorchScript files that are metadata, not parameters.
+EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
+    return len({k[len(prefix) :].split(".")[0] for k in state_dict if k.startswith(prefix)})
+
+
+def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> CLIPConfig:
+    """Read every hyperparameter off the shapes of a CLIP state dict (OpenAI key names)."""
+    sd = state_dict
+    if "visual.proj" in sd:  # ViT
+        width = sd["visual.conv1.weight"].shape[0]
+        patch = sd["visual.conv1.weight"].shape[-1]
+        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        vision_layers: int | tuple[int, ...] = _count_blocks(sd, "visual.transformer.resblocks.")
+        resolution, patch_size = patch * grid, patch
+    else:  # ModifiedResNet
+        vision_layers = tuple(_count_blocks(sd, f"visual.layer{i}.") for i in range(1, 5))
+        width = sd["visual.layer1.0.conv1.weight"].shape[0]
+        output_grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+        resolution, patch_size = output_grid * 32, None
+    transformer_width = sd["ln_final.weight"].shape[0]
+    return CLIPConfig(
+        embed_dim=sd["text_projection"].shape[1],
+        image_resolution=resolution,
+        vision_layers=vision_layers,
+        vision_width=width,
+        vision_patch_size=patch_size,
+        context_length=sd["positional_embedding"].shape[0],
+        vocab_size=sd["token_embedding.weight"].shape[0],
+        transformer_width=transformer_width,
+        transformer_heads=max(1, transformer_width // HEAD_WIDTH),
+        transformer_layers=_count_blocks(sd, "transformer.resblocks."),
+    )
+
+
+def _describe(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def build_model(state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> CLIP:
+    """Build a CLIP from a state dict with OpenAI's key names and load it strictly.
+
+    The model takes the state dict's tensors as they are (no copy, same dtype).
+
+    Raises :class:`CheckpointError` naming ``source`` and the offending keys when the state
+    dict is not a CLIP we can build (missing, unexpected or wrongly shaped entries).
+    """
+    sd = {k: v for k, v in state_dict.items() if k not in EXTRA_KEYS and not k.endswith("attn_mask")}
+    try:
+        config = config_from_state_dict(sd)
+    except (KeyError, IndexError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{source} is not a CLIP checkpoint: cannot read its architecture ({error!r})") from None
+    with torch.device("meta"):
+        model = CLIP(config)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_describe(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_describe(unexpected)}")
+        raise CheckpointError(f"{source} does not match a CLIP architecture; " + "; ".join(parts))
+    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(f"{source} has tensors of the wrong shape: {_describe(wrong)}")
+    model.load_state_dict(sd, strict=False, assign=True)
+    for name, buffer in model.named_buffers():  # anything the file lacked (num_batches_tracked)
+        if buffer.is_meta:
+            _set_buffer(model, name, torch.zeros((), dtype=torch.long))
+    return model
+
+
+def _set_buffer(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    model.get_submodule(owner).register_buffer(leaf, value)

@@ -1,0 +1,53 @@
+"""Shared fixtures: an isolated home and cache for every test, and small released-format checkpoints."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from checkpoints import random_reference_model, save_released
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    """Never touch the user's home, cache or the network."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    monkeypatch.setenv("CLIPCLI_CACHE_DIR", str(tmp_path / "clipcli-cache"))
+    monkeypatch.setenv("CLIPCLI_OFFLINE", "1")
+    monkeypatch.delenv("CLIPCLI_MODEL", raising=False)
+    monkeypatch.delenv("CLIPCLI_MIRROR", raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_checkpoint(checkpoint_dir) -> Path:
+    """A tiny ViT CLIP (32 px input) as an OpenAI-style TorchScript ``.pt`` with fp16 weights."""
+    return save_released(random_reference_model("tiny-vit", seed=1), checkpoint_dir / "tiny-vit.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_rn_checkpoint(checkpoint_dir) -> Path:
+    """A tiny ModifiedResNet CLIP (64 px input) as an OpenAI-style TorchScript ``.pt``."""
+    return save_released(random_reference_model("tiny-rn", seed=2), checkpoint_dir / "tiny-rn.pt")
+
+
+@pytest.fixture
+def sample_images(tmp_path) -> list[Path]:
+    """The sample photos in tests/data, copied so a test may modify them."""
+    out = []
+    for source in sorted(DATA.glob("*")):
+        if source.suffix.lower() in (".png", ".jpg", ".jpeg"):
+            out.append(Path(shutil.copy(source, tmp_path / source.name)))
+    return out
