@@ -1,0 +1,80 @@
+"""Which weights exist: the nine CLIP models OpenAI released, as data.
+
+Each entry names the released TorchScript file, its sha256 (the hex directory in OpenAI's URL,
+so the URL is derived from it), its size, what the model computes (input resolution,
+embedding dimension), the names people type for it, and the Hugging Face hub repository
+that holds the same weights as fp32 safetensors. How to fetch and cache them lives in
+:mod:`clipcli.download`; how to build a model from them lives in :mod:`clipcli.model`.
+
+Sizes are the byte counts of OpenAI's files as published by several independent projects
+that pin them next to the same sha256 (ViT-B-32.pt: 353,976,522 bytes, and so on).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+OPENAI_URL = "https://openaipublic.azureedge.net/clip/models/{sha256}/{file}"
+HF_FILE = "open_clip_model.safetensors"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str  # as clip.available_models() spells it
+    file: str  # OpenAI's file name, also the name in our cache
+    sha256: str
+    size: int | None  # bytes of `file`; None where not known
+    input_resolution: int
+    embed_dim: int
+    hf_repo: str  # same weights, fp32 safetensors with OpenAI key names, at `HF_FILE`
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def url(self) -> str:
+        return OPENAI_URL.format(sha256=self.sha256, file=self.file)
+
+    @property
+    def stem(self) -> str:
+        return self.file.rsplit(".", 1)[0]
+
+
+MODELS: tuple[ModelInfo, ...] = (
+    ModelInfo("RN50", "RN50.pt", "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762",
+              255_827_503, 224, 1024, "timm/resnet50_clip.openai"),
+    ModelInfo("RN101", "RN101.pt", "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599",
+              291_791_292, 224, 512, "timm/resnet101_clip.openai"),
+    ModelInfo("RN50x4", "RN50x4.pt", "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd",
+              421_854_225, 288, 640, "timm/resnet50x4_clip.openai"),
+    ModelInfo("RN50x16", "RN50x16.pt", "52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa",
+              661_125_706, 384, 768, "timm/resnet50x16_clip.openai"),
+    ModelInfo("RN50x64", "RN50x64.pt", "be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c",
+              1_353_500_174, 448, 1024, "timm/resnet50x64_clip.openai"),
+    ModelInfo("ViT-B/32", "ViT-B-32.pt", "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
+              353_976_522, 224, 512, "timm/vit_base_patch32_clip_224.openai", ("ViT-B-32", "vit-b/32")),
+    ModelInfo("ViT-B/16", "ViT-B-16.pt", "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
+              350_837_078, 224, 512, "timm/vit_base_patch16_clip_224.openai", ("ViT-B-16", "vit-b/16")),
+    ModelInfo("ViT-L/14", "ViT-L-14.pt", "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
+              932_768_134, 224, 768, "timm/vit_large_patch14_clip_224.openai", ("ViT-L-14", "vit-l/14")),
+    ModelInfo("ViT-L/14@336px", "ViT-L-14-336px.pt",
+              "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
+              934_088_680, 336, 768, "timm/vit_large_patch14_clip_336.openai",
+              ("ViT-L-14-336px", "ViT-L-14-336", "vit-l/14@336px")),
+)
+
+
+def _key(name: str) -> str:
+    """Case, separators and a trailing ``.pt`` do not matter: ``vit_b_32`` == ``ViT-B/32``."""
+    name = name.strip().lower()
+    if name.endswith(".pt"):
+        name = name[:-3]
+    return re.sub(r"[\s/_@-]+", "-", name)
+
+
+def find_model(name: str) -> ModelInfo | None:
+    """The released model called ``name`` (or one of its aliases), else ``None``."""
+    key = _key(name)
+    for info in MODELS:
+        if key in {_key(info.name), _key(info.stem), *map(_key, info.aliases)}:
+            return info
+    return None
