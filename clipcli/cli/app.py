@@ -8,7 +8,7 @@ its ``exit_code``; a closed stdout (``| head``) ends the run quietly.
 import functools
 import os
 import sys
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Callable
 
 import typer
 
@@ -34,9 +34,9 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        Optional[bool],
+        bool,
         typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit."),
-    ] = None,
+    ] = False,
 ) -> None:
     """Batch image-text scoring with CLIP. Data goes to stdout, messages to stderr."""
 
