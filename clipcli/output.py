@@ -1,0 +1,306 @@
+"""Records out: JSON Lines, JSON, CSV or a table on stdout; atomic files; messages on stderr.
+
+A *record* is a flat-ish dict, one per input, in input order. :class:`RecordWriter`
+streams JSON Lines as records arrive (a pipeline sees the first result at once) and
+buffers the other formats. File outputs go through :func:`atomic_write`: a temporary
+file in the destination folder, fsync, then a rename, so a crash never leaves half a file
+and an existing file is replaced only when asked. :class:`Reporter` owns stderr: the
+progress bar, ``skipping PATH: reason`` lines and the final summary.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from typing import IO, Any, Callable, Iterator, Sequence
+
+from .errors import OutputExistsError
+from .inputs import display
+
+FORMATS = ("jsonl", "json", "csv", "table")
+
+
+def default_format(stream: IO[str]) -> str:
+    """``table`` on a terminal, ``jsonl`` anywhere else (pipes, files)."""
+    try:
+        return "table" if stream.isatty() else "jsonl"
+    except (AttributeError, ValueError):
+        return "jsonl"
+
+
+def to_json(value: Any, indent: int | None = None) -> str:
+    """JSON text of ``value``, UTF-8 safe: undecodable file-name bytes (lone surrogates)
+    become ``\\udcXX`` escapes, which JSON readers turn back into the same string.
+
+    With ``indent``, short containers and lists of numbers stay on one line, so a matrix
+    prints one row per line.
+    """
+    text = _pretty(value, indent, 0) if indent else json.dumps(value, ensure_ascii=False, allow_nan=False)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _pretty(value: Any, indent: int, level: int) -> str:
+    compact = json.dumps(value, ensure_ascii=False, allow_nan=False)
+    if not isinstance(value, (list, dict)) or not value or len(compact) <= 80:
+        return compact
+    if isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+        return compact
+    inner, outer = " " * (indent * (level + 1)), " " * (indent * level)
+    if isinstance(value, dict):
+        parts = [f"{inner}{json.dumps(k, ensure_ascii=False)}: {_pretty(v, indent, level + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(parts) + "\n" + outer + "}"
+    parts = [f"{inner}{_pretty(v, indent, level + 1)}" for v in value]
+    return "[\n" + ",\n".join(parts) + "\n" + outer + "]"
+
+
+def _cell(value: Any, digits: int | None = None) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if digits is not None else repr(value)
+    if isinstance(value, (list, dict)):
+        return to_json(value)
+    return display(str(value))
+
+
+class RecordWriter:
+    """Write records to ``stream`` in ``fmt``; use as a context manager.
+
+    ``columns`` fixes the CSV/table columns (default: keys in order of first appearance).
+    ``view`` reshapes a record for CSV and table only (e.g. a nested list as a string).
+    """
+
+    def __init__(
+        self,
+        stream: IO[str],
+        fmt: str,
+        columns: Sequence[str] | None = None,
+        view: Callable[[dict], dict] | None = None,
+        title: str | None = None,
+    ):
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+        self.stream, self.fmt, self.columns, self.view, self.title = stream, fmt, columns, view, title
+        self.buffer: list[dict] = []
+
+    def __enter__(self) -> "RecordWriter":
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        if kind is None or not issubclass(kind, BrokenPipeError):
+            self.close()
+
+    def write(self, record: dict) -> None:
+        if self.fmt == "jsonl":
+            self.stream.write(to_json(record) + "\n")
+            self.stream.flush()
+        else:
+            self.buffer.append(record)
+
+    def close(self) -> None:
+        if self.fmt == "json":
+            self.stream.write(to_json(self.buffer, indent=2) + "\n")
+        elif self.fmt in ("csv", "table"):
+            rows = [self.view(r) if self.view else r for r in self.buffer]
+            columns = list(self.columns or _columns(rows))
+            if self.fmt == "csv":
+                write_csv(self.stream, rows, columns)
+            else:
+                write_table(self.stream, rows, columns, self.title)
+        self.buffer = []
+        self.stream.flush()
+
+
+def _columns(rows: Sequence[dict]) -> list[str]:
+    seen: dict[str, None] = {}
+    for row in rows:
+        seen.update(dict.fromkeys(row))
+    return list(seen)
+
+
+def write_csv(stream: IO[str], rows: Sequence[dict], columns: Sequence[str]) -> None:
+    """RFC 4180 CSV with a header row; floats at full precision, lists as JSON."""
+    writer = csv.writer(stream, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_cell(row.get(c)) for c in columns])
+
+
+def write_table(stream: IO[str], rows: Sequence[dict], columns: Sequence[str], title: str | None = None) -> None:
+    """A rich table; floats to 4 decimals, error rows in red."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False, header_style="bold")
+    for column in columns:
+        numeric = any(isinstance(row.get(column), float) for row in rows)
+        table.add_column(column, justify="right" if numeric else "left", overflow="fold")
+    for row in rows:
+        style = "red" if row.get("status") == "error" else None
+        table.add_row(*[_cell(row.get(c), digits=4) for c in columns], style=style)
+    Console(file=stream, soft_wrap=False).print(table)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def ensure_writable(paths: Sequence[str | os.PathLike], overwrite: bool) -> None:
+    """Refuse (before any work) to replace existing files unless ``overwrite``."""
+    for path in paths:
+        if os.path.lexists(path) and not overwrite:
+            raise OutputExistsError(f"{display(os.fspath(path))} already exists; pass --overwrite to replace it")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise OutputExistsError(f"cannot write {display(os.fspath(path))}: folder {display(folder)} does not exist")
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, overwrite: bool = False, text: bool = False) -> Iterator[IO]:
+    """Open a temporary file beside ``path``; on success fsync it and rename it to ``path``.
+
+    On any error the temporary file is removed and ``path`` is untouched. Without
+    ``overwrite`` the final step is a hard link, which fails if ``path`` appeared meanwhile.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.lexists(path) and not overwrite:
+        raise OutputExistsError(f"{display(path)} already exists; pass --overwrite to replace it")
+    handle, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "w" if text else "wb", **({"encoding": "utf-8", "newline": ""} if text else {})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temp, 0o666 & ~_umask())
+        if overwrite:
+            os.replace(temp, path)
+        else:
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                raise OutputExistsError(f"{display(path)} already exists; pass --overwrite to replace it") from None
+            except OSError:  # file systems without hard links
+                os.replace(temp, path)
+            else:
+                os.unlink(temp)
+        _fsync_folder(folder)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- stderr
+
+
+class Reporter:
+    """Everything a run says on stderr: a progress bar (only on a terminal), one
+    ``skipping NAME: reason`` line per failed item, and a final summary.
+
+    ``quiet`` silences all three; the records still carry every error.
+    """
+
+    def __init__(self, total: int, noun: str = "images", quiet: bool = False, stream: IO[str] | None = None):
+        self.total, self.noun, self.quiet = total, noun, quiet
+        self.stream = stream if stream is not None else sys.stderr
+        self.ok = self.failed = 0
+        self.started = time.monotonic()
+        self._progress = None
+        self._task = None
+
+    def __enter__(self) -> "Reporter":
+        if not self.quiet and _isatty(self.stream) and self.total > 1:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeRemainingColumn(),
+                console=Console(file=self.stream),
+                transient=True,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(self.noun, total=self.total, rate="")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def message(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self._progress is not None:
+            self._progress.console.print(text, markup=False, highlight=False)
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def done(self, name: str, error: str | None = None) -> None:
+        """One item finished, successfully or with ``error``."""
+        if error is None:
+            self.ok += 1
+        else:
+            self.failed += 1
+            self.message(f"skipping {display(name)}: {error}")
+        if self._progress is not None:
+            count = self.ok + self.failed
+            self._progress.update(self._task, completed=count, rate=f"{count / self._elapsed():.1f} {self.noun}/s")
+
+    def _elapsed(self) -> float:
+        return max(time.monotonic() - self.started, 1e-9)
+
+    def summary(self, verb: str) -> None:
+        """``encoded 6 images in 1.2 s (5.0/s); 1 of 6 failed``."""
+        count = self.ok + self.failed
+        text = f"{verb} {self.ok} {self.noun} in {self._elapsed():.1f} s ({count / self._elapsed():.1f}/s)"
+        if self.failed:
+            text += f"; {self.failed} of {count} failed"
+        self.message(text)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def _isatty(stream: IO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def text_stream(binary: IO[bytes]) -> IO[str]:
+    """A UTF-8 text wrapper for writing records to a binary stream."""
+    return io.TextIOWrapper(binary, encoding="utf-8", newline="\n", write_through=True)
