@@ -1,0 +1,497 @@
+"""Running a model over many inputs: batched, ordered, one result per input, never stopping.
+
+:func:`embed_images` decodes images on a pool of worker threads (``workers``), a bounded
+number of items ahead of the model, so decoding overlaps inference; it collects a batch of
+decoded images, runs the model once under ``torch.inference_mode()``, and yields one
+:class:`Embedding` per input *in input order*, errors included. A batch that runs out of
+memory is split in halves and retried; a row that is not finite becomes an error.
+
+:func:`classify` and :func:`similarity` build the records the commands print, so a Python
+caller gets exactly what the CLI writes. Label embeddings for classification are cached on
+disk, keyed by the checkpoint's sha256, the labels, the templates and the precision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+from .errors import ClipcliError
+from .inputs import DecodeOptions, FetchOptions, Item, ItemError, pillow_limits, read_image
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import torch
+    from PIL import Image
+
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+THUMBNAIL_SIZE = 160
+
+
+# --------------------------------------------------------------------------- model
+
+
+def cache_dir() -> Path:
+    """The clipcli cache folder (shared with model downloads)."""
+    try:
+        from .download import default_cache_dir
+    except ImportError:  # pragma: no cover - download.py is another module's; keep working without it
+        if os.environ.get("CLIPCLI_CACHE_DIR"):
+            return Path(os.environ["CLIPCLI_CACHE_DIR"]).expanduser()
+        if os.environ.get("XDG_CACHE_HOME"):
+            return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "clipcli"
+        return Path.home() / ".cache" / "clipcli"
+    return default_cache_dir()
+
+
+def resolve_device(device: str = "auto") -> "torch.device":
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``, checked."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ClipcliError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ClipcliError(f"--device {device}: CUDA is not available here; use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ClipcliError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif resolved.type != "cpu":
+        raise ClipcliError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
+    return resolved
+
+
+def resolve_dtype(precision: str | None, device: "torch.device") -> "torch.dtype":
+    """``fp32``/``fp16``/``bf16``; by default fp16 on CUDA and fp32 elsewhere."""
+    import torch
+
+    if precision is None:
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ClipcliError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+    return getattr(torch, PRECISIONS[precision])
+
+
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a checkpoint file, remembered in the cache by path, size and mtime."""
+    path = os.path.realpath(path)
+    info = os.stat(path)
+    key = hashlib.sha256(f"{path}\0{info.st_size}\0{info.st_mtime_ns}".encode("utf-8", "surrogateescape")).hexdigest()
+    memo = cache_dir() / "checksums" / key
+    try:
+        value = memo.read_text().strip()
+        if len(value) == 64:
+            return value
+    except OSError:
+        pass
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        temp = memo.with_name(f".{key}.{os.getpid()}.tmp")
+        temp.write_text(value + "\n")
+        os.replace(temp, memo)
+    except OSError:
+        pass
+    return value
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with what the records and the cache need to know about it."""
+
+    model: Any
+    preprocess: Callable
+    name: str
+    path: Path
+    device: "torch.device"
+    dtype: "torch.dtype"
+
+    @cached_property
+    def sha256(self) -> str:
+        return checkpoint_sha256(self.path)
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().float().cpu())
+
+
+def load_model(name: str, device: str = "auto", precision: str | None = None) -> LoadedModel:
+    """Resolve a released name or checkpoint path, then ``clipcli.load`` it."""
+    from .api import load, resolve_checkpoint
+
+    torch_device = resolve_device(device)
+    dtype = resolve_dtype(precision, torch_device)
+    path = resolve_checkpoint(name)
+    model, preprocess = load(path, device=torch_device, dtype=dtype)
+    return LoadedModel(model, preprocess, str(name), Path(path), torch_device, dtype)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Embedding:
+    """One input's result: a float32 embedding, or the reason there is none."""
+
+    name: str
+    embedding: "np.ndarray | None" = None
+    error: str | None = None
+    truncated: bool = False
+    thumbnail: "Image.Image | None" = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    if isinstance(error, oom):
+        return True
+    message = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+
+
+def run_batches(encode: Callable, inputs: "torch.Tensor", normalize: bool) -> list["np.ndarray | str"]:
+    """``encode(inputs)`` as float32 rows (unit length if ``normalize``), or a reason per row.
+
+    Out of memory splits the batch in halves and retries; a single input that still does
+    not fit, or a row with NaN/inf, gets a reason instead of an embedding.
+    """
+    import torch
+
+    try:
+        with torch.inference_mode():
+            output = encode(inputs).float()
+            if normalize:
+                output = output / output.norm(dim=-1, keepdim=True)
+            finite = torch.isfinite(output).all(dim=-1)
+            rows = output.cpu().numpy()
+    except Exception as error:  # noqa: BLE001 - only out-of-memory is handled; others re-raised below
+        if not _is_out_of_memory(error):
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(inputs) == 1:
+            return ["out of memory in the model, even alone (try --device cpu or a smaller model)"]
+        half = len(inputs) // 2
+        return run_batches(encode, inputs[:half], normalize) + run_batches(encode, inputs[half:], normalize)
+    reason = "non-finite embedding (NaN or inf); try --precision fp32"
+    return [row if good else reason for row, good in zip(rows, finite.tolist())]
+
+
+def _thumbnail(image: "Image.Image") -> "Image.Image":
+    thumb = image.copy()
+    thumb.thumbnail((THUMBNAIL_SIZE * 2, THUMBNAIL_SIZE * 2))
+    return thumb
+
+
+def _prepare(item: Item, preprocess: Callable, decode: DecodeOptions, fetch: FetchOptions, keep_thumbnail: bool):
+    """Decode and preprocess one item in a worker: ``(tensor, thumbnail, None)`` or ``(None, None, reason)``."""
+    try:
+        image = read_image(item, decode, fetch)
+        tensor = preprocess(image)
+        return tensor, (_thumbnail(image) if keep_thumbnail else None), None
+    except ItemError as error:
+        return None, None, str(error)
+    except Exception as error:  # noqa: BLE001 - one bad input must never end the run
+        return None, None, f"cannot prepare image ({type(error).__name__}): {error}"
+
+
+def embed_images(
+    loaded: LoadedModel,
+    items: Sequence[Item],
+    *,
+    batch_size: int = 32,
+    workers: int = 4,
+    normalize: bool = True,
+    decode: DecodeOptions = DecodeOptions(),
+    fetch: FetchOptions = FetchOptions(),
+    thumbnails: bool = False,
+) -> Iterator[Embedding]:
+    """One :class:`Embedding` per item, in order, as soon as its batch is done.
+
+    Up to ``2 * batch_size + workers`` items are decoded ahead of the model on ``workers``
+    threads (0: decode in this thread). Items that fail carry a reason and no embedding.
+    """
+    model = loaded.model
+
+    def encode(x):
+        return model.encode_image(x.to(device=loaded.device, dtype=loaded.dtype))
+
+    def prepare(item):
+        return _prepare(item, loaded.preprocess, decode, fetch, thumbnails)
+
+    lookahead = 2 * batch_size + workers
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipcli-decode") if workers > 0 else None
+    pending: deque[tuple[Item, Future | tuple]] = deque()
+    source = iter(items)
+
+    def refill() -> None:
+        while len(pending) < lookahead:
+            item = next(source, None)
+            if item is None:
+                return
+            pending.append((item, pool.submit(prepare, item) if pool else None))
+
+    def flush(window: list) -> Iterator[Embedding]:
+        decoded = [entry for entry in window if entry[1] is not None]
+        if decoded:
+            import torch
+
+            rows = run_batches(encode, torch.stack([tensor for _, tensor, _, _ in decoded]), normalize)
+            for entry, row in zip(decoded, rows):
+                entry[3] = row if isinstance(row, str) else None
+                entry[1] = None if isinstance(row, str) else row
+        for item, row, thumb, error in window:
+            yield Embedding(item.name, row, error, thumbnail=thumb if error is None else None)
+
+    try:
+        with pillow_limits(decode):
+            refill()
+            window: list[list] = []  # [item, tensor -> row, thumbnail, error], in input order
+            in_batch = 0
+            while pending:
+                item, future = pending.popleft()
+                tensor, thumb, error = future.result() if pool else prepare(item)
+                refill()
+                window.append([item, tensor, thumb, error])
+                in_batch += tensor is not None
+                if in_batch >= batch_size:
+                    yield from flush(window)
+                    window, in_batch = [], 0
+            yield from flush(window)
+    finally:
+        if pool is not None:
+            for _, future in pending:
+                future.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def embed_texts(
+    loaded: LoadedModel,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 256,
+    normalize: bool = True,
+    truncate: bool = True,
+) -> list[Embedding]:
+    """One :class:`Embedding` per text, in order. A text longer than the context is cut
+    (``truncated=True``) or, without ``truncate``, reported as an error."""
+    from .tokenizer import encode_texts
+
+    tokens, cut = encode_texts(list(texts), context_length=loaded.model.context_length, truncate=True)
+    results = [Embedding(text, truncated=flag) for text, flag in zip(texts, cut)]
+    if not truncate:
+        for result in results:
+            if result.truncated:
+                result.error = (
+                    f"longer than the model's {loaded.model.context_length}-token context "
+                    "(shorten it, or leave out --no-truncate to cut it)"
+                )
+    todo = [i for i, result in enumerate(results) if result.ok]
+    model = loaded.model
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        rows = run_batches(lambda t: model.encode_text(t.to(loaded.device)), tokens[chunk], normalize)
+        for i, row in zip(chunk, rows):
+            if isinstance(row, str):
+                results[i].error = row
+            else:
+                results[i].embedding = row
+    return results
+
+
+# --------------------------------------------------------------------------- classify
+
+
+def _label_cache_path(loaded: LoadedModel, labels: Sequence[str], templates: Sequence[str]) -> Path:
+    material = json.dumps(
+        {"checkpoint": loaded.sha256, "labels": list(labels), "templates": list(templates),
+         "dtype": str(loaded.dtype), "version": 1},
+        ensure_ascii=True,
+    )
+    return cache_dir() / "labels" / (hashlib.sha256(material.encode()).hexdigest() + ".npy")
+
+
+def label_classifier(
+    loaded: LoadedModel,
+    labels: Sequence[str],
+    templates: Sequence[str],
+    *,
+    batch_size: int = 256,
+    use_cache: bool = True,
+) -> "torch.Tensor":
+    """Zero-shot classifier ``[L, D]`` (float32, unit rows), from the disk cache when possible."""
+    import numpy as np
+    import torch
+
+    from .zeroshot import build_classifier, prompts
+
+    path = _label_cache_path(loaded, labels, templates)
+    if use_cache:
+        try:
+            cached = np.load(path, allow_pickle=False)
+            if cached.ndim == 2 and cached.shape[0] == len(labels) and np.isfinite(cached).all():
+                return torch.from_numpy(cached.astype(np.float32))
+        except (OSError, ValueError):
+            pass
+    texts = prompts(labels, templates)
+    embedded = embed_texts(loaded, texts, batch_size=batch_size, normalize=False, truncate=True)
+    bad = next((e for e in embedded if not e.ok), None)
+    if bad is not None:
+        raise ClipcliError(f"cannot embed prompt {bad.name!r}: {bad.error}")
+    classifier = build_classifier(torch.from_numpy(np.stack([e.embedding for e in embedded])), len(templates))
+    if not torch.isfinite(classifier).all():
+        raise ClipcliError("the label embeddings are not finite (NaN/inf); try --precision fp32")
+    if use_cache:
+        _save_quietly(path, classifier.numpy())
+    return classifier
+
+
+def _save_quietly(path: Path, array: "np.ndarray") -> None:
+    """Write a cache entry atomically; a cache that cannot be written is not an error."""
+    import numpy as np
+
+    from .output import atomic_write
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path, overwrite=True) as f:
+            np.save(f, array, allow_pickle=False)
+    except OSError:
+        pass
+
+
+def image_record(result: Embedding, **fields) -> dict:
+    """``{"image", "status": "ok", ...fields}`` or ``{"image", "status": "error", "error"}``."""
+    if result.ok:
+        return {"image": result.name, "status": "ok", **fields}
+    return {"image": result.name, "status": "error", "error": result.error}
+
+
+def classify(
+    loaded: LoadedModel,
+    items: Sequence[Item],
+    labels: Sequence[str],
+    templates: Sequence[str],
+    *,
+    top_k: int = 5,
+    use_cache: bool = True,
+    **run: Any,
+) -> Iterator[dict]:
+    """One record per item: ``{"image", "status", "label", "score", "top": [{"label", "score"}]}``.
+
+    ``run`` takes :func:`embed_images`'s keyword arguments (batch size, workers, ...).
+    """
+    import torch
+
+    from .zeroshot import probabilities
+    from .zeroshot import top_k as best
+
+    classifier = label_classifier(loaded, labels, templates, use_cache=use_cache)
+    scale = loaded.model.logit_scale.detach().float().cpu()
+    for result in embed_images(loaded, items, normalize=True, **run):
+        if not result.ok:
+            yield image_record(result)
+            continue
+        probs = probabilities(torch.from_numpy(result.embedding)[None], classifier, scale)  # (1, L)
+        top = best(probs, labels, top_k)[0]
+        yield image_record(
+            result, label=top[0][0], score=top[0][1], top=[{"label": label, "score": score} for label, score in top]
+        )
+
+
+# --------------------------------------------------------------------------- similarity
+
+
+@dataclass
+class Similarity:
+    """Texts x images: ``cosine[t, i]`` and ``probs[t, i]`` (softmax over images per text).
+
+    Only inputs that succeeded are in the matrix; ``failed`` has the others' records.
+    """
+
+    images: list[str]
+    texts: list[str]
+    cosine: "np.ndarray"
+    probs: "np.ndarray"
+    thumbnails: list
+    truncated: list[bool]
+    failed: list[dict]
+
+    def as_json(self) -> dict:
+        out = {
+            "images": self.images,
+            "texts": self.texts,
+            "cosine": self.cosine.tolist(),
+            "probs": self.probs.tolist(),
+        }
+        if any(self.truncated):
+            out["truncated"] = self.truncated
+        if self.failed:
+            out["errors"] = self.failed
+        return out
+
+
+def similarity(
+    loaded: LoadedModel,
+    items: Sequence[Item],
+    texts: Sequence[str],
+    *,
+    truncate: bool = True,
+    on_image: Callable[[Embedding], None] | None = None,
+    on_text: Callable[[Embedding], None] | None = None,
+    **run: Any,
+) -> Similarity:
+    """Cosine similarity of every text with every image, as in the CLIP notebook.
+
+    ``on_image``/``on_text`` see each result as it is done (for progress and messages).
+    """
+    import numpy as np
+    import torch
+
+    text_results = embed_texts(loaded, texts, truncate=truncate)
+    image_results = []
+    for result in embed_images(loaded, items, normalize=True, **run):
+        image_results.append(result)
+        if on_image:
+            on_image(result)
+    for result in text_results:
+        if on_text:
+            on_text(result)
+    good_texts = [t for t in text_results if t.ok]
+    good_images = [i for i in image_results if i.ok]
+    failed = [image_record(r) for r in image_results if not r.ok]
+    failed += [{"text": t.name, "status": "error", "error": t.error} for t in text_results if not t.ok]
+    dim = (good_texts or good_images)[0].embedding.shape[-1] if (good_texts or good_images) else 0
+    text_matrix = np.stack([t.embedding for t in good_texts]) if good_texts else np.zeros((0, dim), np.float32)
+    image_matrix = np.stack([i.embedding for i in good_images]) if good_images else np.zeros((0, dim), np.float32)
+    cosine = torch.from_numpy(text_matrix) @ torch.from_numpy(image_matrix).T  # (T, I)
+    scale = loaded.model.logit_scale.detach().float().cpu().exp()
+    probs = (scale * cosine).softmax(dim=-1) if cosine.shape[1] else cosine
+    return Similarity(
+        images=[i.name for i in good_images],
+        texts=[t.name for t in good_texts],
+        cosine=cosine.numpy(),
+        probs=probs.numpy(),
+        thumbnails=[i.thumbnail for i in good_images],
+        truncated=[t.truncated for t in good_texts],
+        failed=failed,
+    )
