@@ -1,2 +1,435 @@
-"""`clipcli encode`, `clipcli classify`, `clipcli similarity`."""
-from .app import app, command  # noqa: F401
+"""`clipcli encode`, `clipcli classify`, `clipcli similarity`.
+
+Thin: parse options, call :mod:`clipcli.pipeline`, write records. torch, PIL and matplotlib
+are imported inside the commands so that ``clipcli --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import ClipcliError, InputError
+from .app import command
+
+DEFAULT_MODEL = "ViT-B/32"
+
+
+class Format(str, Enum):
+    jsonl = "jsonl"
+    json = "json"
+    csv = "csv"
+    table = "table"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class StoreDtype(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+
+
+def _default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+# Options every scoring command shares.
+ModelOpt = Annotated[str, typer.Option("--model", "-m", envvar="CLIPCLI_MODEL", show_envvar=True,
+                                       help="Released model name (see `clipcli models`) or a checkpoint file.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per model call.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Threads decoding images while the model runs (0: none).")]
+PrecisionOpt = Annotated[Optional[Precision], typer.Option("--precision", help="Default: fp16 on CUDA, fp32 on CPU.")]
+FormatOpt = Annotated[Optional[Format], typer.Option("--format", "-f", help="Default: table on a terminal, jsonl in a pipe.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, skip messages or summary on stderr.")]
+MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse larger images (decompression bombs).")]
+TruncatedOpt = Annotated[bool, typer.Option("--allow-truncated", help="Score truncated files from what decodes.")]
+PrivateOpt = Annotated[bool, typer.Option("--allow-private", help="Allow URLs on loopback/private/link-local addresses.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
+
+
+def _run_options(batch_size: int, workers: int, max_pixels: int, allow_truncated: bool, allow_private: bool) -> dict:
+    from ..inputs import DecodeOptions, FetchOptions
+
+    return dict(
+        batch_size=batch_size,
+        workers=workers,
+        decode=DecodeOptions(max_pixels=max_pixels, allow_truncated=allow_truncated),
+        fetch=FetchOptions(allow_private=allow_private),
+    )
+
+
+def _format(fmt: Optional[Format]) -> str:
+    from ..output import default_format
+
+    return fmt.value if fmt is not None else default_format(sys.stdout)
+
+
+def _load(model: str, device: str, precision: Optional[Precision]):
+    from ..pipeline import load_model
+
+    return load_model(model, device=device, precision=precision.value if precision else None)
+
+
+# --------------------------------------------------------------------------- classify
+
+
+def _labels(labels: list[str], labels_file: Optional[str]) -> list[str]:
+    from ..inputs import read_lines
+
+    found = [label.strip() for value in labels for label in value.split(",") if label.strip()]
+    if labels_file:
+        found += read_lines(labels_file)
+    if not found:
+        raise InputError("no labels: pass --labels cat,dog or --labels-file FILE")
+    seen: set[str] = set()
+    for label in found:
+        if label in seen:
+            raise InputError(f"label {label!r} is given twice")
+        seen.add(label)
+    return found
+
+
+def _templates(template: list[str], templates: Optional[str]) -> list[str]:
+    from ..zeroshot import DEFAULT_TEMPLATE, load_templates, parse_templates
+
+    chosen = load_templates(templates) if templates else []
+    chosen += parse_templates(template, "--template") if template else []
+    return list(dict.fromkeys(chosen)) or [DEFAULT_TEMPLATE]
+
+
+def _top_view(record: dict) -> dict:
+    """Table/CSV row of a classify record: the top list as ``label (score)`` text."""
+    row = dict(record)
+    if "top" in row:
+        row["top"] = ", ".join(f"{t['label']} ({t['score']:.3f})" for t in row["top"])
+    return row
+
+
+@command("classify")
+def classify(
+    inputs: Annotated[list[str], typer.Argument(metavar="INPUTS...", show_default=False,
+                                                help="Images, folders, list files of paths/URLs, URLs, or - (a list on stdin).")],
+    labels: Annotated[list[str], typer.Option("--labels", "-l", help="Comma-separated labels (repeatable).")] = [],
+    labels_file: Annotated[Optional[str], typer.Option("--labels-file", help="File with one label per line.")] = None,
+    template: Annotated[list[str], typer.Option("--template", "-t", help="Prompt template with {} for the label (repeatable).")] = [],
+    templates: Annotated[Optional[str], typer.Option("--templates", help="imagenet (80 CLIP templates), imagenet7, or a file.")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels listed per image.")] = 5,
+    model: ModelOpt = DEFAULT_MODEL,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = 32,
+    workers: WorkersOpt = _default_workers(),
+    precision: PrecisionOpt = None,
+    fmt: FormatOpt = None,
+    quiet: QuietOpt = False,
+    max_pixels: MaxPixelsOpt = 89_478_485,
+    allow_truncated: TruncatedOpt = False,
+    allow_private: PrivateOpt = False,
+) -> None:
+    """Zero-shot classify images: one record per image with its best label and the top K.
+
+    Each label goes into each template (default "a photo of a {}."); probabilities are the
+    softmax over labels, as in the CLIP paper. Label embeddings are cached on disk.
+
+    Example: clipcli classify photos/ --labels cat,dog,car
+
+    Example: clipcli classify photos/ -l cat,dog | jq -r 'select(.label=="cat") | .image'
+    """
+    from ..inputs import expand_inputs
+    from ..output import RecordWriter, Reporter
+    from ..pipeline import classify as run_classify
+
+    label_list = _labels(labels, labels_file)
+    template_list = _templates(template, templates)
+    items = expand_inputs(inputs)
+    fmt_name = _format(fmt)
+    loaded = _load(model, device, precision)
+    records = run_classify(loaded, items, label_list, template_list, top_k=top_k,
+                           **_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private))
+    columns = ["image", "status", "label", "score", "top", "error"]
+    with Reporter(len(items), "images", quiet) as report, \
+            RecordWriter(sys.stdout, fmt_name, columns=columns, view=_top_view) as writer:
+        for record in records:
+            report.done(record["image"], record.get("error"))
+            writer.write(record)
+    report.summary("classified")
+    raise typer.Exit(report.exit_code)
+
+
+# --------------------------------------------------------------------------- similarity
+
+
+def _split_similarity_args(inputs: list[str], text: list[str]) -> tuple[list[str], list[str]]:
+    from ..inputs import read_lines
+
+    if text:
+        return inputs, list(text)
+    if len(inputs) < 2:
+        raise InputError("give the images and then a captions file (one caption per line), or use --text")
+    captions = read_lines(inputs[-1], comments=False)
+    if not captions:
+        raise InputError(f"no captions in {inputs[-1]}")
+    return inputs[:-1], captions
+
+
+def _similarity_records(result) -> list[dict]:
+    records = []
+    for column, image in enumerate(result.images):
+        scores = [{"text": t, "cosine": float(result.cosine[row, column]), "prob": float(result.probs[row, column])}
+                  for row, t in enumerate(result.texts)]
+        records.append({"image": image, "status": "ok", "scores": scores})
+    return records
+
+
+@command("similarity")
+def similarity(
+    inputs: Annotated[list[str], typer.Argument(metavar="IMAGES... [TEXTS]", show_default=False,
+                                                help="Images, folders or list files, then a captions file (one per line).")],
+    text: Annotated[list[str], typer.Option("--text", help="A caption (repeatable) instead of a captions file.")] = [],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the heatmap to FILE.png, .svg or .pdf.")] = None,
+    title: Annotated[Optional[str], typer.Option("--title", help="Heatmap title.")] = None,
+    no_truncate: Annotated[bool, typer.Option("--no-truncate", help="Report captions longer than the context instead of cutting them.")] = False,
+    overwrite: OverwriteOpt = False,
+    model: ModelOpt = DEFAULT_MODEL,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = 32,
+    workers: WorkersOpt = _default_workers(),
+    precision: PrecisionOpt = None,
+    fmt: FormatOpt = None,
+    quiet: QuietOpt = False,
+    max_pixels: MaxPixelsOpt = 89_478_485,
+    allow_truncated: TruncatedOpt = False,
+    allow_private: PrivateOpt = False,
+) -> None:
+    """Cosine similarity of every caption with every image, as a matrix or an annotated heatmap.
+
+    Rows are captions, columns are images (as in the CLIP notebook); "probs" is the softmax
+    over images for each caption. With -o, the heatmap is written and stdout stays empty
+    unless --format is given.
+
+    Example: clipcli similarity photos/ captions.txt -o heatmap.png
+
+    Example: clipcli similarity urls.txt --text "a dog" --text "a cat" --format json
+    """
+    from ..heatmap import TITLE, figure_format, render
+    from ..inputs import expand_inputs
+    from ..output import RecordWriter, Reporter, atomic_write, ensure_writable, to_json
+
+    image_args, captions = _split_similarity_args(inputs, text)
+    if output:
+        try:
+            figure = figure_format(output)
+        except ValueError as error:
+            raise InputError(str(error)) from None
+        ensure_writable([output], overwrite)
+    items = expand_inputs(image_args, exclude=[output] if output else [])
+    fmt_name = fmt.value if fmt is not None else (None if output else _format(None))
+    loaded = _load(model, device, precision)
+
+    from ..pipeline import similarity as run_similarity
+
+    with Reporter(len(items), "images", quiet) as report:
+        result = run_similarity(
+            loaded, items, captions, truncate=not no_truncate, thumbnails=bool(output),
+            on_image=lambda r: report.done(r.name, r.error),
+            on_text=lambda r: None if r.ok else report.message(f"skipping caption {r.name!r}: {r.error}"),
+            **_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private),
+        )
+    text_failures = sum(1 for f in result.failed if "text" in f)
+    if output:
+        if not result.images or not result.texts:
+            raise ClipcliError("nothing to draw: no image or no caption could be embedded")
+        with atomic_write(output, overwrite=overwrite) as f:
+            notes = render(result.cosine, result.texts, result.images, result.thumbnails, f, figure, title or TITLE)
+        for note in notes:
+            report.message(f"note: {note}")
+        report.message(f"wrote {output} ({len(result.texts)} captions x {len(result.images)} images)")
+    if fmt_name == "json":
+        sys.stdout.write(to_json(result.as_json(), indent=2) + "\n")
+    elif fmt_name == "jsonl":
+        with RecordWriter(sys.stdout, "jsonl") as writer:
+            for record in _ordered_records(result, items):
+                writer.write(record)
+    elif fmt_name in ("csv", "table"):
+        names = list(result.images)
+        rows = [{"text": t, **{n: float(result.cosine[r, c]) for c, n in enumerate(names)}} for r, t in enumerate(result.texts)]
+        with RecordWriter(sys.stdout, fmt_name, columns=["text", *names],
+                          title="cosine similarity (rows: captions, columns: images)") as writer:
+            for row in rows:
+                writer.write(row)
+    report.summary("compared")
+    raise typer.Exit(1 if report.failed or text_failures else 0)
+
+
+def _ordered_records(result, items) -> list[dict]:
+    """JSON Lines records of a similarity run: one per image in input order, then failed captions."""
+    ok = iter(_similarity_records(result))
+    failed = {f["image"]: f for f in result.failed if "image" in f}
+    records = []
+    for item in items:
+        records.append(failed.pop(item.name) if item.name in failed else next(ok))
+    records += [f for f in result.failed if "text" in f]
+    return records
+
+
+# --------------------------------------------------------------------------- encode
+
+
+def _encode_view(record: dict) -> dict:
+    row = {"name": record.get("image", record.get("text")), "status": record["status"], "error": record.get("error")}
+    embedding = record.get("embedding")
+    if embedding is not None:
+        row["dim"] = len(embedding)
+        row["embedding"] = "[" + ", ".join(f"{v:.4f}" for v in embedding[:4]) + (", …]" if len(embedding) > 4 else "]")
+    return row
+
+
+def _csv_view(record: dict) -> dict:
+    key = "image" if "image" in record else "text"
+    row = {key: record[key], "status": record["status"], "error": record.get("error")}
+    for i, value in enumerate(record.get("embedding") or []):
+        row[f"e{i}"] = value
+    return row
+
+
+@command("encode")
+def encode(
+    inputs: Annotated[Optional[list[str]], typer.Argument(metavar="INPUTS...", show_default=False,
+                                                          help="Images, folders, list files of paths/URLs, URLs, or -.")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="emb.npy (+ emb.jsonl manifest), emb.npz, "
+                                                  "a .jsonl/.json/.csv file, or - for stdout.")] = None,
+    text: Annotated[Optional[str], typer.Option("--text", help="Embed the captions in FILE (one per line) instead of images.")] = None,
+    no_normalize: Annotated[bool, typer.Option("--no-normalize", help="Keep raw embeddings (default: unit length).")] = False,
+    dtype: Annotated[StoreDtype, typer.Option("--dtype", help="Number type stored in .npy/.npz (and JSON values).")] = StoreDtype.float32,
+    no_truncate: Annotated[bool, typer.Option("--no-truncate", help="Report captions longer than the context instead of cutting them.")] = False,
+    overwrite: OverwriteOpt = False,
+    model: ModelOpt = DEFAULT_MODEL,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = 32,
+    workers: WorkersOpt = _default_workers(),
+    precision: PrecisionOpt = None,
+    fmt: FormatOpt = None,
+    quiet: QuietOpt = False,
+    max_pixels: MaxPixelsOpt = 89_478_485,
+    allow_truncated: TruncatedOpt = False,
+    allow_private: PrivateOpt = False,
+) -> None:
+    """Embed images (or captions with --text) with CLIP, L2-normalised unless --no-normalize.
+
+    .npy: float32 [N, D], one row per input that succeeded, and a manifest emb.jsonl with one
+    record per input ({"index": row or null, "image", "status"}). .npz: embeddings, paths,
+    model and sha256 in one file. No -o (or -o -): JSON Lines on stdout.
+
+    Example: clipcli encode photos/ -o emb.npy
+
+    Example: clipcli encode --text captions.txt -o captions.npz
+    """
+    import numpy as np
+
+    from ..inputs import expand_inputs, read_lines
+    from ..output import RecordWriter, Reporter, ensure_writable
+
+    if text and inputs:
+        raise InputError("give either images or --text FILE, not both")
+    if not text and not inputs:
+        raise InputError("nothing to encode: give images, folders or list files, or --text FILE")
+    target, outputs = _encode_target(output)
+    ensure_writable(outputs, overwrite)
+    captions = read_lines(text, comments=False) if text else None
+    if captions is not None and not captions:
+        raise InputError(f"no captions in {text}")
+    items = expand_inputs(inputs, exclude=outputs) if inputs else None
+    fmt_name = _format(fmt) if target == "stdout" else target  # a file's format comes from its name
+    loaded = _load(model, device, precision)
+    store = np.float16 if dtype == StoreDtype.float16 else np.float32
+
+    from ..pipeline import embed_images, embed_texts
+
+    key = "text" if captions is not None else "image"
+    total = len(captions) if captions is not None else len(items)
+    records, rows = [], []
+    with Reporter(total, "captions" if captions is not None else "images", quiet) as report:
+        if captions is not None:
+            results = embed_texts(loaded, captions, batch_size=batch_size, normalize=not no_normalize, truncate=not no_truncate)
+        else:
+            results = embed_images(loaded, items, normalize=not no_normalize,
+                                   **_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private))
+        stream_writer = RecordWriter(sys.stdout, fmt_name, view=_encode_view if fmt_name == "table" else _csv_view) \
+            if target == "stdout" else None
+        for result in results:
+            report.done(result.name, result.error)
+            record = {key: result.name, "status": "ok" if result.ok else "error"}
+            if key == "text" and result.truncated:
+                record["truncated"] = True
+            if result.ok:
+                row = result.embedding.astype(store)
+                if target in ("npy", "npz"):
+                    record = {"index": len(rows), **record}
+                    rows.append(row)
+                else:
+                    record["embedding"] = row.astype(np.float64).tolist()
+            else:
+                if target in ("npy", "npz"):
+                    record = {"index": None, **record}
+                record["error"] = result.error
+            if stream_writer is not None:
+                stream_writer.write(record)
+            else:
+                records.append(record)
+        if stream_writer is not None:
+            stream_writer.close()
+    dim = rows[0].shape[-1] if rows else _embed_dim(loaded)
+    matrix = np.stack(rows) if rows else np.zeros((0, dim), dtype=store)
+    if target != "stdout":
+        _write_encode_outputs(target, output, outputs, matrix, records, key, loaded, overwrite, not no_normalize)
+        report.message(f"wrote {', '.join(outputs)}")
+    report.summary("encoded")
+    raise typer.Exit(report.exit_code)
+
+
+def _embed_dim(loaded) -> int:
+    projection = getattr(loaded.model, "text_projection", None)
+    return int(projection.shape[-1]) if projection is not None else 0
+
+
+def _encode_target(output: Optional[str]) -> tuple[str, list[str]]:
+    """What ``-o`` asks for: ``stdout``, ``npy``, ``npz``, ``jsonl``, ``json`` or ``csv``, and the files it writes."""
+    if output in (None, "-"):
+        return "stdout", []
+    suffix = os.path.splitext(output)[1].lower().lstrip(".")
+    if suffix == "npy":
+        return "npy", [output, os.path.splitext(output)[0] + ".jsonl"]
+    if suffix in ("npz", "jsonl", "json", "csv"):
+        return suffix, [output]
+    raise InputError(f"-o {output}: use a .npy, .npz, .jsonl, .json or .csv file name, or - for stdout")
+
+
+def _write_encode_outputs(target, output, outputs, matrix, records, key, loaded, overwrite, normalized) -> None:
+    import numpy as np
+
+    from ..output import RecordWriter, atomic_write
+
+    if target == "npy":
+        with atomic_write(outputs[1], overwrite=overwrite, text=True) as f, RecordWriter(f, "jsonl") as writer:
+            for record in records:
+                writer.write(record)
+        with atomic_write(output, overwrite=overwrite) as f:
+            np.save(f, matrix, allow_pickle=False)
+    elif target == "npz":
+        names = [r[key] for r in records if r["status"] == "ok"]
+        with atomic_write(output, overwrite=overwrite) as f:
+            np.savez(f, embeddings=matrix, **{"paths" if key == "image" else "texts": np.array(names, dtype=str)},
+                     model=np.array(loaded.name), sha256=np.array(loaded.sha256), normalized=np.array(normalized))
+    else:
+        view = _csv_view if target == "csv" else None
+        with atomic_write(output, overwrite=overwrite, text=True) as f, RecordWriter(f, target, view=view) as writer:
+            for record in records:
+                writer.write(record)
