@@ -754,3 +754,36 @@ def model_file(name: str, cache_dir: str | os.PathLike | None = None, *, quiet: 
     if info is None:
         raise unknown_model(str(name))
     return download_model(info, cache_dir, quiet=quiet, settings=settings)
+
+
+def cache_listing(cache_dir: str | os.PathLike | None = None) -> list[dict]:
+    """One record per released model (cached or not), then one per other downloaded file.
+
+    Cheap and read-only: cached files are recognised by their size (see :func:`find_cached`).
+    ``size`` is the cached file's size, or the download size of a model not yet cached.
+    """
+    cache = resolve_cache_dir(cache_dir)
+    records, known = [], set()
+    for info in registry.MODELS:
+        path = find_cached(info, cache)
+        meta = read_meta(path) if path else None
+        known.update({info.file, f"{info.stem}.safetensors"})
+        records.append({
+            "name": info.name, "released": True, "input_resolution": info.input_resolution,
+            "embed_dim": info.embed_dim, "size": path.stat().st_size if path else info.size,
+            "cached": path is not None, "path": str(path) if path else None,
+            "sha256": meta["sha256"] if meta else info.sha256,
+            "url": meta.get("url") if meta else info.url,
+        })
+    if cache.is_dir():
+        for sidecar in sorted(cache.glob("*.json")):
+            path = sidecar.with_name(sidecar.name[: -len(".json")])
+            meta = read_meta(path)
+            if path.name in known or meta is None or not path.is_file():
+                continue
+            records.append({
+                "name": meta.get("name") or path.name, "released": False, "input_resolution": None,
+                "embed_dim": None, "size": path.stat().st_size, "cached": True, "path": str(path),
+                "sha256": meta["sha256"], "url": meta.get("url"),
+            })
+    return records

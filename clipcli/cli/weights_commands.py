@@ -1,2 +1,253 @@
-"""`clipcli models`, `clipcli download`, `clipcli convert` (see issue: weights)."""
-from .app import app, command  # noqa: F401
+"""`clipcli models`, `clipcli download`, `clipcli convert`: the weights on this machine.
+
+Thin: parse options, call :mod:`clipcli.download` (and the checkpoint readers for
+``convert``), print data on stdout and messages on stderr. torch loads inside ``convert``
+only, so ``clipcli --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import ClipcliError, OutputExistsError
+from .app import command, error_line
+
+CacheDirOpt = Annotated[Optional[Path], typer.Option(
+    "--cache-dir", file_okay=False, show_default=False,
+    help="Cache folder. Default: $CLIPCLI_CACHE_DIR, else $XDG_CACHE_HOME/clipcli, else ~/.cache/clipcli.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or messages on stderr.")]
+
+
+def _message(quiet: bool, text: str) -> None:
+    if not quiet:
+        typer.echo(text, err=True)
+
+
+# --- clipcli models ------------------------------------------------------------------------
+
+def _is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+@command("models")
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array instead of a table.")] = False,
+    cache_dir: CacheDirOpt = None,
+) -> None:
+    """List the released models and what is in the cache.
+
+    For each of the nine released models: input resolution, embedding dimension, size, and
+    whether (and where) it is cached; then any other checkpoint downloaded with
+    `clipcli download URL`. A table on a terminal, one JSON object per line in a pipe.
+
+    Example: clipcli models --json | jq -r '.[] | select(.cached) | .path'
+    """
+    from ..download import cache_listing, format_size
+
+    records = cache_listing(cache_dir)
+    if as_json:
+        typer.echo(json.dumps(records, indent=1))
+    elif not _is_terminal():
+        for record in records:
+            typer.echo(json.dumps(record))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(header_style="bold")
+        for column, justify in (("name", "left"), ("resolution", "right"), ("embed dim", "right"),
+                                ("size", "right"), ("cached", "left")):
+            table.add_column(column, justify=justify, overflow="fold")
+        for r in records:
+            table.add_row(r["name"], str(r["input_resolution"] or "-"), str(r["embed_dim"] or "-"),
+                          format_size(r["size"]), r["path"] or "[dim]no[/dim]")
+        Console(file=sys.stdout).print(table)
+
+
+# --- clipcli download ----------------------------------------------------------------------
+
+def _is_url(text: str) -> bool:
+    return text.split("://", 1)[0].lower() in ("http", "https", "file") and "://" in text
+
+
+def _url_file_name(url: str, name: Optional[str]) -> str:
+    """The cache file name for a URL download: --name, else the URL's last path segment."""
+    import urllib.parse
+
+    from ..registry import MODELS
+
+    chosen = name or urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+    if not chosen or chosen.startswith(".") or "/" in chosen or os.sep in chosen or chosen.endswith(".json"):
+        raise typer.BadParameter(f"{chosen!r} cannot be a file name in the cache; choose one with --name",
+                                 param_hint="--name")
+    for info in MODELS:
+        if chosen in (info.file, f"{info.stem}.safetensors"):
+            raise typer.BadParameter(f"{chosen} is where the released model {info.name} is cached; "
+                                     "choose another --name", param_hint="--name")
+    return chosen
+
+
+@command("download")
+def download(
+    targets: Annotated[Optional[list[str]], typer.Argument(
+        metavar="NAME... | URL", show_default=False,
+        help="Released model names (see `clipcli models`), or one URL together with --sha256.")] = None,
+    all_models: Annotated[bool, typer.Option("--all", help="Download all nine released models.")] = False,
+    sha256: Annotated[Optional[str], typer.Option(
+        "--sha256", metavar="HEX", show_default=False, help="Expected sha256 of the file at URL (required with a URL).")] = None,
+    name: Annotated[Optional[str], typer.Option(
+        "--name", show_default=False, help="File name in the cache for a URL (default: the URL's last segment).")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Re-hash cached files instead of only checking their size.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Download again even if a good copy is cached.")] = False,
+    quiet: QuietOpt = False,
+    cache_dir: CacheDirOpt = None,
+) -> None:
+    """Download released models, or any checkpoint URL, into the cache, verified and resumable.
+
+    Prints the path of each file on stdout. A file only ever reaches its place in the cache
+    after its sha256 matches; an interrupted download resumes on the next run. Sources for a
+    released model: OpenAI, then the Hugging Face hub, then $CLIPCLI_MIRROR.
+
+    Examples: clipcli download ViT-B/32 RN50 --verify;
+    clipcli download https://example.org/clip.pt --sha256 HEX --name my-clip.pt
+    """
+    from .. import download as dl
+    from ..registry import MODELS, find_model
+
+    targets = list(targets or [])
+    if all_models:
+        if targets:
+            raise typer.BadParameter("give model names or --all, not both", param_hint="--all")
+        targets = [info.name for info in MODELS]
+    if not targets:
+        raise typer.BadParameter("name a released model (see `clipcli models`), give a URL with --sha256, or use --all",
+                                 param_hint="NAME... | URL")
+    progress_quiet = True if quiet else None
+    urls = [t for t in targets if _is_url(t)]
+    if urls:
+        if len(targets) != 1:
+            raise typer.BadParameter("download one URL at a time", param_hint="URL")
+        if not sha256:
+            raise typer.BadParameter("a URL needs --sha256 HEX, the sha256 the file must have", param_hint="--sha256")
+        url = urls[0]
+        dest = dl.resolve_cache_dir(cache_dir) / _url_file_name(url, name)
+        path = dl.download_url(url, dest, sha256, name=name or dest.name, force=force, verify=verify,
+                               quiet=progress_quiet)
+        typer.echo(str(path))
+        return
+    if sha256 or name:
+        raise typer.BadParameter("--sha256 and --name go with a URL; released models are verified against the registry",
+                                 param_hint="--sha256/--name")
+    exit_code = 0
+    for target in targets:
+        try:
+            info = find_model(target)
+            if info is None:
+                raise dl.unknown_model(target)
+            cached = None if force else dl.cached_model_file(info, cache_dir, verify=verify, quiet=progress_quiet)
+            if cached:
+                _message(quiet, f"{info.name}: cached at {cached}" + (" (sha256 verified)" if verify else ""))
+                path = cached
+            else:
+                path = dl.fetch_model(info, cache_dir, force=force, quiet=progress_quiet)
+        except ClipcliError as error:
+            if len(targets) == 1:
+                raise
+            error_line(f"{target}: {error}")
+            exit_code = max(exit_code, error.exit_code)
+            continue
+        typer.echo(str(path))
+    if exit_code:
+        raise typer.Exit(exit_code)
+
+
+# --- clipcli convert -----------------------------------------------------------------------
+
+class Dtype(str, Enum):
+    float16 = "float16"
+    float32 = "float32"
+
+
+@command("convert")
+def convert(
+    src: Annotated[str, typer.Argument(
+        metavar="SRC", show_default=False,
+        help="Checkpoint file (OpenAI TorchScript .pt, PyTorch state dict, safetensors) or a released model name.")],
+    dst: Annotated[Path, typer.Argument(metavar="DST.safetensors", dir_okay=False, show_default=False,
+                                        help="The safetensors file to write.")],
+    dtype: Annotated[Optional[Dtype], typer.Option(
+        "--dtype", show_default=False, help="Store floating-point tensors as this type (default: as in SRC).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace DST if it exists.")] = False,
+    quiet: QuietOpt = False,
+    cache_dir: CacheDirOpt = None,
+) -> None:
+    """Convert a checkpoint to safetensors with OpenAI's key names.
+
+    The result loads with `clipcli.load(DST)` (and `--model DST`), gives the same outputs,
+    and never needs the TorchScript reader again. DST is written atomically.
+
+    Example: clipcli convert ViT-B/32 vit-b-32.safetensors --dtype float16
+    """
+    if dst.suffix != ".safetensors":
+        raise typer.BadParameter(f"{dst} must end in .safetensors", param_hint="DST.safetensors")
+    if dst.exists() and not overwrite:
+        raise OutputExistsError(f"{dst} exists; pass --overwrite to replace it")
+    import torch
+
+    from ..api import resolve_checkpoint
+    from ..checkpoint import read_state_dict
+    from ..download import format_size
+    from ..model import build_model
+
+    source = resolve_checkpoint(src, cache_dir)
+    state = read_state_dict(source, dtype=getattr(torch, dtype.value) if dtype else None)
+    build_model(state, source=str(source))  # a CheckpointError naming keys, before anything is written
+    tensors = _safetensors_ready(state)
+    _save_atomically(tensors, dst, source)
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()})
+    _message(quiet, f"converted {source} -> {dst} ({len(tensors)} tensors, {'/'.join(dtypes)}, "
+                    f"{format_size(dst.stat().st_size)})")
+    typer.echo(str(dst))
+
+
+def _safetensors_ready(state: dict) -> dict:
+    """Tensors only (the three int entries of released files dropped), contiguous, unshared."""
+    import torch
+
+    from ..model import EXTRA_KEYS
+
+    out, seen = {}, set()
+    for key, value in state.items():
+        if key in EXTRA_KEYS or not isinstance(value, torch.Tensor):
+            continue
+        value = value.detach().contiguous()
+        storage = (value.untyped_storage().data_ptr(), value.device)
+        if value.numel() and storage in seen:
+            value = value.clone()  # safetensors refuses tensors sharing memory
+        seen.add(storage)
+        out[key] = value
+    return out
+
+
+def _save_atomically(tensors: dict, dst: Path, source: Path) -> None:
+    from safetensors.torch import save_file
+
+    from .. import __version__
+
+    dst = dst.expanduser()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "converted_by": f"clipcli {__version__}",
+                                               "source": source.name})
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
