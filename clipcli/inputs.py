@@ -43,6 +43,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# Always read as list files; other files without an image extension are sniffed.
+LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list", ".urls", ".csv", ".tsv"})
 # Pillow format names we open (the JPEG opener also yields MPO, as many camera JPEGs are).
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 # Pillow's own default cap (about 89 megapixels).
@@ -139,8 +141,10 @@ def read_lines(path: str | os.PathLike, *, comments: bool = True) -> list[str]:
     return parse_list(data, display(os.fspath(path)), comments=comments)
 
 
-def _looks_like_text_list(path: str) -> bool:
+def _is_list_file(path: str) -> bool:
     """Whether a file without an image extension is a list file rather than an image."""
+    if os.path.splitext(path)[1].lower() in LIST_EXTENSIONS:
+        return True
     try:
         with open(path, "rb") as f:
             head = f.read(65536)
@@ -234,7 +238,7 @@ def expand_inputs(inputs: Sequence[str], *, exclude: Sequence[str | os.PathLike]
             items.extend(walk_folder(arg, visited, excluded))
         elif not os.path.lexists(arg):
             raise InputError(f"no such file or folder: {display(arg)}")
-        elif has_image_extension(arg) or not _looks_like_text_list(arg):
+        elif has_image_extension(arg) or not _is_list_file(arg):
             items.append(Item(name=arg, path=arg))
         else:
             items.extend(_list_entries(read_lines(arg), os.path.dirname(arg), visited))
@@ -355,6 +359,8 @@ def _fetch_once(url: str, options: FetchOptions) -> tuple[bytes, str]:
         response = _opener(options.allow_private).open(request, timeout=options.timeout)
     except urllib.error.HTTPError as error:
         error.close()
+        if 300 <= error.code < 400:  # urllib's own refusal of a redirect (e.g. to file://)
+            raise _Refused(f"refused: HTTP {error.code} {error.reason}") from None
         if error.code in _TRANSIENT_STATUS:
             raise _Transient(f"HTTP {error.code} {error.reason}") from None
         raise _Refused(f"HTTP {error.code} {error.reason}") from None
@@ -597,8 +603,8 @@ def decode_image(fp: BinaryIO, options: DecodeOptions = DecodeOptions(), content
         return to_rgb(_upright(image))
     except ItemError:
         raise
-    except (OSError, SyntaxError, ValueError, MemoryError, NotImplementedError, OverflowError,
-            EOFError, IndexError, KeyError, TypeError, ZeroDivisionError) as error:
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError, MemoryError, NotImplementedError,
+            OverflowError, EOFError, IndexError, KeyError, TypeError, ZeroDivisionError) as error:
         raise ItemError(_reason(error, options.allow_truncated)) from None
     except Exception as error:  # noqa: BLE001 - one bad file must never end the run
         raise ItemError(f"cannot decode (unexpected {type(error).__name__}): {error}") from None
