@@ -192,7 +192,11 @@ def _locked(dest: Path, log: Log) -> Iterator[None]:
     lock = dest.with_name(f".{dest.name}.lock")
     announced = False
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:  # a read-only cache: nothing can be written there, so nothing to guard
+            yield
+            return
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -383,26 +387,41 @@ def partial_path(dest: Path, sha256: str) -> Path:
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 
 
-def _transfer(url: str, part: Path, size: int | None, settings: DownloadSettings,
-              progress: _Progress, log: Log) -> str:
-    """Fill ``part`` with the bytes at ``url`` (resuming what it holds); return their sha256."""
-    digest = hashlib.sha256()
-    offset = 0
+def _resume_point(part: Path, size: int | None, chunk_size: int) -> tuple["hashlib._Hash", int]:
+    """The hash state and length of what an earlier run left in ``part`` (0 if unusable)."""
+    digest, offset = hashlib.sha256(), 0
     if part.exists():
         with open(part, "rb") as f:
-            while chunk := f.read(settings.chunk_size):
+            while chunk := f.read(chunk_size):
                 digest.update(chunk)
                 offset += len(chunk)
-        if size is not None and offset > size:
-            digest, offset = hashlib.sha256(), 0
-        elif offset:
-            log(f"resuming {part.name} at {format_size(offset)}")
+    if size is not None and offset > size:
+        return hashlib.sha256(), 0
+    return digest, offset
+
+
+def _backoff(error: _Transient, failures: int, settings: DownloadSettings) -> float:
+    """Seconds to wait before retry number ``failures``: Retry-After if given (bounded),
+    else exponential with jitter."""
+    if error.retry_after is not None:
+        return min(error.retry_after, settings.retry_after_max)
+    wait = min(settings.backoff_max, settings.backoff_base * 2 ** (failures - 1))
+    return wait * (0.5 + random.random() / 2)
+
+
+def _transfer(url: str, part: Path, size: int | None, settings: DownloadSettings,
+              progress: _Progress, log: Log, label: str) -> str:
+    """Fill ``part`` with the bytes at ``url`` (resuming what it holds); return their sha256."""
+    digest, offset = _resume_point(part, size, settings.chunk_size)
+    if offset:
+        log(f"resuming {part.name} at {format_size(offset)}")
     if size is not None and offset == size:
         return digest.hexdigest()
     if size is not None:
-        _check_free_space(part.parent, size - offset, part.name, settings)
+        _check_free_space(part.parent, size - offset, label, settings)
     validator = None
     failures = 0
+    announced = False
     with open(part, "ab") as out:
         if offset == 0:
             out.truncate(0)
@@ -422,6 +441,9 @@ def _transfer(url: str, part: Path, size: int | None, settings: DownloadSettings
                     if validator:
                         headers["If-Range"] = validator
                 with _open(url, headers, settings) as response:
+                    if not announced:
+                        log(f"downloading {label} from {url}" + (f" ({format_size(size)})" if size else ""))
+                        announced = True
                     status = getattr(response, "status", None) or 200
                     length = response.headers.get("Content-Length")
                     length = int(length) if length and length.isdigit() else None
@@ -441,7 +463,7 @@ def _transfer(url: str, part: Path, size: int | None, settings: DownloadSettings
                         validator = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified")
                     total = offset + length if length is not None else size
                     if length is not None and size is None:
-                        _check_free_space(part.parent, length, part.name, settings)
+                        _check_free_space(part.parent, length, label, settings)
                     progress.update(offset, total)
                     received, overflow = 0, False
                     while chunk := _read(response, settings.chunk_size, url):
@@ -471,11 +493,7 @@ def _transfer(url: str, part: Path, size: int | None, settings: DownloadSettings
                 if failures > settings.retries:
                     kept = f"; the partial download ({format_size(offset)}) is kept, run again to resume" if offset else ""
                     raise DownloadError(f"gave up on {url} after {failures} failed attempts: {error}{kept}") from None
-                if error.retry_after is not None:
-                    wait = min(error.retry_after, settings.retry_after_max)
-                else:
-                    wait = min(settings.backoff_max, settings.backoff_base * 2 ** (failures - 1))
-                    wait *= 0.5 + random.random() / 2
+                wait = _backoff(error, failures, settings)
                 log(f"{error}; retrying in {wait:.1f} s (attempt {failures + 1} of {settings.retries + 1})")
                 time.sleep(wait)
 
@@ -521,16 +539,14 @@ def download_url(
                 log(f"{label}: cached at {dest}" + (" (sha256 verified)" if verify else ""))
                 return dest
             log(f"{label}: the cached file {dest} is corrupt ({problem}); downloading it again")
-            dest.unlink()
-            meta_path(dest).unlink(missing_ok=True)
+            _discard(dest)
         if offline():
             raise OfflineError(f"not downloading {url}: CLIPCLI_OFFLINE is set")
         part = partial_path(dest, sha256)
-        log(f"downloading {label} from {url}" + (f" ({format_size(size)})" if size else ""))
         progress = _Progress(label, show_progress)
         try:
             for attempt in (1, 2):
-                actual = _transfer(url, part, size, settings, progress, log)
+                actual = _transfer(url, part, size, settings, progress, log, label)
                 if actual == sha256:
                     break
                 received = part.stat().st_size
@@ -558,6 +574,15 @@ def download_url(
                     part.unlink()
         log(f"{label}: saved {dest} ({format_size(dest.stat().st_size)}, sha256 verified)")
         return dest
+
+
+def _discard(path: Path) -> None:
+    """Delete a corrupt cached file and its sidecar."""
+    try:
+        path.unlink(missing_ok=True)
+        meta_path(path).unlink(missing_ok=True)
+    except OSError as error:
+        raise DownloadError(f"cannot delete the corrupt file {path}: {_reason(error)}") from None
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -661,40 +686,44 @@ def cached_model_file(info: ModelInfo, cache_dir: str | os.PathLike | None = Non
             if problem is None:
                 return path
             log(f"{info.name}: the cached file {path} is corrupt ({problem}); deleting it")
-            path.unlink()
-            meta_path(path).unlink(missing_ok=True)
+            _discard(path)
     return None
 
 
 def _reuse_openai_cache(info: ModelInfo, cache: Path, log: Log, settings: DownloadSettings) -> Path | None:
-    """Link (or copy) OpenAI's cached file into our cache if its sha256 matches."""
+    """OpenAI's cached file for ``info`` if its sha256 matches: hard-linked into our cache,
+    else copied, else (no room, read-only cache) used where it is."""
     source = openai_cache_dir() / info.file
     try:
         if not source.is_file() or (info.size is not None and source.stat().st_size != info.size):
             return None
-    except OSError:
-        return None
-    dest = cache / info.file
-    cache.mkdir(parents=True, exist_ok=True)
-    with _locked(dest, log):
         if sha256_file(source) != info.sha256:
             log(f"not reusing {source}: its sha256 does not match {info.name}")
             return None
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.link")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(source, tmp)
-            how = "linked"
-        except OSError:
-            _check_free_space(cache, source.stat().st_size, info.file, settings)
-            shutil.copyfile(source, tmp)
-            if sha256_file(tmp) != info.sha256:
-                tmp.unlink()
-                return None
-            how = "copied"
-        os.replace(tmp, dest)
-        log(f"{info.name}: {how} {source} (OpenAI's cache) to {dest}")
-        return dest
+    except OSError:
+        return None
+    dest = cache / info.file
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with _locked(dest, log):
+            try:
+                os.link(source, tmp)
+                how = "linked"
+            except OSError:
+                _check_free_space(cache, source.stat().st_size, info.name, settings)
+                shutil.copyfile(source, tmp)
+                if sha256_file(tmp) != info.sha256:
+                    raise DownloadError(f"the copy in {cache} does not match {info.sha256}")
+                how = "copied"
+            os.replace(tmp, dest)
+    except (OSError, DownloadError) as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        log(f"{info.name}: using {source} (OpenAI's cache) where it is: {error}")
+        return source
+    log(f"{info.name}: {how} {source} (OpenAI's cache) to {dest}")
+    return dest
 
 
 def _not_cached(info: ModelInfo, cache: Path, reason: str) -> str:
@@ -723,10 +752,11 @@ def fetch_model(info: ModelInfo, cache_dir: str | os.PathLike | None = None, *, 
                                 name=info.name, force=force, quiet=quiet, settings=settings)
         except DownloadError as error:
             failures.append((label, error))
-            log(f"{info.name}: {label}: {error}")
+            if not isinstance(error, OfflineError):
+                log(f"{info.name}: {label}: {error}")
     reason = "; ".join(f"{label}: {error}" for label, error in failures)
     if not os.environ.get("CLIPCLI_MIRROR"):
-        reason += " (no CLIPCLI_MIRROR set)"
+        reason += "; CLIPCLI_MIRROR: not set"
     error_type = OfflineError if all(isinstance(e, OfflineError) for _, e in failures) else DownloadError
     raise error_type(_not_cached(info, cache, reason))
 

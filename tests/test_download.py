@@ -392,6 +392,30 @@ def test_reuses_openai_cache_without_network(server, fake_model, cache, isolated
     assert leftovers(cache) == []
 
 
+def test_openai_cache_is_copied_when_it_cannot_be_linked(server, fake_model, cache, isolated_home, monkeypatch):
+    clip_cache = isolated_home / ".cache" / "clip"
+    clip_cache.mkdir(parents=True)
+    (clip_cache / "Fake-1.pt").write_bytes(PAYLOAD)
+
+    def no_links(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_links)
+    path = model_file("Fake/1")
+    assert path.read_bytes() == PAYLOAD and not os.path.samefile(path, clip_cache / "Fake-1.pt")
+    assert server.requests == [] and leftovers(cache) == []
+
+
+def test_openai_cache_is_used_in_place_without_room_to_copy(server, fake_model, cache, isolated_home, monkeypatch):
+    clip_cache = isolated_home / ".cache" / "clip"
+    clip_cache.mkdir(parents=True)
+    (clip_cache / "Fake-1.pt").write_bytes(PAYLOAD)
+    monkeypatch.setattr(os, "link", lambda src, dst: (_ for _ in ()).throw(OSError(18, "cross-device")))
+    monkeypatch.setattr(download, "_free_bytes", lambda directory: 10)
+    assert model_file("Fake/1") == clip_cache / "Fake-1.pt"
+    assert server.requests == [] and leftovers(cache) == []
+
+
 def test_openai_cache_with_wrong_hash_is_not_used(server, fake_model, cache, isolated_home):
     server.add(openai_path(fake_model), PAYLOAD)
     clip_cache = isolated_home / ".cache" / "clip"
@@ -419,6 +443,16 @@ def test_falls_back_to_hub_safetensors(server, fake_model, cache, monkeypatch):
     assert model_file("Fake/1") == path and len(server.requests) == 3  # cached: no network
 
 
+def test_hub_without_a_sha256_is_skipped(server, fake_model, cache, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", server.base)
+    server.headers["/timm/fake_clip.openai/resolve/main/open_clip_model.safetensors"] = {
+        "status": "302", "Location": "/cdn/blob", "ETag": '"abc"'}
+    with pytest.raises(DownloadError, match="Hugging Face hub: .*the hub reported no sha256 for the file"):
+        model_file("Fake/1")
+    assert [r.method for r in server.requests] == ["GET", "HEAD"]
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
 def test_falls_back_to_mirror(server, fake_model, cache, monkeypatch, tmp_path):
     mirror = tmp_path / "mirror"
     mirror.mkdir()
@@ -440,14 +474,16 @@ def test_offline_message_is_one_actionable_line(fake_model, cache, monkeypatch):
     assert caught.value.exit_code == 2
 
 
-def test_no_network_is_offline(fake_model, cache, monkeypatch):
+def test_no_network_is_offline(fake_model, cache, monkeypatch, capsys):
     monkeypatch.setattr(registry, "OPENAI_URL", "http://127.0.0.1:9/{sha256}/{file}")
     with pytest.raises(OfflineError) as caught:
         model_file("Fake/1")
     message = str(caught.value)
     assert message.startswith(f"Fake/1 is not in the cache ({cache}) and could not be downloaded: OpenAI: cannot reach")
-    assert "Hugging Face hub: cannot reach" in message and "\n" not in message
-    assert list(cache.iterdir()) == [] if cache.exists() else True
+    assert "Hugging Face hub: cannot reach" in message and "; CLIPCLI_MIRROR: not set. Run" in message
+    assert "\n" not in message
+    assert not cache.exists() or list(cache.iterdir()) == []
+    assert capsys.readouterr().err == ""  # the exception is the one line; nothing said before it
 
 
 def test_all_sources_failing_is_a_download_error(server, fake_model, cache, monkeypatch):
