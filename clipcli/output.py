@@ -132,12 +132,29 @@ def write_csv(stream: IO[str], rows: Sequence[dict], columns: Sequence[str]) -> 
         writer.writerow([_cell(row.get(c)) for c in columns])
 
 
+def _common_folder(names: Sequence[Any]) -> str:
+    """The folder every name is in (for a shorter table), or "" if they are not all local paths."""
+    from .inputs import url_scheme
+
+    if not names or not all(isinstance(n, str) and n and not url_scheme(n) for n in names):
+        return ""
+    try:
+        folder = os.path.commonpath([os.path.dirname(n) or "." for n in names])
+    except ValueError:  # absolute and relative mixed
+        return ""
+    return "" if folder in ("", ".") else folder
+
+
 def write_table(stream: IO[str], rows: Sequence[dict], columns: Sequence[str], title: str | None = None) -> None:
     """A rich table; floats to 4 decimals, error rows in red."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title, show_lines=False, header_style="bold")
+    folder = _common_folder([row.get(columns[0]) for row in rows]) if columns else ""
+    if folder:
+        table.caption = f"paths relative to {display(folder)}"
+        rows = [{**row, columns[0]: os.path.relpath(row[columns[0]], folder)} for row in rows]
     for column in columns:
         numeric = any(isinstance(row.get(column), float) for row in rows)
         table.add_column(column, justify="right" if numeric else "left", overflow="fold")
