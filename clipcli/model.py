@@ -238,6 +238,8 @@ class CLIPConfig:
     transformer_width: int
     transformer_heads: int
     transformer_layers: int
+    vision_mixer: bool = False  # MLP-Mixer blocks in the ViT (see clipcli.mixer)
+    text_mixer: bool = False  # causal MLP-Mixer blocks in the text tower
 
     @property
     def vision_heads(self) -> int:
@@ -268,8 +270,18 @@ class CLIP(nn.Module):
                 heads=config.vision_heads,
                 output_dim=config.embed_dim,
             )
+        if config.vision_mixer or config.text_mixer:
+            from .mixer import Mixer
+        if config.vision_mixer:
+            if not isinstance(self.visual, VisionTransformer):
+                raise ValueError("the Mixer image encoder replaces a ViT's blocks; it needs a patch size")
+            tokens = self.visual.positional_embedding.shape[0]
+            self.visual.transformer = Mixer(config.vision_width, int(config.vision_layers), tokens)
         width = config.transformer_width
-        self.transformer = Transformer(width, config.transformer_layers, config.transformer_heads, causal=True)
+        if config.text_mixer:
+            self.transformer = Mixer(width, config.transformer_layers, config.context_length, causal=True)
+        else:
+            self.transformer = Transformer(width, config.transformer_layers, config.transformer_heads, causal=True)
         self.token_embedding = nn.Embedding(config.vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(config.context_length, width))
         self.ln_final = LayerNorm(width)
@@ -323,7 +335,10 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
-def _init_block(block: ResidualAttentionBlock, width: int, layers: int) -> None:
+def _init_block(block: nn.Module, width: int, layers: int) -> None:
+    if not isinstance(block, ResidualAttentionBlock):  # a MixerBlock knows its own initialisation
+        block.initialize(width, layers)
+        return
     proj_std = width**-0.5 * (2 * layers) ** -0.5
     nn.init.normal_(block.attn.in_proj_weight, std=width**-0.5)
     nn.init.zeros_(block.attn.in_proj_bias)
@@ -367,6 +382,8 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> CLIPConfig:
         transformer_width=transformer_width,
         transformer_heads=max(1, transformer_width // HEAD_WIDTH),
         transformer_layers=_count_blocks(sd, "transformer.resblocks."),
+        vision_mixer="visual.transformer.resblocks.0.token_mix.fc1.weight" in sd,
+        text_mixer="transformer.resblocks.0.token_mix.fc1.weight" in sd,
     )
 
 

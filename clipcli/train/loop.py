@@ -1,0 +1,308 @@
+"""The training loop: build or load a CLIP, read the data, optimise, evaluate, save, resume.
+
+A run writes everything into ``out`` (``runs/NAME``):
+
+- ``config.json``: the training options and the model architecture;
+- ``metrics.jsonl``: one JSON object per logged step (``"kind": "train"``) and per epoch
+  (``"kind": "eval"``);
+- ``last.safetensors``: the model after the last finished epoch, with OpenAI's key names,
+  loadable by ``clipcli.load`` and every ``--model`` option;
+- ``state.pt``: optimiser, scheduler, gradient scaler, step, epoch and RNG, for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ClipcliError, InputError, OutputExistsError
+from ..model import CLIP, CLIPConfig, build_model
+from . import distributed
+from .data import GlobalBatches, PairDataset, SkipReporter, loader, read_pairs
+from .loss import ContrastiveModel, clamp_logit_scale, contrastive_loss
+from .optim import build_optimizer, build_scheduler
+
+CHECKPOINT, STATE, METRICS, CONFIG = "last.safetensors", "state.pt", "metrics.jsonl", "config.json"
+
+
+@dataclass
+class TrainConfig:
+    train_data: str
+    out: str
+    val_data: str | None = None
+    zeroshot_dir: str | None = None
+    zeroshot_templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    img_key: str = "filepath"
+    caption_key: str = "title"
+    arch: str | None = "tiny"
+    init: str | None = None
+    image_encoder: str | None = None  # vit | resnet | mixer; None: what the arch or checkpoint has
+    text_encoder: str | None = None  # transformer | mixer
+    overrides: dict = field(default_factory=dict)  # CLIPConfig fields replacing the preset's
+    freeze: str | None = None  # image | text
+    epochs: int = 10
+    batch_size: int = 64  # the global batch, over all processes
+    lr: float = 5e-4
+    wd: float = 0.2
+    warmup: int = 100
+    grad_clip: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    device: str = "cpu"
+    workers: int = 2
+    seed: int = 0
+    log_every: int = 10
+    resume: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def model_config(cfg: TrainConfig) -> CLIPConfig:
+    from .presets import PRESETS
+
+    if cfg.arch not in PRESETS:
+        raise InputError(f"--arch {cfg.arch!r} is not a preset; choose one of {', '.join(PRESETS)}")
+    fields = dict(PRESETS[cfg.arch])
+    fields.update(cfg.overrides)
+    if "transformer_width" in cfg.overrides and "transformer_heads" not in cfg.overrides:
+        fields["transformer_heads"] = max(1, fields["transformer_width"] // 64)
+    is_resnet = fields["vision_patch_size"] is None
+    if cfg.image_encoder == "mixer":
+        if is_resnet:
+            raise InputError(f"--image-encoder mixer needs a ViT-shaped --arch (a patch size), not {cfg.arch}")
+        fields["vision_mixer"] = True
+    elif cfg.image_encoder == "resnet" and not is_resnet:
+        raise InputError(f"--image-encoder resnet needs a ResNet --arch such as RN50, not {cfg.arch}")
+    elif cfg.image_encoder == "vit" and is_resnet:
+        raise InputError(f"--image-encoder vit needs a ViT --arch, not {cfg.arch}")
+    fields["text_mixer"] = cfg.text_encoder == "mixer"
+    config = CLIPConfig(**fields)
+    if not is_resnet and config.image_resolution % config.vision_patch_size:
+        raise InputError(f"image size {config.image_resolution} is not a multiple of the patch size {config.vision_patch_size}")
+    return config
+
+
+def _check_encoders(cfg: TrainConfig, config: CLIPConfig, source: str) -> None:
+    image = "mixer" if config.vision_mixer else ("resnet" if config.vision_patch_size is None else "vit")
+    text = "mixer" if config.text_mixer else "transformer"
+    if cfg.image_encoder not in (None, image) or cfg.text_encoder not in (None, text):
+        raise InputError(f"{source} has a {image} image encoder and a {text} text encoder; "
+                         "--image-encoder/--text-encoder cannot change a loaded model")
+
+
+def load_clip(path_or_name: str, source: str) -> CLIP:
+    from ..api import resolve_checkpoint
+    from ..checkpoint import read_state_dict
+
+    path = resolve_checkpoint(path_or_name)
+    state = {k: v.clone() for k, v in read_state_dict(path, dtype=torch.float32).items()}
+    return build_model(state, source=source).float()
+
+
+def save_checkpoint(clip: CLIP, path: Path, metadata: dict | None = None) -> None:
+    """The model as safetensors with OpenAI's key names (written atomically)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
+             for k, v in clip.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)
+
+
+def apply_freeze(clip: CLIP, freeze: str | None) -> None:
+    """``image``: only the text side trains (LiT's locked image tower); ``text``: the converse."""
+    if freeze is None:
+        return
+    if freeze not in ("image", "text"):
+        raise InputError(f"--freeze {freeze!r}: choose image or text")
+    for name, parameter in clip.named_parameters():
+        on_image_side = name.startswith("visual.")
+        if on_image_side == (freeze == "image") and name != "logit_scale":
+            parameter.requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class MetricsLog:
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as file:
+                file.write(json.dumps(record) + "\n")
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        raise InputError(f"--precision {precision!r}: choose fp32, bf16 or fp16")
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _prepare_out(cfg: TrainConfig, is_main: bool) -> Path:
+    out = Path(cfg.out)
+    if is_main and not cfg.resume and (out / CHECKPOINT).exists() and not cfg.overwrite:
+        raise OutputExistsError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start again")
+    if cfg.resume and not (out / STATE).exists():
+        raise InputError(f"--resume: {out} has no {STATE} to resume from")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:
+            for name in (METRICS, CHECKPOINT, STATE):
+                (out / name).unlink(missing_ok=True)
+    return out
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train as ``cfg`` says and return the path of ``last.safetensors``."""
+    topology, device = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, topology, device)
+    finally:
+        distributed.teardown()
+
+
+def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.device) -> Path:
+    from ..preprocess import image_transform
+
+    main = topology.is_main
+    out = _prepare_out(cfg, main)
+    torch.manual_seed(cfg.seed)
+
+    state = None
+    if cfg.resume:
+        state = torch.load(out / STATE, map_location="cpu", weights_only=True)
+        clip = load_clip(str(out / CHECKPOINT), str(out / CHECKPOINT))
+    elif cfg.init:
+        clip = load_clip(cfg.init, cfg.init)
+        _check_encoders(cfg, clip.config, cfg.init)
+    else:
+        clip = CLIP(model_config(cfg))
+    apply_freeze(clip, cfg.freeze)
+    clip = clip.to(device).train()
+    config = clip.config
+
+    transform = image_transform(config.image_resolution)
+    train_set = PairDataset(read_pairs(cfg.train_data, cfg.img_key, cfg.caption_key), transform, config.context_length)
+    val_set = PairDataset(read_pairs(cfg.val_data, cfg.img_key, cfg.caption_key), transform, config.context_length) if cfg.val_data else None
+    if len(train_set) < cfg.batch_size:
+        raise InputError(f"{cfg.train_data} has {len(train_set)} pairs, fewer than one --batch-size {cfg.batch_size}")
+    sampler = GlobalBatches(len(train_set), cfg.batch_size, topology.rank, topology.world_size, cfg.seed)
+    steps_per_epoch = len(sampler)
+    total_steps = steps_per_epoch * cfg.epochs
+
+    network = ContrastiveModel(clip)
+    if topology.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        network = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = build_optimizer(clip, cfg.lr, cfg.wd)
+    scheduler = build_scheduler(optimizer, min(cfg.warmup, total_steps), total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    step, start_epoch = 0, 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, start_epoch = int(state["step"]), int(state["epoch"])
+        torch.set_rng_state(state["rng"])
+
+    record = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(config), "world_size": topology.world_size}
+    if main:
+        (out / CONFIG).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    metrics = MetricsLog(out / METRICS, main)
+    skips = SkipReporter(quiet=cfg.quiet)
+    batches = loader(train_set, sampler, cfg.workers)
+    say = (lambda text: print(text, file=sys.stderr, flush=True)) if main and not cfg.quiet else (lambda text: None)
+    say(f"training {_describe(config)} on {len(train_set)} pairs, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
+        f"global batch {cfg.batch_size} over {topology.world_size} process(es) on {device}")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        started, seen, tick = time.perf_counter(), 0, time.perf_counter()
+        for batch in batches:
+            skips(batch.skipped)
+            images, texts = batch.images.to(device, non_blocking=True), batch.texts.to(device, non_blocking=True)
+            sizes = distributed.gather_sizes(len(images), device) if topology.distributed else [len(images)]
+            with _autocast(cfg.precision, device):
+                image_features, text_features, scale = network(images, texts)
+            image_features = distributed.gather_rows(image_features.float(), sizes)
+            text_features = distributed.gather_rows(text_features.float(), sizes)
+            loss = contrastive_loss(image_features, text_features, scale.float())
+            if not math.isfinite(loss.item()):
+                raise ClipcliError(f"the loss became {loss.item()} at step {step}; lower --lr or use --precision fp32/bf16")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(clip.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            clamp_logit_scale(clip)
+            step += 1
+            seen += sum(sizes)
+            if step % cfg.log_every == 0 or step == total_steps:
+                now = time.perf_counter()
+                rate = seen / (now - started)
+                lr = optimizer.param_groups[0]["lr"]
+                metrics.write({"kind": "train", "epoch": epoch + 1, "step": step, "loss": loss.item(), "lr": lr,
+                               "logit_scale": float(clip.logit_scale.detach().exp()), "samples_per_second": rate})
+                say(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total_steps} loss {loss.item():.4f} "
+                    f"lr {lr:.2e} {rate:.0f} samples/s")
+                tick = now
+        elapsed = time.perf_counter() - started
+        skipped = int(distributed.all_sum(skips.count, device))
+        if main:
+            evaluation = {"kind": "eval", "epoch": epoch + 1, "step": step, "samples_per_second": seen / elapsed,
+                          "skipped_images": skipped}
+            evaluation.update(_evaluate(clip, cfg, val_set, transform, device, skips))
+            clip.train()
+            metrics.write(evaluation)
+            say("epoch {} done: {}".format(epoch + 1, ", ".join(
+                f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in evaluation.items() if k not in ("kind", "epoch"))))
+            save_checkpoint(clip, out / CHECKPOINT, {"clipcli_config": dataclasses.asdict(config)})
+            tmp = out / (STATE + ".tmp")
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                        "step": step, "epoch": epoch + 1, "rng": torch.get_rng_state()}, tmp)
+            os.replace(tmp, out / STATE)
+    if main and cfg.resume and start_epoch >= cfg.epochs:
+        say(f"{out} already finished {cfg.epochs} epochs; raise --epochs to train further")
+    return out / CHECKPOINT
+
+
+def _evaluate(clip: CLIP, cfg: TrainConfig, val_set, transform, device, skips) -> dict:
+    from .evaluate import encode_pairs, recall_at_k, zeroshot_accuracy
+
+    clip.eval()
+    results = {}
+    with _autocast(cfg.precision, device):
+        if val_set is not None:
+            images, texts = encode_pairs(clip, val_set, cfg.batch_size, device, cfg.workers, skips)
+            results.update({f"val/{k}": v for k, v in recall_at_k(images, texts).items()})
+        if cfg.zeroshot_dir:
+            accuracy = zeroshot_accuracy(clip, cfg.zeroshot_dir, transform, cfg.zeroshot_templates, device,
+                                         cfg.batch_size, cfg.workers, skips)
+            results.update({f"zeroshot/{k}": v for k, v in accuracy.items()})
+    return results
+
+
+def _describe(config: CLIPConfig) -> str:
+    image = "Mixer" if config.vision_mixer else ("ResNet" if config.vision_patch_size is None else "ViT")
+    text = "Mixer" if config.text_mixer else "Transformer"
+    return f"CLIP ({image} image encoder, {text} text encoder, {config.image_resolution} px, embed {config.embed_dim})"

@@ -1,0 +1,23 @@
+"""Named architectures for training from scratch: the released OpenAI sizes and small CPU ones.
+
+Data, not logic: each preset is the keyword arguments of :class:`clipcli.model.CLIPConfig`
+(``vision_patch_size=None`` means a ModifiedResNet image tower).
+"""
+
+from __future__ import annotations
+
+_TEXT_B = dict(context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
+
+PRESETS: dict[str, dict] = {
+    # Trains on a laptop CPU in about a minute on 32 px images (see examples/train_shapes.sh).
+    "tiny": dict(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
+                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=2),
+    "small": dict(embed_dim=256, image_resolution=64, vision_layers=6, vision_width=256, vision_patch_size=8,
+                  context_length=77, vocab_size=49408, transformer_width=256, transformer_heads=4, transformer_layers=6),
+    "RN50": dict(embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64, vision_patch_size=None, **_TEXT_B),
+    "RN101": dict(embed_dim=512, image_resolution=224, vision_layers=(3, 4, 23, 3), vision_width=64, vision_patch_size=None, **_TEXT_B),
+    "ViT-B/32": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32, **_TEXT_B),
+    "ViT-B/16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16, **_TEXT_B),
+    "ViT-L/14": dict(embed_dim=768, image_resolution=224, vision_layers=24, vision_width=1024, vision_patch_size=14,
+                     context_length=77, vocab_size=49408, transformer_width=768, transformer_heads=12, transformer_layers=12),
+}
