@@ -17,7 +17,6 @@ A file whose sha256 is one of the released models' may, as a last resort, be rea
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 import zipfile
@@ -196,14 +195,6 @@ def read_safetensors(path: str | Path) -> StateDict:
         raise CheckpointError(f"{path} is not a readable safetensors file ({error})") from None
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _released_hashes() -> set[str]:
     try:
         from .registry import MODELS
@@ -216,6 +207,8 @@ def _read_torchscript_or_released(path: Path) -> StateDict:
     try:
         return read_torchscript(path)
     except UnsafeCheckpointError as error:
+        from .download import sha256_file
+
         if sha256_file(path) not in _released_hashes():
             raise UnsafeCheckpointError(f"{path}: {error}") from None
         # A byte-for-byte copy of a file OpenAI released: known content, safe to run.

@@ -137,3 +137,18 @@ def test_load_defaults_and_dtype_override(tiny_vit_checkpoint):
     assert model.dtype == torch.bfloat16
     features = model.encode_image(torch.zeros(1, 3, 32, 32))
     assert features.dtype == torch.bfloat16 and features.shape == (1, 32)
+
+
+def test_only_released_files_may_fall_back_to_torch_jit_load(monkeypatch, tiny_vit_checkpoint):
+    from clipcli import checkpoint
+    from clipcli.download import sha256_file
+
+    def refuse(path):
+        raise UnsafeCheckpointError("the restricted reader could not read it")
+
+    monkeypatch.setattr(checkpoint, "read_torchscript", refuse)
+    with pytest.raises(UnsafeCheckpointError, match="restricted reader"):
+        read_state_dict(tiny_vit_checkpoint)
+    monkeypatch.setattr(checkpoint, "_released_hashes", lambda: {sha256_file(tiny_vit_checkpoint)})
+    state = read_state_dict(tiny_vit_checkpoint)
+    assert torch.equal(state["visual.proj"], torch.jit.load(str(tiny_vit_checkpoint)).state_dict()["visual.proj"])
