@@ -158,3 +158,41 @@ def test_training_learns_shapes_and_the_checkpoint_classifies_zero_shot(shapes_d
     accuracy = zeroshot_accuracy_via_cli(out / "last.safetensors", shapes_data / "zeroshot")
     print(f"zero-shot accuracy {accuracy:.3f} (chance {chance:.3f})")
     assert accuracy >= 3 * chance
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+def test_two_gloo_processes_match_one_process_on_the_same_global_batch(shapes_data, tmp_path):
+    """torchrun with 2 CPU processes (gloo, DDP, features gathered with gradients) takes the
+    same steps as one process: same losses and the same parameters after 4 steps."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    small = tmp_path / "small.csv"
+    small.write_text("\n".join((shapes_data / "train.csv").read_text().splitlines()[:33]).replace("train/", str(shapes_data / "train") + "/") + "\n")
+    common = ["--train-data", str(small), "--arch", "tiny", "--vision-layers", "1", "--text-layers", "1", "--epochs", "2",
+              "--batch-size", "16", "--lr", "1e-4", "--warmup", "2", "--log-every", "1", "--workers", "0", "--quiet", "--device", "cpu"]
+    train_cli(*common[:-2], "--out", str(tmp_path / "one"))  # --workers/--quiet are added by train_cli
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "clipcli", "train"]
+    done = subprocess.run(torchrun + common + ["--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == str(tmp_path / "two" / "last.safetensors")  # printed once, by rank 0
+
+    def logged(run: str, key: str) -> list[float]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [r[key] for r in map(json.loads, lines) if r["kind"] == "train"]
+
+    assert len(logged("one", "loss")) == 4
+    assert logged("two", "loss") == pytest.approx(logged("one", "loss"), abs=1e-5)
+    # AdamW would hide a gradient off by a constant factor; the gradient norm does not.
+    assert logged("two", "grad_norm") == pytest.approx(logged("one", "grad_norm"), rel=1e-4)
+    one, two = (load_file(str(tmp_path / run / "last.safetensors")) for run in ("one", "two"))
+    assert one.keys() == two.keys()
+    worst = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert worst < 1e-5, worst
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2

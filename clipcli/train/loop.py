@@ -248,9 +248,8 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
                 raise ClipcliError(f"the loss became {loss.item()} at step {step}; lower --lr or use --precision fp32/bf16")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(clip.parameters(), cfg.grad_clip)
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(clip.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -261,7 +260,7 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
                 now = time.perf_counter()
                 rate = seen / (now - started)
                 lr = optimizer.param_groups[0]["lr"]
-                metrics.write({"kind": "train", "epoch": epoch + 1, "step": step, "loss": loss.item(), "lr": lr,
+                metrics.write({"kind": "train", "epoch": epoch + 1, "step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr,
                                "logit_scale": float(clip.logit_scale.detach().exp()), "samples_per_second": rate})
                 say(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total_steps} loss {loss.item():.4f} "
                     f"lr {lr:.2e} {rate:.0f} samples/s")
