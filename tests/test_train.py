@@ -33,6 +33,23 @@ def shapes_data(tmp_path_factory) -> Path:
     return shapes.make_dataset(tmp_path_factory.mktemp("shapes"), train=960, test=240, seed=0)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models train faster on one thread, and much faster on a machine shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_csv(shapes_data: Path, folder: Path, rows: int) -> Path:
+    """The first ``rows`` training pairs of the shapes set, as a CSV in another folder."""
+    lines = (shapes_data / "train.csv").read_text().splitlines()[: rows + 1]
+    path = folder / "small.csv"
+    path.write_text("\n".join(lines).replace("train/", str(shapes_data / "train") + "/") + "\n")
+    return path
+
+
 def train_cli(*args: str) -> str:
     result = runner.invoke(app, ["train", "--workers", "0", "--quiet", *args])
     assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
@@ -141,16 +158,16 @@ def zeroshot_accuracy_via_cli(checkpoint: Path, zeroshot: Path) -> float:
 
 
 @pytest.mark.parametrize("encoders", [[], ["--image-encoder", "mixer", "--text-encoder", "mixer"]], ids=["transformer", "mixer"])
-def test_training_learns_shapes_and_the_checkpoint_classifies_zero_shot(shapes_data, tmp_path, encoders):
+def test_training_learns_shapes_and_the_checkpoint_classifies_zero_shot(shapes_data, tmp_path, encoders, one_thread):
     out = tmp_path / "run"
     checkpoint = train_cli("--train-data", str(shapes_data / "train.csv"), "--val-data", str(shapes_data / "val.csv"),
                            "--zeroshot-dir", str(shapes_data / "zeroshot"), "--arch", "tiny", *encoders,
-                           "--epochs", "5", "--batch-size", "64", "--lr", "1e-3", "--warmup", "10", "--out", str(out))
+                           "--epochs", "4", "--batch-size", "64", "--lr", "1e-3", "--warmup", "10", "--out", str(out))
     assert Path(checkpoint) == out / "last.safetensors"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
-    assert len(evals) == 5 and losses[-1] < losses[0]
+    assert len(evals) == 4 and losses[-1] < losses[0]
     assert {"val/image_to_text_R@1", "val/text_to_image_R@10", "zeroshot/top1"} <= set(evals[-1])
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["vision_mixer"] == bool(encoders) == config["model"]["text_mixer"]
@@ -163,7 +180,7 @@ def test_training_learns_shapes_and_the_checkpoint_classifies_zero_shot(shapes_d
 # ----------------------------------------------------------------------------- torchrun
 
 
-def test_two_gloo_processes_match_one_process_on_the_same_global_batch(shapes_data, tmp_path):
+def test_two_gloo_processes_match_one_process_on_the_same_global_batch(shapes_data, tmp_path, one_thread):
     """torchrun with 2 CPU processes (gloo, DDP, features gathered with gradients) takes the
     same steps as one process: same losses and the same parameters after 4 steps."""
     import os
@@ -172,8 +189,7 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(shapes_da
 
     from safetensors.torch import load_file
 
-    small = tmp_path / "small.csv"
-    small.write_text("\n".join((shapes_data / "train.csv").read_text().splitlines()[:33]).replace("train/", str(shapes_data / "train") + "/") + "\n")
+    small = small_csv(shapes_data, tmp_path, 32)
     common = ["--train-data", str(small), "--arch", "tiny", "--vision-layers", "1", "--text-layers", "1", "--epochs", "2",
               "--batch-size", "16", "--lr", "1e-4", "--warmup", "2", "--log-every", "1", "--workers", "0", "--quiet", "--device", "cpu"]
     train_cli(*common[:-2], "--out", str(tmp_path / "one"))  # --workers/--quiet are added by train_cli
@@ -196,3 +212,70 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(shapes_da
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
     assert worst < 1e-5, worst
     assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
+
+
+# ----------------------------------------------------------------------------- fine-tuning, resuming, bad data
+
+
+def test_fine_tune_a_released_checkpoint_with_a_locked_image_tower(tiny_vit_checkpoint, shapes_data, tmp_path, one_thread):
+    import clipcli
+    from clipcli.checkpoint import read_state_dict
+
+    data = small_csv(shapes_data, tmp_path, 16)
+    checkpoint = train_cli("--train-data", str(data), "--init", str(tiny_vit_checkpoint), "--lock-image", "--epochs", "1",
+                           "--batch-size", "8", "--lr", "1e-3", "--warmup", "1", "--out", str(tmp_path / "ft"))
+    before = read_state_dict(tiny_vit_checkpoint, dtype=torch.float32)
+    model, preprocess = clipcli.load(checkpoint, device="cpu")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in after if k.startswith("visual."))
+    assert not torch.equal(before["text_projection"], after["text_projection"])
+    assert model.config == build_model(before).config
+    result = runner.invoke(app, ["train", "--train-data", str(data), "--init", str(tiny_vit_checkpoint),
+                                 "--text-encoder", "mixer", "--out", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "cannot change a loaded model" in result.stderr
+
+
+def test_resume_continues_an_interrupted_run_exactly(shapes_data, tmp_path, monkeypatch, one_thread):
+    from clipcli.train import data as train_data
+
+    csv_path = small_csv(shapes_data, tmp_path, 16)
+    args = ["--train-data", str(csv_path), "--vision-layers", "1", "--text-layers", "1", "--epochs", "2",
+            "--batch-size", "8", "--lr", "1e-3", "--warmup", "1", "--log-every", "1"]
+    train_cli(*args, "--out", str(tmp_path / "straight"))
+
+    set_epoch = train_data.GlobalBatches.set_epoch
+
+    def interrupt_at_second_epoch(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        set_epoch(self, epoch)
+
+    monkeypatch.setattr(train_data.GlobalBatches, "set_epoch", interrupt_at_second_epoch)
+    result = runner.invoke(app, ["train", "--workers", "0", "--quiet", *args, "--out", str(tmp_path / "resumed")])
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    monkeypatch.setattr(train_data.GlobalBatches, "set_epoch", set_epoch)
+    again = runner.invoke(app, ["train", "--workers", "0", "--quiet", *args, "--out", str(tmp_path / "resumed")])
+    assert again.exit_code == 2 and "--resume" in again.stderr  # never silently overwrites a run
+    train_cli(*args, "--out", str(tmp_path / "resumed"), "--resume")
+
+    from safetensors.torch import load_file
+
+    straight, resumed = (load_file(str(tmp_path / run / "last.safetensors")) for run in ("straight", "resumed"))
+    assert all(torch.allclose(straight[k], resumed[k], atol=1e-6) for k in straight)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_bad_images_are_skipped_and_counted(shapes_data, tmp_path, one_thread):
+    csv_path = small_csv(shapes_data, tmp_path, 16)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with open(csv_path, "a") as file:
+        file.write("broken.png,a broken image\nmissing.png,a missing image\n")
+    result = runner.invoke(app, ["train", "--workers", "0", "--train-data", str(csv_path), "--val-data", str(csv_path),
+                                 "--vision-layers", "1", "--text-layers", "1", "--epochs", "1", "--batch-size", "9",
+                                 "--log-every", "100", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.stderr
+    assert f"skipping {tmp_path / 'broken.png'}:" in result.stderr and f"skipping {tmp_path / 'missing.png'}:" in result.stderr
+    [evaluation] = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+    assert evaluation["skipped_images"] == 2
