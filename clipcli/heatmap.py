@@ -51,6 +51,16 @@ def _square(image: "Image.Image", size: int) -> "Image.Image":
     return image.crop((left, top, left + side, top + side)).resize((size, size))
 
 
+def colour_range(cosine: "np.ndarray") -> tuple[float, float]:
+    """The data's range, at least 0.05 wide (the CLIP notebook fixed 0.1..0.3, where released
+    models' cosines lie; other checkpoints need the range of their own values)."""
+    low, high = float(cosine.min()), float(cosine.max())
+    if high - low < 0.05:
+        middle = (low + high) / 2
+        low, high = middle - 0.025, middle + 0.025
+    return low, high
+
+
 def render(
     cosine: "np.ndarray",
     texts: Sequence[str],
@@ -94,9 +104,7 @@ def render(
 
     figure = Figure(figsize=(width, height), dpi=100)
     axes = figure.add_axes((0.0, 0.0, 1.0, 1.0))
-    # The CLIP notebook fixes the colour range at 0.1..0.3; widen it when values fall outside.
-    vmin = min(0.1, float(cosine.min()))
-    vmax = max(0.3, float(cosine.max()))
+    vmin, vmax = colour_range(cosine)
     mesh = axes.imshow(cosine, vmin=vmin, vmax=vmax, cmap="viridis", aspect="equal", interpolation="nearest")
 
     axes.set_yticks(range(rows))

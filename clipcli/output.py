@@ -73,7 +73,8 @@ class RecordWriter:
     """Write records to ``stream`` in ``fmt``; use as a context manager.
 
     ``columns`` fixes the CSV/table columns (default: keys in order of first appearance).
-    ``view`` reshapes a record for CSV and table only (e.g. a nested list as a string).
+    ``view`` reshapes a record for CSV and table only (e.g. a nested list as a string);
+    ``paths_column`` is shortened in tables (see :func:`write_table`).
     """
 
     def __init__(
@@ -83,10 +84,12 @@ class RecordWriter:
         columns: Sequence[str] | None = None,
         view: Callable[[dict], dict] | None = None,
         title: str | None = None,
+        paths_column: str | None = None,
     ):
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
         self.stream, self.fmt, self.columns, self.view, self.title = stream, fmt, columns, view, title
+        self.paths_column = paths_column
         self.buffer: list[dict] = []
 
     def __enter__(self) -> "RecordWriter":
@@ -112,7 +115,7 @@ class RecordWriter:
             if self.fmt == "csv":
                 write_csv(self.stream, rows, columns)
             else:
-                write_table(self.stream, rows, columns, self.title)
+                write_table(self.stream, rows, columns, self.title, self.paths_column)
         self.buffer = []
         self.stream.flush()
 
@@ -132,7 +135,7 @@ def write_csv(stream: IO[str], rows: Sequence[dict], columns: Sequence[str]) -> 
         writer.writerow([_cell(row.get(c)) for c in columns])
 
 
-def _common_folder(names: Sequence[Any]) -> str:
+def common_folder(names: Sequence[Any]) -> str:
     """The folder every name is in (for a shorter table), or "" if they are not all local paths."""
     from .inputs import url_scheme
 
@@ -145,16 +148,19 @@ def _common_folder(names: Sequence[Any]) -> str:
     return "" if folder in ("", ".") else folder
 
 
-def write_table(stream: IO[str], rows: Sequence[dict], columns: Sequence[str], title: str | None = None) -> None:
-    """A rich table; floats to 4 decimals, error rows in red."""
+def write_table(
+    stream: IO[str], rows: Sequence[dict], columns: Sequence[str], title: str | None = None, paths_column: str | None = None
+) -> None:
+    """A rich table; floats to 4 decimals, error rows in red. The ``paths_column`` is shown
+    relative to the folder all its paths share, named in the caption."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title, show_lines=False, header_style="bold")
-    folder = _common_folder([row.get(columns[0]) for row in rows]) if columns else ""
+    folder = common_folder([row.get(paths_column) for row in rows]) if paths_column else ""
     if folder:
         table.caption = f"paths relative to {display(folder)}"
-        rows = [{**row, columns[0]: os.path.relpath(row[columns[0]], folder)} for row in rows]
+        rows = [{**row, paths_column: os.path.relpath(row[paths_column], folder)} for row in rows]
     for column in columns:
         numeric = any(isinstance(row.get(column), float) for row in rows)
         table.add_column(column, justify="right" if numeric else "left", overflow="fold")

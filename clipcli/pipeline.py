@@ -398,7 +398,9 @@ def classify(
 ) -> Iterator[dict]:
     """One record per item: ``{"image", "status", "label", "score", "top": [{"label", "score"}]}``.
 
-    ``run`` takes :func:`embed_images`'s keyword arguments (batch size, workers, ...).
+    The label classifier is built (or read from the cache) before this returns; the images
+    are scored as the returned iterator is consumed. ``run`` takes :func:`embed_images`'s
+    keyword arguments (batch size, workers, ...).
     """
     import torch
 
@@ -407,15 +409,19 @@ def classify(
 
     classifier = label_classifier(loaded, labels, templates, use_cache=use_cache)
     scale = loaded.model.logit_scale.detach().float().cpu()
-    for result in embed_images(loaded, items, normalize=True, **run):
-        if not result.ok:
-            yield image_record(result)
-            continue
-        probs = probabilities(torch.from_numpy(result.embedding)[None], classifier, scale)  # (1, L)
-        top = best(probs, labels, top_k)[0]
-        yield image_record(
-            result, label=top[0][0], score=top[0][1], top=[{"label": label, "score": score} for label, score in top]
-        )
+
+    def records() -> Iterator[dict]:
+        for result in embed_images(loaded, items, normalize=True, **run):
+            if not result.ok:
+                yield image_record(result)
+                continue
+            probs = probabilities(torch.from_numpy(result.embedding)[None], classifier, scale)  # (1, L)
+            top = best(probs, labels, top_k)[0]
+            yield image_record(
+                result, label=top[0][0], score=top[0][1], top=[{"label": label, "score": score} for label, score in top]
+            )
+
+    return records()
 
 
 # --------------------------------------------------------------------------- similarity

@@ -69,6 +69,14 @@ def test_table_shows_every_record():
     assert "a.png" in text and "0.7500" in text and "empty file (0 bytes)" in text
 
 
+def test_table_paths_are_relative_to_their_common_folder():
+    records = [{"image": "/data/photos/2024/a.png"}, {"image": "/data/photos/b.png"}]
+    text = written("table", records, paths_column="image")
+    assert "2024/a.png" in text and "/data/photos/b.png" not in text and "/data/photos" in text
+    urls = [{"image": "https://example.com/a.png"}, {"image": "https://example.com/b.png"}]
+    assert "https://example.com/a.png" in written("table", urls, paths_column="image")
+
+
 def test_unknown_format():
     with pytest.raises(ValueError):
         RecordWriter(io.StringIO(), "xml")

@@ -116,7 +116,7 @@ def _top_view(record: dict) -> dict:
 
 @command("classify")
 def classify(
-    inputs: Annotated[list[str], typer.Argument(metavar="INPUTS...", show_default=False,
+    inputs: Annotated[list[str], typer.Argument(metavar="INPUTS", show_default=False,
                                                 help="Images, folders, list files of paths/URLs, URLs, or - (a list on stdin).")],
     labels: Annotated[list[str], typer.Option("--labels", "-l", help="Comma-separated labels (repeatable).")] = [],
     labels_file: Annotated[Optional[str], typer.Option("--labels-file", help="File with one label per line.")] = None,
@@ -155,11 +155,12 @@ def classify(
     records = run_classify(loaded, items, label_list, template_list, top_k=top_k,
                            **_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private))
     columns = ["image", "status", "label", "score", "top", "error"]
-    with Reporter(len(items), "images", quiet) as report, \
-            RecordWriter(sys.stdout, fmt_name, columns=columns, view=_top_view) as writer:
-        for record in records:
-            report.done(record["image"], record.get("error"))
-            writer.write(record)
+    # The writer encloses the reporter so that a table is printed after the progress bar has gone.
+    with RecordWriter(sys.stdout, fmt_name, columns=columns, view=_top_view, paths_column="image") as writer:
+        with Reporter(len(items), "images", quiet) as report:
+            for record in records:
+                report.done(record["image"], record.get("error"))
+                writer.write(record)
     report.summary("classified")
     raise typer.Exit(report.exit_code)
 
@@ -191,8 +192,8 @@ def _similarity_records(result) -> list[dict]:
 
 @command("similarity")
 def similarity(
-    inputs: Annotated[list[str], typer.Argument(metavar="IMAGES... [TEXTS]", show_default=False,
-                                                help="Images, folders or list files, then a captions file (one per line).")],
+    inputs: Annotated[list[str], typer.Argument(metavar="INPUTS", show_default=False,
+                                                help="Images, folders, list files or URLs, then a captions file (one caption per line) unless --text is given.")],
     text: Annotated[list[str], typer.Option("--text", help="A caption (repeatable) instead of a captions file.")] = [],
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the heatmap to FILE.png, .svg or .pdf.")] = None,
     title: Annotated[Optional[str], typer.Option("--title", help="Heatmap title.")] = None,
@@ -210,6 +211,8 @@ def similarity(
     allow_private: PrivateOpt = False,
 ) -> None:
     """Cosine similarity of every caption with every image, as a matrix or an annotated heatmap.
+
+    clipcli similarity IMAGES... CAPTIONS_FILE, or clipcli similarity IMAGES... --text T --text U.
 
     Rows are captions, columns are images (as in the CLIP notebook); "probs" is the softmax
     over images for each caption. With -o, the heatmap is written and stdout stays empty
@@ -259,7 +262,7 @@ def similarity(
             for record in _ordered_records(result, items):
                 writer.write(record)
     elif fmt_name in ("csv", "table"):
-        names = list(result.images)
+        names = list(result.images) if fmt_name == "csv" else _short_names(result.images)
         rows = [{"text": t, **{n: float(result.cosine[r, c]) for c, n in enumerate(names)}} for r, t in enumerate(result.texts)]
         with RecordWriter(sys.stdout, fmt_name, columns=["text", *names],
                           title="cosine similarity (rows: captions, columns: images)") as writer:
@@ -267,6 +270,14 @@ def similarity(
                 writer.write(row)
     report.summary("compared")
     raise typer.Exit(1 if report.failed or text_failures else 0)
+
+
+def _short_names(names: list[str]) -> list[str]:
+    """Table headers: paths relative to their common folder (URLs and mixed names unchanged)."""
+    from ..output import common_folder
+
+    folder = common_folder(names)
+    return [os.path.relpath(n, folder) for n in names] if folder else list(names)
 
 
 def _ordered_records(result, items) -> list[dict]:
@@ -302,7 +313,7 @@ def _csv_view(record: dict) -> dict:
 
 @command("encode")
 def encode(
-    inputs: Annotated[Optional[list[str]], typer.Argument(metavar="INPUTS...", show_default=False,
+    inputs: Annotated[Optional[list[str]], typer.Argument(metavar="INPUTS", show_default=False,
                                                           help="Images, folders, list files of paths/URLs, URLs, or -.")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="emb.npy (+ emb.jsonl manifest), emb.npz, "
                                                   "a .jsonl/.json/.csv file, or - for stdout.")] = None,
@@ -353,6 +364,10 @@ def encode(
 
     from ..pipeline import embed_images, embed_texts
 
+    stream_writer = None
+    if target == "stdout":
+        stream_writer = RecordWriter(sys.stdout, fmt_name, view=_encode_view if fmt_name == "table" else _csv_view,
+                                     paths_column=None if captions is not None else "name")
     key = "text" if captions is not None else "image"
     total = len(captions) if captions is not None else len(items)
     records, rows = [], []
@@ -362,8 +377,6 @@ def encode(
         else:
             results = embed_images(loaded, items, normalize=not no_normalize,
                                    **_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private))
-        stream_writer = RecordWriter(sys.stdout, fmt_name, view=_encode_view if fmt_name == "table" else _csv_view) \
-            if target == "stdout" else None
         for result in results:
             report.done(result.name, result.error)
             record = {key: result.name, "status": "ok" if result.ok else "error"}
@@ -384,8 +397,8 @@ def encode(
                 stream_writer.write(record)
             else:
                 records.append(record)
-        if stream_writer is not None:
-            stream_writer.close()
+    if stream_writer is not None:
+        stream_writer.close()  # after the progress bar has gone
     dim = rows[0].shape[-1] if rows else _embed_dim(loaded)
     matrix = np.stack(rows) if rows else np.zeros((0, dim), dtype=store)
     if target != "stdout":
