@@ -227,9 +227,9 @@ def expand_inputs(inputs: Sequence[str], *, exclude: Sequence[str | os.PathLike]
     A missing input or an empty result raises :class:`InputError`.
     """
     excluded = frozenset(os.path.abspath(p) for p in exclude)
-    visited: set = set()
     items: list[Item] = []
     for arg in inputs:
+        visited: set = set()  # per input: a folder named twice is expanded twice, a loop never
         if arg == "-":
             items.extend(_list_entries(read_lines("-"), "", visited))
         elif url_scheme(arg):

@@ -372,3 +372,21 @@ def test_help_imports_nothing_heavy():
     subprocess.run([sys.executable, "-c", code], check=True)
     done = subprocess.run([sys.executable, "-m", "clipcli", "classify", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "clipcli classify photos/" in done.stdout
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupt_keeps_what_is_done_and_exits_130(photos, ckpt, sig):
+    import signal
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "clipcli", "encode", *[str(photos)] * 60, "-m", ckpt, "--batch-size", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+    )
+    first = process.stdout.readline()
+    process.send_signal(getattr(signal, sig))
+    rest, errors = process.communicate(timeout=60)
+    assert process.returncode == 130, errors
+    assert "error: interrupted" in errors and "Traceback" not in errors
+    lines = [first, *rest.splitlines()]
+    assert all(json.loads(line)["status"] == "ok" for line in lines)  # every line written is whole
+    assert len(lines) < 300

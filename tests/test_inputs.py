@@ -522,3 +522,8 @@ def test_permission_denied_is_a_reason_even_as_root(tmp_path, monkeypatch):
 
     monkeypatch.setattr(inputs, "open", denied, raising=False)
     assert reason(path) == "permission denied"
+
+
+def test_each_input_expands_on_its_own(tmp_path):
+    write(tmp_path / "a.png", png_bytes(RED))
+    assert names(expand_inputs([str(tmp_path), str(tmp_path)])) == [str(tmp_path / "a.png")] * 2

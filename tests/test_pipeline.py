@@ -1,0 +1,128 @@
+"""Batching with a fake model: order kept whatever the batch size and worker count, errors
+in place, out-of-memory batches split, non-finite rows reported."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipcli.inputs import Item
+from clipcli.pipeline import LoadedModel, embed_images, run_batches
+
+
+class FakeModel:
+    """Embeds an image as its mean colour plus a constant; remembers batch sizes and threads."""
+
+    def __init__(self, fail_above: int | None = None, nan_for_red: bool = False):
+        self.batches: list[int] = []
+        self.fail_above, self.nan_for_red = fail_above, nan_for_red
+        self.logit_scale = torch.tensor(4.6)
+
+    def encode_image(self, x):  # (B, 3, H, W) -> (B, 4)
+        if self.fail_above is not None and len(x) > self.fail_above:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+        self.batches.append(len(x))
+        out = torch.cat([x.mean(dim=(2, 3)), torch.ones(len(x), 1)], dim=1)
+        if self.nan_for_red:
+            out[x[:, 0].mean(dim=(1, 2)) > 0.9] = float("nan")
+        return out
+
+
+def to_tensor(image):
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+
+
+def loaded(model) -> LoadedModel:
+    return LoadedModel(model, to_tensor, "fake", None, torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """20 items: coloured squares, with an unreadable item every fifth place."""
+    items = []
+    for i in range(20):
+        path = tmp_path / f"{i:02d}.png"
+        if i % 5 == 3:
+            path.write_bytes(b"")
+        else:
+            Image.new("RGB", (8, 8), (i * 12, 255 - i * 12, 7)).save(path)
+        items.append(Item(name=str(path), path=str(path)))
+    return items
+
+
+@pytest.mark.parametrize("batch_size, workers", [(1, 0), (3, 0), (4, 2), (7, 4), (64, 3)])
+def test_order_and_errors_are_kept(corpus, batch_size, workers):
+    model = FakeModel()
+    results = list(embed_images(loaded(model), corpus, batch_size=batch_size, workers=workers))
+    assert [r.name for r in results] == [item.name for item in corpus]
+    for i, result in enumerate(results):
+        if i % 5 == 3:
+            assert result.error == "empty file (0 bytes)" and result.embedding is None
+        else:
+            expected = np.array([i * 12 / 255, (255 - i * 12) / 255, 7 / 255, 1.0], dtype=np.float32)
+            np.testing.assert_allclose(result.embedding, expected / np.linalg.norm(expected), rtol=1e-5)
+    assert max(model.batches) <= batch_size and sum(model.batches) == 16
+
+
+def test_results_stream_before_the_end(corpus):
+    stream = embed_images(loaded(FakeModel()), corpus, batch_size=2, workers=2)
+    first = next(stream)
+    assert first.name == corpus[0].name
+    stream.close()  # stops the workers cleanly
+
+
+def test_decoding_runs_on_worker_threads(corpus, monkeypatch):
+    from clipcli import pipeline
+
+    threads = set()
+    real = pipeline.read_image
+
+    def spy(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "read_image", spy)
+    list(embed_images(loaded(FakeModel()), corpus, batch_size=4, workers=3))
+    assert threads and all(name.startswith("clipcli-decode") for name in threads)
+
+
+def test_out_of_memory_splits_the_batch():
+    model = FakeModel(fail_above=2)
+    rows = run_batches(model.encode_image, torch.rand(7, 3, 4, 4), normalize=True)
+    assert all(isinstance(r, np.ndarray) for r in rows) and len(rows) == 7
+    assert max(model.batches) <= 2
+
+
+def test_out_of_memory_for_one_input_is_that_inputs_error():
+    model = FakeModel(fail_above=0)
+    assert run_batches(model.encode_image, torch.rand(2, 3, 4, 4), normalize=True) == [
+        "out of memory in the model, even alone (try --device cpu or a smaller model)"
+    ] * 2
+
+
+def test_other_model_errors_are_not_hidden():
+    def broken(x):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="shapes"):
+        run_batches(broken, torch.rand(2, 3), normalize=True)
+
+
+def test_non_finite_embeddings_become_errors(tmp_path):
+    items = []
+    for name, colour in [("red", (255, 0, 0)), ("green", (0, 255, 0))]:
+        Image.new("RGB", (4, 4), colour).save(tmp_path / f"{name}.png")
+        items.append(Item(name=name, path=str(tmp_path / f"{name}.png")))
+    red, green = embed_images(loaded(FakeModel(nan_for_red=True)), items, batch_size=2, workers=0)
+    assert red.embedding is None and "non-finite" in red.error
+    assert green.ok and np.isfinite(green.embedding).all()
+
+
+def test_thumbnails_only_when_asked(corpus):
+    plain = next(embed_images(loaded(FakeModel()), corpus[:1], workers=0))
+    with_thumb = next(embed_images(loaded(FakeModel()), corpus[:1], workers=0, thumbnails=True))
+    assert plain.thumbnail is None and with_thumb.thumbnail.size == (8, 8)
