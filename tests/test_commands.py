@@ -390,3 +390,23 @@ def test_interrupt_keeps_what_is_done_and_exits_130(photos, ckpt, sig):
     lines = [first, *rest.splitlines()]
     assert all(json.loads(line)["status"] == "ok" for line in lines)  # every line written is whole
     assert len(lines) < 300
+
+
+def test_heatmap_inside_the_input_folder_is_not_read_back(photos, ckpt):
+    heatmap = photos / "heatmap.png"
+    first = run("similarity", photos, "--text", "a cat", "-m", ckpt, "-o", heatmap, "-f", "json")
+    second = run("similarity", photos, "--text", "a cat", "-m", ckpt, "-o", heatmap, "-f", "json", "--overwrite")
+    assert first.exit_code == second.exit_code == 0
+    assert json.loads(second.stdout)["images"] == json.loads(first.stdout)["images"]
+    assert str(heatmap) not in json.loads(second.stdout)["images"]
+
+
+def test_decoding_options(photos, ckpt):
+    data = (photos / "rocket.jpg").read_bytes()
+    (photos / "rocket.jpg").write_bytes(data[: len(data) // 2])
+    strict = jsonl(run("encode", photos / "rocket.jpg", "-m", ckpt).stdout)[0]
+    assert strict["status"] == "error" and strict["error"].startswith("truncated image")
+    lenient = run("encode", photos / "rocket.jpg", "-m", ckpt, "--allow-truncated")
+    assert lenient.exit_code == 0 and jsonl(lenient.stdout)[0]["status"] == "ok"
+    capped = jsonl(run("encode", photos / "chelsea.png", "-m", ckpt, "--max-pixels", "1000").stdout)[0]
+    assert capped["error"] == "image too large: 451x300 = 135300 pixels exceeds the limit of 1000 (--max-pixels)"
