@@ -279,3 +279,17 @@ def test_bad_images_are_skipped_and_counted(shapes_data, tmp_path, one_thread):
     assert f"skipping {tmp_path / 'broken.png'}:" in result.stderr and f"skipping {tmp_path / 'missing.png'}:" in result.stderr
     [evaluation] = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
     assert evaluation["skipped_images"] == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--arch", "ViT-H/99"], "--arch 'ViT-H/99' is not a preset"),
+    (["--arch", "RN50", "--image-encoder", "mixer"], "--image-encoder mixer needs a ViT-shaped --arch"),
+    (["--image-size", "30"], "image size 30 is not a multiple of the patch size 8"),
+    (["--batch-size", "64"], "fewer than one --batch-size 64"),
+    (["--resume"], "has no state.pt to resume from"),
+])
+def test_user_mistakes_are_one_line_errors(shapes_data, tmp_path, args, message):
+    csv_path = small_csv(shapes_data, tmp_path, 16)
+    result = runner.invoke(app, ["train", "--train-data", str(csv_path), "--batch-size", "8", *args, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.startswith("error: ") and message in result.stderr and "Traceback" not in result.stderr
