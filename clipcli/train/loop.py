@@ -181,6 +181,7 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
     from ..preprocess import image_transform
 
     main = topology.is_main
+    fresh_config = model_config(cfg) if not (cfg.resume or cfg.init) else None  # check options before touching --out
     out = _prepare_out(cfg, main)
     torch.manual_seed(cfg.seed)
 
@@ -192,7 +193,7 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
         clip = load_clip(cfg.init, cfg.init)
         _check_encoders(cfg, clip.config, cfg.init)
     else:
-        clip = CLIP(model_config(cfg))
+        clip = CLIP(fresh_config)
     apply_freeze(clip, cfg.freeze)
     clip = clip.to(device).train()
     config = clip.config
