@@ -1,0 +1,85 @@
+"""The benchmark harness works: it builds its data, every measurement runs and writes its
+result, and the summary lines clipcli up against the reference. No timing is asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmarks_run", ROOT / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_data_builders(bench, tmp_path):
+    from PIL import Image
+
+    files = bench.build_image_set(tmp_path / "web", 3, 96, 72, 85, seed=0)
+    assert [f.name for f in files] == ["0000.jpg", "0001.jpg", "0002.jpg"]
+    assert all(Image.open(f).size == (96, 72) and Image.open(f).format == "JPEG" for f in files)
+    assert bench.build_image_set(tmp_path / "web", 3, 96, 72, 85, seed=0) == files  # reused, not rebuilt
+
+    prompts = bench.build_prompts(4)
+    assert len(prompts) == 4 * 7 and prompts == bench.build_prompts(4)
+    assert prompts[0].startswith("itap of a ") and "{}" not in "".join(prompts)
+
+
+def test_harness_end_to_end(bench, tmp_path, tiny_vit_checkpoint):
+    images = tmp_path / "web"
+    bench.build_image_set(images, 3, 96, 72, 85, seed=0)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(bench.build_prompts(3)))
+    emb = tmp_path / "emb"
+    emb.mkdir()
+
+    plan = {
+        "model-reference": dict(task="model", impl="reference", batches="1,2"),
+        "model-clipcli": dict(task="model", impl="clipcli", batches="1,2"),
+        "text-reference": dict(task="text", impl="reference", prompts=prompts, text_batch=8),
+        "text-clipcli": dict(task="text", impl="clipcli", prompts=prompts, text_batch=8),
+        "e2e-web-reference": dict(task="e2e", impl="reference", images=images),
+        "e2e-web-clipcli-fp32": dict(task="e2e", impl="clipcli", dtype="fp32", images=images),
+        "e2e-web-clipcli-bf16": dict(task="e2e", impl="clipcli", dtype="bf16", images=images),
+        "cli-web-fp32": dict(task="cli", dtype="fp32", images=images),
+        "decode-web": dict(task="decode", images=images),
+    }
+    measurements = {}
+    for label, options in plan.items():
+        argv = ["--checkpoint", str(tiny_vit_checkpoint), "--emb", str(emb), "--name", label, "--budget", "0",
+                "--result", str(tmp_path / f"{label}.json")]
+        for key, value in options.items():
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+        bench.child_main(argv)  # in this process: the harness logic, without process start-up costs
+        result = json.loads((tmp_path / f"{label}.json").read_text())
+        assert "failed" not in result, (label, result)
+        result.update(process_wall_s=result["wall_in_process_s"], load_average_before=[0.0, 0.0, 0.0])
+        measurements[label] = result
+
+    assert measurements["cli-web-fp32"]["embeddings_read"] == 3
+    summary = bench.summarize(measurements, emb, {"web": (3, 96, 72, 85)})
+    assert set(summary["model_only"]) >= {"fp32/b1", "fp32/b2", "bf16/b1", "bf16/b2"}
+    assert summary["text"]["ratio"] > 0
+    agreement = summary["agreement"]
+    # clipcli runs the reference's exact preprocessing and maths: fp32 agrees to rounding.
+    for key in ("text clipcli vs reference", "model-only clipcli fp32 vs reference fp32",
+                "e2e-web-clipcli-fp32 vs reference", "cli-web-fp32 vs reference"):
+        assert agreement[key]["min"] > 0.99999, key
+        assert agreement[key]["n"] >= 3, key
+    assert agreement["e2e-web-clipcli-bf16 vs reference"]["min"] > 0.99
+    assert summary["e2e"]["web"]["decode one thread"]["draft_cosine_min"] > 0.99
+
+    report = {"started": "now", "smoke": True, "architecture": "tiny-vit", "rounds": 1, "summary": summary,
+              "measurements": measurements, "environment": bench.environment()}
+    table = bench.markdown(report)
+    assert "| text, short prompts (prompts/s) |" in table
+    assert "| web end to end, `clipcli encode` fp32, whole process (images/s) |" in table
+    assert "| cli-web-fp32 |" in table  # its peak RSS row
