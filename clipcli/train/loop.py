@@ -230,12 +230,13 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
     skips = SkipReporter(quiet=cfg.quiet)
     batches = loader(train_set, sampler, cfg.workers)
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if main and not cfg.quiet else (lambda text: None)
+    live = main and not cfg.quiet and sys.stderr.isatty()
     say(f"training {_describe(config)} on {len(train_set)} pairs, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
         f"global batch {cfg.batch_size} over {topology.world_size} process(es) on {device}")
 
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
-        started, seen, tick = time.perf_counter(), 0, time.perf_counter()
+        started, seen = time.perf_counter(), 0
         for batch in batches:
             skips(batch.skipped)
             images, texts = batch.images.to(device, non_blocking=True), batch.texts.to(device, non_blocking=True)
@@ -257,16 +258,21 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
             clamp_logit_scale(clip)
             step += 1
             seen += sum(sizes)
-            if step % cfg.log_every == 0 or step == total_steps:
-                now = time.perf_counter()
-                rate = seen / (now - started)
+            logged = step % cfg.log_every == 0 or step == total_steps
+            if logged or live:
+                rate = seen / (time.perf_counter() - started)
                 lr = optimizer.param_groups[0]["lr"]
-                metrics.write({"kind": "train", "epoch": epoch + 1, "step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr,
-                               "logit_scale": float(clip.logit_scale.detach().exp()), "samples_per_second": rate})
-                say(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total_steps} loss {loss.item():.4f} "
-                    f"lr {lr:.2e} {rate:.0f} samples/s")
-                tick = now
+                line = f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total_steps} loss {loss.item():.4f} lr {lr:.2e} {rate:.0f} samples/s"
+                if live:  # a terminal: one line, rewritten every step
+                    print(f"\r{line}", end="", file=sys.stderr, flush=True)
+                elif logged:
+                    say(line)
+            if logged:
+                metrics.write({"kind": "train", "epoch": epoch + 1, "step": step, "loss": loss.item(), "grad_norm": grad_norm.item(),
+                               "lr": lr, "logit_scale": float(clip.logit_scale.detach().exp()), "samples_per_second": rate})
         elapsed = time.perf_counter() - started
+        if live:
+            print(file=sys.stderr)
         skipped = int(distributed.all_sum(skips.count, device))
         if main:
             evaluation = {"kind": "eval", "epoch": epoch + 1, "step": step, "samples_per_second": seen / elapsed,
