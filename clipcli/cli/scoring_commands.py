@@ -336,6 +336,7 @@ def encode(
     dtype: Annotated[StoreDtype, typer.Option("--dtype", help="Number type stored in .npy/.npz (and JSON values).")] = StoreDtype.float32,
     no_truncate: Annotated[bool, typer.Option("--no-truncate", help="Report captions longer than the context instead of cutting them.")] = False,
     overwrite: OverwriteOpt = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted .npy/.npz run from its journal.")] = False,
     model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = 32,
@@ -353,6 +354,9 @@ def encode(
     record per input ({"index": row or null, "image", "status"}). .npz: embeddings, paths,
     model and sha256 in one file. No -o (or -o -): JSON Lines on stdout.
 
+    With .npy/.npz, progress is journaled batch by batch in OUTPUT.journal/; after an
+    interruption (Ctrl-C, kill, crash) rerun the same command with --resume to finish it.
+
     Example: clipcli encode photos/ -o emb.npy
 
     Example: clipcli encode --text captions.txt -o captions.npz
@@ -368,6 +372,8 @@ def encode(
     if not text and not inputs:
         raise InputError("nothing to encode: give images, folders or list files, or --text FILE")
     target, outputs = _encode_target(output)
+    if resume and target not in ("npy", "npz"):
+        raise InputError("--resume needs -o FILE.npy or FILE.npz")
     ensure_writable(outputs, overwrite)
     captions = read_lines(text, comments=False) if text else None
     if captions is not None and not captions:
@@ -384,13 +390,30 @@ def encode(
         stream_writer = RecordWriter(sys.stdout, fmt_name, view=_encode_view if fmt_name == "table" else _csv_view,
                                      paths_column=None if captions is not None else "name")
     key = "text" if captions is not None else "image"
-    total = len(captions) if captions is not None else len(items)
-    records, rows = [], []
+    names = captions if captions is not None else [item.name for item in items]
+    total = len(names)
+    journal = None
+    if target in ("npy", "npz"):
+        from ..journal import Journal, inputs_hash, journal_path
+
+        identity = {"sha256": loaded.sha256, "inputs": inputs_hash(names), "count": total, "key": key,
+                    "normalize": not no_normalize, "dtype": np.dtype(store).name, "dim": _embed_dim(loaded),
+                    "truncate": not no_truncate}
+        journal = Journal.open(journal_path(output), identity, resume=resume, overwrite=overwrite)
+    records = []
+    pending_records, pending_rows = [], []
     with Reporter(total, "captions" if captions is not None else "images", quiet) as report:
+        done = 0
+        if journal is not None:
+            records = list(journal.records)
+            done = len(records)
+            for record in records:
+                report.done(record[key], record.get("error"))
         if captions is not None:
-            results = embed_texts(loaded, captions, batch_size=batch_size, normalize=not no_normalize, truncate=not no_truncate)
+            results = embed_texts(loaded, captions[done:], batch_size=batch_size, normalize=not no_normalize,
+                                  truncate=not no_truncate)
         else:
-            results = embed_images(loaded, items, normalize=not no_normalize,
+            results = embed_images(loaded, items[done:], normalize=not no_normalize,
                                    **_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private))
         for result in results:
             report.done(result.name, result.error)
@@ -399,25 +422,34 @@ def encode(
                 record["truncated"] = True
             if result.ok:
                 row = result.embedding.astype(store)
-                if target in ("npy", "npz"):
-                    record = {"index": len(rows), **record}
-                    rows.append(row)
+                if journal is not None:
+                    record = {"index": journal.rows + len(pending_rows), **record}
+                    pending_rows.append(row)
                 else:
                     record["embedding"] = row.astype(np.float64).tolist()
             else:
-                if target in ("npy", "npz"):
+                if journal is not None:
                     record = {"index": None, **record}
                 record["error"] = result.error
             if stream_writer is not None:
                 stream_writer.write(record)
+            elif journal is not None:
+                pending_records.append(record)
+                if len(pending_rows) >= batch_size:  # a model batch is done: make it durable
+                    journal.append(pending_records, pending_rows)
+                    pending_records, pending_rows = [], []
             else:
                 records.append(record)
+        if journal is not None:
+            journal.append(pending_records, pending_rows)
+            records = journal.records
     if stream_writer is not None:
         stream_writer.close()  # after the progress bar has gone
-    dim = rows[0].shape[-1] if rows else _embed_dim(loaded)
-    matrix = np.stack(rows) if rows else np.zeros((0, dim), dtype=store)
+    matrix = journal.matrix() if journal is not None else None  # only .npy/.npz have a matrix
     if target != "stdout":
         _write_encode_outputs(target, output, outputs, matrix, records, key, loaded, overwrite, not no_normalize)
+        if journal is not None:
+            journal.remove()
         report.message(f"wrote {', '.join(outputs)}")
     report.summary("encoded")
     raise typer.Exit(report.exit_code)
