@@ -8,12 +8,21 @@ its ``exit_code``; a closed stdout (``| head``) ends the run quietly.
 import functools
 import os
 import sys
+from enum import Enum
 from typing import Annotated, Callable
 
 import typer
 
 from .. import __version__
 from ..errors import ClipcliError
+
+class Precision(str, Enum):
+    """Number type the model computes in (shared by every command that runs one)."""
+
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
 
 app = typer.Typer(
     name="clipcli",

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import ClipcliError, InputError
-from .app import command
+from .app import Precision, command
 
 DEFAULT_MODEL = "ViT-B/32"
 
@@ -24,12 +24,6 @@ class Format(str, Enum):
     json = "json"
     csv = "csv"
     table = "table"
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
 
 
 class StoreDtype(str, Enum):

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import command
+from .app import Precision, command
 
 
 class ImageEncoder(str, Enum):
@@ -20,12 +20,6 @@ class ImageEncoder(str, Enum):
 class TextEncoder(str, Enum):
     transformer = "transformer"
     mixer = "mixer"
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
 
 
 class Side(str, Enum):
