@@ -586,6 +586,10 @@ def summarize(m: dict, emb: Path, sets: dict) -> dict:
     for name in sets:
         ref = m.get(f"e2e-{name}-reference")
         if not ok(f"e2e-{name}-reference"):
+            if ok(f"decode-{name}"):
+                d = m[f"decode-{name}"]
+                s["e2e"][name] = {"decode one thread": {k: d[k] for k in ("exact_images_per_s", "draft_images_per_s",
+                                                                           "draft_cosine_min", "draft_cosine_mean")}}
             continue
         row = {"reference": {"process_images_per_s": ref["images"] / ref["process_wall_s"], "loop_images_per_s": ref["loop_images_per_s"]}}
         base = load(f"e2e-{name}-reference")
@@ -620,11 +624,16 @@ def _f(x, digits=1) -> str:
     return f"{x:.{digits}f}" if isinstance(x, (int, float)) else str(x)
 
 
+def _threads(report: dict) -> str:
+    used = sorted({str(r["torch_threads"]) for r in report["measurements"].values() if "torch_threads" in r})
+    return "/".join(used) or str(report["environment"]["torch_threads"])
+
+
 def markdown(report: dict) -> str:
     s, env = report["summary"], report["environment"]
     lines = [f"Run {report['started']} ({'smoke' if report['smoke'] else 'full'}, {report['architecture']}, "
-             f"best of {report['rounds']} interleaved rounds, threads {report.get('threads', 'default')}); {env['cpu']}, {env['cpu_count']} cores, torch threads "
-             f"{env['torch_threads']}, flags {' '.join(env['cpu_flags'])}, torch capability {env['torch_cpu_capability']}; "
+             f"best of {report['rounds']} interleaved rounds); {env['cpu']}, {env['cpu_count']} cores, torch threads per process "
+             f"{_threads(report)}, flags {' '.join(env['cpu_flags'])}, torch capability {env['torch_cpu_capability']}; "
              + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v), ""]
     lines += ["| measurement | reference | clipcli | ratio |", "|---|---:|---:|---:|"]
     for key, row in s["model_only"].items():
@@ -636,8 +645,8 @@ def markdown(report: dict) -> str:
         t = s["text"]
         lines.append(f"| text, short prompts (prompts/s) | {_f(t['reference'])} | {_f(t['clipcli'])} | {_f(t['ratio'], 2)}x |")
     for name, row in s["e2e"].items():
-        ref = row["reference"]
-        for kind in ("e2e fp32", "e2e bf16", "cli fp32", "cli bf16"):
+        ref = row.get("reference")
+        for kind in ("e2e fp32", "e2e bf16", "cli fp32", "cli bf16") if ref else ():
             entry = row.get(kind)
             what = ("API" if kind.startswith("e2e") else "`clipcli encode`") + " " + kind.split()[1]
             if isinstance(entry, dict):
@@ -658,7 +667,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {key} | {a['min']:.6f} | {a['mean']:.6f} | {a['max_abs_diff_unit']:.2e} |")
     lines += ["", "| process | peak RSS (MB) | load average (1 min) before |", "|---|---:|---:|"]
     for key, rss in s["peak_rss_mb"].items():
-        lines.append(f"| {key} | {_f(rss, 0)} | {report['measurements'][key]['load_average_before'][0]} |")
+        lines.append(f"| {key} | {_f(rss, 0)} | {report['measurements'][key].get('load_average_before', ['?'])[0]} |")
     return "\n".join(lines)
 
 
