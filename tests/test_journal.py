@@ -3,6 +3,7 @@ SIGKILL-and-resume of `clipcli encode` that ends byte-identical to an uninterrup
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -141,6 +142,35 @@ def test_cli_refuses_stale_or_foreign_journal(folder, tiny_vit_checkpoint, tmp_p
     assert len(result.stderr.strip().splitlines()) == 1
     assert CliRunner().invoke(app, [*args, "--overwrite"]).exit_code == 0
     assert np.load(out).shape[0] == 40 and not os.path.exists(journal_path(out))
+
+
+def test_resume_with_another_precision_is_refused(folder, tiny_vit_checkpoint, tmp_path):
+    """Rows computed in fp32 and bf16 must never end up in one file."""
+    out = tmp_path / "emb.npy"
+    args = ["encode", str(folder), "-o", str(out), "-m", str(tiny_vit_checkpoint), "-q", "--device", "cpu"]
+    identity = json.loads((_journal_identity(CliRunner(), args, out)).read_text())
+    assert identity["precision"] == "float32"
+    result = CliRunner().invoke(app, [*args, "--resume", "--precision", "bf16"])
+    assert result.exit_code == 2 and "precision" in result.stderr
+
+
+def _journal_identity(runner, args, out) -> Path:
+    """Start a journal the way an interrupted run leaves one: the identity written, no rows."""
+    from clipcli import output
+
+    journal = Path(journal_path(out))
+    original = output.Reporter
+
+    class Interrupt(original):
+        def __enter__(self):
+            raise KeyboardInterrupt
+
+    output.Reporter = Interrupt
+    try:
+        assert runner.invoke(app, args).exit_code == 130
+    finally:
+        output.Reporter = original
+    return journal / "identity.json"
 
 
 def test_sigterm_keeps_the_journal_and_exits_130(folder, tiny_vit_checkpoint, tmp_path):

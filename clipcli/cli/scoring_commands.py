@@ -392,7 +392,7 @@ def encode(
 
         identity = {"sha256": loaded.sha256, "inputs": inputs_hash(names), "count": total, "key": key,
                     "normalize": not no_normalize, "dtype": np.dtype(store).name, "dim": _embed_dim(loaded),
-                    "truncate": not no_truncate}
+                    "truncate": not no_truncate, "precision": str(loaded.dtype).removeprefix("torch.")}
         journal = Journal.open(journal_path(output), identity, resume=resume, overwrite=overwrite)
     records = []
     pending_records, pending_rows = [], []
