@@ -428,12 +428,19 @@ def fetch_url(url: str, options: FetchOptions = FetchOptions()) -> tuple[bytes, 
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """How images are decoded: the pixel cap checked from the header, and whether a
-    truncated file is scored from what could be decoded."""
+    """How images are decoded: the pixel cap checked from the header, whether a truncated
+    file is scored from what could be decoded, and reduced-size JPEG decoding.
+
+    With ``draft_size`` (and not ``exact``), a JPEG is decoded at the smallest DCT scale
+    (1/2, 1/4, 1/8) that still leaves both sides at least ``draft_size`` pixels; the exact
+    bicubic resize then runs on that. The pipeline sets it to twice the model's resolution.
+    """
 
     max_pixels: int = DEFAULT_MAX_PIXELS
     allow_truncated: bool = False
     formats: tuple[str, ...] = IMAGE_FORMATS
+    exact: bool = False
+    draft_size: int | None = None
 
 
 @contextmanager
@@ -599,6 +606,8 @@ def decode_image(fp: BinaryIO, options: DecodeOptions = DecodeOptions(), content
                 f"image too large: {width}x{height} = {width * height} pixels exceeds the limit of "
                 f"{options.max_pixels} (--max-pixels)"
             )
+        if options.draft_size and not options.exact and image.format == "JPEG":
+            image.draft(image.mode, (options.draft_size, options.draft_size))
         image.load()
         return to_rgb(_upright(image))
     except ItemError:

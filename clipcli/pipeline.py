@@ -18,7 +18,7 @@ import json
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -123,6 +123,11 @@ class LoadedModel:
     @cached_property
     def sha256(self) -> str:
         return checkpoint_sha256(self.path)
+
+    @property
+    def input_resolution(self) -> int | None:
+        """The image side the model takes (None for a model that does not say)."""
+        return getattr(getattr(self.model, "visual", None), "input_resolution", None)
 
     @property
     def logit_scale(self) -> float:
@@ -231,6 +236,8 @@ def embed_images(
     threads (0: decode in this thread). Items that fail carry a reason and no embedding.
     """
     model = loaded.model
+    if not decode.exact and decode.draft_size is None and loaded.input_resolution:
+        decode = replace(decode, draft_size=2 * loaded.input_resolution)
 
     def encode(x):
         return model.encode_image(x.to(device=loaded.device, dtype=loaded.dtype))

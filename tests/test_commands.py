@@ -53,6 +53,11 @@ def run(*args, input=None):
     return CliRunner().invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
 
 
+def run_exact(*args, input=None):
+    """A command on the reference-exact decoding path, for comparisons with the Python API."""
+    return run(*args, "--exact-decode", input=input)
+
+
 def jsonl(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
@@ -97,7 +102,7 @@ def api(ckpt):
 
 
 def test_classify_jsonl_equals_the_python_api(photos, ckpt, api):
-    result = run("classify", photos, "-m", ckpt, "--labels", ",".join(LABELS))
+    result = run_exact("classify", photos, "-m", ckpt, "--labels", ",".join(LABELS))
     assert result.exit_code == 0, result.stderr
     records = jsonl(result.stdout)
     assert [r["image"] for r in records] == [str(photos / p) for p in PHOTOS]
@@ -114,7 +119,7 @@ def test_classify_jsonl_equals_the_python_api(photos, ckpt, api):
 def test_classify_templates_match_the_paper_recipe(photos, ckpt, api):
     from clipcli.zeroshot import load_templates
 
-    result = run("classify", photos / "chelsea.png", "-m", ckpt, "-l", "cat,dog", "--templates", "imagenet7", "-k", "1")
+    result = run_exact("classify", photos / "chelsea.png", "-m", ckpt, "-l", "cat,dog", "--templates", "imagenet7", "-k", "1")
     [record] = jsonl(result.stdout)
     expected = api.classify([photos / "chelsea.png"], ["cat", "dog"], load_templates("imagenet7"))[0]
     assert record["score"] == pytest.approx(expected.max().item(), abs=1e-5)
@@ -220,7 +225,7 @@ def test_usage_errors_exit_2_with_one_line(photos, ckpt, tmp_path, args, message
 def test_similarity_json_equals_the_python_api(photos, ckpt, api, tmp_path):
     captions = tmp_path / "captions.txt"
     captions.write_text("\n".join(CAPTIONS) + "\n")
-    result = run("similarity", photos, captions, "-m", ckpt, "--format", "json")
+    result = run_exact("similarity", photos, captions, "-m", ckpt, "--format", "json")
     assert result.exit_code == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["images"] == [str(photos / p) for p in PHOTOS] and out["texts"] == CAPTIONS
@@ -279,7 +284,7 @@ def test_similarity_long_captions(photos, ckpt):
 
 def test_encode_npy_and_manifest(corrupt, ckpt, api, tmp_path):
     out = tmp_path / "emb.npy"
-    result = run("encode", corrupt, "-m", ckpt, "-o", out)
+    result = run_exact("encode", corrupt, "-m", ckpt, "-o", out)
     assert result.exit_code == 1
     matrix = np.load(out, allow_pickle=False)
     assert matrix.dtype == np.float32 and matrix.shape == (5, 32)
@@ -287,13 +292,13 @@ def test_encode_npy_and_manifest(corrupt, ckpt, api, tmp_path):
     manifest = jsonl((tmp_path / "emb.jsonl").read_text())
     assert [m["index"] for m in manifest] == [0, None, 1, 2, 3, 4]
     assert manifest[1]["status"] == "error" and manifest[0] == {"index": 0, "image": str(corrupt / "astronaut.png"), "status": "ok"}
-    assert run("encode", corrupt, "-m", ckpt, "-o", out).exit_code == 2  # no overwrite
+    assert run_exact("encode", corrupt, "-m", ckpt, "-o", out).exit_code == 2  # no overwrite
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # no temporary files left
 
 
 def test_encode_npz_float16_unnormalised(photos, ckpt, api, tmp_path):
     out = tmp_path / "emb.npz"
-    result = run("encode", photos, "-m", ckpt, "-o", out, "--no-normalize", "--dtype", "float16")
+    result = run_exact("encode", photos, "-m", ckpt, "-o", out, "--no-normalize", "--dtype", "float16")
     assert result.exit_code == 0, result.stderr
     with np.load(out, allow_pickle=False) as data:
         assert data["embeddings"].dtype == np.float16
@@ -305,7 +310,7 @@ def test_encode_npz_float16_unnormalised(photos, ckpt, api, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "table"])
 def test_encode_stdout_formats(corrupt, ckpt, api, fmt):
-    result = run("encode", corrupt, "-m", ckpt, "-f", fmt)
+    result = run_exact("encode", corrupt, "-m", ckpt, "-f", fmt)
     assert result.exit_code == 1
     if fmt in ("jsonl", "json"):
         records = jsonl(result.stdout) if fmt == "jsonl" else json.loads(result.stdout)
@@ -322,13 +327,13 @@ def test_encode_stdout_formats(corrupt, ckpt, api, fmt):
 def test_encode_captions(ckpt, api, tmp_path):
     captions = tmp_path / "captions.txt"
     captions.write_bytes(("\ufeff" + "\r\n".join(CAPTIONS) + "\r\n").encode())
-    result = run("encode", "--text", captions, "-m", ckpt)
+    result = run_exact("encode", "--text", captions, "-m", ckpt)
     assert result.exit_code == 0, result.stderr
     records = jsonl(result.stdout)
     assert [r["text"] for r in records] == CAPTIONS
     np.testing.assert_allclose([r["embedding"] for r in records], api.texts(CAPTIONS).numpy(), atol=1e-5)
     out = tmp_path / "captions.npz"
-    assert run("encode", "--text", captions, "-m", ckpt, "-o", out).exit_code == 0
+    assert run_exact("encode", "--text", captions, "-m", ckpt, "-o", out).exit_code == 0
     with np.load(out) as data:
         assert list(data["texts"]) == CAPTIONS
 
@@ -410,3 +415,17 @@ def test_decoding_options(photos, ckpt):
     assert lenient.exit_code == 0 and jsonl(lenient.stdout)[0]["status"] == "ok"
     capped = jsonl(run("encode", photos / "chelsea.png", "-m", ckpt, "--max-pixels", "1000").stdout)[0]
     assert capped["error"] == "image too large: 451x300 = 135300 pixels exceeds the limit of 1000 (--max-pixels)"
+
+
+def test_reduced_jpeg_decoding_agrees_with_the_exact_path(tmp_path, ckpt, api):
+    """Large JPEGs decode at a reduced DCT scale by default; embeddings stay at cosine >= 0.999."""
+    folder = tmp_path / "camera"
+    folder.mkdir()
+    big = Image.open(DATA / "grace_hopper.jpg").convert("RGB").resize((2048, 2400), Image.Resampling.BICUBIC)
+    big.save(folder / "big.jpg", quality=90)
+    fast = jsonl(run("encode", folder, "-m", ckpt, "-f", "jsonl").stdout)[0]["embedding"]
+    exact = jsonl(run("encode", folder, "-m", ckpt, "-f", "jsonl", "--exact-decode").stdout)[0]["embedding"]
+    reference = api.images([folder / "big.jpg"])[0]
+    assert np.allclose(exact, reference.numpy(), atol=1e-5)
+    cosine = float(np.dot(fast, reference.numpy()) / np.linalg.norm(fast))
+    assert 0.999 <= cosine and fast != exact

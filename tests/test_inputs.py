@@ -527,3 +527,13 @@ def test_permission_denied_is_a_reason_even_as_root(tmp_path, monkeypatch):
 def test_each_input_expands_on_its_own(tmp_path):
     write(tmp_path / "a.png", png_bytes(RED))
     assert names(expand_inputs([str(tmp_path), str(tmp_path)])) == [str(tmp_path / "a.png")] * 2
+
+
+def test_reduced_jpeg_decoding_keeps_at_least_the_draft_size(tmp_path):
+    picture = Image.new("RGB", (2000, 1600), (10, 200, 30))
+    jpeg = write(tmp_path / "big.jpg", png_bytes(picture, format="JPEG"))
+    png = write(tmp_path / "big.png", png_bytes(picture))
+    assert decoded(jpeg, draft_size=448).size == (1000, 800)  # 1/4 would leave 400 < 448
+    assert decoded(jpeg, draft_size=200).size == (250, 200)
+    assert decoded(jpeg, draft_size=448, exact=True).size == (2000, 1600)
+    assert decoded(png, draft_size=448).size == (2000, 1600)  # only JPEG has DCT scales

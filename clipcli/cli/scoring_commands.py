@@ -47,6 +47,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, 
 MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse larger images (decompression bombs).")]
 TruncatedOpt = Annotated[bool, typer.Option("--allow-truncated", help="Score truncated files from what decodes.")]
 PrivateOpt = Annotated[bool, typer.Option("--allow-private", help="Allow URLs on loopback/private/link-local addresses.")]
+ExactOpt = Annotated[bool, typer.Option("--exact-decode", help="Decode JPEGs at full size, exactly as the reference does (slower; by default large JPEGs decode at the smallest scale keeping twice the model's resolution).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
 
 
@@ -62,13 +63,14 @@ def _interrupt_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, interrupt)
 
 
-def _run_options(batch_size: int, workers: int, max_pixels: int, allow_truncated: bool, allow_private: bool) -> dict:
+def _run_options(batch_size: int, workers: int, max_pixels: int, allow_truncated: bool, allow_private: bool,
+                 exact_decode: bool) -> dict:
     from ..inputs import DecodeOptions, FetchOptions
 
     return dict(
         batch_size=batch_size,
         workers=workers,
-        decode=DecodeOptions(max_pixels=max_pixels, allow_truncated=allow_truncated),
+        decode=DecodeOptions(max_pixels=max_pixels, allow_truncated=allow_truncated, exact=exact_decode),
         fetch=FetchOptions(allow_private=allow_private),
     )
 
@@ -139,6 +141,7 @@ def classify(
     max_pixels: MaxPixelsOpt = 89_478_485,
     allow_truncated: TruncatedOpt = False,
     allow_private: PrivateOpt = False,
+    exact_decode: ExactOpt = False,
 ) -> None:
     """Zero-shot classify images: one record per image with its best label and the top K.
 
@@ -160,7 +163,7 @@ def classify(
     fmt_name = _format(fmt)
     loaded = _load(model, device, precision)
     records = run_classify(loaded, items, label_list, template_list, top_k=top_k,
-                           **_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private))
+                           **_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode))
     columns = ["image", "status", "label", "score", "top", "error"]
     # The writer encloses the reporter so that a table is printed after the progress bar has gone.
     with RecordWriter(sys.stdout, fmt_name, columns=columns, view=_top_view, paths_column="image") as writer:
@@ -216,6 +219,7 @@ def similarity(
     max_pixels: MaxPixelsOpt = 89_478_485,
     allow_truncated: TruncatedOpt = False,
     allow_private: PrivateOpt = False,
+    exact_decode: ExactOpt = False,
 ) -> None:
     """Cosine similarity of every caption with every image, as a matrix or an annotated heatmap.
 
@@ -252,7 +256,7 @@ def similarity(
             loaded, items, captions, truncate=not no_truncate, thumbnails=bool(output),
             on_image=lambda r: report.done(r.name, r.error),
             on_text=lambda r: None if r.ok else report.message(f"skipping caption {r.name!r}: {r.error}"),
-            **_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private),
+            **_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode),
         )
     text_failures = sum(1 for f in result.failed if "text" in f)
     if output:
@@ -341,6 +345,7 @@ def encode(
     max_pixels: MaxPixelsOpt = 89_478_485,
     allow_truncated: TruncatedOpt = False,
     allow_private: PrivateOpt = False,
+    exact_decode: ExactOpt = False,
 ) -> None:
     """Embed images (or captions with --text) with CLIP, L2-normalised unless --no-normalize.
 
@@ -392,7 +397,8 @@ def encode(
 
         identity = {"sha256": loaded.sha256, "inputs": inputs_hash(names), "count": total, "key": key,
                     "normalize": not no_normalize, "dtype": np.dtype(store).name, "dim": _embed_dim(loaded),
-                    "truncate": not no_truncate, "precision": str(loaded.dtype).removeprefix("torch.")}
+                    "truncate": not no_truncate, "precision": str(loaded.dtype).removeprefix("torch."),
+                    "exact_decode": exact_decode}
         journal = Journal.open(journal_path(output), identity, resume=resume, overwrite=overwrite)
     records = []
     pending_records, pending_rows = [], []
@@ -408,7 +414,7 @@ def encode(
                                   truncate=not no_truncate)
         else:
             results = embed_images(loaded, items[done:], normalize=not no_normalize,
-                                   **_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private))
+                                   **_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode))
         for result in results:
             report.done(result.name, result.error)
             record = {key: result.name, "status": "ok" if result.ok else "error"}
