@@ -49,6 +49,7 @@ from typing import Callable, Iterator
 
 from . import __version__, registry
 from .errors import ChecksumError, DownloadError, OfflineError, UnknownModelError
+from .output import fsync_folder
 from .registry import ModelInfo
 
 Log = Callable[[str], None]
@@ -560,7 +561,7 @@ def download_url(
                 )
             _write_meta(dest, {"name": label, "sha256": sha256, "size": part.stat().st_size, "url": url})
             os.replace(part, dest)
-            _fsync_dir(dest.parent)
+            fsync_folder(dest.parent)
         except DownloadError as error:
             if 400 <= getattr(error, "http_status", 0) < 500:
                 part.unlink(missing_ok=True)  # gone from this server: nothing to resume
@@ -583,15 +584,6 @@ def _discard(path: Path) -> None:
         meta_path(path).unlink(missing_ok=True)
     except OSError as error:
         raise DownloadError(f"cannot delete the corrupt file {path}: {_reason(error)}") from None
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # --- released models -----------------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import ClipcliError
+from .output import fsync_folder
 
 VERSION = 1
 
@@ -44,19 +45,6 @@ def inputs_hash(names: Sequence[str]) -> str:
     for name in names:
         digest.update(name.encode("utf-8", "surrogateescape") + b"\0")
     return digest.hexdigest()
-
-
-def _fsync_folder(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class Journal:
@@ -101,7 +89,7 @@ class Journal:
                 return journal
         os.mkdir(path)
         journal._create_files()
-        _fsync_folder(os.path.dirname(os.path.abspath(path)))
+        fsync_folder(os.path.dirname(os.path.abspath(path)))
         return journal
 
     def _load(self) -> None:
@@ -150,7 +138,7 @@ class Journal:
         open(self._rows_file, "wb").close()
         open(self._records_file, "wb").close()
         os.replace(os.path.join(self.path, "identity.json.tmp"), os.path.join(self.path, "identity.json"))
-        _fsync_folder(self.path)
+        fsync_folder(self.path)
 
     def append(self, records: Sequence[dict], rows: Sequence[np.ndarray]) -> None:
         """Add one batch durably: ``rows`` (in order) are the embeddings of the ``ok`` records,

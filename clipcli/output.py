@@ -212,7 +212,7 @@ def atomic_write(path: str | os.PathLike, overwrite: bool = False, text: bool = 
                 os.replace(temp, path)
             else:
                 os.unlink(temp)
-        _fsync_folder(folder)
+        fsync_folder(folder)
     except BaseException:
         try:
             os.unlink(temp)
@@ -227,7 +227,8 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_folder(folder: str) -> None:
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Make a rename inside ``folder`` durable (best effort: some filesystems refuse)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
