@@ -23,6 +23,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
+from .download import default_cache_dir, sha256_file
 from .errors import ClipcliError
 from .inputs import DecodeOptions, FetchOptions, Item, ItemError, pillow_limits, read_image
 
@@ -36,19 +37,6 @@ THUMBNAIL_SIZE = 160
 
 
 # --------------------------------------------------------------------------- model
-
-
-def cache_dir() -> Path:
-    """The clipcli cache folder (shared with model downloads)."""
-    try:
-        from .download import default_cache_dir
-    except ImportError:  # pragma: no cover - download.py is another module's; keep working without it
-        if os.environ.get("CLIPCLI_CACHE_DIR"):
-            return Path(os.environ["CLIPCLI_CACHE_DIR"]).expanduser()
-        if os.environ.get("XDG_CACHE_HOME"):
-            return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "clipcli"
-        return Path.home() / ".cache" / "clipcli"
-    return default_cache_dir()
 
 
 def resolve_device(device: str = "auto") -> "torch.device":
@@ -87,18 +75,14 @@ def checkpoint_sha256(path: str | os.PathLike) -> str:
     path = os.path.realpath(path)
     info = os.stat(path)
     key = hashlib.sha256(f"{path}\0{info.st_size}\0{info.st_mtime_ns}".encode("utf-8", "surrogateescape")).hexdigest()
-    memo = cache_dir() / "checksums" / key
+    memo = default_cache_dir() / "checksums" / key
     try:
         value = memo.read_text().strip()
         if len(value) == 64:
             return value
     except OSError:
         pass
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    value = digest.hexdigest()
+    value = sha256_file(path)
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
         temp = memo.with_name(f".{key}.{os.getpid()}.tmp")
@@ -334,7 +318,7 @@ def _label_cache_path(loaded: LoadedModel, labels: Sequence[str], templates: Seq
          "dtype": str(loaded.dtype), "version": 1},
         ensure_ascii=True,
     )
-    return cache_dir() / "labels" / (hashlib.sha256(material.encode()).hexdigest() + ".npy")
+    return default_cache_dir() / "labels" / (hashlib.sha256(material.encode()).hexdigest() + ".npy")
 
 
 def label_classifier(
