@@ -429,3 +429,10 @@ def test_reduced_jpeg_decoding_agrees_with_the_exact_path(tmp_path, ckpt, api):
     assert np.allclose(exact, reference.numpy(), atol=1e-5)
     cosine = float(np.dot(fast, reference.numpy()) / np.linalg.norm(fast))
     assert 0.999 <= cosine and fast != exact
+
+
+def test_the_default_pixel_cap_is_the_input_layers():
+    from clipcli.cli.scoring_commands import MAX_PIXELS
+    from clipcli.inputs import DEFAULT_MAX_PIXELS
+
+    assert MAX_PIXELS == DEFAULT_MAX_PIXELS

@@ -44,6 +44,8 @@ WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Threads decod
 PrecisionOpt = Annotated[Optional[Precision], typer.Option("--precision", help="Default: fp16 on CUDA, fp32 on CPU.")]
 FormatOpt = Annotated[Optional[Format], typer.Option("--format", "-f", help="Default: table on a terminal, jsonl in a pipe.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, skip messages or summary on stderr.")]
+# clipcli.inputs.DEFAULT_MAX_PIXELS (Pillow's cap), spelled out so --help need not import inputs.
+MAX_PIXELS = 89_478_485
 MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse larger images (decompression bombs).")]
 TruncatedOpt = Annotated[bool, typer.Option("--allow-truncated", help="Score truncated files from what decodes.")]
 PrivateOpt = Annotated[bool, typer.Option("--allow-private", help="Allow URLs on loopback/private/link-local addresses.")]
@@ -138,7 +140,7 @@ def classify(
     precision: PrecisionOpt = None,
     fmt: FormatOpt = None,
     quiet: QuietOpt = False,
-    max_pixels: MaxPixelsOpt = 89_478_485,
+    max_pixels: MaxPixelsOpt = MAX_PIXELS,
     allow_truncated: TruncatedOpt = False,
     allow_private: PrivateOpt = False,
     exact_decode: ExactOpt = False,
@@ -216,7 +218,7 @@ def similarity(
     precision: PrecisionOpt = None,
     fmt: FormatOpt = None,
     quiet: QuietOpt = False,
-    max_pixels: MaxPixelsOpt = 89_478_485,
+    max_pixels: MaxPixelsOpt = MAX_PIXELS,
     allow_truncated: TruncatedOpt = False,
     allow_private: PrivateOpt = False,
     exact_decode: ExactOpt = False,
@@ -342,7 +344,7 @@ def encode(
     precision: PrecisionOpt = None,
     fmt: FormatOpt = None,
     quiet: QuietOpt = False,
-    max_pixels: MaxPixelsOpt = 89_478_485,
+    max_pixels: MaxPixelsOpt = MAX_PIXELS,
     allow_truncated: TruncatedOpt = False,
     allow_private: PrivateOpt = False,
     exact_decode: ExactOpt = False,
