@@ -196,10 +196,8 @@ def read_safetensors(path: str | Path) -> StateDict:
 
 
 def _released_hashes() -> set[str]:
-    try:
-        from .registry import MODELS
-    except ImportError:  # pragma: no cover - registry is part of the package
-        return set()
+    from .registry import MODELS
+
     return {info.sha256 for info in MODELS}
 
 
