@@ -102,14 +102,13 @@ class VisionTransformer(nn.Module):
         self.input_resolution = input_resolution
         self.output_dim = output_dim
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
-        scale = width**-0.5
         grid = input_resolution // patch_size
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.class_embedding = nn.Parameter(torch.empty(width))
+        self.positional_embedding = nn.Parameter(torch.empty(grid * grid + 1, width))
         self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, layers, heads)
         self.ln_post = LayerNorm(width)
-        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        self.proj = nn.Parameter(torch.empty(width, output_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)  # (B, width, grid, grid)
@@ -163,7 +162,7 @@ class AttentionPool2d(nn.Module):
 
     def __init__(self, spatial_dim: int, embed_dim: int, heads: int, output_dim: int):
         super().__init__()
-        self.positional_embedding = nn.Parameter(torch.randn(spatial_dim**2 + 1, embed_dim) / embed_dim**0.5)
+        self.positional_embedding = nn.Parameter(torch.empty(spatial_dim**2 + 1, embed_dim))
         self.k_proj = nn.Linear(embed_dim, embed_dim)
         self.q_proj = nn.Linear(embed_dim, embed_dim)
         self.v_proj = nn.Linear(embed_dim, embed_dim)
@@ -248,7 +247,11 @@ class CLIPConfig:
 
 
 class CLIP(nn.Module):
-    def __init__(self, config: CLIPConfig):
+    """CLIP's two towers. Constructors only allocate; ``initialize`` draws CLIP's initial
+    weights (pass ``False`` when a checkpoint overwrites them anyway: on the ``meta`` device,
+    random ops would import half of torch's compiler stack, seconds per process)."""
+
+    def __init__(self, config: CLIPConfig, initialize: bool = True):
         super().__init__()
         self.config = config
         self.context_length = config.context_length
@@ -282,19 +285,22 @@ class CLIP(nn.Module):
             self.transformer = Mixer(width, config.transformer_layers, config.context_length, causal=True)
         else:
             self.transformer = Transformer(width, config.transformer_layers, config.transformer_heads, causal=True)
-        self.token_embedding = nn.Embedding(config.vocab_size, width)
+        self.token_embedding = nn.Embedding(config.vocab_size, width, _weight=torch.empty(config.vocab_size, width))
         self.positional_embedding = nn.Parameter(torch.empty(config.context_length, width))
         self.ln_final = LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, config.embed_dim))
-        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
-        self.initialize_parameters()
+        self.logit_scale = nn.Parameter(torch.empty([]))
+        if initialize:
+            self.initialize_parameters()
 
     def initialize_parameters(self) -> None:
         """CLIP's initialisation (used when training from scratch; loading overwrites it)."""
+        nn.init.constant_(self.logit_scale, math.log(1 / 0.07))
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         if isinstance(self.visual, ModifiedResNet):
             pool = self.visual.attnpool
+            nn.init.normal_(pool.positional_embedding, std=pool.positional_embedding.shape[-1] ** -0.5)
             std = pool.c_proj.in_features**-0.5
             for linear in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
                 nn.init.normal_(linear.weight, std=std)
@@ -303,6 +309,9 @@ class CLIP(nn.Module):
                 for block in stage:
                     nn.init.zeros_(block.bn3.weight)  # each residual branch starts as the identity
         else:
+            scale = self.visual.class_embedding.shape[0] ** -0.5
+            for parameter in (self.visual.class_embedding, self.visual.positional_embedding, self.visual.proj):
+                nn.init.normal_(parameter, std=scale)
             for block in self.visual.transformer.resblocks:
                 _init_block(block, self.visual.transformer.width, self.visual.transformer.layers)
         for block in self.transformer.resblocks:
@@ -406,7 +415,7 @@ def build_model(state_dict: dict[str, torch.Tensor], source: str = "checkpoint")
     except (KeyError, IndexError, ValueError, TypeError) as error:
         raise CheckpointError(f"{source} is not a CLIP checkpoint: cannot read its architecture ({error!r})") from None
     with torch.device("meta"):
-        model = CLIP(config)
+        model = CLIP(config, initialize=False)
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in expected]
