@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import ClipcliError
-from .model import CLIP, build_model
+from .model import CLIP, TOWERS, build_model, tower_of
 from .preprocess import image_transform
 
 
@@ -56,12 +56,18 @@ def load(
     """
     if jit:
         raise ClipcliError("jit=True is not supported: clipcli never executes TorchScript; use jit=False")
-    from .checkpoint import read_state_dict
-
     device = torch.device(device if device is not None else default_device())
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-    path = resolve_checkpoint(name, download_root)
-    model = build_model(read_state_dict(path, dtype=dtype), source=str(path))
-    model = model.to(device=device, dtype=dtype).eval()
+    model = load_weights(resolve_checkpoint(name, download_root), device, dtype)
     return model, image_transform(model.visual.input_resolution)
+
+
+def load_weights(path: Path, device: torch.device, dtype: torch.dtype, towers: Sequence[str] = TOWERS) -> CLIP:
+    """The model in ``path`` in eval mode, with only ``towers`` (the others' weights are never read)."""
+    from .checkpoint import read_state_dict
+
+    towers = tuple(t for t in TOWERS if t in towers)
+    keep = None if towers == TOWERS else (lambda key: tower_of(key) in (*towers, None))
+    model = build_model(read_state_dict(path, dtype=dtype, keep=keep), source=str(path), towers=towers)
+    return model.to(device=device, dtype=dtype).eval()

@@ -13,6 +13,11 @@ Three formats are read, all into a flat ``{name: tensor}`` dict with OpenAI's ke
 
 A file whose sha256 is one of the released models' may, as a last resort, be read with
 ``torch.jit.load``; no other file is ever executed.
+
+Readers take a ``dtype`` and a ``keep`` predicate on key names. Each floating-point tensor is
+converted as it is read (a float16 file never sits in memory beside its float32 copy), and a
+key that is not kept comes back as a ``meta`` tensor of the right shape, without its bytes
+ever being read: loading only the image tower of ViT-B/32 in float32 takes 350 MB, not 900.
 """
 
 from __future__ import annotations
@@ -21,14 +26,16 @@ import pickle
 import re
 import zipfile
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .errors import CheckpointError, UnsafeCheckpointError
 
 StateDict = dict[str, torch.Tensor]
+KeyFilter = Callable[[str], bool]
 
 _STORAGE_DTYPES = {
     "HalfStorage": torch.float16,
@@ -53,10 +60,26 @@ class _ScriptObject:
         self.state = state if isinstance(state, dict) else {}
 
 
-def _rebuild_tensor(storage, offset, size, stride, *_ignored) -> torch.Tensor:
-    if not storage.numel():
-        return storage.new_empty(size)
-    return storage.as_strided(size, stride, offset)
+@dataclass(frozen=True)
+class _StorageRef:
+    """A storage of the archive, not read yet: ``data/<key>`` holding ``dtype`` elements."""
+
+    key: str
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class _TensorRef:
+    """A view of a :class:`_StorageRef`, rebuilt into a tensor only if it is wanted."""
+
+    storage: _StorageRef
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_ignored) -> _TensorRef:
+    return _TensorRef(storage, int(offset), tuple(size), tuple(stride))
 
 
 def _identity(value, *_ignored):
@@ -66,10 +89,8 @@ def _identity(value, *_ignored):
 class _RestrictedUnpickler(pickle.Unpickler):
     """Rebuilds tensors and containers from a TorchScript ``data.pkl``; refuses everything else."""
 
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, dtype: torch.dtype | None):
+    def __init__(self, file):
         super().__init__(file)
-        self.archive, self.prefix, self.dtype = archive, prefix, dtype
-        self.storages: dict[str, torch.Tensor] = {}
         self.classes: dict[str, type] = {}
 
     def find_class(self, module: str, name: str) -> Any:
@@ -92,17 +113,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
             f"refusing to load: the archive's pickle asks for {module}.{name}, which could run code"
         )
 
-    def persistent_load(self, pid: Any) -> torch.Tensor:
+    def persistent_load(self, pid: Any) -> _StorageRef:
         if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"):
             raise UnsafeCheckpointError(f"refusing to load: unexpected persistent id {pid!r:.80}")
         dtype, key = pid[1], str(pid[2])
         if not isinstance(dtype, torch.dtype):
             raise UnsafeCheckpointError(f"refusing to load: unknown storage type {dtype!r:.80}")
-        if key not in self.storages:
-            data = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
-            storage = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-            self.storages[key] = storage
-        return self.storages[key]
+        return _StorageRef(key, dtype)
 
 
 _CLASS = re.compile(r"^class (\w+)\(Module\):\n  __parameters__ = \[(.*?)\]\n  __buffers__ = \[(.*?)\]", re.M)
@@ -120,13 +137,36 @@ def _module_slots(archive: zipfile.ZipFile, prefix: str) -> dict[str, set[str]]:
     return slots
 
 
-def _flatten(obj: _ScriptObject, slots: dict[str, set[str]], prefix: str, out: StateDict) -> None:
+def _flatten(obj: _ScriptObject, slots: dict[str, set[str]], prefix: str, out: dict[str, _TensorRef]) -> None:
     known = slots.get(obj.qualified_name)
     for name, value in obj.state.items():
-        if isinstance(value, torch.Tensor) and (known is None or name in known):
+        if isinstance(value, _TensorRef) and (known is None or name in known):
             out[prefix + name] = value
         elif isinstance(value, _ScriptObject):
             _flatten(value, slots, f"{prefix}{name}.", out)
+
+
+def _target(dtype: torch.dtype, wanted: torch.dtype | None) -> torch.dtype:
+    return wanted if wanted is not None and dtype.is_floating_point else dtype
+
+
+def _materialize(refs: dict[str, _TensorRef], archive: zipfile.ZipFile, prefix: str,
+                 dtype: torch.dtype | None, keep: KeyFilter | None) -> StateDict:
+    """Read the kept tensors' storages, each converted to ``dtype`` as soon as it is read."""
+    storages: dict[str, torch.Tensor] = {}
+    out: StateDict = OrderedDict()
+    for name, ref in refs.items():
+        target = _target(ref.storage.dtype, dtype)
+        if keep is not None and not keep(name):
+            out[name] = torch.empty(ref.size, dtype=target, device="meta")
+            continue
+        storage = storages.get(ref.storage.key)
+        if storage is None:
+            data = bytearray(archive.read(f"{prefix}data/{ref.storage.key}"))
+            storage = torch.frombuffer(data, dtype=ref.storage.dtype) if data else torch.empty(0, dtype=ref.storage.dtype)
+            storage = storages[ref.storage.key] = storage.to(target)
+        out[name] = storage.as_strided(ref.size, ref.stride, ref.offset) if storage.numel() else storage.new_empty(ref.size)
+    return out
 
 
 def _archive_prefix(archive: zipfile.ZipFile) -> str:
@@ -141,18 +181,18 @@ def _is_torchscript(archive: zipfile.ZipFile) -> bool:
     return any(m.startswith(prefix + "code/") or m == prefix + "constants.pkl" for m in archive.namelist())
 
 
-def read_torchscript(path: str | Path) -> StateDict:
+def read_torchscript(path: str | Path, dtype: torch.dtype | None = None, keep: KeyFilter | None = None) -> StateDict:
     """The state dict of a TorchScript archive, equal to ``torch.jit.load(path).state_dict()``,
     read without executing anything in the file."""
     with zipfile.ZipFile(path) as archive:
         prefix = _archive_prefix(archive)
         with archive.open(prefix + "data.pkl") as file:
-            root = _RestrictedUnpickler(file, archive, prefix, None).load()
+            root = _RestrictedUnpickler(file).load()
         if not isinstance(root, _ScriptObject):
             raise CheckpointError("data.pkl does not hold a TorchScript module")
-        out: StateDict = OrderedDict()
-        _flatten(root, _module_slots(archive, prefix), "", out)
-    return out
+        refs: dict[str, _TensorRef] = OrderedDict()
+        _flatten(root, _module_slots(archive, prefix), "", refs)
+        return _materialize(refs, archive, prefix, dtype, keep)
 
 
 def _unwrap(obj: Any) -> Any:
@@ -185,14 +225,32 @@ def read_torch(path: str | Path) -> StateDict:
     return obj
 
 
-def read_safetensors(path: str | Path) -> StateDict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_safetensors(path: str | Path, dtype: torch.dtype | None = None, keep: KeyFilter | None = None) -> StateDict:
+    from safetensors import SafetensorError, safe_open
 
+    out: StateDict = OrderedDict()
     try:
-        return load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt", device="cpu") as file:
+            for key in file.keys():
+                if keep is None or keep(key):
+                    tensor = file.get_tensor(key)
+                    out[key] = tensor.to(_target(tensor.dtype, dtype))
+                else:
+                    out[key] = torch.empty(file.get_slice(key).get_shape(), dtype=dtype or torch.float32, device="meta")
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path} is not a readable safetensors file ({error})") from None
+    return out
+
+
+def _select(state: StateDict, dtype: torch.dtype | None, keep: KeyFilter | None) -> StateDict:
+    """Convert the kept tensors one at a time; the others become ``meta`` tensors (their
+    pages of a memory-mapped file are never touched)."""
+    for key, value in state.items():
+        if keep is not None and not keep(key):
+            state[key] = torch.empty(value.shape, dtype=_target(value.dtype, dtype), device="meta")
+        else:
+            state[key] = value.to(_target(value.dtype, dtype))
+    return state
 
 
 def _released_hashes() -> set[str]:
@@ -201,16 +259,16 @@ def _released_hashes() -> set[str]:
     return {info.sha256 for info in MODELS}
 
 
-def _read_torchscript_or_released(path: Path) -> StateDict:
+def _read_torchscript_or_released(path: Path, dtype: torch.dtype | None, keep: KeyFilter | None) -> StateDict:
     try:
-        return read_torchscript(path)
+        return read_torchscript(path, dtype, keep)
     except UnsafeCheckpointError as error:
         from .download import sha256_file
 
         if sha256_file(path) not in _released_hashes():
             raise UnsafeCheckpointError(f"{path}: {error}") from None
         # A byte-for-byte copy of a file OpenAI released: known content, safe to run.
-        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        return _select(dict(torch.jit.load(str(path), map_location="cpu").state_dict()), dtype, keep)
 
 
 def _sniff(path: Path) -> str:
@@ -225,12 +283,14 @@ def _sniff(path: Path) -> str:
     return "pickle"
 
 
-def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> StateDict:
+def read_state_dict(path: str | Path, dtype: torch.dtype | None = None, keep: KeyFilter | None = None) -> StateDict:
     """Read any supported checkpoint into ``{OpenAI key name: tensor}``.
 
     With ``dtype``, floating-point tensors are converted one at a time (so a float16 file
-    never exists in memory beside its float32 copy). Raises :class:`CheckpointError` (or
-    :class:`UnsafeCheckpointError`) naming the file for anything we cannot read.
+    never exists in memory beside its float32 copy). Keys for which ``keep`` is false come
+    back as ``meta`` tensors (shape and dtype only, nothing read). Raises
+    :class:`CheckpointError` (or :class:`UnsafeCheckpointError`) naming the file for anything
+    we cannot read.
     """
     path = Path(path)
     try:
@@ -238,11 +298,14 @@ def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> State
         if kind == "zip":
             with zipfile.ZipFile(path) as archive:
                 torchscript = _is_torchscript(archive)
-            state = _read_torchscript_or_released(path) if torchscript else read_torch(path)
+            if torchscript:
+                state = _read_torchscript_or_released(path, dtype, keep)
+            else:
+                state = _select(read_torch(path), dtype, keep)
         elif kind == "safetensors":
-            state = read_safetensors(path)
+            state = read_safetensors(path, dtype, keep)
         else:
-            state = read_torch(path)
+            state = _select(read_torch(path), dtype, keep)
     except CheckpointError as error:
         if str(path) in str(error):
             raise
@@ -257,8 +320,4 @@ def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> State
         raise CheckpointError(
             f"{path} is not a readable checkpoint (truncated or not TorchScript, PyTorch or safetensors): {error}"
         ) from None
-    if dtype is not None:
-        for key, value in state.items():
-            if value.is_floating_point():
-                state[key] = value.to(dtype)
     return state

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ClipcliError
 
 HEAD_WIDTH = 64  # every released CLIP uses 64-wide attention heads
 
@@ -34,7 +34,10 @@ class QuickGELU(nn.Module):
     """The sigmoid approximation of GELU that CLIP was trained with."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return x * torch.sigmoid(1.702 * x)
+        # Inference: one new tensor instead of three (the same values, bit for bit).
+        return torch.mul(x, 1.702).sigmoid_().mul_(x)
 
 
 class SelfAttention(nn.Module):
@@ -320,15 +323,36 @@ class CLIP(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.token_embedding.weight.dtype
+        return (self.visual.conv1 if self.visual is not None else self.token_embedding).weight.dtype
+
+    @property
+    def towers(self) -> tuple[str, ...]:
+        """The towers this model has: both, unless it was built for one (see :func:`build_model`)."""
+        return tuple(t for t, module in (("image", self.visual), ("text", self.transformer)) if module is not None)
+
+    def drop_tower(self, tower: str) -> None:
+        """Free one tower's weights (a model that only embeds images needs no text tower)."""
+        if tower == "image":
+            self.visual = None
+        elif tower == "text":
+            self.transformer = self.token_embedding = self.ln_final = None
+            self.positional_embedding = self.text_projection = None
+        else:
+            raise ValueError(f"unknown tower {tower!r}; use one of {TOWERS}")
+
+    def _require(self, tower: str) -> None:
+        if tower not in self.towers:
+            raise ClipcliError(f"this model was loaded without its {tower} tower (towers: {', '.join(self.towers)})")
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        self._require("image")
         features = self.visual(image.to(self.dtype))
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         # The tower is causal and reads out the end-of-text token (the largest id in each row),
         # so positions after the last end-of-text token in the batch cannot change the result.
+        self._require("text")
         eot = text.argmax(dim=-1)  # (B,)
         T = int(eot.max()) + 1 if text.numel() else text.shape[-1]
         x = self.token_embedding(text[:, :T]) + self.positional_embedding[:T].to(self.dtype)  # (B, T, width)
@@ -359,6 +383,15 @@ def _init_block(block: nn.Module, width: int, layers: int) -> None:
 
 # Entries of the released TorchScript files that are metadata, not parameters.
 EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+TOWERS = ("image", "text")
+_TEXT_PREFIXES = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection")
+
+
+def tower_of(key: str) -> str | None:
+    """Which tower a state-dict key belongs to: ``image``, ``text``, or None (``logit_scale``, metadata)."""
+    if key.startswith("visual."):
+        return "image"
+    return "text" if key.startswith(_TEXT_PREFIXES) else None
 
 
 def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
@@ -401,10 +434,12 @@ def _describe(keys: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def build_model(state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> CLIP:
+def build_model(state_dict: dict[str, torch.Tensor], source: str = "checkpoint",
+                towers: tuple[str, ...] = TOWERS) -> CLIP:
     """Build a CLIP from a state dict with OpenAI's key names and load it strictly.
 
-    The model takes the state dict's tensors as they are (no copy, same dtype).
+    The model takes the state dict's tensors as they are (no copy, same dtype). Towers not in
+    ``towers`` are dropped; their entries may be ``meta`` tensors (only their shapes are read).
 
     Raises :class:`CheckpointError` naming ``source`` and the offending keys when the state
     dict is not a CLIP we can build (missing, unexpected or wrongly shaped entries).
@@ -430,6 +465,9 @@ def build_model(state_dict: dict[str, torch.Tensor], source: str = "checkpoint")
     if wrong:
         raise CheckpointError(f"{source} has tensors of the wrong shape: {_describe(wrong)}")
     model.load_state_dict(sd, strict=False, assign=True)
+    for tower in TOWERS:
+        if tower not in towers:
+            model.drop_tower(tower)
     for name, buffer in model.named_buffers():  # anything the file lacked (num_batches_tracked)
         if buffer.is_meta:
             _set_buffer(model, name, torch.zeros((), dtype=torch.long))

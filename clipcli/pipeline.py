@@ -117,15 +117,23 @@ class LoadedModel:
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.detach().float().cpu())
 
+    @property
+    def embed_dim(self) -> int:
+        return self.model.config.embed_dim
 
-def load_model(name: str, device: str = "auto", precision: str | None = None) -> LoadedModel:
-    """Resolve a released name or checkpoint path, then ``clipcli.load`` it."""
-    from .api import load, resolve_checkpoint
+
+def load_model(name: str, device: str = "auto", precision: str | None = None,
+               towers: Sequence[str] = ("image", "text")) -> LoadedModel:
+    """Resolve a released name or checkpoint path and load it with only the ``towers`` the
+    run needs (``encode`` of images never reads the text tower's weights)."""
+    from .api import load_weights, resolve_checkpoint
+    from .preprocess import Preprocess
 
     torch_device = resolve_device(device)
     dtype = resolve_dtype(precision, torch_device)
     path = resolve_checkpoint(name)
-    model, preprocess = load(path, device=torch_device, dtype=dtype)
+    model = load_weights(path, torch_device, dtype, towers)
+    preprocess = Preprocess(model.visual.input_resolution) if model.visual is not None else None  # no torchvision import
     return LoadedModel(model, preprocess, str(name), Path(path), torch_device, dtype)
 
 

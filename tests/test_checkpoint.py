@@ -143,7 +143,7 @@ def test_only_released_files_may_fall_back_to_torch_jit_load(monkeypatch, tiny_v
     from clipcli import checkpoint
     from clipcli.download import sha256_file
 
-    def refuse(path):
+    def refuse(path, *options):
         raise UnsafeCheckpointError("the restricted reader could not read it")
 
     monkeypatch.setattr(checkpoint, "read_torchscript", refuse)
@@ -152,3 +152,28 @@ def test_only_released_files_may_fall_back_to_torch_jit_load(monkeypatch, tiny_v
     monkeypatch.setattr(checkpoint, "_released_hashes", lambda: {sha256_file(tiny_vit_checkpoint)})
     state = read_state_dict(tiny_vit_checkpoint)
     assert torch.equal(state["visual.proj"], torch.jit.load(str(tiny_vit_checkpoint)).state_dict()["visual.proj"])
+
+
+def test_skipped_keys_are_never_read_and_each_storage_is_read_once(monkeypatch, tiny_vit_checkpoint):
+    from clipcli.model import tower_of
+
+    reads: list[str] = []
+    original = zipfile.ZipFile.read
+
+    def recording_read(self, name, *args):
+        reads.append(name if isinstance(name, str) else name.filename)
+        return original(self, name, *args)
+
+    monkeypatch.setattr(zipfile.ZipFile, "read", recording_read)
+    full = read_torchscript(tiny_vit_checkpoint)
+    all_storages = [r for r in reads if "/data/" in r]
+    reads.clear()
+    image_only = read_state_dict(tiny_vit_checkpoint, dtype=torch.float32, keep=lambda key: tower_of(key) != "text")
+    image_storages = [r for r in reads if "/data/" in r]
+    assert len(set(all_storages)) == len(all_storages) and len(set(image_storages)) == len(image_storages)
+    assert 0 < len(image_storages) < len(all_storages)
+    for key, value in full.items():
+        if tower_of(key) == "text":
+            assert image_only[key].is_meta and image_only[key].shape == value.shape
+        else:
+            assert torch.equal(image_only[key], value.to(torch.float32) if value.is_floating_point() else value)

@@ -138,3 +138,37 @@ def test_from_scratch_model_has_the_released_layout():
     model = CLIP(config)
     assert config_from_state_dict(model.state_dict()) == config
     assert torch.isfinite(model.encode_text(clipcli.tokenize(["x"]))).all()
+
+
+@pytest.mark.parametrize("fmt", ["released", "state_dict", "safetensors"])
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_one_tower_loads_alone_and_gives_the_same_embeddings(fmt, tower, tiny_vit_checkpoint, tmp_path):
+    from clipcli.api import load_weights
+    from clipcli.checkpoint import read_state_dict
+    from clipcli.errors import ClipcliError
+    from clipcli.model import tower_of
+
+    path = tiny_vit_checkpoint
+    if fmt != "released":
+        state = {k: v.float() for k, v in released_state_dict(path).items()}
+        path = (save_safetensors if fmt == "safetensors" else save_state_dict)(state, tmp_path / f"m.{fmt}")
+    other = "text" if tower == "image" else "image"
+    sd = read_state_dict(path, dtype=torch.float32, keep=lambda key: tower_of(key) != other)
+    assert all(v.is_meta == (tower_of(k) == other) for k, v in sd.items())
+    assert all(v.dtype == torch.float32 for k, v in sd.items() if v.is_floating_point())
+
+    full = load_weights(path, torch.device("cpu"), torch.float32)
+    alone = load_weights(path, torch.device("cpu"), torch.float32, towers=(tower,))
+    assert alone.towers == (tower,) and full.towers == ("image", "text")
+    assert all(tower_of(k) != other for k in alone.state_dict())
+    assert not any(p.is_meta for p in alone.parameters())
+    images, tokens = _inputs(full.config.image_resolution)
+    with torch.no_grad():
+        if tower == "image":
+            assert torch.equal(alone.encode_image(images), full.encode_image(images))
+            with pytest.raises(ClipcliError, match="without its text tower"):
+                alone.encode_text(tokens)
+        else:
+            assert torch.equal(alone.encode_text(tokens), full.encode_text(tokens))
+            with pytest.raises(ClipcliError, match="without its image tower"):
+                alone.encode_image(images)

@@ -83,10 +83,10 @@ def _format(fmt: Optional[Format]) -> str:
     return fmt.value if fmt is not None else default_format(sys.stdout)
 
 
-def _load(model: str, device: str, precision: Optional[Precision]):
+def _load(model: str, device: str, precision: Optional[Precision], towers: tuple[str, ...] = ("image", "text")):
     from ..pipeline import load_model
 
-    return load_model(model, device=device, precision=precision.value if precision else None)
+    return load_model(model, device=device, precision=precision.value if precision else None, towers=towers)
 
 
 # --------------------------------------------------------------------------- classify
@@ -381,7 +381,7 @@ def encode(
         raise InputError(f"no captions in {text}")
     items = expand_inputs(inputs, exclude=outputs) if inputs else None
     fmt_name = _format(fmt) if target == "stdout" else target  # a file's format comes from its name
-    loaded = _load(model, device, precision)
+    loaded = _load(model, device, precision, towers=("text",) if captions is not None else ("image",))
     store = np.float16 if dtype == StoreDtype.float16 else np.float32
 
     from ..pipeline import embed_images, embed_texts
@@ -398,7 +398,7 @@ def encode(
         from ..journal import Journal, inputs_hash, journal_path
 
         identity = {"sha256": loaded.sha256, "inputs": inputs_hash(names), "count": total, "key": key,
-                    "normalize": not no_normalize, "dtype": np.dtype(store).name, "dim": _embed_dim(loaded),
+                    "normalize": not no_normalize, "dtype": np.dtype(store).name, "dim": loaded.embed_dim,
                     "truncate": not no_truncate, "precision": str(loaded.dtype).removeprefix("torch."),
                     "exact_decode": exact_decode}
         journal = Journal.open(journal_path(output), identity, resume=resume, overwrite=overwrite)
@@ -455,11 +455,6 @@ def encode(
         report.message(f"wrote {', '.join(outputs)}")
     report.summary("encoded")
     raise typer.Exit(report.exit_code)
-
-
-def _embed_dim(loaded) -> int:
-    projection = getattr(loaded.model, "text_projection", None)
-    return int(projection.shape[-1]) if projection is not None else 0
 
 
 def _encode_target(output: Optional[str]) -> tuple[str, list[str]]:
