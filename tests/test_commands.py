@@ -436,3 +436,18 @@ def test_the_default_pixel_cap_is_the_input_layers():
     from clipcli.inputs import DEFAULT_MAX_PIXELS
 
     assert MAX_PIXELS == DEFAULT_MAX_PIXELS
+
+
+def test_threads_and_the_emulated_precision_note(photos, ckpt):
+    before = torch.get_num_threads()
+    try:
+        result = run("encode", photos / "rocket.jpg", "-m", ckpt, "--threads", "1", "--precision", "bf16")
+        assert result.exit_code == 0, result.stderr
+        assert torch.get_num_threads() == 1
+        emulated = not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        assert ("note: this CPU has no native bf16" in result.stderr) == emulated
+        quiet = run("encode", photos / "rocket.jpg", "-m", ckpt, "--precision", "bf16", "-q")
+        assert "note:" not in quiet.stderr
+        assert run("encode", photos / "rocket.jpg", "-m", ckpt, "--threads", "0").exit_code == 2
+    finally:
+        torch.set_num_threads(before)

@@ -126,3 +126,53 @@ def test_thumbnails_only_when_asked(corpus):
     plain = next(embed_images(loaded(FakeModel()), corpus[:1], workers=0))
     with_thumb = next(embed_images(loaded(FakeModel()), corpus[:1], workers=0, thumbnails=True))
     assert plain.thumbnail is None and with_thumb.thumbnail.size == (8, 8)
+
+
+def test_texts_are_batched_by_length_and_returned_in_input_order(tiny_vit_checkpoint):
+    import clipcli
+    from clipcli.pipeline import embed_texts, load_model
+
+    real = load_model(str(tiny_vit_checkpoint), device="cpu", towers=("text",))
+    texts = ["a much longer caption about a dog playing in the park", "cat", "a photo of a cat",
+             "dog", "a photo of a small red car parked outside", "", "an astronaut"]
+    lengths: list[int] = []
+    encode_text = real.model.encode_text
+
+    def recording(tokens, *args, **kwargs):
+        lengths.append(int(tokens.argmax(dim=-1).max()))
+        return encode_text(tokens, *args, **kwargs)
+
+    real.model.encode_text = recording
+    results = embed_texts(real, texts, batch_size=2)
+    assert [r.name for r in results] == texts
+    assert lengths == sorted(lengths) and len(lengths) == 4
+    with torch.no_grad():
+        alone = torch.cat([encode_text(clipcli.tokenize([t]), normalize=True) for t in texts])
+    np.testing.assert_allclose(np.stack([r.embedding for r in results]), alone.numpy(), atol=1e-6)
+
+
+def test_slow_precision_is_noted_only_where_it_is_emulated():
+    from clipcli.pipeline import slow_precision_note
+
+    cpu = torch.device("cpu")
+    assert slow_precision_note(cpu, torch.float32) is None
+    assert slow_precision_note(torch.device("cuda"), torch.bfloat16) is None
+    emulated = not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    note = slow_precision_note(cpu, torch.bfloat16)
+    assert (note is not None) == emulated
+    if emulated:
+        assert "bf16" in note and "fp32" in note
+
+
+def test_threads_sets_torchs_thread_count(tiny_vit_checkpoint):
+    from clipcli.errors import ClipcliError
+    from clipcli.pipeline import load_model
+
+    before = torch.get_num_threads()
+    try:
+        load_model(str(tiny_vit_checkpoint), device="cpu", towers=("text",), threads=1)
+        assert torch.get_num_threads() == 1
+        with pytest.raises(ClipcliError, match="at least 1"):
+            load_model(str(tiny_vit_checkpoint), device="cpu", threads=0)
+    finally:
+        torch.set_num_threads(before)

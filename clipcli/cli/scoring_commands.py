@@ -43,6 +43,7 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per m
 WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Threads decoding images while the model runs (0: none).")]
 PrecisionOpt = Annotated[Optional[Precision], typer.Option("--precision", help="Default: fp16 on CUDA, fp32 on CPU.")]
 FormatOpt = Annotated[Optional[Format], typer.Option("--format", "-f", help="Default: table on a terminal, jsonl in a pipe.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for the model (default: one per core). On a busy or shared machine, fewer threads can be much faster.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, skip messages or summary on stderr.")]
 # clipcli.inputs.DEFAULT_MAX_PIXELS (Pillow's cap), spelled out so --help need not import inputs.
 MAX_PIXELS = 89_478_485
@@ -83,10 +84,16 @@ def _format(fmt: Optional[Format]) -> str:
     return fmt.value if fmt is not None else default_format(sys.stdout)
 
 
-def _load(model: str, device: str, precision: Optional[Precision], towers: tuple[str, ...] = ("image", "text")):
-    from ..pipeline import load_model
+def _load(model: str, device: str, precision: Optional[Precision], threads: Optional[int], quiet: bool,
+          towers: tuple[str, ...] = ("image", "text")):
+    from ..pipeline import load_model, slow_precision_note
 
-    return load_model(model, device=device, precision=precision.value if precision else None, towers=towers)
+    loaded = load_model(model, device=device, precision=precision.value if precision else None, towers=towers,
+                        threads=threads)
+    note = slow_precision_note(loaded.device, loaded.dtype)
+    if note and not quiet:
+        sys.stderr.write(f"note: {note}\n")
+    return loaded
 
 
 # --------------------------------------------------------------------------- classify
@@ -138,6 +145,7 @@ def classify(
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = _default_workers(),
     precision: PrecisionOpt = None,
+    threads: ThreadsOpt = None,
     fmt: FormatOpt = None,
     quiet: QuietOpt = False,
     max_pixels: MaxPixelsOpt = MAX_PIXELS,
@@ -163,7 +171,7 @@ def classify(
     template_list = _templates(template, templates)
     items = expand_inputs(inputs)
     fmt_name = _format(fmt)
-    loaded = _load(model, device, precision)
+    loaded = _load(model, device, precision, threads, quiet)
     records = run_classify(loaded, items, label_list, template_list, top_k=top_k,
                            **_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode))
     columns = ["image", "status", "label", "score", "top", "error"]
@@ -216,6 +224,7 @@ def similarity(
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = _default_workers(),
     precision: PrecisionOpt = None,
+    threads: ThreadsOpt = None,
     fmt: FormatOpt = None,
     quiet: QuietOpt = False,
     max_pixels: MaxPixelsOpt = MAX_PIXELS,
@@ -249,7 +258,7 @@ def similarity(
         ensure_writable([output], overwrite)
     items = expand_inputs(image_args, exclude=[output] if output else [])
     fmt_name = fmt.value if fmt is not None else (None if output else _format(None))
-    loaded = _load(model, device, precision)
+    loaded = _load(model, device, precision, threads, quiet)
 
     from ..pipeline import similarity as run_similarity
 
@@ -342,6 +351,7 @@ def encode(
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = _default_workers(),
     precision: PrecisionOpt = None,
+    threads: ThreadsOpt = None,
     fmt: FormatOpt = None,
     quiet: QuietOpt = False,
     max_pixels: MaxPixelsOpt = MAX_PIXELS,
@@ -381,7 +391,7 @@ def encode(
         raise InputError(f"no captions in {text}")
     items = expand_inputs(inputs, exclude=outputs) if inputs else None
     fmt_name = _format(fmt) if target == "stdout" else target  # a file's format comes from its name
-    loaded = _load(model, device, precision, towers=("text",) if captions is not None else ("image",))
+    loaded = _load(model, device, precision, threads, quiet, towers=("text",) if captions is not None else ("image",))
     store = np.float16 if dtype == StoreDtype.float16 else np.float32
 
     from ..pipeline import embed_images, embed_texts
