@@ -191,7 +191,17 @@ def task_text(args) -> dict:
         model.encode_text(tokenize(prompts[:8]))
         seconds, n, out = _timed_batches(lambda p: model.encode_text(tokenize(p)).float(), prompts, args.text_batch, args.budget, args.text_batch)
     np.save(Path(args.emb) / f"text-{args.impl}.npy", torch.cat(out).numpy())
-    return {"prompts_per_s": n / seconds, "prompts": n, "of": len(prompts), "seconds": seconds}
+    extra = {}
+    if args.impl == "clipcli":  # the pipeline the commands use: batches of similar length
+        from clipcli.pipeline import LoadedModel, embed_texts
+
+        loaded = LoadedModel(model, None, "bench", Path(args.checkpoint), torch.device("cpu"), torch.float32)
+        start = time.perf_counter()
+        results = embed_texts(loaded, prompts[:n], batch_size=args.text_batch, normalize=False)
+        pipeline_s = time.perf_counter() - start
+        np.save(Path(args.emb) / "text-clipcli-pipeline.npy", np.stack([r.embedding for r in results]))
+        extra = {"pipeline_prompts_per_s": n / pipeline_s, "pipeline_seconds": pipeline_s}
+    return {"prompts_per_s": n / seconds, "prompts": n, "of": len(prompts), "seconds": seconds, **extra}
 
 
 def task_e2e(args) -> dict:
@@ -220,7 +230,7 @@ def task_e2e(args) -> dict:
         except ImportError:
             embed_images = None
         if embed_images is not None:
-            loaded_model = load_model(args.checkpoint, device="cpu", precision=args.dtype)
+            loaded_model = load_model(args.checkpoint, device="cpu", precision=args.dtype, towers=("image",))
             loaded = time.perf_counter()
             results = list(embed_images(loaded_model, expand_inputs([args.images]), batch_size=32, normalize=False))
             bad = [r.error for r in results if not r.ok]
@@ -254,7 +264,9 @@ def _cli_command(args) -> list[str] | str:
     command = exe + ["encode"]
     for option, value in (("--model", args.checkpoint), ("--precision", args.dtype), ("--batch-size", "32"),
                           ("--device", "cpu"), ("--output", str(Path(args.emb) / f"{args.name}-cli.npy")),
-                          ("--quiet", None), ("--overwrite", None)):
+                          ("--quiet", None), ("--overwrite", None), ("--threads", str(args.threads) if args.threads else None)):
+        if option == "--threads" and value is None:
+            continue
         if option in help_text:
             command += [option] if value is None else [option, value]
     return command + [args.images]
@@ -295,9 +307,13 @@ def task_decode(args) -> dict:
     import torch
     from PIL import Image
 
-    model, preprocess = _load_clipcli(args.checkpoint, "fp32")
+    from clipcli.preprocess import Preprocess  # what the pipeline uses (bit-identical to clipcli.load's)
+
+    model, _ = _load_clipcli(args.checkpoint, "fp32")
     res = model.visual.input_resolution
+    preprocess = Preprocess(res)
     files = sorted(Path(args.images).glob("*.jpg"))
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
 
     def exact(f):
@@ -314,7 +330,7 @@ def task_decode(args) -> dict:
         start = time.perf_counter()
         tensors[name] = torch.stack([fn(f) for f in files])
         out[f"{name}_images_per_s"] = len(files) / (time.perf_counter() - start)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     with torch.inference_mode():
         a = torch.nn.functional.normalize(model.encode_image(tensors["exact"]), dim=-1)
         b = torch.nn.functional.normalize(model.encode_image(tensors["draft"]), dim=-1)
@@ -348,10 +364,10 @@ def child_main(argv: list[str]) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.threads = torch.get_num_threads()
     start = time.perf_counter()
     result = TASKS[args.task](args)
-    result.update(wall_in_process_s=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb(), torch_threads=args.threads)
+    result.update(wall_in_process_s=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb(),
+                  torch_threads=args.threads or torch.get_num_threads())
     Path(args.result).write_text(json.dumps(result))
 
 
@@ -374,7 +390,7 @@ def run_child(out: Path, label: str, threads: int = 0, **options) -> dict:
         command += [f"--{key.replace('_', '-')}", str(value)]
     command += ["--result", str(result_file)]
     env = dict(os.environ)
-    if threads:  # OMP_NUM_THREADS also reaches `clipcli encode`, which never sees --threads
+    if threads:  # `clipcli encode` gets both --threads and OMP_NUM_THREADS
         env["OMP_NUM_THREADS"] = str(threads)
         command += ["--threads", str(threads)]
     before = load_average()
@@ -580,9 +596,15 @@ def summarize(m: dict, emb: Path, sets: dict) -> dict:
     if ok("text-reference") and ok("text-clipcli"):
         r, c = m["text-reference"], m["text-clipcli"]
         s["text"] = {"reference": r["prompts_per_s"], "clipcli": c["prompts_per_s"], "ratio": c["prompts_per_s"] / r["prompts_per_s"]}
-        a, b = load("text-reference"), load("text-clipcli")
-        if a is not None and b is not None:
-            s["agreement"]["text clipcli vs reference"] = cosine_stats(a, b)
+        if "pipeline_prompts_per_s" in c:
+            s["text"]["pipeline"] = c["pipeline_prompts_per_s"]
+            s["text"]["pipeline_ratio"] = c["pipeline_prompts_per_s"] / r["prompts_per_s"]
+        a = load("text-reference")
+        for name, label in (("text-clipcli", "text clipcli vs reference"), ("text-clipcli-pipeline", "text clipcli pipeline vs reference")):
+            b = load(name)
+            if a is not None and b is not None:
+                rows = min(len(a), len(b))  # each side embeds the prompts its time budget allows, in order
+                s["agreement"][label] = cosine_stats(a[:rows], b[:rows])
     for name in sets:
         ref = m.get(f"e2e-{name}-reference")
         if not ok(f"e2e-{name}-reference"):
@@ -644,6 +666,9 @@ def markdown(report: dict) -> str:
     if s["text"]:
         t = s["text"]
         lines.append(f"| text, short prompts (prompts/s) | {_f(t['reference'])} | {_f(t['clipcli'])} | {_f(t['ratio'], 2)}x |")
+        if "pipeline" in t:
+            lines.append(f"| text, short prompts, `pipeline.embed_texts` (length-sorted batches) (prompts/s) | {_f(t['reference'])} | "
+                         f"{_f(t['pipeline'])} | {_f(t['pipeline_ratio'], 2)}x |")
     for name, row in s["e2e"].items():
         ref = row.get("reference")
         for kind in ("e2e fp32", "e2e bf16", "cli fp32", "cli bf16") if ref else ():

@@ -70,7 +70,8 @@ def test_harness_end_to_end(bench, tmp_path, tiny_vit_checkpoint):
     assert summary["text"]["ratio"] > 0
     agreement = summary["agreement"]
     # clipcli runs the reference's exact preprocessing and maths: fp32 agrees to rounding.
-    for key in ("text clipcli vs reference", "model-only clipcli fp32 vs reference fp32",
+    assert summary["text"]["pipeline_ratio"] > 0
+    for key in ("text clipcli vs reference", "text clipcli pipeline vs reference", "model-only clipcli fp32 vs reference fp32",
                 "e2e-web-clipcli-fp32 vs reference", "cli-web-fp32 vs reference"):
         assert agreement[key]["min"] > 0.99999, key
         assert agreement[key]["n"] >= 3, key
@@ -81,5 +82,6 @@ def test_harness_end_to_end(bench, tmp_path, tiny_vit_checkpoint):
               "measurements": measurements, "environment": bench.environment()}
     table = bench.markdown(report)
     assert "| text, short prompts (prompts/s) |" in table
+    assert "| text, short prompts, `pipeline.embed_texts` (length-sorted batches) (prompts/s) |" in table
     assert "| web end to end, `clipcli encode` fp32, whole process (images/s) |" in table
     assert "| cli-web-fp32 |" in table  # its peak RSS row
