@@ -261,6 +261,8 @@ def embed_images(
         decode = replace(decode, draft_size=2 * loaded.input_resolution)
 
     def encode(x):
+        if loaded.device.type == "cuda":  # page-locked memory: a DMA copy, without a staging copy
+            x = x.pin_memory().to(loaded.device, non_blocking=True)
         return model.encode_image(x.to(device=loaded.device, dtype=loaded.dtype))
 
     def prepare(item):
