@@ -90,19 +90,23 @@ def build_checkpoint(path: Path, architecture: str) -> Path:
     return path
 
 
-def build_prompts(count: int, seed: int = 0) -> list[str]:
-    """``count`` labels (one or two common words from the BPE vocabulary) x the 7 templates."""
+def build_labels(count: int, seed: int = 0) -> list[str]:
+    """``count`` labels: one or two common words from the BPE vocabulary."""
     import gzip
 
-    data = ROOT / "clipcli" / "data"
-    with gzip.open(data / "bpe_simple_vocab_16e6.txt.gz", "rt", encoding="utf-8") as f:
+    with gzip.open(ROOT / "clipcli" / "data" / "bpe_simple_vocab_16e6.txt.gz", "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")[1:20000]
     words = sorted({a + b[:-4] for a, b in (line.split(" ") for line in lines if " " in line)
                     if b.endswith("</w>") and (a + b[:-4]).isalpha() and len(a + b[:-4]) >= 4})
     rng = random.Random(seed)
-    labels = [" ".join(rng.sample(words, rng.choice((1, 1, 2)))) for _ in range(count)]
-    templates = [t for t in (data / "templates_imagenet7.txt").read_text().splitlines() if t and not t.startswith("#")]
-    return [t.format(label) for label in labels for t in templates]
+    return [" ".join(rng.sample(words, rng.choice((1, 1, 2)))) for _ in range(count)]
+
+
+def build_prompts(count: int, seed: int = 0) -> list[str]:
+    """``count`` labels x the 7 templates of ``templates_imagenet7.txt``."""
+    path = ROOT / "clipcli" / "data" / "templates_imagenet7.txt"
+    templates = [t for t in path.read_text().splitlines() if t and not t.startswith("#")]
+    return [t.format(label) for label in build_labels(count, seed) for t in templates]
 
 
 # --------------------------------------------------------------------------- one measurement (child process)
@@ -341,7 +345,35 @@ def task_decode(args) -> dict:
     return out
 
 
-TASKS = {"model": task_model, "text": task_text, "e2e": task_e2e, "cli": task_cli, "decode": task_decode}
+def task_classify(args) -> dict:
+    """``clipcli classify`` twice with an empty label cache: the first run embeds every label x
+    template, the second finds them in the cache. Both are whole CLI processes."""
+    import tempfile
+
+    import numpy as np
+
+    command = [sys.executable, "-m", "clipcli", "classify", "--model", args.checkpoint, "--labels-file", args.labels,
+               "--templates", "imagenet7", "--device", "cpu", "--quiet", "--format", "jsonl", args.images]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    runs = []
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, CLIPCLI_CACHE_DIR=cache)
+        for _ in range(2):
+            start = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
+            runs.append(time.perf_counter() - start)
+            if done.returncode != 0:
+                return {"failed": f"exit {done.returncode}: {done.stderr.strip()[-500:]}"}
+            records = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+            runs.append([r.get("label") for r in records])
+    labels = len(Path(args.labels).read_text().splitlines())
+    return {"first_s": runs[0], "cached_s": runs[2], "cached_per_s": 1 / runs[2], "same_labels": runs[1] == runs[3],
+            "labels": labels, "templates": 7, "images": len(runs[1])}
+
+
+TASKS = {"model": task_model, "text": task_text, "e2e": task_e2e, "cli": task_cli, "decode": task_decode,
+         "classify": task_classify}
 
 
 def child_main(argv: list[str]) -> None:
@@ -352,6 +384,7 @@ def child_main(argv: list[str]) -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--images", default="")
     parser.add_argument("--prompts", default="")
+    parser.add_argument("--labels", default="")
     parser.add_argument("--emb", required=True)
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--budget", type=float, default=5.0)
@@ -478,7 +511,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="tiny model, few images, short budgets (CI)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out", help="work and results folder")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (best counts); 2, 1 with --smoke")
-    parser.add_argument("--only", default="model,text,e2e,cli,decode", help="comma-separated task groups")
+    parser.add_argument("--only", default="model,text,e2e,cli,decode,classify", help="comma-separated task groups")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (and OMP_NUM_THREADS) for every process; 0: torch's default")
     parser.add_argument("--report-only", action="store_true",
@@ -500,6 +533,8 @@ def main(argv: list[str] | None = None) -> dict:
     prompts_file = out / "data" / "prompts.json"
     prompts = build_prompts(20 if args.smoke else 1000)
     prompts_file.write_text(json.dumps(prompts))
+    labels_file = out / "data" / "labels.txt"  # classify refuses a label given twice
+    labels_file.write_text("\n".join(dict.fromkeys(build_labels(20 if args.smoke else 1000))) + "\n")
     emb = out / "embeddings"
     if not args.report_only:
         shutil.rmtree(emb, ignore_errors=True)
@@ -532,6 +567,8 @@ def main(argv: list[str] | None = None) -> dict:
                              dict(task="cli", dtype=dtype, images=images, name=f"cli-{name}-{dtype}")))
         if "decode" in only:
             plan.append((f"decode-{name}", "exact_images_per_s", dict(task="decode", images=images)))
+    if "classify" in only:
+        plan.append(("classify", "cached_per_s", dict(task="classify", images=out / "data" / "camera", labels=labels_file)))
 
     for r in range(0 if args.report_only else rounds):
         print(f"round {r + 1}/{rounds}", file=sys.stderr)
@@ -635,6 +672,9 @@ def summarize(m: dict, emb: Path, sets: dict) -> dict:
             d = m[f"decode-{name}"]
             row["decode one thread"] = {k: d[k] for k in ("exact_images_per_s", "draft_images_per_s", "draft_cosine_min", "draft_cosine_mean")}
         s["e2e"][name] = row
+    if ok("classify"):
+        c = m["classify"]
+        s["classify"] = {k: c[k] for k in ("first_s", "cached_s", "same_labels", "labels", "templates", "images")}
     for label, res in m.items():
         if "failed" in res or "skipped" in res:
             continue
@@ -687,6 +727,11 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} decode+preprocess, 1 thread: exact vs draft (images/s) | {_f(d['exact_images_per_s'])} | "
                          f"{_f(d['draft_images_per_s'])} (draft, cos min {d['draft_cosine_min']:.4f}) | "
                          f"{_f(d['draft_images_per_s'] / d['exact_images_per_s'], 2)}x |")
+    c = s.get("classify")
+    if c:
+        lines.append(f"| `clipcli classify`, {c['labels']:,} labels x {c['templates']} templates, {c['images']} images: "
+                     f"first run vs label cache (s, whole process) | {_f(c['first_s'])} | {_f(c['cached_s'])} | "
+                     f"{_f(c['first_s'] / c['cached_s'], 2)}x{'' if c['same_labels'] else ' (labels differ!)'} |")
     lines += ["", "| agreement (cosine to the reference) | min | mean | max abs diff (unit vectors) |", "|---|---:|---:|---:|"]
     for key, a in s["agreement"].items():
         lines.append(f"| {key} | {a['min']:.6f} | {a['mean']:.6f} | {a['max_abs_diff_unit']:.2e} |")

@@ -40,6 +40,8 @@ def test_harness_end_to_end(bench, tmp_path, tiny_vit_checkpoint):
     prompts.write_text(json.dumps(bench.build_prompts(3)))
     emb = tmp_path / "emb"
     emb.mkdir()
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\nrocket\n")
 
     plan = {
         "model-reference": dict(task="model", impl="reference", batches="1,2"),
@@ -51,6 +53,7 @@ def test_harness_end_to_end(bench, tmp_path, tiny_vit_checkpoint):
         "e2e-web-clipcli-bf16": dict(task="e2e", impl="clipcli", dtype="bf16", images=images),
         "cli-web-fp32": dict(task="cli", dtype="fp32", images=images),
         "decode-web": dict(task="decode", images=images),
+        "classify": dict(task="classify", images=images, labels=labels),
     }
     measurements = {}
     for label, options in plan.items():
@@ -71,6 +74,8 @@ def test_harness_end_to_end(bench, tmp_path, tiny_vit_checkpoint):
     agreement = summary["agreement"]
     # clipcli runs the reference's exact preprocessing and maths: fp32 agrees to rounding.
     assert summary["text"]["pipeline_ratio"] > 0
+    assert summary["classify"]["same_labels"] and summary["classify"]["labels"] == 3
+    assert summary["classify"]["images"] == 3 and summary["classify"]["cached_s"] > 0
     for key in ("text clipcli vs reference", "text clipcli pipeline vs reference", "model-only clipcli fp32 vs reference fp32",
                 "e2e-web-clipcli-fp32 vs reference", "cli-web-fp32 vs reference"):
         assert agreement[key]["min"] > 0.99999, key
@@ -85,3 +90,4 @@ def test_harness_end_to_end(bench, tmp_path, tiny_vit_checkpoint):
     assert "| text, short prompts, `pipeline.embed_texts` (length-sorted batches) (prompts/s) |" in table
     assert "| web end to end, `clipcli encode` fp32, whole process (images/s) |" in table
     assert "| cli-web-fp32 |" in table  # its peak RSS row
+    assert "| `clipcli classify`, 3 labels x 7 templates, 3 images: first run vs label cache" in table
