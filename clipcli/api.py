@@ -67,6 +67,9 @@ def load_weights(path: Path, device: torch.device, dtype: torch.dtype, towers: S
     """The model in ``path`` in eval mode, with only ``towers`` (the others' weights are never read)."""
     from .checkpoint import read_state_dict
 
+    unknown = set(towers) - set(TOWERS)
+    if unknown or not towers:
+        raise ClipcliError(f"towers must be some of {TOWERS}, not {tuple(towers)}")
     towers = tuple(t for t in TOWERS if t in towers)
     keep = None if towers == TOWERS else (lambda key: tower_of(key) in (*towers, None))
     model = build_model(read_state_dict(path, dtype=dtype, keep=keep), source=str(path), towers=towers)

@@ -256,6 +256,8 @@ def embed_images(
     Up to ``2 * batch_size + workers`` items are decoded ahead of the model on ``workers``
     threads (0: decode in this thread). Items that fail carry a reason and no embedding.
     """
+    if loaded.preprocess is None:
+        raise ClipcliError("this model was loaded without its image tower: load it with towers including 'image'")
     model = loaded.model
     if not decode.exact and decode.draft_size is None and loaded.input_resolution:
         decode = replace(decode, draft_size=2 * loaded.input_resolution)

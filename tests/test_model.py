@@ -172,3 +172,17 @@ def test_one_tower_loads_alone_and_gives_the_same_embeddings(fmt, tower, tiny_vi
             assert torch.equal(alone.encode_text(tokens), full.encode_text(tokens))
             with pytest.raises(ClipcliError, match="without its image tower"):
                 alone.encode_image(images)
+
+
+def test_tower_choices_are_checked(tiny_vit_checkpoint):
+    from clipcli.api import load_weights
+    from clipcli.errors import ClipcliError
+    from clipcli.inputs import Item
+    from clipcli.pipeline import embed_images, load_model
+
+    for towers in ((), ("audio",)):
+        with pytest.raises(ClipcliError, match="towers must be some of"):
+            load_weights(tiny_vit_checkpoint, torch.device("cpu"), torch.float32, towers=towers)
+    text_only = load_model(str(tiny_vit_checkpoint), device="cpu", towers=("text",))
+    with pytest.raises(ClipcliError, match="without its image tower"):
+        next(embed_images(text_only, [Item(name="x.png", path="x.png")]))
