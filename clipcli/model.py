@@ -332,13 +332,16 @@ class CLIP(nn.Module):
 
     def drop_tower(self, tower: str) -> None:
         """Free one tower's weights (a model that only embeds images needs no text tower)."""
-        if tower == "image":
-            self.visual = None
-        elif tower == "text":
-            self.transformer = self.token_embedding = self.ln_final = None
-            self.positional_embedding = self.text_projection = None
-        else:
-            raise ValueError(f"unknown tower {tower!r}; use one of {TOWERS}")
+        for name in _tower_attributes(tower):
+            setattr(self, name, None)
+
+    def adopt_tower(self, other: "CLIP", tower: str) -> None:
+        """Take ``tower``'s modules from ``other``, a model of the same architecture (built from
+        the same checkpoint with that tower), so a tower can be loaded when it is first needed."""
+        if other.config != self.config:
+            raise ValueError("cannot adopt a tower from a model of another architecture")
+        for name in _tower_attributes(tower):
+            setattr(self, name, getattr(other, name))
 
     def _require(self, tower: str) -> None:
         if tower not in self.towers:
@@ -385,6 +388,15 @@ def _init_block(block: nn.Module, width: int, layers: int) -> None:
 EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 TOWERS = ("image", "text")
 _TEXT_PREFIXES = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection")
+
+
+def _tower_attributes(tower: str) -> tuple[str, ...]:
+    """The attributes of :class:`CLIP` that make up ``tower``."""
+    if tower == "image":
+        return ("visual",)
+    if tower == "text":
+        return tuple(prefix.rstrip(".") for prefix in _TEXT_PREFIXES)
+    raise ValueError(f"unknown tower {tower!r}; use one of {TOWERS}")
 
 
 def tower_of(key: str) -> str | None:

@@ -143,6 +143,19 @@ class LoadedModel:
     def embed_dim(self) -> int:
         return self.model.config.embed_dim
 
+    def ensure(self, tower: str) -> None:
+        """Load ``tower`` now if the model was loaded without it, reading only its weights (a
+        ``classify`` whose label embeddings are cached never reads the text tower)."""
+        towers = getattr(self.model, "towers", None)
+        if towers is None or tower in towers:
+            return
+        from .api import load_weights
+        from .preprocess import Preprocess
+
+        self.model.adopt_tower(load_weights(self.path, self.device, self.dtype, towers=(tower,)), tower)
+        if tower == "image":
+            self.preprocess = Preprocess(self.model.visual.input_resolution)
+
 
 def load_model(name: str, device: str = "auto", precision: str | None = None,
                towers: Sequence[str] = ("image", "text"), threads: int | None = None) -> LoadedModel:
@@ -256,8 +269,7 @@ def embed_images(
     Up to ``2 * batch_size + workers`` items are decoded ahead of the model on ``workers``
     threads (0: decode in this thread). Items that fail carry a reason and no embedding.
     """
-    if loaded.preprocess is None:
-        raise ClipcliError("this model was loaded without its image tower: load it with towers including 'image'")
+    loaded.ensure("image")
     model = loaded.model
     if not decode.exact and decode.draft_size is None and loaded.input_resolution:
         decode = replace(decode, draft_size=2 * loaded.input_resolution)
@@ -328,6 +340,7 @@ def embed_texts(
     (``truncated=True``) or, without ``truncate``, reported as an error."""
     from .tokenizer import encode_texts
 
+    loaded.ensure("text")
     tokens, cut = encode_texts(list(texts), context_length=loaded.model.context_length, truncate=True)
     results = [Embedding(text, truncated=flag) for text, flag in zip(texts, cut)]
     if not truncate:

@@ -451,3 +451,22 @@ def test_threads_and_the_emulated_precision_note(photos, ckpt):
         assert run("encode", photos / "rocket.jpg", "-m", ckpt, "--threads", "0").exit_code == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_cached_labels_mean_the_text_tower_is_never_read(photos, ckpt, monkeypatch):
+    from clipcli import api
+
+    read: list[tuple[str, ...]] = []
+    load_weights = api.load_weights
+
+    def recording(path, device, dtype, towers=("image", "text")):
+        read.append(tuple(towers))
+        return load_weights(path, device, dtype, towers)
+
+    monkeypatch.setattr(api, "load_weights", recording)
+    first = run("classify", photos / "chelsea.png", "-m", ckpt, "-l", "cat,dog")
+    assert first.exit_code == 0 and read == [("image",), ("text",)]  # a cache miss loads the text tower then
+    read.clear()
+    second = run("classify", photos / "chelsea.png", "-m", ckpt, "-l", "cat,dog")
+    assert second.exit_code == 0 and read == [("image",)]
+    assert jsonl(second.stdout) == jsonl(first.stdout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -177,12 +178,28 @@ def test_one_tower_loads_alone_and_gives_the_same_embeddings(fmt, tower, tiny_vi
 def test_tower_choices_are_checked(tiny_vit_checkpoint):
     from clipcli.api import load_weights
     from clipcli.errors import ClipcliError
-    from clipcli.inputs import Item
-    from clipcli.pipeline import embed_images, load_model
 
     for towers in ((), ("audio",)):
         with pytest.raises(ClipcliError, match="towers must be some of"):
             load_weights(tiny_vit_checkpoint, torch.device("cpu"), torch.float32, towers=towers)
+
+
+def test_a_missing_tower_is_loaded_when_first_needed(tiny_vit_checkpoint, tmp_path):
+    from PIL import Image
+
+    from clipcli.inputs import Item
+    from clipcli.pipeline import embed_images, embed_texts, load_model
+
+    image = tmp_path / "red.png"
+    Image.new("RGB", (40, 30), (200, 20, 20)).save(image)
+    full = load_model(str(tiny_vit_checkpoint), device="cpu")
     text_only = load_model(str(tiny_vit_checkpoint), device="cpu", towers=("text",))
-    with pytest.raises(ClipcliError, match="without its image tower"):
-        next(embed_images(text_only, [Item(name="x.png", path="x.png")]))
+    image_only = load_model(str(tiny_vit_checkpoint), device="cpu", towers=("image",))
+    assert text_only.preprocess is None and text_only.model.towers == ("text",)
+    item = [Item(name=str(image), path=str(image))]
+    assert np.array_equal(next(embed_images(text_only, item)).embedding, next(embed_images(full, item)).embedding)
+    assert text_only.model.towers == ("image", "text") and text_only.preprocess is not None
+    texts = ["a red square", "a cat"]
+    assert all(np.array_equal(a.embedding, b.embedding)
+               for a, b in zip(embed_texts(image_only, texts), embed_texts(full, texts)))
+    assert image_only.model.towers == ("image", "text")

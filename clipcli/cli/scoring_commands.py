@@ -171,7 +171,7 @@ def classify(
     template_list = _templates(template, templates)
     items = expand_inputs(inputs)
     fmt_name = _format(fmt)
-    loaded = _load(model, device, precision, threads, quiet)
+    loaded = _load(model, device, precision, threads, quiet, towers=("image",))  # text tower: on a label-cache miss
     records = run_classify(loaded, items, label_list, template_list, top_k=top_k,
                            **_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode))
     columns = ["image", "status", "label", "score", "top", "error"]
