@@ -308,7 +308,8 @@ class Reporter:
     def summary(self, verb: str) -> None:
         """``encoded 6 images in 1.2 s (5.0/s); 1 of 6 failed``."""
         count = self.ok + self.failed
-        text = f"{verb} {self.ok} {self.noun} in {self._elapsed():.1f} s ({count / self._elapsed():.1f}/s)"
+        noun = self.noun.removesuffix("s") if self.ok == 1 else self.noun
+        text = f"{verb} {self.ok} {noun} in {self._elapsed():.1f} s ({count / self._elapsed():.1f}/s)"
         if self.failed:
             text += f"; {self.failed} of {count} failed"
         self.message(text)

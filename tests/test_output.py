@@ -154,7 +154,7 @@ def test_reporter_lines():
     report.summary("classified")
     lines = stream.getvalue().splitlines()
     assert lines[0] == "skipping b.png: empty file (0 bytes)"
-    assert lines[1].startswith("classified 1 images in ") and lines[1].endswith("; 1 of 2 failed")
+    assert lines[1].startswith("classified 1 image in ") and lines[1].endswith("; 1 of 2 failed")
     assert report.exit_code == 1
 
 
