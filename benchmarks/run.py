@@ -227,31 +227,18 @@ def task_e2e(args) -> dict:
                 rows.append(model.encode_image(batch).float())
         embeddings = torch.cat(rows).numpy()
         extra = {}
-    else:  # the library's own batching pipeline when present, else clipcli.load + the same loop
-        try:
-            from clipcli.inputs import expand_inputs
-            from clipcli.pipeline import embed_images, load_model
-        except ImportError:
-            embed_images = None
-        if embed_images is not None:
-            loaded_model = load_model(args.checkpoint, device="cpu", precision=args.dtype, towers=("image",))
-            loaded = time.perf_counter()
-            results = list(embed_images(loaded_model, expand_inputs([args.images]), batch_size=32, normalize=False))
-            bad = [r.error for r in results if not r.ok]
-            if bad:
-                raise RuntimeError(f"clipcli failed on {len(bad)} images: {bad[0]}")
-            embeddings = np.stack([r.embedding for r in results])
-            extra = {"path": "clipcli.pipeline.embed_images"}
-        else:
-            model, preprocess = _load_clipcli(args.checkpoint, args.dtype)
-            loaded = time.perf_counter()
-            rows = []
-            with torch.inference_mode():
-                for i in range(0, len(files), 32):
-                    batch = torch.stack([preprocess(Image.open(f)) for f in files[i : i + 32]])
-                    rows.append(model.encode_image(batch).float())
-            embeddings = torch.cat(rows).numpy()
-            extra = {"path": "clipcli.load + loop"}
+    else:  # the library's own batching pipeline, as the commands run it
+        from clipcli.inputs import expand_inputs
+        from clipcli.pipeline import embed_images, load_model
+
+        loaded_model = load_model(args.checkpoint, device="cpu", precision=args.dtype, towers=("image",))
+        loaded = time.perf_counter()
+        results = list(embed_images(loaded_model, expand_inputs([args.images]), batch_size=32, normalize=False))
+        bad = [r.error for r in results if not r.ok]
+        if bad:
+            raise RuntimeError(f"clipcli failed on {len(bad)} images: {bad[0]}")
+        embeddings = np.stack([r.embedding for r in results])
+        extra = {"path": "clipcli.pipeline.embed_images"}
     end = time.perf_counter()
     np.save(Path(args.emb) / f"{args.name}.npy", embeddings)
     return {"images": len(files), "load_s": loaded - start, "loop_s": end - loaded,
