@@ -150,6 +150,11 @@ def _target(dtype: torch.dtype, wanted: torch.dtype | None) -> torch.dtype:
     return wanted if wanted is not None and dtype.is_floating_point else dtype
 
 
+def _placeholder(shape, dtype: torch.dtype, wanted: torch.dtype | None) -> torch.Tensor:
+    """A ``meta`` tensor standing for a key that is not kept: its shape, no data."""
+    return torch.empty(tuple(shape), dtype=_target(dtype, wanted), device="meta")
+
+
 def _materialize(refs: dict[str, _TensorRef], archive: zipfile.ZipFile, prefix: str,
                  dtype: torch.dtype | None, keep: KeyFilter | None) -> StateDict:
     """Read the kept tensors' storages, each converted to ``dtype`` as soon as it is read."""
@@ -158,7 +163,7 @@ def _materialize(refs: dict[str, _TensorRef], archive: zipfile.ZipFile, prefix: 
     for name, ref in refs.items():
         target = _target(ref.storage.dtype, dtype)
         if keep is not None and not keep(name):
-            out[name] = torch.empty(ref.size, dtype=target, device="meta")
+            out[name] = _placeholder(ref.size, ref.storage.dtype, dtype)
             continue
         storage = storages.get(ref.storage.key)
         if storage is None:
@@ -236,7 +241,7 @@ def read_safetensors(path: str | Path, dtype: torch.dtype | None = None, keep: K
                     tensor = file.get_tensor(key)
                     out[key] = tensor.to(_target(tensor.dtype, dtype))
                 else:
-                    out[key] = torch.empty(file.get_slice(key).get_shape(), dtype=dtype or torch.float32, device="meta")
+                    out[key] = _placeholder(file.get_slice(key).get_shape(), torch.float32, dtype)  # dtype unread
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path} is not a readable safetensors file ({error})") from None
     return out
@@ -247,7 +252,7 @@ def _select(state: StateDict, dtype: torch.dtype | None, keep: KeyFilter | None)
     pages of a memory-mapped file are never touched)."""
     for key, value in state.items():
         if keep is not None and not keep(key):
-            state[key] = torch.empty(value.shape, dtype=_target(value.dtype, dtype), device="meta")
+            state[key] = _placeholder(value.shape, value.dtype, dtype)
         else:
             state[key] = value.to(_target(value.dtype, dtype))
     return state

@@ -150,11 +150,10 @@ class LoadedModel:
         if towers is None or tower in towers:
             return
         from .api import load_weights
-        from .preprocess import Preprocess
 
         self.model.adopt_tower(load_weights(self.path, self.device, self.dtype, towers=(tower,)), tower)
         if tower == "image":
-            self.preprocess = Preprocess(self.model.visual.input_resolution)
+            self.preprocess = _preprocess_for(self.model)
 
 
 def load_model(name: str, device: str = "auto", precision: str | None = None,
@@ -165,7 +164,6 @@ def load_model(name: str, device: str = "auto", precision: str | None = None,
     import torch
 
     from .api import load_weights, resolve_checkpoint
-    from .preprocess import Preprocess
 
     if threads is not None:
         if threads < 1:
@@ -175,8 +173,14 @@ def load_model(name: str, device: str = "auto", precision: str | None = None,
     dtype = resolve_dtype(precision, torch_device)
     path = resolve_checkpoint(name)
     model = load_weights(path, torch_device, dtype, towers)
-    preprocess = Preprocess(model.visual.input_resolution) if model.visual is not None else None  # no torchvision import
-    return LoadedModel(model, preprocess, str(name), Path(path), torch_device, dtype)
+    return LoadedModel(model, _preprocess_for(model), str(name), Path(path), torch_device, dtype)
+
+
+def _preprocess_for(model) -> Callable | None:
+    """The image transform for ``model`` (None without an image tower); no torchvision import."""
+    from .preprocess import Preprocess
+
+    return Preprocess(model.visual.input_resolution) if model.visual is not None else None
 
 
 # --------------------------------------------------------------------------- batches
