@@ -12,14 +12,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["load", "tokenize", "available_models", "__version__"]
+__all__ = ["load", "tokenize", "available_models", "pretrained_models", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .api import available_models, load, tokenize
+    from .api import available_models, load, pretrained_models, tokenize
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("load", "tokenize", "available_models"):
+    if name in ("load", "tokenize", "available_models", "pretrained_models"):
         from . import api
 
         return getattr(api, name)

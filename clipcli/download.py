@@ -766,7 +766,8 @@ def download_model(info: ModelInfo, cache_dir: str | os.PathLike | None = None, 
 
 def unknown_model(name: str) -> UnknownModelError:
     names = ", ".join(info.name for info in registry.MODELS)
-    return UnknownModelError(f"{name!r} is neither a released model ({names}) nor an existing checkpoint file")
+    return UnknownModelError(f"{name!r} is neither a released model ({names}), an OpenCLIP ARCH/TAG or "
+                             "hf-hub:ORG/REPO name (see `clipcli models`), nor an existing checkpoint file")
 
 
 def model_file(name: str, cache_dir: str | os.PathLike | None = None, *, quiet: bool | None = None,

@@ -17,6 +17,10 @@ class CheckpointError(ClipcliError):
     """A checkpoint file cannot be read, or does not describe a CLIP model we can build."""
 
 
+class UnsupportedModelError(CheckpointError):
+    """A model of a family clipcli does not run (SigLIP, CoCa, EVA, ...): refused, never loaded wrongly."""
+
+
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint would need arbitrary code execution to load, and we refuse it."""
 

@@ -50,11 +50,12 @@ class TokenMixing(nn.Module):
 
 
 class MixerBlock(nn.Module):
-    def __init__(self, width: int, tokens: int, causal: bool):
+    def __init__(self, width: int, tokens: int, causal: bool, mlp_width: int | None = None,
+                 activation: str = "quick_gelu"):
         super().__init__()
         self.token_mix = TokenMixing(tokens, causal)
         self.ln_1 = LayerNorm(width)
-        self.mlp = MLP(width)
+        self.mlp = MLP(width, mlp_width, activation)
         self.ln_2 = LayerNorm(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,12 +78,13 @@ class MixerBlock(nn.Module):
 class Mixer(nn.Module):
     """A stack of Mixer blocks over ``(B, T, width)``; a drop-in for :class:`clipcli.model.Transformer`."""
 
-    def __init__(self, width: int, layers: int, tokens: int, causal: bool = False):
+    def __init__(self, width: int, layers: int, tokens: int, causal: bool = False, mlp_width: int | None = None,
+                 activation: str = "quick_gelu"):
         super().__init__()
         self.width = width
         self.layers = layers
         self.causal = causal
-        self.resblocks = nn.ModuleList([MixerBlock(width, tokens, causal) for _ in range(layers)])
+        self.resblocks = nn.ModuleList([MixerBlock(width, tokens, causal, mlp_width, activation) for _ in range(layers)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.resblocks:

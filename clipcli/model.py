@@ -1,9 +1,9 @@
 """The CLIP model: a vision tower (ViT or ModifiedResNet) and a causal text Transformer.
 
-Modules read from the smallest piece to the whole. Parameter names and shapes are exactly
-those of OpenAI's released state dicts, so ``load_state_dict(strict=True)`` takes them as
-they are; :func:`build_model` reads every hyperparameter off the tensor shapes.
-No I/O and no printing here.
+Modules read from the smallest piece to the whole, then the config and :class:`CLIP`.
+Parameter names and shapes are exactly those of OpenAI's released state dicts (which
+OpenCLIP keeps), so ``load_state_dict(strict=True)`` takes them as they are. Building a model
+from a checkpoint lives in :mod:`clipcli.factory`. No I/O and no printing here.
 """
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError, ClipcliError
+from .errors import ClipcliError
 
-HEAD_WIDTH = 64  # every released CLIP uses 64-wide attention heads
+HEAD_WIDTH = 64  # OpenAI's CLIPs use 64-wide heads; OpenCLIP's ViT-H/g/bigG use 80/88/104
+ACTIVATIONS = ("quick_gelu", "gelu")
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -59,23 +62,33 @@ class SelfAttention(nn.Module):
         return self.out_proj(y)
 
 
+def activation_module(name: str) -> nn.Module:
+    """QuickGELU (OpenAI, MetaCLIP, DFN, LAION-400M) or the exact erf GELU (most OpenCLIP models)."""
+    if name == "quick_gelu":
+        return QuickGELU()
+    if name == "gelu":
+        return nn.GELU()
+    raise ValueError(f"unknown activation {name!r}; use one of {ACTIVATIONS}")
+
+
 class MLP(nn.Module):
-    def __init__(self, width: int):
+    def __init__(self, width: int, hidden: int | None = None, activation: str = "quick_gelu"):
         super().__init__()
-        self.c_fc = nn.Linear(width, 4 * width)
-        self.gelu = QuickGELU()
-        self.c_proj = nn.Linear(4 * width, width)
+        hidden = hidden or 4 * width
+        self.c_fc = nn.Linear(width, hidden)
+        self.gelu = activation_module(activation)
+        self.c_proj = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.gelu(self.c_fc(x)))
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, mlp_width: int | None = None, activation: str = "quick_gelu"):
         super().__init__()
         self.attn = SelfAttention(width, heads)
         self.ln_1 = LayerNorm(width)
-        self.mlp = MLP(width)
+        self.mlp = MLP(width, mlp_width, activation)
         self.ln_2 = LayerNorm(width)
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
@@ -86,12 +99,15 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     """A stack of pre-norm residual blocks over batch-first sequences ``(B, T, width)``."""
 
-    def __init__(self, width: int, layers: int, heads: int, causal: bool = False):
+    def __init__(self, width: int, layers: int, heads: int, causal: bool = False, mlp_width: int | None = None,
+                 activation: str = "quick_gelu"):
         super().__init__()
         self.width = width
         self.layers = layers
         self.causal = causal
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.resblocks = nn.ModuleList(
+            [ResidualAttentionBlock(width, heads, mlp_width, activation) for _ in range(layers)]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.resblocks:
@@ -100,7 +116,8 @@ class Transformer(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int):
+    def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int,
+                 mlp_width: int | None = None, activation: str = "quick_gelu"):
         super().__init__()
         self.input_resolution = input_resolution
         self.output_dim = output_dim
@@ -109,7 +126,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(torch.empty(width))
         self.positional_embedding = nn.Parameter(torch.empty(grid * grid + 1, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
+        self.transformer = Transformer(width, layers, heads, mlp_width=mlp_width, activation=activation)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(torch.empty(width, output_dim))
 
@@ -228,7 +245,9 @@ class ModifiedResNet(nn.Module):
 
 @dataclass(frozen=True)
 class CLIPConfig:
-    """Everything needed to build a CLIP; :func:`config_from_state_dict` reads it off a checkpoint."""
+    """Everything needed to build a CLIP and feed it images; :mod:`clipcli.factory` reads the
+    shape fields off a checkpoint and the rest (activation, head width, preprocessing) off the
+    model's config or registry entry, since tensor shapes cannot show them."""
 
     embed_dim: int
     image_resolution: int
@@ -242,17 +261,28 @@ class CLIPConfig:
     transformer_layers: int
     vision_mixer: bool = False  # MLP-Mixer blocks in the ViT (see clipcli.mixer)
     text_mixer: bool = False  # causal MLP-Mixer blocks in the text tower
+    activation: str = "quick_gelu"  # of every MLP: "quick_gelu" or "gelu"
+    vision_head_width: int = HEAD_WIDTH
+    vision_mlp_width: int | None = None  # None: 4 x vision_width
+    text_mlp_width: int | None = None  # None: 4 x transformer_width
+    # How images are prepared for this model (clipcli.preprocess), part of its identity.
+    image_mean: tuple[float, float, float] = OPENAI_MEAN
+    image_std: tuple[float, float, float] = OPENAI_STD
+    interpolation: str = "bicubic"  # or "bilinear"
+    resize_mode: str = "shortest"  # "shortest" + centre crop, "squash" or "longest" (padded)
 
     @property
     def vision_heads(self) -> int:
         width = self.vision_width * 32 if self.vision_patch_size is None else self.vision_width
-        return max(1, width // HEAD_WIDTH)
+        return max(1, width // self.vision_head_width)
 
 
 class CLIP(nn.Module):
     """CLIP's two towers. Constructors only allocate; ``initialize`` draws CLIP's initial
     weights (pass ``False`` when a checkpoint overwrites them anyway: on the ``meta`` device,
-    random ops would import half of torch's compiler stack, seconds per process)."""
+    random ops would import half of torch's compiler stack, seconds per process).
+
+    Mixer towers are built by :func:`clipcli.factory.create_model`, which swaps the blocks."""
 
     def __init__(self, config: CLIPConfig, initialize: bool = True):
         super().__init__()
@@ -275,19 +305,12 @@ class CLIP(nn.Module):
                 layers=int(config.vision_layers),
                 heads=config.vision_heads,
                 output_dim=config.embed_dim,
+                mlp_width=config.vision_mlp_width,
+                activation=config.activation,
             )
-        if config.vision_mixer or config.text_mixer:
-            from .mixer import Mixer
-        if config.vision_mixer:
-            if not isinstance(self.visual, VisionTransformer):
-                raise ValueError("the Mixer image encoder replaces a ViT's blocks; it needs a patch size")
-            tokens = self.visual.positional_embedding.shape[0]
-            self.visual.transformer = Mixer(config.vision_width, int(config.vision_layers), tokens)
         width = config.transformer_width
-        if config.text_mixer:
-            self.transformer = Mixer(width, config.transformer_layers, config.context_length, causal=True)
-        else:
-            self.transformer = Transformer(width, config.transformer_layers, config.transformer_heads, causal=True)
+        self.transformer = Transformer(width, config.transformer_layers, config.transformer_heads, causal=True,
+                                       mlp_width=config.text_mlp_width, activation=config.activation)
         self.token_embedding = nn.Embedding(config.vocab_size, width, _weight=torch.empty(config.vocab_size, width))
         self.positional_embedding = nn.Parameter(torch.empty(config.context_length, width))
         self.ln_final = LayerNorm(width)
@@ -327,7 +350,7 @@ class CLIP(nn.Module):
 
     @property
     def towers(self) -> tuple[str, ...]:
-        """The towers this model has: both, unless it was built for one (see :func:`build_model`)."""
+        """The towers this model has: both, unless it was built for one (see :mod:`clipcli.factory`)."""
         return tuple(t for t, module in (("image", self.visual), ("text", self.transformer)) if module is not None)
 
     def drop_tower(self, tower: str) -> None:
@@ -384,8 +407,6 @@ def _init_block(block: nn.Module, width: int, layers: int) -> None:
     nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
 
-# Entries of the released TorchScript files that are metadata, not parameters.
-EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 TOWERS = ("image", "text")
 _TEXT_PREFIXES = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection")
 
@@ -404,88 +425,3 @@ def tower_of(key: str) -> str | None:
     if key.startswith("visual."):
         return "image"
     return "text" if key.startswith(_TEXT_PREFIXES) else None
-
-
-def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
-    return len({k[len(prefix) :].split(".")[0] for k in state_dict if k.startswith(prefix)})
-
-
-def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> CLIPConfig:
-    """Read every hyperparameter off the shapes of a CLIP state dict (OpenAI key names)."""
-    sd = state_dict
-    if "visual.proj" in sd:  # ViT
-        width = sd["visual.conv1.weight"].shape[0]
-        patch = sd["visual.conv1.weight"].shape[-1]
-        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-        vision_layers: int | tuple[int, ...] = _count_blocks(sd, "visual.transformer.resblocks.")
-        resolution, patch_size = patch * grid, patch
-    else:  # ModifiedResNet
-        vision_layers = tuple(_count_blocks(sd, f"visual.layer{i}.") for i in range(1, 5))
-        width = sd["visual.layer1.0.conv1.weight"].shape[0]
-        output_grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-        resolution, patch_size = output_grid * 32, None
-    transformer_width = sd["ln_final.weight"].shape[0]
-    return CLIPConfig(
-        embed_dim=sd["text_projection"].shape[1],
-        image_resolution=resolution,
-        vision_layers=vision_layers,
-        vision_width=width,
-        vision_patch_size=patch_size,
-        context_length=sd["positional_embedding"].shape[0],
-        vocab_size=sd["token_embedding.weight"].shape[0],
-        transformer_width=transformer_width,
-        transformer_heads=max(1, transformer_width // HEAD_WIDTH),
-        transformer_layers=_count_blocks(sd, "transformer.resblocks."),
-        vision_mixer="visual.transformer.resblocks.0.token_mix.fc1.weight" in sd,
-        text_mixer="transformer.resblocks.0.token_mix.fc1.weight" in sd,
-    )
-
-
-def _describe(keys: list[str], limit: int = 5) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-def build_model(state_dict: dict[str, torch.Tensor], source: str = "checkpoint",
-                towers: tuple[str, ...] = TOWERS) -> CLIP:
-    """Build a CLIP from a state dict with OpenAI's key names and load it strictly.
-
-    The model takes the state dict's tensors as they are (no copy, same dtype). Towers not in
-    ``towers`` are dropped; their entries may be ``meta`` tensors (only their shapes are read).
-
-    Raises :class:`CheckpointError` naming ``source`` and the offending keys when the state
-    dict is not a CLIP we can build (missing, unexpected or wrongly shaped entries).
-    """
-    sd = {k: v for k, v in state_dict.items() if k not in EXTRA_KEYS and not k.endswith("attn_mask")}
-    try:
-        config = config_from_state_dict(sd)
-    except (KeyError, IndexError, ValueError, TypeError) as error:
-        raise CheckpointError(f"{source} is not a CLIP checkpoint: cannot read its architecture ({error!r})") from None
-    with torch.device("meta"):
-        model = CLIP(config, initialize=False)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in sd if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_describe(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_describe(unexpected)}")
-        raise CheckpointError(f"{source} does not match a CLIP architecture; " + "; ".join(parts))
-    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
-    if wrong:
-        raise CheckpointError(f"{source} has tensors of the wrong shape: {_describe(wrong)}")
-    model.load_state_dict(sd, strict=False, assign=True)
-    for tower in TOWERS:
-        if tower not in towers:
-            model.drop_tower(tower)
-    for name, buffer in model.named_buffers():  # anything the file lacked (num_batches_tracked)
-        if buffer.is_meta:
-            _set_buffer(model, name, torch.zeros((), dtype=torch.long))
-    return model
-
-
-def _set_buffer(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    owner, _, leaf = name.rpartition(".")
-    model.get_submodule(owner).register_buffer(leaf, value)

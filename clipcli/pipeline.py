@@ -8,7 +8,8 @@ memory is split in halves and retried; a row that is not finite becomes an error
 
 :func:`classify` and :func:`similarity` build the records the commands print, so a Python
 caller gets exactly what the CLI writes. Label embeddings for classification are cached on
-disk, keyed by the checkpoint's sha256, the labels, the templates and the precision.
+disk, keyed by the full model identity (weights sha256, architecture, preprocessing), the
+labels, the templates and the precision.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from .inputs import DecodeOptions, FetchOptions, Item, ItemError, pillow_limits,
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
+
+    from .loading import ModelSource
     import torch
     from PIL import Image
 
@@ -117,18 +120,33 @@ def checkpoint_sha256(path: str | os.PathLike) -> str:
 
 @dataclass
 class LoadedModel:
-    """A model ready to run, with what the records and the cache need to know about it."""
+    """A model ready to run, with what the records and the caches need to know about it."""
 
     model: Any
     preprocess: Callable
     name: str
-    path: Path
+    source: "ModelSource"
     device: "torch.device"
     dtype: "torch.dtype"
+    notes: list[str] = field(default_factory=list)  # what was assumed while loading (for stderr)
+
+    @property
+    def path(self) -> Path:
+        return self.source.path
 
     @cached_property
     def sha256(self) -> str:
-        return checkpoint_sha256(self.path)
+        """sha256 of the weights (of the shard hashes, for a sharded checkpoint)."""
+        hashes = [checkpoint_sha256(file) for file in self.source.files]
+        return hashes[0] if len(hashes) == 1 else hashlib.sha256("".join(hashes).encode()).hexdigest()
+
+    @cached_property
+    def identity(self) -> str:
+        """The full model identity: weights sha256 + architecture + preprocessing. Caches and
+        resumable outputs are keyed by it, never by the file alone."""
+        from .factory import config_to_json
+
+        return hashlib.sha256(f"{self.sha256}\0{config_to_json(self.model.config)}".encode()).hexdigest()
 
     @property
     def input_resolution(self) -> int | None:
@@ -149,21 +167,25 @@ class LoadedModel:
         towers = getattr(self.model, "towers", None)
         if towers is None or tower in towers:
             return
-        from .api import load_weights
+        from .loading import load
 
-        self.model.adopt_tower(load_weights(self.path, self.device, self.dtype, towers=(tower,)), tower)
+        other, _ = load(self.source, self.device, self.dtype, towers=(tower,))
+        self.model.adopt_tower(other, tower)
         if tower == "image":
             self.preprocess = _preprocess_for(self.model)
 
 
 def load_model(name: str, device: str = "auto", precision: str | None = None,
-               towers: Sequence[str] = ("image", "text"), threads: int | None = None) -> LoadedModel:
-    """Resolve a released name or checkpoint path and load it with only the ``towers`` the
-    run needs (``encode`` of images never reads the text tower's weights). ``threads`` sets
-    torch's CPU threads for this process (default: torch's choice, one per core)."""
+               towers: Sequence[str] = ("image", "text"), threads: int | None = None,
+               arch: str | None = None, quiet: bool | None = None) -> LoadedModel:
+    """Resolve a model name, folder or checkpoint (see :mod:`clipcli.loading`) and load it
+    with only the ``towers`` the run needs (``encode`` of images never reads the text
+    tower's weights). ``threads`` sets torch's CPU threads for this process (default:
+    torch's choice, one per core); ``quiet`` hides download messages (None: a progress bar
+    on a terminal)."""
     import torch
 
-    from .api import load_weights, resolve_checkpoint
+    from .loading import load, resolve
 
     if threads is not None:
         if threads < 1:
@@ -171,16 +193,17 @@ def load_model(name: str, device: str = "auto", precision: str | None = None,
         torch.set_num_threads(threads)
     torch_device = resolve_device(device)
     dtype = resolve_dtype(precision, torch_device)
-    path = resolve_checkpoint(name)
-    model = load_weights(path, torch_device, dtype, towers)
-    return LoadedModel(model, _preprocess_for(model), str(name), Path(path), torch_device, dtype)
+    source = resolve(name, arch=arch, quiet=quiet)
+    model, note = load(source, torch_device, dtype, towers)
+    return LoadedModel(model, _preprocess_for(model), str(name), source, torch_device, dtype,
+                       notes=[note] if note else [])
 
 
 def _preprocess_for(model) -> Callable | None:
     """The image transform for ``model`` (None without an image tower); no torchvision import."""
-    from .preprocess import Preprocess
+    from .preprocess import preprocess_for
 
-    return Preprocess(model.visual.input_resolution) if model.visual is not None else None
+    return preprocess_for(model.config) if model.visual is not None else None
 
 
 # --------------------------------------------------------------------------- batches
@@ -375,8 +398,8 @@ def embed_texts(
 
 def _label_cache_path(loaded: LoadedModel, labels: Sequence[str], templates: Sequence[str]) -> Path:
     material = json.dumps(
-        {"checkpoint": loaded.sha256, "labels": list(labels), "templates": list(templates),
-         "dtype": str(loaded.dtype), "version": 1},
+        {"model": loaded.identity, "labels": list(labels), "templates": list(templates),
+         "dtype": str(loaded.dtype), "version": 2},
         ensure_ascii=True,
     )
     return default_cache_dir() / "labels" / (hashlib.sha256(material.encode()).hexdigest() + ".npy")

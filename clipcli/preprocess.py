@@ -1,7 +1,12 @@
-"""Image preprocessing, exactly as OpenAI's CLIP does it.
+"""Image preprocessing, exactly as OpenAI's CLIP and OpenCLIP do it.
 
-Resize the shorter side to the model's resolution (bicubic), centre-crop a square, convert to
-RGB, scale to [0, 1] and normalise with the CLIP training statistics.
+OpenAI's transform: resize the shorter side to the model's resolution (bicubic), centre-crop a
+square, convert to RGB, scale to [0, 1] and normalise with the CLIP training statistics.
+OpenCLIP models may differ in each step, and their config says how (the fields of
+:class:`~clipcli.model.CLIPConfig`): the statistics (``image_mean``/``image_std``, e.g.
+0.5s for LAION's ViT-L-14), the ``interpolation`` (bicubic or bilinear) and the
+``resize_mode``: ``shortest`` (as above), ``squash`` (resize to a square, ignoring the aspect
+ratio: the DFN models) or ``longest`` (fit the longer side, then pad to a square with black).
 
 There are two implementations of that one transform, bit-identical on PIL images:
 
@@ -25,7 +30,7 @@ the same float32 operations in the same order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +38,7 @@ from PIL import Image
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
+_RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
 def _resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -40,6 +46,23 @@ def _resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     short, long = (width, height) if width <= height else (height, width)
     new_long = int(short_side * long / short)
     return (short_side, new_long) if width <= height else (new_long, short_side)
+
+
+def _fitted_size(width: int, height: int, side: int) -> tuple[int, int]:
+    """(width, height) with the longer side set to ``side`` and the other rounded (OpenCLIP's
+    ``ResizeKeepRatio(longest=1)``)."""
+    ratio = max(width / side, height / side)
+    return round(width / ratio), round(height / ratio)
+
+
+def _target_size(width: int, height: int, resolution: int, resize_mode: str) -> tuple[int, int]:
+    if resize_mode == "shortest":
+        return _resized_size(width, height, resolution)
+    if resize_mode == "squash":
+        return resolution, resolution
+    if resize_mode == "longest":
+        return _fitted_size(width, height, resolution)
+    raise ValueError(f"unknown resize mode {resize_mode!r}; use shortest, squash or longest")
 
 
 def _crop_start(length: int, crop: int) -> int:
@@ -56,36 +79,60 @@ def _center_crop(image: Image.Image, size: int) -> Image.Image:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """``PIL.Image -> FloatTensor[3, resolution, resolution]``, equal to ``image_transform(resolution)``."""
+    """``PIL.Image -> FloatTensor[3, resolution, resolution]``, equal to ``image_transform``
+    with the same arguments."""
 
     resolution: int
+    mean: Sequence[float] = MEAN
+    std: Sequence[float] = STD
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        size = _resized_size(image.width, image.height, self.resolution)
+        size = _target_size(image.width, image.height, self.resolution, self.resize_mode)
         if size != image.size:
-            image = image.resize(size, Image.Resampling.BICUBIC)
+            image = image.resize(size, _RESAMPLING[self.interpolation])
         image = _center_crop(image, self.resolution).convert("RGB")
         pixels = torch.from_numpy(np.array(image, np.uint8, copy=True))  # (r, r, 3)
         x = pixels.permute(2, 0, 1).contiguous().to(torch.get_default_dtype()).div(255)  # (3, r, r)
-        mean = torch.as_tensor(MEAN, dtype=x.dtype).view(-1, 1, 1)
-        std = torch.as_tensor(STD, dtype=x.dtype).view(-1, 1, 1)
+        mean = torch.as_tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
         return x.sub_(mean).div_(std)
+
+
+def preprocess_for(config) -> Preprocess:
+    """The transform a model of ``config`` (a :class:`~clipcli.model.CLIPConfig`) expects."""
+    return Preprocess(config.image_resolution, tuple(config.image_mean), tuple(config.image_std),
+                      config.interpolation, config.resize_mode)
 
 
 def _to_rgb(image):
     return image.convert("RGB")
 
 
-def image_transform(resolution: int) -> Callable:
-    """The ``preprocess`` of ``clipcli.load``: ``PIL.Image -> FloatTensor[3, resolution, resolution]``."""
+def image_transform(resolution: int, mean: Sequence[float] = MEAN, std: Sequence[float] = STD,
+                    interpolation: str = "bicubic", resize_mode: str = "shortest") -> Callable:
+    """The ``preprocess`` of ``clipcli.load``: ``PIL.Image -> FloatTensor[3, resolution, resolution]``,
+    a torchvision ``Compose`` as OpenAI's ``clip.load`` and OpenCLIP return."""
     from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
-    return Compose(
-        [
-            Resize(resolution, interpolation=InterpolationMode.BICUBIC),
-            CenterCrop(resolution),
-            _to_rgb,
-            ToTensor(),
-            Normalize(MEAN, STD),
-        ]
-    )
+    mode = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}[interpolation]
+    if resize_mode == "shortest":
+        steps = [Resize(resolution, interpolation=mode), CenterCrop(resolution)]
+    elif resize_mode == "squash":
+        steps = [Resize((resolution, resolution), interpolation=mode)]
+    elif resize_mode == "longest":
+        def fit(image):
+            width, height = _fitted_size(image.width, image.height, resolution)
+            return Resize((height, width), interpolation=mode)(image)
+
+        steps = [fit, CenterCrop(resolution)]
+    else:
+        raise ValueError(f"unknown resize mode {resize_mode!r}; use shortest, squash or longest")
+    return Compose([*steps, _to_rgb, ToTensor(), Normalize(tuple(mean), tuple(std))])
+
+
+def transform_for(config) -> Callable:
+    """:func:`image_transform` for a model of ``config``."""
+    return image_transform(config.image_resolution, config.image_mean, config.image_std, config.interpolation,
+                           config.resize_mode)

@@ -1,10 +1,18 @@
-"""Which weights exist: the nine CLIP models OpenAI released, as data.
+"""Which weights exist, as data: the nine CLIP models OpenAI released, and OpenCLIP's.
 
-Each entry names the released TorchScript file, its sha256 (the hex directory in OpenAI's URL,
-so the URL is derived from it), its size, what the model computes (input resolution,
-embedding dimension), the names people type for it, and the Hugging Face hub repository
-that holds the same weights as fp32 safetensors. How to fetch and cache them lives in
-:mod:`clipcli.download`; how to build a model from them lives in :mod:`clipcli.model`.
+OpenAI's nine: each entry names the released TorchScript file, its sha256 (the hex directory
+in OpenAI's URL, so the URL is derived from it), its size, what the model computes (input
+resolution, embedding dimension), the names people type for it, and the Hugging Face hub
+repository that holds the same weights as fp32 safetensors. How to fetch and cache them lives
+in :mod:`clipcli.download`.
+
+OpenCLIP's (LAION, DataComp, CommonPool, DFN, MetaCLIP, YFCC, CC12M), named ``ARCH/TAG`` as
+open_clip names them, are in ``data/pretrained.json``: per architecture the
+:class:`~clipcli.model.CLIPConfig` fields (head width and MLP width included, which shapes do
+not show), per weights its hub repository, the file names to try in order, whether it runs
+QuickGELU, its preprocessing, licence and published ImageNet zero-shot top-1 (open_clip's
+results table). Only plain CLIP architectures are listed: a ViT or ModifiedResNet image
+tower, a causal text Transformer read out at the end-of-text token, OpenAI's BPE.
 
 Sizes are the byte counts of OpenAI's files as published by several independent projects
 that pin them next to the same sha256 (ViT-B-32.pt: 353,976,522 bytes, and so on).
@@ -12,8 +20,12 @@ that pin them next to the same sha256 (ViT-B-32.pt: 353,976,522 bytes, and so on
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any, Mapping
 
 OPENAI_URL = "https://openaipublic.azureedge.net/clip/models/{sha256}/{file}"
 HF_FILE = "open_clip_model.safetensors"
@@ -72,9 +84,126 @@ def _key(name: str) -> str:
 
 
 def find_model(name: str) -> ModelInfo | None:
-    """The released model called ``name`` (or one of its aliases), else ``None``."""
+    """The released model called ``name`` (or one of its aliases, or OpenCLIP's
+    ``ARCH/openai`` and ``ARCH-quickgelu/openai``), else ``None``."""
     key = _key(name)
+    if key.endswith("-openai"):
+        key = key[: -len("-openai")].removesuffix("-quickgelu")
     for info in MODELS:
         if key in {_key(info.name), _key(info.stem), *map(_key, info.aliases)}:
             return info
     return None
+
+
+# --------------------------------------------------------------------------- OpenCLIP's weights
+
+OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                   "open_clip_pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """One set of OpenCLIP weights: ``ARCH/TAG``, where it lives, and what it is."""
+
+    arch: str
+    tag: str
+    hf_repo: str
+    files: tuple[str, ...]  # names to try in the repository, in order
+    hints: Mapping[str, Any]  # CLIPConfig fields: architecture, activation, preprocessing
+    family: str
+    license: str
+    imagenet_top1: float | None  # percent, open_clip's results table
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}/{self.tag}"
+
+
+@cache
+def _data() -> dict:
+    return json.loads(resources.files("clipcli").joinpath("data/pretrained.json").read_text(encoding="utf-8"))
+
+
+def _architecture(arch: str) -> dict | None:
+    for name, fields in _data()["architectures"].items():
+        if name.lower() == arch.strip().lower():
+            return dict(fields)
+    return None
+
+
+def _hints(arch: str, quick_gelu: bool = False, preprocess: Mapping[str, Any] | None = None) -> dict:
+    fields = _architecture(arch)
+    if fields is None:
+        raise KeyError(arch)
+    fields.pop("params", None)
+    fields["activation"] = "quick_gelu" if quick_gelu or fields.pop("quick_gelu", False) else "gelu"
+    fields.pop("quick_gelu", None)
+    if isinstance(fields.get("vision_layers"), list):
+        fields["vision_layers"] = tuple(fields["vision_layers"])
+    for key, value in (preprocess or {}).items():
+        if value is not None:
+            fields[key] = tuple(value) if isinstance(value, list) else value
+    return fields
+
+
+@cache
+def pretrained() -> tuple[Pretrained, ...]:
+    """Every OpenCLIP weights entry, in the registry's order."""
+    entries = []
+    for entry in _data()["weights"]:
+        preprocess = {"image_mean": entry.get("mean"), "image_std": entry.get("std"),
+                      "interpolation": entry.get("interpolation"), "resize_mode": entry.get("resize_mode")}
+        entries.append(Pretrained(
+            arch=entry["arch"], tag=entry["tag"], hf_repo=entry["hf_repo"],
+            files=tuple(entry.get("files") or OPEN_CLIP_FILES),
+            hints=_hints(entry["arch"], entry.get("quick_gelu", False), preprocess),
+            family=entry["family"], license=entry["license"], imagenet_top1=entry.get("imagenet_top1"),
+        ))
+    return tuple(entries)
+
+
+def find_pretrained(name: str) -> Pretrained | None:
+    """The OpenCLIP weights called ``ARCH/TAG`` (case-insensitive), else None. open_clip's
+    ``ARCH-quickgelu/TAG`` names the same weights where they were trained with QuickGELU
+    (clipcli runs each set of weights with its own activation, whichever name is used)."""
+    arch, _, tag = name.strip().lower().partition("/")
+    quick = arch.endswith("-quickgelu")
+    arch = arch.removesuffix("-quickgelu")
+    for entry in pretrained():
+        if entry.arch.lower() == arch and entry.tag.lower() == tag:
+            return entry if not quick or entry.hints["activation"] == "quick_gelu" else None
+    return None
+
+
+def parameters(arch: str) -> int | None:
+    """Parameters of a model of ``arch`` (stored in the data; a test checks them)."""
+    fields = _architecture(arch)
+    return fields.get("params") if fields else None
+
+
+def openai_architecture(info: ModelInfo) -> str:
+    """open_clip's name for the architecture of one of OpenAI's models (``ViT-L-14-336``)."""
+    return info.stem.replace("-336px", "-336")
+
+
+def openai_facts(info: ModelInfo) -> dict:
+    """Licence and published ImageNet zero-shot top-1 of OpenAI's ``info``."""
+    return dict(_data()["openai"].get(openai_architecture(info), {}))
+
+
+def openai_hints(info: ModelInfo) -> dict:
+    """The config fields of OpenAI's ``info`` (OpenAI's choices: QuickGELU, 64-wide heads)."""
+    arch = openai_architecture(info)
+    return _hints(arch, quick_gelu=True) if _architecture(arch) is not None else {}
+
+
+def architecture_hints(name: str) -> dict | None:
+    """Config fields for ``--arch``: a registry name (``ViT-H-14/laion2b_s32b_b79k``, ``ViT-B/32``)
+    or an architecture (``ViT-H-14``, with its config's activation and OpenAI's preprocessing)."""
+    info = find_model(name)
+    if info is not None:
+        return openai_hints(info)
+    entry = find_pretrained(name)
+    if entry is not None:
+        return dict(entry.hints)
+    return _hints(name) if _architecture(name) is not None else None

@@ -454,16 +454,16 @@ def test_threads_and_the_emulated_precision_note(photos, ckpt):
 
 
 def test_cached_labels_mean_the_text_tower_is_never_read(photos, ckpt, monkeypatch):
-    from clipcli import api
+    from clipcli import loading
 
     read: list[tuple[str, ...]] = []
-    load_weights = api.load_weights
+    load = loading.load
 
-    def recording(path, device, dtype, towers=("image", "text")):
+    def recording(source, device, dtype, towers=("image", "text")):
         read.append(tuple(towers))
-        return load_weights(path, device, dtype, towers)
+        return load(source, device, dtype, towers)
 
-    monkeypatch.setattr(api, "load_weights", recording)
+    monkeypatch.setattr(loading, "load", recording)
     first = run("classify", photos / "chelsea.png", "-m", ckpt, "-l", "cat,dog")
     assert first.exit_code == 0 and read == [("image",), ("text",)]  # a cache miss loads the text tower then
     read.clear()

@@ -499,5 +499,6 @@ def test_unknown_model_lists_the_released_ones():
         model_file("ViT-Q/99")
     assert str(caught.value) == (
         "'ViT-Q/99' is neither a released model (RN50, RN101, RN50x4, RN50x16, RN50x64, ViT-B/32, "
-        "ViT-B/16, ViT-L/14, ViT-L/14@336px) nor an existing checkpoint file"
+        "ViT-B/16, ViT-L/14, ViT-L/14@336px), an OpenCLIP ARCH/TAG or hf-hub:ORG/REPO name (see `clipcli models`), "
+        "nor an existing checkpoint file"
     )

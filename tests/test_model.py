@@ -16,7 +16,8 @@ from checkpoints import (
     save_safetensors,
     save_state_dict,
 )
-from clipcli.model import CLIPConfig, build_model, config_from_state_dict
+from clipcli.factory import build_model, config_from_state_dict
+from clipcli.model import CLIPConfig
 
 TEXTS = ["a photo of a cat", "a diagram", "", "an astronaut riding a horse on the moon, digital art " * 3]
 TOLERANCE = 1e-4
@@ -144,7 +145,7 @@ def test_from_scratch_model_has_the_released_layout():
 @pytest.mark.parametrize("fmt", ["released", "state_dict", "safetensors"])
 @pytest.mark.parametrize("tower", ["image", "text"])
 def test_one_tower_loads_alone_and_gives_the_same_embeddings(fmt, tower, tiny_vit_checkpoint, tmp_path):
-    from clipcli.api import load_weights
+    from clipcli.loading import load_model as load_weights
     from clipcli.checkpoint import read_state_dict
     from clipcli.errors import ClipcliError
     from clipcli.model import tower_of
@@ -176,7 +177,7 @@ def test_one_tower_loads_alone_and_gives_the_same_embeddings(fmt, tower, tiny_vi
 
 
 def test_tower_choices_are_checked(tiny_vit_checkpoint):
-    from clipcli.api import load_weights
+    from clipcli.loading import load_model as load_weights
     from clipcli.errors import ClipcliError
 
     for towers in ((), ("audio",)):

@@ -16,7 +16,8 @@ import torch
 from typer.testing import CliRunner
 
 from clipcli.cli import app
-from clipcli.model import CLIP, CLIPConfig, build_model
+from clipcli.factory import build_model, create_model
+from clipcli.model import CLIP, CLIPConfig
 from clipcli.train import shapes
 from clipcli.train.data import GlobalBatches, read_pairs
 from clipcli.train.evaluate import recall_at_k
@@ -121,7 +122,7 @@ def test_pairs_from_tsv_and_from_a_folder(tmp_path):
 
 def test_mixer_text_encoder_is_causal_and_checkpoints_describe_themselves():
     torch.manual_seed(0)
-    model = CLIP(CLIPConfig(**TINY, vision_mixer=True, text_mixer=True)).eval()
+    model = create_model(CLIPConfig(**TINY, vision_mixer=True, text_mixer=True)).eval()
     text = torch.zeros(2, 77, dtype=torch.long)
     text[0, :3] = torch.tensor([49406, 320, 49407])
     text[1, :3] = torch.tensor([49406, 320, 49407])

@@ -80,20 +80,23 @@ def test_models_json_lists_the_nine_uncached():
     result = invoke("models", "--json")
     assert result.exit_code == 0, result.stderr
     records = json.loads(result.stdout)
-    assert [r["name"] for r in records] == ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64",
-                                            "ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"]
+    assert [r["name"] for r in records[:9]] == ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64",
+                                                "ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"]
     vit = records[5]
     assert vit == {"name": "ViT-B/32", "released": True, "input_resolution": 224, "embed_dim": 512,
                    "size": 353976522, "cached": False, "path": None,
                    "sha256": "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
-                   "url": "https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt"}
+                   "url": "https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+                   "family": "OpenAI", "parameters": 151_277_313, "license": "MIT", "imagenet_top1": 63.3}
     assert result.stderr == ""
 
 
 def test_models_in_a_pipe_is_json_lines():
     result = invoke("models")
-    lines = result.stdout.splitlines()
-    assert len(lines) == 9 and json.loads(lines[-1])["name"] == "ViT-L/14@336px"
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert lines[8]["name"] == "ViT-L/14@336px" and len(lines) == 9 + len(registry.pretrained())
+    assert {"ViT-B-32/laion2b_s34b_b79k", "ViT-H-14-378/dfn5b", "ViT-bigG-14/laion2b_s39b_b160k"} <= {
+        line["name"] for line in lines}
 
 
 def test_models_table_on_a_terminal(monkeypatch, cache):
@@ -101,13 +104,15 @@ def test_models_table_on_a_terminal(monkeypatch, cache):
     with open(cache / "RN50.pt", "wb") as f:
         f.truncate(registry.MODELS[0].size)  # sparse, of the right size: counts as cached
     monkeypatch.setattr(weights_commands, "_is_terminal", lambda: True)
+    monkeypatch.setenv("COLUMNS", "160")
     result = invoke("models")
     assert result.exit_code == 0
     rows = [line for line in result.stdout.splitlines() if "│" in line]
-    assert "┃ name " in result.stdout and "┃ embed dim ┃" in result.stdout
+    assert "┃ name " in result.stdout and "licence" in result.stdout
     vit = next(row for row in rows if "ViT-B/32" in row)
-    assert [cell.strip() for cell in vit.split("│")[1:6]] == ["ViT-B/32", "224", "512", "337.6 MiB", "no"]
-    assert next(row for row in rows if "RN50 " in row).split("│")[5].strip() != "no"
+    assert [cell.strip() for cell in vit.split("│")[1:9]] == ["ViT-B/32", "OpenAI", "151M", "224", "512", "MIT",
+                                                              "63.3", "no"]
+    assert next(row for row in rows if "RN50 " in row).split("│")[8].strip() != "no"
 
 
 def test_models_shows_cached_and_url_downloads(online, server, cache, fake_model):
@@ -115,13 +120,16 @@ def test_models_shows_cached_and_url_downloads(online, server, cache, fake_model
     assert invoke("download", "Fake/1").exit_code == 0
     other_sha = hashlib.sha256(PAYLOAD[::-1]).hexdigest()
     assert invoke("download", server.url("/custom.pt"), "--sha256", other_sha, "--name", "mine.pt").exit_code == 0
-    records = json.loads(invoke("models", "--json").stdout)
-    assert records == [
+    records = json.loads(invoke("models", "--format", "json").stdout)
+    assert [records[0], records[-1]] == [
         {"name": "Fake/1", "released": True, "input_resolution": 32, "embed_dim": 16, "size": len(PAYLOAD),
-         "cached": True, "path": str(cache / "Fake-1.pt"), "sha256": SHA, "url": server.url(f"/m/{SHA}/Fake-1.pt")},
+         "cached": True, "path": str(cache / "Fake-1.pt"), "sha256": SHA, "url": server.url(f"/m/{SHA}/Fake-1.pt"),
+         "family": "OpenAI", "parameters": None, "license": None, "imagenet_top1": None},
         {"name": "mine.pt", "released": False, "input_resolution": None, "embed_dim": None, "size": len(PAYLOAD),
-         "cached": True, "path": str(cache / "mine.pt"), "sha256": other_sha, "url": server.url("/custom.pt")},
+         "cached": True, "path": str(cache / "mine.pt"), "sha256": other_sha, "url": server.url("/custom.pt"),
+         "family": None, "parameters": None, "license": None, "imagenet_top1": None},
     ]
+    assert len(records) == 2 + len(registry.pretrained())
 
 
 # --- download URL --------------------------------------------------------------------------
@@ -351,4 +359,4 @@ def test_convert_bad_source_is_one_line_and_writes_nothing(tmp_path):
 
 def test_convert_unknown_name():
     result = invoke("convert", "ViT-Z/1", "out.safetensors")
-    assert result.exit_code == 2 and "is neither a released model" in result.stderr
+    assert result.exit_code == 2 and "is not a model name" in result.stderr

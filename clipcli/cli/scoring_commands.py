@@ -37,7 +37,11 @@ def _default_workers() -> int:
 
 # Options every scoring command shares.
 ModelOpt = Annotated[str, typer.Option("--model", "-m", envvar="CLIPCLI_MODEL", show_envvar=True,
-                                       help="Released model name (see `clipcli models`) or a checkpoint file.")]
+                                       help="A name from `clipcli models` (ViT-B/32, ViT-B-32/laion2b_s34b_b79k), "
+                                            "hf-hub:ORG/REPO, a model folder or a checkpoint file.")]
+ArchOpt = Annotated[Optional[str], typer.Option("--arch", show_default=False,
+                                                help="Architecture of a --model file that does not say (a name from "
+                                                     "`clipcli models`, e.g. ViT-H-14/laion2b_s32b_b79k).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per model call.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Threads decoding images while the model runs (0: none).")]
@@ -84,15 +88,16 @@ def _format(fmt: Optional[Format]) -> str:
     return fmt.value if fmt is not None else default_format(sys.stdout)
 
 
-def _load(model: str, device: str, precision: Optional[Precision], threads: Optional[int], quiet: bool,
-          towers: tuple[str, ...] = ("image", "text")):
+def _load(model: str, arch: Optional[str], device: str, precision: Optional[Precision], threads: Optional[int],
+          quiet: bool, towers: tuple[str, ...] = ("image", "text")):
     from ..pipeline import load_model, slow_precision_note
 
     loaded = load_model(model, device=device, precision=precision.value if precision else None, towers=towers,
-                        threads=threads)
-    note = slow_precision_note(loaded.device, loaded.dtype)
-    if note and not quiet:
-        sys.stderr.write(f"note: {note}\n")
+                        threads=threads, arch=arch, quiet=True if quiet else None)
+    notes = [*loaded.notes, slow_precision_note(loaded.device, loaded.dtype)]
+    if not quiet:
+        for note in filter(None, notes):
+            sys.stderr.write(f"note: {note}\n")
     return loaded
 
 
@@ -141,6 +146,7 @@ def classify(
     templates: Annotated[Optional[str], typer.Option("--templates", help="imagenet (80 CLIP templates), imagenet7, or a file.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels listed per image.")] = 5,
     model: ModelOpt = DEFAULT_MODEL,
+    arch: ArchOpt = None,
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = _default_workers(),
@@ -171,7 +177,7 @@ def classify(
     template_list = _templates(template, templates)
     items = expand_inputs(inputs)
     fmt_name = _format(fmt)
-    loaded = _load(model, device, precision, threads, quiet, towers=("image",))  # text tower: on a label-cache miss
+    loaded = _load(model, arch, device, precision, threads, quiet, towers=("image",))  # text tower: on a label-cache miss
     records = run_classify(loaded, items, label_list, template_list, top_k=top_k,
                            **_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode))
     columns = ["image", "status", "label", "score", "top", "error"]
@@ -220,6 +226,7 @@ def similarity(
     no_truncate: Annotated[bool, typer.Option("--no-truncate", help="Report captions longer than the context instead of cutting them.")] = False,
     overwrite: OverwriteOpt = False,
     model: ModelOpt = DEFAULT_MODEL,
+    arch: ArchOpt = None,
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = _default_workers(),
@@ -258,7 +265,7 @@ def similarity(
         ensure_writable([output], overwrite)
     items = expand_inputs(image_args, exclude=[output] if output else [])
     fmt_name = fmt.value if fmt is not None else (None if output else _format(None))
-    loaded = _load(model, device, precision, threads, quiet)
+    loaded = _load(model, arch, device, precision, threads, quiet)
 
     from ..pipeline import similarity as run_similarity
 
@@ -347,6 +354,7 @@ def encode(
     overwrite: OverwriteOpt = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted .npy/.npz run from its journal.")] = False,
     model: ModelOpt = DEFAULT_MODEL,
+    arch: ArchOpt = None,
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = _default_workers(),
@@ -391,7 +399,7 @@ def encode(
         raise InputError(f"no captions in {text}")
     items = expand_inputs(inputs, exclude=outputs) if inputs else None
     fmt_name = _format(fmt) if target == "stdout" else target  # a file's format comes from its name
-    loaded = _load(model, device, precision, threads, quiet, towers=("text",) if captions is not None else ("image",))
+    loaded = _load(model, arch, device, precision, threads, quiet, towers=("text",) if captions is not None else ("image",))
     store = np.float16 if dtype == StoreDtype.float16 else np.float32
 
     from ..pipeline import embed_images, embed_texts
@@ -407,7 +415,7 @@ def encode(
     if target in ("npy", "npz"):
         from ..journal import Journal, inputs_hash, journal_path
 
-        identity = {"sha256": loaded.sha256, "inputs": inputs_hash(names), "count": total, "key": key,
+        identity = {"sha256": loaded.sha256, "model": loaded.identity, "inputs": inputs_hash(names), "count": total, "key": key,
                     "normalize": not no_normalize, "dtype": np.dtype(store).name, "dim": loaded.embed_dim,
                     "truncate": not no_truncate, "precision": str(loaded.dtype).removeprefix("torch."),
                     "exact_decode": exact_decode}
@@ -494,7 +502,8 @@ def _write_encode_outputs(target, output, outputs, matrix, records, key, loaded,
         names = [r[key] for r in records if r["status"] == "ok"]
         with atomic_write(output, overwrite=overwrite) as f:
             np.savez(f, embeddings=matrix, **{"paths" if key == "image" else "texts": np.array(names, dtype=str)},
-                     model=np.array(loaded.name), sha256=np.array(loaded.sha256), normalized=np.array(normalized))
+                     model=np.array(loaded.name), sha256=np.array(loaded.sha256),
+                     identity=np.array(loaded.identity), normalized=np.array(normalized))
     else:
         view = _csv_view if target == "csv" else None
         with atomic_write(output, overwrite=overwrite, text=True) as f, RecordWriter(f, target, view=view) as writer:

@@ -36,39 +36,56 @@ def _is_terminal() -> bool:
     return sys.stdout.isatty()
 
 
+class ListFormat(str, Enum):
+    jsonl = "jsonl"
+    json = "json"
+    csv = "csv"
+    table = "table"
+
+
+def _millions(n: Optional[int]) -> str:
+    return f"{n / 1e6:,.0f}M" if n else "-"
+
+
 @command("models")
 def models(
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array instead of a table.")] = False,
+    fmt: Annotated[Optional[ListFormat], typer.Option(
+        "--format", "-f", help="Default: table on a terminal, jsonl in a pipe.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
     cache_dir: CacheDirOpt = None,
 ) -> None:
-    """List the released models and what is in the cache.
+    """List every model clipcli knows by name, and what is cached.
 
-    For each of the nine released models: input resolution, embedding dimension, size, and
-    whether (and where) it is cached; then any other checkpoint downloaded with
-    `clipcli download URL`. A table on a terminal, one JSON object per line in a pipe.
+    OpenAI's nine (ViT-B/32, ...) and OpenCLIP's LAION, DataComp, CommonPool, DFN, MetaCLIP,
+    YFCC and CC12M weights (ARCH/TAG, e.g. ViT-B-32/laion2b_s34b_b79k): family, parameters,
+    input resolution, embedding size, licence, published ImageNet zero-shot top-1 (%), and
+    whether (and where) it is cached; then any file downloaded with `clipcli download URL`.
+    Any hf-hub:ORG/REPO holding an OpenCLIP or transformers CLIP loads too.
 
-    Example: clipcli models --json | jq -r '.[] | select(.cached) | .path'
+    Example: clipcli models -f json | jq -r '.[] | select(.cached) | .path'
     """
-    from ..download import cache_listing, format_size
+    from ..catalog import catalog
+    from ..output import RecordWriter
 
-    records = cache_listing(cache_dir)
-    if as_json:
-        typer.echo(json.dumps(records, indent=1))
-    elif not _is_terminal():
-        for record in records:
-            typer.echo(json.dumps(record))
-    else:
-        from rich.console import Console
-        from rich.table import Table
+    records = catalog(cache_dir)
+    name = "json" if as_json else (fmt.value if fmt else ("table" if _is_terminal() else "jsonl"))
+    if name != "table":
+        with RecordWriter(sys.stdout, name) as writer:
+            for record in records:
+                writer.write(record)
+        return
+    from rich.console import Console
+    from rich.table import Table
 
-        table = Table(header_style="bold")
-        for column, justify in (("name", "left"), ("resolution", "right"), ("embed dim", "right"),
-                                ("size", "right"), ("cached", "left")):
-            table.add_column(column, justify=justify, overflow="fold")
-        for r in records:
-            table.add_row(r["name"], str(r["input_resolution"] or "-"), str(r["embed_dim"] or "-"),
-                          format_size(r["size"]), r["path"] or "[dim]no[/dim]")
-        Console(file=sys.stdout).print(table)
+    table = Table(header_style="bold")
+    for column, justify in (("name", "left"), ("family", "left"), ("params", "right"), ("res", "right"),
+                            ("dim", "right"), ("licence", "left"), ("top-1", "right"), ("cached", "left")):
+        table.add_column(column, justify=justify, overflow="fold")
+    for r in records:
+        table.add_row(r["name"], r["family"] or "-", _millions(r["parameters"]), str(r["input_resolution"] or "-"),
+                      str(r["embed_dim"] or "-"), r["license"] or "-",
+                      f"{r['imagenet_top1']:.1f}" if r["imagenet_top1"] else "-", r["path"] or "[dim]no[/dim]")
+    Console(file=sys.stdout).print(table)
 
 
 # --- clipcli download ----------------------------------------------------------------------
@@ -150,7 +167,9 @@ def download(
         try:
             info = find_model(target)
             if info is None:
-                raise dl.unknown_model(target)
+                for path in _download_hub_model(target, verify, quiet):
+                    typer.echo(str(path))
+                continue
             cached = None if force else dl.cached_model_file(info, cache_dir, verify=verify, quiet=progress_quiet)
             if cached:
                 _message(quiet, f"{info.name}: cached at {cached}" + (" (sha256 verified)" if verify else ""))
@@ -168,6 +187,23 @@ def download(
         raise typer.Exit(exit_code)
 
 
+def _download_hub_model(target: str, verify: bool, quiet: bool) -> tuple:
+    """An OpenCLIP registry name or hf-hub:ORG/REPO into the Hugging Face cache: its weights."""
+    from .. import hub, registry
+    from ..loading import resolve
+
+    if registry.find_pretrained(target) is None and hub.parse_name(target) is None:
+        from ..download import unknown_model
+
+        raise unknown_model(target)
+    source = resolve(target, quiet=True if quiet else None)
+    for path in source.files:
+        if verify:
+            hub.verify(path)
+        _message(quiet, f"{target}: {path}" + (" (sha256 verified)" if verify else ""))
+    return source.files
+
+
 # --- clipcli convert -----------------------------------------------------------------------
 
 class Dtype(str, Enum):
@@ -179,19 +215,23 @@ class Dtype(str, Enum):
 def convert(
     src: Annotated[str, typer.Argument(
         metavar="SRC", show_default=False,
-        help="Checkpoint file (OpenAI TorchScript .pt, PyTorch state dict, safetensors) or a released model name.")],
+        help="A model name (see `clipcli models`), hf-hub:ORG/REPO, a model folder, or a checkpoint file "
+             "(OpenAI TorchScript .pt, PyTorch state dict, safetensors).")],
     dst: Annotated[Path, typer.Argument(metavar="DST.safetensors", dir_okay=False, show_default=False,
                                         help="The safetensors file to write.")],
     dtype: Annotated[Optional[Dtype], typer.Option(
         "--dtype", show_default=False, help="Store floating-point tensors as this type (default: as in SRC).")] = None,
+    arch: Annotated[Optional[str], typer.Option(
+        "--arch", show_default=False, help="Architecture of a SRC file that does not say (a name from `clipcli models`).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace DST if it exists.")] = False,
     quiet: QuietOpt = False,
     cache_dir: CacheDirOpt = None,
 ) -> None:
-    """Convert a checkpoint to safetensors with OpenAI's key names.
+    """Convert a model to one safetensors file with OpenAI's key names and its full config.
 
-    The result loads with `clipcli.load(DST)` (and `--model DST`), gives the same outputs,
-    and never needs the TorchScript reader again. DST is written atomically.
+    Any model clipcli reads (OpenAI, OpenCLIP, transformers CLIPModel) becomes one file that
+    loads with `clipcli.load(DST)` (and `--model DST`), gives the same outputs, and carries
+    its architecture and preprocessing in its metadata. DST is written atomically.
 
     Example: clipcli convert ViT-B/32 vit-b-32.safetensors --dtype float16
     """
@@ -201,31 +241,29 @@ def convert(
         raise OutputExistsError(f"{dst} exists; pass --overwrite to replace it")
     import torch
 
-    from ..api import resolve_checkpoint
-    from ..checkpoint import read_state_dict
     from ..download import format_size
-    from ..model import build_model
+    from ..factory import config_to_json
+    from ..loading import load, resolve
 
-    source = resolve_checkpoint(src, cache_dir)
-    state = read_state_dict(source, dtype=getattr(torch, dtype.value) if dtype else None)
-    build_model(state, source=str(source))  # a CheckpointError naming keys, before anything is written
-    tensors = _safetensors_ready(state)
-    _save_atomically(tensors, dst, source)
+    source = resolve(src, arch=arch, cache_dir=cache_dir, quiet=True if quiet else None)
+    model, note = load(source, "cpu", getattr(torch, dtype.value) if dtype else None)
+    if note:
+        _message(quiet, f"note: {note}")
+    tensors = _safetensors_ready(model.state_dict())
+    _save_atomically(tensors, dst, source.path, config_to_json(model.config))
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()})
-    _message(quiet, f"converted {source} -> {dst} ({len(tensors)} tensors, {'/'.join(dtypes)}, "
+    _message(quiet, f"converted {src} -> {dst} ({len(tensors)} tensors, {'/'.join(dtypes)}, "
                     f"{format_size(dst.stat().st_size)})")
     typer.echo(str(dst))
 
 
 def _safetensors_ready(state: dict) -> dict:
-    """Tensors only (the three int entries of released files dropped), contiguous, unshared."""
+    """Tensors only, contiguous, unshared."""
     import torch
-
-    from ..model import EXTRA_KEYS
 
     out, seen = {}, set()
     for key, value in state.items():
-        if key in EXTRA_KEYS or not isinstance(value, torch.Tensor):
+        if not isinstance(value, torch.Tensor):
             continue
         value = value.detach().contiguous()
         storage = (value.untyped_storage().data_ptr(), value.device)
@@ -236,7 +274,7 @@ def _safetensors_ready(state: dict) -> dict:
     return out
 
 
-def _save_atomically(tensors: dict, dst: Path, source: Path) -> None:
+def _save_atomically(tensors: dict, dst: Path, source: Path, config: str) -> None:
     from safetensors.torch import save_file
 
     from .. import __version__
@@ -246,7 +284,7 @@ def _save_atomically(tensors: dict, dst: Path, source: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     try:
         save_file(tensors, str(tmp), metadata={"format": "pt", "converted_by": f"clipcli {__version__}",
-                                               "source": source.name})
+                                               "source": source.name, "clipcli_config": config})
         os.replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ClipcliError, InputError, OutputExistsError
-from ..model import CLIP, CLIPConfig, build_model
+from ..factory import config_to_json, create_model
+from ..model import CLIP, CLIPConfig
 from . import distributed
 from .data import GlobalBatches, PairDataset, SkipReporter, loader, read_pairs
 from .loss import ContrastiveModel, clamp_logit_scale, contrastive_loss
@@ -100,13 +101,14 @@ def _check_encoders(cfg: TrainConfig, config: CLIPConfig, source: str) -> None:
                          "--image-encoder/--text-encoder cannot change a loaded model")
 
 
-def load_clip(path_or_name: str, source: str) -> CLIP:
-    from ..api import resolve_checkpoint
-    from ..checkpoint import read_state_dict
+def load_clip(path_or_name: str) -> CLIP:
+    """Any model clipcli can load (a name, hub repo, folder or file), in float32, to train."""
+    from ..loading import load, resolve
 
-    path = resolve_checkpoint(path_or_name)
-    state = {k: v.clone() for k, v in read_state_dict(path, dtype=torch.float32).items()}
-    return build_model(state, source=source).float()
+    model, _ = load(resolve(path_or_name), "cpu", torch.float32)
+    for parameter in model.parameters():  # own the memory: a memory-mapped file may back the tensors
+        parameter.data = parameter.data.clone()
+    return model
 
 
 def save_checkpoint(clip: CLIP, path: Path, metadata: dict | None = None) -> None:
@@ -116,7 +118,8 @@ def save_checkpoint(clip: CLIP, path: Path, metadata: dict | None = None) -> Non
     state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
              for k, v in clip.state_dict().items()}
     tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
+    save_file(state, str(tmp), metadata={k: config_to_json(v) if isinstance(v, CLIPConfig) else json.dumps(v)
+                                         for k, v in (metadata or {}).items()})
     os.replace(tmp, path)
 
 
@@ -178,7 +181,7 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.device) -> Path:
-    from ..preprocess import image_transform
+    from ..preprocess import transform_for
 
     main = topology.is_main
     fresh_config = model_config(cfg) if not (cfg.resume or cfg.init) else None  # check options before touching --out
@@ -188,17 +191,17 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
     state = None
     if cfg.resume:
         state = torch.load(out / STATE, map_location="cpu", weights_only=True)
-        clip = load_clip(str(out / CHECKPOINT), str(out / CHECKPOINT))
+        clip = load_clip(str(out / CHECKPOINT))
     elif cfg.init:
-        clip = load_clip(cfg.init, cfg.init)
+        clip = load_clip(cfg.init)
         _check_encoders(cfg, clip.config, cfg.init)
     else:
-        clip = CLIP(fresh_config)
+        clip = create_model(fresh_config)
     apply_freeze(clip, cfg.freeze)
     clip = clip.to(device).train()
     config = clip.config
 
-    transform = image_transform(config.image_resolution)
+    transform = transform_for(config)
     train_set = PairDataset(read_pairs(cfg.train_data, cfg.img_key, cfg.caption_key), transform, config.context_length)
     val_set = PairDataset(read_pairs(cfg.val_data, cfg.img_key, cfg.caption_key), transform, config.context_length) if cfg.val_data else None
     if len(train_set) < cfg.batch_size:
@@ -282,7 +285,7 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
             metrics.write(evaluation)
             say("epoch {} done: {}".format(epoch + 1, ", ".join(
                 f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in evaluation.items() if k not in ("kind", "epoch"))))
-            save_checkpoint(clip, out / CHECKPOINT, {"clipcli_config": dataclasses.asdict(config)})
+            save_checkpoint(clip, out / CHECKPOINT, {"clipcli_config": config})
             tmp = out / (STATE + ".tmp")
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                         "step": step, "epoch": epoch + 1, "rng": torch.get_rng_state()}, tmp)

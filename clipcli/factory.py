@@ -1,0 +1,228 @@
+"""From a config, or a state dict with OpenAI's key names, to a :class:`~clipcli.model.CLIP`.
+
+Shapes show most of an architecture: widths, depths, patch size, resolution, context,
+vocabulary, MLP widths (off ``c_fc``). They cannot show the activation (QuickGELU or GELU),
+the attention head width (OpenCLIP's ViT-H/g/bigG use 80/88/104-wide heads, and an attention
+weight's shape does not depend on the head count) or how images are prepared. Those come
+from the model's config (a registry entry, an ``open_clip_config.json``, a transformers
+``config.json``, or the config clipcli stores in the safetensors files it writes);
+:func:`config_from_state_dict` alone assumes OpenAI's choices, and :func:`assumption_note`
+says when that assumption is doubtful.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, fields, replace
+from typing import Any, Mapping
+
+import torch
+
+from .errors import CheckpointError
+from .model import CLIP, HEAD_WIDTH, TOWERS, CLIPConfig
+
+# Entries of the released TorchScript files that are metadata, not parameters.
+EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+# The safetensors metadata key holding the config of a checkpoint clipcli wrote.
+METADATA_KEY = "clipcli_config"
+# Fields shapes determine; a config given for a checkpoint must agree with them.
+SHAPE_FIELDS = ("embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size",
+                "context_length", "vocab_size", "transformer_width", "transformer_layers", "vision_mixer",
+                "text_mixer", "vision_mlp_width", "text_mlp_width")
+# Widths of OpenAI's nine models: ViT vision widths, ResNet stem widths, text widths.
+_OPENAI_WIDTHS = {"vit": {768, 1024}, "resnet": {64, 80, 96, 128}, "text": {512, 640, 768, 1024}}
+
+
+def normalized(config: CLIPConfig) -> CLIPConfig:
+    """``config`` with every field in one canonical form (4x MLP widths as None, tuples for
+    lists), so two descriptions of the same architecture compare equal."""
+    vision_layers = config.vision_layers
+    if isinstance(vision_layers, (list, tuple)):
+        vision_layers = tuple(int(n) for n in vision_layers)
+    vision_mlp = None if config.vision_mlp_width in (None, 4 * config.vision_width) else config.vision_mlp_width
+    text_mlp = None if config.text_mlp_width in (None, 4 * config.transformer_width) else config.text_mlp_width
+    return replace(config, vision_layers=vision_layers, vision_mlp_width=vision_mlp, text_mlp_width=text_mlp,
+                   image_mean=tuple(float(v) for v in config.image_mean),
+                   image_std=tuple(float(v) for v in config.image_std))
+
+
+def create_model(config: CLIPConfig, initialize: bool = True) -> CLIP:
+    """A CLIP of ``config``, with Mixer blocks where the config asks for them."""
+    model = CLIP(config, initialize=False)
+    if config.vision_mixer or config.text_mixer:
+        from .mixer import Mixer
+
+        if config.vision_mixer:
+            if config.vision_patch_size is None:
+                raise ValueError("the Mixer image encoder replaces a ViT's blocks; it needs a patch size")
+            tokens = model.visual.positional_embedding.shape[0]
+            model.visual.transformer = Mixer(config.vision_width, int(config.vision_layers), tokens,
+                                             mlp_width=config.vision_mlp_width, activation=config.activation)
+        if config.text_mixer:
+            model.transformer = Mixer(config.transformer_width, config.transformer_layers, config.context_length,
+                                      causal=True, mlp_width=config.text_mlp_width, activation=config.activation)
+    if initialize:
+        model.initialize_parameters()
+    return model
+
+
+# --------------------------------------------------------------------------- from shapes
+
+
+def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
+    return len({k[len(prefix) :].split(".")[0] for k in state_dict if k.startswith(prefix)})
+
+
+def _mlp_width(state_dict: dict[str, torch.Tensor], prefix: str) -> int | None:
+    weight = state_dict.get(f"{prefix}0.mlp.c_fc.weight")
+    return None if weight is None else int(weight.shape[0])
+
+
+def config_from_state_dict(state_dict: dict[str, torch.Tensor], **overrides) -> CLIPConfig:
+    """Read the architecture off the shapes of a CLIP state dict (OpenAI key names).
+
+    What shapes cannot show is OpenAI's choice (QuickGELU, 64-wide heads, OpenAI's image
+    statistics) unless ``overrides`` (other :class:`CLIPConfig` fields) say otherwise.
+    """
+    sd = state_dict
+    if "visual.proj" in sd:  # ViT
+        width = sd["visual.conv1.weight"].shape[0]
+        patch = sd["visual.conv1.weight"].shape[-1]
+        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        vision_layers: int | tuple[int, ...] = _count_blocks(sd, "visual.transformer.resblocks.")
+        resolution, patch_size = patch * grid, patch
+    else:  # ModifiedResNet
+        vision_layers = tuple(_count_blocks(sd, f"visual.layer{i}.") for i in range(1, 5))
+        width = sd["visual.layer1.0.conv1.weight"].shape[0]
+        output_grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+        resolution, patch_size = output_grid * 32, None
+    transformer_width = sd["ln_final.weight"].shape[0]
+    config = CLIPConfig(
+        embed_dim=sd["text_projection"].shape[1],
+        image_resolution=resolution,
+        vision_layers=vision_layers,
+        vision_width=width,
+        vision_patch_size=patch_size,
+        context_length=sd["positional_embedding"].shape[0],
+        vocab_size=sd["token_embedding.weight"].shape[0],
+        transformer_width=transformer_width,
+        transformer_heads=max(1, transformer_width // HEAD_WIDTH),
+        transformer_layers=_count_blocks(sd, "transformer.resblocks."),
+        vision_mixer="visual.transformer.resblocks.0.token_mix.fc1.weight" in sd,
+        text_mixer="transformer.resblocks.0.token_mix.fc1.weight" in sd,
+        vision_mlp_width=_mlp_width(sd, "visual.transformer.resblocks.") if patch_size else None,
+        text_mlp_width=_mlp_width(sd, "transformer.resblocks."),
+    )
+    return normalized(replace(config, **overrides))
+
+
+def assumption_note(config: CLIPConfig, source: str) -> str | None:
+    """A one-line note when ``config`` was read off shapes alone and its widths are not one of
+    OpenAI's models' (so OpenAI's head width and activation are a guess), else None."""
+    kind = "resnet" if config.vision_patch_size is None else "vit"
+    if config.vision_width in _OPENAI_WIDTHS[kind] and config.transformer_width in _OPENAI_WIDTHS["text"]:
+        return None
+    return (f"{source} has no config and its widths (vision {config.vision_width}, text "
+            f"{config.transformer_width}) are not one of OpenAI's models: assuming 64-wide attention heads "
+            "and QuickGELU as OpenAI's; if it is an OpenCLIP model, name its architecture (--arch "
+            "ViT-H-14/laion2b_s32b_b79k) or put its open_clip_config.json beside it")
+
+
+# --------------------------------------------------------------------------- config <-> metadata
+
+
+def config_to_json(config: CLIPConfig) -> str:
+    return json.dumps(asdict(normalized(config)), sort_keys=True)
+
+
+def config_from_json(text: str) -> CLIPConfig:
+    """The config :func:`config_to_json` wrote; unknown fields are refused, missing ones default."""
+    try:
+        data = json.loads(text)
+        known = {f.name for f in fields(CLIPConfig)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown fields {sorted(unknown)}")
+        return normalized(CLIPConfig(**data))
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"the stored clipcli config is not valid ({error})") from None
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _describe(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _check_agrees(config: CLIPConfig, shapes: CLIPConfig, source: str) -> None:
+    wrong = [f"{name} {getattr(shapes, name)!r} (the config says {getattr(config, name)!r})"
+             for name in SHAPE_FIELDS if getattr(config, name) != getattr(shapes, name)]
+    if wrong:
+        raise CheckpointError(f"{source}: the weights do not match the architecture given for them: "
+                              + _describe(wrong, 3))
+    for what, width, heads in (("vision", config.vision_width * (32 if config.vision_patch_size is None else 1),
+                                config.vision_heads),
+                               ("text", config.transformer_width, config.transformer_heads)):
+        if width % heads:
+            raise CheckpointError(f"{source}: {what} width {width} does not split into {heads} attention heads")
+
+
+def build_model(state_dict: dict[str, torch.Tensor], hints: CLIPConfig | Mapping[str, Any] | None = None,
+                source: str = "checkpoint", towers: tuple[str, ...] = TOWERS) -> CLIP:
+    """Build a CLIP from a state dict with OpenAI's key names and load it strictly.
+
+    ``hints`` (a config, or some of its fields) give what shapes cannot show; without them
+    OpenAI's choices are assumed. Fields that shapes do show must agree with them. The
+    model takes the state dict's tensors as they are (no copy, same dtype). Towers not in
+    ``towers`` are dropped; their entries may be ``meta`` tensors (only their shapes are read).
+
+    Raises :class:`CheckpointError` naming ``source`` and the offending keys when the state
+    dict is not a CLIP we can build (missing, unexpected or wrongly shaped entries, or weights
+    that disagree with ``config``).
+    """
+    sd = {k: v for k, v in state_dict.items() if k not in EXTRA_KEYS and not k.endswith("attn_mask")}
+    try:
+        shapes = config_from_state_dict(sd)
+    except (KeyError, IndexError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{source} is not a CLIP checkpoint: cannot read its architecture ({error!r})") from None
+    if isinstance(hints, CLIPConfig):
+        hints = asdict(hints)
+    config = normalized(replace(shapes, **hints)) if hints else shapes
+    _check_agrees(config, shapes, source)
+    with torch.device("meta"):
+        model = create_model(config, initialize=False)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_describe(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_describe(unexpected)}")
+        raise CheckpointError(f"{source} does not match a CLIP architecture; " + "; ".join(parts))
+    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(f"{source} has tensors of the wrong shape: {_describe(wrong)}")
+    model.load_state_dict(sd, strict=False, assign=True)
+    for tower in TOWERS:
+        if tower not in towers:
+            model.drop_tower(tower)
+    for name, buffer in model.named_buffers():  # anything the file lacked (num_batches_tracked)
+        if buffer.is_meta:
+            _set_buffer(model, name, torch.zeros((), dtype=torch.long))
+    return model
+
+
+def _set_buffer(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    model.get_submodule(owner).register_buffer(leaf, value)
+
+
+def parameter_count(config: CLIPConfig) -> int:
+    """Parameters of a model of ``config`` (built on the meta device: nothing allocated)."""
+    with torch.device("meta"):
+        model = create_model(config, initialize=False)
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,156 @@
+"""Files from Hugging Face hub repositories, through the Hugging Face cache.
+
+A repository's files live where ``huggingface_hub``, transformers and open_clip keep them
+(``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``, else
+``~/.cache/huggingface/hub``; ``models--ORG--NAME/snapshots/<commit>/<file>``), so a model
+any of those tools downloaded is used in place: no copy, no network. ``huggingface_hub``
+downloads what is missing (resumable, locked, tokens for gated repositories); we then check
+the file's sha256 against the hub's LFS hash (the blob's name), so a file is never used
+unverified after a download. ``CLIPCLI_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``: the cache only.
+
+Every failure is one :class:`~clipcli.errors.DownloadError` line; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+from .errors import ChecksumError, DownloadError, OfflineError, UnknownModelError
+
+PREFIX = "hf-hub:"
+_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    """The Hugging Face hub cache, found as ``huggingface_hub`` finds it."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    base = Path(os.environ["XDG_CACHE_HOME"]).expanduser() if os.environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return base / "huggingface" / "hub"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def offline() -> bool:
+    return _flag("CLIPCLI_OFFLINE") or _flag("HF_HUB_OFFLINE")
+
+
+def parse_name(name: str) -> tuple[str, str | None] | None:
+    """``(repo, revision)`` for ``hf-hub:ORG/REPO`` or ``hf-hub:ORG/REPO@REVISION``, else None."""
+    if not name.startswith(PREFIX):
+        return None
+    repo, _, revision = name[len(PREFIX):].strip().strip("/").partition("@")
+    if not _REPO.match(repo):
+        raise UnknownModelError(f"{name!r}: a hub name is hf-hub:ORG/REPO (optionally @REVISION)")
+    return repo, revision or None
+
+
+def cached_file(repo: str, filename: str, revision: str | None = None) -> Path | None:
+    """The cached copy of ``filename`` at ``revision`` (default: the cached ``main``), else None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir(), revision=revision)
+    return Path(found) if isinstance(found, str) and os.path.isfile(found) else None
+
+
+def verify(path: Path) -> None:
+    """Check a cached hub file against its LFS sha256 (the name of the blob it links to)."""
+    from .download import sha256_file
+
+    blob = Path(os.path.realpath(path))
+    expected = blob.name
+    if not re.fullmatch(r"[0-9a-f]{64}", expected):
+        return  # a small git file: its blob is named by a git hash, not a sha256
+    actual = sha256_file(blob)
+    if actual != expected:
+        with contextlib.suppress(OSError):
+            blob.unlink()
+            path.unlink()
+        raise ChecksumError(f"{path} does not match the hub's sha256 (expected {expected}, got {actual}); "
+                            "the file was deleted, run again to download it anew")
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def download(repo: str, filename: str, revision: str | None = None, *, quiet: bool = True) -> Path:
+    """``filename`` from hub ``repo`` into the Hugging Face cache (resumed if interrupted),
+    sha256-verified. Raises :class:`FileNotFoundError` when the repository has no such file."""
+    if offline():
+        raise OfflineError(f"{repo}/{filename} is not in the Hugging Face cache ({cache_dir()}) "
+                           "and CLIPCLI_OFFLINE/HF_HUB_OFFLINE forbid downloading it")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub import errors as hf
+
+    from . import __version__
+
+    try:
+        path = Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir(),
+                                    library_name="clipcli", library_version=__version__,
+                                    tqdm_class=_silent_tqdm() if quiet else None))
+    except hf.GatedRepoError:
+        raise DownloadError(f"hub repository {repo} is gated: accept its terms on its hub page, then log in "
+                            "(`hf auth login` or $HF_TOKEN)") from None
+    except hf.RepositoryNotFoundError:
+        raise UnknownModelError(f"hub repository {repo} does not exist (or is private: log in with "
+                                "`hf auth login` or $HF_TOKEN)") from None
+    except hf.RevisionNotFoundError:
+        raise UnknownModelError(f"hub repository {repo} has no revision {revision!r}") from None
+    except hf.EntryNotFoundError:
+        raise FileNotFoundError(filename) from None
+    except hf.LocalEntryNotFoundError as error:
+        raise OfflineError(f"cannot download {repo}/{filename}: the hub cannot be reached and it is not "
+                           f"in the cache ({_one_line(error)})") from None
+    except (hf.HfHubHTTPError, OSError, ValueError) as error:
+        raise DownloadError(f"cannot download {repo}/{filename}: {_one_line(error)}") from None
+    verify(path)
+    return path
+
+
+def _silent_tqdm():
+    from tqdm.auto import tqdm
+
+    class Silent(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return Silent
+
+
+def first_file(repo: str, candidates: Sequence[str], revision: str | None = None, *,
+               quiet: bool = True) -> Path | None:
+    """The first of ``candidates`` the repository has: a cached one if any, else the first
+    that downloads. None when it has none of them."""
+    for filename in candidates:
+        path = cached_file(repo, filename, revision)
+        if path is not None:
+            return path
+    for filename in candidates:
+        try:
+            return download(repo, filename, revision, quiet=quiet)
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def optional_file(repo: str, filename: str, revision: str | None = None, *, quiet: bool = True) -> Path | None:
+    """``filename`` from the cache or the hub, or None when the repository has no such file
+    (or, offline, when the cache does not hold it)."""
+    path = cached_file(repo, filename, revision)
+    if path is not None:
+        return path
+    try:
+        return download(repo, filename, revision, quiet=quiet)
+    except (FileNotFoundError, OfflineError):
+        return None

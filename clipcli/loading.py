@@ -1,0 +1,280 @@
+"""The one loading path: a name or a file -> a :class:`ModelSource` -> a ready model.
+
+Names a user may type, tried in this order:
+
+- ``hf-hub:ORG/REPO[@REVISION]``: any hub repository holding an OpenCLIP model
+  (``open_clip_config.json`` + weights) or a transformers ``CLIPModel`` (``config.json`` with
+  ``model_type`` ``clip`` + weights), read through the Hugging Face cache (:mod:`clipcli.hub`);
+- a folder holding either layout;
+- a checkpoint file (OpenAI TorchScript, a state dict or safetensors, in OpenAI's, OpenCLIP's or
+  transformers' key names). Its architecture comes from ``arch=``, else the config clipcli
+  stores in the safetensors files it writes, else an ``open_clip_config.json`` or transformers
+  ``config.json`` beside it, else OpenAI's choices (with a note when those are doubtful);
+- one of OpenAI's nine names (``ViT-B/32``, also ``ViT-B-32/openai``), downloaded into clipcli's
+  cache as before;
+- a registry name ``ARCH/TAG`` (``ViT-B-32/laion2b_s34b_b79k``, see ``clipcli models``), from
+  its hub repository.
+
+A :class:`ModelSource` knows where the weights are, their key schema and the config fields
+their shapes cannot show; :func:`load` reads only the towers asked for and builds the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from . import convert, hub, registry
+from .errors import CheckpointError, ClipcliError, UnknownModelError
+from .factory import assumption_note, build_model, config_from_json, config_from_state_dict
+from .model import CLIP, TOWERS, tower_of
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                     "open_clip_pytorch_model.bin")
+TRANSFORMERS_CONFIG, TRANSFORMERS_PREPROCESSOR = "config.json", "preprocessor_config.json"
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                        "pytorch_model.bin.index.json")
+
+
+class AssumedArchitectureWarning(UserWarning):
+    """A checkpoint without a config whose widths are not OpenAI's: the head width and
+    activation were assumed."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights are and what the shapes cannot say about them."""
+
+    name: str  # as the user gave it
+    files: tuple[Path, ...]  # the weights: one file, or the shards of a sharded checkpoint
+    hints: Mapping[str, Any] = field(default_factory=dict)  # CLIPConfig fields; empty: OpenAI's choices
+    described: bool = False  # whether a config (registry, file, metadata) described the model
+
+    @property
+    def path(self) -> Path:
+        return self.files[0]
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise CheckpointError(f"{path}: cannot read the {what} ({error})") from None
+
+
+def _transformers_hints(config_path: Path, preprocessor_path: Path | None, source: str) -> dict:
+    preprocessor = _read_json(preprocessor_path, "preprocessor config") if preprocessor_path else None
+    return convert.config_from_transformers(_read_json(config_path, "config"), source, preprocessor)
+
+
+def _is_transformers_config(path: Path) -> bool:
+    try:
+        return isinstance(data := json.loads(path.read_text(encoding="utf-8")), dict) and "model_type" in data
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+
+
+def _stored_config(path: Path) -> dict | None:
+    """The config clipcli wrote into a safetensors file's metadata, if any."""
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as file:
+            text = (file.metadata() or {}).get("clipcli_config")
+    except Exception:  # noqa: BLE001 - not readable here: read_state_dict names the problem
+        return None
+    if not text:
+        return None
+    from dataclasses import asdict
+
+    return asdict(config_from_json(text))
+
+
+# --------------------------------------------------------------------------- resolving
+
+
+def _shards(index: Path) -> tuple[Path, ...]:
+    """The shard files a ``*.index.json`` names, beside it."""
+    data = _read_json(index, "shard index")
+    names = sorted(set((data.get("weight_map") or {}).values())) if isinstance(data, dict) else []
+    if not names:
+        raise CheckpointError(f"{index} names no shard files")
+    return tuple(index.with_name(name) for name in names)
+
+
+def _folder_source(folder: Path, name: str) -> ModelSource:
+    """An OpenCLIP or transformers model saved in ``folder`` (as the hub holds them)."""
+    open_clip_config = folder / OPEN_CLIP_CONFIG
+    if open_clip_config.is_file():
+        hints = convert.config_from_open_clip(_read_json(open_clip_config, "OpenCLIP config"), name)
+        weights = next((folder / f for f in OPEN_CLIP_WEIGHTS if (folder / f).is_file()), None)
+        if weights is not None:
+            return ModelSource(name, (weights,), hints, described=True)
+    config = folder / TRANSFORMERS_CONFIG
+    if config.is_file() and _is_transformers_config(config):
+        preprocessor = folder / TRANSFORMERS_PREPROCESSOR
+        hints = _transformers_hints(config, preprocessor if preprocessor.is_file() else None, name)
+        weights = next((folder / f for f in TRANSFORMERS_WEIGHTS if (folder / f).is_file()), None)
+        if weights is not None:
+            files = _shards(weights) if weights.name.endswith(".index.json") else (weights,)
+            return ModelSource(name, files, hints, described=True)
+    raise CheckpointError(
+        f"{folder} holds no model clipcli can read: it needs {OPEN_CLIP_CONFIG} with one of "
+        f"{', '.join(OPEN_CLIP_WEIGHTS)} (OpenCLIP), or a transformers {TRANSFORMERS_CONFIG} with "
+        f"{' or '.join(TRANSFORMERS_WEIGHTS[::2])}"
+    )
+
+
+def _hub_source(name: str, repo: str, revision: str | None, quiet: bool) -> ModelSource:
+    """A hub repository in either layout, its config read (and families refused) before any
+    weights are downloaded."""
+    open_clip_config = hub.optional_file(repo, OPEN_CLIP_CONFIG, revision, quiet=quiet)
+    if open_clip_config is not None:
+        hints = convert.config_from_open_clip(_read_json(open_clip_config, "OpenCLIP config"), name)
+        weights = hub.first_file(repo, OPEN_CLIP_WEIGHTS, revision, quiet=quiet)
+        if weights is not None:
+            return ModelSource(name, (weights,), hints, described=True)
+    config = hub.optional_file(repo, TRANSFORMERS_CONFIG, revision, quiet=quiet)
+    if config is not None and _is_transformers_config(config):
+        preprocessor = hub.optional_file(repo, TRANSFORMERS_PREPROCESSOR, revision, quiet=quiet)
+        hints = _transformers_hints(config, preprocessor, name)
+        weights = hub.first_file(repo, TRANSFORMERS_WEIGHTS, revision, quiet=quiet)
+        if weights is not None:
+            if weights.name.endswith(".index.json"):
+                shards = tuple(hub.first_file(repo, (shard.name,), revision, quiet=quiet) or shard
+                               for shard in _shards(weights))
+                return ModelSource(name, shards, hints, described=True)
+            return ModelSource(name, (weights,), hints, described=True)
+    where = "the Hugging Face cache" if hub.offline() else "the hub or the Hugging Face cache"
+    raise CheckpointError(
+        f"{name}: {where} ({hub.cache_dir()}) holds no OpenCLIP ({OPEN_CLIP_CONFIG} + weights) or "
+        f"transformers ({TRANSFORMERS_CONFIG} + weights) model for {repo}"
+    )
+
+
+def _file_source(path: Path, name: str, arch: str | None) -> ModelSource:
+    if arch is not None:
+        return ModelSource(name, (path,), _arch_hints(arch), described=True)
+    stored = _stored_config(path)
+    if stored is not None:
+        return ModelSource(name, (path,), stored, described=True)
+    beside = path.parent / OPEN_CLIP_CONFIG
+    if beside.is_file():
+        return ModelSource(name, (path,), convert.config_from_open_clip(_read_json(beside, "OpenCLIP config"), name),
+                           described=True)
+    config = path.parent / TRANSFORMERS_CONFIG
+    if config.is_file() and _is_transformers_config(config):
+        preprocessor = path.parent / TRANSFORMERS_PREPROCESSOR
+        return ModelSource(name, (path,), _transformers_hints(config, preprocessor if preprocessor.is_file() else None,
+                                                              name), described=True)
+    return ModelSource(name, (path,))
+
+
+def _arch_hints(arch: str) -> dict:
+    hints = registry.architecture_hints(arch)
+    if hints is None:
+        raise UnknownModelError(f"--arch {arch!r} is not a registry name or architecture (see `clipcli models`)")
+    return hints
+
+
+def resolve(name: str | os.PathLike, *, arch: str | None = None, cache_dir: str | os.PathLike | None = None,
+            quiet: bool | None = None) -> ModelSource:
+    """Find (downloading if needed) the model called ``name``; see the module docstring.
+    ``quiet``: no download messages; None: a progress bar when stderr is a terminal."""
+    text = os.fspath(name)
+    bars = quiet is None and sys.stderr.isatty()
+    parsed = hub.parse_name(text)
+    if parsed is not None:
+        return _hub_source(text, *parsed, quiet=not bars)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _folder_source(path, text)
+    if path.is_file():
+        return _file_source(path, text, arch)
+    info = registry.find_model(text)
+    if info is not None:
+        from .download import model_file
+
+        return ModelSource(text, (model_file(info.name, cache_dir=cache_dir, quiet=quiet),),
+                           registry.openai_hints(info), described=True)
+    pretrained = registry.find_pretrained(text)
+    if pretrained is not None:
+        weights = hub.first_file(pretrained.hf_repo, pretrained.files, quiet=not bars)
+        if weights is None:
+            raise CheckpointError(f"{text}: hub repository {pretrained.hf_repo} has none of "
+                                  f"{', '.join(pretrained.files)}")
+        return ModelSource(text, (weights,), pretrained.hints, described=True)
+    raise UnknownModelError(
+        f"{text!r} is not a model name (`clipcli models` lists them: OpenAI's as ViT-B/32, others as "
+        "ARCH/TAG), an hf-hub:ORG/REPO name, a model folder or an existing checkpoint file"
+    )
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _tower(key: str) -> str | None:
+    return convert.tower_of_transformers_key(key) if key.startswith(("text_model.", "vision_model.", "visual_projection")) \
+        else tower_of(key)
+
+
+def read_weights(source: ModelSource, dtype: torch.dtype | None = None,
+                 towers: Sequence[str] = TOWERS) -> dict[str, torch.Tensor]:
+    """The state dict of ``source`` with OpenAI's key names; keys of towers not asked for are
+    ``meta`` tensors (never read)."""
+    from .checkpoint import read_state_dict
+
+    keep = None if tuple(towers) == TOWERS else (lambda key: _tower(key) in (*towers, None))
+    state: dict[str, torch.Tensor] = {}
+    for file in source.files:
+        state.update(read_state_dict(file, dtype=dtype, keep=keep))
+    if convert.is_transformers_state_dict(state):
+        state = convert.state_dict_from_transformers(state)
+    return state
+
+
+def _checked_towers(towers: Sequence[str]) -> tuple[str, ...]:
+    unknown = set(towers) - set(TOWERS)
+    if unknown or not towers:
+        raise ClipcliError(f"towers must be some of {TOWERS}, not {tuple(towers)}")
+    return tuple(t for t in TOWERS if t in towers)
+
+
+def load(source: ModelSource, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32,
+         towers: Sequence[str] = TOWERS) -> tuple[CLIP, str | None]:
+    """``(model in eval mode, note)``: only ``towers`` are read (``dtype`` None: as stored);
+    ``note`` says what was assumed about an undescribed checkpoint (None when nothing was)."""
+    towers = _checked_towers(towers)
+    state = read_weights(source, dtype, towers)
+    note = None
+    if not source.described:
+        try:
+            note = assumption_note(config_from_state_dict(state), str(source.path))
+        except (KeyError, IndexError, ValueError, TypeError):
+            note = None  # build_model names what is wrong
+    model = build_model(state, source.hints, source=source.name, towers=towers)
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
+    return model.eval(), note
+
+
+def load_model(name: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               towers: Sequence[str] = TOWERS, *, arch: str | None = None,
+               cache_dir: str | os.PathLike | None = None) -> CLIP:
+    """:func:`resolve` then :func:`load`; a note becomes an :class:`AssumedArchitectureWarning`."""
+    model, note = load(resolve(name, arch=arch, cache_dir=cache_dir), device, dtype, towers)
+    if note:
+        warnings.warn(note, AssumedArchitectureWarning, stacklevel=2)
+    return model
