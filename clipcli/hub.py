@@ -96,6 +96,7 @@ def download(repo: str, filename: str, revision: str | None = None, *, quiet: bo
 
     try:
         path = Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir(),
+                                    endpoint=os.environ.get("HF_ENDPOINT") or None,  # read now, not at import
                                     library_name="clipcli", library_version=__version__,
                                     tqdm_class=_silent_tqdm() if quiet else None))
     except hf.GatedRepoError:

@@ -10,8 +10,9 @@ Names a user may type, tried in this order:
   transformers' key names). Its architecture comes from ``arch=``, else the config clipcli
   stores in the safetensors files it writes, else an ``open_clip_config.json`` or transformers
   ``config.json`` beside it, else OpenAI's choices (with a note when those are doubtful);
-- one of OpenAI's nine names (``ViT-B/32``, also ``ViT-B-32/openai``), downloaded into clipcli's
-  cache as before;
+- one of OpenAI's nine names (``ViT-B/32``, also ``ViT-B-32/openai``): the same weights already
+  in the Hugging Face cache (``timm/*.openai``, as open_clip downloads them), else clipcli's
+  cache, downloading as before;
 - a registry name ``ARCH/TAG`` (``ViT-B-32/laion2b_s34b_b79k``, see ``clipcli models``), from
   its hub repository.
 
@@ -205,11 +206,12 @@ def resolve(name: str | os.PathLike, *, arch: str | None = None, cache_dir: str 
     if path.is_file():
         return _file_source(path, text, arch)
     info = registry.find_model(text)
-    if info is not None:
+    if info is not None:  # the same weights in the HF cache (open_clip's download), else clipcli's cache
         from .download import model_file
 
-        return ModelSource(text, (model_file(info.name, cache_dir=cache_dir, quiet=quiet),),
-                           registry.openai_hints(info), described=True)
+        path = hub.cached_file(info.hf_repo, registry.HF_FILE) or model_file(info.name, cache_dir=cache_dir,
+                                                                              quiet=quiet)
+        return ModelSource(text, (path,), registry.openai_hints(info), described=True)
     pretrained = registry.find_pretrained(text)
     if pretrained is not None:
         weights = hub.first_file(pretrained.hf_repo, pretrained.files, quiet=not bars)

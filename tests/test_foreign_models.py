@@ -302,3 +302,92 @@ def test_embeddings_of_a_hub_model_equal_the_api(hf_cache, tmp_path, sample_imag
         expected = reference.encode_image(torch.stack([transform(Image.open(p)) for p in sample_images]),
                                           normalize=True)
     assert np.abs(rows - expected.numpy()).max() <= TOLERANCE
+
+
+# --------------------------------------------------------------------------- hub downloads
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """A hub on 127.0.0.1 serving a tiny OpenCLIP repository ``laion/tiny`` as the hub does:
+    ``resolve/main/FILE`` with the commit and, for weights, the LFS sha256 and size."""
+    import hashlib
+
+    from download_server import start_server, stop_server
+
+    server = start_server()
+    folder = save_open_clip(open_clip_model("gelu-head80", seed=9), "gelu-head80", tmp_path / "served")
+    commit = "c" * 40
+    for file in folder.iterdir():
+        path = f"/laion/tiny/resolve/main/{file.name}"
+        data = file.read_bytes()
+        server.add(path, data)
+        server.headers[path] = {"X-Repo-Commit": commit}
+        if file.suffix == ".safetensors":
+            server.headers[path].update({"X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"',
+                                         "X-Linked-Size": str(len(data))})
+    monkeypatch.setenv("HF_ENDPOINT", server.base)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub"))
+    monkeypatch.delenv("CLIPCLI_OFFLINE")
+    yield server, folder
+    stop_server(server)
+
+
+def test_download_from_the_hub_then_use_it_offline(fake_hub, tmp_path, sample_images, monkeypatch):
+    server, folder = fake_hub
+    result = run("download", "hf-hub:laion/tiny")
+    assert result.exit_code == 0, result.stderr
+    path = result.stdout.strip()
+    assert path.endswith("snapshots/" + "c" * 40 + "/open_clip_model.safetensors")
+    assert open(path, "rb").read() == (folder / "open_clip_model.safetensors").read_bytes()
+    assert run("download", "hf-hub:laion/tiny", "--verify").exit_code == 0
+    monkeypatch.setenv("CLIPCLI_OFFLINE", "1")
+    gets = len(server.gets())
+    offline = run("encode", sample_images[0], "--model", "hf-hub:laion/tiny")
+    assert offline.exit_code == 0, offline.stderr
+    assert len(server.gets()) == gets  # no network
+
+
+def test_a_hub_download_that_does_not_match_its_sha256_is_deleted(fake_hub, tmp_path, sample_images):
+    server, _ = fake_hub
+    path = "/laion/tiny/resolve/main/open_clip_model.safetensors"
+    data = server.files[path]
+    server.files[path] = data[:-1] + bytes([data[-1] ^ 0xFF])  # the hub's sha256 is still the good file's
+    result = run("encode", sample_images[0], "--model", "hf-hub:laion/tiny")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "does not match the hub's sha256" in result.stderr
+    blobs = list((tmp_path / "hf-hub").glob("models--laion--tiny/blobs/*"))
+    assert all(blob.stat().st_size < 1000 for blob in blobs)  # only the small config is kept
+
+
+def test_registry_names_download_from_their_hub_repository(fake_hub, monkeypatch, sample_images):
+    from clipcli import registry
+
+    entry = registry.Pretrained("Tiny-1", "laion_test", "laion/tiny", registry.OPEN_CLIP_FILES,
+                                {"activation": "gelu", "vision_head_width": 80, "transformer_heads": 2,
+                                 "image_mean": (0.5, 0.5, 0.5), "image_std": (0.5, 0.5, 0.5)},
+                                "LAION-2B", "MIT", None)
+    monkeypatch.setattr(registry, "pretrained", lambda: (entry,))
+    result = run("classify", sample_images[0], "--model", "Tiny-1/laion_test", "-l", "cat,dog")
+    assert result.exit_code == 0, result.stderr
+    listed = [json.loads(line) for line in run("models").stdout.splitlines()]
+    assert next(r for r in listed if r["name"] == "Tiny-1/laion_test")["cached"] is True
+
+
+def test_openai_names_use_open_clips_download_in_the_hf_cache(hf_cache, tmp_path, tiny_vit_checkpoint, monkeypatch):
+    from checkpoints import released_state_dict, save_safetensors
+
+    from clipcli import registry
+
+    info = registry.ModelInfo("Fake/1", "Fake-1.pt", "0" * 64, 1, 32, 32, "timm/fake_clip.openai")
+    monkeypatch.setattr(registry, "MODELS", (info,))
+    folder = tmp_path / "timm"
+    folder.mkdir()
+    save_safetensors({k: v.float() for k, v in released_state_dict(tiny_vit_checkpoint).items()},
+                     folder / registry.HF_FILE)
+    hf_cache_repo(hf_cache, "timm/fake_clip.openai", folder)
+    model, _ = clipcli.load("Fake/1", device="cpu")  # offline, and not in clipcli's cache
+    reference, _ = clipcli.load(tiny_vit_checkpoint, device="cpu")
+    images, tokens = _inputs(32)
+    with torch.no_grad():
+        assert _max_diff(model.encode_image(images), reference.encode_image(images)) == 0

@@ -70,3 +70,102 @@ def test_model_info_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         MODELS[0].size = 1  # type: ignore[misc]
     assert isinstance(MODELS, tuple) and all(isinstance(m, ModelInfo) for m in MODELS)
+
+
+# --- OpenCLIP's weights, against open_clip's own tables ---------------------------------------
+
+def _open_clip_pairs():
+    import open_clip
+
+    return open_clip.list_pretrained()
+
+
+def _plain(config: dict) -> bool:
+    from clipcli.convert import open_clip_family
+
+    vision, text = config.get("vision_cfg", {}), config.get("text_cfg", {})
+    return (open_clip_family(config) is None and set(config) <= {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg"}
+            and set(vision) <= {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio"}
+            and set(text) <= {"context_length", "vocab_size", "width", "heads", "layers"})
+
+
+def test_every_plain_open_clip_pair_is_in_the_registry():
+    """Each (architecture, tag) open_clip lists whose architecture is plain CLIP has a name here."""
+    import open_clip
+
+    from clipcli.registry import find_model, find_pretrained
+
+    missing = []
+    for arch, tag in _open_clip_pairs():
+        if not _plain(open_clip.get_model_config(arch)):
+            continue
+        if (arch, tag) == ("ViT-B-16-plus-240", "laion400m_e32"):  # open_clip points it at the e31 repository
+            continue
+        found = find_model(f"{arch}/{tag}") if tag == "openai" else find_pretrained(f"{arch}/{tag}")
+        if found is None:
+            missing.append(f"{arch}/{tag}")
+    assert not missing
+
+
+def test_registry_entries_match_open_clips_configs():
+    import open_clip
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    from clipcli.registry import pretrained
+
+    for entry in pretrained():
+        config = open_clip.get_model_config(entry.arch)
+        vision, text, hints = config["vision_cfg"], config["text_cfg"], entry.hints
+        assert hints["embed_dim"] == config["embed_dim"], entry.name
+        assert hints["image_resolution"] == vision["image_size"], entry.name
+        layers = vision["layers"]
+        assert hints["vision_layers"] == (tuple(layers) if isinstance(layers, list) else layers), entry.name
+        assert hints["vision_width"] == vision["width"] and hints["vision_patch_size"] == vision.get("patch_size")
+        assert hints["vision_head_width"] == vision.get("head_width", 64), entry.name
+        if vision.get("patch_size"):
+            assert hints["vision_mlp_width"] == int(vision["width"] * vision.get("mlp_ratio", 4.0)), entry.name
+        assert (hints["transformer_width"], hints["transformer_heads"], hints["transformer_layers"]) == (
+            text["width"], text["heads"], text["layers"]), entry.name
+        assert (hints["context_length"], hints["vocab_size"]) == (text["context_length"], text["vocab_size"])
+        cfg = open_clip.get_pretrained_cfg(entry.arch, entry.tag)
+        assert entry.hf_repo == cfg["hf_hub"].rstrip("/"), entry.name
+        assert hints["activation"] == ("quick_gelu" if cfg.get("quick_gelu") else "gelu"), entry.name
+        assert tuple(hints.get("image_mean", OPENAI_DATASET_MEAN)) == tuple(cfg.get("mean") or OPENAI_DATASET_MEAN)
+        assert tuple(hints.get("image_std", OPENAI_DATASET_STD)) == tuple(cfg.get("std") or OPENAI_DATASET_STD)
+        assert hints.get("resize_mode", "shortest") == (cfg.get("resize_mode") or "shortest"), entry.name
+        assert hints.get("interpolation", "bicubic") == (cfg.get("interpolation") or "bicubic"), entry.name
+
+
+def test_stored_parameter_counts_are_the_models():
+    from clipcli.factory import parameter_count
+    from clipcli.model import CLIPConfig
+    from clipcli.registry import architecture_hints, parameters, pretrained
+
+    for arch in {entry.arch for entry in pretrained()} | {"RN50", "ViT-L-14-336"}:
+        assert parameters(arch) == parameter_count(CLIPConfig(**architecture_hints(arch))), arch
+    assert round(parameters("ViT-B-32") / 1e6) == 151 and round(parameters("ViT-bigG-14") / 1e9, 2) == 2.54
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("ViT-B-32/openai", "ViT-B/32"), ("vit-b-32-quickgelu/openai", "ViT-B/32"), ("RN50/openai", "RN50"),
+    ("ViT-L-14-336/openai", "ViT-L/14@336px"),
+])
+def test_openai_weights_by_their_open_clip_names(name, expected):
+    assert find_model(name).name == expected
+
+
+def test_names_of_open_clip_weights():
+    from clipcli.registry import find_pretrained
+
+    laion = find_pretrained("ViT-B-32/laion2b_s34b_b79k")
+    assert laion.hf_repo == "laion/CLIP-ViT-B-32-laion2B-s34B-b79K" and laion.hints["activation"] == "gelu"
+    assert laion.files[0] == "open_clip_model.safetensors" and laion.license == "MIT"
+    assert find_pretrained("vit-b-32/LAION2B_S34B_B79K") is laion
+    dfn = find_pretrained("ViT-H-14-378-quickgelu/dfn5b")
+    assert dfn is find_pretrained("ViT-H-14-378/dfn5b")  # the weights' own activation, whichever name
+    assert dfn.hints["activation"] == "quick_gelu" and dfn.hints["resize_mode"] == "squash"
+    assert dfn.hints["vision_head_width"] == 80 and dfn.imagenet_top1 == 84.4
+    assert find_pretrained("ViT-bigG-14/laion2b_s39b_b160k").hints["vision_mlp_width"] == 8192
+    assert find_pretrained("ViT-L-14/laion2b_s32b_b82k").hints["image_mean"] == (0.5, 0.5, 0.5)
+    assert find_pretrained("ViT-B-32-quickgelu/laion2b_s34b_b79k") is None  # GELU weights: no QuickGELU alias
+    assert find_pretrained("ViT-B-32/nonsense") is None
