@@ -17,9 +17,9 @@ def _architecture_facts(arch: str) -> dict:
             "parameters": registry.parameters(arch)}
 
 
-def _hub_cached(entry: registry.Pretrained) -> str | None:
-    for filename in entry.files:
-        path = hub.cached_file(entry.hf_repo, filename)
+def _hub_cached(repo: str, files: tuple[str, ...]) -> str | None:
+    for filename in files:
+        path = hub.cached_file(repo, filename)
         if path is not None:
             return str(path)
     return None
@@ -38,10 +38,13 @@ def catalog(cache_dir: str | os.PathLike | None = None) -> list[dict]:
             continue
         facts = registry.openai_facts(info)
         arch = _architecture_facts(registry.openai_architecture(info))
+        if not record["cached"]:  # the same weights as open_clip downloads them, in the HF cache
+            path = _hub_cached(info.hf_repo, registry.OPEN_CLIP_FILES)
+            record = {**record, "cached": path is not None, "path": path}
         named.append({**record, "family": "OpenAI", "parameters": arch["parameters"],
                       "license": facts.get("license"), "imagenet_top1": facts.get("imagenet_top1")})
     for entry in registry.pretrained():
-        path = _hub_cached(entry)
+        path = _hub_cached(entry.hf_repo, entry.files)
         named.append({"name": entry.name, "released": True, **_architecture_facts(entry.arch), "size": None,
                       "cached": path is not None, "path": path, "sha256": None,
                       "url": f"https://huggingface.co/{entry.hf_repo}", "family": entry.family,

@@ -247,6 +247,19 @@ def read_safetensors(path: str | Path, dtype: torch.dtype | None = None, keep: K
     return out
 
 
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file; empty for any other file."""
+    if Path(path).suffix != ".safetensors":
+        return {}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as file:
+            return dict(file.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return {}  # read_state_dict names what is wrong with the file
+
+
 def _select(state: StateDict, dtype: torch.dtype | None, keep: KeyFilter | None) -> StateDict:
     """Convert the kept tensors one at a time; the others become ``meta`` tensors (their
     pages of a memory-mapped file are never touched)."""

@@ -25,11 +25,10 @@ from typing import Any
 import torch
 
 from .errors import UnsupportedModelError
-from .model import HEAD_WIDTH, OPENAI_MEAN, OPENAI_STD
+from .model import HEAD_WIDTH, tower_of
+from .preprocess import INTERPOLATIONS, RESIZE_MODES
 
 VOCAB_SIZE = 49408  # OpenAI's BPE: the only tokenizer clipcli has
-INTERPOLATIONS = ("bicubic", "bilinear")
-RESIZE_MODES = ("shortest", "squash", "longest")
 
 
 def _refuse(source: str, family: str, why: str) -> UnsupportedModelError:
@@ -129,10 +128,7 @@ def config_from_open_clip(config: dict, source: str) -> dict[str, Any]:
         "activation": "quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
         "vision_head_width": int(vision.get("head_width", HEAD_WIDTH)),
     }
-    if "heads" in text:
-        fields["transformer_heads"] = int(text["heads"])
-    elif "width" in text:
-        fields["transformer_heads"] = max(1, int(text["width"]) // HEAD_WIDTH)
+    fields["transformer_heads"] = int(text.get("heads", 8))  # open_clip's CLIPTextCfg default
     fields.update(_preprocess_fields(source, preprocess.get("mean"), preprocess.get("std"),
                                      preprocess.get("interpolation"), preprocess.get("resize_mode")))
     return fields
@@ -159,7 +155,9 @@ def config_from_transformers(config: dict, source: str, preprocessor: dict | Non
     if model_type != "clip":
         family = TRANSFORMERS_FAMILIES.get(model_type, f"{model_type!r}")
         raise _refuse(source, family, f"transformers model_type {model_type!r}")
-    text, vision = config.get("text_config") or {}, config.get("vision_config") or {}
+    # transformers lets *_config_dict override *_config
+    text = {**(config.get("text_config") or {}), **(config.get("text_config_dict") or {})}
+    vision = {**(config.get("vision_config") or {}), **(config.get("vision_config_dict") or {})}
     acts = {text.get("hidden_act", "quick_gelu"), vision.get("hidden_act", "quick_gelu")}
     if len(acts) != 1 or not acts <= {"quick_gelu", "gelu"}:
         raise UnsupportedModelError(f"{source}: activation {sorted(map(str, acts))} is not supported "
@@ -216,13 +214,14 @@ def is_transformers_state_dict(state_dict: dict) -> bool:
     return any(key.startswith(("text_model.", "vision_model.")) for key in state_dict)
 
 
-def tower_of_transformers_key(key: str) -> str | None:
-    """``image``, ``text`` or None (``logit_scale``) for a transformers ``CLIPModel`` key."""
+def tower_of_key(key: str) -> str | None:
+    """``image``, ``text`` or None (``logit_scale``, metadata) for a key in OpenAI's or
+    transformers' names."""
     if key.startswith(("vision_model.", "visual_projection")):
         return "image"
-    if key.startswith(("text_model.", "text_projection")):
+    if key.startswith("text_model."):
         return "text"
-    return None
+    return tower_of(key)  # OpenAI's names; "text_projection" (either schema) included
 
 
 def state_dict_from_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

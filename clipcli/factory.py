@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import torch
 
 from .errors import CheckpointError
-from .model import CLIP, HEAD_WIDTH, TOWERS, CLIPConfig
+from .model import ACTIVATIONS, CLIP, HEAD_WIDTH, TOWERS, CLIPConfig
 
 # Entries of the released TorchScript files that are metadata, not parameters.
 EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -78,11 +78,11 @@ def _mlp_width(state_dict: dict[str, torch.Tensor], prefix: str) -> int | None:
     return None if weight is None else int(weight.shape[0])
 
 
-def config_from_state_dict(state_dict: dict[str, torch.Tensor], **overrides) -> CLIPConfig:
+def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> CLIPConfig:
     """Read the architecture off the shapes of a CLIP state dict (OpenAI key names).
 
-    What shapes cannot show is OpenAI's choice (QuickGELU, 64-wide heads, OpenAI's image
-    statistics) unless ``overrides`` (other :class:`CLIPConfig` fields) say otherwise.
+    What shapes cannot show is OpenAI's choice: QuickGELU, 64-wide heads, OpenAI's image
+    statistics and transform.
     """
     sd = state_dict
     if "visual.proj" in sd:  # ViT
@@ -113,7 +113,7 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor], **overrides) -> 
         vision_mlp_width=_mlp_width(sd, "visual.transformer.resblocks.") if patch_size else None,
         text_mlp_width=_mlp_width(sd, "transformer.resblocks."),
     )
-    return normalized(replace(config, **overrides))
+    return normalized(config)
 
 
 def assumption_note(config: CLIPConfig, source: str) -> str | None:
@@ -124,8 +124,8 @@ def assumption_note(config: CLIPConfig, source: str) -> str | None:
         return None
     return (f"{source} has no config and its widths (vision {config.vision_width}, text "
             f"{config.transformer_width}) are not one of OpenAI's models: assuming 64-wide attention heads "
-            "and QuickGELU as OpenAI's; if it is an OpenCLIP model, name its architecture (--arch "
-            "ViT-H-14/laion2b_s32b_b79k) or put its open_clip_config.json beside it")
+            "and QuickGELU as OpenAI's; if it is an OpenCLIP model, name its architecture (--arch or arch=, "
+            "e.g. ViT-H-14/laion2b_s32b_b79k) or put its open_clip_config.json beside it")
 
 
 # --------------------------------------------------------------------------- config <-> metadata
@@ -154,6 +154,18 @@ def config_from_json(text: str) -> CLIPConfig:
 def _describe(keys: list[str], limit: int = 5) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _check_choices(config: CLIPConfig, source: str) -> None:
+    from .preprocess import INTERPOLATIONS, RESIZE_MODES
+
+    for name, value, allowed in (("activation", config.activation, ACTIVATIONS),
+                                 ("interpolation", config.interpolation, INTERPOLATIONS),
+                                 ("resize_mode", config.resize_mode, RESIZE_MODES)):
+        if value not in allowed:
+            raise CheckpointError(f"{source}: {name} {value!r} is not one of {', '.join(allowed)}")
+    if len(config.image_mean) != 3 or len(config.image_std) != 3 or not all(config.image_std):
+        raise CheckpointError(f"{source}: image_mean and image_std must be three numbers (std not 0)")
 
 
 def _check_agrees(config: CLIPConfig, shapes: CLIPConfig, source: str) -> None:
@@ -189,7 +201,11 @@ def build_model(state_dict: dict[str, torch.Tensor], hints: CLIPConfig | Mapping
         raise CheckpointError(f"{source} is not a CLIP checkpoint: cannot read its architecture ({error!r})") from None
     if isinstance(hints, CLIPConfig):
         hints = asdict(hints)
-    config = normalized(replace(shapes, **hints)) if hints else shapes
+    try:
+        config = normalized(replace(shapes, **hints)) if hints else shapes
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{source}: the architecture given for it is not valid ({error})") from None
+    _check_choices(config, source)
     _check_agrees(config, shapes, source)
     with torch.device("meta"):
         model = create_model(config, initialize=False)

@@ -61,6 +61,15 @@ def cached_file(repo: str, filename: str, revision: str | None = None) -> Path |
     return Path(found) if isinstance(found, str) and os.path.isfile(found) else None
 
 
+def blob_sha256(path: Path) -> str | None:
+    """The sha256 of a file in the HF cache, from its blob's name (an LFS file's hash), unread;
+    None for any other file."""
+    blob = Path(os.path.realpath(path))
+    if blob.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", blob.name):
+        return blob.name
+    return None
+
+
 def verify(path: Path) -> None:
     """Check a cached hub file against its LFS sha256 (the name of the blob it links to)."""
     from .download import sha256_file
@@ -95,10 +104,10 @@ def download(repo: str, filename: str, revision: str | None = None, *, quiet: bo
     from . import __version__
 
     try:
-        path = Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir(),
-                                    endpoint=os.environ.get("HF_ENDPOINT") or None,  # read now, not at import
-                                    library_name="clipcli", library_version=__version__,
-                                    tqdm_class=_silent_tqdm() if quiet else None))
+        with _progress_bars(not quiet):
+            path = Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir(),
+                                        endpoint=os.environ.get("HF_ENDPOINT") or None,  # read now, not at import
+                                        library_name="clipcli", library_version=__version__))
     except hf.GatedRepoError:
         raise DownloadError(f"hub repository {repo} is gated: accept its terms on its hub page, then log in "
                             "(`hf auth login` or $HF_TOKEN)") from None
@@ -107,26 +116,35 @@ def download(repo: str, filename: str, revision: str | None = None, *, quiet: bo
                                 "`hf auth login` or $HF_TOKEN)") from None
     except hf.RevisionNotFoundError:
         raise UnknownModelError(f"hub repository {repo} has no revision {revision!r}") from None
-    except hf.EntryNotFoundError:
-        raise FileNotFoundError(filename) from None
-    except hf.LocalEntryNotFoundError as error:
+    except hf.LocalEntryNotFoundError as error:  # a subclass of EntryNotFoundError: first
         raise OfflineError(f"cannot download {repo}/{filename}: the hub cannot be reached and it is not "
                            f"in the cache ({_one_line(error)})") from None
+    except hf.EntryNotFoundError:
+        raise FileNotFoundError(filename) from None
     except (hf.HfHubHTTPError, OSError, ValueError) as error:
         raise DownloadError(f"cannot download {repo}/{filename}: {_one_line(error)}") from None
     verify(path)
     return path
 
 
-def _silent_tqdm():
-    from tqdm.auto import tqdm
+@contextlib.contextmanager
+def _progress_bars(enabled: bool):
+    """huggingface_hub's progress bars on stderr only when asked for, and none of its log
+    lines (its retries' warnings: our errors say what failed, in one line); restored after."""
+    import logging
 
-    class Silent(tqdm):
-        def __init__(self, *args, **kwargs):
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-    return Silent
+    was_disabled = are_progress_bars_disabled()
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    (enable_progress_bars if enabled else disable_progress_bars)()
+    logger.setLevel(logging.ERROR + 1)
+    try:
+        yield
+    finally:
+        (disable_progress_bars if was_disabled else enable_progress_bars)()
+        logger.setLevel(level)
 
 
 def first_file(repo: str, candidates: Sequence[str], revision: str | None = None, *,
@@ -147,11 +165,11 @@ def first_file(repo: str, candidates: Sequence[str], revision: str | None = None
 
 def optional_file(repo: str, filename: str, revision: str | None = None, *, quiet: bool = True) -> Path | None:
     """``filename`` from the cache or the hub, or None when the repository has no such file
-    (or, offline, when the cache does not hold it)."""
+    (or, offline by choice, when the cache does not hold it)."""
     path = cached_file(repo, filename, revision)
-    if path is not None:
+    if path is not None or offline():
         return path
     try:
         return download(repo, filename, revision, quiet=quiet)
-    except (FileNotFoundError, OfflineError):
+    except FileNotFoundError:
         return None

@@ -28,18 +28,16 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from . import convert, hub, registry
 from .errors import CheckpointError, ClipcliError, UnknownModelError
-from .factory import assumption_note, build_model, config_from_json, config_from_state_dict
-from .model import CLIP, TOWERS, tower_of
+from .factory import METADATA_KEY, assumption_note, build_model, config_from_json, config_from_state_dict
+from .model import CLIP, TOWERS
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
-OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
-                     "open_clip_pytorch_model.bin")
 TRANSFORMERS_CONFIG, TRANSFORMERS_PREPROCESSOR = "config.json", "preprocessor_config.json"
 TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                         "pytorch_model.bin.index.json")
@@ -88,100 +86,106 @@ def _is_transformers_config(path: Path) -> bool:
 
 def _stored_config(path: Path) -> dict | None:
     """The config clipcli wrote into a safetensors file's metadata, if any."""
-    if path.suffix != ".safetensors":
-        return None
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as file:
-            text = (file.metadata() or {}).get("clipcli_config")
-    except Exception:  # noqa: BLE001 - not readable here: read_state_dict names the problem
-        return None
-    if not text:
-        return None
     from dataclasses import asdict
 
-    return asdict(config_from_json(text))
+    from .checkpoint import safetensors_metadata
+
+    text = safetensors_metadata(path).get(METADATA_KEY)
+    return asdict(config_from_json(text)) if text else None
 
 
 # --------------------------------------------------------------------------- resolving
 
 
-def _shards(index: Path) -> tuple[Path, ...]:
-    """The shard files a ``*.index.json`` names, beside it."""
+def _layout_source(name: str, get: Callable[[str], Path | None],
+                   first: Callable[[Sequence[str]], Path | None]) -> ModelSource | None:
+    """An OpenCLIP or transformers model from a place holding files (a folder, the HF cache,
+    the hub): ``get`` one file or None, ``first`` of several or None. Configs are read (and
+    families refused) before any weights are looked for. None when neither layout is whole."""
+    open_clip_config = get(OPEN_CLIP_CONFIG)
+    if open_clip_config is not None:
+        hints = convert.config_from_open_clip(_read_json(open_clip_config, "OpenCLIP config"), name)
+        weights = first(registry.OPEN_CLIP_FILES)
+        if weights is not None:
+            return ModelSource(name, (weights,), hints, described=True)
+    config = get(TRANSFORMERS_CONFIG)
+    if config is not None and _is_transformers_config(config):
+        hints = _transformers_hints(config, get(TRANSFORMERS_PREPROCESSOR), name)
+        weights = first(TRANSFORMERS_WEIGHTS)
+        if weights is not None:
+            return ModelSource(name, _shards(weights, get) if weights.name.endswith(".index.json") else (weights,),
+                               hints, described=True)
+    return None
+
+
+def _shards(index: Path, get: Callable[[str], Path | None]) -> tuple[Path, ...]:
+    """The shard files a ``*.index.json`` names, each found with ``get``."""
     data = _read_json(index, "shard index")
     names = sorted(set((data.get("weight_map") or {}).values())) if isinstance(data, dict) else []
     if not names:
         raise CheckpointError(f"{index} names no shard files")
-    return tuple(index.with_name(name) for name in names)
+    shards = tuple(get(shard) for shard in names)
+    missing = [shard for shard, path in zip(names, shards) if path is None]
+    if missing:
+        raise CheckpointError(f"{index} names shards that are missing: {', '.join(missing)}")
+    return shards
+
+
+def _in_folder(folder: Path) -> Callable[[str], Path | None]:
+    return lambda filename: (folder / filename) if (folder / filename).is_file() else None
+
+
+def _first_of(get: Callable[[str], Path | None]) -> Callable[[Sequence[str]], Path | None]:
+    return lambda candidates: next(filter(None, map(get, candidates)), None)
 
 
 def _folder_source(folder: Path, name: str) -> ModelSource:
     """An OpenCLIP or transformers model saved in ``folder`` (as the hub holds them)."""
-    open_clip_config = folder / OPEN_CLIP_CONFIG
-    if open_clip_config.is_file():
-        hints = convert.config_from_open_clip(_read_json(open_clip_config, "OpenCLIP config"), name)
-        weights = next((folder / f for f in OPEN_CLIP_WEIGHTS if (folder / f).is_file()), None)
-        if weights is not None:
-            return ModelSource(name, (weights,), hints, described=True)
-    config = folder / TRANSFORMERS_CONFIG
-    if config.is_file() and _is_transformers_config(config):
-        preprocessor = folder / TRANSFORMERS_PREPROCESSOR
-        hints = _transformers_hints(config, preprocessor if preprocessor.is_file() else None, name)
-        weights = next((folder / f for f in TRANSFORMERS_WEIGHTS if (folder / f).is_file()), None)
-        if weights is not None:
-            files = _shards(weights) if weights.name.endswith(".index.json") else (weights,)
-            return ModelSource(name, files, hints, described=True)
-    raise CheckpointError(
-        f"{folder} holds no model clipcli can read: it needs {OPEN_CLIP_CONFIG} with one of "
-        f"{', '.join(OPEN_CLIP_WEIGHTS)} (OpenCLIP), or a transformers {TRANSFORMERS_CONFIG} with "
-        f"{' or '.join(TRANSFORMERS_WEIGHTS[::2])}"
-    )
+    get = _in_folder(folder)
+    source = _layout_source(name, get, _first_of(get))
+    if source is None:
+        raise CheckpointError(
+            f"{folder} holds no model clipcli can read: it needs {OPEN_CLIP_CONFIG} with one of "
+            f"{', '.join(registry.OPEN_CLIP_FILES)} (OpenCLIP), or a transformers {TRANSFORMERS_CONFIG} with "
+            f"{' or '.join(TRANSFORMERS_WEIGHTS[::2])}"
+        )
+    return source
 
 
 def _hub_source(name: str, repo: str, revision: str | None, quiet: bool) -> ModelSource:
-    """A hub repository in either layout, its config read (and families refused) before any
-    weights are downloaded."""
-    open_clip_config = hub.optional_file(repo, OPEN_CLIP_CONFIG, revision, quiet=quiet)
-    if open_clip_config is not None:
-        hints = convert.config_from_open_clip(_read_json(open_clip_config, "OpenCLIP config"), name)
-        weights = hub.first_file(repo, OPEN_CLIP_WEIGHTS, revision, quiet=quiet)
-        if weights is not None:
-            return ModelSource(name, (weights,), hints, described=True)
-    config = hub.optional_file(repo, TRANSFORMERS_CONFIG, revision, quiet=quiet)
-    if config is not None and _is_transformers_config(config):
-        preprocessor = hub.optional_file(repo, TRANSFORMERS_PREPROCESSOR, revision, quiet=quiet)
-        hints = _transformers_hints(config, preprocessor, name)
-        weights = hub.first_file(repo, TRANSFORMERS_WEIGHTS, revision, quiet=quiet)
-        if weights is not None:
-            if weights.name.endswith(".index.json"):
-                shards = tuple(hub.first_file(repo, (shard.name,), revision, quiet=quiet) or shard
-                               for shard in _shards(weights))
-                return ModelSource(name, shards, hints, described=True)
-            return ModelSource(name, (weights,), hints, described=True)
-    where = "the Hugging Face cache" if hub.offline() else "the hub or the Hugging Face cache"
-    raise CheckpointError(
-        f"{name}: {where} ({hub.cache_dir()}) holds no OpenCLIP ({OPEN_CLIP_CONFIG} + weights) or "
-        f"transformers ({TRANSFORMERS_CONFIG} + weights) model for {repo}"
-    )
+    """A hub repository in either layout: whole in the HF cache (no network), else from the hub."""
+    def cached(filename: str) -> Path | None:
+        return hub.cached_file(repo, filename, revision)
+
+    source = _layout_source(name, cached, _first_of(cached))
+    if source is None and not hub.offline():
+        source = _layout_source(name, lambda f: hub.optional_file(repo, f, revision, quiet=quiet),
+                                lambda files: hub.first_file(repo, files, revision, quiet=quiet))
+    if source is None:
+        where = "the Hugging Face cache" if hub.offline() else "the hub or the Hugging Face cache"
+        raise CheckpointError(
+            f"{name}: {where} ({hub.cache_dir()}) holds no OpenCLIP ({OPEN_CLIP_CONFIG} + weights) or "
+            f"transformers ({TRANSFORMERS_CONFIG} + weights) model for {repo}"
+        )
+    return source
 
 
 def _file_source(path: Path, name: str, arch: str | None) -> ModelSource:
+    files = _shards(path, _in_folder(path.parent)) if path.name.endswith(".index.json") else (path,)
     if arch is not None:
-        return ModelSource(name, (path,), _arch_hints(arch), described=True)
-    stored = _stored_config(path)
+        return ModelSource(name, files, _arch_hints(arch), described=True)
+    stored = _stored_config(files[0])
     if stored is not None:
-        return ModelSource(name, (path,), stored, described=True)
+        return ModelSource(name, files, stored, described=True)
     beside = path.parent / OPEN_CLIP_CONFIG
     if beside.is_file():
-        return ModelSource(name, (path,), convert.config_from_open_clip(_read_json(beside, "OpenCLIP config"), name),
+        return ModelSource(name, files, convert.config_from_open_clip(_read_json(beside, "OpenCLIP config"), name),
                            described=True)
     config = path.parent / TRANSFORMERS_CONFIG
     if config.is_file() and _is_transformers_config(config):
-        preprocessor = path.parent / TRANSFORMERS_PREPROCESSOR
-        return ModelSource(name, (path,), _transformers_hints(config, preprocessor if preprocessor.is_file() else None,
-                                                              name), described=True)
-    return ModelSource(name, (path,))
+        preprocessor = _in_folder(path.parent)(TRANSFORMERS_PREPROCESSOR)
+        return ModelSource(name, files, _transformers_hints(config, preprocessor, name), described=True)
+    return ModelSource(name, files)
 
 
 def _arch_hints(arch: str) -> dict:
@@ -196,23 +200,26 @@ def resolve(name: str | os.PathLike, *, arch: str | None = None, cache_dir: str 
     """Find (downloading if needed) the model called ``name``; see the module docstring.
     ``quiet``: no download messages; None: a progress bar when stderr is a terminal."""
     text = os.fspath(name)
-    bars = quiet is None and sys.stderr.isatty()
+    bars = not quiet and sys.stderr.isatty()
+    path = Path(text).expanduser()
+    if arch is not None and not path.is_file():
+        raise ClipcliError(f"an architecture (--arch {arch}) is for a checkpoint file that does not say; "
+                           f"{text} is not one")
     parsed = hub.parse_name(text)
     if parsed is not None:
         return _hub_source(text, *parsed, quiet=not bars)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return _folder_source(path, text)
     if path.is_file():
         return _file_source(path, text, arch)
     info = registry.find_model(text)
+    pretrained = registry.find_pretrained(text) if info is None else None
+    if path.is_dir() and not (info or pretrained):  # a model name beats a folder of that name
+        return _folder_source(path, text)
     if info is not None:  # the same weights in the HF cache (open_clip's download), else clipcli's cache
         from .download import model_file
 
-        path = hub.cached_file(info.hf_repo, registry.HF_FILE) or model_file(info.name, cache_dir=cache_dir,
-                                                                              quiet=quiet)
+        cached = _first_of(lambda f: hub.cached_file(info.hf_repo, f))(registry.OPEN_CLIP_FILES)
+        path = cached or model_file(info.name, cache_dir=cache_dir, quiet=quiet)
         return ModelSource(text, (path,), registry.openai_hints(info), described=True)
-    pretrained = registry.find_pretrained(text)
     if pretrained is not None:
         weights = hub.first_file(pretrained.hf_repo, pretrained.files, quiet=not bars)
         if weights is None:
@@ -228,18 +235,13 @@ def resolve(name: str | os.PathLike, *, arch: str | None = None, cache_dir: str 
 # --------------------------------------------------------------------------- reading
 
 
-def _tower(key: str) -> str | None:
-    return convert.tower_of_transformers_key(key) if key.startswith(("text_model.", "vision_model.", "visual_projection")) \
-        else tower_of(key)
-
-
 def read_weights(source: ModelSource, dtype: torch.dtype | None = None,
                  towers: Sequence[str] = TOWERS) -> dict[str, torch.Tensor]:
     """The state dict of ``source`` with OpenAI's key names; keys of towers not asked for are
     ``meta`` tensors (never read)."""
     from .checkpoint import read_state_dict
 
-    keep = None if tuple(towers) == TOWERS else (lambda key: _tower(key) in (*towers, None))
+    keep = None if tuple(towers) == TOWERS else (lambda key: convert.tower_of_key(key) in (*towers, None))
     state: dict[str, torch.Tensor] = {}
     for file in source.files:
         state.update(read_state_dict(file, dtype=dtype, keep=keep))

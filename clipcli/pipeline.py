@@ -137,7 +137,9 @@ class LoadedModel:
     @cached_property
     def sha256(self) -> str:
         """sha256 of the weights (of the shard hashes, for a sharded checkpoint)."""
-        hashes = [checkpoint_sha256(file) for file in self.source.files]
+        from .hub import blob_sha256
+
+        hashes = [blob_sha256(file) or checkpoint_sha256(file) for file in self.source.files]
         return hashes[0] if len(hashes) == 1 else hashlib.sha256("".join(hashes).encode()).hexdigest()
 
     @cached_property

@@ -36,8 +36,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
+from .model import OPENAI_MEAN, OPENAI_STD
+
+MEAN, STD = OPENAI_MEAN, OPENAI_STD  # CLIP's training statistics
+INTERPOLATIONS = ("bicubic", "bilinear")
+RESIZE_MODES = ("shortest", "squash", "longest")
 _RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 

@@ -136,8 +136,8 @@ def _hints(arch: str, quick_gelu: bool = False, preprocess: Mapping[str, Any] | 
     if fields is None:
         raise KeyError(arch)
     fields.pop("params", None)
-    fields["activation"] = "quick_gelu" if quick_gelu or fields.pop("quick_gelu", False) else "gelu"
-    fields.pop("quick_gelu", None)
+    trained_quick = fields.pop("quick_gelu", False)  # the architecture config's own flag
+    fields["activation"] = "quick_gelu" if quick_gelu or trained_quick else "gelu"
     if isinstance(fields.get("vision_layers"), list):
         fields["vision_layers"] = tuple(fields["vision_layers"])
     for key, value in (preprocess or {}).items():

@@ -23,6 +23,8 @@ def isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("CLIPCLI_OFFLINE", "1")
     monkeypatch.delenv("CLIPCLI_MODEL", raising=False)
     monkeypatch.delenv("CLIPCLI_MIRROR", raising=False)
+    for name in ("HF_HOME", "HF_HUB_CACHE", "HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)  # the HF cache is under the fake home
     return home
 
 

@@ -29,8 +29,8 @@ TOLERANCE = 1e-4
 TEXTS = ["a photo of a cat", "", "a diagram of the moon landing, drawn in pencil " * 2]
 
 
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
+def run(*args, input: str | None = None):
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)
 
 
 def _inputs(resolution: int, seed: int = 0):
@@ -391,3 +391,66 @@ def test_openai_names_use_open_clips_download_in_the_hf_cache(hf_cache, tmp_path
     images, tokens = _inputs(32)
     with torch.no_grad():
         assert _max_diff(model.encode_image(images), reference.encode_image(images)) == 0
+
+
+def test_a_cached_hub_model_is_used_without_any_request(fake_hub, tmp_path, sample_images):
+    """Online, a repository whose whole transformers layout is cached never reaches the hub
+    (not even to ask for an OpenCLIP config it does not have)."""
+    server, _ = fake_hub
+    hf_cache_repo(tmp_path / "hf-hub", "openai/cached", save_transformers(transformers_model("gelu-eos49407"),
+                                                                        tmp_path / "tf"))
+    result = run("encode", sample_images[0], "--model", "hf-hub:openai/cached")
+    assert result.exit_code == 0, result.stderr
+    assert not [r for r in server.requests if "openai/cached" in r.path]
+
+
+def test_sharded_transformers_checkpoints(tmp_path):
+    reference = transformers_model("gelu-eos49407", seed=4)
+    folder = tmp_path / "sharded"
+    reference.save_pretrained(str(folder), max_shard_size="200KB")
+    index = folder / "model.safetensors.index.json"
+    assert index.is_file() and len(list(folder.glob("model-*.safetensors"))) > 1
+    images, tokens = _inputs(32, seed=6)
+    for target in (folder, index):
+        model, _ = clipcli.load(target, device="cpu")
+        with torch.no_grad():
+            assert _max_diff(model.encode_image(images),
+                             features(reference.get_image_features(pixel_values=images))) <= TOLERANCE
+    next(folder.glob("model-*.safetensors")).unlink()
+    result = run("encode", "--text", "-", "--model", folder, input="a cat\n")
+    assert result.exit_code == 2 and "shards that are missing" in result.stderr
+
+
+def test_transformers_config_dicts_override_the_configs(tmp_path):
+    folder = save_transformers(transformers_model("quick_gelu-eos2"), tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config_dict"] = {"hidden_act": "gelu"}
+    config["vision_config_dict"] = {"hidden_act": "gelu"}
+    (folder / "config.json").write_text(json.dumps(config))
+    model, _ = clipcli.load(folder, device="cpu")
+    assert model.config.activation == "gelu"
+
+
+def test_names_and_folders(tmp_path, monkeypatch, sample_images):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "RN50").mkdir()  # an output folder named like a model does not hide the model
+    result = run("encode", sample_images[0], "--model", "RN50")
+    assert result.exit_code == 2 and "not in the cache" in result.stderr  # offline: it looked for the model
+    arch = run("encode", sample_images[0], "--model", "RN50", "--arch", "ViT-B-32")
+    assert arch.exit_code == 2 and "for a checkpoint file" in arch.stderr
+
+
+def test_a_bad_stored_config_is_one_line(tmp_path, sample_images):
+    from safetensors.torch import save_file
+
+    reference = open_clip_model("quickgelu")
+    from clipcli.factory import config_to_json
+
+    model, _ = clipcli.load(save_open_clip(reference, "quickgelu", tmp_path / "m"), device="cpu")
+    config = json.loads(config_to_json(model.config))
+    config["resize_mode"] = "stretch"
+    path = tmp_path / "bad.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path),
+              metadata={"clipcli_config": json.dumps(config)})
+    result = run("encode", sample_images[0], "--model", path)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "resize_mode 'stretch'" in result.stderr

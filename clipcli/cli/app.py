@@ -16,6 +16,15 @@ import typer
 from .. import __version__
 from ..errors import ClipcliError
 
+class Format(str, Enum):
+    """How records are written on stdout (shared by every command that writes records)."""
+
+    jsonl = "jsonl"
+    json = "json"
+    csv = "csv"
+    table = "table"
+
+
 class Precision(str, Enum):
     """Number type the model computes in (shared by every command that runs one)."""
 

@@ -14,16 +14,9 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import ClipcliError, InputError
-from .app import Precision, command
+from .app import Format, Precision, command
 
 DEFAULT_MODEL = "ViT-B/32"
-
-
-class Format(str, Enum):
-    jsonl = "jsonl"
-    json = "json"
-    csv = "csv"
-    table = "table"
 
 
 class StoreDtype(str, Enum):

@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import ClipcliError, OutputExistsError
-from .app import command, error_line
+from .app import Format, command, error_line
 
 CacheDirOpt = Annotated[Optional[Path], typer.Option(
     "--cache-dir", file_okay=False, show_default=False,
@@ -36,20 +36,13 @@ def _is_terminal() -> bool:
     return sys.stdout.isatty()
 
 
-class ListFormat(str, Enum):
-    jsonl = "jsonl"
-    json = "json"
-    csv = "csv"
-    table = "table"
-
-
 def _millions(n: Optional[int]) -> str:
     return f"{n / 1e6:,.0f}M" if n else "-"
 
 
 @command("models")
 def models(
-    fmt: Annotated[Optional[ListFormat], typer.Option(
+    fmt: Annotated[Optional[Format], typer.Option(
         "--format", "-f", help="Default: table on a terminal, jsonl in a pipe.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
     cache_dir: CacheDirOpt = None,
@@ -250,7 +243,7 @@ def convert(
     if note:
         _message(quiet, f"note: {note}")
     tensors = _safetensors_ready(model.state_dict())
-    _save_atomically(tensors, dst, source.path, config_to_json(model.config))
+    _save_atomically(tensors, dst, src, config_to_json(model.config))
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()})
     _message(quiet, f"converted {src} -> {dst} ({len(tensors)} tensors, {'/'.join(dtypes)}, "
                     f"{format_size(dst.stat().st_size)})")
@@ -274,17 +267,18 @@ def _safetensors_ready(state: dict) -> dict:
     return out
 
 
-def _save_atomically(tensors: dict, dst: Path, source: Path, config: str) -> None:
+def _save_atomically(tensors: dict, dst: Path, source: str, config: str) -> None:
     from safetensors.torch import save_file
 
     from .. import __version__
+    from ..factory import METADATA_KEY
 
     dst = dst.expanduser()
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     try:
         save_file(tensors, str(tmp), metadata={"format": "pt", "converted_by": f"clipcli {__version__}",
-                                               "source": source.name, "clipcli_config": config})
+                                               "source": source, METADATA_KEY: config})
         os.replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)

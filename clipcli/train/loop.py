@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ClipcliError, InputError, OutputExistsError
-from ..factory import config_to_json, create_model
+from ..factory import METADATA_KEY, config_to_json, create_model
 from ..model import CLIP, CLIPConfig
 from . import distributed
 from .data import GlobalBatches, PairDataset, SkipReporter, loader, read_pairs
@@ -285,7 +285,7 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
             metrics.write(evaluation)
             say("epoch {} done: {}".format(epoch + 1, ", ".join(
                 f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in evaluation.items() if k not in ("kind", "epoch"))))
-            save_checkpoint(clip, out / CHECKPOINT, {"clipcli_config": config})
+            save_checkpoint(clip, out / CHECKPOINT, {METADATA_KEY: config})
             tmp = out / (STATE + ".tmp")
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                         "step": step, "epoch": epoch + 1, "rng": torch.get_rng_state()}, tmp)
