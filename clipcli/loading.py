@@ -191,7 +191,7 @@ def _file_source(path: Path, name: str, arch: str | None) -> ModelSource:
 def _arch_hints(arch: str) -> dict:
     hints = registry.architecture_hints(arch)
     if hints is None:
-        raise UnknownModelError(f"--arch {arch!r} is not a registry name or architecture (see `clipcli models`)")
+        raise UnknownModelError(f"architecture {arch!r} is not a registry name or architecture (see `clipcli models`)")
     return hints
 
 
@@ -203,8 +203,8 @@ def resolve(name: str | os.PathLike, *, arch: str | None = None, cache_dir: str 
     bars = not quiet and sys.stderr.isatty()
     path = Path(text).expanduser()
     if arch is not None and not path.is_file():
-        raise ClipcliError(f"an architecture (--arch {arch}) is for a checkpoint file that does not say; "
-                           f"{text} is not one")
+        raise ClipcliError(f"an architecture ({arch}) can be given for a checkpoint file only, which {text} "
+                           "is not (names, folders and hub repositories say their own)")
     parsed = hub.parse_name(text)
     if parsed is not None:
         return _hub_source(text, *parsed, quiet=not bars)
