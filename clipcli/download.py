@@ -49,7 +49,7 @@ from typing import Callable, Iterator
 
 from . import __version__, registry
 from .errors import ChecksumError, DownloadError, OfflineError, UnknownModelError
-from .output import fsync_folder
+from .output import exclusive_lock, fsync_folder
 from .registry import ModelInfo
 
 Log = Callable[[str], None]
@@ -178,49 +178,9 @@ def format_size(n: int | None) -> str:
 
 # --- a lock per destination -------------------------------------------------------------
 
-@contextlib.contextmanager
-def _locked(dest: Path, log: Log) -> Iterator[None]:
-    """Hold an exclusive lock on ``dest`` for the duration (between threads and processes).
-
-    The lock file is removed on release. A waiter that locked a file its holder already
-    removed notices (the inode at the path differs) and tries again.
-    """
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: unique partial names per hash are all we have
-        yield
-        return
-    lock = dest.with_name(f".{dest.name}.lock")
-    announced = False
-    while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError:  # a read-only cache: nothing can be written there, so nothing to guard
-            yield
-            return
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if not announced:
-                    log(f"waiting for another download of {dest.name} to finish (lock {lock})")
-                    announced = True
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            held, current = os.fstat(fd), os.stat(lock)
-            if (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):
-                break
-        except FileNotFoundError:
-            pass
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock)
-        os.close(fd)
+def _locked(dest: Path, log: Log):
+    """Hold the lock on ``dest`` (waiting for another download of it, and saying so)."""
+    return exclusive_lock(dest, wait=True, on_wait=log)
 
 
 # --- HTTP ---------------------------------------------------------------------------------

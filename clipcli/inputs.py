@@ -141,15 +141,8 @@ def read_lines(path: str | os.PathLike, *, comments: bool = True) -> list[str]:
     return parse_list(data, display(os.fspath(path)), comments=comments)
 
 
-def _is_list_file(path: str) -> bool:
-    """Whether a file without an image extension is a list file rather than an image."""
-    if os.path.splitext(path)[1].lower() in LIST_EXTENSIONS:
-        return True
-    try:
-        with open(path, "rb") as f:
-            head = f.read(65536)
-    except OSError:
-        return False
+def _looks_like_text(head: bytes) -> bool:
+    """Whether the start of a file reads as a list (UTF-8 text, not binary or SVG/HTML markup)."""
     head = head.removeprefix(codecs.BOM_UTF8)
     if b"\x00" in head or head.lstrip()[:1] == b"<":  # binary, or markup (SVG/HTML): an image item
         return False
@@ -158,6 +151,33 @@ def _is_list_file(path: str) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def _is_list_file(path: str) -> bool:
+    """Whether a regular file without an image extension is a list file rather than an image."""
+    if os.path.splitext(path)[1].lower() in LIST_EXTENSIONS:
+        return True
+    try:
+        with open(path, "rb") as f:
+            return _looks_like_text(f.read(65536))
+    except OSError:
+        return False
+
+
+def _read_stream(path: str) -> bytes:
+    """All of a pipe, FIFO or ``/dev/fd/N`` (which can be read only once)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as error:
+        raise InputError(f"cannot read {display(path)}: {error.strerror or error}") from None
+
+
+def _is_stream(path: str) -> bool:
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _list_entries(lines: Sequence[str], base: str, visited: set) -> Iterator[Item]:
@@ -238,7 +258,14 @@ def expand_inputs(inputs: Sequence[str], *, exclude: Sequence[str | os.PathLike]
             items.extend(walk_folder(arg, visited, excluded))
         elif not os.path.lexists(arg):
             raise InputError(f"no such file or folder: {display(arg)}")
-        elif has_image_extension(arg) or not _is_list_file(arg):
+        elif has_image_extension(arg):
+            items.append(Item(name=arg, path=arg))
+        elif _is_stream(arg):  # <(...), a FIFO: read once, then sniffed and parsed from the same bytes
+            data = _read_stream(arg)
+            if not _looks_like_text(data[:65536]):
+                raise InputError(f"{display(arg)} is a pipe that does not hold a list of paths or URLs")
+            items.extend(_list_entries(parse_list(data, display(arg)), "", visited))
+        elif not _is_list_file(arg):
             items.append(Item(name=arg, path=arg))
         else:
             items.extend(_list_entries(read_lines(arg), os.path.dirname(arg), visited))

@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from typing import IO, Any, Callable, Iterator, Sequence
 
-from .errors import OutputExistsError
+from .errors import ClipcliError, OutputExistsError
 from .inputs import display
 
 FORMATS = ("jsonl", "json", "csv", "table")
@@ -219,6 +219,65 @@ def atomic_write(path: str | os.PathLike, overwrite: bool = False, text: bool = 
         except FileNotFoundError:
             pass
         raise
+
+
+class BusyError(ClipcliError):
+    """Another run holds the lock on an output (or download) this run would write."""
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike, *, wait: bool = False,
+                   on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (between threads and processes) for the duration.
+
+    The lock is ``.NAME.lock`` beside ``path``, removed on release. Without ``wait`` a lock
+    held by another run raises :class:`BusyError`; with it, ``on_wait`` hears once that this
+    run is waiting. A waiter that locked a file its holder already removed notices (the inode
+    at the path differs) and tries again. Where locks cannot be taken (no ``fcntl``, a
+    read-only folder) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path = os.fspath(path)
+    lock = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.lock")
+    announced = False
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:  # a read-only folder: nothing can be written there, so nothing to guard
+            yield
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    raise BusyError(f"another run is writing {display(path)} (it holds {display(lock)}); "
+                                    "wait for it to finish") from None
+                if on_wait and not announced:
+                    on_wait(f"waiting for another run writing {os.path.basename(path)} to finish (lock {lock})")
+                    announced = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            held, current = os.fstat(fd), os.stat(lock)
+            if (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(lock)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def _umask() -> int:

@@ -190,3 +190,32 @@ def test_sigterm_keeps_the_journal_and_exits_130(folder, tiny_vit_checkpoint, tm
     assert not out.exists() and records.read_bytes().count(b"\n") >= 4
     again = subprocess.run(encode_command(folder, out, tiny_vit_checkpoint), capture_output=True, text=True)
     assert again.returncode == 2 and "pass --resume" in again.stderr
+
+
+def test_resume_with_other_decode_options_is_refused(folder, tiny_vit_checkpoint, tmp_path):
+    """Every option that can change a row belongs to the run's identity (issue 15, item 9)."""
+    out = tmp_path / "emb.npy"
+    args = ["encode", str(folder), "-o", str(out), "-m", str(tiny_vit_checkpoint), "-q"]
+    identity = json.loads(_journal_identity(CliRunner(), args, out).read_text())
+    assert identity["max_pixels"] == 89_478_485 and identity["allow_truncated"] is False
+    for extra, field in ((["--max-pixels", "1000"], "max_pixels"), (["--allow-truncated"], "allow_truncated")):
+        result = CliRunner().invoke(app, [*args, "--resume", *extra])
+        assert result.exit_code == 2 and field in result.stderr
+
+
+def test_a_second_run_on_the_same_output_is_refused(folder, tiny_vit_checkpoint, tmp_path):
+    """Two runs writing one journal mixed their rows (issue 15, item 1): the second is refused,
+    with --resume or --overwrite alike, and nothing of the first is touched."""
+    from clipcli.output import exclusive_lock
+
+    out = tmp_path / "emb.npy"
+    args = ["encode", str(folder), "-o", str(out), "-m", str(tiny_vit_checkpoint), "-q"]
+    with exclusive_lock(out):  # another run, mid-way
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            result = CliRunner().invoke(app, [*args, *extra])
+            assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+            assert "another run is writing" in result.stderr
+        assert not out.exists() and not os.path.exists(journal_path(out))
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert np.load(out).shape[0] == 40 and sorted(p.name for p in tmp_path.glob(".*")) == []
+

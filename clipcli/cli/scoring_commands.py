@@ -6,6 +6,7 @@ are imported inside the commands so that ``clipcli --help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from enum import Enum
@@ -404,66 +405,70 @@ def encode(
     key = "text" if captions is not None else "image"
     names = captions if captions is not None else [item.name for item in items]
     total = len(names)
-    journal = None
-    if target in ("npy", "npz"):
-        from ..journal import Journal, inputs_hash, journal_path
+    from ..output import exclusive_lock
 
-        identity = {"sha256": loaded.sha256, "model": loaded.identity, "inputs": inputs_hash(names), "count": total, "key": key,
-                    "normalize": not no_normalize, "dtype": np.dtype(store).name, "dim": loaded.embed_dim,
-                    "truncate": not no_truncate, "precision": str(loaded.dtype).removeprefix("torch."),
-                    "exact_decode": exact_decode}
-        journal = Journal.open(journal_path(output), identity, resume=resume, overwrite=overwrite)
-    records = []
-    pending_records, pending_rows = [], []
-    with Reporter(total, "captions" if captions is not None else "images", quiet) as report:
-        done = 0
-        if journal is not None:
-            records = list(journal.records)
-            done = len(records)
-            for record in records:
-                report.done(record[key], record.get("error"))
-        if captions is not None:
-            results = embed_texts(loaded, captions[done:], batch_size=batch_size, normalize=not no_normalize,
-                                  truncate=not no_truncate)
-        else:
-            results = embed_images(loaded, items[done:], normalize=not no_normalize,
-                                   **_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode))
-        for result in results:
-            report.done(result.name, result.error)
-            record = {key: result.name, "status": "ok" if result.ok else "error"}
-            if key == "text" and result.truncated:
-                record["truncated"] = True
-            if result.ok:
-                row = result.embedding.astype(store)
-                if journal is not None:
-                    record = {"index": journal.rows + len(pending_rows), **record}
-                    pending_rows.append(row)
+    # One run at a time writes these outputs and their journal: two would mix their rows.
+    with exclusive_lock(output) if target != "stdout" else contextlib.nullcontext():
+        journal = None
+        if target in ("npy", "npz"):
+            from ..journal import Journal, inputs_hash, journal_path
+
+            identity = {"sha256": loaded.sha256, "model": loaded.identity, "inputs": inputs_hash(names), "count": total, "key": key,
+                        "normalize": not no_normalize, "dtype": np.dtype(store).name, "dim": loaded.embed_dim,
+                        "truncate": not no_truncate, "precision": str(loaded.dtype).removeprefix("torch."),
+                        "exact_decode": exact_decode, "max_pixels": max_pixels, "allow_truncated": allow_truncated}
+            journal = Journal.open(journal_path(output), identity, resume=resume, overwrite=overwrite)
+        records = []
+        pending_records, pending_rows = [], []
+        with Reporter(total, "captions" if captions is not None else "images", quiet) as report:
+            done = 0
+            if journal is not None:
+                records = list(journal.records)
+                done = len(records)
+                for record in records:
+                    report.done(record[key], record.get("error"))
+            if captions is not None:
+                results = embed_texts(loaded, captions[done:], batch_size=batch_size, normalize=not no_normalize,
+                                      truncate=not no_truncate)
+            else:
+                results = embed_images(loaded, items[done:], normalize=not no_normalize,
+                                       **_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode))
+            for result in results:
+                report.done(result.name, result.error)
+                record = {key: result.name, "status": "ok" if result.ok else "error"}
+                if key == "text" and result.truncated:
+                    record["truncated"] = True
+                if result.ok:
+                    row = result.embedding.astype(store)
+                    if journal is not None:
+                        record = {"index": journal.rows + len(pending_rows), **record}
+                        pending_rows.append(row)
+                    else:
+                        record["embedding"] = row.astype(np.float64).tolist()
                 else:
-                    record["embedding"] = row.astype(np.float64).tolist()
-            else:
-                if journal is not None:
-                    record = {"index": None, **record}
-                record["error"] = result.error
-            if stream_writer is not None:
-                stream_writer.write(record)
-            elif journal is not None:
-                pending_records.append(record)
-                if len(pending_rows) >= batch_size:  # a model batch is done: make it durable
-                    journal.append(pending_records, pending_rows)
-                    pending_records, pending_rows = [], []
-            else:
-                records.append(record)
-        if journal is not None:
-            journal.append(pending_records, pending_rows)
-            records = journal.records
-    if stream_writer is not None:
-        stream_writer.close()  # after the progress bar has gone
-    matrix = journal.matrix() if journal is not None else None  # only .npy/.npz have a matrix
-    if target != "stdout":
-        _write_encode_outputs(target, output, outputs, matrix, records, key, loaded, overwrite, not no_normalize)
-        if journal is not None:
-            journal.remove()
-        report.message(f"wrote {', '.join(outputs)}")
+                    if journal is not None:
+                        record = {"index": None, **record}
+                    record["error"] = result.error
+                if stream_writer is not None:
+                    stream_writer.write(record)
+                elif journal is not None:
+                    pending_records.append(record)
+                    if len(pending_rows) >= batch_size:  # a model batch is done: make it durable
+                        journal.append(pending_records, pending_rows)
+                        pending_records, pending_rows = [], []
+                else:
+                    records.append(record)
+            if journal is not None:
+                journal.append(pending_records, pending_rows)
+                records = journal.records
+        if stream_writer is not None:
+            stream_writer.close()  # after the progress bar has gone
+        matrix = journal.matrix() if journal is not None else None  # only .npy/.npz have a matrix
+        if target != "stdout":
+            _write_encode_outputs(target, output, outputs, matrix, records, key, loaded, overwrite, not no_normalize)
+            if journal is not None:
+                journal.remove()
+            report.message(f"wrote {', '.join(outputs)}")
     report.summary("encoded")
     raise typer.Exit(report.exit_code)
 
