@@ -298,7 +298,9 @@ def _sniff(path: Path) -> str:
         return "safetensors"
     if path.suffix == ".safetensors":
         return "safetensors"
-    return "pickle"
+    if head[:1] == b"\x80":  # a pickle's PROTO opcode: torch.save's legacy (non-zip) format
+        return "pickle"
+    return "unknown"
 
 
 def read_state_dict(path: str | Path, dtype: torch.dtype | None = None, keep: KeyFilter | None = None) -> StateDict:
@@ -322,8 +324,10 @@ def read_state_dict(path: str | Path, dtype: torch.dtype | None = None, keep: Ke
                 state = _select(read_torch(path), dtype, keep)
         elif kind == "safetensors":
             state = read_safetensors(path, dtype, keep)
-        else:
+        elif kind == "pickle":
             state = _select(read_torch(path), dtype, keep)
+        else:
+            raise CheckpointError(f"{path} is not a checkpoint file (neither TorchScript, PyTorch nor safetensors)")
     except CheckpointError as error:
         if str(path) in str(error):
             raise
@@ -334,8 +338,12 @@ def read_state_dict(path: str | Path, dtype: torch.dtype | None = None, keep: Ke
         raise CheckpointError(f"{path} is a folder, not a checkpoint file") from None
     except PermissionError:
         raise CheckpointError(f"{path}: permission denied") from None
-    except (zipfile.BadZipFile, EOFError, KeyError, RuntimeError, ValueError, OSError) as error:
+    except MemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a hostile or damaged file: anything its parsing raises
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
         raise CheckpointError(
-            f"{path} is not a readable checkpoint (truncated or not TorchScript, PyTorch or safetensors): {error}"
+            f"{path} is not a readable checkpoint (damaged, truncated, or not TorchScript, PyTorch or "
+            f"safetensors): {reason}"
         ) from None
     return state

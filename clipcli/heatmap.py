@@ -108,7 +108,9 @@ def render(
     mesh = axes.imshow(cosine, vmin=vmin, vmax=vmax, cmap="viridis", aspect="equal", interpolation="nearest")
 
     axes.set_yticks(range(rows))
-    axes.set_yticklabels([_caption(t) for t in texts] if rows <= 4 * MAX_DETAILED else [], fontsize=label_size)
+    # User strings are drawn literally (parse_math=False): "$5 $10" is not mathtext.
+    axes.set_yticklabels([_caption(t) for t in texts] if rows <= 4 * MAX_DETAILED else [], fontsize=label_size,
+                         parse_math=False)
     if show_names:
         axes.set_xticks(range(cols))
         axes.set_xticklabels(
@@ -117,6 +119,7 @@ def render(
             ha="right" if cols > 1 else "center",
             rotation_mode="anchor",
             fontsize=max(6.0, label_size * 0.75),
+            parse_math=False,
         )
     else:
         axes.set_xticks([])
@@ -144,7 +147,7 @@ def render(
     colourbar = figure.colorbar(mesh, ax=axes, fraction=0.04 if cols > 3 else 0.08, pad=0.02, shrink=0.8)
     colourbar.ax.tick_params(labelsize=max(6.0, label_size * 0.8))
     colourbar.set_label("cosine similarity", fontsize=max(6.0, label_size * 0.8))
-    axes.set_title(title, fontsize=max(9.0, min(20.0, label_size * 1.4)), pad=12)
+    axes.set_title(title, fontsize=max(9.0, min(20.0, label_size * 1.4)), pad=12, parse_math=False)
 
     figure.savefig(out, format=fmt, bbox_inches="tight", dpi=100 if fmt == "png" else None)
     return notes

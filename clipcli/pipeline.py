@@ -518,6 +518,7 @@ class Similarity:
     thumbnails: list
     truncated: list[bool]
     failed: list[dict]
+    image_ok: list[bool] = field(default_factory=list)  # per input image, in input order
 
     def as_json(self) -> dict:
         out = {
@@ -567,8 +568,9 @@ def similarity(
     text_matrix = np.stack([t.embedding for t in good_texts]) if good_texts else np.zeros((0, dim), np.float32)
     image_matrix = np.stack([i.embedding for i in good_images]) if good_images else np.zeros((0, dim), np.float32)
     cosine = torch.from_numpy(text_matrix) @ torch.from_numpy(image_matrix).T  # (T, I)
-    scale = loaded.model.logit_scale.detach().float().cpu().exp()
-    probs = (scale * cosine).softmax(dim=-1) if cosine.shape[1] else cosine
+    from .zeroshot import scaled_softmax
+
+    probs = scaled_softmax(cosine, loaded.model.logit_scale.detach().cpu()) if cosine.shape[1] else cosine
     return Similarity(
         images=[i.name for i in good_images],
         texts=[t.name for t in good_texts],
@@ -577,4 +579,5 @@ def similarity(
         thumbnails=[i.thumbnail for i in good_images],
         truncated=[t.truncated for t in good_texts],
         failed=failed,
+        image_ok=[i.ok for i in image_results],
     )

@@ -66,13 +66,22 @@ def normalize(embeddings: "torch.Tensor") -> "torch.Tensor":
     return embeddings / embeddings.norm(dim=-1, keepdim=True)
 
 
-def probabilities(image_embeddings: "torch.Tensor", classifier: "torch.Tensor", logit_scale: "torch.Tensor | float") -> "torch.Tensor":
-    """Softmax over labels ``[N, L]`` of ``exp(logit_scale) * cosine``; images need not be normalised."""
+# exp(logit_scale) beyond this is a hard argmax anyway; capping it keeps every logit finite
+# (a checkpoint with logit_scale 100 or 1e6 would give inf * cosine and NaN probabilities).
+MAX_SCALE = 1e30
+
+
+def scaled_softmax(cosine: "torch.Tensor", logit_scale: "torch.Tensor | float") -> "torch.Tensor":
+    """Softmax over the last axis of ``exp(logit_scale) * cosine``, finite for any scale."""
     import torch
 
-    scale = torch.as_tensor(logit_scale, dtype=torch.float32).exp()
-    logits = scale * normalize(image_embeddings) @ classifier.float().T  # (N, L)
-    return logits.softmax(dim=-1)
+    scale = torch.as_tensor(logit_scale, dtype=torch.float64).exp().clamp(max=MAX_SCALE)
+    return (scale * cosine.double()).softmax(dim=-1).float()
+
+
+def probabilities(image_embeddings: "torch.Tensor", classifier: "torch.Tensor", logit_scale: "torch.Tensor | float") -> "torch.Tensor":
+    """Softmax over labels ``[N, L]`` of ``exp(logit_scale) * cosine``; images need not be normalised."""
+    return scaled_softmax(normalize(image_embeddings) @ classifier.float().T, logit_scale)  # (N, L)
 
 
 def top_k(probs: "torch.Tensor", labels: Sequence[str], k: int) -> list[list[tuple[str, float]]]:

@@ -283,7 +283,7 @@ def similarity(
         sys.stdout.write(to_json(result.as_json(), indent=2) + "\n")
     elif fmt_name == "jsonl":
         with RecordWriter(sys.stdout, "jsonl") as writer:
-            for record in _ordered_records(result, items):
+            for record in _ordered_records(result):
                 writer.write(record)
     elif fmt_name in ("csv", "table"):
         names = list(result.images) if fmt_name == "csv" else _short_names(result.images)
@@ -304,15 +304,13 @@ def _short_names(names: list[str]) -> list[str]:
     return [os.path.relpath(n, folder) for n in names] if folder else list(names)
 
 
-def _ordered_records(result, items) -> list[dict]:
-    """JSON Lines records of a similarity run: one per image in input order, then failed captions."""
+def _ordered_records(result) -> list[dict]:
+    """JSON Lines records of a similarity run: one per image in input order (an input named
+    twice is two records), then failed captions."""
     ok = iter(_similarity_records(result))
-    failed = {f["image"]: f for f in result.failed if "image" in f}
-    records = []
-    for item in items:
-        records.append(failed.pop(item.name) if item.name in failed else next(ok))
-    records += [f for f in result.failed if "text" in f]
-    return records
+    failed = iter([f for f in result.failed if "image" in f])
+    records = [next(ok) if good else next(failed) for good in result.image_ok]
+    return records + [f for f in result.failed if "text" in f]
 
 
 # --------------------------------------------------------------------------- encode
