@@ -49,5 +49,15 @@ class InputError(ClipcliError):
     """An input (image, list file, caption file, URL) cannot be used."""
 
 
-class OutputExistsError(ClipcliError):
+class OutputError(ClipcliError):
+    """An output cannot be written (a folder that is missing or not writable, a full disk)."""
+
+
+class OutputExistsError(OutputError):
     """An output file exists and --overwrite was not given."""
+
+
+class WriteError(OutputError):
+    """Writing an output failed part-way (a full disk, an I/O error): the run did not finish."""
+
+    exit_code = 1

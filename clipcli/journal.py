@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import ClipcliError
-from .output import fsync_folder
+from .output import fsync_folder, write_error
 
 VERSION = 1
 
@@ -145,18 +145,22 @@ class Journal:
         whose ``index`` must already count on from :attr:`rows`."""
         if rows:
             block = np.stack([np.asarray(row, dtype=self.dtype).reshape(self.dim) for row in rows])
-            with open(self._rows_file, "ab") as f:
-                f.write(block.tobytes())
-                f.flush()
-                os.fsync(f.fileno())
+            self._append(self._rows_file, block.tobytes())
         if records:
             text = "".join(json.dumps(record, ensure_ascii=True, sort_keys=False) + "\n" for record in records)
-            with open(self._records_file, "ab") as f:
-                f.write(text.encode("ascii"))
-                f.flush()
-                os.fsync(f.fileno())
+            self._append(self._records_file, text.encode("ascii"))
         self.records.extend(records)
         self.rows += len(rows)
+
+    @staticmethod
+    def _append(path: str, data: bytes) -> None:
+        try:
+            with open(path, "ab") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as error:  # a full disk: what is journaled so far resumes; say which file
+            raise write_error(error, path) from None
 
     def matrix(self) -> np.ndarray:
         """All journaled rows as a ``[rows, dim]`` array."""

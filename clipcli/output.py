@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from typing import IO, Any, Callable, Iterator, Sequence
 
-from .errors import ClipcliError, OutputExistsError
+from .errors import ClipcliError, OutputError, OutputExistsError, WriteError
 from .inputs import display
 
 FORMATS = ("jsonl", "json", "csv", "table")
@@ -174,13 +174,25 @@ def write_table(
 
 
 def ensure_writable(paths: Sequence[str | os.PathLike], overwrite: bool) -> None:
-    """Refuse (before any work) to replace existing files unless ``overwrite``."""
+    """Refuse, before any work, outputs that could not be written: existing files (unless
+    ``overwrite``), a folder that is missing, not a folder, or not writable."""
     for path in paths:
+        name = display(os.fspath(path))
+        if os.path.isdir(path):
+            raise OutputError(f"cannot write {name}: it is a folder")
         if os.path.lexists(path) and not overwrite:
-            raise OutputExistsError(f"{display(os.fspath(path))} already exists; pass --overwrite to replace it")
+            raise OutputExistsError(f"{name} already exists; pass --overwrite to replace it")
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
-            raise OutputExistsError(f"cannot write {display(os.fspath(path))}: folder {display(folder)} does not exist")
+            raise OutputError(f"cannot write {name}: folder {display(folder)} does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise OutputError(f"cannot write {name}: folder {display(folder)} is not writable")
+
+
+def write_error(error: OSError, path: str | os.PathLike | None) -> WriteError:
+    """A failed write as one line naming the file (``stdout`` when ``path`` is None)."""
+    where = display(os.fspath(path)) if path is not None else "stdout"
+    return WriteError(f"cannot write {where}: {error.strerror or error}")
 
 
 @contextmanager
@@ -194,12 +206,18 @@ def atomic_write(path: str | os.PathLike, overwrite: bool = False, text: bool = 
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.lexists(path) and not overwrite:
         raise OutputExistsError(f"{display(path)} already exists; pass --overwrite to replace it")
-    handle, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(handle, "w" if text else "wb", **({"encoding": "utf-8", "newline": ""} if text else {})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        handle, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    except OSError as error:
+        raise write_error(error, path) from None
+    try:
+        try:
+            with os.fdopen(handle, "w" if text else "wb", **({"encoding": "utf-8", "newline": ""} if text else {})) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as error:  # a full disk, an I/O error: name the file, not a temporary one
+            raise write_error(error, path) from None
         os.chmod(temp, 0o666 & ~_umask())
         if overwrite:
             os.replace(temp, path)

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from clipcli.errors import OutputExistsError
+from clipcli.errors import OutputError, OutputExistsError
 from clipcli.output import RecordWriter, Reporter, atomic_write, default_format, ensure_writable, to_json
 
 RECORDS = [
@@ -142,8 +142,10 @@ def test_ensure_writable(tmp_path):
     with pytest.raises(OutputExistsError, match="emb.npy already exists"):
         ensure_writable([tmp_path / "emb.npy"], overwrite=False)
     ensure_writable([tmp_path / "emb.npy"], overwrite=True)
-    with pytest.raises(OutputExistsError, match="does not exist"):
+    with pytest.raises(OutputError, match="does not exist"):
         ensure_writable([tmp_path / "missing" / "emb.npy"], overwrite=True)
+    with pytest.raises(OutputError, match="is a folder"):
+        ensure_writable([tmp_path], overwrite=True)
 
 
 def test_reporter_lines():

@@ -168,3 +168,141 @@ def test_dollar_signs_are_drawn_literally(tmp_path, tiny_vit_checkpoint):
                  tiny_vit_checkpoint, "-o", out, "--title", "$unbalanced", "-q")
     assert result.exit_code == 0, result.stderr
     assert out.stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------- item 4: write failures
+
+
+def test_stdout_on_a_full_disk_is_one_line(tiny_vit_checkpoint):
+    for command in (["encode", str(DATA / "rocket.jpg"), "-m", str(tiny_vit_checkpoint)], ["models"]):
+        with open("/dev/full", "w") as full:
+            result = subprocess.run([sys.executable, "-m", "clipcli", *command, "-q" if command[0] != "models" else
+                                     "--format=jsonl"], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+        assert result.returncode == 1 and result.stderr == "error: cannot write stdout: No space left on device\n"
+
+
+def test_a_full_disk_while_writing_an_output_is_one_line(tmp_path, tiny_vit_checkpoint, monkeypatch):
+    import errno
+
+    from clipcli import output
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(output.os, "fsync", full)
+    out = tmp_path / "records.jsonl"
+    result = run("encode", DATA / "rocket.jpg", "-m", tiny_vit_checkpoint, "-o", out, "-q")
+    assert result.exit_code == 1 and result.stderr == f"error: cannot write {out}: No space left on device\n"
+    assert not out.exists() and not list(tmp_path.glob(".*"))
+
+
+def test_an_output_in_a_missing_folder_or_on_a_folder_is_refused_first(tmp_path, tiny_vit_checkpoint):
+    (tmp_path / "folder.npy").mkdir()
+    for target in (tmp_path / "missing" / "emb.npy", tmp_path / "folder.npy"):
+        result = run("encode", DATA / "rocket.jpg", "-m", tiny_vit_checkpoint, "-o", target, "-q")
+        assert result.exit_code == 2 and result.stderr.startswith(f"error: cannot write {target}")
+
+
+# --------------------------------------------------------------------------- items 13, 21: convert
+
+
+def test_convert_follows_the_umask(tmp_path, tiny_vit_checkpoint):
+    mask = os.umask(0o022)
+    try:
+        out = tmp_path / "m.safetensors"
+        assert run("convert", tiny_vit_checkpoint, out, "-q").exit_code == 0
+        assert out.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)
+
+
+def test_convert_interrupted_leaves_no_temporary_file(tmp_path, tiny_vit_checkpoint, monkeypatch):
+    import safetensors.torch
+
+    def interrupted(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    result = run("convert", tiny_vit_checkpoint, tmp_path / "m.safetensors")
+    assert result.exit_code == 130
+    assert not (tmp_path / "m.safetensors").exists() and not list(tmp_path.glob(".*"))
+
+
+# --------------------------------------------------------------------------- items 10-13: train
+
+
+def _pairs_csv(folder: Path, images: list[Path], encoding: str = "utf-8") -> Path:
+    path = folder / "pairs.csv"
+    rows = ["filepath,title"] + [f"{image},a caf\u00e9 photo {i}" for i, image in enumerate(images)]
+    path.write_bytes("\n".join(rows).encode(encoding) + b"\n")
+    return path
+
+
+def _train(*args):
+    return run("train", "--arch", "tiny", "--image-size", "32", "--epochs", "1", "--batch-size", "2",
+               "--workers", "0", "--quiet", "--device", "cpu", *args)
+
+
+def test_train_checks_the_zeroshot_folder_before_training(tmp_path):
+    data = _pairs_csv(tmp_path, [DATA / "rocket.jpg", DATA / "chelsea.png"])
+    result = _train("--train-data", data, "--out", tmp_path / "run", "--zeroshot-dir", tmp_path / "absent")
+    assert result.exit_code == 2 and "no such folder" in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_train_skips_a_batch_of_only_unreadable_images(tmp_path):
+    bad = []
+    for i in range(4):
+        (tmp_path / f"bad{i}.jpg").write_bytes(b"not an image")
+        bad.append(tmp_path / f"bad{i}.jpg")
+    fifo = tmp_path / "fifo.jpg"
+    os.mkfifo(fifo)  # would block a reader forever
+    data = _pairs_csv(tmp_path, [*bad, fifo, DATA / "rocket.jpg"])
+    result = _train("--train-data", data, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "run" / "last.safetensors").is_file()
+
+
+def test_train_inputs_and_outputs_that_are_wrong_are_one_line(tmp_path):
+    good = [DATA / "rocket.jpg", DATA / "chelsea.png"]
+    latin = _pairs_csv(tmp_path, good, encoding="latin-1")
+    result = _train("--train-data", latin, "--out", tmp_path / "run")
+    assert result.exit_code == 2 and "not UTF-8" in result.stderr and result.stderr.count("\n") == 1
+    (tmp_path / "file").write_text("x")
+    result = _train("--train-data", _pairs_csv(tmp_path, good), "--out", tmp_path / "file")
+    assert result.exit_code == 2 and "is a file" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_sigterm_during_training_exits_130_and_leaves_no_temporary_file(tmp_path):
+    import signal
+    import time
+
+    images = []
+    for i in range(64):
+        images.append(tmp_path / f"img{i}.png")
+        shutil.copy(DATA / "chelsea.png", images[-1])
+    data = _pairs_csv(tmp_path, images)
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "clipcli", "train", "--arch", "tiny", "--train-data", str(data),
+                                "--out", str(out), "--epochs", "50", "--batch-size", "8", "--workers", "0",
+                                "--device", "cpu"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out / "metrics.jsonl").exists() and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".")]
+
+
+# --------------------------------------------------------------------------- item 18: labels are data
+
+
+def test_a_label_starting_with_a_hash_is_kept(tmp_path, tiny_vit_checkpoint):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("#hashtag\ncat\n\n")
+    result = run("classify", DATA / "rocket.jpg", "--labels-file", labels, "-m", tiny_vit_checkpoint, "-q",
+                 "--top-k", "5")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(t["label"] for t in records(result.stdout)[0]["top"]) == ["#hashtag", "cat"]

@@ -337,7 +337,7 @@ def test_convert_refuses_to_overwrite(tiny_vit_checkpoint, tmp_path):
     dst = tmp_path / "tiny.safetensors"
     dst.write_bytes(b"keep me")
     result = invoke("convert", str(tiny_vit_checkpoint), str(dst))
-    assert result.exit_code == 2 and result.stderr == f"error: {dst} exists; pass --overwrite to replace it\n"
+    assert result.exit_code == 2 and result.stderr == f"error: {dst} already exists; pass --overwrite to replace it\n"
     assert dst.read_bytes() == b"keep me"
     assert invoke("convert", str(tiny_vit_checkpoint), str(dst), "--overwrite").exit_code == 0
     assert dst.read_bytes() != b"keep me"

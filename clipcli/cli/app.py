@@ -5,6 +5,7 @@ records. A :class:`~clipcli.errors.ClipcliError` becomes ``error: <message>`` on
 its ``exit_code``; a closed stdout (``| head``) ends the run quietly.
 """
 
+import errno
 import functools
 import os
 import sys
@@ -72,12 +73,39 @@ def _silence_stdout() -> None:
         pass
 
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EPIPE}
+
+
+def _os_error_line(error: OSError) -> str:
+    from ..inputs import display
+
+    if error.filename is None:
+        return f"cannot write stdout: {error.strerror or error}"
+    verb = "cannot write" if error.errno in _WRITE_ERRNOS else "cannot use"
+    return f"{verb} {display(error.filename)}: {error.strerror or error}"
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM ends a run like Ctrl-C: records already written stay, no half-written files,
+    exit code 130."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def command(*args, **kwargs) -> Callable:
-    """``app.command`` plus the error policy: typed errors -> one line and their exit code."""
+    """``app.command`` plus the error policy: typed errors -> one line and their exit code;
+    Ctrl-C and SIGTERM -> exit code 130."""
 
     def register(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def run(*a, **kw):
+            _interrupt_on_sigterm()
             try:
                 return fn(*a, **kw)
             except ClipcliError as error:
@@ -86,6 +114,10 @@ def command(*args, **kwargs) -> Callable:
             except BrokenPipeError:
                 _silence_stdout()
                 raise typer.Exit(0) from None
+            except OSError as error:  # writing stdout (a full disk, /dev/full), or a file the library did not name
+                _silence_stdout()
+                error_line(_os_error_line(error))
+                raise typer.Exit(1) from None
             except KeyboardInterrupt:
                 error_line("interrupted")
                 raise typer.Exit(130) from None

@@ -52,18 +52,6 @@ ExactOpt = Annotated[bool, typer.Option("--exact-decode", help="Decode JPEGs at 
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
 
 
-def _interrupt_on_sigterm() -> None:
-    """SIGTERM ends a run like Ctrl-C: records already written stay, files are not half-written."""
-    import signal
-    import threading
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)
-
-
 def _run_options(batch_size: int, workers: int, max_pixels: int, allow_truncated: bool, allow_private: bool,
                  exact_decode: bool) -> dict:
     from ..inputs import DecodeOptions, FetchOptions
@@ -103,7 +91,7 @@ def _labels(labels: list[str], labels_file: Optional[str]) -> list[str]:
 
     found = [label.strip() for value in labels for label in value.split(",") if label.strip()]
     if labels_file:
-        found += read_lines(labels_file)
+        found += read_lines(labels_file, comments=False)  # data: a label may start with "#"
     if not found:
         raise InputError("no labels: pass --labels cat,dog or --labels-file FILE")
     seen: set[str] = set()
@@ -166,7 +154,6 @@ def classify(
     from ..output import RecordWriter, Reporter
     from ..pipeline import classify as run_classify
 
-    _interrupt_on_sigterm()
     label_list = _labels(labels, labels_file)
     template_list = _templates(template, templates)
     items = expand_inputs(inputs)
@@ -249,7 +236,6 @@ def similarity(
     from ..inputs import expand_inputs
     from ..output import RecordWriter, Reporter, atomic_write, ensure_writable, to_json
 
-    _interrupt_on_sigterm()
     image_args, captions = _split_similarity_args(inputs, text)
     if output:
         try:
@@ -377,7 +363,6 @@ def encode(
     from ..inputs import expand_inputs, read_lines
     from ..output import RecordWriter, Reporter, ensure_writable
 
-    _interrupt_on_sigterm()
     if text and inputs:
         raise InputError("give either images or --text FILE, not both")
     if not text and not inputs:

@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import ClipcliError, OutputExistsError
+from ..errors import ClipcliError
 from .app import Format, command, error_line
 
 CacheDirOpt = Annotated[Optional[Path], typer.Option(
@@ -230,8 +230,14 @@ def convert(
     """
     if dst.suffix != ".safetensors":
         raise typer.BadParameter(f"{dst} must end in .safetensors", param_hint="DST.safetensors")
-    if dst.exists() and not overwrite:
-        raise OutputExistsError(f"{dst} exists; pass --overwrite to replace it")
+    from ..errors import OutputError
+    from ..output import ensure_writable
+
+    try:
+        dst.expanduser().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"cannot create the folder of {dst}: {error.strerror or error}") from None
+    ensure_writable([dst.expanduser()], overwrite)
     import torch
 
     from ..download import format_size
@@ -268,18 +274,27 @@ def _safetensors_ready(state: dict) -> dict:
 
 
 def _save_atomically(tensors: dict, dst: Path, source: str, config: str) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from .. import __version__
     from ..factory import METADATA_KEY
 
+    from ..output import fsync_folder, write_error
+
     dst = dst.expanduser()
-    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     try:
         save_file(tensors, str(tmp), metadata={"format": "pt", "converted_by": f"clipcli {__version__}",
                                                "source": source, METADATA_KEY: config})
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # as any file the user writes, whatever the writer chose
         os.replace(tmp, dst)
+        fsync_folder(dst.parent)
+    except (OSError, SafetensorError) as error:
+        tmp.unlink(missing_ok=True)
+        raise write_error(error if isinstance(error, OSError) else OSError(str(error)), dst) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

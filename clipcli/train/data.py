@@ -37,8 +37,18 @@ class Pair:
     caption: str
 
 
+def _read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file (a BOM allowed), or one line saying what is wrong with it."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: the {what} is not UTF-8 (byte {error.start}); save it as UTF-8") from None
+    except OSError as error:
+        raise InputError(f"cannot read {path}: {error.strerror or error}") from None
+
+
 def _table_pairs(path: Path, img_key: str, caption_key: str) -> list[Pair]:
-    text = path.read_text(encoding="utf-8-sig")
+    text = _read_text(path, "table")
     header = text.split("\n", 1)[0]
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") or "\t" in header else ","
     rows = csv.DictReader(text.splitlines(), delimiter=delimiter)
@@ -62,7 +72,7 @@ def _folder_pairs(folder: Path) -> list[Pair]:
     for image in sorted(folder.rglob("*")):
         caption = image.with_suffix(".txt")
         if image.suffix.lower() in IMAGE_SUFFIXES and image.is_file() and caption.is_file():
-            pairs.append(Pair(image, caption.read_text(encoding="utf-8").strip()))
+            pairs.append(Pair(image, _read_text(caption, "caption").strip()))
     return pairs
 
 
@@ -92,16 +102,17 @@ class PairDataset(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def __getitem__(self, index: int):
-        from PIL import Image
-
+        from ..inputs import DecodeOptions, Item, ItemError, read_image
         from ..tokenizer import tokenize
 
         pair = self.pairs[index]
-        try:
-            with Image.open(pair.image) as image:
-                pixels = self.transform(image)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            return None, str(pair.image), str(error).splitlines()[0] if str(error) else type(error).__name__
+        path = str(pair.image)
+        try:  # the guarded decoding inference uses: no FIFOs, the pixel cap, EXIF orientation, alpha
+            pixels = self.transform(read_image(Item(name=path, path=path), DecodeOptions(exact=True)))
+        except ItemError as error:
+            return None, path, str(error)
+        except Exception as error:  # noqa: BLE001 - one bad image must never end the training
+            return None, path, f"cannot prepare image ({type(error).__name__}): {error}"
         return pixels, tokenize(pair.caption, self.context_length, truncate=True)[0]
 
 

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
 from .data import IMAGE_SUFFIXES, GlobalBatches, Pair, PairDataset, SkipReporter, loader
 
 RECALL_AT = (1, 5, 10)
@@ -48,6 +49,8 @@ def encode_pairs(clip, dataset: PairDataset, batch_size: int, device: torch.devi
 def zeroshot_classes(folder: str | Path) -> list[tuple[str, list[Path]]]:
     """``[(class name, its images)]`` from one sub-folder per class, sorted by folder name."""
     classes = []
+    if not Path(folder).is_dir():
+        raise InputError(f"{folder}: no such folder (expected one sub-folder of images per class)")
     for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
         images = sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if images:

@@ -18,16 +18,17 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from ..errors import ClipcliError, InputError, OutputExistsError
+from ..errors import ClipcliError, InputError, OutputError, OutputExistsError
 from ..factory import METADATA_KEY, config_to_json, create_model
 from ..model import CLIP, CLIPConfig
 from . import distributed
 from .data import GlobalBatches, PairDataset, SkipReporter, loader, read_pairs
+from .evaluate import zeroshot_classes
 from .loss import ContrastiveModel, clamp_logit_scale, contrastive_loss
 from .optim import build_optimizer, build_scheduler
 
@@ -159,12 +160,19 @@ def _autocast(precision: str, device: torch.device):
 
 def _prepare_out(cfg: TrainConfig, is_main: bool) -> Path:
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file; it must be a folder (new or holding a run)")
     if is_main and not cfg.resume and (out / CHECKPOINT).exists() and not cfg.overwrite:
         raise OutputExistsError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start again")
     if cfg.resume and not (out / STATE).exists():
         raise InputError(f"--resume: {out} has no {STATE} to resume from")
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OutputError(f"cannot create {out}: {error.strerror or error}") from None
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise OutputError(f"cannot write in {out}: it is not writable")
         if not cfg.resume:
             for name in (METRICS, CHECKPOINT, STATE):
                 (out / name).unlink(missing_ok=True)
@@ -185,6 +193,8 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
 
     main = topology.is_main
     fresh_config = model_config(cfg) if not (cfg.resume or cfg.init) else None  # check options before touching --out
+    if cfg.zeroshot_dir and not zeroshot_classes(cfg.zeroshot_dir):  # checked now, not after the first epoch
+        raise InputError(f"--zeroshot-dir {cfg.zeroshot_dir} holds no class folders with images")
     out = _prepare_out(cfg, main)
     torch.manual_seed(cfg.seed)
 
@@ -242,8 +252,14 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
         started, seen = time.perf_counter(), 0
         for batch in batches:
             skips(batch.skipped)
+            if not len(batch.images):  # every image of this rank's share was unreadable
+                resolution = config.image_resolution
+                batch = replace(batch, images=torch.empty(0, 3, resolution, resolution),
+                                texts=torch.empty(0, config.context_length, dtype=torch.long))
             images, texts = batch.images.to(device, non_blocking=True), batch.texts.to(device, non_blocking=True)
             sizes = distributed.gather_sizes(len(images), device) if topology.distributed else [len(images)]
+            if sum(sizes) == 0:  # the whole global batch: no step (its images are counted as skipped)
+                continue
             with _autocast(cfg.precision, device):
                 image_features, text_features, scale = network(images, texts)
             image_features = distributed.gather_rows(image_features.float(), sizes)
