@@ -330,7 +330,9 @@ class _Progress:
 
 
 def _stderr_log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    from .inputs import one_line
+
+    print(one_line(message), file=sys.stderr, flush=True)
 
 
 def _loggers(quiet: bool | None) -> tuple[Log, bool]:

@@ -85,7 +85,7 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> CLIPConfig:
     statistics and transform.
     """
     sd = state_dict
-    if "visual.proj" in sd:  # ViT
+    if "visual.class_embedding" in sd or "visual.proj" in sd:  # ViT (a missing key is named by the strict load)
         width = sd["visual.conv1.weight"].shape[0]
         patch = sd["visual.conv1.weight"].shape[-1]
         grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)

@@ -30,6 +30,7 @@ import ssl
 import stat
 import sys
 import time
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -81,6 +82,23 @@ def display(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def one_line(text: str) -> str:
+    """``text`` as one safe line for a terminal: line breaks become spaces; other control
+    characters (escape sequences that could retitle or clear the terminal, bidi overrides)
+    are shown escaped, as ``\x1b`` or ``\u202e``; undecodable file-name bytes as by
+    :func:`display`."""
+    out = []
+    for char in " ".join(re.split(r"[\r\n\t]+", display(text).strip())):  # line breaks: one space
+        code = ord(char)
+        if code < 0x20 or 0x7F <= code < 0xA0:
+            out.append(f"\\x{code:02x}")
+        elif unicodedata.category(char) in ("Cf", "Zl", "Zp") and code not in (0x200D,):
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
 def url_scheme(text: str) -> str | None:
     match = _URL_SCHEME.match(text)
     return match.group(1).lower() if match else None
@@ -89,6 +107,13 @@ def url_scheme(text: str) -> str | None:
 def _url_item(url: str) -> Item:
     scheme = url_scheme(url)
     if scheme in ("http", "https"):
+        try:
+            parts = urllib.parse.urlsplit(url)
+            credentials = parts.username is not None or parts.password is not None
+        except ValueError as error:
+            return Item(name=url, error=f"not a valid URL ({error})")
+        if credentials:  # never sent: they would travel to every redirect target, and into logs
+            return Item(name=url, error="refused: the URL holds a user name or password (user:pass@host)")
         return Item(name=url, url=url)
     return Item(name=url, error=f"unsupported URL scheme {scheme!r} (only http and https are fetched)")
 
@@ -239,6 +264,21 @@ def walk_folder(folder: str, visited: set | None = None, exclude: frozenset[str]
 # --------------------------------------------------------------------------- expansion
 
 
+EMPTY_FOLDER = "the folder holds no images (jpg, jpeg, png, webp, bmp, gif, tif, tiff)"
+
+
+def _missing(path: str) -> str | None:
+    """None when ``path`` exists; "" when it does not; the reason when it cannot be looked at
+    (a folder on its way that cannot be searched: one failed item, not the end of the run)."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return ""
+    except OSError as error:
+        return f"cannot look at it: {error.strerror or error}"
+    return None
+
+
 def expand_inputs(inputs: Sequence[str], *, exclude: Sequence[str | os.PathLike] = ()) -> list[Item]:
     """One :class:`Item` per image named by ``inputs``, in order.
 
@@ -254,10 +294,12 @@ def expand_inputs(inputs: Sequence[str], *, exclude: Sequence[str | os.PathLike]
             items.extend(_list_entries(read_lines("-"), "", visited))
         elif url_scheme(arg):
             items.append(_url_item(arg))
-        elif os.path.isdir(arg):
-            items.extend(walk_folder(arg, visited, excluded))
-        elif not os.path.lexists(arg):
-            raise InputError(f"no such file or folder: {display(arg)}")
+        elif os.path.isdir(arg):  # a folder named x.jpg included
+            items.extend(list(walk_folder(arg, visited, excluded)) or [Item(name=arg, error=EMPTY_FOLDER)])
+        elif (problem := _missing(arg)) is not None:
+            if problem == "":
+                raise InputError(f"no such file or folder: {display(arg)}")
+            items.append(Item(name=arg, error=problem))
         elif has_image_extension(arg):
             items.append(Item(name=arg, path=arg))
         elif _is_stream(arg):  # <(...), a FIFO: read once, then sniffed and parsed from the same bytes
@@ -269,7 +311,7 @@ def expand_inputs(inputs: Sequence[str], *, exclude: Sequence[str | os.PathLike]
             items.append(Item(name=arg, path=arg))
         else:
             items.extend(_list_entries(read_lines(arg), os.path.dirname(arg), visited))
-    if not items:
+    if all(item.error == EMPTY_FOLDER for item in items):
         raise InputError(f"no images found in {display(', '.join(inputs))}")
     return items
 

@@ -78,6 +78,8 @@ class Journal:
         path = os.fspath(path)
         identity = {"version": VERSION, **identity}
         journal = cls(path, identity)
+        if os.path.lexists(path) and not os.path.isdir(path) and not overwrite:
+            raise JournalError(f"{path} should be a journal folder but is not; remove it or pass --overwrite")
         if os.path.lexists(path):
             if not resume:
                 if not overwrite:
@@ -101,13 +103,18 @@ class Journal:
             self.remove()
             os.mkdir(self.path)
             return self._create_files()
+        if not isinstance(stored, dict):
+            raise self._damaged("identity.json is not a JSON object")
         if stored != self.identity:
             differs = sorted(k for k in set(stored) | set(self.identity) if stored.get(k) != self.identity.get(k))
             raise JournalError(f"{self.path} belongs to a different run ({', '.join(differs)} differ); "
                                "pass --overwrite to discard it and start again")
-        with open(self._records_file, "rb") as f:
-            data = f.read()
-        rows_available = os.path.getsize(self._rows_file) // self.row_bytes if self.row_bytes else 0
+        try:
+            with open(self._records_file, "rb") as f:
+                data = f.read()
+            rows_available = os.path.getsize(self._rows_file) // self.row_bytes if self.row_bytes else 0
+        except OSError as error:
+            raise self._damaged(f"{os.path.basename(error.filename or '?')}: {error.strerror or error}") from None
         kept, kept_bytes, rows = [], 0, 0
         for line in data.splitlines(keepends=True):
             if not line.endswith(b"\n"):
@@ -129,6 +136,10 @@ class Journal:
             f.truncate(rows * self.row_bytes)
             os.fsync(f.fileno())
         self.records, self.rows = kept, rows
+
+    def _damaged(self, reason: str) -> "JournalError":
+        return JournalError(f"the journal {self.path} is damaged ({reason}); pass --overwrite to start the run "
+                            "again")
 
     def _create_files(self) -> None:
         with open(os.path.join(self.path, "identity.json.tmp"), "w", encoding="utf-8") as f:
@@ -168,4 +179,7 @@ class Journal:
         return data.reshape(self.rows, self.dim)
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        if os.path.isdir(self.path) and not os.path.islink(self.path):
+            shutil.rmtree(self.path, ignore_errors=True)
+        elif os.path.lexists(self.path):
+            os.unlink(self.path)

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from typing import IO, Any, Callable, Iterator, Sequence
 
 from .errors import ClipcliError, OutputError, OutputExistsError, WriteError
-from .inputs import display
+from .inputs import display, one_line
 
 FORMATS = ("jsonl", "json", "csv", "table")
 
@@ -362,6 +362,7 @@ class Reporter:
     def message(self, text: str) -> None:
         if self.quiet:
             return
+        text = one_line(text)
         if self._progress is not None:
             self._progress.console.print(text, markup=False, highlight=False)
         else:

@@ -59,6 +59,8 @@ def resolve_device(device: str = "auto") -> "torch.device":
             raise ClipcliError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
     elif resolved.type != "cpu":
         raise ClipcliError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
+    elif resolved.index not in (None, 0):
+        raise ClipcliError(f"--device {device}: there is one CPU device; use --device cpu (and --threads N)")
     return resolved
 
 

@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from clipcli.cli import app
+from test_journal import _journal_identity
 
 DATA = Path(__file__).parent / "data"
 
@@ -306,3 +307,96 @@ def test_a_label_starting_with_a_hash_is_kept(tmp_path, tiny_vit_checkpoint):
                  "--top-k", "5")
     assert result.exit_code == 0, result.stderr
     assert sorted(t["label"] for t in records(result.stdout)[0]["top"]) == ["#hashtag", "cat"]
+
+
+# --------------------------------------------------------------------------- items 16, 17, 19, 20, 22
+
+
+def test_control_characters_in_names_are_escaped_on_stderr(tmp_path, tiny_vit_checkpoint):
+    evil = tmp_path / "\x1b]0;pwned\x07\x1b[2J\u202ephoto.jpg"
+    evil.write_bytes(b"not a jpeg\r\nsecond line")
+    result = run("encode", evil, DATA / "rocket.jpg", "-m", tiny_vit_checkpoint)
+    assert result.exit_code == 1
+    assert "\x1b" not in result.stderr and "\x07" not in result.stderr and "\u202e" not in result.stderr
+    assert "\\x1b]0;pwned\\x07" in result.stderr and "\\u202e" in result.stderr
+    assert all(line.startswith(("skipping", "encoded", "note:")) for line in result.stderr.splitlines())
+
+
+def test_messages_are_one_line():
+    from clipcli.inputs import one_line
+
+    assert one_line("redirect loop:\nThe last 30x error message was:\r\nFound") == \
+        "redirect loop: The last 30x error message was: Found"
+    assert one_line("a\tb\x00c\x9bd") == "a b\\x00c\\x9bd"
+
+
+def test_a_url_with_credentials_is_refused_and_never_sent(tiny_vit_checkpoint):
+    result = run("encode", "http://user:secret@127.0.0.1:9/cat.jpg", DATA / "rocket.jpg", "-m", tiny_vit_checkpoint,
+                 "--allow-private", "-f", "jsonl")
+    assert result.exit_code == 1
+    first = records(result.stdout)[0]
+    assert first["status"] == "error" and "user name or password" in first["error"]
+
+
+def test_a_missing_projection_is_named(tmp_path, tiny_vit_checkpoint):
+    from checkpoints import released_state_dict, save_safetensors
+
+    state = {k: v.float() for k, v in released_state_dict(tiny_vit_checkpoint).items() if k != "visual.proj"}
+    result = run("encode", DATA / "rocket.jpg", "-m", save_safetensors(state, tmp_path / "m.safetensors"))
+    assert result.exit_code == 2 and "missing keys: visual.proj" in result.stderr
+
+
+def test_a_cpu_index_is_refused(tiny_vit_checkpoint):
+    result = run("encode", DATA / "rocket.jpg", "-m", tiny_vit_checkpoint, "--device", "cpu:99")
+    assert result.exit_code == 2 and "one CPU device" in result.stderr
+
+
+def test_a_folder_with_no_images_says_so(tmp_path, tiny_vit_checkpoint):
+    (tmp_path / "x.jpg").mkdir()
+    result = run("encode", tmp_path / "x.jpg", DATA / "rocket.jpg", "-m", tiny_vit_checkpoint, "-f", "jsonl")
+    assert result.exit_code == 1
+    assert records(result.stdout)[0] == {"image": str(tmp_path / "x.jpg"), "status": "error",
+                                         "error": "the folder holds no images (jpg, jpeg, png, webp, bmp, gif, tif, tiff)"}
+    alone = run("encode", tmp_path / "x.jpg", "-m", tiny_vit_checkpoint)
+    assert alone.exit_code == 2 and "no images found" in alone.stderr
+
+
+def test_a_failing_torch_import_is_one_line(tmp_path):
+    """Under a low `ulimit -v`, importing torch fails: one line, not a traceback."""
+    script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (600 << 20, 600 << 20)); "
+              "sys.argv = ['clipcli', 'encode', sys.argv[1]]; from clipcli.cli import main; main()")
+    result = subprocess.run([sys.executable, "-c", script, str(DATA / "rocket.jpg")], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: cannot start:") and result.stderr.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- item 15: damaged journals
+
+
+@pytest.mark.parametrize("damage", ["rows-deleted", "records-deleted", "identity-a-list", "a-file-in-its-place"])
+def test_a_damaged_journal_is_one_line_and_overwrite_starts_over(damage, tmp_path, tiny_vit_checkpoint):
+    from clipcli.journal import journal_path
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("rocket.jpg", "chelsea.png"):
+        shutil.copy(DATA / name, images / name)
+    out = tmp_path / "emb.npy"
+    journal = Path(journal_path(out))
+    args = ["encode", images, "-o", out, "-m", tiny_vit_checkpoint, "-q"]
+    _journal_identity(CliRunner(), [str(a) for a in args], out)  # as an interrupted run leaves it
+    if damage == "rows-deleted":
+        (journal / "rows.bin").unlink()
+    elif damage == "records-deleted":
+        (journal / "records.jsonl").unlink()
+    elif damage == "identity-a-list":
+        (journal / "identity.json").write_text("[1, 2]")
+    else:
+        shutil.rmtree(journal)
+        journal.write_text("not a folder")
+    result = run(*args, "--resume")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "--overwrite" in result.stderr
+    assert "damaged" in result.stderr or "should be a journal folder" in result.stderr
+    assert run(*args, "--overwrite").exit_code == 0 and out.is_file() and not journal.exists()

@@ -58,10 +58,17 @@ def _root(
     ] = False,
 ) -> None:
     """Batch image-text scoring with CLIP. Data goes to stdout, messages to stderr."""
+    import warnings
+
+    # Pillow warns about what it tolerates (corrupt EXIF, odd chunks): a file that cannot be
+    # used is reported by its record; the rest would be stray multi-line noise on stderr.
+    warnings.filterwarnings("ignore", module="PIL")
 
 
 def error_line(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+    from ..inputs import one_line
+
+    typer.echo(f"error: {one_line(message)}", err=True)
 
 
 def _silence_stdout() -> None:
@@ -118,6 +125,10 @@ def command(*args, **kwargs) -> Callable:
                 _silence_stdout()
                 error_line(_os_error_line(error))
                 raise typer.Exit(1) from None
+            except (ImportError, MemoryError) as error:  # e.g. importing torch under a low `ulimit -v`
+                error_line(f"cannot start: {type(error).__name__}: {error or 'out of memory'} "
+                           "(is the memory limit, e.g. ulimit -v, too low?)")
+                raise typer.Exit(2) from None
             except KeyboardInterrupt:
                 error_line("interrupted")
                 raise typer.Exit(130) from None

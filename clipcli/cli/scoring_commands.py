@@ -72,6 +72,7 @@ def _format(fmt: Optional[Format]) -> str:
 
 def _load(model: str, arch: Optional[str], device: str, precision: Optional[Precision], threads: Optional[int],
           quiet: bool, towers: tuple[str, ...] = ("image", "text")):
+    from ..inputs import one_line
     from ..pipeline import load_model, slow_precision_note
 
     loaded = load_model(model, device=device, precision=precision.value if precision else None, towers=towers,
@@ -79,7 +80,7 @@ def _load(model: str, arch: Optional[str], device: str, precision: Optional[Prec
     notes = [*loaded.notes, slow_precision_note(loaded.device, loaded.dtype)]
     if not quiet:
         for note in filter(None, notes):
-            sys.stderr.write(f"note: {note}\n")
+            sys.stderr.write(f"note: {one_line(note)}\n")
     return loaded
 
 

@@ -27,7 +27,9 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar o
 
 def _message(quiet: bool, text: str) -> None:
     if not quiet:
-        typer.echo(text, err=True)
+        from ..inputs import one_line
+
+        typer.echo(one_line(text), err=True)
 
 
 # --- clipcli models ------------------------------------------------------------------------

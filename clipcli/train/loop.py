@@ -118,10 +118,22 @@ def save_checkpoint(clip: CLIP, path: Path, metadata: dict | None = None) -> Non
 
     state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
              for k, v in clip.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={k: config_to_json(v) if isinstance(v, CLIPConfig) else json.dumps(v)
-                                         for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    metadata = {k: config_to_json(v) if isinstance(v, CLIPConfig) else json.dumps(v) for k, v in (metadata or {}).items()}
+    _write_atomically(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+
+
+def _write_atomically(path: Path, write) -> None:
+    """``write(temporary path)`` then rename it to ``path``; an interrupted or failed write
+    (Ctrl-C, SIGTERM, a full disk) leaves no temporary file and ``path`` as it was."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
+        raise
 
 
 def apply_freeze(clip: CLIP, freeze: str | None) -> None:
@@ -302,10 +314,9 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
             say("epoch {} done: {}".format(epoch + 1, ", ".join(
                 f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in evaluation.items() if k not in ("kind", "epoch"))))
             save_checkpoint(clip, out / CHECKPOINT, {METADATA_KEY: config})
-            tmp = out / (STATE + ".tmp")
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                        "step": step, "epoch": epoch + 1, "rng": torch.get_rng_state()}, tmp)
-            os.replace(tmp, out / STATE)
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "step": step, "epoch": epoch + 1, "rng": torch.get_rng_state()}
+            _write_atomically(out / STATE, lambda tmp: torch.save(state, tmp))
     if main and cfg.resume and start_epoch >= cfg.epochs:
         say(f"{out} already finished {cfg.epochs} epochs; raise --epochs to train further")
     return out / CHECKPOINT
