@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -284,6 +284,47 @@ def _prepare(item: Item, preprocess: Callable, decode: DecodeOptions, fetch: Fet
         return None, None, f"cannot prepare image ({type(error).__name__}): {error}"
 
 
+class _DaemonPool:
+    """Worker threads that never hold up the end of the process: an interrupted run exits at
+    once even while a worker waits on a stalled URL (``ThreadPoolExecutor``'s threads are
+    joined at interpreter exit, for as long as their network timeouts last)."""
+
+    def __init__(self, workers: int):
+        import queue
+        import threading
+
+        self._tasks: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"clipcli-decode-{i}", daemon=True)
+                         for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def _work(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            future, fn, args = task
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as error:  # noqa: BLE001 - handed to the waiting thread
+                    future.set_exception(error)
+
+    def submit(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        self._tasks.put((future, fn, args))
+        return future
+
+    def shutdown(self, wait: bool, grace: float = 2.0) -> None:
+        """Stop the workers; without ``wait``, give those still busy ``grace`` seconds (a
+        decode ends in milliseconds; a stalled URL is left behind)."""
+        import time
+
+        for _ in self._threads:
+            self._tasks.put(None)
+        deadline = time.monotonic() + grace
+        for thread in self._threads:
+            thread.join(None if wait else max(0.0, deadline - time.monotonic()))
+
+
 def embed_images(
     loaded: LoadedModel,
     items: Sequence[Item],
@@ -314,7 +355,7 @@ def embed_images(
         return _prepare(item, loaded.preprocess, decode, fetch, thumbnails)
 
     lookahead = 2 * batch_size + workers
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipcli-decode") if workers > 0 else None
+    pool = _DaemonPool(workers) if workers > 0 else None
     pending: deque[tuple[Item, Future | tuple]] = deque()
     source = iter(items)
 
@@ -337,6 +378,7 @@ def embed_images(
         for item, row, thumb, error in window:
             yield Embedding(item.name, row, error, thumbnail=thumb if error is None else None)
 
+    finished = False
     try:
         with pillow_limits(decode):
             refill()
@@ -352,11 +394,12 @@ def embed_images(
                     yield from flush(window)
                     window, in_batch = [], 0
             yield from flush(window)
+        finished = True
     finally:
-        if pool is not None:
+        if pool is not None:  # interrupted or abandoned: the workers are not waited for
             for _, future in pending:
                 future.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=finished)
 
 
 def embed_texts(

@@ -75,8 +75,8 @@ def test_wrapped_and_prefixed_state_dicts_are_accepted(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        (b"", "not a readable checkpoint"),
-        (b"hello, I am a text file\n" * 10, "not a readable checkpoint"),
+        (b"", "is not a checkpoint file"),
+        (b"hello, I am a text file\n" * 10, "is not a checkpoint file"),
         (b"PK\x03\x04" + b"\0" * 40, "not a readable checkpoint"),
     ],
     ids=["empty", "text", "broken-zip"],

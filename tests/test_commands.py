@@ -156,7 +156,7 @@ def test_classify_formats(corrupt, ckpt, fmt):
 
 def test_classify_inputs_from_stdin_and_labels_file(photos, ckpt, tmp_path):
     labels = tmp_path / "labels.txt"
-    labels.write_text("# animals\ncat\n\ndog\n")
+    labels.write_text("cat\n\ndog\n")  # blank lines skipped; every other line is a label (# too)
     listing = f"{photos / 'chelsea.png'}\n# skip me\n\n{photos / 'rocket.jpg'}\n"
     result = run("classify", "-", "-m", ckpt, "--labels-file", labels, input=listing)
     assert result.exit_code == 0, result.stderr

@@ -400,3 +400,34 @@ def test_a_damaged_journal_is_one_line_and_overwrite_starts_over(damage, tmp_pat
     assert "--overwrite" in result.stderr
     assert "damaged" in result.stderr or "should be a journal folder" in result.stderr
     assert run(*args, "--overwrite").exit_code == 0 and out.is_file() and not journal.exists()
+
+
+# --------------------------------------------------------------------------- item 14: Ctrl-C and the network
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_ends_a_run_at_once_while_a_url_stalls(signal_name, tiny_vit_checkpoint):
+    import signal
+    import time
+
+    from download_server import start_server, stop_server
+
+    server = start_server()
+    try:
+        server.add("/cat.jpg", (DATA / "rocket.jpg").read_bytes())
+        server.faults = ["stall:10:60"]  # headers and 10 bytes, then silence for a minute
+        process = subprocess.Popen([sys.executable, "-m", "clipcli", "encode", server.url("/cat.jpg"),
+                                    str(DATA / "rocket.jpg"), "-m", str(tiny_vit_checkpoint), "--allow-private",
+                                    "-q", "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not server.gets("/cat.jpg"):
+            time.sleep(0.05)
+        time.sleep(0.5)
+        interrupted = time.monotonic()
+        process.send_signal(getattr(signal, signal_name))
+        _, stderr = process.communicate(timeout=30)
+        took = time.monotonic() - interrupted
+    finally:
+        stop_server(server)
+    assert process.returncode == 130, stderr
+    assert took < 3, f"{took:.1f} s to stop"

@@ -62,7 +62,12 @@ def _bad_files(folder: Path) -> dict[str, str]:
     (folder / "layers.tif").write_bytes(b"8BPS\x00\x01" + b"\x00" * 40)  # a PSD in disguise
     os.symlink(folder / "nowhere.jpg", folder / "dangling.jpg")
     os.symlink(folder, folder / "loop")
+    # the second probe (issue 15): escape sequences in a name, a FIFO
+    (folder / "\x1b]0;pwned\x07title.jpg").write_bytes(b"\r\nnot a picture\r\n")
+    os.mkfifo(folder / "pipe.jpg")
     return {
+        "\x1b]0;pwned\x07title.jpg": "text",
+        "pipe.jpg": "regular file",
         "empty.jpg": "empty",
         "notes.jpg": "text",
         "page.png": "HTML",
