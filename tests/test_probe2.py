@@ -431,3 +431,19 @@ def test_an_interrupt_ends_a_run_at_once_while_a_url_stalls(signal_name, tiny_vi
         stop_server(server)
     assert process.returncode == 130, stderr
     assert took < 3, f"{took:.1f} s to stop"
+
+
+def test_pillow_warnings_about_a_corrupt_exif_stay_off_stderr(tmp_path, tiny_vit_checkpoint):
+    import io
+    import struct
+
+    from PIL import Image
+
+    entries = struct.pack("<HHII", 0x0112, 3, 1, 6) + struct.pack("<HHII", 0x010F, 2, 5000, 100)  # past the end
+    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 2) + entries + struct.pack("<I", 0)
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buffer, "JPEG", exif=b"Exif\x00\x00" + tiff)
+    (tmp_path / "exif.jpg").write_bytes(buffer.getvalue())
+    result = subprocess.run([sys.executable, "-W", "always", "-m", "clipcli", "encode", str(tmp_path / "exif.jpg"),
+                             "-m", str(tiny_vit_checkpoint), "-q"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
