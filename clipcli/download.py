@@ -45,7 +45,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from . import __version__, registry
 from .errors import ChecksumError, DownloadError, OfflineError, UnknownModelError
@@ -177,11 +177,6 @@ def format_size(n: int | None) -> str:
 
 
 # --- a lock per destination -------------------------------------------------------------
-
-def _locked(dest: Path, log: Log):
-    """Hold the lock on ``dest`` (waiting for another download of it, and saying so)."""
-    return exclusive_lock(dest, wait=True, on_wait=log)
-
 
 # --- HTTP ---------------------------------------------------------------------------------
 
@@ -492,7 +487,7 @@ def download_url(
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise DownloadError(f"cannot create the cache directory {dest.parent}: {_reason(error)}") from None
-    with _locked(dest, log):
+    with exclusive_lock(dest, wait=True, on_wait=log):
         if dest.exists() and not force:
             known_size, meta = size, read_meta(dest)
             if known_size is None and meta and meta["sha256"] == sha256:
@@ -633,7 +628,7 @@ def cached_model_file(info: ModelInfo, cache_dir: str | os.PathLike | None = Non
                 return path
         if not path.exists():
             continue
-        with _locked(path, log):
+        with exclusive_lock(path, wait=True, on_wait=log):
             if not path.exists():
                 continue
             problem = file_problem(path, sha256, size, full=verify)
@@ -660,7 +655,7 @@ def _reuse_openai_cache(info: ModelInfo, cache: Path, log: Log, settings: Downlo
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        with _locked(dest, log):
+        with exclusive_lock(dest, wait=True, on_wait=log):
             try:
                 os.link(source, tmp)
                 how = "linked"

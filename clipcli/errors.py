@@ -57,6 +57,10 @@ class OutputExistsError(OutputError):
     """An output file exists and --overwrite was not given."""
 
 
+class BusyError(OutputError):
+    """Another run holds the lock on an output (or download) this run would write."""
+
+
 class WriteError(OutputError):
     """Writing an output failed part-way (a full disk, an I/O error): the run did not finish."""
 

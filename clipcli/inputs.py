@@ -108,14 +108,27 @@ def _url_item(url: str) -> Item:
     scheme = url_scheme(url)
     if scheme in ("http", "https"):
         try:
-            parts = urllib.parse.urlsplit(url)
-            credentials = parts.username is not None or parts.password is not None
+            credentials = _has_credentials(url)
         except ValueError as error:
             return Item(name=url, error=f"not a valid URL ({error})")
-        if credentials:  # never sent: they would travel to every redirect target, and into logs
-            return Item(name=url, error="refused: the URL holds a user name or password (user:pass@host)")
+        if credentials:  # never sent, nor shown: they would travel to every redirect target, and into logs
+            return Item(name=redact_credentials(url),
+                        error="refused: the URL holds a user name or password (user:pass@host)")
         return Item(name=url, url=url)
     return Item(name=url, error=f"unsupported URL scheme {scheme!r} (only http and https are fetched)")
+
+
+def _has_credentials(url: str) -> bool:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        return parts.username is not None or parts.password is not None
+    except ValueError:  # not a valid URL: fetching it fails with its own reason
+        return False
+
+
+def redact_credentials(url: str) -> str:
+    """``url`` with any ``user:password@`` replaced by ``***@``."""
+    return re.sub(r"^([a-zA-Z][\w+.-]*://)[^/?#@]*@", r"\1***@", url)
 
 
 def has_image_extension(name: str) -> bool:
@@ -199,8 +212,10 @@ def _read_stream(path: str) -> bytes:
 
 
 def _is_stream(path: str) -> bool:
+    """A pipe or FIFO (``<(...)`` is one): readable once. Character devices such as
+    /dev/zero are not streams here: as items they are refused as not regular files."""
     try:
-        return not stat.S_ISREG(os.stat(path).st_mode)
+        return stat.S_ISFIFO(os.stat(path).st_mode)
     except OSError:
         return False
 
@@ -408,9 +423,12 @@ def _opener(allow_private: bool) -> urllib.request.OpenerDirector:
 
     class RedirectHandler(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, req, fp, code, msg, headers, newurl):
-            scheme = urllib.parse.urlsplit(newurl).scheme.lower()
+            parts = urllib.parse.urlsplit(newurl)
+            scheme = parts.scheme.lower()
             if scheme not in ("http", "https"):
                 raise _Refused(f"refused: redirect to unsupported scheme {scheme!r}")
+            if _has_credentials(newurl):
+                raise _Refused("refused: redirect to a URL holding a user name or password")
             return super().redirect_request(req, fp, code, msg, headers, newurl)
 
     # ProxyHandler({}): connect directly, so the address check applies to the real server.
@@ -477,6 +495,8 @@ def fetch_url(url: str, options: FetchOptions = FetchOptions()) -> tuple[bytes, 
     scheme = url_scheme(url)
     if scheme not in ("http", "https"):
         raise ItemError(f"unsupported URL scheme {scheme!r} (only http and https are fetched)")
+    if _has_credentials(url):
+        raise ItemError("refused: the URL holds a user name or password (user:pass@host)")
     for attempt in range(options.retries + 1):
         try:
             return _fetch_once(url, options)

@@ -98,7 +98,9 @@ class Journal:
         try:
             with open(os.path.join(self.path, "identity.json"), encoding="utf-8") as f:
                 stored = json.load(f)
-        except (OSError, ValueError):
+        except (OSError, ValueError) as error:
+            if any(os.path.getsize(f) for f in (self._rows_file, self._records_file) if os.path.isfile(f)):
+                raise self._damaged(f"identity.json: {getattr(error, 'strerror', None) or error}") from None
             # Killed before identity.json was renamed in place: nothing was journaled yet.
             self.remove()
             os.mkdir(self.path)
@@ -123,6 +125,9 @@ class Journal:
                 record = json.loads(line)
             except ValueError:
                 break
+            if not isinstance(record, dict) or not isinstance(record.get("status"), str) or \
+                    not ({"image", "text"} & set(record)):
+                raise self._damaged(f"records.jsonl line {len(kept) + 1} is not a record")
             if record.get("index") is not None:
                 if record["index"] != rows or rows >= rows_available:
                     break

@@ -11,6 +11,7 @@ progress bar, ``skipping PATH: reason`` lines and the final summary.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -20,7 +21,7 @@ import time
 from contextlib import contextmanager
 from typing import IO, Any, Callable, Iterator, Sequence
 
-from .errors import ClipcliError, OutputError, OutputExistsError, WriteError
+from .errors import BusyError, OutputError, OutputExistsError, WriteError
 from .inputs import display, one_line
 
 FORMATS = ("jsonl", "json", "csv", "table")
@@ -189,6 +190,10 @@ def ensure_writable(paths: Sequence[str | os.PathLike], overwrite: bool) -> None
             raise OutputError(f"cannot write {name}: folder {display(folder)} is not writable")
 
 
+# What a failing write reports (a full disk, a quota, a read-only file system, an I/O error).
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG})
+
+
 def write_error(error: OSError, path: str | os.PathLike | None) -> WriteError:
     """A failed write as one line naming the file (``stdout`` when ``path`` is None)."""
     where = display(os.fspath(path)) if path is not None else "stdout"
@@ -216,9 +221,11 @@ def atomic_write(path: str | os.PathLike, overwrite: bool = False, text: bool = 
                 yield f
                 f.flush()
                 os.fsync(f.fileno())
-        except OSError as error:  # a full disk, an I/O error: name the file, not a temporary one
-            raise write_error(error, path) from None
-        os.chmod(temp, 0o666 & ~_umask())
+        except OSError as error:
+            if error.errno not in WRITE_ERRNOS:  # the caller's own failure, not this file's
+                raise
+            raise write_error(error, path) from None  # a full disk, an I/O error: name the file
+        os.chmod(temp, 0o666 & ~umask())
         if overwrite:
             os.replace(temp, path)
         else:
@@ -237,10 +244,6 @@ def atomic_write(path: str | os.PathLike, overwrite: bool = False, text: bool = 
         except FileNotFoundError:
             pass
         raise
-
-
-class BusyError(ClipcliError):
-    """Another run holds the lock on an output (or download) this run would write."""
 
 
 @contextmanager
@@ -298,7 +301,8 @@ def exclusive_lock(path: str | os.PathLike, *, wait: bool = False,
         os.close(fd)
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (read without changing it for longer than a call)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -75,7 +75,8 @@ def scaled_softmax(cosine: "torch.Tensor", logit_scale: "torch.Tensor | float") 
     """Softmax over the last axis of ``exp(logit_scale) * cosine``, finite for any scale."""
     import torch
 
-    scale = torch.as_tensor(logit_scale, dtype=torch.float64).exp().clamp(max=MAX_SCALE)
+    scale = torch.as_tensor(logit_scale, dtype=torch.float64).exp()
+    scale = torch.nan_to_num(scale, nan=1.0, posinf=MAX_SCALE).clamp(max=MAX_SCALE)  # a NaN scale: plain cosines
     return (scale * cosine.double()).softmax(dim=-1).float()
 
 

@@ -5,7 +5,6 @@ records. A :class:`~clipcli.errors.ClipcliError` becomes ``error: <message>`` on
 its ``exit_code``; a closed stdout (``| head``) ends the run quietly.
 """
 
-import errno
 import functools
 import os
 import sys
@@ -80,16 +79,24 @@ def _silence_stdout() -> None:
         pass
 
 
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EPIPE}
+def _writing_stdout_failed(error: OSError) -> bool:
+    """Whether ``error`` is stdout refusing data (a full disk, /dev/full, an I/O error):
+    the library names every file it writes, so a nameless write error is stdout's."""
+    from ..output import WRITE_ERRNOS
+
+    return error.filename is None and error.errno in WRITE_ERRNOS
 
 
-def _os_error_line(error: OSError) -> str:
-    from ..inputs import display
-
-    if error.filename is None:
-        return f"cannot write stdout: {error.strerror or error}"
-    verb = "cannot write" if error.errno in _WRITE_ERRNOS else "cannot use"
-    return f"{verb} {display(error.filename)}: {error.strerror or error}"
+def _run_and_flush(fn: Callable, a, kw):
+    """``fn`` with stdout flushed inside the error policy (not in the interpreter's final flush,
+    where a full disk would be an "Exception ignored" traceback)."""
+    try:
+        result = fn(*a, **kw)
+    except typer.Exit:
+        sys.stdout.flush()
+        raise
+    sys.stdout.flush()
+    return result
 
 
 def _interrupt_on_sigterm() -> None:
@@ -114,21 +121,29 @@ def command(*args, **kwargs) -> Callable:
         def run(*a, **kw):
             _interrupt_on_sigterm()
             try:
-                return fn(*a, **kw)
+                return _run_and_flush(fn, a, kw)
             except ClipcliError as error:
                 error_line(str(error))
                 raise typer.Exit(error.exit_code) from None
             except BrokenPipeError:
                 _silence_stdout()
                 raise typer.Exit(0) from None
-            except OSError as error:  # writing stdout (a full disk, /dev/full), or a file the library did not name
-                _silence_stdout()
-                error_line(_os_error_line(error))
+            except OSError as error:
+                if _writing_stdout_failed(error):
+                    _silence_stdout()
+                    error_line(f"cannot write stdout: {error.strerror or error}")
+                    raise typer.Exit(1) from None
+                from ..inputs import display
+
+                where = f"{display(str(error.filename))}: " if error.filename else ""
+                error_line(f"{where}{error.strerror or error}")  # e.g. a library failing to map its memory
                 raise typer.Exit(1) from None
-            except (ImportError, MemoryError) as error:  # e.g. importing torch under a low `ulimit -v`
-                error_line(f"cannot start: {type(error).__name__}: {error or 'out of memory'} "
-                           "(is the memory limit, e.g. ulimit -v, too low?)")
+            except ImportError as error:  # e.g. importing torch under a low `ulimit -v`
+                error_line(f"cannot start: {error} (a missing package, or too little memory allowed: ulimit -v?)")
                 raise typer.Exit(2) from None
+            except MemoryError:
+                error_line("out of memory (try a smaller --batch-size or model, or allow more memory)")
+                raise typer.Exit(1) from None
             except KeyboardInterrupt:
                 error_line("interrupted")
                 raise typer.Exit(130) from None

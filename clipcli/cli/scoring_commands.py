@@ -372,35 +372,40 @@ def encode(
     if resume and target not in ("npy", "npz"):
         raise InputError("--resume needs -o FILE.npy or FILE.npz")
     ensure_writable(outputs, overwrite)
-    captions = read_lines(text, comments=False) if text else None
-    if captions is not None and not captions:
-        raise InputError(f"no captions in {text}")
-    items = expand_inputs(inputs, exclude=outputs) if inputs else None
-    fmt_name = _format(fmt) if target == "stdout" else target  # a file's format comes from its name
-    loaded = _load(model, arch, device, precision, threads, quiet, towers=("text",) if captions is not None else ("image",))
-    store = np.float16 if dtype == StoreDtype.float16 else np.float32
-
-    from ..pipeline import embed_images, embed_texts
-
-    stream_writer = None
-    if target == "stdout":
-        stream_writer = RecordWriter(sys.stdout, fmt_name, view=_encode_view if fmt_name == "table" else _csv_view,
-                                     paths_column=None if captions is not None else "name")
-    key = "text" if captions is not None else "image"
-    names = captions if captions is not None else [item.name for item in items]
-    total = len(names)
     from ..output import exclusive_lock
 
-    # One run at a time writes these outputs and their journal: two would mix their rows.
+    # One run at a time writes these outputs and their journal (two would mix their rows);
+    # the lock is taken before any work, so a second run is refused at once.
     with exclusive_lock(output) if target != "stdout" else contextlib.nullcontext():
+        captions = read_lines(text, comments=False) if text else None
+        if captions is not None and not captions:
+            raise InputError(f"no captions in {text}")
+        items = expand_inputs(inputs, exclude=outputs) if inputs else None
+        fmt_name = _format(fmt) if target == "stdout" else target  # a file's format comes from its name
+        loaded = _load(model, arch, device, precision, threads, quiet, towers=("text",) if captions is not None else ("image",))
+        store = np.float16 if dtype == StoreDtype.float16 else np.float32
+
+        from ..pipeline import embed_images, embed_texts
+
+        stream_writer = None
+        if target == "stdout":
+            stream_writer = RecordWriter(sys.stdout, fmt_name, view=_encode_view if fmt_name == "table" else _csv_view,
+                                         paths_column=None if captions is not None else "name")
+        key = "text" if captions is not None else "image"
+        names = captions if captions is not None else [item.name for item in items]
+        total = len(names)
         journal = None
         if target in ("npy", "npz"):
             from ..journal import Journal, inputs_hash, journal_path
 
-            identity = {"sha256": loaded.sha256, "model": loaded.identity, "inputs": inputs_hash(names), "count": total, "key": key,
-                        "normalize": not no_normalize, "dtype": np.dtype(store).name, "dim": loaded.embed_dim,
-                        "truncate": not no_truncate, "precision": str(loaded.dtype).removeprefix("torch."),
-                        "exact_decode": exact_decode, "max_pixels": max_pixels, "allow_truncated": allow_truncated}
+            # Every option that can change a row (decoding ones only where images are decoded).
+            identity = {"sha256": loaded.sha256, "model": loaded.identity, "inputs": inputs_hash(names),
+                        "count": total, "key": key, "normalize": not no_normalize, "dtype": np.dtype(store).name,
+                        "dim": loaded.embed_dim, "truncate": not no_truncate,
+                        "precision": str(loaded.dtype).removeprefix("torch.")}
+            if key == "image":
+                identity.update(exact_decode=exact_decode, max_pixels=max_pixels, allow_truncated=allow_truncated,
+                                allow_private=allow_private)
             journal = Journal.open(journal_path(output), identity, resume=resume, overwrite=overwrite)
         records = []
         pending_records, pending_rows = [], []
@@ -453,8 +458,8 @@ def encode(
             if journal is not None:
                 journal.remove()
             report.message(f"wrote {', '.join(outputs)}")
-    report.summary("encoded")
-    raise typer.Exit(report.exit_code)
+        report.summary("encoded")
+        raise typer.Exit(report.exit_code)
 
 
 def _encode_target(output: Optional[str]) -> tuple[str, list[str]]:

@@ -282,16 +282,14 @@ def _save_atomically(tensors: dict, dst: Path, source: str, config: str) -> None
     from .. import __version__
     from ..factory import METADATA_KEY
 
-    from ..output import fsync_folder, write_error
+    from ..output import fsync_folder, umask, write_error
 
     dst = dst.expanduser()
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     try:
         save_file(tensors, str(tmp), metadata={"format": "pt", "converted_by": f"clipcli {__version__}",
                                                "source": source, METADATA_KEY: config})
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # as any file the user writes, whatever the writer chose
+        os.chmod(tmp, 0o666 & ~umask())  # as any file the user writes, whatever the writer chose
         os.replace(tmp, dst)
         fsync_folder(dst.parent)
     except (OSError, SafetensorError) as error:

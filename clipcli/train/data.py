@@ -82,7 +82,7 @@ def read_pairs(source: str | Path, img_key: str = "filepath", caption_key: str =
     if path.is_dir():
         pairs = _folder_pairs(path)
         hint = "images with same-named .txt captions"
-    elif path.is_file():
+    elif path.is_file() or (path.exists() and not path.is_dir()):  # a pipe (<(...)) is read as a table
         pairs = _table_pairs(path, img_key, caption_key)
         hint = f"rows with both {img_key!r} and {caption_key!r}"
     else:
@@ -172,7 +172,9 @@ class SkipReporter:
             if path not in self.seen:
                 self.seen.add(path)
                 if not self.quiet:
-                    print(f"skipping {path}: {reason}", file=sys.stderr)
+                    from ..inputs import one_line
+
+                    print(one_line(f"skipping {path}: {reason}"), file=sys.stderr)
 
     @property
     def count(self) -> int:

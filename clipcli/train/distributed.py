@@ -39,9 +39,11 @@ class Topology:
 
 def setup(device: str) -> tuple[Topology, torch.device]:
     """Join the torchrun process group when there is one; the device this rank computes on."""
+    from ..pipeline import resolve_device
+
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        return Topology(), torch.device(device)
+        return Topology(), resolve_device(device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     on_cuda = torch.device(device).type == "cuda"
     if on_cuda:

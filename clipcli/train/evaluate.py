@@ -43,6 +43,8 @@ def encode_pairs(clip, dataset: PairDataset, batch_size: int, device: torch.devi
         if len(batch.images):
             images.append(clip.encode_image(batch.images.to(device), normalize=True).float().cpu())
             texts.append(clip.encode_text(batch.texts.to(device), normalize=True).float().cpu())
+    if not images:  # every image was unreadable
+        return torch.empty(0), torch.empty(0)
     return torch.cat(images), torch.cat(texts)
 
 
@@ -82,6 +84,8 @@ def zeroshot_accuracy(clip, folder: str | Path, transform: Callable, templates: 
         kept += [i for i in range(start, min(start + batch_size, len(dataset))) if str(pairs[i].image) not in bad]
         if len(batch.images):
             features.append(clip.encode_image(batch.images.to(device), normalize=True).float().cpu())
+    if not features:
+        return {}
     scores = torch.cat(features) @ classifier.t()  # (N, C)
     truth = truth[kept]
     top = scores.topk(min(5, len(names)), dim=1).indices

@@ -125,14 +125,19 @@ def save_checkpoint(clip: CLIP, path: Path, metadata: dict | None = None) -> Non
 def _write_atomically(path: Path, write) -> None:
     """``write(temporary path)`` then rename it to ``path``; an interrupted or failed write
     (Ctrl-C, SIGTERM, a full disk) leaves no temporary file and ``path`` as it was."""
+    from safetensors import SafetensorError
+
+    from ..output import write_error
+
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException as error:
+    except (OSError, RuntimeError, SafetensorError) as error:  # torch.save and safetensors wrap OSError
         tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
+        raise write_error(error if isinstance(error, OSError) else OSError(None, str(error)), path) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -205,8 +210,16 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
 
     main = topology.is_main
     fresh_config = model_config(cfg) if not (cfg.resume or cfg.init) else None  # check options before touching --out
-    if cfg.zeroshot_dir and not zeroshot_classes(cfg.zeroshot_dir):  # checked now, not after the first epoch
+    # Every input is checked before --out is touched (an --overwrite run would discard the old one).
+    if cfg.zeroshot_dir and not zeroshot_classes(cfg.zeroshot_dir):
         raise InputError(f"--zeroshot-dir {cfg.zeroshot_dir} holds no class folders with images")
+    train_pairs = read_pairs(cfg.train_data, cfg.img_key, cfg.caption_key)
+    val_pairs = read_pairs(cfg.val_data, cfg.img_key, cfg.caption_key) if cfg.val_data else None
+    if len(train_pairs) < cfg.batch_size:
+        raise InputError(f"{cfg.train_data} has {len(train_pairs)} pairs, fewer than one --batch-size {cfg.batch_size}")
+    if cfg.init and not cfg.resume:
+        clip = load_clip(cfg.init)
+        _check_encoders(cfg, clip.config, cfg.init)
     out = _prepare_out(cfg, main)
     torch.manual_seed(cfg.seed)
 
@@ -214,20 +227,15 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
     if cfg.resume:
         state = torch.load(out / STATE, map_location="cpu", weights_only=True)
         clip = load_clip(str(out / CHECKPOINT))
-    elif cfg.init:
-        clip = load_clip(cfg.init)
-        _check_encoders(cfg, clip.config, cfg.init)
-    else:
+    elif not cfg.init:
         clip = create_model(fresh_config)
     apply_freeze(clip, cfg.freeze)
     clip = clip.to(device).train()
     config = clip.config
 
     transform = transform_for(config)
-    train_set = PairDataset(read_pairs(cfg.train_data, cfg.img_key, cfg.caption_key), transform, config.context_length)
-    val_set = PairDataset(read_pairs(cfg.val_data, cfg.img_key, cfg.caption_key), transform, config.context_length) if cfg.val_data else None
-    if len(train_set) < cfg.batch_size:
-        raise InputError(f"{cfg.train_data} has {len(train_set)} pairs, fewer than one --batch-size {cfg.batch_size}")
+    train_set = PairDataset(train_pairs, transform, config.context_length)
+    val_set = PairDataset(val_pairs, transform, config.context_length) if val_pairs else None
     sampler = GlobalBatches(len(train_set), cfg.batch_size, topology.rank, topology.world_size, cfg.seed)
     steps_per_epoch = len(sampler)
     total_steps = steps_per_epoch * cfg.epochs
@@ -330,7 +338,8 @@ def _evaluate(clip: CLIP, cfg: TrainConfig, val_set, transform, device, skips) -
     with _autocast(cfg.precision, device):
         if val_set is not None:
             images, texts = encode_pairs(clip, val_set, cfg.batch_size, device, cfg.workers, skips)
-            results.update({f"val/{k}": v for k, v in recall_at_k(images, texts).items()})
+            if len(images):
+                results.update({f"val/{k}": v for k, v in recall_at_k(images, texts).items()})
         if cfg.zeroshot_dir:
             accuracy = zeroshot_accuracy(clip, cfg.zeroshot_dir, transform, cfg.zeroshot_templates, device,
                                          cfg.batch_size, cfg.workers, skips)
