@@ -33,6 +33,7 @@ def test_data_builders(bench, tmp_path):
     assert prompts[0].startswith("itap of a ") and "{}" not in "".join(prompts)
 
 
+@pytest.mark.slow
 def test_harness_end_to_end(bench, tmp_path, tiny_vit_checkpoint):
     images = tmp_path / "web"
     bench.build_image_set(images, 3, 96, 72, 85, seed=0)

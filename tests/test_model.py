@@ -33,7 +33,8 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-@pytest.fixture(scope="module", params=["tiny-vit", "tiny-rn", "ViT-B/32", "RN50"])
+@pytest.fixture(scope="module", params=["tiny-vit", "tiny-rn", pytest.param("ViT-B/32", marks=pytest.mark.slow),
+                                        pytest.param("RN50", marks=pytest.mark.slow)])
 def released(request, tmp_path_factory):
     """(architecture, path of a released-format file, OpenAI's model loaded from it)."""
     name = request.param

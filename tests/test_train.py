@@ -158,7 +158,8 @@ def zeroshot_accuracy_via_cli(checkpoint: Path, zeroshot: Path) -> float:
     return sum(right) / len(right)
 
 
-@pytest.mark.parametrize("encoders", [[], ["--image-encoder", "mixer", "--text-encoder", "mixer"]], ids=["transformer", "mixer"])
+@pytest.mark.parametrize("encoders", [[], pytest.param(["--image-encoder", "mixer", "--text-encoder", "mixer"],
+                                                        marks=pytest.mark.slow)], ids=["transformer", "mixer"])
 def test_training_learns_shapes_and_the_checkpoint_classifies_zero_shot(shapes_data, tmp_path, encoders, one_thread):
     out = tmp_path / "run"
     checkpoint = train_cli("--train-data", str(shapes_data / "train.csv"), "--val-data", str(shapes_data / "val.csv"),
@@ -181,6 +182,7 @@ def test_training_learns_shapes_and_the_checkpoint_classifies_zero_shot(shapes_d
 # ----------------------------------------------------------------------------- torchrun
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_on_the_same_global_batch(shapes_data, tmp_path, one_thread):
     """torchrun with 2 CPU processes (gloo, DDP, features gathered with gradients) takes the
     same steps as one process: same losses and the same parameters after 4 steps."""
@@ -232,7 +234,7 @@ def test_fine_tune_a_released_checkpoint_with_a_locked_image_tower(tiny_vit_chec
     assert not torch.equal(before["text_projection"], after["text_projection"])
     assert model.config == build_model(before).config
     result = runner.invoke(app, ["train", "--train-data", str(data), "--init", str(tiny_vit_checkpoint),
-                                 "--text-encoder", "mixer", "--out", str(tmp_path / "bad")])
+                                 "--text-encoder", "mixer", "--batch-size", "8", "--out", str(tmp_path / "bad")])
     assert result.exit_code == 2 and "cannot change a loaded model" in result.stderr
 
 
