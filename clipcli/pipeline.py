@@ -313,7 +313,7 @@ class _DaemonPool:
         self._tasks.put((future, fn, args))
         return future
 
-    def shutdown(self, wait: bool, grace: float = 2.0) -> None:
+    def shutdown(self, wait: bool, grace: float = 1.0) -> None:
         """Stop the workers; without ``wait``, give those still busy ``grace`` seconds (a
         decode ends in milliseconds; a stalled URL is left behind)."""
         import time

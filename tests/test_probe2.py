@@ -430,7 +430,7 @@ def test_an_interrupt_ends_a_run_at_once_while_a_url_stalls(signal_name, tiny_vi
     finally:
         stop_server(server)
     assert process.returncode == 130, stderr
-    assert took < 3, f"{took:.1f} s to stop"
+    assert took < 3.5, f"{took:.1f} s to stop"
 
 
 def test_pillow_warnings_about_a_corrupt_exif_stay_off_stderr(tmp_path, tiny_vit_checkpoint):
