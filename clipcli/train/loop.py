@@ -102,14 +102,15 @@ def _check_encoders(cfg: TrainConfig, config: CLIPConfig, source: str) -> None:
                          "--image-encoder/--text-encoder cannot change a loaded model")
 
 
-def load_clip(path_or_name: str) -> CLIP:
-    """Any model clipcli can load (a name, hub repo, folder or file), in float32, to train."""
+def load_clip(path_or_name: str) -> tuple[CLIP, str | None]:
+    """Any model clipcli can load (a name, hub repo, folder or file), in float32, to train,
+    and the note on what was assumed about a checkpoint that does not describe itself."""
     from ..loading import load, resolve
 
-    model, _ = load(resolve(path_or_name), "cpu", torch.float32)
+    model, note = load(resolve(path_or_name), "cpu", torch.float32)
     for parameter in model.parameters():  # own the memory: a memory-mapped file may back the tensors
         parameter.data = parameter.data.clone()
-    return model
+    return model, note
 
 
 def save_checkpoint(clip: CLIP, path: Path, metadata: dict | None = None) -> None:
@@ -217,8 +218,9 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
     val_pairs = read_pairs(cfg.val_data, cfg.img_key, cfg.caption_key) if cfg.val_data else None
     if len(train_pairs) < cfg.batch_size:
         raise InputError(f"{cfg.train_data} has {len(train_pairs)} pairs, fewer than one --batch-size {cfg.batch_size}")
+    note = None
     if cfg.init and not cfg.resume:
-        clip = load_clip(cfg.init)
+        clip, note = load_clip(cfg.init)
         _check_encoders(cfg, clip.config, cfg.init)
     out = _prepare_out(cfg, main)
     torch.manual_seed(cfg.seed)
@@ -226,7 +228,7 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
     state = None
     if cfg.resume:
         state = torch.load(out / STATE, map_location="cpu", weights_only=True)
-        clip = load_clip(str(out / CHECKPOINT))
+        clip, _ = load_clip(str(out / CHECKPOINT))
     elif not cfg.init:
         clip = create_model(fresh_config)
     apply_freeze(clip, cfg.freeze)
@@ -263,6 +265,8 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
     skips = SkipReporter(quiet=cfg.quiet)
     batches = loader(train_set, sampler, cfg.workers)
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if main and not cfg.quiet else (lambda text: None)
+    if note:
+        say(f"note: {note}")
     live = main and not cfg.quiet and sys.stderr.isatty()
     say(f"training {_describe(config)} on {len(train_set)} pairs, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
         f"global batch {cfg.batch_size} over {topology.world_size} process(es) on {device}")
