@@ -281,7 +281,7 @@ def _read_torchscript_or_released(path: Path, dtype: torch.dtype | None, keep: K
     try:
         return read_torchscript(path, dtype, keep)
     except UnsafeCheckpointError as error:
-        from .download import sha256_file
+        from .fsutil import sha256_file
 
         if sha256_file(path) not in _released_hashes():
             raise UnsafeCheckpointError(f"{path}: {error}") from None

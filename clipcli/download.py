@@ -49,7 +49,7 @@ from typing import Callable
 
 from . import __version__, registry
 from .errors import ChecksumError, DownloadError, OfflineError, UnknownModelError
-from .output import exclusive_lock, fsync_folder
+from .fsutil import exclusive_lock, fsync_folder, sha256_file
 from .registry import ModelInfo
 
 Log = Callable[[str], None]
@@ -122,15 +122,6 @@ def _write_meta(path: Path, meta: dict) -> None:
 
 def _is_sha256(value: object) -> bool:
     return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
-
-
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    """The file's sha256, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def file_problem(path: Path, sha256: str, size: int | None, *, full: bool) -> str | None:

@@ -72,7 +72,7 @@ def blob_sha256(path: Path) -> str | None:
 
 def verify(path: Path) -> None:
     """Check a cached hub file against its LFS sha256 (the name of the blob it links to)."""
-    from .download import sha256_file
+    from .fsutil import sha256_file
 
     blob = Path(os.path.realpath(path))
     expected = blob.name

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import ClipcliError
-from .output import fsync_folder, write_error
+from .fsutil import fsync_folder, write_error
 
 VERSION = 1
 

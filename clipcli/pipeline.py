@@ -24,7 +24,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from .download import default_cache_dir, sha256_file
+from .download import default_cache_dir
+from .fsutil import sha256_file
 from .errors import ClipcliError
 from .inputs import DecodeOptions, FetchOptions, Item, ItemError, pillow_limits, read_image
 
@@ -491,7 +492,7 @@ def _save_quietly(path: Path, array: "np.ndarray") -> None:
     """Write a cache entry atomically; a cache that cannot be written is not an error."""
     import numpy as np
 
-    from .output import atomic_write
+    from .fsutil import atomic_write
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -141,7 +141,7 @@ def test_load_defaults_and_dtype_override(tiny_vit_checkpoint):
 
 def test_only_released_files_may_fall_back_to_torch_jit_load(monkeypatch, tiny_vit_checkpoint):
     from clipcli import checkpoint
-    from clipcli.download import sha256_file
+    from clipcli.fsutil import sha256_file
 
     def refuse(path, *options):
         raise UnsafeCheckpointError("the restricted reader could not read it")

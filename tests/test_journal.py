@@ -206,7 +206,7 @@ def test_resume_with_other_decode_options_is_refused(folder, tiny_vit_checkpoint
 def test_a_second_run_on_the_same_output_is_refused(folder, tiny_vit_checkpoint, tmp_path):
     """Two runs writing one journal mixed their rows (issue 15, item 1): the second is refused,
     with --resume or --overwrite alike, and nothing of the first is touched."""
-    from clipcli.output import exclusive_lock
+    from clipcli.fsutil import exclusive_lock
 
     out = tmp_path / "emb.npy"
     args = ["encode", str(folder), "-o", str(out), "-m", str(tiny_vit_checkpoint), "-q"]

@@ -9,7 +9,8 @@ import os
 import pytest
 
 from clipcli.errors import OutputError, OutputExistsError
-from clipcli.output import RecordWriter, Reporter, atomic_write, default_format, ensure_writable, to_json
+from clipcli.fsutil import atomic_write, ensure_writable
+from clipcli.output import RecordWriter, Reporter, default_format, to_json
 
 RECORDS = [
     {"image": "a.png", "status": "ok", "label": "cat", "score": 0.75, "top": [{"label": "cat", "score": 0.75}]},

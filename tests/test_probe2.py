@@ -185,12 +185,12 @@ def test_stdout_on_a_full_disk_is_one_line(tiny_vit_checkpoint):
 def test_a_full_disk_while_writing_an_output_is_one_line(tmp_path, tiny_vit_checkpoint, monkeypatch):
     import errno
 
-    from clipcli import output
+    from clipcli import fsutil
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(output.os, "fsync", full)
+    monkeypatch.setattr(fsutil.os, "fsync", full)
     out = tmp_path / "records.jsonl"
     result = run("encode", DATA / "rocket.jpg", "-m", tiny_vit_checkpoint, "-o", out, "-q")
     assert result.exit_code == 1 and result.stderr == f"error: cannot write {out}: No space left on device\n"

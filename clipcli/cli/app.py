@@ -82,7 +82,7 @@ def _silence_stdout() -> None:
 def _writing_stdout_failed(error: OSError) -> bool:
     """Whether ``error`` is stdout refusing data (a full disk, /dev/full, an I/O error):
     the library names every file it writes, so a nameless write error is stdout's."""
-    from ..output import WRITE_ERRNOS
+    from ..fsutil import WRITE_ERRNOS
 
     return error.filename is None and error.errno in WRITE_ERRNOS
 

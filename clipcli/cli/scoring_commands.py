@@ -235,7 +235,8 @@ def similarity(
     """
     from ..heatmap import TITLE, figure_format, render
     from ..inputs import expand_inputs
-    from ..output import RecordWriter, Reporter, atomic_write, ensure_writable, to_json
+    from ..fsutil import atomic_write, ensure_writable
+    from ..output import RecordWriter, Reporter, to_json
 
     image_args, captions = _split_similarity_args(inputs, text)
     if output:
@@ -362,7 +363,8 @@ def encode(
     import numpy as np
 
     from ..inputs import expand_inputs, read_lines
-    from ..output import RecordWriter, Reporter, ensure_writable
+    from ..fsutil import ensure_writable
+    from ..output import RecordWriter, Reporter
 
     if text and inputs:
         raise InputError("give either images or --text FILE, not both")
@@ -372,7 +374,7 @@ def encode(
     if resume and target not in ("npy", "npz"):
         raise InputError("--resume needs -o FILE.npy or FILE.npz")
     ensure_writable(outputs, overwrite)
-    from ..output import exclusive_lock
+    from ..fsutil import exclusive_lock
 
     # One run at a time writes these outputs and their journal (two would mix their rows);
     # the lock is taken before any work, so a second run is refused at once.
@@ -477,7 +479,8 @@ def _encode_target(output: Optional[str]) -> tuple[str, list[str]]:
 def _write_encode_outputs(target, output, outputs, matrix, records, key, loaded, overwrite, normalized) -> None:
     import numpy as np
 
-    from ..output import RecordWriter, atomic_write
+    from ..fsutil import atomic_write
+    from ..output import RecordWriter
 
     if target == "npy":
         with atomic_write(outputs[1], overwrite=overwrite, text=True) as f, RecordWriter(f, "jsonl") as writer:

@@ -7,7 +7,6 @@ only, so ``clipcli --help`` stays fast.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from enum import Enum
@@ -233,7 +232,7 @@ def convert(
     if dst.suffix != ".safetensors":
         raise typer.BadParameter(f"{dst} must end in .safetensors", param_hint="DST.safetensors")
     from ..errors import OutputError
-    from ..output import ensure_writable
+    from ..fsutil import ensure_writable
 
     try:
         dst.expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -282,7 +281,7 @@ def _save_atomically(tensors: dict, dst: Path, source: str, config: str) -> None
     from .. import __version__
     from ..factory import METADATA_KEY
 
-    from ..output import fsync_folder, umask, write_error
+    from ..fsutil import fsync_folder, umask, write_error
 
     dst = dst.expanduser()
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")

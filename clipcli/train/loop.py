@@ -128,7 +128,7 @@ def _write_atomically(path: Path, write) -> None:
     (Ctrl-C, SIGTERM, a full disk) leaves no temporary file and ``path`` as it was."""
     from safetensors import SafetensorError
 
-    from ..output import write_error
+    from ..fsutil import write_error
 
     tmp = path.with_name(f".{path.name}.tmp")
     try:
