@@ -53,15 +53,14 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existin
 
 
 def _run_options(batch_size: int, workers: int, max_pixels: int, allow_truncated: bool, allow_private: bool,
-                 exact_decode: bool) -> dict:
+                 exact_decode: bool):
+    """The shared run options (:class:`clipcli.tasks.RunOptions`) from the shared flags."""
     from ..inputs import DecodeOptions, FetchOptions
+    from ..tasks import RunOptions
 
-    return dict(
-        batch_size=batch_size,
-        workers=workers,
-        decode=DecodeOptions(max_pixels=max_pixels, allow_truncated=allow_truncated, exact=exact_decode),
-        fetch=FetchOptions(allow_private=allow_private),
-    )
+    return RunOptions(batch_size=batch_size, workers=workers,
+                      decode=DecodeOptions(max_pixels=max_pixels, allow_truncated=allow_truncated, exact=exact_decode),
+                      fetch=FetchOptions(allow_private=allow_private))
 
 
 def _format(fmt: Optional[Format]) -> str:
@@ -161,7 +160,7 @@ def classify(
     fmt_name = _format(fmt)
     loaded = _load(model, arch, device, precision, threads, quiet, towers=("image",))  # text tower: on a label-cache miss
     records = run_classify(loaded, items, label_list, template_list, top_k=top_k,
-                           **_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode))
+                           **_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode).pipeline_kwargs())
     columns = ["image", "status", "label", "score", "top", "error"]
     # The writer encloses the reporter so that a table is printed after the progress bar has gone.
     with RecordWriter(sys.stdout, fmt_name, columns=columns, view=_top_view, paths_column="image") as writer:
@@ -256,7 +255,7 @@ def similarity(
             loaded, items, captions, truncate=not no_truncate, thumbnails=bool(output),
             on_image=lambda r: report.done(r.name, r.error),
             on_text=lambda r: None if r.ok else report.message(f"skipping caption {r.name!r}: {r.error}"),
-            **_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode),
+            **_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode).pipeline_kwargs(),
         )
     text_failures = sum(1 for f in result.failed if "text" in f)
     if output:
@@ -313,14 +312,6 @@ def _encode_view(record: dict) -> dict:
     return row
 
 
-def _csv_view(record: dict) -> dict:
-    key = "image" if "image" in record else "text"
-    row = {key: record[key], "status": record["status"], "error": record.get("error")}
-    for i, value in enumerate(record.get("embedding") or []):
-        row[f"e{i}"] = value
-    return row
-
-
 @command("encode")
 def encode(
     inputs: Annotated[Optional[list[str]], typer.Argument(metavar="INPUTS", show_default=False,
@@ -360,22 +351,20 @@ def encode(
 
     Example: clipcli encode --text captions.txt -o captions.npz
     """
-    import numpy as np
-
+    from ..fsutil import ensure_writable, exclusive_lock
     from ..inputs import expand_inputs, read_lines
-    from ..fsutil import ensure_writable
     from ..output import RecordWriter, Reporter
+    from ..tasks import csv_view, encode_target
+    from ..tasks import encode as run_encode
 
     if text and inputs:
         raise InputError("give either images or --text FILE, not both")
     if not text and not inputs:
         raise InputError("nothing to encode: give images, folders or list files, or --text FILE")
-    target, outputs = _encode_target(output)
+    target, outputs = encode_target(output)
     if resume and target not in ("npy", "npz"):
         raise InputError("--resume needs -o FILE.npy or FILE.npz")
     ensure_writable(outputs, overwrite)
-    from ..fsutil import exclusive_lock
-
     # One run at a time writes these outputs and their journal (two would mix their rows);
     # the lock is taken before any work, so a second run is refused at once.
     with exclusive_lock(output) if target != "stdout" else contextlib.nullcontext():
@@ -383,119 +372,23 @@ def encode(
         if captions is not None and not captions:
             raise InputError(f"no captions in {text}")
         items = expand_inputs(inputs, exclude=outputs) if inputs else None
-        fmt_name = _format(fmt) if target == "stdout" else target  # a file's format comes from its name
-        loaded = _load(model, arch, device, precision, threads, quiet, towers=("text",) if captions is not None else ("image",))
-        store = np.float16 if dtype == StoreDtype.float16 else np.float32
-
-        from ..pipeline import embed_images, embed_texts
-
+        loaded = _load(model, arch, device, precision, threads, quiet,
+                       towers=("text",) if captions is not None else ("image",))
         stream_writer = None
         if target == "stdout":
-            stream_writer = RecordWriter(sys.stdout, fmt_name, view=_encode_view if fmt_name == "table" else _csv_view,
+            fmt_name = _format(fmt)
+            stream_writer = RecordWriter(sys.stdout, fmt_name, view=_encode_view if fmt_name == "table" else csv_view,
                                          paths_column=None if captions is not None else "name")
-        key = "text" if captions is not None else "image"
-        names = captions if captions is not None else [item.name for item in items]
-        total = len(names)
-        journal = None
-        if target in ("npy", "npz"):
-            from ..journal import Journal, inputs_hash, journal_path
-
-            # Every option that can change a row (decoding ones only where images are decoded).
-            identity = {"sha256": loaded.sha256, "model": loaded.identity, "inputs": inputs_hash(names),
-                        "count": total, "key": key, "normalize": not no_normalize, "dtype": np.dtype(store).name,
-                        "dim": loaded.embed_dim, "truncate": not no_truncate,
-                        "precision": str(loaded.dtype).removeprefix("torch.")}
-            if key == "image":
-                identity.update(exact_decode=exact_decode, max_pixels=max_pixels, allow_truncated=allow_truncated,
-                                allow_private=allow_private)
-            journal = Journal.open(journal_path(output), identity, resume=resume, overwrite=overwrite)
-        records = []
-        pending_records, pending_rows = [], []
+        total = len(captions) if captions is not None else len(items)
         with Reporter(total, "captions" if captions is not None else "images", quiet) as report:
-            done = 0
-            if journal is not None:
-                records = list(journal.records)
-                done = len(records)
-                for record in records:
-                    report.done(record[key], record.get("error"))
-            if captions is not None:
-                results = embed_texts(loaded, captions[done:], batch_size=batch_size, normalize=not no_normalize,
-                                      truncate=not no_truncate)
-            else:
-                results = embed_images(loaded, items[done:], normalize=not no_normalize,
-                                       **_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode))
-            for result in results:
-                report.done(result.name, result.error)
-                record = {key: result.name, "status": "ok" if result.ok else "error"}
-                if key == "text" and result.truncated:
-                    record["truncated"] = True
-                if result.ok:
-                    row = result.embedding.astype(store)
-                    if journal is not None:
-                        record = {"index": journal.rows + len(pending_rows), **record}
-                        pending_rows.append(row)
-                    else:
-                        record["embedding"] = row.astype(np.float64).tolist()
-                else:
-                    if journal is not None:
-                        record = {"index": None, **record}
-                    record["error"] = result.error
-                if stream_writer is not None:
-                    stream_writer.write(record)
-                elif journal is not None:
-                    pending_records.append(record)
-                    if len(pending_rows) >= batch_size:  # a model batch is done: make it durable
-                        journal.append(pending_records, pending_rows)
-                        pending_records, pending_rows = [], []
-                else:
-                    records.append(record)
-            if journal is not None:
-                journal.append(pending_records, pending_rows)
-                records = journal.records
+            run_encode(loaded, items=items, texts=captions, output=None if target == "stdout" else output,
+                       normalize=not no_normalize, store=dtype.value, truncate=not no_truncate, resume=resume,
+                       overwrite=overwrite,
+                       run=_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode),
+                       on_result=report.done, on_record=stream_writer.write if stream_writer else None, locked=True)
         if stream_writer is not None:
             stream_writer.close()  # after the progress bar has gone
-        matrix = journal.matrix() if journal is not None else None  # only .npy/.npz have a matrix
-        if target != "stdout":
-            _write_encode_outputs(target, output, outputs, matrix, records, key, loaded, overwrite, not no_normalize)
-            if journal is not None:
-                journal.remove()
+        else:
             report.message(f"wrote {', '.join(outputs)}")
         report.summary("encoded")
         raise typer.Exit(report.exit_code)
-
-
-def _encode_target(output: Optional[str]) -> tuple[str, list[str]]:
-    """What ``-o`` asks for: ``stdout``, ``npy``, ``npz``, ``jsonl``, ``json`` or ``csv``, and the files it writes."""
-    if output in (None, "-"):
-        return "stdout", []
-    suffix = os.path.splitext(output)[1].lower().lstrip(".")
-    if suffix == "npy":
-        return "npy", [output, os.path.splitext(output)[0] + ".jsonl"]
-    if suffix in ("npz", "jsonl", "json", "csv"):
-        return suffix, [output]
-    raise InputError(f"-o {output}: use a .npy, .npz, .jsonl, .json or .csv file name, or - for stdout")
-
-
-def _write_encode_outputs(target, output, outputs, matrix, records, key, loaded, overwrite, normalized) -> None:
-    import numpy as np
-
-    from ..fsutil import atomic_write
-    from ..output import RecordWriter
-
-    if target == "npy":
-        with atomic_write(outputs[1], overwrite=overwrite, text=True) as f, RecordWriter(f, "jsonl") as writer:
-            for record in records:
-                writer.write(record)
-        with atomic_write(output, overwrite=overwrite) as f:
-            np.save(f, matrix, allow_pickle=False)
-    elif target == "npz":
-        names = [r[key] for r in records if r["status"] == "ok"]
-        with atomic_write(output, overwrite=overwrite) as f:
-            np.savez(f, embeddings=matrix, **{"paths" if key == "image" else "texts": np.array(names, dtype=str)},
-                     model=np.array(loaded.name), sha256=np.array(loaded.sha256),
-                     identity=np.array(loaded.identity), normalized=np.array(normalized))
-    else:
-        view = _csv_view if target == "csv" else None
-        with atomic_write(output, overwrite=overwrite, text=True) as f, RecordWriter(f, target, view=view) as writer:
-            for record in records:
-                writer.write(record)

@@ -1,0 +1,209 @@
+"""Runs as library functions: what ``clipcli encode`` does, callable from Python.
+
+:func:`encode` embeds images or texts with a loaded model and writes one of the output
+layouts (``.npy`` + ``.jsonl`` manifest, ``.npz``, ``.jsonl``/``.json``/``.csv``), or hands
+each record to a callback (the CLI's stdout). With ``.npy``/``.npz`` it journals its progress
+batch by batch so that ``resume=True`` finishes an interrupted run (:mod:`clipcli.journal`),
+and it holds the output's lock for the whole run so two runs never mix their rows. It
+reports through callbacks (``on_result`` per input, ``on_record`` per record) and never prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from .errors import InputError
+from .inputs import DecodeOptions, FetchOptions, Item
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pipeline import LoadedModel
+
+TARGETS = ("npy", "npz", "jsonl", "json", "csv")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run feeds the model: batch size, decode workers, decoding and URL fetching."""
+
+    batch_size: int = 32
+    workers: int = 4
+    decode: DecodeOptions = field(default_factory=DecodeOptions)
+    fetch: FetchOptions = field(default_factory=FetchOptions)
+
+    def pipeline_kwargs(self) -> dict:
+        """The keyword arguments of :func:`clipcli.pipeline.embed_images`."""
+        return dict(batch_size=self.batch_size, workers=self.workers, decode=self.decode, fetch=self.fetch)
+
+
+def encode_target(output: str | os.PathLike | None) -> tuple[str, list[str]]:
+    """What an output name asks for: ``stdout`` (None or ``-``), ``npy``, ``npz``, ``jsonl``,
+    ``json`` or ``csv``, and the files it writes (``.npy`` has a ``.jsonl`` manifest beside it)."""
+    if output is None or os.fspath(output) == "-":
+        return "stdout", []
+    output = os.fspath(output)
+    suffix = os.path.splitext(output)[1].lower().lstrip(".")
+    if suffix == "npy":
+        return "npy", [output, os.path.splitext(output)[0] + ".jsonl"]
+    if suffix in TARGETS:
+        return suffix, [output]
+    raise InputError(f"-o {output}: use a .npy, .npz, .jsonl, .json or .csv file name, or - for stdout")
+
+
+def csv_view(record: dict) -> dict:
+    """A record as a CSV row: the embedding spread over columns ``e0``, ``e1``, ..."""
+    key = "image" if "image" in record else "text"
+    row = {key: record[key], "status": record["status"], "error": record.get("error")}
+    for i, value in enumerate(record.get("embedding") or []):
+        row[f"e{i}"] = value
+    return row
+
+
+@dataclass
+class EncodeResult:
+    """What :func:`encode` did: its records in input order (an ``index`` into the matrix for
+    ``.npy``/``.npz``), the files written, and how many inputs failed."""
+
+    records: list[dict]
+    outputs: list[str]
+    failed: int
+
+
+def encode(
+    loaded: "LoadedModel",
+    *,
+    items: Sequence[Item] | None = None,
+    texts: Sequence[str] | None = None,
+    output: str | os.PathLike | None = None,
+    normalize: bool = True,
+    store: str = "float32",
+    truncate: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+    run: RunOptions = RunOptions(),
+    on_result: Callable[[str, str | None], None] | None = None,
+    on_record: Callable[[dict], None] | None = None,
+    locked: bool = False,
+) -> EncodeResult:
+    """Embed ``items`` (images) or ``texts`` and write ``output`` (see the module docstring).
+
+    Without an output file, each record (with its ``embedding`` as a list) goes to
+    ``on_record`` as soon as it is done. ``store`` is the stored number type (``float32`` or
+    ``float16``). ``locked``: the caller already holds the output's lock (the CLI takes it
+    before loading the model).
+    """
+    from .fsutil import ensure_writable, exclusive_lock
+
+    if (items is None) == (texts is None):
+        raise InputError("encode needs either images or texts")
+    target, outputs = encode_target(output)
+    if resume and target not in ("npy", "npz"):
+        raise InputError("resuming needs an .npy or .npz output")
+    ensure_writable(outputs, overwrite)
+    lock = exclusive_lock(output) if target != "stdout" and not locked else contextlib.nullcontext()
+    with lock:
+        return _encode(loaded, items, texts, target, output, outputs, normalize, store, truncate, resume, overwrite,
+                       run, on_result or (lambda name, error: None), on_record)
+
+
+def _identity(loaded: "LoadedModel", key: str, names: Sequence[str], normalize: bool, store: str, truncate: bool,
+              run: RunOptions) -> dict:
+    """Every option that can change a row (decoding ones only where images are decoded)."""
+    from .journal import inputs_hash
+
+    identity = {"sha256": loaded.sha256, "model": loaded.identity, "inputs": inputs_hash(names), "count": len(names),
+                "key": key, "normalize": normalize, "dtype": store, "dim": loaded.embed_dim, "truncate": truncate,
+                "precision": str(loaded.dtype).removeprefix("torch.")}
+    if key == "image":
+        identity.update(exact_decode=run.decode.exact, max_pixels=run.decode.max_pixels,
+                        allow_truncated=run.decode.allow_truncated, allow_private=run.fetch.allow_private)
+    return identity
+
+
+def _encode(loaded, items, texts, target, output, outputs, normalize, store, truncate, resume, overwrite, run,
+            on_result, on_record) -> EncodeResult:
+    import numpy as np
+
+    from .journal import Journal, journal_path
+    from .pipeline import embed_images, embed_texts
+
+    key = "text" if texts is not None else "image"
+    names = list(texts) if texts is not None else [item.name for item in items]
+    journal = None
+    if target in ("npy", "npz"):
+        identity = _identity(loaded, key, names, normalize, store, truncate, run)
+        journal = Journal.open(journal_path(output), identity, resume=resume, overwrite=overwrite)
+    records: list[dict] = list(journal.records) if journal is not None else []
+    for record in records:
+        on_result(record[key], record.get("error"))
+    done = len(records)
+    if texts is not None:
+        results = embed_texts(loaded, texts[done:], batch_size=run.batch_size, normalize=normalize, truncate=truncate)
+    else:
+        results = embed_images(loaded, items[done:], normalize=normalize, **run.pipeline_kwargs())
+    pending_records: list[dict] = []
+    pending_rows: list = []
+    failed = sum(1 for record in records if record["status"] != "ok")
+    for result in results:
+        on_result(result.name, result.error)
+        failed += not result.ok
+        record = {key: result.name, "status": "ok" if result.ok else "error"}
+        if key == "text" and result.truncated:
+            record["truncated"] = True
+        if result.ok:
+            row = result.embedding.astype(store)
+            if journal is not None:
+                record = {"index": journal.rows + len(pending_rows), **record}
+                pending_rows.append(row)
+            else:
+                record["embedding"] = row.astype(np.float64).tolist()
+        else:
+            if journal is not None:
+                record = {"index": None, **record}
+            record["error"] = result.error
+        if target == "stdout":
+            if on_record is not None:
+                on_record(record)
+        elif journal is not None:
+            pending_records.append(record)
+            if len(pending_rows) >= run.batch_size:  # a model batch is done: make it durable
+                journal.append(pending_records, pending_rows)
+                pending_records, pending_rows = [], []
+        else:
+            records.append(record)
+    if journal is not None:
+        journal.append(pending_records, pending_rows)
+        records = journal.records
+    if target != "stdout":
+        matrix = journal.matrix() if journal is not None else None  # only .npy/.npz have a matrix
+        _write_outputs(target, output, outputs, matrix, records, key, loaded, overwrite, normalize)
+        if journal is not None:
+            journal.remove()
+    return EncodeResult(records if target != "stdout" else [], outputs, failed)
+
+
+def _write_outputs(target, output, outputs, matrix, records, key, loaded, overwrite, normalized) -> None:
+    import numpy as np
+
+    from .fsutil import atomic_write
+    from .output import RecordWriter
+
+    if target == "npy":
+        with atomic_write(outputs[1], overwrite=overwrite, text=True) as f, RecordWriter(f, "jsonl") as writer:
+            for record in records:
+                writer.write(record)
+        with atomic_write(output, overwrite=overwrite) as f:
+            np.save(f, matrix, allow_pickle=False)
+    elif target == "npz":
+        names = [r[key] for r in records if r["status"] == "ok"]
+        with atomic_write(output, overwrite=overwrite) as f:
+            np.savez(f, embeddings=matrix, **{"paths" if key == "image" else "texts": np.array(names, dtype=str)},
+                     model=np.array(loaded.name), sha256=np.array(loaded.sha256),
+                     identity=np.array(loaded.identity), normalized=np.array(normalized))
+    else:
+        view = csv_view if target == "csv" else None
+        with atomic_write(output, overwrite=overwrite, text=True) as f, RecordWriter(f, target, view=view) as writer:
+            for record in records:
+                writer.write(record)
