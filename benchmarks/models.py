@@ -58,8 +58,6 @@ def measure(arch: str, dtype: torch.dtype, budget: float) -> dict:
     with torch.inference_mode():
         image_rate = _rate(lambda: model.encode_image(images), batch, budget)
         text_rate = _rate(lambda: model.encode_text(tokens), len(tokens), budget)
-    del model
-    gc.collect()
     return {"arch": arch, "parameters": parameters(arch), "resolution": config.image_resolution,
             "image_batch": batch, "images_per_s": round(image_rate, 3), "prompts_per_s": round(text_rate, 2),
             "build_s": round(built, 1), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
@@ -79,6 +77,7 @@ def main() -> None:
     report = {"environment": environment(), "precision": args.precision, "rows": []}
     for arch in args.arch:
         row = measure(arch, dtype, args.budget)
+        gc.collect()  # the model of the last architecture is gone before the next is built
         report["rows"].append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     out = Path(__file__).parent / "results" / f"models-{args.label}-{args.precision}.json"

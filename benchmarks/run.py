@@ -119,7 +119,6 @@ def _peak_rss_mb(who=resource.RUSAGE_SELF) -> float:
 def _load_reference(checkpoint: str, dtype: str):
     import warnings
 
-    import torch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -130,8 +129,9 @@ def _load_reference(checkpoint: str, dtype: str):
 
 
 def _load_clipcli(checkpoint: str, dtype: str):
-    import clipcli
     import torch
+
+    import clipcli
 
     return clipcli.load(checkpoint, device="cpu", dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
 
@@ -169,7 +169,8 @@ def task_model(args) -> dict:
         with torch.inference_mode(), autocast:
             model.encode_image(images[:2].to(to))  # warm up kernels and allocator
             for batch in args.batches:
-                seconds, n, out = _timed_batches(lambda x: model.encode_image(x.to(to)).float(), images, batch, args.budget, batch * 2)
+                seconds, n, out = _timed_batches(lambda x, model=model, to=to: model.encode_image(x.to(to)).float(),
+                                                 images, batch, args.budget, batch * 2)
                 results[f"{dtype}/b{batch}"] = {"images_per_s": n / seconds, "images": n, "seconds": seconds}
             first = model.encode_image(images[:8].to(to)).float()
         np.save(Path(args.emb) / f"model-{args.impl}-{dtype}.npy", first.numpy())
@@ -337,7 +338,6 @@ def task_classify(args) -> dict:
     template, the second finds them in the cache. Both are whole CLI processes."""
     import tempfile
 
-    import numpy as np
 
     command = [sys.executable, "-m", "clipcli", "classify", "--model", args.checkpoint, "--labels-file", args.labels,
                "--templates", "imagenet7", "--device", "cpu", "--quiet", "--format", "jsonl", args.images]
@@ -454,7 +454,8 @@ def environment() -> dict:
             if line.startswith("flags"):
                 flags = line.split(":", 1)[1]
                 break
-        model = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), "")
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), "")
     except OSError:
         model = platform.processor()
     import torch
@@ -614,7 +615,7 @@ def summarize(m: dict, emb: Path, sets: dict) -> dict:
         for b in {k.split("/")[1] for k in ours}:
             s["model_only"][f"clipcli bf16/fp32 {b}"] = ours[f"bf16/{b}"]["images_per_s"] / ours[f"fp32/{b}"]["images_per_s"]
         for dtype in ("fp32", "bf16"):
-            a, b = load(f"model-reference-fp32"), load(f"model-clipcli-{dtype}")
+            a, b = load("model-reference-fp32"), load(f"model-clipcli-{dtype}")
             if a is not None and b is not None:
                 s["agreement"][f"model-only clipcli {dtype} vs reference fp32"] = cosine_stats(a, b)
     if ok("text-reference") and ok("text-clipcli"):

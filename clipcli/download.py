@@ -297,8 +297,14 @@ class _Progress:
         self._bar = self._task = None
         if enabled:
             from rich.console import Console
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                       TimeRemainingColumn, TransferSpeedColumn)
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
 
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                                  TransferSpeedColumn(), TimeRemainingColumn(),
@@ -654,7 +660,7 @@ def _reuse_openai_cache(info: ModelInfo, cache: Path, log: Log, settings: Downlo
                 _check_free_space(cache, source.stat().st_size, info.name, settings)
                 shutil.copyfile(source, tmp)
                 if sha256_file(tmp) != info.sha256:
-                    raise DownloadError(f"the copy in {cache} does not match {info.sha256}")
+                    raise DownloadError(f"the copy in {cache} does not match {info.sha256}") from None
                 how = "copied"
             os.replace(tmp, dest)
     except (OSError, DownloadError) as error:

@@ -98,8 +98,8 @@ def download(repo: str, filename: str, revision: str | None = None, *, quiet: bo
     if offline():
         raise OfflineError(f"{repo}/{filename} is not in the Hugging Face cache ({cache_dir()}) "
                            "and CLIPCLI_OFFLINE/HF_HUB_OFFLINE forbid downloading it")
-    from huggingface_hub import hf_hub_download
     from huggingface_hub import errors as hf
+    from huggingface_hub import hf_hub_download
 
     from . import __version__
 

@@ -25,16 +25,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from .download import default_cache_dir
-from .fsutil import sha256_file
 from .errors import ClipcliError
+from .fsutil import sha256_file
 from .inputs import DecodeOptions, FetchOptions, Item, ItemError, pillow_limits, read_image
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
-
-    from .loading import ModelSource
     import torch
     from PIL import Image
+
+    from .loading import ModelSource
 
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 THUMBNAIL_SIZE = 160

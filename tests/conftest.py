@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from checkpoints import random_reference_model, save_released
 
 DATA = Path(__file__).parent / "data"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import random_reference_model, released_state_dict, save_state_dict
 
 import clipcli
-from checkpoints import random_reference_model, released_state_dict, save_state_dict
 from clipcli.checkpoint import read_state_dict, read_torchscript
 from clipcli.errors import CheckpointError, ClipcliError, UnsafeCheckpointError
 

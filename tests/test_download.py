@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+from download_server import start_server, stop_server
 
 from clipcli import download, registry
 from clipcli.download import DownloadSettings, download_url, model_file
 from clipcli.errors import ChecksumError, DownloadError, OfflineError, UnknownModelError
-from download_server import start_server, stop_server
 
 PAYLOAD = random.Random(0).randbytes(200_000)
 SHA = hashlib.sha256(PAYLOAD).hexdigest()

@@ -8,11 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from typer.testing import CliRunner
-
-import clipcli
-from clipcli.cli import app
 from foreign import (
     OPEN_CLIP_CONFIGS,
     TRANSFORMERS_CONFIGS,
@@ -24,6 +19,11 @@ from foreign import (
     save_transformers,
     transformers_model,
 )
+from PIL import Image
+from typer.testing import CliRunner
+
+import clipcli
+from clipcli.cli import app
 
 TOLERANCE = 1e-4
 TEXTS = ["a photo of a cat", "", "a diagram of the moon landing, drawn in pencil " * 2]

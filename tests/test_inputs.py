@@ -27,7 +27,6 @@ from clipcli.inputs import (
     FetchOptions,
     Item,
     ItemError,
-    decode_image,
     expand_inputs,
     fetch_url,
     parse_list,

@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-import clipcli
 from checkpoints import (
     CONFIGS,
     openai_clip,
@@ -16,6 +14,8 @@ from checkpoints import (
     save_safetensors,
     save_state_dict,
 )
+
+import clipcli
 from clipcli.factory import build_model, config_from_state_dict
 from clipcli.model import CLIPConfig
 
@@ -62,7 +62,6 @@ def test_encoders_and_logits_match_openai(released):
 
 
 def test_matches_open_clip(released):
-    import open_clip
 
     name, path, _ = released
     from open_clip.openai import load_openai_model
@@ -146,9 +145,9 @@ def test_from_scratch_model_has_the_released_layout():
 @pytest.mark.parametrize("fmt", ["released", "state_dict", "safetensors"])
 @pytest.mark.parametrize("tower", ["image", "text"])
 def test_one_tower_loads_alone_and_gives_the_same_embeddings(fmt, tower, tiny_vit_checkpoint, tmp_path):
-    from clipcli.loading import load_model as load_weights
     from clipcli.checkpoint import read_state_dict
     from clipcli.errors import ClipcliError
+    from clipcli.loading import load_model as load_weights
     from clipcli.model import tower_of
 
     path = tiny_vit_checkpoint
@@ -178,8 +177,8 @@ def test_one_tower_loads_alone_and_gives_the_same_embeddings(fmt, tower, tiny_vi
 
 
 def test_tower_choices_are_checked(tiny_vit_checkpoint):
-    from clipcli.loading import load_model as load_weights
     from clipcli.errors import ClipcliError
+    from clipcli.loading import load_model as load_weights
 
     for towers in ((), ("audio",)):
         with pytest.raises(ClipcliError, match="towers must be some of"):

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from checkpoints import openai_clip
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from checkpoints import openai_clip
 from clipcli.preprocess import Preprocess, _center_crop, image_transform
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,10 +11,10 @@ import threading
 from pathlib import Path
 
 import pytest
+from test_journal import _journal_identity
 from typer.testing import CliRunner
 
 from clipcli.cli import app
-from test_journal import _journal_identity
 
 DATA = Path(__file__).parent / "data"
 

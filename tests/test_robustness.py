@@ -11,12 +11,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
+from test_inputs import _png_header
 from typer.testing import CliRunner
 
 from clipcli.cli import app
-from test_inputs import _png_header
 
 DATA = Path(__file__).parent / "data"
 

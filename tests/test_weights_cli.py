@@ -17,13 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
+from download_server import start_server, stop_server
 from typer.testing import CliRunner
 
 from clipcli import download, registry
-from clipcli.cli import app
-from clipcli.cli import weights_commands
+from clipcli.cli import app, weights_commands
 from clipcli.download import DownloadSettings
-from download_server import start_server, stop_server
 
 PAYLOAD = random.Random(1).randbytes(150_000)
 SHA = hashlib.sha256(PAYLOAD).hexdigest()

@@ -16,6 +16,7 @@ import typer
 from .. import __version__
 from ..errors import ClipcliError
 
+
 class Format(str, Enum):
     """How records are written on stdout (shared by every command that writes records)."""
 

@@ -232,9 +232,9 @@ def similarity(
 
     Example: clipcli similarity urls.txt --text "a dog" --text "a cat" --format json
     """
+    from ..fsutil import atomic_write, ensure_writable
     from ..heatmap import TITLE, figure_format, render
     from ..inputs import expand_inputs
-    from ..fsutil import atomic_write, ensure_writable
     from ..output import RecordWriter, Reporter, to_json
 
     image_args, captions = _split_similarity_args(inputs, text)

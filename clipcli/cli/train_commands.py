@@ -83,7 +83,8 @@ def train(
     Example: clipcli train --init ViT-B/32 --lock-image --train-data pets.csv --lr 1e-5 --out runs/pets
     """
     from ..errors import InputError
-    from ..train.loop import TrainConfig, train as run_training
+    from ..train.loop import TrainConfig
+    from ..train.loop import train as run_training
 
     if lock_image and freeze == Side.text:
         raise InputError("--lock-image freezes the image side; it cannot be combined with --freeze text")

@@ -280,7 +280,6 @@ def _save_atomically(tensors: dict, dst: Path, source: str, config: str) -> None
 
     from .. import __version__
     from ..factory import METADATA_KEY
-
     from ..fsutil import fsync_folder, umask, write_error
 
     dst = dst.expanduser()

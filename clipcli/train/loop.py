@@ -328,7 +328,7 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
             save_checkpoint(clip, out / CHECKPOINT, {METADATA_KEY: config})
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "step": step, "epoch": epoch + 1, "rng": torch.get_rng_state()}
-            _write_atomically(out / STATE, lambda tmp: torch.save(state, tmp))
+            _write_atomically(out / STATE, lambda tmp, state=state: torch.save(state, tmp))
     if main and cfg.resume and start_epoch >= cfg.epochs:
         say(f"{out} already finished {cfg.epochs} epochs; raise --epochs to train further")
     return out / CHECKPOINT
