@@ -44,15 +44,21 @@ THUMBNAIL_SIZE = 160
 
 
 def resolve_device(device: str = "auto") -> "torch.device":
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``, checked."""
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``, checked. Under
+    ``torchrun``, ``auto`` and ``cuda`` mean this process's own GPU, ``cuda:LOCAL_RANK``."""
     import torch
 
+    from .topology import from_environment
+
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         resolved = torch.device(device)
     except (RuntimeError, ValueError):
         raise ClipcliError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    topology = from_environment()
+    if resolved.type == "cuda" and resolved.index is None and topology.distributed:
+        resolved = torch.device("cuda", topology.local_rank)
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise ClipcliError(f"--device {device}: CUDA is not available here; use --device cpu")

@@ -176,3 +176,22 @@ def test_threads_sets_torchs_thread_count(tiny_vit_checkpoint):
             load_model(str(tiny_vit_checkpoint), device="cpu", threads=0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_under_torchrun_cuda_means_this_ranks_gpu(monkeypatch):
+    import torch
+
+    from clipcli.pipeline import resolve_device
+    from clipcli.topology import Topology, from_environment
+
+    assert from_environment() == Topology()
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert from_environment() == Topology(3, 4, 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == torch.device("cuda", 1)
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert resolve_device("cpu") == torch.device("cpu")

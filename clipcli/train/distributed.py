@@ -15,42 +15,25 @@ gradient. The temperature's direct gradient is identical on every rank and avera
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class Topology:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
+from ..topology import Topology, from_environment
 
 
 def setup(device: str) -> tuple[Topology, torch.device]:
     """Join the torchrun process group when there is one; the device this rank computes on."""
     from ..pipeline import resolve_device
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return Topology(), resolve_device(device)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    on_cuda = torch.device(device).type == "cuda"
-    if on_cuda:
-        torch.cuda.set_device(local_rank)
+    topology = from_environment()
+    resolved = resolve_device(device)  # cuda:LOCAL_RANK under torchrun
+    if not topology.distributed:
+        return topology, resolved
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if on_cuda else "gloo")
-    return Topology(rank, world_size, local_rank), torch.device(f"cuda:{local_rank}" if on_cuda else device)
+        dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
+    return topology, resolved
 
 
 def teardown() -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import InputError
 from .data import IMAGE_SUFFIXES, GlobalBatches, Pair, PairDataset, SkipReporter, loader
@@ -64,14 +63,15 @@ def zeroshot_classes(folder: str | Path) -> list[tuple[str, list[Path]]]:
 def zeroshot_accuracy(clip, folder: str | Path, transform: Callable, templates: Sequence[str], device: torch.device,
                       batch_size: int = 64, workers: int = 0, skips: SkipReporter | None = None) -> dict[str, float]:
     from ..tokenizer import tokenize
+    from ..zeroshot import build_classifier, prompts
 
     classes = zeroshot_classes(folder)
     if not classes:
         return {}
     names = [name for name, _ in classes]
-    prompts = tokenize([t.replace("{}", name) for name in names for t in templates], clip.context_length, truncate=True)
-    text = clip.encode_text(prompts.to(device), normalize=True).float().cpu()  # (C*T, D)
-    classifier = F.normalize(text.view(len(names), len(templates), -1).mean(dim=1), dim=-1)  # (C, D)
+    tokens = tokenize(prompts(names, templates), clip.context_length, truncate=True)
+    text = clip.encode_text(tokens.to(device), normalize=True).float().cpu()  # (C*T, D)
+    classifier = build_classifier(text, len(templates))  # (C, D): the same classifier `classify` builds
     pairs = [Pair(path, name) for name, paths in classes for path in paths]
     truth = torch.tensor([i for i, (_, paths) in enumerate(classes) for _ in paths])
     dataset = PairDataset(pairs, transform, clip.context_length)

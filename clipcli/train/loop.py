@@ -207,7 +207,7 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.device) -> Path:
-    from ..preprocess import transform_for
+    from ..preprocess import preprocess_for
 
     main = topology.is_main
     fresh_config = model_config(cfg) if not (cfg.resume or cfg.init) else None  # check options before touching --out
@@ -235,7 +235,7 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
     clip = clip.to(device).train()
     config = clip.config
 
-    transform = transform_for(config)
+    transform = preprocess_for(config)  # inference's transform, bit for bit, without torchvision
     train_set = PairDataset(train_pairs, transform, config.context_length)
     val_set = PairDataset(val_pairs, transform, config.context_length) if val_pairs else None
     sampler = GlobalBatches(len(train_set), cfg.batch_size, topology.rank, topology.world_size, cfg.seed)
