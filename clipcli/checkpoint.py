@@ -260,6 +260,21 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
         return {}  # read_state_dict names what is wrong with the file
 
 
+def write_safetensors(tensors: StateDict, path: str | Path, metadata: dict[str, str]) -> None:
+    """``tensors`` as a safetensors file at ``path``, written atomically (a failure or an
+    interrupt leaves no temporary file and ``path`` as it was; a full disk names ``path``)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    from .fsutil import atomic_path, write_error
+
+    try:
+        with atomic_path(path, overwrite=True) as temp:
+            save_file(tensors, str(temp), metadata=metadata)
+    except SafetensorError as error:  # its own wrapper around an I/O error
+        raise write_error(OSError(None, str(error)), path) from None
+
+
 def _select(state: StateDict, dtype: torch.dtype | None, keep: KeyFilter | None) -> StateDict:
     """Convert the kept tensors one at a time; the others become ``meta`` tensors (their
     pages of a memory-mapped file are never touched)."""

@@ -49,7 +49,7 @@ from typing import Callable
 
 from . import __version__, registry
 from .errors import ChecksumError, DownloadError, OfflineError, UnknownModelError
-from .fsutil import exclusive_lock, fsync_folder, sha256_file
+from .fsutil import atomic_write, exclusive_lock, fsync_folder, sha256_file
 from .registry import ModelInfo
 
 Log = Callable[[str], None]
@@ -114,10 +114,8 @@ def read_meta(path: Path) -> dict | None:
 
 
 def _write_meta(path: Path, meta: dict) -> None:
-    target = meta_path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, target)
+    with atomic_write(meta_path(path), overwrite=True, text=True) as f:
+        f.write(json.dumps(meta, indent=1) + "\n")
 
 
 def _is_sha256(value: object) -> bool:

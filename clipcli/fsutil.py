@@ -48,11 +48,13 @@ def write_error(error: OSError, path: str | os.PathLike | None) -> WriteError:
 
 
 @contextmanager
-def atomic_write(path: str | os.PathLike, overwrite: bool = False, text: bool = False) -> Iterator[IO]:
-    """Open a temporary file beside ``path``; on success fsync it and rename it to ``path``.
+def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write (by any writer: ``np.save``, ``torch.save``,
+    safetensors); on success it is fsynced and renamed to ``path`` with the umask's mode.
 
-    On any error the temporary file is removed and ``path`` is untouched. Without
-    ``overwrite`` the final step is a hard link, which fails if ``path`` appeared meanwhile.
+    On any error or interrupt the temporary file is removed and ``path`` is untouched; a full
+    disk or an I/O error is a :class:`WriteError` naming ``path``. Without ``overwrite`` the
+    final step is a hard link, which fails if ``path`` appeared meanwhile.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -60,13 +62,13 @@ def atomic_write(path: str | os.PathLike, overwrite: bool = False, text: bool = 
         raise OutputExistsError(f"{display(path)} already exists; pass --overwrite to replace it")
     try:
         handle, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        os.close(handle)
     except OSError as error:
         raise write_error(error, path) from None
     try:
         try:
-            with os.fdopen(handle, "w" if text else "wb", **({"encoding": "utf-8", "newline": ""} if text else {})) as f:
-                yield f
-                f.flush()
+            yield Path(temp)
+            with open(temp, "rb+") as f:
                 os.fsync(f.fileno())
         except OSError as error:
             if error.errno not in WRITE_ERRNOS:  # the caller's own failure, not this file's
@@ -91,6 +93,19 @@ def atomic_write(path: str | os.PathLike, overwrite: bool = False, text: bool = 
         except FileNotFoundError:
             pass
         raise
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, overwrite: bool = False, text: bool = False) -> Iterator[IO]:
+    """:func:`atomic_path` as an open file (binary, or UTF-8 text with ``text``)."""
+    with atomic_path(path, overwrite) as temp:
+        try:
+            with open(temp, "w" if text else "wb", **({"encoding": "utf-8", "newline": ""} if text else {})) as f:
+                yield f
+        except OSError as error:
+            if error.errno not in WRITE_ERRNOS:
+                raise
+            raise write_error(error, path) from None
 
 
 @contextmanager

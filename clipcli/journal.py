@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import ClipcliError
-from .fsutil import fsync_folder, write_error
+from .fsutil import atomic_write, fsync_folder, write_error
 
 VERSION = 1
 
@@ -147,14 +147,11 @@ class Journal:
                             "again")
 
     def _create_files(self) -> None:
-        with open(os.path.join(self.path, "identity.json.tmp"), "w", encoding="utf-8") as f:
-            json.dump(self.identity, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
         open(self._rows_file, "wb").close()
         open(self._records_file, "wb").close()
-        os.replace(os.path.join(self.path, "identity.json.tmp"), os.path.join(self.path, "identity.json"))
-        fsync_folder(self.path)
+        # identity.json last: a journal without it holds nothing yet (see _load)
+        with atomic_write(os.path.join(self.path, "identity.json"), overwrite=True, text=True) as f:
+            json.dump(self.identity, f, sort_keys=True)
 
     def append(self, records: Sequence[dict], rows: Sequence[np.ndarray]) -> None:
         """Add one batch durably: ``rows`` (in order) are the embeddings of the ``ok`` records,

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from .download import default_cache_dir
 from .errors import ClipcliError
-from .fsutil import sha256_file
+from .fsutil import atomic_write, sha256_file
 from .inputs import DecodeOptions, FetchOptions, Item, ItemError, pillow_limits, read_image
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -119,10 +119,9 @@ def checkpoint_sha256(path: str | os.PathLike) -> str:
     value = sha256_file(path)
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
-        temp = memo.with_name(f".{key}.{os.getpid()}.tmp")
-        temp.write_text(value + "\n")
-        os.replace(temp, memo)
-    except OSError:
+        with atomic_write(memo, overwrite=True, text=True) as f:
+            f.write(value + "\n")
+    except (OSError, ClipcliError):  # a cache that cannot be written is not an error
         pass
     return value
 

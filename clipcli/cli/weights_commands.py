@@ -241,8 +241,10 @@ def convert(
     ensure_writable([dst.expanduser()], overwrite)
     import torch
 
+    from .. import __version__
+    from ..checkpoint import write_safetensors
     from ..download import format_size
-    from ..factory import config_to_json
+    from ..factory import METADATA_KEY, config_to_json
     from ..loading import load, resolve
 
     source = resolve(src, arch=arch, cache_dir=cache_dir, quiet=True if quiet else None)
@@ -250,7 +252,8 @@ def convert(
     if note:
         _message(quiet, f"note: {note}")
     tensors = _safetensors_ready(model.state_dict())
-    _save_atomically(tensors, dst, src, config_to_json(model.config))
+    write_safetensors(tensors, dst, {"format": "pt", "converted_by": f"clipcli {__version__}", "source": src,
+                                     METADATA_KEY: config_to_json(model.config)})
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()})
     _message(quiet, f"converted {src} -> {dst} ({len(tensors)} tensors, {'/'.join(dtypes)}, "
                     f"{format_size(dst.stat().st_size)})")
@@ -272,27 +275,3 @@ def _safetensors_ready(state: dict) -> dict:
         seen.add(storage)
         out[key] = value
     return out
-
-
-def _save_atomically(tensors: dict, dst: Path, source: str, config: str) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    from .. import __version__
-    from ..factory import METADATA_KEY
-    from ..fsutil import fsync_folder, umask, write_error
-
-    dst = dst.expanduser()
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "converted_by": f"clipcli {__version__}",
-                                               "source": source, METADATA_KEY: config})
-        os.chmod(tmp, 0o666 & ~umask())  # as any file the user writes, whatever the writer chose
-        os.replace(tmp, dst)
-        fsync_folder(dst.parent)
-    except (OSError, SafetensorError) as error:
-        tmp.unlink(missing_ok=True)
-        raise write_error(error if isinstance(error, OSError) else OSError(str(error)), dst) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -115,31 +115,23 @@ def load_clip(path_or_name: str) -> tuple[CLIP, str | None]:
 
 def save_checkpoint(clip: CLIP, path: Path, metadata: dict | None = None) -> None:
     """The model as safetensors with OpenAI's key names (written atomically)."""
-    from safetensors.torch import save_file
+    from ..checkpoint import write_safetensors
 
     state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
              for k, v in clip.state_dict().items()}
     metadata = {k: config_to_json(v) if isinstance(v, CLIPConfig) else json.dumps(v) for k, v in (metadata or {}).items()}
-    _write_atomically(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    write_safetensors(state, path, metadata)
 
 
-def _write_atomically(path: Path, write) -> None:
-    """``write(temporary path)`` then rename it to ``path``; an interrupted or failed write
-    (Ctrl-C, SIGTERM, a full disk) leaves no temporary file and ``path`` as it was."""
-    from safetensors import SafetensorError
+def _save_state(state: dict, path: Path) -> None:
+    """The optimizer and scheduler state for ``--resume``, written atomically."""
+    from ..fsutil import atomic_path, write_error
 
-    from ..fsutil import write_error
-
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError, SafetensorError) as error:  # torch.save and safetensors wrap OSError
-        tmp.unlink(missing_ok=True)
-        raise write_error(error if isinstance(error, OSError) else OSError(None, str(error)), path) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with atomic_path(path, overwrite=True) as temp:
+            torch.save(state, temp)
+    except RuntimeError as error:  # torch.save's wrapper around an I/O error
+        raise write_error(OSError(None, str(error)), path) from None
 
 
 def apply_freeze(clip: CLIP, freeze: str | None) -> None:
@@ -328,7 +320,7 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
             save_checkpoint(clip, out / CHECKPOINT, {METADATA_KEY: config})
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "step": step, "epoch": epoch + 1, "rng": torch.get_rng_state()}
-            _write_atomically(out / STATE, lambda tmp, state=state: torch.save(state, tmp))
+            _save_state(state, out / STATE)
     if main and cfg.resume and start_epoch >= cfg.epochs:
         say(f"{out} already finished {cfg.epochs} epochs; raise --epochs to train further")
     return out / CHECKPOINT
