@@ -229,7 +229,7 @@ def task_e2e(args) -> dict:
         embeddings = torch.cat(rows).numpy()
         extra = {}
     else:  # the library's own batching pipeline, as the commands run it
-        from clipcli.inputs import expand_inputs
+        from clipcli.items import expand_inputs
         from clipcli.pipeline import embed_images, load_model
 
         loaded_model = load_model(args.checkpoint, device="cpu", precision=args.dtype, towers=("image",))

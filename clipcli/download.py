@@ -320,7 +320,7 @@ class _Progress:
 
 
 def _stderr_log(message: str) -> None:
-    from .inputs import one_line
+    from .items import one_line
 
     print(one_line(message), file=sys.stderr, flush=True)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Callable, Iterator, Sequence
 
 from .errors import BusyError, OutputError, OutputExistsError, WriteError
-from .inputs import display
+from .items import display
 
 
 def ensure_writable(paths: Sequence[str | os.PathLike], overwrite: bool) -> None:

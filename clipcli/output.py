@@ -17,7 +17,7 @@ import sys
 import time
 from typing import IO, Any, Callable, Sequence
 
-from .inputs import display, one_line
+from .items import display, one_line
 
 FORMATS = ("jsonl", "json", "csv", "table")
 
@@ -133,7 +133,7 @@ def write_csv(stream: IO[str], rows: Sequence[dict], columns: Sequence[str]) -> 
 
 def common_folder(names: Sequence[Any]) -> str:
     """The folder every name is in (for a shorter table), or "" if they are not all local paths."""
-    from .inputs import url_scheme
+    from .items import url_scheme
 
     if not names or not all(isinstance(n, str) and n and not url_scheme(n) for n in names):
         return ""

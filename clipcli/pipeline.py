@@ -26,8 +26,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from .download import default_cache_dir
 from .errors import ClipcliError
+from .fetch import FetchOptions
 from .fsutil import atomic_write, sha256_file
-from .inputs import DecodeOptions, FetchOptions, Item, ItemError, pillow_limits, read_image
+from .images import DecodeOptions, pillow_limits, read_image
+from .items import Item, ItemError
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np

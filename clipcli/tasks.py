@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from .errors import InputError
-from .inputs import DecodeOptions, FetchOptions, Item
+from .fetch import FetchOptions
+from .images import DecodeOptions
+from .items import Item
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import LoadedModel

@@ -36,7 +36,7 @@ def parse_templates(lines: Sequence[str], source: str) -> list[str]:
 
 def load_templates(spec: str) -> list[str]:
     """Templates for ``imagenet``, ``imagenet7`` or a file with one template per line."""
-    from .inputs import parse_list, read_lines
+    from .items import parse_list, read_lines
 
     if spec in TEMPLATE_SETS:
         data = resources.files("clipcli.data").joinpath(TEMPLATE_SETS[spec]).read_bytes()

@@ -433,7 +433,7 @@ def test_reduced_jpeg_decoding_agrees_with_the_exact_path(tmp_path, ckpt, api):
 
 def test_the_default_pixel_cap_is_the_input_layers():
     from clipcli.cli.scoring_commands import MAX_PIXELS
-    from clipcli.inputs import DEFAULT_MAX_PIXELS
+    from clipcli.images import DEFAULT_MAX_PIXELS
 
     assert MAX_PIXELS == DEFAULT_MAX_PIXELS
 

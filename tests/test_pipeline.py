@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clipcli.inputs import Item
+from clipcli.items import Item
 from clipcli.pipeline import LoadedModel, embed_images, run_batches
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from test_inputs import _png_header
+from test_items import _png_header
 from typer.testing import CliRunner
 
 from clipcli.cli import app

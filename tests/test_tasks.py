@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from clipcli import tasks
 from clipcli.cli import app
 from clipcli.errors import BusyError, InputError
-from clipcli.inputs import expand_inputs
+from clipcli.items import expand_inputs
 from clipcli.pipeline import load_model
 
 DATA = Path(__file__).parent / "data"

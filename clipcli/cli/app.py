@@ -66,7 +66,7 @@ def _root(
 
 
 def error_line(message: str) -> None:
-    from ..inputs import one_line
+    from ..items import one_line
 
     typer.echo(f"error: {one_line(message)}", err=True)
 
@@ -134,7 +134,7 @@ def command(*args, **kwargs) -> Callable:
                     _silence_stdout()
                     error_line(f"cannot write stdout: {error.strerror or error}")
                     raise typer.Exit(1) from None
-                from ..inputs import display
+                from ..items import display
 
                 where = f"{display(str(error.filename))}: " if error.filename else ""
                 error_line(f"{where}{error.strerror or error}")  # e.g. a library failing to map its memory

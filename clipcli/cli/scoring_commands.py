@@ -43,7 +43,7 @@ PrecisionOpt = Annotated[Optional[Precision], typer.Option("--precision", help="
 FormatOpt = Annotated[Optional[Format], typer.Option("--format", "-f", help="Default: table on a terminal, jsonl in a pipe.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for the model (default: one per core). On a busy or shared machine, fewer threads can be much faster.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, skip messages or summary on stderr.")]
-# clipcli.inputs.DEFAULT_MAX_PIXELS (Pillow's cap), spelled out so --help need not import inputs.
+# clipcli.images.DEFAULT_MAX_PIXELS (Pillow's cap), spelled out so --help need not import images.
 MAX_PIXELS = 89_478_485
 MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse larger images (decompression bombs).")]
 TruncatedOpt = Annotated[bool, typer.Option("--allow-truncated", help="Score truncated files from what decodes.")]
@@ -55,7 +55,8 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existin
 def _run_options(batch_size: int, workers: int, max_pixels: int, allow_truncated: bool, allow_private: bool,
                  exact_decode: bool):
     """The shared run options (:class:`clipcli.tasks.RunOptions`) from the shared flags."""
-    from ..inputs import DecodeOptions, FetchOptions
+    from ..fetch import FetchOptions
+    from ..images import DecodeOptions
     from ..tasks import RunOptions
 
     return RunOptions(batch_size=batch_size, workers=workers,
@@ -71,7 +72,7 @@ def _format(fmt: Optional[Format]) -> str:
 
 def _load(model: str, arch: Optional[str], device: str, precision: Optional[Precision], threads: Optional[int],
           quiet: bool, towers: tuple[str, ...] = ("image", "text")):
-    from ..inputs import one_line
+    from ..items import one_line
     from ..pipeline import load_model, slow_precision_note
 
     loaded = load_model(model, device=device, precision=precision.value if precision else None, towers=towers,
@@ -87,7 +88,7 @@ def _load(model: str, arch: Optional[str], device: str, precision: Optional[Prec
 
 
 def _labels(labels: list[str], labels_file: Optional[str]) -> list[str]:
-    from ..inputs import read_lines
+    from ..items import read_lines
 
     found = [label.strip() for value in labels for label in value.split(",") if label.strip()]
     if labels_file:
@@ -150,7 +151,7 @@ def classify(
 
     Example: clipcli classify photos/ -l cat,dog | jq -r 'select(.label=="cat") | .image'
     """
-    from ..inputs import expand_inputs
+    from ..items import expand_inputs
     from ..output import RecordWriter, Reporter
     from ..pipeline import classify as run_classify
 
@@ -176,7 +177,7 @@ def classify(
 
 
 def _split_similarity_args(inputs: list[str], text: list[str]) -> tuple[list[str], list[str]]:
-    from ..inputs import read_lines
+    from ..items import read_lines
 
     if text:
         return inputs, list(text)
@@ -234,7 +235,7 @@ def similarity(
     """
     from ..fsutil import atomic_write, ensure_writable
     from ..heatmap import TITLE, figure_format, render
-    from ..inputs import expand_inputs
+    from ..items import expand_inputs
     from ..output import RecordWriter, Reporter, to_json
 
     image_args, captions = _split_similarity_args(inputs, text)
@@ -352,7 +353,7 @@ def encode(
     Example: clipcli encode --text captions.txt -o captions.npz
     """
     from ..fsutil import ensure_writable, exclusive_lock
-    from ..inputs import expand_inputs, read_lines
+    from ..items import expand_inputs, read_lines
     from ..output import RecordWriter, Reporter
     from ..tasks import csv_view, encode_target
     from ..tasks import encode as run_encode

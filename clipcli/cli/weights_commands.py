@@ -26,7 +26,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar o
 
 def _message(quiet: bool, text: str) -> None:
     if not quiet:
-        from ..inputs import one_line
+        from ..items import one_line
 
         typer.echo(one_line(text), err=True)
 

@@ -102,7 +102,8 @@ class PairDataset(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def __getitem__(self, index: int):
-        from ..inputs import DecodeOptions, Item, ItemError, read_image
+        from ..images import DecodeOptions, read_image
+        from ..items import Item, ItemError
         from ..tokenizer import tokenize
 
         pair = self.pairs[index]
@@ -172,7 +173,7 @@ class SkipReporter:
             if path not in self.seen:
                 self.seen.add(path)
                 if not self.quiet:
-                    from ..inputs import one_line
+                    from ..items import one_line
 
                     print(one_line(f"skipping {path}: {reason}"), file=sys.stderr)
 

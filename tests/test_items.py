@@ -20,20 +20,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from clipcli import inputs
+from clipcli import fetch as fetching
+from clipcli import images
 from clipcli.errors import InputError
-from clipcli.inputs import (
-    DecodeOptions,
-    FetchOptions,
-    Item,
-    ItemError,
-    expand_inputs,
-    fetch_url,
-    parse_list,
-    pillow_limits,
-    read_image,
-    to_rgb,
-)
+from clipcli.fetch import FetchOptions, fetch_url
+from clipcli.images import DecodeOptions, pillow_limits, read_image, to_rgb
+from clipcli.items import Item, ItemError, expand_inputs, parse_list
 from clipcli.output import to_json
 
 
@@ -213,7 +205,7 @@ def test_unsupported_formats_say_what_they_are(tmp_path, data, name):
 @pytest.mark.parametrize("fmt", ["PPM", "TGA", "ICO", "PCX", "SGI"])
 def test_pillow_formats_outside_the_allow_list_are_not_opened(tmp_path, fmt):
     path = write(tmp_path / "x.png", png_bytes(RED, format=fmt))
-    assert decoded(tmp_path / "x.png", formats=inputs.IMAGE_FORMATS + (fmt,)).size == (16, 16)  # Pillow could
+    assert decoded(tmp_path / "x.png", formats=images.IMAGE_FORMATS + (fmt,)).size == (16, 16)  # Pillow could
     got = reason(path)
     assert got.startswith(("unsupported format", "not a recognised image")), got
 
@@ -228,7 +220,7 @@ def test_decoders_are_restricted_with_formats(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Image, "open", spy)
     decoded(write(tmp_path / "a.png", png_bytes(RED)))
-    assert seen["formats"] == list(inputs.IMAGE_FORMATS)
+    assert seen["formats"] == list(images.IMAGE_FORMATS)
 
 
 @pytest.mark.parametrize("fmt, suffix", [("JPEG", "jpg"), ("PNG", "png")])
@@ -264,7 +256,7 @@ def _png_header(width: int, height: int) -> bytes:
 def test_decompression_bomb_header_is_refused(tmp_path):
     path = write(tmp_path / "bomb.png", _png_header(100_000, 100_000))
     assert reason(path).startswith("image too large")
-    assert Image.MAX_IMAGE_PIXELS == inputs.DEFAULT_MAX_PIXELS  # restored after the run
+    assert Image.MAX_IMAGE_PIXELS == images.DEFAULT_MAX_PIXELS  # restored after the run
 
 
 @pytest.mark.parametrize(
@@ -468,7 +460,7 @@ def test_private_addresses_are_refused_after_dns(monkeypatch, address, kind):
 
 def test_redirects_are_checked_again(server, monkeypatch):
     # Treat 127.0.0.1 as public for this test; a redirect to 127.0.0.2 must still be refused.
-    monkeypatch.setattr(inputs, "_address_refusal", lambda ip: "refused: private" if ip == "127.0.0.2" else None)
+    monkeypatch.setattr(fetching, "_address_refusal", lambda ip: "refused: private" if ip == "127.0.0.2" else None)
     port = server.server_address[1]
     assert fetch_url(f"{server.base}/redirect?{server.base}/ok.png", FetchOptions())[0] == server.image
     assert fetch_reason(f"{server.base}/redirect?http://127.0.0.2:{port}/ok.png", FetchOptions()) == "refused: private"
@@ -519,7 +511,7 @@ def test_permission_denied_is_a_reason_even_as_root(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(inputs, "open", denied, raising=False)
+    monkeypatch.setattr(images, "open", denied, raising=False)
     assert reason(path) == "permission denied"
 
 

@@ -1,0 +1,255 @@
+"""Decoding images: one :class:`~clipcli.items.Item` -> an upright RGB ``PIL.Image``.
+
+Decoding is deliberately narrow: only the formats in :data:`IMAGE_FORMATS` are opened
+(Pillow's ``formats=``), the pixel count is checked from the header before any pixel is
+decoded, and every exception Pillow raises on malformed data becomes a reason string
+(:class:`~clipcli.items.ItemError`). Nothing heavy is imported at module import time.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import stat
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO, Iterator
+
+from .fetch import FetchOptions, fetch_url
+from .items import Item, ItemError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+
+# Pillow format names we open (the JPEG opener also yields MPO, as many camera JPEGs are).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# Pillow's own default cap (about 89 megapixels).
+DEFAULT_MAX_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)
+
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How images are decoded: the pixel cap checked from the header, whether a truncated
+    file is scored from what could be decoded, and reduced-size JPEG decoding.
+
+    With ``draft_size`` (and not ``exact``), a JPEG is decoded at the smallest DCT scale
+    (1/2, 1/4, 1/8) that still leaves both sides at least ``draft_size`` pixels; the exact
+    bicubic resize then runs on that. The pipeline sets it to twice the model's resolution.
+    """
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    allow_truncated: bool = False
+    formats: tuple[str, ...] = IMAGE_FORMATS
+    exact: bool = False
+    draft_size: int | None = None
+
+
+@contextmanager
+def pillow_limits(options: DecodeOptions) -> Iterator[None]:
+    """Set Pillow's process-wide knobs for one run and restore them afterwards.
+
+    Pillow reads its truncation flag and bomb limit from module globals; our own pixel
+    check (made from the header, before decoding) is the one that reports, so Pillow's
+    warning is silenced and its hard limit raised to at least ours.
+    """
+    import warnings
+
+    from PIL import Image, ImageFile
+
+    saved = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
+    Image.MAX_IMAGE_PIXELS = max(options.max_pixels, DEFAULT_MAX_PIXELS)
+    ImageFile.LOAD_TRUNCATED_IMAGES = options.allow_truncated
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+# Magic numbers of formats we do not open, so the reason can say what the file is.
+_FOREIGN_MAGIC = (
+    (b"8BPS", "PSD"),
+    (b"%PDF", "PDF"),
+    (b"%!PS", "EPS"),
+    (b"\xc5\xd0\xd3\xc6", "EPS"),
+    (b"SIMPLE  =", "FITS"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"\xffO\xffQ", "JPEG 2000"),
+    (b"\xff\n", "JPEG XL"),
+    (b"\x00\x00\x00\x0cJXL ", "JPEG XL"),
+    (b"qoif", "QOI"),
+    (b"DDS ", "DDS"),
+    (b"icns", "ICNS"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"\x89HDF", "HDF5"),
+)
+_SUPPORTED = "JPEG, PNG, WebP, BMP, GIF, TIFF"
+
+
+def _why_unidentified(head: bytes, content_type: str | None) -> str:
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in (b"avif", b"avis"):
+            return f"unsupported format: AVIF (not among the formats clipcli opens: {_SUPPORTED})"
+        if brand in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"):
+            return "unsupported format: HEIC/HEIF (no HEIF decoder in Pillow; convert to JPEG or PNG)"
+        return f"unsupported format: ISO media ({brand.decode('latin-1').strip()!r}), not an image we open"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        from PIL import features
+
+        if not features.check("webp"):
+            return "WebP decoder missing: this Pillow was built without libwebp"
+        return "cannot decode: malformed WebP file"
+    for magic, name in _FOREIGN_MAGIC:
+        if head.startswith(magic):
+            return f"unsupported format: {name} (clipcli opens only {_SUPPORTED})"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or content_type == "text/html":
+        return "not an image: an HTML page" + (f" (server sent {content_type})" if content_type else "")
+    if text.startswith(b"<svg") or (text.startswith(b"<?xml") and b"<svg" in text):
+        return "unsupported format: SVG (vector graphics; render it to PNG first)"
+    if b"\x00" not in head:
+        try:
+            head.decode("utf-8")
+            return "not an image: a text file"
+        except UnicodeDecodeError:
+            pass
+    return f"not a recognised image (clipcli opens {_SUPPORTED})"
+
+
+def _reason(error: BaseException, allow_truncated: bool) -> str:
+    from PIL import Image
+
+    message = str(error) or type(error).__name__
+    if isinstance(error, Image.DecompressionBombError):
+        return f"image too large: {message}"
+    if isinstance(error, MemoryError):
+        return "out of memory while decoding"
+    if "truncated" in message.lower() or "broken data stream" in message.lower():
+        hint = "" if allow_truncated else " (pass --allow-truncated to score what can be decoded)"
+        return f"truncated image: {message}{hint}"
+    return f"cannot decode: {message}" if isinstance(error, OSError) else f"cannot decode ({type(error).__name__}): {message}"
+
+
+def to_rgb(image: "Image.Image") -> "Image.Image":
+    """An RGB copy of ``image`` in any Pillow mode.
+
+    Transparency is composited on white; 16- and 32-bit greyscale is scaled to 8 bits
+    (not clipped to white); everything else uses Pillow's conversion.
+    """
+    from PIL import Image
+
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I") or mode == "F":
+        return _scaled_grey(image).convert("RGB")
+    if mode in ("P", "PA", "LA", "La", "RGBA", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _scaled_grey(image: "Image.Image") -> "Image.Image":
+    """Mode I;16/I/F to mode L: 16-bit ranges divide by 257; other ranges are stretched."""
+    import numpy as np
+    from PIL import Image
+
+    values = np.asarray(image).astype(np.float64)
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if image.mode.startswith("I;16"):
+        scaled = values / 257.0
+    elif image.mode == "F" and low >= 0.0 and high <= 1.0:
+        scaled = values * 255.0
+    elif image.mode == "I" and low >= 0 and high <= 255:
+        scaled = values
+    elif image.mode == "I" and low >= 0 and high <= 65535:
+        scaled = values / 257.0
+    else:
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
+def _upright(image: "Image.Image") -> "Image.Image":
+    """Apply the EXIF orientation; a malformed EXIF block leaves the image as stored."""
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - EXIF is advisory; the pixels are already decoded
+        return image
+
+
+def decode_image(fp: BinaryIO, options: DecodeOptions = DecodeOptions(), content_type: str | None = None) -> "Image.Image":
+    """Decode the first frame of an image file object into an upright RGB image.
+
+    Raises :class:`ItemError` with a specific reason for any malformed, unsupported,
+    truncated or oversized input; nothing Pillow raises on bad data escapes.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    head = fp.read(64)
+    fp.seek(0)
+    if not head:
+        raise ItemError("empty file (0 bytes)")
+    try:
+        try:
+            image = Image.open(fp, formats=list(options.formats))
+        except UnidentifiedImageError:
+            raise ItemError(_why_unidentified(head, content_type)) from None
+        width, height = image.size
+        if width * height > options.max_pixels:
+            raise ItemError(
+                f"image too large: {width}x{height} = {width * height} pixels exceeds the limit of "
+                f"{options.max_pixels} (--max-pixels)"
+            )
+        if options.draft_size and not options.exact and image.format == "JPEG":
+            image.draft(image.mode, (options.draft_size, options.draft_size))
+        image.load()
+        return to_rgb(_upright(image))
+    except ItemError:
+        raise
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError, MemoryError, NotImplementedError,
+            OverflowError, EOFError, IndexError, KeyError, TypeError, ZeroDivisionError) as error:
+        raise ItemError(_reason(error, options.allow_truncated)) from None
+    except Exception as error:  # noqa: BLE001 - one bad file must never end the run
+        raise ItemError(f"cannot decode (unexpected {type(error).__name__}): {error}") from None
+
+
+def _local_failure(path: str, error: OSError) -> str:
+    if error.errno == errno.ELOOP:
+        return "symlink loop"
+    if isinstance(error, FileNotFoundError):
+        return "dangling symlink (target missing)" if os.path.islink(path) else "file not found"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    return f"cannot read: {error.strerror or error}"
+
+
+def read_image(item: Item, decode: DecodeOptions = DecodeOptions(), fetch: FetchOptions = FetchOptions()) -> "Image.Image":
+    """The item's image as upright RGB, or :class:`ItemError` with the reason."""
+    if item.error:
+        raise ItemError(item.error)
+    if item.url is not None:
+        data, content_type = fetch_url(item.url, fetch)
+        return decode_image(io.BytesIO(data), decode, content_type)
+    path = item.path
+    try:
+        info = os.stat(path)
+        if stat.S_ISDIR(info.st_mode):
+            raise ItemError("is a folder")
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+            raise ItemError("not a regular file")
+        if info.st_size == 0:
+            raise ItemError("empty file (0 bytes)")
+        with open(path, "rb") as f:
+            return decode_image(f, decode)
+    except OSError as error:
+        raise ItemError(_local_failure(path, error)) from None

@@ -1,0 +1,309 @@
+"""Finding inputs: one :class:`Item` per image named on the command line, in order.
+
+An *input* is an image file, a folder (searched recursively for image extensions, in sorted
+order), a list file (one path or http(s) URL per line, from a file, a pipe or ``-`` for
+stdin) or a URL. :func:`expand_inputs` turns inputs into items; an item that cannot be used
+carries its reason and becomes an error record, while usage mistakes (an input that does not
+exist, a list file that is not UTF-8) raise :class:`~clipcli.errors.InputError` before any
+work. :func:`display` and :func:`one_line` make names and messages safe to print.
+Fetching URLs lives in :mod:`clipcli.fetch`, decoding in :mod:`clipcli.images`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import re
+import stat
+import sys
+import unicodedata
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from .errors import InputError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# Always read as list files; other files without an image extension are sniffed.
+LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list", ".urls", ".csv", ".tsv"})
+MAX_LINE_CHARS = 16384
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+class ItemError(InputError):
+    """One item cannot be used; ``str(error)`` is the reason put in its error record."""
+
+
+# --------------------------------------------------------------------------- items
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to score: a local path or an http(s) URL.
+
+    ``name`` is what records show: the path as the user can reach it from the current
+    folder (list entries are joined to their list file's folder), or the URL. ``error`` is
+    set when the item is known to be unusable before any reading (e.g. an ``ftp://`` URL).
+    """
+
+    name: str
+    path: str | None = None
+    url: str | None = None
+    error: str | None = None
+
+
+def display(text: str) -> str:
+    """``text`` safe to print or encode as UTF-8: undecodable bytes from file names
+    (surrogate escapes) are shown as ``\\udcXX``, which JSON reads back losslessly."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def one_line(text: str) -> str:
+    """``text`` as one safe line for a terminal: line breaks become spaces; other control
+    characters (escape sequences that could retitle or clear the terminal, bidi overrides)
+    are shown escaped, as ``\x1b`` or ``\u202e``; undecodable file-name bytes as by
+    :func:`display`."""
+    out = []
+    for char in " ".join(re.split(r"[\r\n\t]+", display(text).strip())):  # line breaks: one space
+        code = ord(char)
+        if code < 0x20 or 0x7F <= code < 0xA0:
+            out.append(f"\\x{code:02x}")
+        elif unicodedata.category(char) in ("Cf", "Zl", "Zp") and code not in (0x200D,):
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def url_scheme(text: str) -> str | None:
+    match = _URL_SCHEME.match(text)
+    return match.group(1).lower() if match else None
+
+
+def _url_item(url: str) -> Item:
+    scheme = url_scheme(url)
+    if scheme in ("http", "https"):
+        try:
+            credentials = has_credentials(url)
+        except ValueError as error:
+            return Item(name=url, error=f"not a valid URL ({error})")
+        if credentials:  # never sent, nor shown: they would travel to every redirect target, and into logs
+            return Item(name=redact_credentials(url),
+                        error="refused: the URL holds a user name or password (user:pass@host)")
+        return Item(name=url, url=url)
+    return Item(name=url, error=f"unsupported URL scheme {scheme!r} (only http and https are fetched)")
+
+
+def has_credentials(url: str) -> bool:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        return parts.username is not None or parts.password is not None
+    except ValueError:  # not a valid URL: fetching it fails with its own reason
+        return False
+
+
+def redact_credentials(url: str) -> str:
+    """``url`` with any ``user:password@`` replaced by ``***@``."""
+    return re.sub(r"^([a-zA-Z][\w+.-]*://)[^/?#@]*@", r"\1***@", url)
+
+
+def has_image_extension(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+# --------------------------------------------------------------------------- list files
+
+
+def parse_list(data: bytes, source: str, *, comments: bool = True) -> list[str]:
+    """Lines of a UTF-8 list file (BOM and CRLF allowed), stripped, blank lines skipped.
+
+    With ``comments``, lines starting with ``#`` are skipped too. A decoding error, a NUL
+    byte or a line over :data:`MAX_LINE_CHARS` raises :class:`InputError` naming the line.
+    """
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    lines = []
+    for number, raw in enumerate(data.splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise InputError(f"{source}, line {number}: not valid UTF-8 ({error.reason} at byte {error.start})") from None
+        if "\x00" in line:
+            raise InputError(f"{source}, line {number}: contains a NUL byte (is this a binary file?)")
+        if len(line) > MAX_LINE_CHARS:
+            raise InputError(f"{source}, line {number}: line is {len(line)} characters long (limit {MAX_LINE_CHARS})")
+        line = line.strip()
+        if not line or (comments and line.startswith("#")):
+            continue
+        lines.append(line)
+    return lines
+
+
+def read_lines(path: str | os.PathLike, *, comments: bool = True) -> list[str]:
+    """:func:`parse_list` of a file; ``-`` reads stdin."""
+    if os.fspath(path) == "-":
+        return parse_list(sys.stdin.buffer.read(), "stdin", comments=comments)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise InputError(f"no such file: {display(os.fspath(path))}") from None
+    except IsADirectoryError:
+        raise InputError(f"{display(os.fspath(path))} is a folder, expected a text file") from None
+    except OSError as error:
+        raise InputError(f"cannot read {display(os.fspath(path))}: {error.strerror or error}") from None
+    return parse_list(data, display(os.fspath(path)), comments=comments)
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """Whether the start of a file reads as a list (UTF-8 text, not binary or SVG/HTML markup)."""
+    head = head.removeprefix(codecs.BOM_UTF8)
+    if b"\x00" in head or head.lstrip()[:1] == b"<":  # binary, or markup (SVG/HTML): an image item
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _is_list_file(path: str) -> bool:
+    """Whether a regular file without an image extension is a list file rather than an image."""
+    if os.path.splitext(path)[1].lower() in LIST_EXTENSIONS:
+        return True
+    try:
+        with open(path, "rb") as f:
+            return _looks_like_text(f.read(65536))
+    except OSError:
+        return False
+
+
+def _read_stream(path: str) -> bytes:
+    """All of a pipe, FIFO or ``/dev/fd/N`` (which can be read only once)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as error:
+        raise InputError(f"cannot read {display(path)}: {error.strerror or error}") from None
+
+
+def _is_stream(path: str) -> bool:
+    """A pipe or FIFO (``<(...)`` is one): readable once. Character devices such as
+    /dev/zero are not streams here: as items they are refused as not regular files."""
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _list_entries(lines: Sequence[str], base: str, visited: set) -> Iterator[Item]:
+    for line in lines:
+        if url_scheme(line):
+            yield _url_item(line)
+            continue
+        path = line if os.path.isabs(line) or not base else os.path.join(base, line)
+        if os.path.isdir(path):
+            yield from walk_folder(path, visited)
+        else:
+            yield Item(name=path, path=path)
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def _sort_key(name: str) -> tuple[str, str]:
+    return (name.casefold(), name)
+
+
+def walk_folder(folder: str, visited: set | None = None, exclude: frozenset[str] = frozenset()) -> Iterator[Item]:
+    """Image files under ``folder``, recursively, sorted by name at each level.
+
+    Symlinked folders are followed once: a folder already visited (by device and inode)
+    is skipped, so a symlink loop is never followed. Dangling or looping symlinks with an
+    image extension become items with an error; an unreadable folder becomes one item
+    with an error. Hidden entries (names starting with ``.``) are skipped.
+    """
+    visited = set() if visited is None else visited
+    try:
+        st = os.stat(folder)
+    except OSError as error:
+        yield Item(name=folder, error=f"cannot read folder: {error.strerror or error}")
+        return
+    if (st.st_dev, st.st_ino) in visited:
+        return
+    visited.add((st.st_dev, st.st_ino))
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: _sort_key(e.name))
+    except OSError as error:
+        yield Item(name=folder, error=f"cannot read folder: {error.strerror or error}")
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        path = os.path.join(folder, entry.name)
+        try:
+            is_dir = entry.is_dir(follow_symlinks=True)
+        except OSError:
+            is_dir = False
+        if is_dir:
+            yield from walk_folder(path, visited, exclude)
+        elif has_image_extension(entry.name) and os.path.abspath(path) not in exclude:
+            yield Item(name=path, path=path)
+
+
+# --------------------------------------------------------------------------- expansion
+
+
+EMPTY_FOLDER = "the folder holds no images (jpg, jpeg, png, webp, bmp, gif, tif, tiff)"
+
+
+def _missing(path: str) -> str | None:
+    """None when ``path`` exists; "" when it does not; the reason when it cannot be looked at
+    (a folder on its way that cannot be searched: one failed item, not the end of the run)."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return ""
+    except OSError as error:
+        return f"cannot look at it: {error.strerror or error}"
+    return None
+
+
+def expand_inputs(inputs: Sequence[str], *, exclude: Sequence[str | os.PathLike] = ()) -> list[Item]:
+    """One :class:`Item` per image named by ``inputs``, in order.
+
+    Each input is a URL, an image file, a folder, a list file or ``-`` (a list on stdin).
+    Files listed in ``exclude`` (the run's own outputs) are not picked up from folders.
+    A missing input or an empty result raises :class:`InputError`.
+    """
+    excluded = frozenset(os.path.abspath(p) for p in exclude)
+    items: list[Item] = []
+    for arg in inputs:
+        visited: set = set()  # per input: a folder named twice is expanded twice, a loop never
+        if arg == "-":
+            items.extend(_list_entries(read_lines("-"), "", visited))
+        elif url_scheme(arg):
+            items.append(_url_item(arg))
+        elif os.path.isdir(arg):  # a folder named x.jpg included
+            items.extend(list(walk_folder(arg, visited, excluded)) or [Item(name=arg, error=EMPTY_FOLDER)])
+        elif (problem := _missing(arg)) is not None:
+            if problem == "":
+                raise InputError(f"no such file or folder: {display(arg)}")
+            items.append(Item(name=arg, error=problem))
+        elif has_image_extension(arg):
+            items.append(Item(name=arg, path=arg))
+        elif _is_stream(arg):  # <(...), a FIFO: read once, then sniffed and parsed from the same bytes
+            data = _read_stream(arg)
+            if not _looks_like_text(data[:65536]):
+                raise InputError(f"{display(arg)} is a pipe that does not hold a list of paths or URLs")
+            items.extend(_list_entries(parse_list(data, display(arg)), "", visited))
+        elif not _is_list_file(arg):
+            items.append(Item(name=arg, path=arg))
+        else:
+            items.extend(_list_entries(read_lines(arg), os.path.dirname(arg), visited))
+    if all(item.error == EMPTY_FOLDER for item in items):
+        raise InputError(f"no images found in {display(', '.join(inputs))}")
+    return items
