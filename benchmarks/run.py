@@ -198,7 +198,8 @@ def task_text(args) -> dict:
     np.save(Path(args.emb) / f"text-{args.impl}.npy", torch.cat(out).numpy())
     extra = {}
     if args.impl == "clipcli":  # the pipeline the commands use: batches of similar length
-        from clipcli.pipeline import LoadedModel, embed_texts
+        from clipcli.batching import embed_texts
+        from clipcli.pipeline import LoadedModel
 
         loaded = LoadedModel(model, None, "bench", Path(args.checkpoint), torch.device("cpu"), torch.float32)
         start = time.perf_counter()
@@ -229,8 +230,9 @@ def task_e2e(args) -> dict:
         embeddings = torch.cat(rows).numpy()
         extra = {}
     else:  # the library's own batching pipeline, as the commands run it
+        from clipcli.batching import embed_images
         from clipcli.items import expand_inputs
-        from clipcli.pipeline import embed_images, load_model
+        from clipcli.pipeline import load_model
 
         loaded_model = load_model(args.checkpoint, device="cpu", precision=args.dtype, towers=("image",))
         loaded = time.perf_counter()
@@ -239,7 +241,7 @@ def task_e2e(args) -> dict:
         if bad:
             raise RuntimeError(f"clipcli failed on {len(bad)} images: {bad[0]}")
         embeddings = np.stack([r.embedding for r in results])
-        extra = {"path": "clipcli.pipeline.embed_images"}
+        extra = {"path": "clipcli.batching.embed_images"}
     end = time.perf_counter()
     np.save(Path(args.emb) / f"{args.name}.npy", embeddings)
     return {"images": len(files), "load_s": loaded - start, "loop_s": end - loaded,

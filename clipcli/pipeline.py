@@ -1,13 +1,9 @@
-"""Running a model over many inputs: batched, ordered, one result per input, never stopping.
+"""A loaded model and what runs it: device and precision, the model identity, and the
+classify and similarity runs (batched inference itself is :mod:`clipcli.batching`).
 
-:func:`embed_images` decodes images on a pool of worker threads (``workers``), a bounded
-number of items ahead of the model, so decoding overlaps inference; it collects a batch of
-decoded images, runs the model once under ``torch.inference_mode()``, and yields one
-:class:`Embedding` per input *in input order*, errors included. A batch that runs out of
-memory is split in halves and retried; a row that is not finite becomes an error.
-
-:func:`classify` and :func:`similarity` build the records the commands print, so a Python
-caller gets exactly what the CLI writes. Label embeddings for classification are cached on
+:func:`load_model` resolves a name and loads only the towers a run needs into a
+:class:`LoadedModel`. :func:`classify` and :func:`similarity` build the records the commands
+print, so a Python caller gets exactly what the CLI writes. Label embeddings for classification are cached on
 disk, keyed by the full model identity (weights sha256, architecture, preprocessing), the
 labels, the templates and the precision.
 """
@@ -17,29 +13,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections import deque
-from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
+from .batching import Embedding, embed_images, embed_texts
 from .download import default_cache_dir
 from .errors import ClipcliError
-from .fetch import FetchOptions
 from .fsutil import atomic_write, sha256_file
-from .images import DecodeOptions, pillow_limits, read_image
-from .items import Item, ItemError
+from .items import Item
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch
-    from PIL import Image
 
     from .loading import ModelSource
 
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-THUMBNAIL_SIZE = 160
 
 
 # --------------------------------------------------------------------------- model
@@ -216,236 +207,6 @@ def _preprocess_for(model) -> Callable | None:
     from .preprocess import preprocess_for
 
     return preprocess_for(model.config) if model.visual is not None else None
-
-
-# --------------------------------------------------------------------------- batches
-
-
-@dataclass
-class Embedding:
-    """One input's result: a float32 embedding, or the reason there is none."""
-
-    name: str
-    embedding: "np.ndarray | None" = None
-    error: str | None = None
-    truncated: bool = False
-    thumbnail: "Image.Image | None" = field(default=None, repr=False)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    import torch
-
-    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-    if isinstance(error, oom):
-        return True
-    message = str(error).lower()
-    return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
-
-
-def run_batches(encode: Callable, inputs: "torch.Tensor", normalize: bool) -> list["np.ndarray | str"]:
-    """``encode(inputs)`` as float32 rows (unit length if ``normalize``), or a reason per row.
-
-    Out of memory splits the batch in halves and retries; a single input that still does
-    not fit, or a row with NaN/inf, gets a reason instead of an embedding.
-    """
-    import torch
-
-    try:
-        with torch.inference_mode():
-            output = encode(inputs).float()
-            if normalize:
-                output = output / output.norm(dim=-1, keepdim=True)
-            finite = torch.isfinite(output).all(dim=-1)
-            rows = output.cpu().numpy()
-    except Exception as error:  # noqa: BLE001 - only out-of-memory is handled; others re-raised below
-        if not _is_out_of_memory(error):
-            raise
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if len(inputs) == 1:
-            return ["out of memory in the model, even alone (try --device cpu or a smaller model)"]
-        half = len(inputs) // 2
-        return run_batches(encode, inputs[:half], normalize) + run_batches(encode, inputs[half:], normalize)
-    reason = "non-finite embedding (NaN or inf); try --precision fp32"
-    return [row if good else reason for row, good in zip(rows, finite.tolist())]
-
-
-def _thumbnail(image: "Image.Image") -> "Image.Image":
-    thumb = image.copy()
-    thumb.thumbnail((THUMBNAIL_SIZE * 2, THUMBNAIL_SIZE * 2))
-    return thumb
-
-
-def _prepare(item: Item, preprocess: Callable, decode: DecodeOptions, fetch: FetchOptions, keep_thumbnail: bool):
-    """Decode and preprocess one item in a worker: ``(tensor, thumbnail, None)`` or ``(None, None, reason)``."""
-    try:
-        image = read_image(item, decode, fetch)
-        tensor = preprocess(image)
-        return tensor, (_thumbnail(image) if keep_thumbnail else None), None
-    except ItemError as error:
-        return None, None, str(error)
-    except Exception as error:  # noqa: BLE001 - one bad input must never end the run
-        return None, None, f"cannot prepare image ({type(error).__name__}): {error}"
-
-
-class _DaemonPool:
-    """Worker threads that never hold up the end of the process: an interrupted run exits at
-    once even while a worker waits on a stalled URL (``ThreadPoolExecutor``'s threads are
-    joined at interpreter exit, for as long as their network timeouts last)."""
-
-    def __init__(self, workers: int):
-        import queue
-        import threading
-
-        self._tasks: "queue.SimpleQueue" = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._work, name=f"clipcli-decode-{i}", daemon=True)
-                         for i in range(workers)]
-        for thread in self._threads:
-            thread.start()
-
-    def _work(self) -> None:
-        while (task := self._tasks.get()) is not None:
-            future, fn, args = task
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn(*args))
-                except BaseException as error:  # noqa: BLE001 - handed to the waiting thread
-                    future.set_exception(error)
-
-    def submit(self, fn: Callable, *args) -> Future:
-        future: Future = Future()
-        self._tasks.put((future, fn, args))
-        return future
-
-    def shutdown(self, wait: bool, grace: float = 1.0) -> None:
-        """Stop the workers; without ``wait``, give those still busy ``grace`` seconds (a
-        decode ends in milliseconds; a stalled URL is left behind)."""
-        import time
-
-        for _ in self._threads:
-            self._tasks.put(None)
-        deadline = time.monotonic() + grace
-        for thread in self._threads:
-            thread.join(None if wait else max(0.0, deadline - time.monotonic()))
-
-
-def embed_images(
-    loaded: LoadedModel,
-    items: Sequence[Item],
-    *,
-    batch_size: int = 32,
-    workers: int = 4,
-    normalize: bool = True,
-    decode: DecodeOptions = DecodeOptions(),
-    fetch: FetchOptions = FetchOptions(),
-    thumbnails: bool = False,
-) -> Iterator[Embedding]:
-    """One :class:`Embedding` per item, in order, as soon as its batch is done.
-
-    Up to ``2 * batch_size + workers`` items are decoded ahead of the model on ``workers``
-    threads (0: decode in this thread). Items that fail carry a reason and no embedding.
-    """
-    loaded.ensure("image")
-    model = loaded.model
-    if not decode.exact and decode.draft_size is None and loaded.input_resolution:
-        decode = replace(decode, draft_size=2 * loaded.input_resolution)
-
-    def encode(x):
-        if loaded.device.type == "cuda":  # page-locked memory: a DMA copy, without a staging copy
-            x = x.pin_memory().to(loaded.device, non_blocking=True)
-        return model.encode_image(x.to(device=loaded.device, dtype=loaded.dtype))
-
-    def prepare(item):
-        return _prepare(item, loaded.preprocess, decode, fetch, thumbnails)
-
-    lookahead = 2 * batch_size + workers
-    pool = _DaemonPool(workers) if workers > 0 else None
-    pending: deque[tuple[Item, Future | tuple]] = deque()
-    source = iter(items)
-
-    def refill() -> None:
-        while len(pending) < lookahead:
-            item = next(source, None)
-            if item is None:
-                return
-            pending.append((item, pool.submit(prepare, item) if pool else None))
-
-    def flush(window: list) -> Iterator[Embedding]:
-        decoded = [entry for entry in window if entry[1] is not None]
-        if decoded:
-            import torch
-
-            rows = run_batches(encode, torch.stack([tensor for _, tensor, _, _ in decoded]), normalize)
-            for entry, row in zip(decoded, rows):
-                entry[3] = row if isinstance(row, str) else None
-                entry[1] = None if isinstance(row, str) else row
-        for item, row, thumb, error in window:
-            yield Embedding(item.name, row, error, thumbnail=thumb if error is None else None)
-
-    finished = False
-    try:
-        with pillow_limits(decode):
-            refill()
-            window: list[list] = []  # [item, tensor -> row, thumbnail, error], in input order
-            in_batch = 0
-            while pending:
-                item, future = pending.popleft()
-                tensor, thumb, error = future.result() if pool else prepare(item)
-                refill()
-                window.append([item, tensor, thumb, error])
-                in_batch += tensor is not None
-                if in_batch >= batch_size:
-                    yield from flush(window)
-                    window, in_batch = [], 0
-            yield from flush(window)
-        finished = True
-    finally:
-        if pool is not None:  # interrupted or abandoned: the workers are not waited for
-            for _, future in pending:
-                future.cancel()
-            pool.shutdown(wait=finished)
-
-
-def embed_texts(
-    loaded: LoadedModel,
-    texts: Sequence[str],
-    *,
-    batch_size: int = 256,
-    normalize: bool = True,
-    truncate: bool = True,
-) -> list[Embedding]:
-    """One :class:`Embedding` per text, in order. A text longer than the context is cut
-    (``truncated=True``) or, without ``truncate``, reported as an error."""
-    from .tokenizer import encode_texts
-
-    loaded.ensure("text")
-    tokens, cut = encode_texts(list(texts), context_length=loaded.model.context_length, truncate=True)
-    results = [Embedding(text, truncated=flag) for text, flag in zip(texts, cut)]
-    if not truncate:
-        for result in results:
-            if result.truncated:
-                result.error = (
-                    f"longer than the model's {loaded.model.context_length}-token context "
-                    "(shorten it, or leave out --no-truncate to cut it)"
-                )
-    # Batches of texts of similar length: each batch runs only to its longest text (exact:
-    # rows are independent); results go back to input order by index.
-    length = tokens.argmax(dim=-1).tolist()  # the end-of-text token is the largest id
-    todo = sorted((i for i, result in enumerate(results) if result.ok), key=length.__getitem__)
-    model = loaded.model
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        rows = run_batches(lambda t: model.encode_text(t.to(loaded.device)), tokens[chunk], normalize)
-        for i, row in zip(chunk, rows):
-            if isinstance(row, str):
-                results[i].error = row
-            else:
-                results[i].embedding = row
-    return results
 
 
 # --------------------------------------------------------------------------- classify

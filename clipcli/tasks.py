@@ -36,7 +36,7 @@ class RunOptions:
     fetch: FetchOptions = field(default_factory=FetchOptions)
 
     def pipeline_kwargs(self) -> dict:
-        """The keyword arguments of :func:`clipcli.pipeline.embed_images`."""
+        """The keyword arguments of :func:`clipcli.batching.embed_images`."""
         return dict(batch_size=self.batch_size, workers=self.workers, decode=self.decode, fetch=self.fetch)
 
 
@@ -128,8 +128,8 @@ def _encode(loaded, items, texts, target, output, outputs, normalize, store, tru
             on_result, on_record) -> EncodeResult:
     import numpy as np
 
+    from .batching import embed_images, embed_texts
     from .journal import Journal, journal_path
-    from .pipeline import embed_images, embed_texts
 
     key = "text" if texts is not None else "image"
     names = list(texts) if texts is not None else [item.name for item in items]

@@ -156,19 +156,19 @@ def test_resume_with_another_precision_is_refused(folder, tiny_vit_checkpoint, t
 
 def _journal_identity(runner, args, out) -> Path:
     """Start a journal the way an interrupted run leaves one: the identity written, no rows."""
-    from clipcli import pipeline
+    from clipcli import batching
 
     journal = Path(journal_path(out))
-    original = pipeline.embed_images
+    original = batching.embed_images
 
     def interrupted(*args, **kwargs):  # the model never runs: the journal has its identity, no rows
         raise KeyboardInterrupt
 
-    pipeline.embed_images = interrupted
+    batching.embed_images = interrupted
     try:
         assert runner.invoke(app, args).exit_code == 130
     finally:
-        pipeline.embed_images = original
+        batching.embed_images = original
     return journal / "identity.json"
 
 

@@ -188,8 +188,9 @@ def test_tower_choices_are_checked(tiny_vit_checkpoint):
 def test_a_missing_tower_is_loaded_when_first_needed(tiny_vit_checkpoint, tmp_path):
     from PIL import Image
 
+    from clipcli.batching import embed_images, embed_texts
     from clipcli.items import Item
-    from clipcli.pipeline import embed_images, embed_texts, load_model
+    from clipcli.pipeline import load_model
 
     image = tmp_path / "red.png"
     Image.new("RGB", (40, 30), (200, 20, 20)).save(image)

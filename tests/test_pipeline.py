@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from clipcli.batching import embed_images, run_batches
 from clipcli.items import Item
-from clipcli.pipeline import LoadedModel, embed_images, run_batches
+from clipcli.pipeline import LoadedModel
 
 
 class FakeModel:
@@ -76,16 +77,16 @@ def test_results_stream_before_the_end(corpus):
 
 
 def test_decoding_runs_on_worker_threads(corpus, monkeypatch):
-    from clipcli import pipeline
+    from clipcli import batching
 
     threads = set()
-    real = pipeline.read_image
+    real = batching.read_image
 
     def spy(*args, **kwargs):
         threads.add(threading.current_thread().name)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "read_image", spy)
+    monkeypatch.setattr(batching, "read_image", spy)
     list(embed_images(loaded(FakeModel()), corpus, batch_size=4, workers=3))
     assert threads and all(name.startswith("clipcli-decode") for name in threads)
 
@@ -130,7 +131,8 @@ def test_thumbnails_only_when_asked(corpus):
 
 def test_texts_are_batched_by_length_and_returned_in_input_order(tiny_vit_checkpoint):
     import clipcli
-    from clipcli.pipeline import embed_texts, load_model
+    from clipcli.batching import embed_texts
+    from clipcli.pipeline import load_model
 
     real = load_model(str(tiny_vit_checkpoint), device="cpu", towers=("text",))
     texts = ["a much longer caption about a dog playing in the park", "cat", "a photo of a cat",
