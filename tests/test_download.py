@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from download_server import start_server, stop_server
 
-from clipcli import download, registry
+from clipcli import download, registry, transfer
 from clipcli.download import DownloadSettings, download_url, model_file
 from clipcli.errors import ChecksumError, DownloadError, OfflineError, UnknownModelError
 
@@ -208,7 +208,7 @@ def test_stale_partial_with_wrong_bytes_is_replaced(server, cache):
 
 def test_ctrl_c_leaves_nothing_at_final_path_and_resumes(server, cache, monkeypatch):
     server.add("/w.pt", PAYLOAD)
-    real_read = download._read
+    real_read = transfer._read
     calls = {"n": 0}
 
     def interrupted(response, size, url):
@@ -217,7 +217,7 @@ def test_ctrl_c_leaves_nothing_at_final_path_and_resumes(server, cache, monkeypa
             raise KeyboardInterrupt
         return real_read(response, size, url)
 
-    monkeypatch.setattr(download, "_read", interrupted)
+    monkeypatch.setattr(transfer, "_read", interrupted)
     with pytest.raises(KeyboardInterrupt):
         download_url(server.url("/w.pt"), cache / "w.pt", SHA)
     assert not (cache / "w.pt").exists()
@@ -225,14 +225,14 @@ def test_ctrl_c_leaves_nothing_at_final_path_and_resumes(server, cache, monkeypa
     assert [p.name for p in cache.iterdir()] == [part.name]  # no lock left
     kept = part.stat().st_size
     assert 0 < kept < len(PAYLOAD)
-    monkeypatch.setattr(download, "_read", real_read)
+    monkeypatch.setattr(transfer, "_read", real_read)
     assert_verified(download_url(server.url("/w.pt"), cache / "w.pt", SHA))
     assert server.gets()[-1].range == f"bytes={kept}-"
 
 
 def test_not_enough_disk_space(server, cache, monkeypatch):
     server.add("/w.pt", PAYLOAD)
-    monkeypatch.setattr(download, "_free_bytes", lambda directory: 1000)
+    monkeypatch.setattr(transfer, "_free_bytes", lambda directory: 1000)
     with pytest.raises(DownloadError, match=r"not enough free disk space .* needs 195\.3 KiB, 1000 B free"):
         download_url(server.url("/w.pt"), cache / "w.pt", SHA, size=len(PAYLOAD))
     assert server.gets() == []  # checked before the first byte when the size is known
@@ -411,7 +411,7 @@ def test_openai_cache_is_used_in_place_without_room_to_copy(server, fake_model, 
     clip_cache.mkdir(parents=True)
     (clip_cache / "Fake-1.pt").write_bytes(PAYLOAD)
     monkeypatch.setattr(os, "link", lambda src, dst: (_ for _ in ()).throw(OSError(18, "cross-device")))
-    monkeypatch.setattr(download, "_free_bytes", lambda directory: 10)
+    monkeypatch.setattr(transfer, "_free_bytes", lambda directory: 10)
     assert model_file("Fake/1") == clip_cache / "Fake-1.pt"
     assert server.requests == [] and leftovers(cache) == []
 
