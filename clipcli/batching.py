@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 from .fetch import FetchOptions
 from .images import DecodeOptions, pillow_limits, read_image
@@ -24,9 +24,23 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from PIL import Image
 
-    from .pipeline import LoadedModel
-
 THUMBNAIL_SIZE = 160
+
+
+class Runnable(Protocol):
+    """What batching needs of a loaded model (:class:`clipcli.pipeline.LoadedModel` is one;
+    tests pass fakes): the model, its image transform, where and how it computes, and a way
+    to load a tower it was loaded without."""
+
+    model: Any
+    preprocess: Callable | None
+    device: "torch.device"
+    dtype: "torch.dtype"
+
+    @property
+    def input_resolution(self) -> int | None: ...
+
+    def ensure(self, tower: str) -> None: ...
 
 
 @dataclass
@@ -142,7 +156,7 @@ class _DaemonPool:
 
 
 def embed_images(
-    loaded: LoadedModel,
+    loaded: Runnable,
     items: Sequence[Item],
     *,
     batch_size: int = 32,
@@ -219,7 +233,7 @@ def embed_images(
 
 
 def embed_texts(
-    loaded: LoadedModel,
+    loaded: Runnable,
     texts: Sequence[str],
     *,
     batch_size: int = 256,
