@@ -72,16 +72,18 @@ def _read_json(path: Path, what: str) -> Any:
         raise CheckpointError(f"{path}: cannot read the {what} ({error})") from None
 
 
-def _transformers_hints(config_path: Path, preprocessor_path: Path | None, source: str) -> dict:
-    preprocessor = _read_json(preprocessor_path, "preprocessor config") if preprocessor_path else None
-    return convert.config_from_transformers(_read_json(config_path, "config"), source, preprocessor)
-
-
-def _is_transformers_config(path: Path) -> bool:
+def _transformers_hints(config_path: Path, preprocessor: Callable[[], Path | None], source: str) -> dict | None:
+    """Config fields from a transformers ``config.json`` (and the preprocessor config that
+    ``preprocessor()`` finds), or None when the file is not one (a training run's config.json)."""
     try:
-        return isinstance(data := json.loads(path.read_text(encoding="utf-8")), dict) and "model_type" in data
+        config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
-        return False
+        return None
+    if not isinstance(config, dict) or "model_type" not in config:
+        return None
+    preprocessor_path = preprocessor()
+    preprocessor_config = _read_json(preprocessor_path, "preprocessor config") if preprocessor_path else None
+    return convert.config_from_transformers(config, source, preprocessor_config)
 
 
 def _stored_config(path: Path) -> dict | None:
@@ -109,8 +111,8 @@ def _layout_source(name: str, get: Callable[[str], Path | None],
         if weights is not None:
             return ModelSource(name, (weights,), hints, described=True)
     config = get(TRANSFORMERS_CONFIG)
-    if config is not None and _is_transformers_config(config):
-        hints = _transformers_hints(config, get(TRANSFORMERS_PREPROCESSOR), name)
+    hints = _transformers_hints(config, lambda: get(TRANSFORMERS_PREPROCESSOR), name) if config is not None else None
+    if hints is not None:
         weights = first(TRANSFORMERS_WEIGHTS)
         if weights is not None:
             return ModelSource(name, _shards(weights, get) if weights.name.endswith(".index.json") else (weights,),
@@ -181,11 +183,9 @@ def _file_source(path: Path, name: str, arch: str | None) -> ModelSource:
     if beside.is_file():
         return ModelSource(name, files, convert.config_from_open_clip(_read_json(beside, "OpenCLIP config"), name),
                            described=True)
-    config = path.parent / TRANSFORMERS_CONFIG
-    if config.is_file() and _is_transformers_config(config):
-        preprocessor = _in_folder(path.parent)(TRANSFORMERS_PREPROCESSOR)
-        return ModelSource(name, files, _transformers_hints(config, preprocessor, name), described=True)
-    return ModelSource(name, files)
+    hints = _transformers_hints(path.parent / TRANSFORMERS_CONFIG,
+                                lambda: _in_folder(path.parent)(TRANSFORMERS_PREPROCESSOR), name)
+    return ModelSource(name, files, hints, described=True) if hints is not None else ModelSource(name, files)
 
 
 def _arch_hints(arch: str) -> dict:
@@ -217,7 +217,7 @@ def resolve(name: str | os.PathLike, *, arch: str | None = None, cache_dir: str 
     if info is not None:  # the same weights in the HF cache (open_clip's download), else clipcli's cache
         from .download import model_file
 
-        cached = _first_of(lambda f: hub.cached_file(info.hf_repo, f))(registry.OPEN_CLIP_FILES)
+        cached = hub.first_cached(info.hf_repo, registry.OPEN_CLIP_FILES)
         path = cached or model_file(info.name, cache_dir=cache_dir, quiet=quiet)
         return ModelSource(text, (path,), registry.openai_hints(info), described=True)
     if pretrained is not None:
