@@ -17,14 +17,6 @@ def _architecture_facts(arch: str) -> dict:
             "parameters": registry.parameters(arch)}
 
 
-def _hub_cached(repo: str, files: tuple[str, ...]) -> str | None:
-    for filename in files:
-        path = hub.cached_file(repo, filename)
-        if path is not None:
-            return str(path)
-    return None
-
-
 def catalog(cache_dir: str | os.PathLike | None = None) -> list[dict]:
     """One record per registry entry (OpenAI's nine, then OpenCLIP's), then one per other
     file downloaded with ``clipcli download URL``."""
@@ -39,14 +31,14 @@ def catalog(cache_dir: str | os.PathLike | None = None) -> list[dict]:
         facts = registry.openai_facts(info)
         arch = _architecture_facts(registry.openai_architecture(info))
         if not record["cached"]:  # the same weights as open_clip downloads them, in the HF cache
-            path = _hub_cached(info.hf_repo, registry.OPEN_CLIP_FILES)
-            record = {**record, "cached": path is not None, "path": path}
+            path = hub.first_cached(info.hf_repo, registry.OPEN_CLIP_FILES)
+            record = {**record, "cached": path is not None, "path": str(path) if path else None}
         named.append({**record, "family": "OpenAI", "parameters": arch["parameters"],
                       "license": facts.get("license"), "imagenet_top1": facts.get("imagenet_top1")})
     for entry in registry.pretrained():
-        path = _hub_cached(entry.hf_repo, entry.files)
+        path = hub.first_cached(entry.hf_repo, entry.files)
         named.append({"name": entry.name, "released": True, **_architecture_facts(entry.arch), "size": None,
-                      "cached": path is not None, "path": path, "sha256": None,
+                      "cached": path is not None, "path": str(path) if path else None, "sha256": None,
                       "url": f"https://huggingface.co/{entry.hf_repo}", "family": entry.family,
                       "license": entry.license, "imagenet_top1": entry.imagenet_top1})
     return named + downloads

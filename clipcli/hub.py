@@ -147,14 +147,18 @@ def _progress_bars(enabled: bool):
         logger.setLevel(level)
 
 
+def first_cached(repo: str, candidates: Sequence[str], revision: str | None = None) -> Path | None:
+    """The first of ``candidates`` in the Hugging Face cache, without the network; else None."""
+    return next(filter(None, (cached_file(repo, filename, revision) for filename in candidates)), None)
+
+
 def first_file(repo: str, candidates: Sequence[str], revision: str | None = None, *,
                quiet: bool = True) -> Path | None:
     """The first of ``candidates`` the repository has: a cached one if any, else the first
     that downloads. None when it has none of them."""
-    for filename in candidates:
-        path = cached_file(repo, filename, revision)
-        if path is not None:
-            return path
+    path = first_cached(repo, candidates, revision)
+    if path is not None:
+        return path
     for filename in candidates:
         try:
             return download(repo, filename, revision, quiet=quiet)
