@@ -42,6 +42,15 @@ def _max_diff(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
+def _target(how: str, folder, repo: str, hf_cache):
+    """The name to load a saved model by: its folder, or ``hf-hub:REPO`` after laying the
+    folder out in the HF cache."""
+    if how == "folder":
+        return folder
+    hf_cache_repo(hf_cache, repo, folder)
+    return f"hf-hub:{repo}"
+
+
 @pytest.fixture
 def hf_cache(tmp_path, monkeypatch):
     cache = tmp_path / "hf-hub"
@@ -65,11 +74,7 @@ def open_clip_repo(request, tmp_path_factory):
 @pytest.mark.parametrize("how", ["folder", "hf-hub"])
 def test_open_clip_models_match_open_clip(open_clip_repo, how, hf_cache):
     name, folder, reference = open_clip_repo
-    target = folder
-    if how == "hf-hub":
-        hf_cache_repo(hf_cache, f"laion/{name}", folder)
-        target = f"hf-hub:laion/{name}"
-    model, preprocess = clipcli.load(target, device="cpu")
+    model, preprocess = clipcli.load(_target(how, folder, f"laion/{name}", hf_cache), device="cpu")
     images, tokens = _inputs(model.visual.input_resolution)
     with torch.no_grad():
         image_diff = _max_diff(model.encode_image(images), reference.encode_image(images))
@@ -148,11 +153,7 @@ def transformers_repo(request, tmp_path_factory):
 @pytest.mark.parametrize("how", ["folder", "hf-hub"])
 def test_transformers_models_match_transformers(transformers_repo, how, hf_cache):
     name, folder, reference = transformers_repo
-    target = folder
-    if how == "hf-hub":
-        hf_cache_repo(hf_cache, f"openai/{name}", folder)
-        target = f"hf-hub:openai/{name}"
-    model, _ = clipcli.load(target, device="cpu")
+    model, _ = clipcli.load(_target(how, folder, f"openai/{name}", hf_cache), device="cpu")
     images, tokens = _inputs(32, seed=2)
     with torch.no_grad():
         image_diff = _max_diff(model.encode_image(images), features(reference.get_image_features(pixel_values=images)))
