@@ -17,11 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ClipcliError
+from .preprocess import OPENAI_MEAN, OPENAI_STD
 
 HEAD_WIDTH = 64  # OpenAI's CLIPs use 64-wide heads; OpenCLIP's ViT-H/g/bigG use 80/88/104
 ACTIVATIONS = ("quick_gelu", "gelu")
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class LayerNorm(nn.LayerNorm):

@@ -37,8 +37,10 @@ PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def resolve_device(device: str = "auto") -> "torch.device":
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``, checked. Under
-    ``torchrun``, ``auto`` and ``cuda`` mean this process's own GPU, ``cuda:LOCAL_RANK``."""
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``, checked. CUDA comes
+    back with its index (``torch.cuda.set_device`` refuses a bare ``cuda``): under
+    ``torchrun``, ``auto`` and ``cuda`` mean this process's own GPU, ``cuda:LOCAL_RANK``;
+    otherwise the current one (0 unless the caller chose another)."""
     import torch
 
     from .topology import from_environment
@@ -50,12 +52,12 @@ def resolve_device(device: str = "auto") -> "torch.device":
     except (RuntimeError, ValueError):
         raise ClipcliError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     topology = from_environment()
-    if resolved.type == "cuda" and resolved.index is None and topology.distributed:
-        resolved = torch.device("cuda", topology.local_rank)
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise ClipcliError(f"--device {device}: CUDA is not available here; use --device cpu")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        if resolved.index is None:
+            resolved = torch.device("cuda", topology.local_rank if topology.distributed else torch.cuda.current_device())
+        if resolved.index >= torch.cuda.device_count():
             raise ClipcliError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
     elif resolved.type != "cpu":
         raise ClipcliError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")

@@ -30,15 +30,18 @@ the same float32 operations in the same order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
-from .model import OPENAI_MEAN, OPENAI_STD
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
-MEAN, STD = OPENAI_MEAN, OPENAI_STD  # CLIP's training statistics
+# CLIP's training statistics (OpenCLIP models may use others; see the module docstring)
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+MEAN, STD = OPENAI_MEAN, OPENAI_STD
 INTERPOLATIONS = ("bicubic", "bilinear")
 RESIZE_MODES = ("shortest", "squash", "longest")
 _RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
@@ -91,16 +94,32 @@ class Preprocess:
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image) -> "torch.Tensor":
+        import torch
+
+        return self.normalize(torch.from_numpy(self.pixels(image))[None])[0]
+
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        """The resized, cropped RGB pixels, ``uint8 (r, r, 3)``: what decode workers hand over
+        (a quarter of the bytes of the float tensor), normalised per batch where the model runs."""
         size = _target_size(image.width, image.height, self.resolution, self.resize_mode)
         if size != image.size:
             image = image.resize(size, _RESAMPLING[self.interpolation])
         image = _center_crop(image, self.resolution).convert("RGB")
-        pixels = torch.from_numpy(np.array(image, np.uint8, copy=True))  # (r, r, 3)
-        x = pixels.permute(2, 0, 1).contiguous().to(torch.get_default_dtype()).div(255)  # (3, r, r)
-        mean = torch.as_tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
-        std = torch.as_tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
-        return x.sub_(mean).div_(std)
+        return np.array(image, np.uint8, copy=True)  # (r, r, 3)
+
+    def normalize(self, pixels: "torch.Tensor") -> "torch.Tensor":
+        """``uint8 (B, r, r, 3)`` -> ``float (B, 3, r, r)`` on the pixels' device: ``ToTensor``
+        and ``Normalize``'s float32 operations in their order, so the same values on any device.
+        The 255 is a tensor on purpose: CUDA divides by a plain-number divisor as a
+        multiplication by its reciprocal, which is not always the same float."""
+        import torch
+
+        x = pixels.permute(0, 3, 1, 2).contiguous().to(torch.get_default_dtype())  # (B, 3, r, r)
+        scale = torch.tensor(255, dtype=x.dtype, device=x.device)
+        mean = torch.as_tensor(self.mean, dtype=x.dtype).view(-1, 1, 1).to(x.device)
+        std = torch.as_tensor(self.std, dtype=x.dtype).view(-1, 1, 1).to(x.device)
+        return x.div_(scale).sub_(mean).div_(std)
 
 
 def preprocess_for(config) -> Preprocess:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from .errors import InputError
@@ -21,6 +21,8 @@ from .images import DecodeOptions
 from .items import Item
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from .pipeline import LoadedModel
 
 TARGETS = ("npy", "npz", "jsonl", "json", "csv")
@@ -30,10 +32,17 @@ TARGETS = ("npy", "npz", "jsonl", "json", "csv")
 class RunOptions:
     """How a run feeds the model: batch size, decode workers, decoding and URL fetching."""
 
-    batch_size: int = 32
-    workers: int = 4
+    batch_size: int | None = None  # None: clipcli.batching.default_batch_size (32; 256 on a GPU)
+    workers: int | None = None  # None: clipcli.batching.default_workers (4 threads; one per core on a GPU)
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     fetch: FetchOptions = field(default_factory=FetchOptions)
+
+    def for_device(self, device: "torch.device") -> "RunOptions":
+        """These options with the device's defaults in place of None."""
+        from .batching import default_batch_size, default_workers
+
+        return replace(self, batch_size=default_batch_size(device) if self.batch_size is None else self.batch_size,
+                       workers=default_workers(device) if self.workers is None else self.workers)
 
     def pipeline_kwargs(self) -> dict:
         """The keyword arguments of :func:`clipcli.batching.embed_images`."""
@@ -131,6 +140,7 @@ def _encode(loaded, items, texts, target, output, outputs, normalize, store, tru
     from .batching import embed_images, embed_texts
     from .journal import Journal, journal_path
 
+    run = run.for_device(loaded.device)
     key = "text" if texts is not None else "image"
     names = list(texts) if texts is not None else [item.name for item in items]
     journal = None

@@ -3,6 +3,7 @@ in place, out-of-memory batches split, non-finite rows reported."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -11,8 +12,10 @@ import torch
 from PIL import Image
 
 from clipcli.batching import embed_images, run_batches
+from clipcli.errors import ClipcliError
 from clipcli.items import Item
 from clipcli.pipeline import LoadedModel
+from clipcli.preprocess import Preprocess
 
 
 class FakeModel:
@@ -89,6 +92,24 @@ def test_decoding_runs_on_worker_threads(corpus, monkeypatch):
     monkeypatch.setattr(batching, "read_image", spy)
     list(embed_images(loaded(FakeModel()), corpus, batch_size=4, workers=3))
     assert threads and all(name.startswith("clipcli-decode") for name in threads)
+
+
+def test_a_preprocess_hands_pixels_to_the_workers_and_normalises_each_batch(corpus):
+    """Rows, order, errors and thumbnails equal what decoding in this thread gives."""
+    model = LoadedModel(FakeModel(), Preprocess(8), "fake", None, torch.device("cpu"), torch.float32)
+    inline = list(embed_images(model, corpus, batch_size=3, workers=0, thumbnails=True))
+    pooled = list(embed_images(model, corpus, batch_size=3, workers=3, thumbnails=True))
+    assert [(r.name, r.error) for r in pooled] == [(r.name, r.error) for r in inline]
+    assert all(a.error or np.array_equal(a.embedding, b.embedding) for a, b in zip(inline, pooled))
+    expected = Preprocess(8)(Image.open(corpus[0].path)).mean(dim=(1, 2))
+    assert np.allclose(inline[0].embedding[:3] / inline[0].embedding[3], expected.numpy())
+
+
+def test_defaults_follow_the_device():
+    from clipcli.batching import default_batch_size, default_workers
+
+    assert default_batch_size(torch.device("cpu")) == 32 and default_batch_size(torch.device("cuda", 0)) == 256
+    assert default_workers(torch.device("cpu")) <= 4 <= default_workers(torch.device("cuda", 0)) or os.cpu_count() < 4
 
 
 def test_out_of_memory_splits_the_batch():
@@ -197,3 +218,21 @@ def test_under_torchrun_cuda_means_this_ranks_gpu(monkeypatch):
     assert resolve_device("cuda") == torch.device("cuda", 1)
     assert resolve_device("cuda:0") == torch.device("cuda", 0)
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_cuda_always_comes_back_with_an_index(monkeypatch):
+    """``torch.cuda.set_device`` refuses a bare ``cuda``; a world of one under torchrun used to pass one."""
+    import torch
+
+    from clipcli.pipeline import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert resolve_device("cuda") == resolve_device("auto") == torch.device("cuda", 0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    with pytest.raises(ClipcliError, match="only 2 CUDA device"):
+        resolve_device("cuda")

@@ -145,3 +145,14 @@ def test_preprocess_does_not_import_torchvision():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_batch_normalised_at_once_equals_each_image_alone(sample_images):
+    """The batch path (uint8 pixels from the decode workers, normalised per batch) gives the
+    same floats as ``Preprocess(image)``, which equals torchvision's transform."""
+    preprocess = Preprocess(224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    images = [Image.open(path) for path in sample_images]
+    batch = preprocess.normalize(torch.from_numpy(np.stack([preprocess.pixels(image) for image in images])))
+    assert batch.shape == (len(images), 3, 224, 224) and batch.dtype == torch.float32
+    assert all(torch.equal(row, preprocess(image)) for row, image in zip(batch, images))
+

@@ -25,10 +25,6 @@ class StoreDtype(str, Enum):
     float16 = "float16"
 
 
-def _default_workers() -> int:
-    return min(4, os.cpu_count() or 1)
-
-
 # Options every scoring command shares.
 ModelOpt = Annotated[str, typer.Option("--model", "-m", envvar="CLIPCLI_MODEL", show_envvar=True,
                                        help="A name from `clipcli models` (ViT-B/32, ViT-B-32/laion2b_s34b_b79k), "
@@ -37,8 +33,11 @@ ArchOpt = Annotated[Optional[str], typer.Option("--arch", show_default=False,
                                                 help="Architecture of a --model file that does not say (a name from "
                                                      "`clipcli models`, e.g. ViT-H-14/laion2b_s32b_b79k).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per model call.")]
-WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Threads decoding images while the model runs (0: none).")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, show_default=False,
+                                                help="Images per model call. Default: 32 on CPU, 256 on CUDA.")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", min=0, show_default=False,
+                                                  help="Workers decoding images while the model runs (0: none). "
+                                                       "Default: 4 threads on CPU; on CUDA, one per core up to 16.")]
 PrecisionOpt = Annotated[Optional[Precision], typer.Option("--precision", help="Default: fp16 on CUDA, fp32 on CPU.")]
 FormatOpt = Annotated[Optional[Format], typer.Option("--format", "-f", help="Default: table on a terminal, jsonl in a pipe.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for the model (default: one per core). On a busy or shared machine, fewer threads can be much faster.")]
@@ -52,7 +51,7 @@ ExactOpt = Annotated[bool, typer.Option("--exact-decode", help="Decode JPEGs at 
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
 
 
-def _run_options(batch_size: int, workers: int, max_pixels: int, allow_truncated: bool, allow_private: bool,
+def _run_options(batch_size: Optional[int], workers: Optional[int], max_pixels: int, allow_truncated: bool, allow_private: bool,
                  exact_decode: bool):
     """The shared run options (:class:`clipcli.tasks.RunOptions`) from the shared flags."""
     from ..fetch import FetchOptions
@@ -131,8 +130,8 @@ def classify(
     model: ModelOpt = DEFAULT_MODEL,
     arch: ArchOpt = None,
     device: DeviceOpt = "auto",
-    batch_size: BatchOpt = 32,
-    workers: WorkersOpt = _default_workers(),
+    batch_size: BatchOpt = None,
+    workers: WorkersOpt = None,
     precision: PrecisionOpt = None,
     threads: ThreadsOpt = None,
     fmt: FormatOpt = None,
@@ -210,8 +209,8 @@ def similarity(
     model: ModelOpt = DEFAULT_MODEL,
     arch: ArchOpt = None,
     device: DeviceOpt = "auto",
-    batch_size: BatchOpt = 32,
-    workers: WorkersOpt = _default_workers(),
+    batch_size: BatchOpt = None,
+    workers: WorkersOpt = None,
     precision: PrecisionOpt = None,
     threads: ThreadsOpt = None,
     fmt: FormatOpt = None,
@@ -328,8 +327,8 @@ def encode(
     model: ModelOpt = DEFAULT_MODEL,
     arch: ArchOpt = None,
     device: DeviceOpt = "auto",
-    batch_size: BatchOpt = 32,
-    workers: WorkersOpt = _default_workers(),
+    batch_size: BatchOpt = None,
+    workers: WorkersOpt = None,
     precision: PrecisionOpt = None,
     threads: ThreadsOpt = None,
     fmt: FormatOpt = None,
