@@ -121,6 +121,23 @@ def checkpoint_sha256(path: str | os.PathLike) -> str:
     return value
 
 
+def weights_sha256(source: "ModelSource") -> str:
+    """sha256 of a model's weights (of the shard hashes, for a sharded checkpoint), without
+    loading them: from the HF cache's blob names, or remembered by path, size and mtime."""
+    from .hub import blob_sha256
+
+    hashes = [blob_sha256(file) or checkpoint_sha256(file) for file in source.files]
+    return hashes[0] if len(hashes) == 1 else hashlib.sha256("".join(hashes).encode()).hexdigest()
+
+
+def source_key(source: "ModelSource") -> str:
+    """What decides a model's identity before it is loaded: its weights and the hints that
+    the shapes cannot give (the search index finds its vectors by it without loading)."""
+    hints = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in dict(source.hints).items()},
+                       sort_keys=True, default=str)
+    return hashlib.sha256(f"{weights_sha256(source)}\0{hints}".encode()).hexdigest()
+
+
 @dataclass
 class LoadedModel:
     """A model ready to run, with what the records and the caches need to know about it."""
@@ -140,10 +157,7 @@ class LoadedModel:
     @cached_property
     def sha256(self) -> str:
         """sha256 of the weights (of the shard hashes, for a sharded checkpoint)."""
-        from .hub import blob_sha256
-
-        hashes = [blob_sha256(file) or checkpoint_sha256(file) for file in self.source.files]
-        return hashes[0] if len(hashes) == 1 else hashlib.sha256("".join(hashes).encode()).hexdigest()
+        return weights_sha256(self.source)
 
     @cached_property
     def identity(self) -> str:

@@ -219,3 +219,27 @@ def _write_outputs(target, output, outputs, matrix, records, key, loaded, overwr
         with atomic_write(output, overwrite=overwrite, text=True) as f, RecordWriter(f, target, view=view) as writer:
             for record in records:
                 writer.write(record)
+
+
+# --------------------------------------------------------------------------- index
+
+
+def update_index(index, inputs: Sequence[str], model: str, load: Callable[[], "LoadedModel"], *,
+                 arch: str | None = None, run: RunOptions = RunOptions(),
+                 on_result: Callable[[str, str | None], None] | None = None):
+    """Bring ``index`` (:class:`clipcli.index.Index`) up to date for ``inputs`` with ``model``.
+
+    The model is found in the index by its weights and hints, without loading it; ``load()``
+    (which must load ``model``) runs only if some image must be embedded. Returns the
+    :class:`~clipcli.index.Summary`.
+    """
+    from .batching import embed_images
+    from .loading import resolve
+    from .pipeline import source_key
+
+    key = source_key(resolve(model, arch=arch, quiet=True))
+
+    def embed(loaded, items):
+        return embed_images(loaded, items, normalize=True, **run.for_device(loaded.device).pipeline_kwargs())
+
+    return index.update(inputs, key, load, embed=embed, on_result=on_result)

@@ -1,0 +1,184 @@
+"""`clipcli index` and `clipcli search`: thin over :mod:`clipcli.index` and :mod:`clipcli.search`."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import InputError, OutputError
+from .app import command
+from .scoring_commands import (
+    DEFAULT_MODEL,
+    MAX_PIXELS,
+    ArchOpt,
+    BatchOpt,
+    DeviceOpt,
+    ExactOpt,
+    MaxPixelsOpt,
+    ModelOpt,
+    PrecisionOpt,
+    PrivateOpt,
+    QuietOpt,
+    ThreadsOpt,
+    TruncatedOpt,
+    WorkersOpt,
+    _format,
+    _load,
+    _run_options,
+)
+
+DbOpt = Annotated[Optional[str], typer.Option("--db", envvar="CLIPCLI_INDEX", show_envvar=True, show_default=False,
+                                              help="The index file (default: $XDG_DATA_HOME/clipcli/index.sqlite3).")]
+
+
+class SummaryFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+class SearchFormat(str, Enum):
+    jsonl = "jsonl"
+    json = "json"
+    csv = "csv"
+    table = "table"
+    paths = "paths"
+
+
+def _summary_line(summary) -> str:
+    counts = summary.as_json()
+    parts = [f"{counts[k]} {k}" for k in ("added", "updated", "moved", "removed", "unchanged", "failed")]
+    model = f"; the model ran on {summary.embedded}" if summary.model_loaded else "; the model was not loaded"
+    return f"indexed: {', '.join(parts)} in {summary.seconds:.1f} s{model}"
+
+
+def _update(index, inputs, model, arch, device, precision, threads, quiet, run, loaded: dict):
+    """Update ``index``; a model it had to load is left in ``loaded["model"]`` for reuse."""
+    from ..output import Reporter
+    from ..tasks import update_index
+
+    def load():
+        loaded["model"] = _load(model, arch, device, precision, threads, quiet, towers=("image",))
+        return loaded["model"]
+
+    with Reporter(0, "images", quiet) as report:
+        summary = update_index(index, inputs, model, load, arch=arch, run=run, on_result=report.done)
+        report.message(_summary_line(summary))
+    return summary
+
+
+@command("index")
+def index(
+    inputs: Annotated[list[str], typer.Argument(metavar="PATH...", show_default=False,
+                                                help="Folders, image files or list files of paths.")],
+    db: DbOpt = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    arch: ArchOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = None,
+    workers: WorkersOpt = None,
+    precision: PrecisionOpt = None,
+    threads: ThreadsOpt = None,
+    fmt: Annotated[SummaryFormat, typer.Option("--format", "-f", help="json: the summary as JSON on stdout.")] = SummaryFormat.text,
+    quiet: QuietOpt = False,
+    max_pixels: MaxPixelsOpt = MAX_PIXELS,
+    allow_truncated: TruncatedOpt = False,
+    exact_decode: ExactOpt = False,
+) -> None:
+    """Add new images under PATH to the search index, re-embed changed ones, drop rows of
+    files gone from the indexed folders; unchanged files are left alone.
+
+    Files are matched by size and modification time, then by content: a renamed, moved or
+    duplicated image reuses its vector. When nothing changed, the model is never loaded.
+    A file that fails is retried once it changes. Safe to interrupt: rerun to finish.
+
+    Example: clipcli index ~/Pictures
+
+    Example: clipcli index photos/ --model ViT-L-14/laion2b_s32b_b82k --format json
+    """
+    from ..index import Index
+    from ..output import to_json
+
+    run = _run_options(batch_size, workers, max_pixels, allow_truncated, False, exact_decode)
+    with Index(db) as opened:
+        summary = _update(opened, inputs, model, arch, device, precision, threads, quiet, run, {})
+    if fmt == SummaryFormat.json:
+        sys.stdout.write(to_json({"db": str(opened.path), **summary.as_json()}) + "\n")
+    raise typer.Exit(1 if summary.failed else 0)
+
+
+@command("search")
+def search(
+    queries: Annotated[list[str], typer.Argument(metavar="QUERY...", show_default=False,
+                                                 help="Text, an image file or an image URL; W:QUERY weighs it.")],
+    db: DbOpt = None,
+    within: Annotated[list[str], typer.Option("--in", help="Only files under PATH (repeatable); brings the index "
+                                                           "up to date there first.")] = [],
+    minus: Annotated[list[str], typer.Option("--minus", help="Subtract this query (repeatable).")] = [],
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many results.")] = 10,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Only results scoring at least S (cosine).")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Also write a contact sheet of the results (.png, .jpg, .webp).")] = None,
+    no_update: Annotated[bool, typer.Option("--no-update", help="With --in: search the index as it is.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing contact sheet.")] = False,
+    model: ModelOpt = DEFAULT_MODEL,
+    arch: ArchOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = None,
+    threads: ThreadsOpt = None,
+    fmt: Annotated[Optional[SearchFormat], typer.Option("--format", "-f", help="Default: table on a terminal, jsonl in a pipe; paths: one path per line.")] = None,
+    quiet: QuietOpt = False,
+    allow_private: PrivateOpt = False,
+) -> None:
+    """Search the index by text or image: the best matches as {"rank", "image", "score"}.
+
+    Terms are summed as unit vectors and normalised: clipcli search "a dog" 0.5:"on a beach"
+    --minus "indoors". A term that names an existing file, or an http(s) URL, is an image.
+
+    Example: clipcli search "a red bicycle" --top-k 5 -o sheet.png
+
+    Example: clipcli search photos/cat.jpg --in ~/Pictures/2024 --format paths | xargs open
+    """
+    from ..fetch import FetchOptions
+    from ..fsutil import atomic_write, ensure_writable
+    from ..index import Index
+    from ..output import RecordWriter
+    from ..search import parse_terms
+    from ..search import search as run_search
+
+    terms = parse_terms(queries, minus)
+    if output:
+        from ..sheet import sheet_format
+
+        try:
+            sheet = sheet_format(output)
+        except ValueError as error:
+            raise InputError(str(error)) from None
+        ensure_writable([output], overwrite)
+    update = bool(within) and not no_update
+    with Index(db, readonly=not update) as opened:
+        loaded: dict = {}
+        if update:
+            if opened.readonly:
+                raise OutputError(f"{opened.path} is read-only: add --no-update to search it as it is")
+            run = _run_options(None, None, MAX_PIXELS, False, allow_private, False)
+            _update(opened, within, model, arch, device, precision, threads, quiet, run, loaded)
+        towers = ("image",) if all(t.is_image for t in terms) else ("text",)
+        loaded = loaded.get("model") or _load(model, arch, device, precision, threads, quiet, towers=towers)
+        hits = run_search(opened, loaded, terms, top_k=top_k, threshold=threshold, under=within,
+                          fetch=FetchOptions(allow_private=allow_private))
+    name = _format(fmt) if fmt is None else fmt.value
+    if name == "paths":
+        for hit in hits:
+            sys.stdout.buffer.write(hit.path + b"\n")
+    else:
+        with RecordWriter(sys.stdout, name, paths_column="image") as writer:
+            for hit in hits:
+                writer.write({"rank": hit.rank, "image": hit.name, "score": hit.score})
+    if output:
+        from ..sheet import render
+
+        with atomic_write(output, overwrite=overwrite) as stream:
+            render(hits, stream, sheet)
+
