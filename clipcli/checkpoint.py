@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import torch
 
+from .config import safetensors_metadata  # noqa: F401 (re-exported)
 from .errors import CheckpointError, UnsafeCheckpointError
 
 StateDict = dict[str, torch.Tensor]
@@ -245,19 +246,6 @@ def read_safetensors(path: str | Path, dtype: torch.dtype | None = None, keep: K
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path} is not a readable safetensors file ({error})") from None
     return out
-
-
-def safetensors_metadata(path: str | Path) -> dict[str, str]:
-    """The string metadata of a safetensors file; empty for any other file."""
-    if Path(path).suffix != ".safetensors":
-        return {}
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as file:
-            return dict(file.metadata() or {})
-    except (SafetensorError, OSError, ValueError):
-        return {}  # read_state_dict names what is wrong with the file
 
 
 def write_safetensors(tensors: StateDict, path: str | Path, metadata: dict[str, str]) -> None:

@@ -20,12 +20,13 @@ family, from their config fields: loading them as CLIP would be silently wrong.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from .config import HEAD_WIDTH, tower_of
 from .errors import UnsupportedModelError
-from .model import HEAD_WIDTH, tower_of
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 from .preprocess import INTERPOLATIONS, RESIZE_MODES
 
 VOCAB_SIZE = 49408  # OpenAI's BPE: the only tokenizer clipcli has
@@ -227,6 +228,8 @@ def tower_of_key(key: str) -> str | None:
 def state_dict_from_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A transformers ``CLIPModel`` state dict with OpenAI's key names. Keys it does not know
     are kept as they are, so the strict load names them."""
+    import torch
+
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():

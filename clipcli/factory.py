@@ -12,38 +12,33 @@ says when that assumption is doubtful.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from typing import Any, Mapping
 
 import torch
 
+from .config import (  # noqa: F401 (config_to_json, config_from_json, METADATA_KEY re-exported)
+    ACTIVATIONS,
+    HEAD_WIDTH,
+    METADATA_KEY,
+    TOWERS,
+    CLIPConfig,
+    config_from_json,
+    config_to_json,
+    normalized,
+)
 from .errors import CheckpointError
-from .model import ACTIVATIONS, CLIP, HEAD_WIDTH, TOWERS, CLIPConfig
+from .model import CLIP
 
 # Entries of the released TorchScript files that are metadata, not parameters.
 EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 # The safetensors metadata key holding the config of a checkpoint clipcli wrote.
-METADATA_KEY = "clipcli_config"
 # Fields shapes determine; a config given for a checkpoint must agree with them.
 SHAPE_FIELDS = ("embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size",
                 "context_length", "vocab_size", "transformer_width", "transformer_layers", "vision_mixer",
                 "text_mixer", "vision_mlp_width", "text_mlp_width")
 # Widths of OpenAI's nine models: ViT vision widths, ResNet stem widths, text widths.
 _OPENAI_WIDTHS = {"vit": {768, 1024}, "resnet": {64, 80, 96, 128}, "text": {512, 640, 768, 1024}}
-
-
-def normalized(config: CLIPConfig) -> CLIPConfig:
-    """``config`` with every field in one canonical form (4x MLP widths as None, tuples for
-    lists), so two descriptions of the same architecture compare equal."""
-    vision_layers = config.vision_layers
-    if isinstance(vision_layers, (list, tuple)):
-        vision_layers = tuple(int(n) for n in vision_layers)
-    vision_mlp = None if config.vision_mlp_width in (None, 4 * config.vision_width) else config.vision_mlp_width
-    text_mlp = None if config.text_mlp_width in (None, 4 * config.transformer_width) else config.text_mlp_width
-    return replace(config, vision_layers=vision_layers, vision_mlp_width=vision_mlp, text_mlp_width=text_mlp,
-                   image_mean=tuple(float(v) for v in config.image_mean),
-                   image_std=tuple(float(v) for v in config.image_std))
 
 
 def create_model(config: CLIPConfig, initialize: bool = True) -> CLIP:
@@ -129,23 +124,6 @@ def assumption_note(config: CLIPConfig, source: str) -> str | None:
 
 
 # --------------------------------------------------------------------------- config <-> metadata
-
-
-def config_to_json(config: CLIPConfig) -> str:
-    return json.dumps(asdict(normalized(config)), sort_keys=True)
-
-
-def config_from_json(text: str) -> CLIPConfig:
-    """The config :func:`config_to_json` wrote; unknown fields are refused, missing ones default."""
-    try:
-        data = json.loads(text)
-        known = {f.name for f in fields(CLIPConfig)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown fields {sorted(unknown)}")
-        return normalized(CLIPConfig(**data))
-    except (ValueError, TypeError) as error:
-        raise CheckpointError(f"the stored clipcli config is not valid ({error})") from None
 
 
 # --------------------------------------------------------------------------- building

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -269,7 +270,7 @@ class Index:
         for name, error in failures:
             summary.failed += 1
             report(name, error)
-        self._attach_rows(scans, roots)
+        under = self._attach_rows(scans, roots)
         model = self.model_id(key=key)
         have = self._shas(model)
         todo = []
@@ -279,7 +280,8 @@ class Index:
                 summary.unchanged += 1
             else:
                 todo.append(scan)
-        gone = self._gone(roots, {scan.key for scan in scans})
+        seen = {scan.key for scan in scans}
+        gone = [(path, row[2]) for path, row in under.items() if path not in seen]  # (path, sha256)
         if todo:
             self._hash(todo)
             self._apply(todo, gone, key, model, have, load, embed, report, summary)
@@ -309,15 +311,16 @@ class Index:
             except OSError as error:
                 failures.append((item.name, f"cannot read it: {error.strerror or error}"))
                 continue
-            if not os.path.isfile(item.path):
+            if not stat.S_ISREG(st.st_mode):
                 failures.append((item.name, "not a regular file"))
                 continue
             scans.append(_Scan(key, item.name, st.st_size, st.st_mtime_ns))
         return scans, failures
 
-    def _attach_rows(self, scans: list[_Scan], roots: list[bytes]) -> None:
+    def _attach_rows(self, scans: list[_Scan], roots: list[bytes]) -> dict[bytes, tuple]:
         """Each scan's row before this run: one range query per indexed folder, then one
-        query per file outside them (files and list entries named on their own)."""
+        query per file outside them (files and list entries named on their own). Returns
+        the rows under the folders."""
         rows: dict[bytes, tuple] = {}
         lows = [_under(root)[0] for root in roots]
         for low, high in map(_under, roots):
@@ -329,19 +332,12 @@ class Index:
                 row = self.db.execute("SELECT size, mtime_ns, sha256, error FROM files WHERE path = ?",
                                       (scan.key,)).fetchone()
                 scan.old = tuple(row) if row else None
+        return rows
 
     def _shas(self, model: int | None) -> set[str]:
         if model is None:
             return set()
         return {row[0] for row in self.db.execute("SELECT sha256 FROM vectors WHERE model_id = ?", (model,))}
-
-    def _gone(self, roots: list[bytes], seen: set[bytes]) -> list[tuple[bytes, str | None]]:
-        gone = []
-        for root in roots:
-            low, high = _under(root)
-            gone += [(path, sha) for path, sha in self.db.execute(
-                "SELECT path, sha256 FROM files WHERE path >= ? AND path < ?", (low, high)) if path not in seen]
-        return gone
 
     @staticmethod
     def _hash(scans: list[_Scan]) -> None:

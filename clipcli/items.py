@@ -110,7 +110,8 @@ def redact_credentials(url: str) -> str:
 
 
 def has_image_extension(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    base = name.rpartition("/")[2]
+    return "." in base.lstrip(".") and "." + base.rpartition(".")[2].lower() in IMAGE_EXTENSIONS
 
 
 # --------------------------------------------------------------------------- list files
@@ -250,7 +251,7 @@ def walk_folder(folder: str, visited: set | None = None, exclude: frozenset[str]
             is_dir = False
         if is_dir:
             yield from walk_folder(path, visited, exclude)
-        elif has_image_extension(entry.name) and os.path.abspath(path) not in exclude:
+        elif has_image_extension(entry.name) and not (exclude and os.path.abspath(path) in exclude):
             yield Item(name=path, path=path)
 
 

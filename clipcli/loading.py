@@ -28,14 +28,16 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from . import convert, hub, registry
+from .config import METADATA_KEY, TOWERS, config_from_json
 from .errors import CheckpointError, ClipcliError, UnknownModelError
-from .factory import METADATA_KEY, assumption_note, build_model, config_from_json, config_from_state_dict
-from .model import CLIP, TOWERS
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .model import CLIP
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 TRANSFORMERS_CONFIG, TRANSFORMERS_PREPROCESSOR = "config.json", "preprocessor_config.json"
@@ -90,7 +92,7 @@ def _stored_config(path: Path) -> dict | None:
     """The config clipcli wrote into a safetensors file's metadata, if any."""
     from dataclasses import asdict
 
-    from .checkpoint import safetensors_metadata
+    from .config import safetensors_metadata
 
     text = safetensors_metadata(path).get(METADATA_KEY)
     return asdict(config_from_json(text)) if text else None
@@ -257,10 +259,16 @@ def _checked_towers(towers: Sequence[str]) -> tuple[str, ...]:
     return tuple(t for t in TOWERS if t in towers)
 
 
-def load(source: ModelSource, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32,
+def load(source: ModelSource, device: torch.device | str = "cpu", dtype: torch.dtype | None | str = "float32",
          towers: Sequence[str] = TOWERS) -> tuple[CLIP, str | None]:
-    """``(model in eval mode, note)``: only ``towers`` are read (``dtype`` None: as stored);
-    ``note`` says what was assumed about an undescribed checkpoint (None when nothing was)."""
+    """``(model in eval mode, note)``: only ``towers`` are read (``dtype`` None: as stored;
+    a name such as ``"float32"`` is torch's dtype of that name); ``note`` says what was
+    assumed about an undescribed checkpoint (None when nothing was)."""
+    import torch
+
+    from .factory import assumption_note, build_model, config_from_state_dict
+
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     towers = _checked_towers(towers)
     state = read_weights(source, dtype, towers)
     note = None
@@ -274,7 +282,7 @@ def load(source: ModelSource, device: torch.device | str = "cpu", dtype: torch.d
     return model.eval(), note
 
 
-def load_model(name: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+def load_model(name: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | str = "float32",
                towers: Sequence[str] = TOWERS, *, arch: str | None = None,
                cache_dir: str | os.PathLike | None = None) -> CLIP:
     """:func:`resolve` then :func:`load`; a note becomes an :class:`AssumedArchitectureWarning`."""

@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import _TEXT_PREFIXES, ACTIVATIONS, HEAD_WIDTH, TOWERS, CLIPConfig, tower_of  # noqa: F401 (re-exported)
 from .errors import ClipcliError
-from .preprocess import OPENAI_MEAN, OPENAI_STD
-
-HEAD_WIDTH = 64  # OpenAI's CLIPs use 64-wide heads; OpenCLIP's ViT-H/g/bigG use 80/88/104
-ACTIVATIONS = ("quick_gelu", "gelu")
 
 
 class LayerNorm(nn.LayerNorm):
@@ -242,40 +238,6 @@ class ModifiedResNet(nn.Module):
         return self.attnpool(x)
 
 
-@dataclass(frozen=True)
-class CLIPConfig:
-    """Everything needed to build a CLIP and feed it images; :mod:`clipcli.factory` reads the
-    shape fields off a checkpoint and the rest (activation, head width, preprocessing) off the
-    model's config or registry entry, since tensor shapes cannot show them."""
-
-    embed_dim: int
-    image_resolution: int
-    vision_layers: int | tuple[int, ...]  # an int for ViT, four stage depths for ResNet
-    vision_width: int
-    vision_patch_size: int | None  # None for ResNet
-    context_length: int
-    vocab_size: int
-    transformer_width: int
-    transformer_heads: int
-    transformer_layers: int
-    vision_mixer: bool = False  # MLP-Mixer blocks in the ViT (see clipcli.mixer)
-    text_mixer: bool = False  # causal MLP-Mixer blocks in the text tower
-    activation: str = "quick_gelu"  # of every MLP: "quick_gelu" or "gelu"
-    vision_head_width: int = HEAD_WIDTH
-    vision_mlp_width: int | None = None  # None: 4 x vision_width
-    text_mlp_width: int | None = None  # None: 4 x transformer_width
-    # How images are prepared for this model (clipcli.preprocess), part of its identity.
-    image_mean: tuple[float, float, float] = OPENAI_MEAN
-    image_std: tuple[float, float, float] = OPENAI_STD
-    interpolation: str = "bicubic"  # or "bilinear"
-    resize_mode: str = "shortest"  # "shortest" + centre crop, "squash" or "longest" (padded)
-
-    @property
-    def vision_heads(self) -> int:
-        width = self.vision_width * 32 if self.vision_patch_size is None else self.vision_width
-        return max(1, width // self.vision_head_width)
-
-
 class CLIP(nn.Module):
     """CLIP's two towers. Constructors only allocate; ``initialize`` draws CLIP's initial
     weights (pass ``False`` when a checkpoint overwrites them anyway: on the ``meta`` device,
@@ -406,10 +368,6 @@ def _init_block(block: nn.Module, width: int, layers: int) -> None:
     nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
 
-TOWERS = ("image", "text")
-_TEXT_PREFIXES = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection")
-
-
 def _tower_attributes(tower: str) -> tuple[str, ...]:
     """The attributes of :class:`CLIP` that make up ``tower``."""
     if tower == "image":
@@ -417,10 +375,3 @@ def _tower_attributes(tower: str) -> tuple[str, ...]:
     if tower == "text":
         return tuple(prefix.rstrip(".") for prefix in _TEXT_PREFIXES)
     raise ValueError(f"unknown tower {tower!r}; use one of {TOWERS}")
-
-
-def tower_of(key: str) -> str | None:
-    """Which tower a state-dict key belongs to: ``image``, ``text``, or None (``logit_scale``, metadata)."""
-    if key.startswith("visual."):
-        return "image"
-    return "text" if key.startswith(_TEXT_PREFIXES) else None
