@@ -30,7 +30,7 @@ def _thumbnail(name: str) -> Image.Image | None:
         image = read_image(Item(name=name, path=name), DecodeOptions(draft_size=CELL))
     except Exception:  # noqa: BLE001 - a file gone or changed since indexing is drawn as a blank cell
         return None
-    image.thumbnail((CELL, CELL))
+    image.thumbnail((CELL - 8, CELL - 8))  # a margin between cells
     return image
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -108,3 +108,53 @@ def top_scores(vectors: np.ndarray, ids: np.ndarray, query: np.ndarray, k: int, 
     if threshold is not None:
         best = [(i, s) for i, s in best if s >= threshold]
     return sorted(best, key=lambda hit: (-hit[1], hit[0]))
+
+
+def _under(place: str) -> tuple[bytes, bytes, bytes]:
+    """(the path's key, the first key under it, the first key past it)."""
+    from .index import _under, path_key
+
+    key = path_key(place)
+    return (key, *_under(key))
+
+
+def _allowed(index: "Index", model: int, under: Sequence[str]) -> set[int]:
+    """Ids of the model's vectors that some file at or below ``under`` holds."""
+    allowed: set[int] = set()
+    for key, low, high in map(_under, under):
+        allowed.update(row[0] for row in index.db.execute(
+            "SELECT v.id FROM files f JOIN vectors v ON v.sha256 = f.sha256 AND v.model_id = ? "
+            "WHERE (f.path >= ? AND f.path < ?) OR f.path = ?", (model, low, high, key)))
+    return allowed
+
+
+def _files_of(index: "Index", model: int, best: list[tuple[int, float]],
+              under: Sequence[str]) -> list[tuple[bytes, float]]:
+    """The files holding the ``best`` vectors (one vector may be several files), best first."""
+    score = dict(best)
+    places = [(key, low) for key, low, _ in map(_under, under)]
+    found = []
+    for start in range(0, len(best), 500):
+        chunk = [vector_id for vector_id, _ in best[start : start + 500]]
+        found += index.db.execute(
+            f"SELECT f.path, v.id FROM vectors v JOIN files f ON f.sha256 = v.sha256 "
+            # "+": look the ids up by primary key, not by scanning the model's rows (0.24 s at 1M)
+            f"WHERE +v.model_id = ? AND v.id IN ({','.join('?' * len(chunk))})", (model, *chunk)).fetchall()
+    if places:
+        found = [(p, v) for p, v in found if any(p == key or p.startswith(low) for key, low in places)]
+    return sorted(((path, score[vector_id]) for path, vector_id in found), key=lambda hit: (-hit[1], hit[0]))
+
+
+def search(index: "Index", model: int, query: np.ndarray, top_k: int, threshold: float | None,
+           under: Sequence[str]) -> list[tuple[bytes, float]]:
+    """``[(path, cosine)]`` of the ``top_k`` best files, best first (see :meth:`Index.search`)."""
+    generation = index.db.execute("SELECT generation FROM models WHERE id = ?", (model,)).fetchone()[0]
+    ids, vectors = load_matrix(index, model, generation)
+    allowed = _allowed(index, model, under) if under else None
+    want = top_k
+    while True:  # duplicates share a vector: widen until top_k files, or every vector
+        best = top_scores(vectors, ids, query, want, threshold, allowed)
+        hits = _files_of(index, model, best, under)
+        if len(hits) >= top_k or len(best) < want:
+            return hits[:top_k]
+        want *= 4

@@ -274,6 +274,7 @@ def vectors(db: Path) -> dict[str, np.ndarray]:
             "SELECT f.path, v.vector FROM files f JOIN vectors v ON v.sha256 = f.sha256")}
 
 
+@pytest.mark.slow  # subprocesses; run by `pytest -m slow` and .ci/run
 def test_a_killed_index_run_finishes_on_the_next_run(many, model, tmp_path):
     clean = tmp_path / "clean.sqlite3"
     update(clean, [many], model)
@@ -301,6 +302,7 @@ def test_a_killed_index_run_finishes_on_the_next_run(many, model, tmp_path):
     assert max(np.abs(got[k] - want[k]).max() for k in got) < 1e-5
 
 
+@pytest.mark.slow  # subprocesses; run by `pytest -m slow` and .ci/run
 def test_two_index_runs_at_once_both_finish_and_nothing_doubles(many, model, tmp_path):
     db = tmp_path / "db.sqlite3"
     runs = [index_process(many, db, model) for _ in range(2)]

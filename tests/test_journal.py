@@ -102,6 +102,7 @@ def encode_command(folder, out, ckpt, *extra) -> list[str]:
             "--workers", "0", "-q", "-m", str(ckpt), *extra]
 
 
+@pytest.mark.slow  # 13 s: a killed subprocess; `pytest -m slow` and .ci/run run it
 def test_kill_and_resume_is_byte_identical(folder, tiny_vit_checkpoint, tmp_path):
     clean = tmp_path / "clean.npy"
     subprocess.run(encode_command(folder, clean, tiny_vit_checkpoint), check=True, timeout=120)

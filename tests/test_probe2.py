@@ -275,6 +275,7 @@ def test_train_inputs_and_outputs_that_are_wrong_are_one_line(tmp_path):
     assert result.exit_code == 2 and "is a file" in result.stderr and result.stderr.count("\n") == 1
 
 
+@pytest.mark.slow  # 8 s of training in a subprocess; run by `pytest -m slow`
 def test_sigterm_during_training_exits_130_and_leaves_no_temporary_file(tmp_path):
     import signal
     import time

@@ -158,7 +158,7 @@ def zeroshot_accuracy_via_cli(checkpoint: Path, zeroshot: Path) -> float:
     return sum(right) / len(right)
 
 
-@pytest.mark.parametrize("encoders", [[], pytest.param(["--image-encoder", "mixer", "--text-encoder", "mixer"],
+@pytest.mark.parametrize("encoders", [pytest.param([], marks=pytest.mark.slow), pytest.param(["--image-encoder", "mixer", "--text-encoder", "mixer"],
                                                         marks=pytest.mark.slow)], ids=["transformer", "mixer"])
 def test_training_learns_shapes_and_the_checkpoint_classifies_zero_shot(shapes_data, tmp_path, encoders, one_thread):
     out = tmp_path / "run"
