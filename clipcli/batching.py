@@ -123,7 +123,7 @@ def default_workers(device: "torch.device") -> int:
     where decoding is, one per core up to 16."""
     import os
 
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(16, cores) if device.type == "cuda" else min(4, cores)
 
 

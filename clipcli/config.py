@@ -13,11 +13,13 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from .errors import CheckpointError
-from .preprocess import OPENAI_MEAN, OPENAI_STD
 
 HEAD_WIDTH = 64  # OpenAI's CLIPs use 64-wide heads; OpenCLIP's ViT-H/g/bigG use 80/88/104
 ACTIVATIONS = ("quick_gelu", "gelu")
 METADATA_KEY = "clipcli_config"  # the safetensors metadata entry clipcli writes its config in
+# CLIP's training statistics (OpenCLIP models may use others: image_mean/image_std)
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)

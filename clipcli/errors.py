@@ -45,6 +45,14 @@ class OfflineError(DownloadError):
     """A model is not cached and cannot be downloaded (offline or unreachable)."""
 
 
+class IndexDatabaseError(ClipcliError):
+    """A search index cannot be used: not a clipcli index, a newer schema, read-only, missing."""
+
+
+class NoVectorsError(IndexDatabaseError):
+    """The index holds no vectors of the model a search asked for (or there is no index)."""
+
+
 class InputError(ClipcliError):
     """An input (image, list file, caption file, URL) cannot be used."""
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-from .errors import ClipcliError, OutputError
+from .errors import IndexDatabaseError, NoVectorsError, OutputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -49,12 +49,12 @@ MIGRATIONS = [  # (version, statements): a database at version n runs every late
         CREATE TABLE vectors (id INTEGER PRIMARY KEY, model_id INTEGER NOT NULL REFERENCES models (id),
                               sha256 TEXT NOT NULL, vector BLOB NOT NULL, UNIQUE (model_id, sha256));
     """),
+    (2, """
+        CREATE INDEX vectors_sha256 ON vectors (sha256);   -- collecting orphans by content
+        CREATE INDEX vectors_model ON vectors (model_id);  -- a model's rows in id order, no sort
+    """),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
-
-
-class IndexError_(ClipcliError):  # noqa: N801 - IndexError is a builtin
-    """The index database cannot be used (not a clipcli index, a newer schema, read-only)."""
 
 
 def default_path() -> Path:
@@ -70,8 +70,9 @@ def path_key(path: str | os.PathLike) -> bytes:
     return os.fsencode(os.path.abspath(path))
 
 
-def _under(folder: bytes) -> tuple[bytes, bytes]:
-    """The range of keys strictly under ``folder`` (``folder/`` <= key < ``folder0``)."""
+def key_range(folder: bytes) -> tuple[bytes, bytes]:
+    """The range of keys strictly under ``folder`` (``folder/`` <= key < ``folder0``, "0"
+    being the byte after "/"), for range queries on the ``files`` primary key."""
     folder = folder.rstrip(b"/") + b"/"
     return folder, folder[:-1] + b"0"  # "0" is the byte after "/"
 
@@ -112,9 +113,9 @@ class Index:
         self.path = Path(path).expanduser() if path is not None else default_path()
         exists = self.path.exists()
         if not exists and readonly:
-            raise IndexError_(f"no index at {self.path}; build one with `clipcli index FOLDER`")
+            raise NoVectorsError(f"no index at {self.path}")
         if exists and not self.path.is_file():
-            raise IndexError_(f"{self.path} is not a file")
+            raise IndexDatabaseError(f"{self.path} is not a file")
         self.readonly = readonly or (exists and not os.access(self.path, os.W_OK)) or (
             exists and not os.access(self.path.parent, os.W_OK))
         if not exists:
@@ -122,6 +123,8 @@ class Index:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise OutputError(f"cannot create the folder of {self.path}: {error.strerror or error}") from None
+            if not os.access(self.path.parent, os.W_OK):
+                raise OutputError(f"cannot create the index {self.path}: its folder is not writable")
         self.db = self._connect(timeout)
         self._check_and_migrate(exists)
 
@@ -136,7 +139,7 @@ class Index:
             db.execute("PRAGMA foreign_keys=ON")
             return db
         except sqlite3.DatabaseError as error:
-            raise IndexError_(f"{self.path} is not a clipcli index ({error}); nothing was changed") from None
+            raise IndexDatabaseError(f"{self.path} is not a clipcli index ({error}); nothing was changed") from None
 
     def _connect_readonly(self, timeout: float) -> sqlite3.Connection:
         """Read-only; where SQLite cannot share the file (a folder it may not write its ``-shm``
@@ -156,12 +159,12 @@ class Index:
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             tables = self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
         except sqlite3.DatabaseError as error:
-            raise IndexError_(f"{self.path} is not a clipcli index ({error}); nothing was changed") from None
+            raise IndexDatabaseError(f"{self.path} is not a clipcli index ({error}); nothing was changed") from None
         if tables and app != APPLICATION_ID:
-            raise IndexError_(f"{self.path} is an SQLite database of another program, not a clipcli index; "
+            raise IndexDatabaseError(f"{self.path} is an SQLite database of another program, not a clipcli index; "
                               "nothing was changed")
         if version > SCHEMA_VERSION:
-            raise IndexError_(f"{self.path} has index schema {version}, newer than this clipcli's "
+            raise IndexDatabaseError(f"{self.path} has index schema {version}, newer than this clipcli's "
                               f"{SCHEMA_VERSION}; upgrade clipcli")
         if not self.readonly:  # only now that the file is known to be ours (WAL rewrites its header)
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -169,7 +172,7 @@ class Index:
         if version == SCHEMA_VERSION:
             return
         if self.readonly:
-            raise IndexError_(f"{self.path} needs an upgrade to schema {SCHEMA_VERSION} and is read-only")
+            raise IndexDatabaseError(f"{self.path} needs an upgrade to schema {SCHEMA_VERSION} and is read-only")
         with self._write():
             if self.db.execute("PRAGMA user_version").fetchone()[0] != version:
                 return  # another process migrated it meanwhile
@@ -185,7 +188,7 @@ class Index:
     def _write(self):
         """A write transaction, taken at once (BEGIN IMMEDIATE) so that concurrent writers queue."""
         if self.readonly:
-            raise IndexError_(f"{self.path} is read-only (its file or folder cannot be written); "
+            raise IndexDatabaseError(f"{self.path} is read-only (its file or folder cannot be written); "
                               "searching works, updating does not")
         return _Transaction(self.db)
 

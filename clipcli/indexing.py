@@ -1,11 +1,13 @@
 """Bringing an index up to date: walk, compare, hash, reuse, embed, remove.
 
 :func:`update` walks the inputs and compares each file's size and modification time with
-its row; only new or changed files are hashed (on 4 threads), and a file whose content the
-model already has a vector of (a rename, a move, a copy) reuses it. The model is loaded only
-when some content is new, and each batch of new vectors is committed in its own transaction
-with its files' rows: a killed run loses at most the batch in flight. Rows of files gone from
-an indexed folder are removed last, with the vectors no file refers to any more.
+its row. A new or changed file is hashed (on 4 threads; an unchanged one keeps its stored
+hash), and a file whose content the model already has a vector of (a rename, a move, a
+copy) reuses it. The model is loaded only when some content is new, and each batch of new
+vectors is committed in its own transaction with its files' rows: a killed run loses at
+most the batch in flight. Rows of files gone from an indexed folder are removed last, with
+the vectors no file refers to any more. Nothing is removed under a folder that could not
+be read, and a file that changed while it was embedded is left for the next run.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-from .index import Index, Summary, _under, path_key
+from .errors import InputError
+from .index import Index, Summary, key_range, path_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import LoadedModel
@@ -34,7 +37,31 @@ class _Scan:
     mtime_ns: int
     sha256: str | None = None
     error: str | None = None
+    unreadable: bool = False  # a read error: reported, never stored (a fixed permission changes no mtime)
     old: tuple | None = field(default=None, repr=False)  # its row before this run: (size, mtime_ns, sha256, error)
+
+    @property
+    def same_file(self) -> bool:
+        return self.old is not None and (self.old[0], self.old[1]) == (self.size, self.mtime_ns)
+
+
+@dataclass
+class _Run:
+    """One update's state: where it writes, how it reaches the model, what it counted."""
+
+    index: Index
+    key: str
+    load: Callable[[], "LoadedModel"]
+    embed: Callable[["LoadedModel", list], Iterator] | None
+    report: Callable[[str, str | None], None]
+    summary: Summary
+    model: int | None = None
+    loaded: "LoadedModel | None" = None
+    stale: set = field(default_factory=set)  # content sha256s some row stopped pointing to
+
+    def count(self, kind: str, scan: _Scan) -> None:
+        setattr(self.summary, kind, getattr(self.summary, kind) + 1)
+        self.report(scan.name, scan.error if kind == "failed" else None)
 
 
 def update(index: Index, inputs: Sequence[str], key: str, load: Callable[[], "LoadedModel"], *,
@@ -44,49 +71,79 @@ def update(index: Index, inputs: Sequence[str], key: str, load: Callable[[], "Lo
     whose :func:`~clipcli.pipeline.source_key` is ``key``. ``load()`` is called only if an
     image must be embedded; ``embed(loaded, items)`` yields one
     :class:`~clipcli.batching.Embedding` per item (default: :func:`embed_images`)."""
-    from .items import expand_inputs
-
-    started, summary = time.monotonic(), Summary()
-    report = on_result or (lambda name, error: None)
+    run = _Run(index, key, load, embed, on_result or (lambda name, error: None), Summary())
+    started = time.monotonic()
     if index.readonly:
         index._write()  # raises: say so before walking a tree
-    items = expand_inputs(list(inputs))
-    roots = [path_key(arg) for arg in inputs if os.path.isdir(arg)]
-    scans, failures = _scan(items)
+    items, roots = _expand(index, inputs)
+    scans, failures, unreadable = _scan(items)
     for name, error in failures:
-        summary.failed += 1
-        report(name, error)
+        run.summary.failed += 1
+        run.report(name, error)
     under = _attach_rows(index, scans, roots)
-    model = index.model_id(key=key)
-    have = _shas(index, model)
+    run.model = index.model_id(key=key)
+    have = _shas(index, run.model)
     todo = []
     for scan in scans:
-        old = scan.old
-        if old and (old[0], old[1]) == (scan.size, scan.mtime_ns) and (old[3] is not None or old[2] in have):
-            summary.unchanged += 1
+        if scan.same_file and (scan.old[3] is not None or scan.old[2] in have):
+            run.summary.unchanged += 1
         else:
             todo.append(scan)
     seen = {scan.key for scan in scans}
-    gone = [(path, row[2]) for path, row in under.items() if path not in seen]  # (path, sha256)
+    kept = [key_range(folder)[0] for folder in unreadable]
+    gone = [(path, row[2]) for path, row in under.items()
+            if path not in seen and not any(path.startswith(low) for low in kept)]
     if todo:
-        _hash(todo)
-        _apply(index, todo, gone, key, model, have, load, embed, report, summary)
+        _hash([scan for scan in todo if not scan.same_file or scan.old[2] is None])
+        for scan in todo:
+            scan.sha256 = scan.sha256 or scan.old[2]  # same file, no vector of this model yet: hash known
+        _apply(run, todo, gone, have)
     if gone:
         with index._write():
             index.db.executemany("DELETE FROM files WHERE path = ?", [(path,) for path, _ in gone])
-            _collect_garbage(index, )
-        summary.removed += len(gone)
-    summary.seconds = time.monotonic() - started
-    return summary
+            _collect_garbage(index, run.stale | {sha for _, sha in gone if sha})
+        run.summary.removed += len(gone)
+    elif run.stale:
+        with index._write():
+            _collect_garbage(index, run.stale)
+    run.summary.seconds = time.monotonic() - started
+    return run.summary
 
-def _scan(items) -> tuple[list[_Scan], list[tuple[str, str]]]:
-    scans, failures, seen = [], [], set()
+
+def _expand(index: Index, inputs: Sequence[str]) -> tuple[list, list[bytes]]:
+    """The items of ``inputs`` and the folders whose rows they cover. An emptied folder
+    covers its rows (they are removed); so does a folder that is gone while its parent is
+    there and the index holds rows under it. Any other missing input is an error."""
+    from .items import EMPTY_FOLDER, expand_inputs
+
+    items, roots = [], []
+    for arg in inputs:
+        if os.path.isdir(arg):
+            roots.append(path_key(arg))
+        elif not os.path.lexists(arg) and os.path.isdir(os.path.dirname(os.path.abspath(arg))):
+            low, high = key_range(path_key(arg))
+            if index.db.execute("SELECT 1 FROM files WHERE path >= ? AND path < ? LIMIT 1", (low, high)).fetchone():
+                roots.append(path_key(arg))
+                continue
+        try:
+            items += [item for item in expand_inputs([arg]) if item.error != EMPTY_FOLDER]
+        except InputError:
+            if not os.path.isdir(arg):
+                raise
+    return items, roots
+
+
+def _scan(items) -> tuple[list[_Scan], list[tuple[str, str]], list[bytes]]:
+    """Files to compare, ``(name, reason)`` of inputs that cannot be, and folders that could not be read."""
+    scans, failures, unreadable, seen = [], [], [], set()
     for item in items:
         if item.url is not None:
             failures.append((item.name, "the index holds local files; download it first"))
             continue
         if item.error is not None:
             failures.append((item.name, item.error))
+            if item.path is None and os.path.isdir(item.name):  # its files are unknown, not gone
+                unreadable.append(path_key(item.name))
             continue
         key = path_key(item.path)
         if key in seen:
@@ -101,29 +158,32 @@ def _scan(items) -> tuple[list[_Scan], list[tuple[str, str]]]:
             failures.append((item.name, "not a regular file"))
             continue
         scans.append(_Scan(key, item.name, st.st_size, st.st_mtime_ns))
-    return scans, failures
+    return scans, failures, unreadable
+
 
 def _attach_rows(index: Index, scans: list[_Scan], roots: list[bytes]) -> dict[bytes, tuple]:
     """Each scan's row before this run: one range query per indexed folder, then one
     query per file outside them (files and list entries named on their own). Returns
     the rows under the folders."""
     rows: dict[bytes, tuple] = {}
-    lows = [_under(root)[0] for root in roots]
-    for low, high in map(_under, roots):
+    lows = [key_range(root)[0] for root in roots]
+    for low, high in map(key_range, roots):
         rows.update((r[0], r[1:]) for r in index.db.execute(
             "SELECT path, size, mtime_ns, sha256, error FROM files WHERE path >= ? AND path < ?", (low, high)))
     for scan in scans:
         scan.old = rows.get(scan.key)
         if scan.old is None and not any(scan.key.startswith(low) for low in lows):
             row = index.db.execute("SELECT size, mtime_ns, sha256, error FROM files WHERE path = ?",
-                                  (scan.key,)).fetchone()
+                                   (scan.key,)).fetchone()
             scan.old = tuple(row) if row else None
     return rows
+
 
 def _shas(index: Index, model: int | None) -> set[str]:
     if model is None:
         return set()
     return {row[0] for row in index.db.execute("SELECT sha256 FROM vectors WHERE model_id = ?", (model,))}
+
 
 def _hash(scans: list[_Scan]) -> None:
     from concurrent.futures import ThreadPoolExecutor
@@ -134,45 +194,55 @@ def _hash(scans: list[_Scan]) -> None:
         try:
             scan.sha256 = sha256_file(Path(os.fsdecode(scan.key)))
         except OSError as error:
-            scan.error = f"cannot read it: {error.strerror or error}"
+            scan.error, scan.unreadable = f"cannot read it: {error.strerror or error}", True
 
     with ThreadPoolExecutor(4) as pool:  # hashlib releases the interpreter lock on large buffers
         list(pool.map(one, scans))
 
-def _apply(index: Index, todo, gone, key, model, have, load, embed, report, summary) -> None:
 
+def _apply(run: _Run, todo: list[_Scan], gone: list[tuple[bytes, str | None]], have: set[str]) -> None:
+    """Store what needs no model (reused vectors, failures), then embed the new content."""
     moved_from = Counter(sha for _, sha in gone if sha)  # content that left a path this run
     failed = [s for s in todo if s.error is not None]
     for scan in failed:
-        summary.failed += 1
-        report(scan.name, scan.error)
+        run.count("failed", scan)
     ready = [s for s in todo if s.error is None]
     if any(s.sha256 not in have for s in ready):
-        loaded = load()
-        summary.model_loaded = True
-        model = index._register(key, loaded)  # also when the key is new but the identity is not
-        have = _shas(index, model)
+        run.loaded = run.load()
+        run.summary.model_loaded = True
+        run.model = run.index._register(run.key, run.loaded)  # also when the key is new but the identity is not
+        have = _shas(run.index, run.model)
     reuse = [s for s in ready if s.sha256 in have]
     for scan in reuse:
         if scan.old and scan.old[2] == scan.sha256 and scan.old[3] is None:
-            kind = "unchanged"  # touched, same content
-        else:
-            kind = "moved" if scan.old is None and moved_from[scan.sha256] > 0 else ("updated" if scan.old else "added")
-        if kind == "moved":
+            kind = "unchanged"  # touched, same content; or a vector of this model made meanwhile
+        elif scan.old is None and moved_from[scan.sha256] > 0:
+            kind = "moved"
             moved_from[scan.sha256] -= 1
-            summary.removed -= 1  # a move is not also a removal
-        setattr(summary, kind, getattr(summary, kind) + 1)
-        report(scan.name, None)
-    with index._write():
-        _put_files(index, reuse + failed)
+            run.summary.removed -= 1  # a move is not also a removal
+        else:
+            kind = "updated" if scan.old else "added"
+        run.count(kind, scan)
+    with run.index._write():  # read errors are not stored: the old row stays until the file can be read
+        _put_files(run, reuse)
     fresh: dict[str, list[_Scan]] = {}  # content sha -> the files holding it
     for scan in ready:
         if scan.sha256 not in have:
             fresh.setdefault(scan.sha256, []).append(scan)
     if fresh:
-        _embed(index, fresh, model, loaded, embed, report, summary)
+        _embed(run, fresh)
 
-def _embed(index: Index, fresh: dict[str, list[_Scan]], model: int, loaded, embed, report, summary) -> None:
+
+def _changed(scan: _Scan) -> bool:
+    """Whether the file is no longer what was hashed (its vector would be stored under the old content)."""
+    try:
+        st = os.stat(os.fsdecode(scan.key))
+    except OSError:
+        return True
+    return (st.st_size, st.st_mtime_ns) != (scan.size, scan.mtime_ns)
+
+
+def _embed(run: _Run, fresh: dict[str, list[_Scan]]) -> None:
     import numpy as np
 
     from .batching import default_batch_size, embed_images
@@ -180,50 +250,59 @@ def _embed(index: Index, fresh: dict[str, list[_Scan]], model: int, loaded, embe
 
     firsts = [group[0] for group in fresh.values()]
     items = [Item(name=scan.name, path=os.fsdecode(scan.key)) for scan in firsts]
-    run = embed or (lambda loaded, items: embed_images(loaded, items, normalize=True))
-    batch = default_batch_size(loaded.device)
+    embed = run.embed or (lambda loaded, items: embed_images(loaded, items, normalize=True))
+    batch = default_batch_size(run.loaded.device)
     files, vectors = [], []
-    for scan, result in zip(firsts, run(loaded, items)):
+    for scan, result in zip(firsts, embed(run.loaded, items)):
         group = fresh[scan.sha256]
+        run.summary.embedded += 1
+        if result.ok and _changed(scan):
+            for member in group:
+                member.error = "changed while it was being indexed; it is indexed on the next run"
+                run.count("failed", member)
+            continue
         for member in group:
             member.error = result.error
-            kind = "updated" if member.old else "added"
-            if result.ok:
-                setattr(summary, kind, getattr(summary, kind) + 1)
-            else:
-                summary.failed += 1
-            report(member.name, result.error)
-        summary.embedded += 1
+            run.count(("updated" if member.old else "added") if result.ok else "failed", member)
         files += group
         if result.ok:
-            vectors.append((model, scan.sha256, np.asarray(result.embedding, np.float32).tobytes()))
+            vectors.append((run.model, scan.sha256, np.asarray(result.embedding, np.float32).tobytes()))
         if len(files) >= batch:
-            _commit(index, files, vectors, model)
+            _commit(run, files, vectors)
             files, vectors = [], []
-    _commit(index, files, vectors, model)
+    _commit(run, files, vectors)
 
-def _commit(index: Index, files: list[_Scan], vectors: list[tuple], model: int) -> None:
+
+def _commit(run: _Run, files: list[_Scan], vectors: list[tuple]) -> None:
     if not files:
         return
-    with index._write():
-        index.db.executemany("INSERT INTO vectors (model_id, sha256, vector) VALUES (?, ?, ?) "
-                            "ON CONFLICT (model_id, sha256) DO UPDATE SET vector = excluded.vector", vectors)
-        _put_files(index, files)
+    with run.index._write():
+        run.index.db.executemany("INSERT INTO vectors (model_id, sha256, vector) VALUES (?, ?, ?) "
+                                 "ON CONFLICT (model_id, sha256) DO UPDATE SET vector = excluded.vector", vectors)
+        _put_files(run, files)
         if vectors:
-            index.db.execute("UPDATE models SET generation = generation + 1 WHERE id = ?", (model,))
+            run.index.db.execute("UPDATE models SET generation = generation + 1 WHERE id = ?", (run.model,))
 
-def _put_files(index: Index, scans: list[_Scan]) -> None:
+
+def _put_files(run: _Run, scans: list[_Scan]) -> None:
     now = time.time()
-    index.db.executemany(
+    run.stale.update(s.old[2] for s in scans if s.old and s.old[2] and s.old[2] != s.sha256)
+    run.index.db.executemany(
         "INSERT INTO files (path, size, mtime_ns, sha256, error, indexed) VALUES (?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
         "sha256 = excluded.sha256, error = excluded.error, indexed = excluded.indexed",
         [(s.key, s.size, s.mtime_ns, s.sha256, s.error, now) for s in scans])
 
-def _collect_garbage(index: Index) -> None:
-    """Drop vectors no file refers to any more (inside the caller's transaction)."""
-    orphans = index.db.execute("SELECT DISTINCT model_id FROM vectors v WHERE NOT EXISTS "
-                              "(SELECT 1 FROM files f WHERE f.sha256 = v.sha256)").fetchall()
-    if orphans:
-        index.db.execute("DELETE FROM vectors WHERE NOT EXISTS (SELECT 1 FROM files f WHERE f.sha256 = vectors.sha256)")
-        index.db.executemany("UPDATE models SET generation = generation + 1 WHERE id = ?", orphans)
+
+def _collect_garbage(index: Index, candidates: set[str]) -> None:
+    """Drop the vectors of ``candidates`` (content some row stopped pointing to) that no file
+    refers to any more, inside the caller's transaction; only those are looked at."""
+    candidates = sorted(candidates)
+    for start in range(0, len(candidates), 500):
+        chunk = candidates[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        orphans = f"sha256 IN ({marks}) AND NOT EXISTS (SELECT 1 FROM files f WHERE f.sha256 = vectors.sha256)"
+        models = index.db.execute(f"SELECT DISTINCT model_id FROM vectors WHERE {orphans}", chunk).fetchall()
+        if models:
+            index.db.execute(f"DELETE FROM vectors WHERE {orphans}", chunk)
+            index.db.executemany("UPDATE models SET generation = generation + 1 WHERE id = ?", models)

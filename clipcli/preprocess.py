@@ -35,13 +35,12 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from .config import OPENAI_MEAN, OPENAI_STD
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-# CLIP's training statistics (OpenCLIP models may use others; see the module docstring)
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-MEAN, STD = OPENAI_MEAN, OPENAI_STD
+MEAN, STD = OPENAI_MEAN, OPENAI_STD  # CLIP's training statistics
 INTERPOLATIONS = ("bicubic", "bilinear")
 RESIZE_MODES = ("shortest", "squash", "longest")
 _RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, NoVectorsError
 from .fetch import FetchOptions
 from .items import Item, display, url_scheme
 
@@ -77,12 +77,10 @@ def query_vector(loaded: "LoadedModel", terms: Sequence[Term], fetch: FetchOptio
 def search(index: "Index", loaded: "LoadedModel", terms: Sequence[Term], *, top_k: int = 10,
            threshold: float | None = None, under: Sequence[str] = (), fetch: FetchOptions = FetchOptions()) -> list["Hit"]:
     """The best ``top_k`` files of ``index`` for ``terms`` with ``loaded``'s vectors."""
-    from .index import IndexError_
 
     model = index.model_id(identity=loaded.identity)
-    if model is None:
-        raise IndexError_(f"{index.path} holds no vectors of {loaded.name}; index with it first: "
-                          f"clipcli index FOLDER --model {loaded.name}")
+    if model is None or not index.db.execute("SELECT 1 FROM vectors WHERE model_id = ? LIMIT 1", (model,)).fetchone():
+        raise NoVectorsError(f"{index.path} holds no vectors of {loaded.name}")
     if top_k < 1:
         raise InputError(f"top_k must be at least 1, not {top_k}")
     return index.search(model, query_vector(loaded, terms, fetch), top_k=top_k, threshold=threshold, under=under)

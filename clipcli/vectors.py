@@ -13,6 +13,7 @@ half-precision sums would cost the 1e-4 the scores must keep.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -81,10 +82,15 @@ def load_matrix(index: "Index", model: int, generation: int) -> tuple[np.ndarray
             raise
     finally:
         index.db.execute("COMMIT")
-    for old in folder.glob(f"{index.uuid}-m{model}-g*"):  # earlier generations
-        if not old.name.startswith(stem + "."):
+    for old in folder.glob(f"{index.uuid}-m{model}-g*.npy"):  # earlier generations (never a newer one)
+        found = re.match(rf"{re.escape(index.uuid)}-m{model}-g(\d+)\.", old.name)
+        if found and int(found[1]) < generation:
             old.unlink(missing_ok=True)
-    return ids, np.load(vectors_file, mmap_mode="c")
+    try:
+        return ids, np.load(vectors_file, mmap_mode="c")
+    except (OSError, ValueError):  # replaced meanwhile by another search's newer generation
+        return load_matrix(index, model, index.db.execute(
+            "SELECT generation FROM models WHERE id = ?", (model,)).fetchone()[0])
 
 
 def top_scores(vectors: np.ndarray, ids: np.ndarray, query: np.ndarray, k: int, threshold: float | None,
@@ -110,20 +116,21 @@ def top_scores(vectors: np.ndarray, ids: np.ndarray, query: np.ndarray, k: int, 
     return sorted(best, key=lambda hit: (-hit[1], hit[0]))
 
 
-def _under(place: str) -> tuple[bytes, bytes, bytes]:
+def _place(place: str) -> tuple[bytes, bytes, bytes]:
     """(the path's key, the first key under it, the first key past it)."""
-    from .index import _under, path_key
+    from .index import key_range, path_key
 
     key = path_key(place)
-    return (key, *_under(key))
+    return (key, *key_range(key))
 
 
 def _allowed(index: "Index", model: int, under: Sequence[str]) -> set[int]:
     """Ids of the model's vectors that some file at or below ``under`` holds."""
     allowed: set[int] = set()
-    for key, low, high in map(_under, under):
+    for key, low, high in map(_place, under):
         allowed.update(row[0] for row in index.db.execute(
-            "SELECT v.id FROM files f JOIN vectors v ON v.sha256 = f.sha256 AND v.model_id = ? "
+            # CROSS JOIN: walk the files under the place, then their vectors (not every vector)
+            "SELECT v.id FROM files f CROSS JOIN vectors v ON v.sha256 = f.sha256 AND v.model_id = ? "
             "WHERE (f.path >= ? AND f.path < ?) OR f.path = ?", (model, low, high, key)))
     return allowed
 
@@ -132,7 +139,7 @@ def _files_of(index: "Index", model: int, best: list[tuple[int, float]],
               under: Sequence[str]) -> list[tuple[bytes, float]]:
     """The files holding the ``best`` vectors (one vector may be several files), best first."""
     score = dict(best)
-    places = [(key, low) for key, low, _ in map(_under, under)]
+    places = [(key, low) for key, low, _ in map(_place, under)]
     found = []
     for start in range(0, len(best), 500):
         chunk = [vector_id for vector_id, _ in best[start : start + 500]]

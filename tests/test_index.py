@@ -22,9 +22,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from clipcli.cli import app
+from clipcli.errors import IndexDatabaseError, InputError
 from clipcli.fetch import FetchOptions
 from clipcli.images import DecodeOptions
-from clipcli.index import Index, IndexError_, default_path
+from clipcli.index import Index, default_path
 from clipcli.tasks import RunOptions, update_index
 
 DATA = Path(__file__).parent / "data"
@@ -171,6 +172,92 @@ def test_non_utf8_names_are_stored_as_the_filesystems_bytes(photos, model, tmp_p
     assert b"caf\xe9.png" in out.splitlines()[0] or b"camera.png" in out.splitlines()[0]
 
 
+def test_an_emptied_or_vanished_folder_loses_its_rows(photos, model, tmp_path):
+    db = tmp_path / "db.sqlite3"
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(photos / "rocket.jpg", other / "r.jpg")
+    update(db, [photos, other], model)
+    for path in photos.iterdir():
+        path.unlink()
+    assert update(db, [photos, other], model).removed == 5
+    shutil.rmtree(photos)
+    shutil.rmtree(other)
+    assert update(db, [other], model).removed == 1
+    with Index(db) as index:
+        assert list(index.rows()) == []
+    with pytest.raises(InputError, match="no such file"):
+        update(db, [tmp_path / "never-was"], model)
+
+
+def test_a_folder_that_cannot_be_read_keeps_its_rows(photos, model, tmp_path, monkeypatch):
+    db = tmp_path / "db.sqlite3"
+    (photos / "sub").mkdir()
+    shutil.copy(photos / "rocket.jpg", photos / "sub" / "r2.jpg")
+    update(db, [photos], model)
+    real = os.scandir
+
+    def refuse(path="."):
+        if os.fspath(path).endswith("/sub"):
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    summary = update(db, [photos], model)
+    assert (summary.failed, summary.removed) == (1, 0)
+    with Index(db) as index:
+        assert any(row["path"].endswith("/sub/r2.jpg") for row in index.rows())
+
+
+def test_a_file_that_changes_while_it_is_embedded_is_left_for_the_next_run(photos, model, tmp_path):
+    from clipcli.batching import embed_images
+    from clipcli.loading import resolve
+    from clipcli.pipeline import load_model, source_key
+
+    target = photos / "rocket.jpg"
+
+    def embed(loaded, items):
+        for result in embed_images(loaded, items, normalize=True):
+            if result.name == str(target):
+                Image.open(DATA / "camera.png").convert("RGB").save(target)  # rewritten under our feet
+            yield result
+
+    db = tmp_path / "db.sqlite3"
+    with Index(db) as index:
+        summary = index.update([str(photos)], source_key(resolve(model)), lambda: load_model(model, device="cpu"),
+                               embed=embed)
+        assert summary.failed == 1 and summary.added == 4
+        assert not any(row["path"].endswith("rocket.jpg") for row in index.rows())
+    assert update(db, [photos], model).added == 1
+
+
+def test_two_models_in_one_index_never_mix(photos, model, tmp_path, tiny_rn_checkpoint, monkeypatch):
+    import clipcli.fsutil
+
+    db = tmp_path / "db.sqlite3"
+    update(db, [photos], model)
+    hashed = []
+    real = clipcli.fsutil.sha256_file
+    monkeypatch.setattr(clipcli.fsutil, "sha256_file", lambda path, *a: hashed.append(path) or real(path, *a))
+    second = update(db, [photos], str(tiny_rn_checkpoint))
+    assert second.embedded == 5 and hashed == []  # the stored hashes serve the second model too
+    with Index(db) as index:
+        assert [m["vectors"] for m in index.models()] == [5, 5]
+    for checkpoint in (model, str(tiny_rn_checkpoint)):
+        found = cli("search", "a rocket", "--db", str(db), "-m", checkpoint, "--format", "json")
+        assert len(json.loads(found)) == 5
+
+
+def test_in_does_not_reach_a_sibling_folder_with_the_same_prefix(photos, model, tmp_path):
+    db = str(tmp_path / "db.sqlite3")
+    sibling = tmp_path / "photos2"
+    shutil.copytree(photos, sibling)
+    Image.new("RGB", (30, 30), "blue").save(sibling / "blue.png")
+    cli("index", str(photos), str(sibling), "--db", db, "-q")
+    found = cli("search", "a rocket", "--db", db, "--in", str(photos), "--no-update", "--format", "paths", "-k", "50")
+    assert len(found.splitlines()) == 5 and all(line.startswith(str(photos) + "/") for line in found.splitlines())
+
+
 # ----------------------------------------------------------------------------- the database
 
 
@@ -196,7 +283,7 @@ def test_a_read_only_index_searches_but_does_not_update(photos, model, tmp_path)
     db = tmp_path / "db.sqlite3"
     update(db, [photos], model)
     with Index(db, readonly=True) as index:
-        with pytest.raises(IndexError_, match="read-only"):
+        with pytest.raises(IndexDatabaseError, match="read-only"):
             update_index(index, [str(photos)], model, loader(model))
     assert "rocket.jpg" in cli("search", "a rocket", "--db", str(db), "--format", "paths")
 
@@ -254,17 +341,17 @@ def test_index_command_reports_failures_on_stderr_and_exits_1(photos, model, tmp
 
 @pytest.fixture
 def many(tmp_path) -> Path:
-    """60 distinct small images."""
+    """300 distinct small images."""
     folder = tmp_path / "many"
     folder.mkdir()
-    for i in range(60):
-        Image.new("RGB", (48, 40), (i * 4, 255 - i * 4, (i * 37) % 256)).save(folder / f"{i:03d}.png")
+    for i in range(300):
+        Image.new("RGB", (48, 40), (i % 256, 40 + 100 * (i // 256), (i * 37) % 256)).save(folder / f"{i:03d}.png")
     return folder
 
 
 def index_process(folder: Path, db: Path, model: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "clipcli", "index", str(folder), "--db", str(db), "-m", model,
-               "--batch-size", "4", "--workers", "0", "--device", "cpu", "--threads", "1", "-q"]
+               "--batch-size", "2", "--workers", "0", "--device", "cpu", "--threads", "1", "-q"]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -292,13 +379,13 @@ def test_a_killed_index_run_finishes_on_the_next_run(many, model, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     with sqlite3.connect(db) as check:
-        assert 8 <= check.execute("SELECT count(*) FROM files").fetchone()[0] < 60
+        assert 8 <= check.execute("SELECT count(*) FROM files").fetchone()[0] < 300
     update(db, [many], model)
     with sqlite3.connect(db) as check:
         assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        assert check.execute("SELECT count(*), count(DISTINCT path) FROM files").fetchone() == (60, 60)
+        assert check.execute("SELECT count(*), count(DISTINCT path) FROM files").fetchone() == (300, 300)
     got, want = vectors(db), vectors(clean)
-    assert got.keys() == want.keys() and len(got) == 60
+    assert got.keys() == want.keys() and len(got) == 300
     assert max(np.abs(got[k] - want[k]).max() for k in got) < 1e-5
 
 
@@ -310,6 +397,6 @@ def test_two_index_runs_at_once_both_finish_and_nothing_doubles(many, model, tmp
         out, err = run.communicate(timeout=300)
         assert run.returncode == 0, err.decode()[-2000:]
     with sqlite3.connect(db) as check:
-        assert check.execute("SELECT count(*), count(DISTINCT path) FROM files").fetchone() == (60, 60)
-        assert check.execute("SELECT count(*) FROM vectors").fetchone()[0] == 60
+        assert check.execute("SELECT count(*), count(DISTINCT path) FROM files").fetchone() == (300, 300)
+        assert check.execute("SELECT count(*) FROM vectors").fetchone()[0] == 300
         assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

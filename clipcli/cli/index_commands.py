@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import InputError, OutputError
+from ..errors import InputError, NoVectorsError, OutputError
 from .app import command
 from .scoring_commands import (
     DEFAULT_MODEL,
@@ -157,7 +157,11 @@ def search(
             raise InputError(str(error)) from None
         ensure_writable([output], overwrite)
     update = bool(within) and not no_update
-    with Index(db, readonly=not update) as opened:
+    try:
+        opened = Index(db, readonly=not update)
+    except NoVectorsError as error:
+        raise NoVectorsError(f"{error}; build one with: clipcli index FOLDER") from None
+    with opened:
         loaded: dict = {}
         if update:
             if opened.readonly:
@@ -166,8 +170,11 @@ def search(
             _update(opened, within, model, arch, device, precision, threads, quiet, run, loaded)
         towers = ("image",) if all(t.is_image for t in terms) else ("text",)
         loaded = loaded.get("model") or _load(model, arch, device, precision, threads, quiet, towers=towers)
-        hits = run_search(opened, loaded, terms, top_k=top_k, threshold=threshold, under=within,
-                          fetch=FetchOptions(allow_private=allow_private))
+        try:
+            hits = run_search(opened, loaded, terms, top_k=top_k, threshold=threshold, under=within,
+                              fetch=FetchOptions(allow_private=allow_private))
+        except NoVectorsError as error:
+            raise NoVectorsError(f"{error}; index with it first: clipcli index FOLDER --model {model}") from None
     name = _format(fmt) if fmt is None else fmt.value
     if name == "paths":
         for hit in hits:
