@@ -176,8 +176,9 @@ class Reporter:
     ``quiet`` silences all three; the records still carry every error.
     """
 
-    def __init__(self, total: int, noun: str = "images", quiet: bool = False, stream: IO[str] | None = None):
-        self.total, self.noun, self.quiet = total, noun, quiet
+    def __init__(self, total: int, noun: str = "images", quiet: bool = False, stream: IO[str] | None = None,
+                 prefix: str = "", bar: bool = True):
+        self.total, self.noun, self.quiet, self.prefix, self.bar = total, noun, quiet, prefix, bar
         self.stream = stream if stream is not None else sys.stderr
         self.ok = self.failed = 0
         self.started = time.monotonic()
@@ -185,7 +186,7 @@ class Reporter:
         self._task = None
 
     def __enter__(self) -> "Reporter":
-        if not self.quiet and _isatty(self.stream) and self.total > 1:
+        if not self.quiet and self.bar and _isatty(self.stream) and self.total > 1:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -210,7 +211,7 @@ class Reporter:
     def message(self, text: str) -> None:
         if self.quiet:
             return
-        text = one_line(text)
+        text = self.prefix + one_line(text)
         if self._progress is not None:
             self._progress.console.print(text, markup=False, highlight=False)
         else:

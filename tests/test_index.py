@@ -209,6 +209,31 @@ def test_a_folder_that_cannot_be_read_keeps_its_rows(photos, model, tmp_path, mo
         assert any(row["path"].endswith("/sub/r2.jpg") for row in index.rows())
 
 
+def test_a_newly_unreadable_file_is_reported_and_retried_once_readable(photos, model, tmp_path, monkeypatch):
+    """Tested by failing the read (the tests run as root, who reads any file): its row and
+    vector stay, it is reported each run, and it is indexed once it can be read, even with
+    the same mtime (a fixed permission changes none)."""
+    import clipcli.fsutil
+
+    db = tmp_path / "db.sqlite3"
+    update(db, [photos], model)
+    target = photos / "rocket.jpg"
+    Image.open(DATA / "camera.png").convert("RGB").save(target)  # changed, then unreadable
+    real = clipcli.fsutil.sha256_file
+
+    def refuse(path, *args):
+        if str(path) == str(target):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args)
+
+    monkeypatch.setattr(clipcli.fsutil, "sha256_file", refuse)
+    for _ in range(2):
+        summary = update(db, [photos], model)
+        assert (summary.failed, summary.unchanged, summary.removed) == (1, 4, 0)
+    monkeypatch.setattr(clipcli.fsutil, "sha256_file", real)
+    assert update(db, [photos], model).updated == 1
+
+
 def test_a_file_that_changes_while_it_is_embedded_is_left_for_the_next_run(photos, model, tmp_path):
     from clipcli.batching import embed_images
     from clipcli.loading import resolve

@@ -337,6 +337,9 @@ def encode(
     allow_truncated: TruncatedOpt = False,
     allow_private: PrivateOpt = False,
     exact_decode: ExactOpt = False,
+    partition_size: Annotated[int, typer.Option("--partition-size", min=1, help="With -o DIR/: inputs per partition.")] = 10_000,
+    rank: Annotated[Optional[int], typer.Option("--rank", min=0, show_default=False, help="With -o DIR/: this process's rank (default: torchrun's RANK, SLURM's SLURM_PROCID, or 0).")] = None,
+    world: Annotated[Optional[int], typer.Option("--world", min=1, show_default=False, help="With -o DIR/: how many processes share the work (default: WORLD_SIZE, SLURM_NTASKS, or 1).")] = None,
 ) -> None:
     """Embed images (or captions with --text) with CLIP, L2-normalised unless --no-normalize.
 
@@ -347,9 +350,16 @@ def encode(
     With .npy/.npz, progress is journaled batch by batch in OUTPUT.journal/; after an
     interruption (Ctrl-C, kill, crash) rerun the same command with --resume to finish it.
 
+    With -o DIR/ (or an existing folder) the work is split into partitions written in
+    clip-retrieval's layout (DIR/img_emb/img_emb_N.npy, DIR/metadata/metadata_N.parquet);
+    processes started by torchrun, SLURM or --rank/--world share them, and a rerun skips
+    finished partitions.
+
     Example: clipcli encode photos/ -o emb.npy
 
     Example: clipcli encode --text captions.txt -o captions.npz
+
+    Example: torchrun --nproc-per-node 8 -m clipcli encode urls.txt -o embeddings/
     """
     from ..fsutil import ensure_writable, exclusive_lock
     from ..items import expand_inputs, read_lines
@@ -359,6 +369,17 @@ def encode(
 
     if text and inputs:
         raise InputError("give either images or --text FILE, not both")
+    from ..partitions import is_folder_output
+
+    if is_folder_output(output):
+        from .partitioned import check_options, encode_partitioned
+
+        check_options(text, resume)
+        if not inputs:
+            raise InputError("nothing to encode: give images, folders or list files")
+        encode_partitioned(inputs, output, lambda: _load(model, arch, device, precision, threads, quiet, towers=("image",)),
+                           _run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode),
+                           normalize=not no_normalize, partition_size=partition_size, rank=rank, world=world, quiet=quiet)
     if not text and not inputs:
         raise InputError("nothing to encode: give images, folders or list files, or --text FILE")
     target, outputs = encode_target(output)

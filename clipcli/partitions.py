@@ -1,0 +1,192 @@
+"""Encoding in share-nothing partitions, in clip-retrieval's output layout.
+
+The inputs are split, in order, into partitions of ``partition_size`` items. Process
+``rank`` of ``world`` takes the partitions ``i`` with ``i % world == rank``; no process
+talks to another, so torchrun, SLURM, a shell loop, Ray or Spark can all start them
+(:func:`share`). Each partition is written as
+
+    OUTDIR/img_emb/img_emb_{i}.npy         float32 (N, D), one row per input (zeros where it failed)
+    OUTDIR/metadata/metadata_{i}.parquet   one row per input: image_path, status, error
+
+with zero-padded numbers, under temporary names renamed when complete (the metadata
+last: a partition is done when its metadata file exists). ``OUTDIR/_manifest.json`` names
+the model identity, the options and the inputs; a rerun with any world size skips finished
+partitions and refuses a manifest of another model, input list or option. The process
+that finds every partition done writes ``_summary.json`` (counts per status).
+Rows align by position, as embedding-reader and autofaiss read them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from .errors import InputError, OutputError, OutputExistsError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .items import Item
+    from .pipeline import LoadedModel
+    from .tasks import RunOptions
+
+PARTITION_SIZE = 10_000
+MANIFEST, SUMMARY = "_manifest.json", "_summary.json"
+
+
+@dataclass(frozen=True)
+class Share:
+    """Which partitions this process takes: ``i % world == rank``."""
+
+    rank: int = 0
+    world: int = 1
+
+    def takes(self, partition: int) -> bool:
+        return partition % self.world == self.rank
+
+
+def _env_int(*names: str) -> int | None:
+    for name in names:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def share(rank: int | None = None, world: int | None = None) -> Share:
+    """This process's share: ``rank``/``world`` as given, else torchrun's ``RANK``/``WORLD_SIZE``,
+    else SLURM's ``SLURM_PROCID``/``SLURM_NTASKS``, else 0 of 1."""
+    if (rank is None) != (world is None):
+        raise InputError("give both rank and world, or neither")
+    if rank is None:
+        world = _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
+        rank = _env_int("RANK", "SLURM_PROCID") or 0
+    if world < 1 or not 0 <= rank < world:
+        raise InputError(f"rank {rank} of world {world}: rank must be in 0..world-1")
+    return Share(rank, world)
+
+
+def is_folder_output(output: str | os.PathLike | None) -> bool:
+    """Whether ``output`` asks for partitions: a name ending in ``/``, or an existing folder."""
+    return output is not None and (os.fspath(output).endswith("/") or os.path.isdir(output))
+
+
+def _names(count: int) -> list[str]:
+    width = len(str(max(count - 1, 0)))
+    return [f"{i:0{width}d}" for i in range(count)]
+
+
+def _pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise InputError("partitioned output writes parquet, which needs pyarrow: pip install 'clipcli[scale]'") from None
+    return pyarrow
+
+
+def _manifest(loaded: "LoadedModel", names: Sequence[str], partition_size: int, count: int, normalize: bool,
+              run: "RunOptions") -> dict:
+    from .journal import inputs_hash
+
+    return {"format": "clip-retrieval", "model": loaded.name, "identity": loaded.identity, "sha256": loaded.sha256,
+            "dim": loaded.embed_dim, "precision": str(loaded.dtype).removeprefix("torch."), "normalize": normalize,
+            "inputs": inputs_hash(names), "count": len(names), "partition_size": partition_size, "partitions": count,
+            "exact_decode": run.decode.exact, "max_pixels": run.decode.max_pixels,
+            "allow_truncated": run.decode.allow_truncated, "allow_private": run.fetch.allow_private}
+
+
+def _claim_manifest(path: Path, manifest: dict) -> None:
+    """Write the manifest, or check the one there (written by another process or an earlier run)."""
+    from .fsutil import atomic_write
+
+    try:
+        with atomic_write(path, overwrite=False, text=True) as file:
+            file.write(json.dumps(manifest, indent=2) + "\n")
+        return
+    except OutputExistsError:
+        pass  # written by another process or an earlier run
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise OutputError(f"{path} cannot be read ({error}); remove the folder to start again") from None
+    differs = sorted(k for k in manifest if found.get(k) != manifest[k])
+    if differs:
+        raise OutputError(f"{path.parent} holds a run with other {', '.join(differs)}; "
+                          "use another folder, or remove this one to start again")
+
+
+def encode_partitions(loaded: "LoadedModel", items: Sequence["Item"], outdir: str | os.PathLike, *,
+                      partition_size: int = PARTITION_SIZE, part: Share = Share(), normalize: bool = True,
+                      run: "RunOptions | None" = None,
+                      on_result: Callable[[str, str | None], None] | None = None) -> dict:
+    """Encode this process's partitions of ``items`` into ``outdir`` (see the module docstring).
+
+    Returns ``{"partitions", "done" (by this process), "skipped" (already there), "ok",
+    "error", "summary" (the whole run's counts once every partition exists, else None)}``.
+    """
+    import numpy as np
+
+    from .batching import embed_images
+    from .fsutil import atomic_path, atomic_write
+    from .tasks import RunOptions
+
+    if partition_size < 1:
+        raise InputError(f"partition size must be at least 1, not {partition_size}")
+    pa = _pyarrow()
+    run = (run or RunOptions()).for_device(loaded.device)
+    report = on_result or (lambda name, error: None)
+    outdir = Path(outdir)
+    count = max(1, -(-len(items) // partition_size))
+    numbers = _names(count)
+    for folder in (outdir / "img_emb", outdir / "metadata"):
+        folder.mkdir(parents=True, exist_ok=True)
+    _claim_manifest(outdir / MANIFEST,
+                    _manifest(loaded, [item.name for item in items], partition_size, count, normalize, run))
+    outcome = {"partitions": count, "done": 0, "skipped": 0, "ok": 0, "error": 0, "summary": None}
+    for i, number in enumerate(numbers):
+        metadata = outdir / "metadata" / f"metadata_{number}.parquet"
+        if not part.takes(i):
+            continue
+        if metadata.exists():
+            outcome["skipped"] += 1
+            continue
+        chunk = items[i * partition_size : (i + 1) * partition_size]
+        rows = np.zeros((len(chunk), loaded.embed_dim), np.float32)
+        status, errors = [], []
+        results = embed_images(loaded, chunk, normalize=normalize, **run.pipeline_kwargs())
+        for row, (item, result) in enumerate(zip(chunk, results)):
+            if result.ok:
+                rows[row] = result.embedding
+            status.append("ok" if result.ok else "error")
+            errors.append(result.error)
+            outcome["ok" if result.ok else "error"] += 1
+            report(item.name, result.error)
+        table = pa.table({"image_path": [item.name for item in chunk], "status": status, "error": errors})
+        with atomic_write(outdir / "img_emb" / f"img_emb_{number}.npy", overwrite=True) as file:
+            np.save(file, rows, allow_pickle=False)
+        with atomic_path(metadata, overwrite=True) as temp:  # last: the partition is done
+            pa.parquet.write_table(table, str(temp))
+        outcome["done"] += 1
+    outcome["summary"] = _summarize(outdir, numbers)
+    return outcome
+
+
+def _summarize(outdir: Path, numbers: Sequence[str]) -> dict | None:
+    """Counts per status over every partition, written to ``_summary.json`` once all exist."""
+    from collections import Counter
+
+    from .fsutil import atomic_write
+
+    files = [outdir / "metadata" / f"metadata_{number}.parquet" for number in numbers]
+    if not all(path.exists() for path in files):
+        return None
+    parquet = _pyarrow().parquet
+    counts = Counter()
+    for path in files:
+        counts.update(parquet.read_table(path, columns=["status"]).column("status").to_pylist())
+    summary = {"partitions": len(files), "total": sum(counts.values()), **dict(sorted(counts.items()))}
+    with atomic_write(outdir / SUMMARY, overwrite=True, text=True) as file:
+        file.write(json.dumps(summary, indent=2) + "\n")
+    return summary

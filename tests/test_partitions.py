@@ -1,0 +1,195 @@
+"""Partitioned encoding (`clipcli encode -o DIR/`): clip-retrieval's layout, shares by rank,
+resume by partition, torchrun on the CPU (one node and a simulated two), and refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from clipcli.cli import app
+from clipcli.partitions import share
+
+pq = pytest.importorskip("pyarrow.parquet")
+runner = CliRunner()
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    """23 small images and one broken file, 24 inputs."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(23):
+        Image.new("RGB", (40, 30), (i * 10, 255 - i * 10, (i * 37) % 256)).save(folder / f"{i:03d}.png")
+    (folder / "011b.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    return folder
+
+
+@pytest.fixture
+def model(tiny_vit_checkpoint) -> str:
+    return str(tiny_vit_checkpoint)
+
+
+def cli(*args: str, code: int = 0) -> str:
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
+    return result.stderr
+
+
+def encode(images: Path, out: Path, model: str, *extra: str, code: int = 0, size: int = 5) -> str:
+    return cli("encode", str(images), "-m", model, "-o", f"{out}/", "--device", "cpu", "--partition-size", str(size),
+               *extra, code=code)
+
+
+def read_back(out: Path) -> tuple[np.ndarray, list[dict]]:
+    """What embedding-reader does: every partition in order, rows aligned with metadata."""
+    names = sorted(p.name for p in (out / "img_emb").glob("img_emb_*.npy"))
+    matrix = np.concatenate([np.load(out / "img_emb" / name) for name in names])
+    rows = []
+    for name in names:
+        rows += pq.read_table(out / "metadata" / name.replace("img_emb", "metadata").replace(".npy", ".parquet")).to_pylist()
+    return matrix, rows
+
+
+def test_the_layout_and_rows_equal_a_single_file_encode(images, model, tmp_path):
+    encode(images, tmp_path / "out", model)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in (out / "img_emb").iterdir()) == [f"img_emb_{i}.npy" for i in range(5)]
+    matrix, rows = read_back(out)
+    assert len(rows) == matrix.shape[0] == 24
+    assert [Path(r["image_path"]).name for r in rows] == sorted(p.name for p in images.iterdir())
+    broken = [i for i, r in enumerate(rows) if r["status"] == "error"]
+    assert len(broken) == 1 and rows[broken[0]]["error"] and not matrix[broken[0]].any()
+    cli("encode", str(images), "-m", model, "-o", str(tmp_path / "one.npy"), "--device", "cpu", code=1)
+    single = np.load(tmp_path / "one.npy")
+    assert np.array_equal(np.delete(matrix, broken, axis=0), single)
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert (manifest["count"], manifest["partitions"], manifest["partition_size"], manifest["dim"]) == (24, 5, 5, 32)
+    assert json.loads((out / "_summary.json").read_text()) == {"partitions": 5, "total": 24, "error": 1, "ok": 23}
+
+
+def test_shares_by_rank_make_the_same_files_in_any_order(images, model, tmp_path):
+    encode(images, tmp_path / "one", model)
+    for rank in (2, 0, 1):
+        encode(images, tmp_path / "three", model, "--rank", str(rank), "--world", "3")
+    for folder in ("img_emb", "metadata"):
+        for path in sorted((tmp_path / "one" / folder).iterdir()):
+            assert path.read_bytes() == (tmp_path / "three" / folder / path.name).read_bytes(), path.name
+    assert (tmp_path / "three" / "_summary.json").read_bytes() == (tmp_path / "one" / "_summary.json").read_bytes()
+
+
+def test_a_rerun_with_another_world_size_redoes_only_unfinished_partitions(images, model, tmp_path):
+    out = tmp_path / "out"
+    encode(images, out, model, "--rank", "0", "--world", "3")  # partitions 0 and 3
+    assert not (out / "_summary.json").exists()
+    done = {p: p.stat().st_mtime_ns for p in (out / "metadata").iterdir()}
+    said = encode(images, out, model, "--rank", "1", "--world", "2")  # 1 and 3: 3 is done
+    assert "1 written, 1 already done" in said
+    encode(images, out, model)
+    assert all(p.stat().st_mtime_ns == t for p, t in done.items())
+    encode(images, tmp_path / "clean", model)
+    assert read_back(out)[0].tobytes() == read_back(tmp_path / "clean")[0].tobytes()
+
+
+def test_another_model_options_or_inputs_are_refused(images, model, tmp_path, tiny_rn_checkpoint):
+    out = tmp_path / "out"
+    encode(images, out, model, "--rank", "0", "--world", "2")
+    for extra, what in [((), "identity"), (("--exact-decode",), "exact_decode"), (("--partition-size", "4"), "partition_size")]:
+        args = ["encode", str(images), "-m", str(tiny_rn_checkpoint) if not extra else model, "-o", f"{out}/",
+                "--device", "cpu", *(extra or ("--partition-size", "5"))]
+        if extra and extra[0] != "--partition-size":
+            args += ["--partition-size", "5"]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and what in result.stderr and "another folder" in result.stderr
+    (images / "new.png").write_bytes((images / "000.png").read_bytes())
+    result = runner.invoke(app, ["encode", str(images), "-m", model, "-o", f"{out}/", "--device", "cpu", "--partition-size", "5"])
+    assert result.exit_code == 2 and "inputs" in result.stderr
+
+
+def test_user_mistakes_are_one_line(images, model, tmp_path, monkeypatch):
+    for args, message in [(["--text", str(images / "000.png")], "takes images"), (["--resume"], "resumes by itself"),
+                          (["--rank", "2", "--world", "2"], "rank must be in"), (["--rank", "1"], "both rank and world")]:
+        inputs = [] if args[0] == "--text" else [str(images)]
+        result = runner.invoke(app, ["encode", *inputs, "-m", model, "-o", f"{tmp_path}/x/", "--device", "cpu", *args])
+        assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    result = runner.invoke(app, ["encode", str(images), "-m", model, "-o", f"{tmp_path}/y/", "--device", "cpu"])
+    assert result.exit_code == 2 and "clipcli[scale]" in result.stderr
+
+
+def test_the_share_comes_from_torchrun_or_slurm(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    assert (share().rank, share().world) == (0, 1)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert (share().rank, share().world) == (3, 8)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert (share().rank, share().world) == (1, 2)
+    assert (share(0, 4).rank, share(0, 4).world) == (0, 4)
+
+
+# ----------------------------------------------------------------------------- several processes
+
+
+def run_encode(images: Path, out: Path, model: str, launcher: list[str], size: int = 5) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [*launcher, "-m", "clipcli", "encode", str(images), "-m", model, "-o", f"{out}/", "--device", "cpu",
+               "--partition-size", str(size), "--workers", "0", "--threads", "1", "-q"]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_on_one_node_and_on_two_simulated_nodes_equal_one_process(images, model, tmp_path):
+    encode(images, tmp_path / "one", model)
+    single = run_encode(images, tmp_path / "local", model, torchrun("--standalone", "--nproc-per-node", "2"))
+    assert single.wait(timeout=300) == 0, single.stderr.read().decode()[-3000:]
+    port = free_port()
+    nodes = [run_encode(images, tmp_path / "nodes", model, torchrun(
+        "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank), "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "clipcli-test")) for rank in (0, 1)]
+    for node in nodes:
+        assert node.wait(timeout=300) == 0, node.stderr.read().decode()[-3000:]
+    for run in ("local", "nodes"):
+        for folder in ("img_emb", "metadata"):
+            for path in sorted((tmp_path / "one" / folder).iterdir()):
+                assert path.read_bytes() == (tmp_path / run / folder / path.name).read_bytes(), (run, path.name)
+
+
+@pytest.mark.slow
+def test_a_killed_process_leaves_whole_partitions_and_a_rerun_finishes(images, model, tmp_path):
+    out = tmp_path / "out"
+    process = run_encode(images, out, model, [sys.executable], size=1)  # 24 partitions: killed part-way
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((out / "metadata").glob("metadata_*.parquet")):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished = list((out / "metadata").glob("metadata_*.parquet"))
+    assert 1 <= len(finished) < 24
+    rerun = run_encode(images, out, model, [sys.executable], size=1)
+    assert rerun.wait(timeout=300) == 0
+    encode(images, tmp_path / "clean", model, size=1)
+    assert read_back(out)[0].tobytes() == read_back(tmp_path / "clean")[0].tobytes()
+    assert read_back(out)[1] == read_back(tmp_path / "clean")[1]
