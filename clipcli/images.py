@@ -237,6 +237,8 @@ def read_image(item: Item, decode: DecodeOptions = DecodeOptions(), fetch: Fetch
     """The item's image as upright RGB, or :class:`ItemError` with the reason."""
     if item.error:
         raise ItemError(item.error)
+    if item.data is not None:
+        return decode_image(io.BytesIO(item.data), decode)
     if item.url is not None:
         data, content_type = fetch_url(item.url, fetch)
         return decode_image(io.BytesIO(data), decode, content_type)

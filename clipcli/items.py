@@ -20,7 +20,7 @@ import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 from .errors import InputError
@@ -45,13 +45,15 @@ class Item:
 
     ``name`` is what records show: the path as the user can reach it from the current
     folder (list entries are joined to their list file's folder), or the URL. ``error`` is
-    set when the item is known to be unusable before any reading (e.g. an ``ftp://`` URL).
+    set when the item is known to be unusable before any reading (e.g. an ``ftp://`` URL);
+    ``data`` holds the bytes of an image read from a WebDataset shard.
     """
 
     name: str
     path: str | None = None
     url: str | None = None
     error: str | None = None
+    data: bytes | None = field(default=None, repr=False)  # the file's bytes, read from an archive
 
 
 def display(text: str) -> str:

@@ -68,8 +68,13 @@ def share(rank: int | None = None, world: int | None = None) -> Share:
 
 
 def is_folder_output(output: str | os.PathLike | None) -> bool:
-    """Whether ``output`` asks for partitions: a name ending in ``/``, or an existing folder."""
-    return output is not None and (os.fspath(output).endswith("/") or os.path.isdir(output))
+    """Whether ``output`` asks for partitions: a name ending in ``/``, or an existing folder
+    whose name is not that of an output file (``-o emb.npy`` that is a folder is an error)."""
+    if output is None:
+        return False
+    name = os.fspath(output)
+    suffix = os.path.splitext(name.rstrip("/"))[1].lower()
+    return name.endswith("/") or (os.path.isdir(name) and suffix not in (".npy", ".npz", ".jsonl", ".json", ".csv"))
 
 
 def _names(count: int) -> list[str]:
@@ -86,13 +91,14 @@ def _pyarrow():
     return pyarrow
 
 
-def _manifest(loaded: "LoadedModel", names: Sequence[str], partition_size: int, count: int, normalize: bool,
-              run: "RunOptions") -> dict:
+def _manifest(loaded: "LoadedModel", names: Sequence[str], partition_size: int | None, count: int, normalize: bool,
+              run: "RunOptions", captions: bool = False) -> dict:
     from .journal import inputs_hash
 
     return {"format": "clip-retrieval", "model": loaded.name, "identity": loaded.identity, "sha256": loaded.sha256,
             "dim": loaded.embed_dim, "precision": str(loaded.dtype).removeprefix("torch."), "normalize": normalize,
             "inputs": inputs_hash(names), "count": len(names), "partition_size": partition_size, "partitions": count,
+            "source": "webdataset" if partition_size is None else "files", "captions": captions,
             "exact_decode": run.decode.exact, "max_pixels": run.decode.max_pixels,
             "allow_truncated": run.decode.allow_truncated, "allow_private": run.fetch.allow_private}
 
@@ -129,12 +135,11 @@ def encode_partitions(loaded: "LoadedModel", items: Sequence["Item"], outdir: st
     import numpy as np
 
     from .batching import embed_images
-    from .fsutil import atomic_path, atomic_write
     from .tasks import RunOptions
 
     if partition_size < 1:
         raise InputError(f"partition size must be at least 1, not {partition_size}")
-    pa = _pyarrow()
+    _pyarrow()
     run = (run or RunOptions()).for_device(loaded.device)
     report = on_result or (lambda name, error: None)
     outdir = Path(outdir)
@@ -163,14 +168,99 @@ def encode_partitions(loaded: "LoadedModel", items: Sequence["Item"], outdir: st
             errors.append(result.error)
             outcome["ok" if result.ok else "error"] += 1
             report(item.name, result.error)
-        table = pa.table({"image_path": [item.name for item in chunk], "status": status, "error": errors})
-        with atomic_write(outdir / "img_emb" / f"img_emb_{number}.npy", overwrite=True) as file:
-            np.save(file, rows, allow_pickle=False)
-        with atomic_path(metadata, overwrite=True) as temp:  # last: the partition is done
-            pa.parquet.write_table(table, str(temp))
+        _write(outdir, number, rows, {"image_path": [item.name for item in chunk], "status": status, "error": errors})
         outcome["done"] += 1
     outcome["summary"] = _summarize(outdir, numbers)
     return outcome
+
+
+def _write(outdir: Path, number: str, rows, columns: dict[str, list], text_rows=None) -> None:
+    """One partition's files, each under a temporary name until complete; the metadata last
+    (a partition is done when its metadata file exists)."""
+    import numpy as np
+
+    from .fsutil import atomic_path, atomic_write
+
+    pa = _pyarrow()
+    try:
+        table = pa.Table.from_pydict(columns)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # sidecar fields of mixed types: as text
+        table = pa.Table.from_pydict({k: [None if v is None else str(v) for v in c] for k, c in columns.items()})
+    outputs = [("img_emb", rows)] + ([("text_emb", text_rows)] if text_rows is not None else [])
+    for kind, matrix in outputs:
+        (outdir / kind).mkdir(exist_ok=True)
+        with atomic_write(outdir / kind / f"{kind}_{number}.npy", overwrite=True) as file:
+            np.save(file, matrix, allow_pickle=False)
+    with atomic_path(outdir / "metadata" / f"metadata_{number}.parquet", overwrite=True) as temp:
+        pa.parquet.write_table(table, str(temp))
+
+
+def encode_shards(loaded: "LoadedModel", shards: Sequence[str], outdir: str | os.PathLike, *,
+                  part: Share = Share(), normalize: bool = True, captions: bool = False,
+                  run: "RunOptions | None" = None,
+                  on_result: Callable[[str, str | None], None] | None = None) -> dict:
+    """Encode WebDataset ``shards`` (:mod:`clipcli.webdataset`), one partition per shard, as
+    :func:`encode_partitions` does files. The metadata holds each sample's key, status,
+    error, caption and the fields of its ``.json``; with ``captions`` the captions are also
+    embedded into ``text_emb/text_emb_{N}.npy`` (zeros where a sample has none)."""
+    import numpy as np
+
+    from .batching import embed_images, embed_texts
+    from .tasks import RunOptions
+    from .webdataset import samples
+
+    _pyarrow()
+    run = (run or RunOptions()).for_device(loaded.device)
+    report = on_result or (lambda name, error: None)
+    outdir = Path(outdir)
+    numbers = _names(len(shards))
+    (outdir / "metadata").mkdir(parents=True, exist_ok=True)
+    _claim_manifest(outdir / MANIFEST, _manifest(loaded, list(shards), None, len(shards), normalize, run, captions))
+    outcome = {"partitions": len(shards), "done": 0, "skipped": 0, "ok": 0, "error": 0, "summary": None}
+    for i, (shard, number) in enumerate(zip(shards, numbers)):
+        if not part.takes(i):
+            continue
+        if (outdir / "metadata" / f"metadata_{number}.parquet").exists():
+            outcome["skipped"] += 1
+            continue
+        found = []
+
+        def stream(shard=shard, found=found):
+            for sample in samples(shard):
+                found.append(sample)
+                yield sample.item
+
+        rows, status, errors = [], [], []
+        results = embed_images(loaded, stream(), normalize=normalize, **run.pipeline_kwargs())
+        for k, result in enumerate(results):  # found[k] was read before its result came back
+            sample = found[k]
+            rows.append(result.embedding if result.ok else np.zeros(loaded.embed_dim, np.float32))
+            status.append("ok" if result.ok else "error")
+            errors.append(result.error)
+            outcome["ok" if result.ok else "error"] += 1
+            report(sample.key, result.error)
+        matrix = np.stack(rows) if rows else np.zeros((0, loaded.embed_dim), np.float32)
+        text_rows = None
+        if captions:
+            text_rows = np.zeros_like(matrix)
+            with_text = [j for j, sample in enumerate(found) if sample.caption]
+            for j, result in zip(with_text, embed_texts(loaded, [found[j].caption for j in with_text], normalize=normalize)):
+                if result.ok:
+                    text_rows[j] = result.embedding
+        columns = {"image_path": [s.key for s in found], "status": status, "error": errors,
+                   "caption": [s.caption for s in found]}
+        for field_name in dict.fromkeys(k for s in found for k in s.meta):
+            if field_name not in columns:  # the sidecar's fields, never over ours
+                columns[field_name] = [_cell(s.meta.get(field_name)) for s in found]
+        _write(outdir, number, matrix, columns, text_rows)
+        outcome["done"] += 1
+    outcome["summary"] = _summarize(outdir, numbers)
+    return outcome
+
+
+def _cell(value):
+    """A sidecar value as parquet takes it: scalars as they are, lists and objects as JSON text."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
 def _summarize(outdir: Path, numbers: Sequence[str]) -> dict | None:

@@ -39,11 +39,12 @@ PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 def resolve_device(device: str = "auto") -> "torch.device":
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``, checked. CUDA comes
     back with its index (``torch.cuda.set_device`` refuses a bare ``cuda``): under
-    ``torchrun``, ``auto`` and ``cuda`` mean this process's own GPU, ``cuda:LOCAL_RANK``;
+    ``torchrun``, ``auto`` and ``cuda`` mean this process's own GPU, ``cuda:LOCAL_RANK``; under
+    SLURM with several tasks on a node that sees several GPUs, ``cuda:SLURM_LOCALID``;
     otherwise the current one (0 unless the caller chose another)."""
     import torch
 
-    from .topology import from_environment
+    from .topology import from_environment, slurm_local_id
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -56,7 +57,14 @@ def resolve_device(device: str = "auto") -> "torch.device":
         if not torch.cuda.is_available():
             raise ClipcliError(f"--device {device}: CUDA is not available here; use --device cpu")
         if resolved.index is None:
-            resolved = torch.device("cuda", topology.local_rank if topology.distributed else torch.cuda.current_device())
+            slurm = slurm_local_id()
+            if topology.distributed:
+                index = topology.local_rank
+            elif slurm is not None and torch.cuda.device_count() > 1:  # tasks sharing a node's GPUs
+                index = slurm
+            else:  # one GPU in sight (SLURM's --gpus-per-task binds each task to its own as cuda:0)
+                index = torch.cuda.current_device()
+            resolved = torch.device("cuda", index)
         if resolved.index >= torch.cuda.device_count():
             raise ClipcliError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
     elif resolved.type != "cpu":

@@ -38,3 +38,11 @@ def from_environment() -> Topology:
     if world_size <= 1:
         return Topology()
     return Topology(_int("RANK", 0), world_size, _int("LOCAL_RANK", 0))
+
+
+def slurm_local_id() -> int | None:
+    """This task's index on its node under SLURM (``SLURM_LOCALID``) when a job step runs
+    several tasks, else None: tasks that share a node's GPUs pick theirs by it."""
+    if _int("SLURM_NTASKS", 1) <= 1 or not os.environ.get("SLURM_LOCALID", "").strip().isdigit():
+        return None
+    return _int("SLURM_LOCALID", 0)

@@ -193,3 +193,66 @@ def test_a_killed_process_leaves_whole_partitions_and_a_rerun_finishes(images, m
     encode(images, tmp_path / "clean", model, size=1)
     assert read_back(out)[0].tobytes() == read_back(tmp_path / "clean")[0].tobytes()
     assert read_back(out)[1] == read_back(tmp_path / "clean")[1]
+
+
+# ----------------------------------------------------------------------------- WebDataset
+
+
+def make_shards(folder: Path) -> Path:
+    """Three shards of five samples (jpg + txt + json); in shard 0 one sample has no image
+    and one a corrupt one; shard 2 is cut in half (truncated)."""
+    import io
+    import tarfile
+
+    folder.mkdir()
+
+    def add(tar, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    for s in range(3):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for i in range(5):
+                key = f"{s:05d}/{s:05d}{i:04d}"
+                image = io.BytesIO()
+                Image.new("RGB", (40, 30), (s * 80, i * 50, 100)).save(image, "JPEG")
+                if (s, i) != (0, 2):
+                    add(tar, key + ".jpg", b"\xff\xd8 broken" if (s, i) == (0, 3) else image.getvalue())
+                add(tar, key + ".txt", f"a photo number {i}".encode())
+                add(tar, key + ".json", json.dumps({"url": f"http://example.com/{i}.jpg", "width": 40}).encode())
+        data = buffer.getvalue()
+        (folder / f"{s:05d}.tar").write_bytes(data[: len(data) // 2] if s == 2 else data)
+    return folder
+
+
+def test_webdataset_shards_give_one_partition_each_with_captions(tmp_path, model):
+    from clipcli.batching import embed_texts
+    from clipcli.pipeline import load_model
+
+    shards = make_shards(tmp_path / "shards")
+    out = tmp_path / "out"
+    cli("encode", f"{shards}/{{00000..00002}}.tar", "-m", model, "-o", f"{out}/", "--captions", "--device", "cpu")
+    matrix, rows = read_back(out)
+    assert [r["status"] for r in rows[:5]] == ["ok", "ok", "error", "error", "ok"]
+    assert "no image" in rows[2]["error"] and rows[0]["url"] == "http://example.com/0.jpg" and rows[0]["width"] == 40
+    assert rows[0]["image_path"] == "00000/000000000" and rows[1]["caption"] == "a photo number 1"
+    assert [r["status"] for r in rows[5:10]] == ["ok"] * 5
+    damaged = rows[-1]
+    assert damaged["status"] == "error" and "damaged" in damaged["error"] and damaged["image_path"].endswith("00002.tar#damaged")
+    assert json.loads((out / "_summary.json").read_text())["total"] == len(rows) == matrix.shape[0]
+    texts = np.concatenate([np.load(out / "text_emb" / f"text_emb_{i}.npy") for i in range(3)])
+    loaded = load_model(model, device="cpu", towers=("text",))
+    expected = embed_texts(loaded, ["a photo number 1"])[0].embedding
+    assert np.allclose(texts[1], expected, atol=1e-6) and not texts[-1].any()
+    again = cli("encode", str(shards / "*.tar"), "-m", model, "-o", f"{out}/", "--captions", "--device", "cpu")
+    assert "0 written, 3 already done" in again  # a glob names the same shards
+
+
+def test_brace_patterns_expand_as_webdataset_writes_them():
+    from clipcli.webdataset import expand_braces
+
+    assert expand_braces("s/{00008..00011}.tar") == [f"s/{n:05d}.tar" for n in range(8, 12)]
+    assert expand_braces("{a,b}/{1..2}.tar") == ["a/1.tar", "a/2.tar", "b/1.tar", "b/2.tar"]
+    assert expand_braces("plain.tar") == ["plain.tar"]

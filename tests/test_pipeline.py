@@ -236,3 +236,19 @@ def test_cuda_always_comes_back_with_an_index(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")
     with pytest.raises(ClipcliError, match="only 2 CUDA device"):
         resolve_device("cuda")
+
+
+def test_slurm_tasks_sharing_a_nodes_gpus_take_their_local_id(monkeypatch):
+    import torch
+
+    from clipcli.pipeline import resolve_device
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert resolve_device("auto") == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # --gpus-per-task: its own GPU is cuda:0
+    assert resolve_device("cuda") == torch.device("cuda", 0)

@@ -36,7 +36,7 @@ class Precision(str, Enum):
 
 app = typer.Typer(
     name="clipcli",
-    help="Batch image-text scoring with CLIP: encode, classify, similarity, models, download.",
+    help="Batch image-text scoring with CLIP: classify, similarity, encode, index and search, train, models, download.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -1,4 +1,5 @@
-"""`clipcli encode`, `clipcli classify`, `clipcli similarity`.
+"""`clipcli classify`, `clipcli similarity`, and the options every scoring command shares
+(`encode` in :mod:`.encode_commands`, `index`/`search` in :mod:`.index_commands` use them).
 
 Thin: parse options, call :mod:`clipcli.pipeline`, write records. torch, PIL and matplotlib
 are imported inside the commands so that ``clipcli --help`` stays fast.
@@ -6,10 +7,8 @@ are imported inside the commands so that ``clipcli --help`` stays fast.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-from enum import Enum
 from typing import Annotated, Optional
 
 import typer
@@ -18,11 +17,6 @@ from ..errors import ClipcliError, InputError
 from .app import Format, Precision, command
 
 DEFAULT_MODEL = "ViT-B/32"
-
-
-class StoreDtype(str, Enum):
-    float32 = "float32"
-    float16 = "float16"
 
 
 # Options every scoring command shares.
@@ -298,118 +292,3 @@ def _ordered_records(result) -> list[dict]:
     failed = iter([f for f in result.failed if "image" in f])
     records = [next(ok) if good else next(failed) for good in result.image_ok]
     return records + [f for f in result.failed if "text" in f]
-
-
-# --------------------------------------------------------------------------- encode
-
-
-def _encode_view(record: dict) -> dict:
-    row = {"name": record.get("image", record.get("text")), "status": record["status"], "error": record.get("error")}
-    embedding = record.get("embedding")
-    if embedding is not None:
-        row["dim"] = len(embedding)
-        row["embedding"] = "[" + ", ".join(f"{v:.4f}" for v in embedding[:4]) + (", …]" if len(embedding) > 4 else "]")
-    return row
-
-
-@command("encode")
-def encode(
-    inputs: Annotated[Optional[list[str]], typer.Argument(metavar="INPUTS", show_default=False,
-                                                          help="Images, folders, list files of paths/URLs, URLs, or -.")] = None,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="emb.npy (+ emb.jsonl manifest), emb.npz, "
-                                                  "a .jsonl/.json/.csv file, or - for stdout.")] = None,
-    text: Annotated[Optional[str], typer.Option("--text", help="Embed the captions in FILE (one per line) instead of images.")] = None,
-    no_normalize: Annotated[bool, typer.Option("--no-normalize", help="Keep raw embeddings (default: unit length).")] = False,
-    dtype: Annotated[StoreDtype, typer.Option("--dtype", help="Number type stored in .npy/.npz (and JSON values).")] = StoreDtype.float32,
-    no_truncate: Annotated[bool, typer.Option("--no-truncate", help="Report captions longer than the context instead of cutting them.")] = False,
-    overwrite: OverwriteOpt = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted .npy/.npz run from its journal.")] = False,
-    model: ModelOpt = DEFAULT_MODEL,
-    arch: ArchOpt = None,
-    device: DeviceOpt = "auto",
-    batch_size: BatchOpt = None,
-    workers: WorkersOpt = None,
-    precision: PrecisionOpt = None,
-    threads: ThreadsOpt = None,
-    fmt: FormatOpt = None,
-    quiet: QuietOpt = False,
-    max_pixels: MaxPixelsOpt = MAX_PIXELS,
-    allow_truncated: TruncatedOpt = False,
-    allow_private: PrivateOpt = False,
-    exact_decode: ExactOpt = False,
-    partition_size: Annotated[int, typer.Option("--partition-size", min=1, help="With -o DIR/: inputs per partition.")] = 10_000,
-    rank: Annotated[Optional[int], typer.Option("--rank", min=0, show_default=False, help="With -o DIR/: this process's rank (default: torchrun's RANK, SLURM's SLURM_PROCID, or 0).")] = None,
-    world: Annotated[Optional[int], typer.Option("--world", min=1, show_default=False, help="With -o DIR/: how many processes share the work (default: WORLD_SIZE, SLURM_NTASKS, or 1).")] = None,
-) -> None:
-    """Embed images (or captions with --text) with CLIP, L2-normalised unless --no-normalize.
-
-    .npy: float32 [N, D], one row per input that succeeded, and a manifest emb.jsonl with one
-    record per input ({"index": row or null, "image", "status"}). .npz: embeddings, paths,
-    model and sha256 in one file. No -o (or -o -): JSON Lines on stdout.
-
-    With .npy/.npz, progress is journaled batch by batch in OUTPUT.journal/; after an
-    interruption (Ctrl-C, kill, crash) rerun the same command with --resume to finish it.
-
-    With -o DIR/ (or an existing folder) the work is split into partitions written in
-    clip-retrieval's layout (DIR/img_emb/img_emb_N.npy, DIR/metadata/metadata_N.parquet);
-    processes started by torchrun, SLURM or --rank/--world share them, and a rerun skips
-    finished partitions.
-
-    Example: clipcli encode photos/ -o emb.npy
-
-    Example: clipcli encode --text captions.txt -o captions.npz
-
-    Example: torchrun --nproc-per-node 8 -m clipcli encode urls.txt -o embeddings/
-    """
-    from ..fsutil import ensure_writable, exclusive_lock
-    from ..items import expand_inputs, read_lines
-    from ..output import RecordWriter, Reporter
-    from ..tasks import csv_view, encode_target
-    from ..tasks import encode as run_encode
-
-    if text and inputs:
-        raise InputError("give either images or --text FILE, not both")
-    from ..partitions import is_folder_output
-
-    if is_folder_output(output):
-        from .partitioned import check_options, encode_partitioned
-
-        check_options(text, resume)
-        if not inputs:
-            raise InputError("nothing to encode: give images, folders or list files")
-        encode_partitioned(inputs, output, lambda: _load(model, arch, device, precision, threads, quiet, towers=("image",)),
-                           _run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode),
-                           normalize=not no_normalize, partition_size=partition_size, rank=rank, world=world, quiet=quiet)
-    if not text and not inputs:
-        raise InputError("nothing to encode: give images, folders or list files, or --text FILE")
-    target, outputs = encode_target(output)
-    if resume and target not in ("npy", "npz"):
-        raise InputError("--resume needs -o FILE.npy or FILE.npz")
-    ensure_writable(outputs, overwrite)
-    # One run at a time writes these outputs and their journal (two would mix their rows);
-    # the lock is taken before any work, so a second run is refused at once.
-    with exclusive_lock(output) if target != "stdout" else contextlib.nullcontext():
-        captions = read_lines(text, comments=False) if text else None
-        if captions is not None and not captions:
-            raise InputError(f"no captions in {text}")
-        items = expand_inputs(inputs, exclude=outputs) if inputs else None
-        loaded = _load(model, arch, device, precision, threads, quiet,
-                       towers=("text",) if captions is not None else ("image",))
-        stream_writer = None
-        if target == "stdout":
-            fmt_name = _format(fmt)
-            stream_writer = RecordWriter(sys.stdout, fmt_name, view=_encode_view if fmt_name == "table" else csv_view,
-                                         paths_column=None if captions is not None else "name")
-        total = len(captions) if captions is not None else len(items)
-        with Reporter(total, "captions" if captions is not None else "images", quiet) as report:
-            run_encode(loaded, items=items, texts=captions, output=None if target == "stdout" else output,
-                       normalize=not no_normalize, store=dtype.value, truncate=not no_truncate, resume=resume,
-                       overwrite=overwrite,
-                       run=_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode),
-                       on_result=report.done, on_record=stream_writer.write if stream_writer else None, locked=True)
-        if stream_writer is not None:
-            stream_writer.close()  # after the progress bar has gone
-        else:
-            report.message(f"wrote {', '.join(outputs)}")
-        report.summary("encoded")
-        raise typer.Exit(report.exit_code)

@@ -1,0 +1,121 @@
+"""WebDataset shards (img2dataset's output) read as streams with the standard library.
+
+A shard is a tar file whose members are grouped into samples by *key*: the member's path
+up to the first dot of its file name (``00001/000010042.jpg``, ``.txt`` and ``.json`` make
+one sample ``00001/000010042``). A sample's image is its ``jpg``, ``jpeg``, ``png`` or
+``webp`` member, its caption the ``txt`` one, its metadata the ``json`` one. Shards are
+named as files, globs (``shards/*.tar``) or brace patterns (``shards/{00000..00999}.tar``).
+
+Reading never stops the run: a sample without an image is an error sample, and a shard that
+is truncated or corrupt part-way gives its samples up to there, then one error sample
+saying where it broke (what came after cannot be known).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+from .errors import InputError
+from .items import Item, display
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_SHARD = re.compile(r"\.tar(\.gz|\.bz2|\.xz)?$")
+_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+_CHOICE = re.compile(r"\{([^{}]*,[^{}]*)\}")
+
+
+@dataclass
+class Sample:
+    """One sample of a shard: its key, image (as an :class:`Item` to decode), caption and metadata."""
+
+    key: str
+    item: Item
+    caption: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def is_shards(inputs: Sequence[str]) -> bool:
+    """Whether every input names tar shards (a ``.tar`` file, glob or brace pattern)."""
+    return bool(inputs) and all(_SHARD.search(arg) for arg in inputs)
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a{0..2}b`` -> ``a0b a1b a2b`` (zero-padded as written), ``{x,y}`` -> both; the
+    leftmost brace varies slowest, as in the shell."""
+    found = min(filter(None, (_RANGE.search(pattern), _CHOICE.search(pattern))), key=lambda m: m.start(), default=None)
+    if found is None:
+        return [pattern]
+    if found.re is _RANGE:
+        first, last = found[1], found[2]
+        width = len(first) if first.startswith("0") else 0
+        step = 1 if int(first) <= int(last) else -1
+        choices = [str(n).zfill(width) for n in range(int(first), int(last) + step, step)]
+    else:
+        choices = found[1].split(",")
+    return [name for choice in choices for name in expand_braces(pattern[: found.start()] + choice + pattern[found.end():])]
+
+
+def expand_shards(patterns: Sequence[str]) -> list[str]:
+    """The shard files ``patterns`` name, in order; a pattern that names none is an error."""
+    shards: list[str] = []
+    for pattern in patterns:
+        for name in expand_braces(pattern):
+            matches = sorted(glob.glob(name)) if glob.has_magic(name) else ([name] if os.path.exists(name) else [])
+            if not matches:
+                raise InputError(f"no shard matches {display(name)}")
+            shards += matches
+    return list(dict.fromkeys(shards))
+
+
+def _split(member: str) -> tuple[str, str]:
+    folder, _, base = member.rpartition("/")
+    stem, _, extension = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), extension.lower()
+
+
+def _sample(key: str, parts: dict[str, bytes]) -> Sample:
+    image = next((ext for ext in IMAGE_EXTENSIONS if ext in parts), None)
+    item = (Item(name=key, data=parts[image]) if image else
+            Item(name=key, error=f"no image in this sample (it has {', '.join(sorted(parts)) or 'nothing'})"))
+    sample = Sample(key, item)
+    if "txt" in parts:
+        sample.caption = parts["txt"].decode("utf-8", "replace").strip()
+    if "json" in parts:
+        try:
+            meta = json.loads(parts["json"])
+            sample.meta = meta if isinstance(meta, dict) else {"json": meta}
+        except ValueError as error:
+            sample.meta = {"json_error": str(error)}
+    return sample
+
+
+def samples(shard: str) -> Iterator[Sample]:
+    """The samples of ``shard`` in order, read as a stream."""
+    key, parts = None, {}
+    try:
+        with tarfile.open(shard, mode="r|*") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                member_key, extension = _split(member.name)
+                if member_key != key and key is not None:
+                    yield _sample(key, parts)
+                    parts = {}
+                key = member_key
+                parts[extension] = archive.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+        if key is not None and parts:
+            yield _sample(key, parts)
+        where = f"after {key}" if key is not None else "at its start"
+        reason = f"the shard is damaged {where} ({error or type(error).__name__}); what followed is lost"
+        yield Sample(f"{shard}#damaged", Item(name=f"{shard}#damaged", error=reason))
+        return
+    if key is not None:
+        yield _sample(key, parts)
