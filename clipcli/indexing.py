@@ -68,7 +68,7 @@ def update(index: Index, inputs: Sequence[str], key: str, load: Callable[[], "Lo
            embed: Callable[["LoadedModel", list], Iterator] | None = None,
            on_result: Callable[[str, str | None], None] | None = None) -> Summary:
     """Bring the rows of ``inputs`` (folders, list files, files) up to date for the model
-    whose :func:`~clipcli.pipeline.source_key` is ``key``. ``load()`` is called only if an
+    whose :func:`~clipcli.loading.source_key` is ``key``. ``load()`` is called only if an
     image must be embedded; ``embed(loaded, items)`` yields one
     :class:`~clipcli.batching.Embedding` per item (default: :func:`embed_images`)."""
     run = _Run(index, key, load, embed, on_result or (lambda name, error: None), Summary())

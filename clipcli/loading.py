@@ -22,6 +22,7 @@ their shapes cannot show; :func:`load` reads only the towers asked for and build
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -290,3 +291,48 @@ def load_model(name: str | os.PathLike, device: torch.device | str = "cpu", dtyp
     if note:
         warnings.warn(note, AssumedArchitectureWarning, stacklevel=2)
     return model
+
+
+# --------------------------------------------------------------------------- identity before loading
+
+
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a checkpoint file, remembered in the cache by path, size and mtime."""
+    from .download import default_cache_dir
+    from .fsutil import atomic_write, sha256_file
+
+    path = os.path.realpath(path)
+    info = os.stat(path)
+    key = hashlib.sha256(f"{path}\0{info.st_size}\0{info.st_mtime_ns}".encode("utf-8", "surrogateescape")).hexdigest()
+    memo = default_cache_dir() / "checksums" / key
+    try:
+        value = memo.read_text().strip()
+        if len(value) == 64:
+            return value
+    except OSError:
+        pass
+    value = sha256_file(path)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(memo, overwrite=True, text=True) as f:
+            f.write(value + "\n")
+    except (OSError, ClipcliError):  # a cache that cannot be written is not an error
+        pass
+    return value
+
+
+def weights_sha256(source: ModelSource) -> str:
+    """sha256 of a model's weights (of the shard hashes, for a sharded checkpoint), without
+    loading them: from the HF cache's blob names, or remembered by path, size and mtime."""
+    from .hub import blob_sha256
+
+    hashes = [blob_sha256(file) or checkpoint_sha256(file) for file in source.files]
+    return hashes[0] if len(hashes) == 1 else hashlib.sha256("".join(hashes).encode()).hexdigest()
+
+
+def source_key(source: ModelSource) -> str:
+    """What decides a model's identity before it is loaded: its weights and the hints that
+    the shapes cannot give (the search index finds its vectors by it without loading)."""
+    hints = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in dict(source.hints).items()},
+                       sort_keys=True, default=str)
+    return hashlib.sha256(f"{weights_sha256(source)}\0{hints}".encode()).hexdigest()

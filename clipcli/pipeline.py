@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 from .batching import Embedding, embed_images, embed_texts
 from .download import default_cache_dir
 from .errors import ClipcliError
-from .fsutil import atomic_write, sha256_file
+from .fsutil import atomic_write
 from .items import Item
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -107,45 +106,6 @@ def slow_precision_note(device: "torch.device", dtype: "torch.dtype") -> str | N
             "emulated and several times slower than fp32; fp32 is the fast choice here")
 
 
-def checkpoint_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a checkpoint file, remembered in the cache by path, size and mtime."""
-    path = os.path.realpath(path)
-    info = os.stat(path)
-    key = hashlib.sha256(f"{path}\0{info.st_size}\0{info.st_mtime_ns}".encode("utf-8", "surrogateescape")).hexdigest()
-    memo = default_cache_dir() / "checksums" / key
-    try:
-        value = memo.read_text().strip()
-        if len(value) == 64:
-            return value
-    except OSError:
-        pass
-    value = sha256_file(path)
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(memo, overwrite=True, text=True) as f:
-            f.write(value + "\n")
-    except (OSError, ClipcliError):  # a cache that cannot be written is not an error
-        pass
-    return value
-
-
-def weights_sha256(source: "ModelSource") -> str:
-    """sha256 of a model's weights (of the shard hashes, for a sharded checkpoint), without
-    loading them: from the HF cache's blob names, or remembered by path, size and mtime."""
-    from .hub import blob_sha256
-
-    hashes = [blob_sha256(file) or checkpoint_sha256(file) for file in source.files]
-    return hashes[0] if len(hashes) == 1 else hashlib.sha256("".join(hashes).encode()).hexdigest()
-
-
-def source_key(source: "ModelSource") -> str:
-    """What decides a model's identity before it is loaded: its weights and the hints that
-    the shapes cannot give (the search index finds its vectors by it without loading)."""
-    hints = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in dict(source.hints).items()},
-                       sort_keys=True, default=str)
-    return hashlib.sha256(f"{weights_sha256(source)}\0{hints}".encode()).hexdigest()
-
-
 @dataclass
 class LoadedModel:
     """A model ready to run, with what the records and the caches need to know about it."""
@@ -165,6 +125,8 @@ class LoadedModel:
     @cached_property
     def sha256(self) -> str:
         """sha256 of the weights (of the shard hashes, for a sharded checkpoint)."""
+        from .loading import weights_sha256
+
         return weights_sha256(self.source)
 
     @cached_property
@@ -284,7 +246,6 @@ def _save_quietly(path: Path, array: "np.ndarray") -> None:
     """Write a cache entry atomically; a cache that cannot be written is not an error."""
     import numpy as np
 
-    from .fsutil import atomic_write
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -234,8 +234,7 @@ def update_index(index, inputs: Sequence[str], model: str, load: Callable[[], "L
     :class:`~clipcli.index.Summary`.
     """
     from .batching import embed_images
-    from .loading import resolve
-    from .pipeline import source_key
+    from .loading import resolve, source_key
 
     key = source_key(resolve(model, arch=arch, quiet=True))
 

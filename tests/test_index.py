@@ -236,8 +236,8 @@ def test_a_newly_unreadable_file_is_reported_and_retried_once_readable(photos, m
 
 def test_a_file_that_changes_while_it_is_embedded_is_left_for_the_next_run(photos, model, tmp_path):
     from clipcli.batching import embed_images
-    from clipcli.loading import resolve
-    from clipcli.pipeline import load_model, source_key
+    from clipcli.loading import resolve, source_key
+    from clipcli.pipeline import load_model
 
     target = photos / "rocket.jpg"
 
@@ -265,7 +265,8 @@ def test_two_models_in_one_index_never_mix(photos, model, tmp_path, tiny_rn_chec
     real = clipcli.fsutil.sha256_file
     monkeypatch.setattr(clipcli.fsutil, "sha256_file", lambda path, *a: hashed.append(path) or real(path, *a))
     second = update(db, [photos], str(tiny_rn_checkpoint))
-    assert second.embedded == 5 and hashed == []  # the stored hashes serve the second model too
+    images_hashed = [path for path in hashed if str(photos) in str(path)]
+    assert second.embedded == 5 and images_hashed == []  # the stored hashes serve the second model too
     with Index(db) as index:
         assert [m["vectors"] for m in index.models()] == [5, 5]
     for checkpoint in (model, str(tiny_rn_checkpoint)):
