@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from .errors import InputError, OutputError, OutputExistsError
+from .items import display
 
 if TYPE_CHECKING:  # pragma: no cover
     from .items import Item
@@ -45,6 +46,11 @@ class Share:
     def takes(self, partition: int) -> bool:
         return partition % self.world == self.rank
 
+    def count(self, items: int, partition_size: int) -> int:
+        """How many of ``items`` fall in this share's partitions."""
+        return sum(min(partition_size, items - start) for start in range(0, items, partition_size)
+                   if self.takes(start // partition_size))
+
 
 def _env_int(*names: str) -> int | None:
     for name in names:
@@ -56,11 +62,12 @@ def _env_int(*names: str) -> int | None:
 
 def share(rank: int | None = None, world: int | None = None) -> Share:
     """This process's share: ``rank``/``world`` as given, else torchrun's ``RANK``/``WORLD_SIZE``,
-    else SLURM's ``SLURM_PROCID``/``SLURM_NTASKS``, else 0 of 1."""
+    else SLURM's ``SLURM_PROCID``/``SLURM_STEP_NUM_TASKS`` (set inside an ``srun`` step; the
+    batch script itself is one process), else 0 of 1."""
     if (rank is None) != (world is None):
         raise InputError("give both rank and world, or neither")
     if rank is None:
-        world = _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
+        world = _env_int("WORLD_SIZE", "SLURM_STEP_NUM_TASKS") or 1  # inside `srun`, not the batch shell
         rank = _env_int("RANK", "SLURM_PROCID") or 0
     if world < 1 or not 0 <= rank < world:
         raise InputError(f"rank {rank} of world {world}: rank must be in 0..world-1")
@@ -80,6 +87,11 @@ def is_folder_output(output: str | os.PathLike | None) -> bool:
 def _names(count: int) -> list[str]:
     width = len(str(max(count - 1, 0)))
     return [f"{i:0{width}d}" for i in range(count)]
+
+
+def require_pyarrow() -> None:
+    """Refuse early (before a model is loaded) when parquet cannot be written."""
+    _pyarrow()
 
 
 def _pyarrow():
@@ -182,10 +194,19 @@ def _write(outdir: Path, number: str, rows, columns: dict[str, list], text_rows=
     from .fsutil import atomic_path, atomic_write
 
     pa = _pyarrow()
-    try:
-        table = pa.Table.from_pydict(columns)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):  # sidecar fields of mixed types: as text
-        table = pa.Table.from_pydict({k: [None if v is None else str(v) for v in c] for k, c in columns.items()})
+    text = {"image_path", "status", "error", "caption"}  # always strings, also when all are null
+    arrays, names = [], []
+    for name, values in columns.items():
+        if name in text:
+            values = [None if v is None else display(str(v)) for v in values]
+            arrays.append(pa.array(values, type=pa.string()))
+        else:
+            try:
+                arrays.append(pa.array(values))
+            except (pa.ArrowInvalid, pa.ArrowTypeError):  # a sidecar field of mixed types: as text
+                arrays.append(pa.array([None if v is None else str(v) for v in values], type=pa.string()))
+        names.append(name)
+    table = pa.Table.from_arrays(arrays, names=names)
     outputs = [("img_emb", rows)] + ([("text_emb", text_rows)] if text_rows is not None else [])
     for kind, matrix in outputs:
         (outdir / kind).mkdir(exist_ok=True)
@@ -223,35 +244,34 @@ def encode_shards(loaded: "LoadedModel", shards: Sequence[str], outdir: str | os
         if (outdir / "metadata" / f"metadata_{number}.parquet").exists():
             outcome["skipped"] += 1
             continue
-        found = []
+        found = []  # (key, caption, meta) per sample: the image bytes go to the decoder and no further
 
         def stream(shard=shard, found=found):
             for sample in samples(shard):
-                found.append(sample)
+                found.append((sample.key, sample.caption, sample.meta))
                 yield sample.item
 
         rows, status, errors = [], [], []
         results = embed_images(loaded, stream(), normalize=normalize, **run.pipeline_kwargs())
         for k, result in enumerate(results):  # found[k] was read before its result came back
-            sample = found[k]
             rows.append(result.embedding if result.ok else np.zeros(loaded.embed_dim, np.float32))
             status.append("ok" if result.ok else "error")
             errors.append(result.error)
             outcome["ok" if result.ok else "error"] += 1
-            report(sample.key, result.error)
+            report(f"{shard}:{found[k][0]}", result.error)
         matrix = np.stack(rows) if rows else np.zeros((0, loaded.embed_dim), np.float32)
         text_rows = None
         if captions:
             text_rows = np.zeros_like(matrix)
-            with_text = [j for j, sample in enumerate(found) if sample.caption]
-            for j, result in zip(with_text, embed_texts(loaded, [found[j].caption for j in with_text], normalize=normalize)):
+            with_text = [j for j, (_, caption, _) in enumerate(found) if caption]
+            for j, result in zip(with_text, embed_texts(loaded, [found[j][1] for j in with_text], normalize=normalize)):
                 if result.ok:
                     text_rows[j] = result.embedding
-        columns = {"image_path": [s.key for s in found], "status": status, "error": errors,
-                   "caption": [s.caption for s in found]}
-        for field_name in dict.fromkeys(k for s in found for k in s.meta):
+        columns = {"image_path": [key for key, _, _ in found], "status": status, "error": errors,
+                   "caption": [caption for _, caption, _ in found]}
+        for field_name in dict.fromkeys(k for _, _, meta in found for k in meta):
             if field_name not in columns:  # the sidecar's fields, never over ours
-                columns[field_name] = [_cell(s.meta.get(field_name)) for s in found]
+                columns[field_name] = [_cell(meta.get(field_name)) for _, _, meta in found]
         _write(outdir, number, matrix, columns, text_rows)
         outcome["done"] += 1
     outcome["summary"] = _summarize(outdir, numbers)

@@ -181,6 +181,8 @@ def load_model(name: str, device: str = "auto", precision: str | None = None,
             raise ClipcliError(f"threads must be at least 1, not {threads}")
         torch.set_num_threads(threads)
     torch_device = resolve_device(device)
+    if torch_device.type == "cuda":  # or this process's pinned memory and context land on GPU 0 too
+        torch.cuda.set_device(torch_device)
     dtype = resolve_dtype(precision, torch_device)
     source = resolve(name, arch=arch, quiet=quiet)
     model, note = load(source, torch_device, dtype, towers)

@@ -43,6 +43,6 @@ def from_environment() -> Topology:
 def slurm_local_id() -> int | None:
     """This task's index on its node under SLURM (``SLURM_LOCALID``) when a job step runs
     several tasks, else None: tasks that share a node's GPUs pick theirs by it."""
-    if _int("SLURM_NTASKS", 1) <= 1 or not os.environ.get("SLURM_LOCALID", "").strip().isdigit():
+    if _int("SLURM_STEP_NUM_TASKS", 1) <= 1 or not os.environ.get("SLURM_LOCALID", "").strip().isdigit():
         return None
     return _int("SLURM_LOCALID", 0)

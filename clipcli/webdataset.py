@@ -6,9 +6,11 @@ one sample ``00001/000010042``). A sample's image is its ``jpg``, ``jpeg``, ``pn
 ``webp`` member, its caption the ``txt`` one, its metadata the ``json`` one. Shards are
 named as files, globs (``shards/*.tar``) or brace patterns (``shards/{00000..00999}.tar``).
 
-Reading never stops the run: a sample without an image is an error sample, and a shard that
-is truncated or corrupt part-way gives its samples up to there, then one error sample
-saying where it broke (what came after cannot be known).
+A sample without an image is an error sample, and a shard that is truncated or corrupt
+part-way gives its samples up to there, then one error sample saying where it broke (what
+came after cannot be known). A shard that cannot be read at all (missing, a permission, an
+I/O error) stops the run instead, so that a rerun tries it again. Only image, caption and
+JSON members are read, each up to :data:`MAX_MEMBER_BYTES`.
 """
 
 from __future__ import annotations
@@ -22,13 +24,21 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-from .errors import InputError
+from .errors import ClipcliError, InputError
 from .items import Item, display
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-_SHARD = re.compile(r"\.tar(\.gz|\.bz2|\.xz)?$")
+WANTED = (*IMAGE_EXTENSIONS, "txt", "json")
+MAX_MEMBER_BYTES = 64 << 20  # an image, caption or JSON larger than this is an error sample
+SHARD = re.compile(r"\.(tar(\.gz|\.bz2|\.xz)?|tgz)$", re.IGNORECASE)
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _CHOICE = re.compile(r"\{([^{}]*,[^{}]*)\}")
+
+
+class ShardError(ClipcliError):
+    """A shard could not be read (not damage in it): the run stops, and a rerun tries it again."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -43,7 +53,7 @@ class Sample:
 
 def is_shards(inputs: Sequence[str]) -> bool:
     """Whether every input names tar shards (a ``.tar`` file, glob or brace pattern)."""
-    return bool(inputs) and all(_SHARD.search(arg) for arg in inputs)
+    return bool(inputs) and all(SHARD.search(arg) for arg in inputs)
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -80,10 +90,14 @@ def _split(member: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
 
 
-def _sample(key: str, parts: dict[str, bytes]) -> Sample:
+def _sample(key: str, parts: dict) -> Sample:
     image = next((ext for ext in IMAGE_EXTENSIONS if ext in parts), None)
-    item = (Item(name=key, data=parts[image]) if image else
-            Item(name=key, error=f"no image in this sample (it has {', '.join(sorted(parts)) or 'nothing'})"))
+    if "error" in parts:
+        item = Item(name=key, error=parts.pop("error"))
+    elif image:
+        item = Item(name=key, data=parts[image])
+    else:
+        item = Item(name=key, error=f"no image in this sample (it has {', '.join(sorted(parts)) or 'nothing we read'})")
     sample = Sample(key, item)
     if "txt" in parts:
         sample.caption = parts["txt"].decode("utf-8", "replace").strip()
@@ -97,25 +111,37 @@ def _sample(key: str, parts: dict[str, bytes]) -> Sample:
 
 
 def samples(shard: str) -> Iterator[Sample]:
-    """The samples of ``shard`` in order, read as a stream."""
-    key, parts = None, {}
+    """The samples of ``shard`` in order, read as a stream. A shard that cannot be opened or
+    read (missing, a permission, an I/O error) raises :class:`ShardError`: it is not done and a
+    rerun tries it again. Damage found in its bytes (a truncated or corrupt archive) is final:
+    the samples before it, then one error sample."""
     try:
-        with tarfile.open(shard, mode="r|*") as archive:
+        stream = open(shard, "rb")
+    except OSError as error:
+        raise ShardError(f"cannot read shard {display(shard)}: {error.strerror or error}") from None
+    key, parts, done = None, {}, None  # done: the last sample read whole
+    try:
+        with stream, tarfile.open(fileobj=stream, mode="r|*") as archive:
             for member in archive:
-                if not member.isfile():
-                    continue
                 member_key, extension = _split(member.name)
+                if not member.isfile() or member.name.rpartition("/")[2].startswith("."):
+                    continue  # folders, links, hidden files (macOS ._ files)
                 if member_key != key and key is not None:
                     yield _sample(key, parts)
-                    parts = {}
+                    done, parts = key, {}
                 key = member_key
+                if extension not in WANTED:
+                    continue  # never read: other members may be large (.mp4, .npy)
+                if member.size > MAX_MEMBER_BYTES:
+                    parts["error"] = f"{extension} member of {member.size:,} bytes is over the {MAX_MEMBER_BYTES:,} limit"
+                    continue
                 parts[extension] = archive.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
-        if key is not None and parts:
-            yield _sample(key, parts)
-        where = f"after {key}" if key is not None else "at its start"
+    except (tarfile.TarError, EOFError, zlib.error) as error:
+        where = f"after {done}" if done is not None else "at its start"
         reason = f"the shard is damaged {where} ({error or type(error).__name__}); what followed is lost"
         yield Sample(f"{shard}#damaged", Item(name=f"{shard}#damaged", error=reason))
         return
+    except OSError as error:  # reading failed (an I/O error), not the archive: try again later
+        raise ShardError(f"cannot read shard {display(shard)}: {error.strerror or error}") from None
     if key is not None:
         yield _sample(key, parts)

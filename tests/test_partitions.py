@@ -128,11 +128,11 @@ def test_user_mistakes_are_one_line(images, model, tmp_path, monkeypatch):
 
 
 def test_the_share_comes_from_torchrun_or_slurm(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
         monkeypatch.delenv(name, raising=False)
     assert (share().rank, share().world) == (0, 1)
     monkeypatch.setenv("SLURM_PROCID", "3")
-    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
     assert (share().rank, share().world) == (3, 8)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -256,3 +256,87 @@ def test_brace_patterns_expand_as_webdataset_writes_them():
     assert expand_braces("s/{00008..00011}.tar") == [f"s/{n:05d}.tar" for n in range(8, 12)]
     assert expand_braces("{a,b}/{1..2}.tar") == ["a/1.tar", "a/2.tar", "b/1.tar", "b/2.tar"]
     assert expand_braces("plain.tar") == ["plain.tar"]
+
+
+def tar_bytes(members: dict[str, bytes], mode: str = "w") -> bytes:
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def jpeg(colour: tuple) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    Image.new("RGB", (32, 24), colour).save(out, "JPEG")
+    return out.getvalue()
+
+
+def test_odd_shards_gzip_empty_dotted_names_hidden_members_and_mixed_sidecars(tmp_path, model):
+    import pyarrow.dataset as ds
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a.tar.gz").write_bytes(tar_bytes({
+        "./k1.jpg": jpeg((200, 0, 0)), "./k1.json": b'{"width": 32, "note": "x"}',
+        "._k1.jpg": b"macOS resource fork", "v1.2/k2.jpg": jpeg((0, 200, 0)), "v1.2/k2.json": b'{"width": "wide"}',
+        "k3.mp4": b"\x00" * 1000}, mode="w:gz"))
+    (shards / "b.tar").write_bytes(tar_bytes({}))
+    out = tmp_path / "out"
+    cli("encode", str(shards / "a.tar.gz"), str(shards / "b.tar"), "-m", model, "-o", f"{out}/", "--device", "cpu")
+    matrix, rows = read_back(out)
+    assert [(r["image_path"], r["status"]) for r in rows] == [("./k1", "ok"), ("v1.2/k2", "ok"), ("k3", "error")]
+    assert "no image" in rows[2]["error"] and matrix.shape == (3, 32)
+    table = ds.dataset(str(out / "metadata"), format="parquet").to_table()  # one dataset over every partition
+    assert table.num_rows == 3 and table.schema.field("error").type == "string"
+
+
+def test_a_shard_that_cannot_be_read_stops_the_run_and_is_retried(tmp_path, model):
+    shards = make_shards(tmp_path / "shards")
+    moved = tmp_path / "00001.tar"
+    (shards / "00001.tar").rename(moved)
+    out = tmp_path / "out"
+    names = [str(shards / "00000.tar"), str(shards / "00001.tar")]
+    missing = runner.invoke(app, ["encode", *names, "-m", model, "-o", f"{out}/", "--device", "cpu"])
+    assert missing.exit_code == 2 and "no shard matches" in missing.stderr
+    moved.rename(shards / "00001.tar")
+    (shards / "00001.tar").chmod(0o644)
+    cli("encode", *names, "-m", model, "-o", f"{out}/", "--device", "cpu")
+    assert json.loads((out / "_summary.json").read_text())["total"] == 10
+
+
+def test_shards_need_a_folder_output_and_are_not_mixed_with_images(tmp_path, model, images):
+    shards = make_shards(tmp_path / "shards")
+    for args, message in [([str(shards / "00000.tar"), "-o", str(tmp_path / "e.npy")], "into a folder"),
+                          ([str(shards / "00000.tar"), str(images), "-o", f"{tmp_path}/o/"], "not both")]:
+        result = runner.invoke(app, ["encode", *args, "-m", model, "--device", "cpu"])
+        assert result.exit_code == 2 and message in result.stderr, result.stderr
+
+
+def test_an_unreadable_shard_in_the_middle_of_a_run_is_not_marked_done(tmp_path, model, monkeypatch):
+    from clipcli import webdataset
+
+    shards = make_shards(tmp_path / "shards")
+    real = open
+
+    def failing(path, *args, **kwargs):
+        if str(path).endswith("00001.tar"):
+            raise OSError(5, "Input/output error")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(webdataset, "open", failing, raising=False)
+    out = tmp_path / "out"
+    names = [str(shards / f"0000{i}.tar") for i in range(3)]
+    result = runner.invoke(app, ["encode", *names, "-m", model, "-o", f"{out}/", "--device", "cpu"])
+    assert result.exit_code == 1 and "cannot read shard" in result.stderr
+    assert not (out / "metadata" / "metadata_1.parquet").exists()
+    monkeypatch.undo()
+    again = cli("encode", *names, "-m", model, "-o", f"{out}/", "--device", "cpu")
+    assert "1 written" in again or "2 written" in again

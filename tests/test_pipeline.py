@@ -246,7 +246,7 @@ def test_slurm_tasks_sharing_a_nodes_gpus_take_their_local_id(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "16")
     monkeypatch.setenv("SLURM_LOCALID", "3")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     assert resolve_device("auto") == torch.device("cuda", 3)

@@ -79,7 +79,7 @@ def encode(
     exact_decode: ExactOpt = False,
     partition_size: Annotated[int, typer.Option("--partition-size", min=1, help="With -o DIR/: inputs per partition.")] = 10_000,
     rank: Annotated[Optional[int], typer.Option("--rank", min=0, show_default=False, help="With -o DIR/: this process's rank (default: torchrun's RANK, SLURM's SLURM_PROCID, or 0).")] = None,
-    world: Annotated[Optional[int], typer.Option("--world", min=1, show_default=False, help="With -o DIR/: how many processes share the work (default: WORLD_SIZE, SLURM_NTASKS, or 1).")] = None,
+    world: Annotated[Optional[int], typer.Option("--world", min=1, show_default=False, help="With -o DIR/: how many processes share the work (default: WORLD_SIZE, SLURM_STEP_NUM_TASKS inside srun, or 1).")] = None,
     captions: Annotated[bool, typer.Option("--captions", help="With -o DIR/ and WebDataset shards: also embed each sample's .txt (DIR/text_emb/).")] = False,
 ) -> None:
     """Embed images (or captions with --text) with CLIP, L2-normalised unless --no-normalize.
@@ -114,7 +114,7 @@ def encode(
     from ..partitions import is_folder_output
 
     if is_folder_output(output):
-        check_options(text, resume)
+        check_options(text, resume, inputs)
         if not inputs:
             raise InputError("nothing to encode: give images, folders or list files")
         encode_partitioned(inputs, output, lambda text=False: _load(model, arch, device, precision, threads, quiet,
@@ -124,6 +124,10 @@ def encode(
                            captions=captions, quiet=quiet)
     if not text and not inputs:
         raise InputError("nothing to encode: give images, folders or list files, or --text FILE")
+    from ..webdataset import SHARD
+
+    if inputs and any(SHARD.search(arg) for arg in inputs):
+        raise InputError("WebDataset shards are encoded into a folder: -o DIR/")
     target, outputs = encode_target(output)
     if resume and target not in ("npy", "npz"):
         raise InputError("--resume needs -o FILE.npy or FILE.npz")
@@ -168,16 +172,18 @@ def encode_partitioned(inputs: list[str], output: str, loaded_model, run, *, nor
     errors that stop the run."""
     from ..items import expand_inputs
     from ..output import Reporter
-    from ..partitions import encode_partitions, encode_shards, share
+    from ..partitions import encode_partitions, encode_shards, require_pyarrow, share
     from ..webdataset import expand_shards, is_shards
 
     part = share(rank, world)
+    require_pyarrow()
+    if "-" in inputs and part.world > 1:
+        raise InputError("several processes cannot share stdin: give the list as a file")
     shards = expand_shards(inputs) if is_shards(inputs) else None
     if captions and shards is None:
         raise InputError("--captions embeds the .txt of WebDataset samples: give tar shards")
     items = expand_inputs(inputs) if shards is None else []
-    mine = sum(len(items[i:i + partition_size]) for i in range(0, len(items), partition_size)
-               if part.takes(i // partition_size))
+    mine = part.count(len(items), partition_size)
     prefix = f"[rank {part.rank}/{part.world}] " if part.world > 1 else ""
     with Reporter(mine, "images", quiet, prefix=prefix, bar=part.rank == 0 and shards is None) as report:
         if shards is None:
@@ -196,8 +202,13 @@ def encode_partitioned(inputs: list[str], output: str, loaded_model, run, *, nor
     raise typer.Exit(0)
 
 
-def check_options(text: Optional[str], resume: bool) -> None:
-    """Options a folder output does not take."""
+def check_options(text: Optional[str], resume: bool, inputs: Optional[list[str]]) -> None:
+    """Options and inputs a folder output does not take."""
+    from ..webdataset import SHARD
+
+    shards = [arg for arg in inputs or [] if SHARD.search(arg)]
+    if shards and len(shards) != len(inputs):
+        raise InputError("give either WebDataset shards (.tar) or images, folders and lists, not both")
     if text:
         raise InputError("a folder output (-o DIR/) takes images; write captions to a .npy file")
     if resume:
