@@ -253,6 +253,12 @@ def _isatty(stream: IO) -> bool:
         return False
 
 
+def write_paths(stream: IO[bytes], paths: Sequence[bytes]) -> None:
+    """One path per line, as the filesystem's bytes (for ``xargs -d '\\n'``)."""
+    stream.write(b"".join(path + b"\n" for path in paths))
+    stream.flush()
+
+
 def text_stream(binary: IO[bytes]) -> IO[str]:
     """A UTF-8 text wrapper for writing records to a binary stream."""
     return io.TextIOWrapper(binary, encoding="utf-8", newline="\n", write_through=True)

@@ -286,3 +286,30 @@ def test_train_then_classify_on_cuda(shapes_csv, tmp_path):
     shutil.copy(first, target / first.name)
     out = cli("classify", str(target), "-m", checkpoint, "--labels", "red circle,blue square", "--format", "jsonl", "-q")
     assert json.loads(out)["status"] == "ok"
+
+
+# ----------------------------------------------------------------------------- index and partitions
+
+
+def test_index_and_search_on_cuda_match_the_cpu(full_size, photos, tmp_path):
+    model = str(full_size["ViT-B-32"])
+    found = {}
+    for device in ("cpu", "cuda"):
+        db = str(tmp_path / f"{device}.sqlite3")
+        cli("index", str(photos), "--db", db, "-m", model, "--device", device, "-q")
+        out = cli("search", "a photo of a cat", "--db", db, "-m", model, "--device", device, "-k", "40", "--format", "json")
+        found[device] = {r["image"]: r["score"] for r in json.loads(out)}
+    assert found["cpu"].keys() == found["cuda"].keys()
+    assert max(abs(found["cpu"][k] - found["cuda"][k]) for k in found["cpu"]) < 2e-3
+
+
+def test_partitioned_encode_on_cuda_matches_the_cpu_and_stays_on_its_gpu(full_size, photos, tmp_path):
+    pytest.importorskip("pyarrow")
+    model = str(full_size["ViT-B-32"])
+    for device in ("cpu", "cuda"):
+        cli("encode", str(photos), "-m", model, "--device", device, "-o", f"{tmp_path / device}/", "--partition-size",
+            "16", "-q")
+    cpu = np.concatenate([np.load(p) for p in sorted((tmp_path / "cpu" / "img_emb").glob("*.npy"))])
+    gpu = np.concatenate([np.load(p) for p in sorted((tmp_path / "cuda" / "img_emb").glob("*.npy"))])
+    assert cpu.shape == gpu.shape == (40, 512) and row_cosines(cpu, gpu).min() >= 0.999
+    assert torch.cuda.current_device() == 0

@@ -143,7 +143,7 @@ def search(
     from ..fetch import FetchOptions
     from ..fsutil import atomic_write, ensure_writable
     from ..index import Index
-    from ..output import RecordWriter
+    from ..output import RecordWriter, write_paths
     from ..search import parse_terms
     from ..search import search as run_search
 
@@ -177,8 +177,7 @@ def search(
             raise NoVectorsError(f"{error}; index with it first: clipcli index FOLDER --model {model}") from None
     name = _format(fmt) if fmt is None else fmt.value
     if name == "paths":
-        for hit in hits:
-            sys.stdout.buffer.write(hit.path + b"\n")
+        write_paths(sys.stdout.buffer, [hit.path for hit in hits])
     else:
         with RecordWriter(sys.stdout, name, paths_column="image") as writer:
             for hit in hits:
