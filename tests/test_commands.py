@@ -383,8 +383,10 @@ def test_help_imports_nothing_heavy():
 def test_interrupt_keeps_what_is_done_and_exits_130(photos, ckpt, sig):
     import signal
 
+    # 3,000 inputs: far more than a loaded machine can finish between the first line and the
+    # signal (with 300 it once finished first under load 3.5), while the run is stopped early.
     process = subprocess.Popen(
-        [sys.executable, "-m", "clipcli", "encode", *[str(photos)] * 60, "-m", ckpt, "--batch-size", "1"],
+        [sys.executable, "-m", "clipcli", "encode", *[str(photos)] * 600, "-m", ckpt, "--batch-size", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
     )
     first = process.stdout.readline()
@@ -394,7 +396,7 @@ def test_interrupt_keeps_what_is_done_and_exits_130(photos, ckpt, sig):
     assert "error: interrupted" in errors and "Traceback" not in errors
     lines = [first, *rest.splitlines()]
     assert all(json.loads(line)["status"] == "ok" for line in lines)  # every line written is whole
-    assert len(lines) < 300
+    assert len(lines) < 3000
 
 
 def test_heatmap_inside_the_input_folder_is_not_read_back(photos, ckpt):
