@@ -98,6 +98,7 @@ def bench_search(work: Path, count: int, queries: int = 7) -> dict:
 
     from clipcli.index import Index
     from clipcli.pipeline import load_model
+    from clipcli.vectors import search
 
     model = str(checkpoint(work / "vit-b-32.safetensors", **dict(
         embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
@@ -132,13 +133,13 @@ def bench_search(work: Path, count: int, queries: int = 7) -> dict:
         query = np.random.default_rng(1).standard_normal(512).astype(np.float32)
         query /= np.linalg.norm(query)
         start = time.perf_counter()
-        index.search(1, query, top_k=10)
+        search(index, 1, query, top_k=10)
         first = time.perf_counter() - start
     with Index(db, readonly=True) as index:
         times = []
         for _ in range(queries):
             start = time.perf_counter()
-            index.search(1, query, top_k=10)
+            search(index, 1, query, top_k=10)
             times.append(time.perf_counter() - start)
     search = clipcli("search", "a photo of a cat", "--db", str(db), "-m", model, "--device", "cpu", "--format", "json")
     captions = work / "caption.txt"

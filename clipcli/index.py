@@ -11,8 +11,9 @@ Tables (schema version in ``PRAGMA user_version``, migrations in :data:`MIGRATIO
 - ``vectors``: one float32 embedding per (model, content sha256). A renamed, moved or
   duplicated file reuses its content's vector; no vector belongs to two models.
 
-:meth:`Index.update` (:mod:`clipcli.indexing`) brings the rows up to date, committing each
-batch in its own transaction; :meth:`Index.search` (:mod:`clipcli.vectors`) scores a query.
+:func:`clipcli.indexing.update` brings the rows up to date, committing each batch in its own
+transaction; :func:`clipcli.vectors.search` scores a query. Both build on this module, which
+imports neither.
 
 Searching multiplies a query vector with all of a model's vectors (exact search). The
 vectors are kept contiguous in a derived cache beside the database (``NAME.vectors/``,
@@ -27,12 +28,11 @@ import sqlite3
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator
 
 from .errors import IndexDatabaseError, NoVectorsError, OutputError
 
 if TYPE_CHECKING:  # pragma: no cover
-    import numpy as np
 
     from .pipeline import LoadedModel
 
@@ -233,31 +233,6 @@ class Index:
         for path, size, mtime, sha, error in self.db.execute(
                 "SELECT path, size, mtime_ns, sha256, error FROM files ORDER BY path"):
             yield {"path": os.fsdecode(path), "size": size, "mtime_ns": mtime, "sha256": sha, "error": error}
-
-    # ----------------------------------------------------------------- updating
-
-    def update(self, inputs: Sequence[str], key: str, load: Callable[[], "LoadedModel"], *,
-               embed: Callable[["LoadedModel", list], Iterator] | None = None,
-               on_result: Callable[[str, str | None], None] | None = None) -> Summary:
-        """Bring the rows of ``inputs`` (folders, list files, files) up to date for the model
-        whose :func:`~clipcli.loading.source_key` is ``key``. ``load()`` is called only if an
-        image must be embedded; ``embed(loaded, items)`` yields one
-        :class:`~clipcli.batching.Embedding` per item (default: :func:`embed_images`)."""
-        from .indexing import update
-
-        return update(self, inputs, key, load, embed=embed, on_result=on_result)
-
-    # ----------------------------------------------------------------- searching
-
-    def search(self, model: int, query: "np.ndarray", *, top_k: int = 10, threshold: float | None = None,
-               under: Sequence[str] = ()) -> list[Hit]:
-        """The ``top_k`` files whose vectors score highest against the unit vector ``query``
-        (cosine), best first; ``under`` limits them to files below those folders or paths.
-        Exact: every vector of the model is scored (:mod:`clipcli.vectors`)."""
-        from .vectors import search
-
-        return [Hit(rank, path, score) for rank, (path, score) in
-                enumerate(search(self, model, query, top_k, threshold, under), start=1)]
 
 
 class _Transaction:

@@ -4,7 +4,7 @@ A query term is an image when it names an existing file or is an http(s) URL, an
 otherwise. ``W:TERM`` weighs a term by the number ``W`` (default 1; ``1:3:2 ratio`` searches
 the text ``3:2 ratio``); a term given with ``minus`` is subtracted. Every term is embedded,
 made unit length, multiplied by its weight; the sum is made unit length again and scored
-by cosine against the index (:meth:`clipcli.index.Index.search`).
+by cosine against the index (:func:`clipcli.vectors.search`).
 """
 
 from __future__ import annotations
@@ -83,4 +83,6 @@ def search(index: "Index", loaded: "LoadedModel", terms: Sequence[Term], *, top_
         raise NoVectorsError(f"{index.path} holds no vectors of {loaded.name}")
     if top_k < 1:
         raise InputError(f"top_k must be at least 1, not {top_k}")
-    return index.search(model, query_vector(loaded, terms, fetch), top_k=top_k, threshold=threshold, under=under)
+    from .vectors import search as nearest
+
+    return nearest(index, model, query_vector(loaded, terms, fetch), top_k=top_k, threshold=threshold, under=under)

@@ -234,6 +234,7 @@ def update_index(index, inputs: Sequence[str], model: str, load: Callable[[], "L
     :class:`~clipcli.index.Summary`.
     """
     from .batching import embed_images
+    from .indexing import update
     from .loading import resolve, source_key
 
     key = source_key(resolve(model, arch=arch, quiet=True))
@@ -241,4 +242,4 @@ def update_index(index, inputs: Sequence[str], model: str, load: Callable[[], "L
     def embed(loaded, items):
         return embed_images(loaded, items, normalize=True, **run.for_device(loaded.device).pipeline_kwargs())
 
-    return index.update(inputs, key, load, embed=embed, on_result=on_result)
+    return update(index, inputs, key, load, embed=embed, on_result=on_result)

@@ -16,21 +16,19 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from .fsutil import umask
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .index import Index
+from .index import Hit, Index, key_range, path_key
 
 
-def cache_folder(index: "Index") -> Path:
+def cache_folder(index: Index) -> Path:
     return index.path.with_name(index.path.name + ".vectors")
 
 
-def _build(index: "Index", model: int, dim: int, count: int, target: Path | None) -> tuple[np.ndarray, np.ndarray]:
+def _build(index: Index, model: int, dim: int, count: int, target: Path | None) -> tuple[np.ndarray, np.ndarray]:
     """Rows of ``model`` in id order, into ``target`` (an ``.npy`` written in place) or memory."""
     ids = np.empty(count, np.int64)
     if target is not None:
@@ -50,7 +48,7 @@ def _build(index: "Index", model: int, dim: int, count: int, target: Path | None
     return ids, vectors
 
 
-def load_matrix(index: "Index", model: int, generation: int) -> tuple[np.ndarray, np.ndarray]:
+def load_matrix(index: Index, model: int, generation: int) -> tuple[np.ndarray, np.ndarray]:
     """``(ids, vectors)`` of ``model`` at ``generation``, from the cache or rebuilt into it."""
     folder = cache_folder(index)
     stem = f"{index.uuid}-m{model}-g{generation}"
@@ -118,13 +116,11 @@ def top_scores(vectors: np.ndarray, ids: np.ndarray, query: np.ndarray, k: int, 
 
 def _place(place: str) -> tuple[bytes, bytes, bytes]:
     """(the path's key, the first key under it, the first key past it)."""
-    from .index import key_range, path_key
-
     key = path_key(place)
     return (key, *key_range(key))
 
 
-def _allowed(index: "Index", model: int, under: Sequence[str]) -> set[int]:
+def _allowed(index: Index, model: int, under: Sequence[str]) -> set[int]:
     """Ids of the model's vectors that some file at or below ``under`` holds."""
     allowed: set[int] = set()
     for key, low, high in map(_place, under):
@@ -135,7 +131,7 @@ def _allowed(index: "Index", model: int, under: Sequence[str]) -> set[int]:
     return allowed
 
 
-def _files_of(index: "Index", model: int, best: list[tuple[int, float]],
+def _files_of(index: Index, model: int, best: list[tuple[int, float]],
               under: Sequence[str]) -> list[tuple[bytes, float]]:
     """The files holding the ``best`` vectors (one vector may be several files), best first."""
     score = dict(best)
@@ -152,9 +148,11 @@ def _files_of(index: "Index", model: int, best: list[tuple[int, float]],
     return sorted(((path, score[vector_id]) for path, vector_id in found), key=lambda hit: (-hit[1], hit[0]))
 
 
-def search(index: "Index", model: int, query: np.ndarray, top_k: int, threshold: float | None,
-           under: Sequence[str]) -> list[tuple[bytes, float]]:
-    """``[(path, cosine)]`` of the ``top_k`` best files, best first (see :meth:`Index.search`)."""
+def search(index: Index, model: int, query: np.ndarray, *, top_k: int = 10, threshold: float | None = None,
+           under: Sequence[str] = ()) -> list[Hit]:
+    """The ``top_k`` files whose vectors score highest against the unit vector ``query``
+    (cosine), best first; ``under`` limits them to files at or below those paths. Exact:
+    every vector of the model is scored."""
     generation = index.db.execute("SELECT generation FROM models WHERE id = ?", (model,)).fetchone()[0]
     ids, vectors = load_matrix(index, model, generation)
     allowed = _allowed(index, model, under) if under else None
@@ -163,5 +161,5 @@ def search(index: "Index", model: int, query: np.ndarray, top_k: int, threshold:
         best = top_scores(vectors, ids, query, want, threshold, allowed)
         hits = _files_of(index, model, best, under)
         if len(hits) >= top_k or len(best) < want:
-            return hits[:top_k]
+            return [Hit(rank, path, score) for rank, (path, score) in enumerate(hits[:top_k], start=1)]
         want *= 4

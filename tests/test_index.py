@@ -236,6 +236,7 @@ def test_a_newly_unreadable_file_is_reported_and_retried_once_readable(photos, m
 
 def test_a_file_that_changes_while_it_is_embedded_is_left_for_the_next_run(photos, model, tmp_path):
     from clipcli.batching import embed_images
+    from clipcli.indexing import update as update_rows
     from clipcli.loading import resolve, source_key
     from clipcli.pipeline import load_model
 
@@ -249,8 +250,8 @@ def test_a_file_that_changes_while_it_is_embedded_is_left_for_the_next_run(photo
 
     db = tmp_path / "db.sqlite3"
     with Index(db) as index:
-        summary = index.update([str(photos)], source_key(resolve(model)), lambda: load_model(model, device="cpu"),
-                               embed=embed)
+        summary = update_rows(index, [str(photos)], source_key(resolve(model)), lambda: load_model(model, device="cpu"),
+                              embed=embed)
         assert summary.failed == 1 and summary.added == 4
         assert not any(row["path"].endswith("rocket.jpg") for row in index.rows())
     assert update(db, [photos], model).added == 1
