@@ -157,8 +157,7 @@ def encode_partitions(loaded: "LoadedModel", items: Sequence["Item"], outdir: st
     outdir = Path(outdir)
     count = max(1, -(-len(items) // partition_size))
     numbers = _names(count)
-    for folder in (outdir / "img_emb", outdir / "metadata"):
-        folder.mkdir(parents=True, exist_ok=True)
+    (outdir / "metadata").mkdir(parents=True, exist_ok=True)  # the other folders: _write
     _claim_manifest(outdir / MANIFEST,
                     _manifest(loaded, [item.name for item in items], partition_size, count, normalize, run))
     outcome = {"partitions": count, "done": 0, "skipped": 0, "ok": 0, "error": 0, "summary": None}

@@ -248,7 +248,6 @@ def _save_quietly(path: Path, array: "np.ndarray") -> None:
     """Write a cache entry atomically; a cache that cannot be written is not an error."""
     import numpy as np
 
-
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path, overwrite=True) as f:
