@@ -19,9 +19,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
-from .fetch import FetchOptions
+from .errors import ItemError
+from .http import FetchOptions
 from .images import DecodeOptions, pillow_limits, read_image
-from .items import Item, ItemError
+from .items import Item
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -93,10 +94,10 @@ def run_batches(encode: Callable, inputs: "torch.Tensor", normalize: bool) -> li
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if len(inputs) == 1:
-            return ["out of memory in the model, even alone (try --device cpu or a smaller model)"]
+            return ["out of memory in the model, even alone (a smaller model, or another device, may fit)"]
         half = len(inputs) // 2
         return run_batches(encode, inputs[:half], normalize) + run_batches(encode, inputs[half:], normalize)
-    reason = "non-finite embedding (NaN or inf); try --precision fp32"
+    reason = "non-finite embedding (NaN or inf); fp32 precision may avoid it"
     return [row if good else reason for row, good in zip(rows, finite.tolist())]
 
 
@@ -131,6 +132,12 @@ def default_batch_size(device: "torch.device") -> int:
     """32 images per model call on a CPU; 256 on a GPU (measured beside an H200: a whole
     ``clipcli encode`` of 3,072 photos with ViT-B/32 ran at 286 images/s with 32, 464 with 256)."""
     return 256 if device.type == "cuda" else 32
+
+
+def sizes_for(device: "torch.device", batch_size: int | None, workers: int | None) -> tuple[int, int]:
+    """``(batch_size, workers)`` with the device's defaults in place of None."""
+    return (default_batch_size(device) if batch_size is None else batch_size,
+            default_workers(device) if workers is None else workers)
 
 
 class _DaemonPool:
@@ -200,8 +207,7 @@ def embed_images(
     on_gpu = loaded.device.type == "cuda"
     split = isinstance(loaded.preprocess, Preprocess)  # uint8 pixels in workers, normalised per batch
     step = loaded.preprocess.pixels if split else loaded.preprocess
-    workers = default_workers(loaded.device) if workers is None else workers
-    batch_size = default_batch_size(loaded.device) if batch_size is None else batch_size
+    batch_size, workers = sizes_for(loaded.device, batch_size, workers)
 
     def encode(x):  # (B, r, r, 3) uint8 pixels, or (B, 3, r, r) from another transform
         if on_gpu:  # page-locked memory: a DMA copy, without a staging copy
@@ -285,7 +291,7 @@ def embed_texts(
             if result.truncated:
                 result.error = (
                     f"longer than the model's {loaded.model.context_length}-token context "
-                    "(shorten it, or leave out --no-truncate to cut it)"
+                    "(shorten it, or let it be truncated)"
                 )
     # Batches of texts of similar length: each batch runs only to its longest text (exact:
     # rows are independent); results go back to input order by index.

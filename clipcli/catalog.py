@@ -1,7 +1,7 @@
 """What ``clipcli models`` lists: every registry entry, its facts, and whether it is cached.
 
 Cheap and read-only: no torch, no network. OpenAI's nine are looked for in clipcli's cache
-(:func:`clipcli.download.cache_listing`), OpenCLIP's in the Hugging Face cache.
+(:func:`clipcli.cache.cache_listing`), OpenCLIP's in the Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def _architecture_facts(arch: str) -> dict:
 def catalog(cache_dir: str | os.PathLike | None = None) -> list[dict]:
     """One record per registry entry (OpenAI's nine, then OpenCLIP's), then one per other
     file downloaded with ``clipcli download URL``."""
-    from .download import cache_listing
+    from .cache import cache_listing
 
     named, downloads = [], []
     for record in cache_listing(cache_dir):

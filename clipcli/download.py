@@ -1,10 +1,7 @@
-"""Where weights live and how they get there: the cache, and a verified, resumable download.
+"""How weights get into the cache (:mod:`clipcli.cache`): a verified, resumable download.
 
-The cache is one folder (``$CLIPCLI_CACHE_DIR``, else ``$XDG_CACHE_HOME/clipcli``, else
-``~/.cache/clipcli``). A released model is cached under OpenAI's file name (``ViT-B-32.pt``)
-or, when it came from the Hugging Face hub, as ``ViT-B-32.safetensors``. Every file this
-module downloads gets a sidecar ``<file>.json`` with its sha256, size and source, so a
-cached file is checked before use (size always, the full sha256 on request).
+Every file this module downloads gets a sidecar ``<file>.json`` with its sha256, size and
+source. Progress and news go to the caller's :class:`~clipcli.feedback.Feedback`.
 
 A download never leaves a bad file at its final path:
 
@@ -29,7 +26,6 @@ A matching file in OpenAI's own cache (``~/.cache/clip``) is reused without down
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -38,93 +34,25 @@ from pathlib import Path
 from typing import Callable
 
 from . import registry
-from .errors import ChecksumError, DownloadError, OfflineError, UnknownModelError
-from .fsutil import atomic_write, exclusive_lock, fsync_folder, sha256_file
-from .registry import ModelInfo
-from .transfer import (
-    DEFAULT_SETTINGS,
-    DownloadSettings,
-    Log,
-    Progress,
-    TransientError,
-    check_free_space,
-    format_size,
-    loggers,
-    open_url,
-    partial_path,
-    reason_of,
-    transfer,
+from .cache import (
+    cached_model_file,
+    discard,
+    file_problem,
+    is_sha256,
+    offline,
+    openai_cache_dir,
+    read_meta,
+    resolve_cache_dir,
+    write_meta,
 )
+from .errors import ChecksumError, DownloadError, OfflineError, UnknownModelError
+from .feedback import SILENT, Feedback, Log
+from .fsutil import exclusive_lock, fsync_folder, sha256_file
+from .http import TransientError, reason_of
+from .registry import ModelInfo
+from .transfer import DEFAULT_SETTINGS, DownloadSettings, check_free_space, format_size, partial_path, request, transfer
 
 HF_ENDPOINT = "https://huggingface.co"  # $HF_ENDPOINT overrides, as in huggingface_hub
-
-
-# --- the cache ------------------------------------------------------------------------
-
-def default_cache_dir() -> Path:
-    """``$CLIPCLI_CACHE_DIR``, else ``$XDG_CACHE_HOME/clipcli``, else ``~/.cache/clipcli``."""
-    if os.environ.get("CLIPCLI_CACHE_DIR"):
-        return Path(os.environ["CLIPCLI_CACHE_DIR"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "clipcli"
-    return Path.home() / ".cache" / "clipcli"
-
-
-def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-
-
-def openai_cache_dir() -> Path:
-    """Where OpenAI's ``clip.load`` keeps its downloads."""
-    return Path.home() / ".cache" / "clip"
-
-
-def offline() -> bool:
-    return os.environ.get("CLIPCLI_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def meta_path(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
-
-
-def read_meta(path: Path) -> dict | None:
-    """The sidecar of a downloaded file: ``{"sha256", "size", "url", "name"}``, or None."""
-    try:
-        meta = json.loads(meta_path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(meta, dict) or not _is_sha256(meta.get("sha256")):
-        return None
-    return meta
-
-
-def _write_meta(path: Path, meta: dict) -> None:
-    with atomic_write(meta_path(path), overwrite=True, text=True) as f:
-        f.write(json.dumps(meta, indent=1) + "\n")
-
-
-def _is_sha256(value: object) -> bool:
-    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
-
-
-def file_problem(path: Path, sha256: str, size: int | None, *, full: bool) -> str | None:
-    """Why ``path`` is not the expected file, or None when it is.
-
-    The size is always compared; the full sha256 only with ``full`` or when the size is
-    unknown. A size mismatch is confirmed by hashing, since the sha256 is what defines the file.
-    """
-    try:
-        actual_size = path.stat().st_size
-    except OSError as error:
-        return f"cannot read it ({error.strerror})"
-    if size is not None and actual_size == size and not full:
-        return None
-    actual = sha256_file(path)
-    if actual == sha256:
-        return None
-    if size is not None and actual_size != size:
-        return f"{actual_size} bytes instead of {size}"
-    return f"sha256 {actual} instead of {sha256}"
 
 
 def download_url(
@@ -136,7 +64,7 @@ def download_url(
     name: str | None = None,
     force: bool = False,
     verify: bool = False,
-    quiet: bool | None = None,
+    feedback: Feedback = SILENT,
     settings: DownloadSettings | None = None,
 ) -> Path:
     """Download ``url`` to ``dest``, which exists afterwards only if its sha256 matches.
@@ -150,10 +78,10 @@ def download_url(
     settings = settings or DEFAULT_SETTINGS
     dest = Path(dest).expanduser()
     sha256 = sha256.strip().lower()
-    if not _is_sha256(sha256):
+    if not is_sha256(sha256):
         raise DownloadError(f"{sha256!r} is not a sha256 (64 hexadecimal digits)")
     label = name or dest.name
-    log, show_progress = loggers(quiet)
+    log = feedback.log
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -168,14 +96,14 @@ def download_url(
                 log(f"{label}: cached at {dest}" + (" (sha256 verified)" if verify else ""))
                 return dest
             log(f"{label}: the cached file {dest} is corrupt ({problem}); downloading it again")
-            _discard(dest)
+            discard(dest)
         if offline():
             raise OfflineError(f"not downloading {url}: CLIPCLI_OFFLINE is set")
         part = partial_path(dest, sha256)
-        progress = Progress(label, show_progress)
+        meter = feedback.open_meter(label)
         try:
             for attempt in (1, 2):
-                actual = transfer(url, part, size, settings, progress, log, label)
+                actual = transfer(url, part, size, settings, meter, log, label)
                 if actual == sha256:
                     break
                 received = part.stat().st_size
@@ -187,7 +115,7 @@ def download_url(
                     f"{label} from {url} does not match its sha256: expected {sha256}, got {actual} "
                     f"({received} bytes); the download was deleted"
                 )
-            _write_meta(dest, {"name": label, "sha256": sha256, "size": part.stat().st_size, "url": url})
+            write_meta(dest, {"name": label, "sha256": sha256, "size": part.stat().st_size, "url": url})
             os.replace(part, dest)
             fsync_folder(dest.parent)
         except DownloadError as error:
@@ -197,21 +125,12 @@ def download_url(
         except OSError as error:
             raise DownloadError(f"cannot write {part}: {reason_of(error)}") from None
         finally:
-            progress.close()
+            meter.close()
             with contextlib.suppress(OSError):
                 if part.stat().st_size == 0:
                     part.unlink()
         log(f"{label}: saved {dest} ({format_size(dest.stat().st_size)}, sha256 verified)")
         return dest
-
-
-def _discard(path: Path) -> None:
-    """Delete a corrupt cached file and its sidecar."""
-    try:
-        path.unlink(missing_ok=True)
-        meta_path(path).unlink(missing_ok=True)
-    except OSError as error:
-        raise DownloadError(f"cannot delete the corrupt file {path}: {reason_of(error)}") from None
 
 
 # --- released models -----------------------------------------------------------------------
@@ -236,13 +155,13 @@ def hub_source(info: ModelInfo, settings: DownloadSettings) -> Source:
     endpoint = os.environ.get("HF_ENDPOINT", HF_ENDPOINT).rstrip("/")
     url = f"{endpoint}/{info.hf_repo}/resolve/main/{registry.HF_FILE}"
     try:
-        response = open_url(url, {}, settings, method="HEAD", follow_redirects=False)
+        response = request(url, settings, method="HEAD", follow_redirects=False)
     except TransientError as error:
         raise DownloadError(str(error)) from None
     with response:
         headers = response.headers
     sha256 = (headers.get("X-Linked-Etag") or "").strip().strip('"').lower()
-    if not _is_sha256(sha256):
+    if not is_sha256(sha256):
         raise DownloadError(f"{url}: the hub reported no sha256 for the file")
     size = headers.get("X-Linked-Size")
     commit = (headers.get("X-Repo-Commit") or "").strip()
@@ -264,50 +183,6 @@ def _sources(info: ModelInfo, settings: DownloadSettings) -> list[tuple[str, Cal
         url = f"{base.rstrip('/')}/{info.file}"
         sources.append(("CLIPCLI_MIRROR", lambda: Source("CLIPCLI_MIRROR", url, info.sha256, info.size, info.file)))
     return sources
-
-
-def find_cached(info: ModelInfo, cache_dir: str | os.PathLike | None = None) -> Path | None:
-    """The cached file for ``info`` whose size checks out, without side effects; else None."""
-    cache = resolve_cache_dir(cache_dir)
-    pt = cache / info.file
-    with contextlib.suppress(OSError):
-        if info.size is not None and pt.stat().st_size == info.size:
-            return pt
-    hub = cache / f"{info.stem}.safetensors"
-    meta = read_meta(hub)
-    with contextlib.suppress(OSError):
-        if meta and meta.get("size") == hub.stat().st_size:
-            return hub
-    return None
-
-
-def cached_model_file(info: ModelInfo, cache_dir: str | os.PathLike | None = None, *, verify: bool = False,
-                      quiet: bool | None = None) -> Path | None:
-    """The verified cached file for ``info``, or None; a corrupt cached file is deleted."""
-    cache = resolve_cache_dir(cache_dir)
-    log, _ = loggers(quiet)
-    candidates = [(cache / info.file, info.sha256, info.size)]
-    hub = cache / f"{info.stem}.safetensors"
-    meta = read_meta(hub)
-    if meta:
-        candidates.append((hub, meta["sha256"], meta.get("size")))
-    elif hub.exists():
-        log(f"ignoring {hub}: it has no {meta_path(hub).name} to verify it against")
-    for path, sha256, size in candidates:
-        with contextlib.suppress(OSError):
-            if not verify and size is not None and path.stat().st_size == size:
-                return path
-        if not path.exists():
-            continue
-        with exclusive_lock(path, wait=True, on_wait=log):
-            if not path.exists():
-                continue
-            problem = file_problem(path, sha256, size, full=verify)
-            if problem is None:
-                return path
-            log(f"{info.name}: the cached file {path} is corrupt ({problem}); deleting it")
-            _discard(path)
-    return None
 
 
 def _reuse_openai_cache(info: ModelInfo, cache: Path, log: Log, settings: DownloadSettings) -> Path | None:
@@ -349,15 +224,15 @@ def _reuse_openai_cache(info: ModelInfo, cache: Path, log: Log, settings: Downlo
 def _not_cached(info: ModelInfo, cache: Path, reason: str) -> str:
     return (f"{info.name} is not in the cache ({cache}) and could not be downloaded: {reason}. "
             f"Run `clipcli download {info.name}` on a machine with internet and copy {info.file} "
-            f"into the cache, or pass --model PATH.")
+            f"into the cache, or give a checkpoint file instead of the name.")
 
 
 def fetch_model(info: ModelInfo, cache_dir: str | os.PathLike | None = None, *, force: bool = False,
-                quiet: bool | None = None, settings: DownloadSettings | None = None) -> Path:
+                feedback: Feedback = SILENT, settings: DownloadSettings | None = None) -> Path:
     """Get ``info`` into the cache from the first source that works; return its path."""
     settings = settings or DEFAULT_SETTINGS
     cache = resolve_cache_dir(cache_dir)
-    log, _ = loggers(quiet)
+    log = feedback.log
     if not force:
         reused = _reuse_openai_cache(info, cache, log, settings)
         if reused:
@@ -369,7 +244,7 @@ def fetch_model(info: ModelInfo, cache_dir: str | os.PathLike | None = None, *, 
         try:
             source = resolve()
             return download_url(source.url, cache / source.file, source.sha256, size=source.size,
-                                name=info.name, force=force, quiet=quiet, settings=settings)
+                                name=info.name, force=force, feedback=feedback, settings=settings)
         except DownloadError as error:
             failures.append((label, error))
             if not isinstance(error, OfflineError):
@@ -382,14 +257,14 @@ def fetch_model(info: ModelInfo, cache_dir: str | os.PathLike | None = None, *, 
 
 
 def download_model(info: ModelInfo, cache_dir: str | os.PathLike | None = None, *, force: bool = False,
-                   verify: bool = False, quiet: bool | None = None,
+                   verify: bool = False, feedback: Feedback = SILENT,
                    settings: DownloadSettings | None = None) -> Path:
     """``clipcli download NAME``: the cached file (re-verified with ``verify``) or a fresh download."""
     if not force:
-        cached = cached_model_file(info, cache_dir, verify=verify, quiet=quiet)
+        cached = cached_model_file(info, cache_dir, verify=verify, feedback=feedback)
         if cached:
             return cached
-    return fetch_model(info, cache_dir, force=force, quiet=quiet, settings=settings)
+    return fetch_model(info, cache_dir, force=force, feedback=feedback, settings=settings)
 
 
 def unknown_model(name: str) -> UnknownModelError:
@@ -398,43 +273,10 @@ def unknown_model(name: str) -> UnknownModelError:
                              "hf-hub:ORG/REPO name (see `clipcli models`), nor an existing checkpoint file")
 
 
-def model_file(name: str, cache_dir: str | os.PathLike | None = None, *, quiet: bool | None = None,
+def model_file(name: str, cache_dir: str | os.PathLike | None = None, *, feedback: Feedback = SILENT,
                settings: DownloadSettings | None = None) -> Path:
     """The local checkpoint for a released model name, downloading it on first use."""
     info = registry.find_model(str(name))
     if info is None:
         raise unknown_model(str(name))
-    return download_model(info, cache_dir, quiet=quiet, settings=settings)
-
-
-def cache_listing(cache_dir: str | os.PathLike | None = None) -> list[dict]:
-    """One record per released model (cached or not), then one per other downloaded file.
-
-    Cheap and read-only: cached files are recognised by their size (see :func:`find_cached`).
-    ``size`` is the cached file's size, or the download size of a model not yet cached.
-    """
-    cache = resolve_cache_dir(cache_dir)
-    records, known = [], set()
-    for info in registry.MODELS:
-        path = find_cached(info, cache)
-        meta = read_meta(path) if path else None
-        known.update({info.file, f"{info.stem}.safetensors"})
-        records.append({
-            "name": info.name, "released": True, "input_resolution": info.input_resolution,
-            "embed_dim": info.embed_dim, "size": path.stat().st_size if path else info.size,
-            "cached": path is not None, "path": str(path) if path else None,
-            "sha256": meta["sha256"] if meta else info.sha256,
-            "url": meta.get("url") if meta else info.url,
-        })
-    if cache.is_dir():
-        for sidecar in sorted(cache.glob("*.json")):
-            path = sidecar.with_name(sidecar.name[: -len(".json")])
-            meta = read_meta(path)
-            if path.name in known or meta is None or not path.is_file():
-                continue
-            records.append({
-                "name": meta.get("name") or path.name, "released": False, "input_resolution": None,
-                "embed_dim": None, "size": path.stat().st_size, "cached": True, "path": str(path),
-                "sha256": meta["sha256"], "url": meta.get("url"),
-            })
-    return records
+    return download_model(info, cache_dir, feedback=feedback, settings=settings)

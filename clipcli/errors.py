@@ -1,7 +1,10 @@
 """Errors the library raises. Each carries the exit code the CLI turns it into.
 
-The CLI prints ``str(error)`` as one line on stderr and exits with ``error.exit_code``;
-no traceback is shown for any of these.
+A message says what went wrong, never which command-line flag would fix it: the library is
+used without the CLI too. An error may name the parameter at fault (``option``) and the
+setting that would help (``fix``), both by their library names (``"precision"``,
+``"overwrite"``); the CLI spells those as its flags, prints one line on stderr and exits
+with ``error.exit_code``. No traceback is shown for any of these.
 """
 
 from __future__ import annotations
@@ -11,6 +14,18 @@ class ClipcliError(Exception):
     """Base class: a problem the user can act on, described in one line."""
 
     exit_code = 2
+
+    def __init__(self, message: str = "", *, option: str | None = None, fix: str | None = None):
+        super().__init__(message)
+        self.option = option
+        self.fix = fix
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    def __str__(self) -> str:
+        return f"{self.option}: {self.message}" if self.option else self.message
 
 
 class CheckpointError(ClipcliError):
@@ -57,12 +72,16 @@ class InputError(ClipcliError):
     """An input (image, list file, caption file, URL) cannot be used."""
 
 
+class ItemError(InputError):
+    """One item cannot be used; ``str(error)`` is the reason put in its error record."""
+
+
 class OutputError(ClipcliError):
     """An output cannot be written (a folder that is missing or not writable, a full disk)."""
 
 
 class OutputExistsError(OutputError):
-    """An output file exists and --overwrite was not given."""
+    """An output file exists and overwriting was not asked for."""
 
 
 class BusyError(OutputError):

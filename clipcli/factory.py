@@ -119,7 +119,7 @@ def assumption_note(config: CLIPConfig, source: str) -> str | None:
         return None
     return (f"{source} has no config and its widths (vision {config.vision_width}, text "
             f"{config.transformer_width}) are not one of OpenAI's models: assuming 64-wide attention heads "
-            "and QuickGELU as OpenAI's; if it is an OpenCLIP model, name its architecture (--arch or arch=, "
+            "and QuickGELU as OpenAI's; if it is an OpenCLIP model, name its architecture (arch=, "
             "e.g. ViT-H-14/laion2b_s32b_b79k) or put its open_clip_config.json beside it")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Callable, Iterator, Sequence
 
 from .errors import BusyError, OutputError, OutputExistsError, WriteError
-from .items import display
+from .text import display
 
 
 def ensure_writable(paths: Sequence[str | os.PathLike], overwrite: bool) -> None:
@@ -29,7 +29,7 @@ def ensure_writable(paths: Sequence[str | os.PathLike], overwrite: bool) -> None
         if os.path.isdir(path):
             raise OutputError(f"cannot write {name}: it is a folder")
         if os.path.lexists(path) and not overwrite:
-            raise OutputExistsError(f"{name} already exists; pass --overwrite to replace it")
+            raise OutputExistsError(f"{name} already exists", fix="overwrite")
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise OutputError(f"cannot write {name}: folder {display(folder)} does not exist")
@@ -59,7 +59,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.lexists(path) and not overwrite:
-        raise OutputExistsError(f"{display(path)} already exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"{display(path)} already exists", fix="overwrite")
     try:
         handle, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
         os.close(handle)
@@ -81,7 +81,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
             try:
                 os.link(temp, path)
             except FileExistsError:
-                raise OutputExistsError(f"{display(path)} already exists; pass --overwrite to replace it") from None
+                raise OutputExistsError(f"{display(path)} already exists", fix="overwrite") from None
             except OSError:  # file systems without hard links
                 os.replace(temp, path)
             else:

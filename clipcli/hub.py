@@ -92,7 +92,7 @@ def _one_line(error: BaseException) -> str:
     return text[0] if text else type(error).__name__
 
 
-def download(repo: str, filename: str, revision: str | None = None, *, quiet: bool = True) -> Path:
+def download(repo: str, filename: str, revision: str | None = None, *, bars: bool = False) -> Path:
     """``filename`` from hub ``repo`` into the Hugging Face cache (resumed if interrupted),
     sha256-verified. Raises :class:`FileNotFoundError` when the repository has no such file."""
     if offline():
@@ -104,7 +104,7 @@ def download(repo: str, filename: str, revision: str | None = None, *, quiet: bo
     from . import __version__
 
     try:
-        with _progress_bars(not quiet):
+        with _progress_bars(bars):
             path = Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir(),
                                         endpoint=os.environ.get("HF_ENDPOINT") or None,  # read now, not at import
                                         library_name="clipcli", library_version=__version__))
@@ -153,7 +153,7 @@ def first_cached(repo: str, candidates: Sequence[str], revision: str | None = No
 
 
 def first_file(repo: str, candidates: Sequence[str], revision: str | None = None, *,
-               quiet: bool = True) -> Path | None:
+               bars: bool = False) -> Path | None:
     """The first of ``candidates`` the repository has: a cached one if any, else the first
     that downloads. None when it has none of them."""
     path = first_cached(repo, candidates, revision)
@@ -161,19 +161,19 @@ def first_file(repo: str, candidates: Sequence[str], revision: str | None = None
         return path
     for filename in candidates:
         try:
-            return download(repo, filename, revision, quiet=quiet)
+            return download(repo, filename, revision, bars=bars)
         except FileNotFoundError:
             continue
     return None
 
 
-def optional_file(repo: str, filename: str, revision: str | None = None, *, quiet: bool = True) -> Path | None:
+def optional_file(repo: str, filename: str, revision: str | None = None, *, bars: bool = False) -> Path | None:
     """``filename`` from the cache or the hub, or None when the repository has no such file
     (or, offline by choice, when the cache does not hold it)."""
     path = cached_file(repo, filename, revision)
     if path is not None or offline():
         return path
     try:
-        return download(repo, filename, revision, quiet=quiet)
+        return download(repo, filename, revision, bars=bars)
     except FileNotFoundError:
         return None

@@ -3,7 +3,7 @@
 Decoding is deliberately narrow: only the formats in :data:`IMAGE_FORMATS` are opened
 (Pillow's ``formats=``), the pixel count is checked from the header before any pixel is
 decoded, and every exception Pillow raises on malformed data becomes a reason string
-(:class:`~clipcli.items.ItemError`). Nothing heavy is imported at module import time.
+(:class:`~clipcli.errors.ItemError`). Nothing heavy is imported at module import time.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Iterator
 
-from .fetch import FetchOptions, fetch_url
-from .items import Item, ItemError
+from .errors import ItemError
+from .http import FetchOptions, fetch_url
+from .items import Item
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -130,7 +131,7 @@ def _reason(error: BaseException, allow_truncated: bool) -> str:
     if isinstance(error, MemoryError):
         return "out of memory while decoding"
     if "truncated" in message.lower() or "broken data stream" in message.lower():
-        hint = "" if allow_truncated else " (pass --allow-truncated to score what can be decoded)"
+        hint = "" if allow_truncated else " (allow_truncated scores what decodes)"
         return f"truncated image: {message}{hint}"
     return f"cannot decode: {message}" if isinstance(error, OSError) else f"cannot decode ({type(error).__name__}): {message}"
 
@@ -208,7 +209,7 @@ def decode_image(fp: BinaryIO, options: DecodeOptions = DecodeOptions(), content
         if width * height > options.max_pixels:
             raise ItemError(
                 f"image too large: {width}x{height} = {width * height} pixels exceeds the limit of "
-                f"{options.max_pixels} (--max-pixels)"
+                f"{options.max_pixels} (the max_pixels cap)"
             )
         if options.draft_size and not options.exact and image.format == "JPEG":
             image.draft(image.mode, (options.draft_size, options.draft_size))

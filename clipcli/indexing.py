@@ -55,6 +55,7 @@ class _Run:
     embed: Callable[["LoadedModel", list], Iterator] | None
     report: Callable[[str, str | None], None]
     summary: Summary
+    batch_size: int | None = None  # files per commit (None: the device's default batch)
     model: int | None = None
     loaded: "LoadedModel | None" = None
     stale: set = field(default_factory=set)  # content sha256s some row stopped pointing to
@@ -65,13 +66,14 @@ class _Run:
 
 
 def update(index: Index, inputs: Sequence[str], key: str, load: Callable[[], "LoadedModel"], *,
-           embed: Callable[["LoadedModel", list], Iterator] | None = None,
+           embed: Callable[["LoadedModel", list], Iterator] | None = None, batch_size: int | None = None,
            on_result: Callable[[str, str | None], None] | None = None) -> Summary:
     """Bring the rows of ``inputs`` (folders, list files, files) up to date for the model
     whose :func:`~clipcli.loading.source_key` is ``key``. ``load()`` is called only if an
     image must be embedded; ``embed(loaded, items)`` yields one
-    :class:`~clipcli.batching.Embedding` per item (default: :func:`embed_images`)."""
-    run = _Run(index, key, load, embed, on_result or (lambda name, error: None), Summary())
+    :class:`~clipcli.batching.Embedding` per item (default: :func:`embed_images`); rows are
+    committed every ``batch_size`` files (None: the device's default batch)."""
+    run = _Run(index, key, load, embed, on_result or (lambda name, error: None), Summary(), batch_size=batch_size)
     started = time.monotonic()
     if index.readonly:
         index._write()  # raises: say so before walking a tree
@@ -245,13 +247,13 @@ def _changed(scan: _Scan) -> bool:
 def _embed(run: _Run, fresh: dict[str, list[_Scan]]) -> None:
     import numpy as np
 
-    from .batching import default_batch_size, embed_images
+    from .batching import embed_images, sizes_for
     from .items import Item
 
     firsts = [group[0] for group in fresh.values()]
     items = [Item(name=scan.name, path=os.fsdecode(scan.key)) for scan in firsts]
     embed = run.embed or (lambda loaded, items: embed_images(loaded, items, normalize=True))
-    batch = default_batch_size(run.loaded.device)
+    batch, _ = sizes_for(run.loaded.device, run.batch_size, 0)
     files, vectors = [], []
     for scan, result in zip(firsts, embed(run.loaded, items)):
         group = fresh[scan.sha256]

@@ -5,35 +5,26 @@ order), a list file (one path or http(s) URL per line, from a file, a pipe or ``
 stdin) or a URL. :func:`expand_inputs` turns inputs into items; an item that cannot be used
 carries its reason and becomes an error record, while usage mistakes (an input that does not
 exist, a list file that is not UTF-8) raise :class:`~clipcli.errors.InputError` before any
-work. :func:`display` and :func:`one_line` make names and messages safe to print.
-Fetching URLs lives in :mod:`clipcli.fetch`, decoding in :mod:`clipcli.images`.
+work. Fetching URLs lives in :mod:`clipcli.http`, decoding in :mod:`clipcli.images`.
 """
 
 from __future__ import annotations
 
 import codecs
 import os
-import re
 import stat
 import sys
-import unicodedata
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 from .errors import InputError
+from .http import has_credentials, redact_credentials, url_scheme
+from .text import display
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # Always read as list files; other files without an image extension are sniffed.
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list", ".urls", ".csv", ".tsv"})
 MAX_LINE_CHARS = 16384
-_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
-class ItemError(InputError):
-    """One item cannot be used; ``str(error)`` is the reason put in its error record."""
 
 
 # --------------------------------------------------------------------------- items
@@ -56,34 +47,6 @@ class Item:
     data: bytes | None = field(default=None, repr=False)  # the file's bytes, read from an archive
 
 
-def display(text: str) -> str:
-    """``text`` safe to print or encode as UTF-8: undecodable bytes from file names
-    (surrogate escapes) are shown as ``\\udcXX``, which JSON reads back losslessly."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def one_line(text: str) -> str:
-    """``text`` as one safe line for a terminal: line breaks become spaces; other control
-    characters (escape sequences that could retitle or clear the terminal, bidi overrides)
-    are shown escaped, as ``\x1b`` or ``\u202e``; undecodable file-name bytes as by
-    :func:`display`."""
-    out = []
-    for char in " ".join(re.split(r"[\r\n\t]+", display(text).strip())):  # line breaks: one space
-        code = ord(char)
-        if code < 0x20 or 0x7F <= code < 0xA0:
-            out.append(f"\\x{code:02x}")
-        elif unicodedata.category(char) in ("Cf", "Zl", "Zp") and code not in (0x200D,):
-            out.append(f"\\u{code:04x}")
-        else:
-            out.append(char)
-    return "".join(out)
-
-
-def url_scheme(text: str) -> str | None:
-    match = _URL_SCHEME.match(text)
-    return match.group(1).lower() if match else None
-
-
 def _url_item(url: str) -> Item:
     scheme = url_scheme(url)
     if scheme in ("http", "https"):
@@ -96,19 +59,6 @@ def _url_item(url: str) -> Item:
                         error="refused: the URL holds a user name or password (user:pass@host)")
         return Item(name=url, url=url)
     return Item(name=url, error=f"unsupported URL scheme {scheme!r} (only http and https are fetched)")
-
-
-def has_credentials(url: str) -> bool:
-    try:
-        parts = urllib.parse.urlsplit(url)
-        return parts.username is not None or parts.password is not None
-    except ValueError:  # not a valid URL: fetching it fails with its own reason
-        return False
-
-
-def redact_credentials(url: str) -> str:
-    """``url`` with any ``user:password@`` replaced by ``***@``."""
-    return re.sub(r"^([a-zA-Z][\w+.-]*://)[^/?#@]*@", r"\1***@", url)
 
 
 def has_image_extension(name: str) -> bool:

@@ -1,4 +1,4 @@
-"""A crash-safe journal of an ``encode`` run, so that ``--resume`` can finish it.
+"""A crash-safe journal of an ``encode`` run, so that a resumed run can finish it.
 
 The journal is a folder beside the output (``emb.npy.journal/``) holding three files:
 
@@ -79,12 +79,11 @@ class Journal:
         identity = {"version": VERSION, **identity}
         journal = cls(path, identity)
         if os.path.lexists(path) and not os.path.isdir(path) and not overwrite:
-            raise JournalError(f"{path} should be a journal folder but is not; remove it or pass --overwrite")
+            raise JournalError(f"{path} should be a journal folder but is not", fix="restart")
         if os.path.lexists(path):
             if not resume:
                 if not overwrite:
-                    raise JournalError(f"{path} holds an unfinished run; pass --resume to continue it "
-                                       "or --overwrite to start again")
+                    raise JournalError(f"{path} holds an unfinished run", fix="resume")
                 journal.remove()
             else:
                 journal._load()
@@ -109,8 +108,8 @@ class Journal:
             raise self._damaged("identity.json is not a JSON object")
         if stored != self.identity:
             differs = sorted(k for k in set(stored) | set(self.identity) if stored.get(k) != self.identity.get(k))
-            raise JournalError(f"{self.path} belongs to a different run ({', '.join(differs)} differ); "
-                               "pass --overwrite to discard it and start again")
+            raise JournalError(f"{self.path} belongs to a different run ({', '.join(differs)} differ)",
+                               fix="restart")
         try:
             with open(self._records_file, "rb") as f:
                 data = f.read()
@@ -143,8 +142,7 @@ class Journal:
         self.records, self.rows = kept, rows
 
     def _damaged(self, reason: str) -> "JournalError":
-        return JournalError(f"the journal {self.path} is damaged ({reason}); pass --overwrite to start the run "
-                            "again")
+        return JournalError(f"the journal {self.path} is damaged ({reason})", fix="restart")
 
     def _create_files(self) -> None:
         open(self._rows_file, "wb").close()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 from . import convert, hub, registry
 from .config import METADATA_KEY, TOWERS, config_from_json
 from .errors import CheckpointError, ClipcliError, UnknownModelError
+from .feedback import SILENT, Feedback
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -157,15 +157,15 @@ def _folder_source(folder: Path, name: str) -> ModelSource:
     return source
 
 
-def _hub_source(name: str, repo: str, revision: str | None, quiet: bool) -> ModelSource:
+def _hub_source(name: str, repo: str, revision: str | None, bars: bool) -> ModelSource:
     """A hub repository in either layout: whole in the HF cache (no network), else from the hub."""
     def cached(filename: str) -> Path | None:
         return hub.cached_file(repo, filename, revision)
 
     source = _layout_source(name, cached, _first_of(cached))
     if source is None and not hub.offline():
-        source = _layout_source(name, lambda f: hub.optional_file(repo, f, revision, quiet=quiet),
-                                lambda files: hub.first_file(repo, files, revision, quiet=quiet))
+        source = _layout_source(name, lambda f: hub.optional_file(repo, f, revision, bars=bars),
+                                lambda files: hub.first_file(repo, files, revision, bars=bars))
     if source is None:
         where = "the Hugging Face cache" if hub.offline() else "the hub or the Hugging Face cache"
         raise CheckpointError(
@@ -199,18 +199,19 @@ def _arch_hints(arch: str) -> dict:
 
 
 def resolve(name: str | os.PathLike, *, arch: str | None = None, cache_dir: str | os.PathLike | None = None,
-            quiet: bool | None = None) -> ModelSource:
+            feedback: Feedback = SILENT) -> ModelSource:
     """Find (downloading if needed) the model called ``name``; see the module docstring.
-    ``quiet``: no download messages; None: a progress bar when stderr is a terminal."""
+    Downloads report to ``feedback`` (hub downloads draw huggingface_hub's own bars when it
+    shows progress)."""
     text = os.fspath(name)
-    bars = not quiet and sys.stderr.isatty()
+    bars = feedback.shows_progress
     path = Path(text).expanduser()
     if arch is not None and not path.is_file():
         raise ClipcliError(f"an architecture ({arch}) can be given for a checkpoint file only, which {text} "
                            "is not (names, folders and hub repositories say their own)")
     parsed = hub.parse_name(text)
     if parsed is not None:
-        return _hub_source(text, *parsed, quiet=not bars)
+        return _hub_source(text, *parsed, bars=bars)
     if path.is_file():
         return _file_source(path, text, arch)
     info = registry.find_model(text)
@@ -221,10 +222,10 @@ def resolve(name: str | os.PathLike, *, arch: str | None = None, cache_dir: str 
         from .download import model_file
 
         cached = hub.first_cached(info.hf_repo, registry.OPEN_CLIP_FILES)
-        path = cached or model_file(info.name, cache_dir=cache_dir, quiet=quiet)
+        path = cached or model_file(info.name, cache_dir=cache_dir, feedback=feedback)
         return ModelSource(text, (path,), registry.openai_hints(info), described=True)
     if pretrained is not None:
-        weights = hub.first_file(pretrained.hf_repo, pretrained.files, quiet=not bars)
+        weights = hub.first_file(pretrained.hf_repo, pretrained.files, bars=bars)
         if weights is None:
             raise CheckpointError(f"{text}: hub repository {pretrained.hf_repo} has none of "
                                   f"{', '.join(pretrained.files)}")
@@ -296,37 +297,13 @@ def load_model(name: str | os.PathLike, device: torch.device | str = "cpu", dtyp
 # --------------------------------------------------------------------------- identity before loading
 
 
-def checkpoint_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a checkpoint file, remembered in the cache by path, size and mtime."""
-    from .download import default_cache_dir
-    from .fsutil import atomic_write, sha256_file
-
-    path = os.path.realpath(path)
-    info = os.stat(path)
-    key = hashlib.sha256(f"{path}\0{info.st_size}\0{info.st_mtime_ns}".encode("utf-8", "surrogateescape")).hexdigest()
-    memo = default_cache_dir() / "checksums" / key
-    try:
-        value = memo.read_text().strip()
-        if len(value) == 64:
-            return value
-    except OSError:
-        pass
-    value = sha256_file(path)
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(memo, overwrite=True, text=True) as f:
-            f.write(value + "\n")
-    except (OSError, ClipcliError):  # a cache that cannot be written is not an error
-        pass
-    return value
-
-
 def weights_sha256(source: ModelSource) -> str:
     """sha256 of a model's weights (of the shard hashes, for a sharded checkpoint), without
     loading them: from the HF cache's blob names, or remembered by path, size and mtime."""
+    from .cache import remembered_sha256
     from .hub import blob_sha256
 
-    hashes = [blob_sha256(file) or checkpoint_sha256(file) for file in source.files]
+    hashes = [blob_sha256(file) or remembered_sha256(file) for file in source.files]
     return hashes[0] if len(hashes) == 1 else hashlib.sha256("".join(hashes).encode()).hexdigest()
 
 

@@ -3,8 +3,7 @@
 A *record* is a flat-ish dict, one per input, in input order. :class:`RecordWriter`
 streams JSON Lines as records arrive (a pipeline sees the first result at once) and
 buffers the other formats. Files are written by :mod:`clipcli.fsutil` (atomic writes).
-:class:`Reporter` owns stderr: the progress bar, ``skipping PATH: reason`` lines and the
-final summary.
+What a run says on stderr is the CLI's (:mod:`clipcli.cli.render`).
 """
 
 from __future__ import annotations
@@ -13,11 +12,9 @@ import csv
 import io
 import json
 import os
-import sys
-import time
 from typing import IO, Any, Callable, Sequence
 
-from .items import display, one_line
+from .text import display
 
 FORMATS = ("jsonl", "json", "csv", "table")
 
@@ -133,7 +130,7 @@ def write_csv(stream: IO[str], rows: Sequence[dict], columns: Sequence[str]) -> 
 
 def common_folder(names: Sequence[Any]) -> str:
     """The folder every name is in (for a shorter table), or "" if they are not all local paths."""
-    from .items import url_scheme
+    from .http import url_scheme
 
     if not names or not all(isinstance(n, str) and n and not url_scheme(n) for n in names):
         return ""
@@ -164,93 +161,6 @@ def write_table(
         style = "red" if row.get("status") == "error" else None
         table.add_row(*[_cell(row.get(c), digits=4) for c in columns], style=style)
     Console(file=stream, soft_wrap=False).print(table)
-
-
-# --------------------------------------------------------------------------- stderr
-
-
-class Reporter:
-    """Everything a run says on stderr: a progress bar (only on a terminal), one
-    ``skipping NAME: reason`` line per failed item, and a final summary.
-
-    ``quiet`` silences all three; the records still carry every error.
-    """
-
-    def __init__(self, total: int, noun: str = "images", quiet: bool = False, stream: IO[str] | None = None,
-                 prefix: str = "", bar: bool = True):
-        self.total, self.noun, self.quiet, self.prefix, self.bar = total, noun, quiet, prefix, bar
-        self.stream = stream if stream is not None else sys.stderr
-        self.ok = self.failed = 0
-        self.started = time.monotonic()
-        self._progress = None
-        self._task = None
-
-    def __enter__(self) -> "Reporter":
-        if not self.quiet and self.bar and _isatty(self.stream) and self.total > 1:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"),
-                TimeRemainingColumn(),
-                console=Console(file=self.stream),
-                transient=True,
-            )
-            self._progress.start()
-            self._task = self._progress.add_task(self.noun, total=self.total, rate="")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
-
-    def message(self, text: str) -> None:
-        if self.quiet:
-            return
-        text = self.prefix + one_line(text)
-        if self._progress is not None:
-            self._progress.console.print(text, markup=False, highlight=False)
-        else:
-            self.stream.write(text + "\n")
-            self.stream.flush()
-
-    def done(self, name: str, error: str | None = None) -> None:
-        """One item finished, successfully or with ``error``."""
-        if error is None:
-            self.ok += 1
-        else:
-            self.failed += 1
-            self.message(f"skipping {display(name)}: {error}")
-        if self._progress is not None:
-            count = self.ok + self.failed
-            self._progress.update(self._task, completed=count, rate=f"{count / self._elapsed():.1f} {self.noun}/s")
-
-    def _elapsed(self) -> float:
-        return max(time.monotonic() - self.started, 1e-9)
-
-    def summary(self, verb: str) -> None:
-        """``encoded 6 images in 1.2 s (5.0/s); 1 of 6 failed``."""
-        count = self.ok + self.failed
-        noun = self.noun.removesuffix("s") if self.ok == 1 else self.noun
-        text = f"{verb} {self.ok} {noun} in {self._elapsed():.1f} s ({count / self._elapsed():.1f}/s)"
-        if self.failed:
-            text += f"; {self.failed} of {count} failed"
-        self.message(text)
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.failed else 0
-
-
-def _isatty(stream: IO) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
 
 
 def write_paths(stream: IO[bytes], paths: Sequence[bytes]) -> None:

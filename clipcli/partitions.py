@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from .errors import InputError, OutputError, OutputExistsError
-from .items import display
+from .text import display
 
 if TYPE_CHECKING:  # pragma: no cover
     from .items import Item

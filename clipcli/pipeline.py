@@ -11,16 +11,15 @@ labels, the templates and the precision.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
+from . import cache
 from .batching import Embedding, embed_images, embed_texts
-from .download import default_cache_dir
 from .errors import ClipcliError
-from .fsutil import atomic_write
+from .feedback import SILENT, Feedback
 from .items import Item
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,7 +53,7 @@ def resolve_device(device: str = "auto") -> "torch.device":
     topology = from_environment()
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise ClipcliError(f"--device {device}: CUDA is not available here; use --device cpu")
+            raise ClipcliError(f"{device}: CUDA is not available here", option="device", fix="cpu")
         if resolved.index is None:
             slurm = slurm_local_id()
             if topology.distributed:
@@ -65,11 +64,12 @@ def resolve_device(device: str = "auto") -> "torch.device":
                 index = torch.cuda.current_device()
             resolved = torch.device("cuda", index)
         if resolved.index >= torch.cuda.device_count():
-            raise ClipcliError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise ClipcliError(f"{device}: only {torch.cuda.device_count()} CUDA device(s)", option="device")
     elif resolved.type != "cpu":
         raise ClipcliError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
     elif resolved.index not in (None, 0):
-        raise ClipcliError(f"--device {device}: there is one CPU device; use --device cpu (and --threads N)")
+        raise ClipcliError(f"{device}: there is one CPU device (threads set how many cores it uses)",
+                           option="device", fix="cpu")
     return resolved
 
 
@@ -102,7 +102,7 @@ def slow_precision_note(device: "torch.device", dtype: "torch.dtype") -> str | N
         return None
     if native:
         return None
-    return (f"this CPU has no native {name} arithmetic (AVX512-{name.upper()}/AMX), so --precision {name} runs "
+    return (f"this CPU has no native {name} arithmetic (AVX512-{name.upper()}/AMX), so {name} precision runs "
             "emulated and several times slower than fp32; fp32 is the fast choice here")
 
 
@@ -166,12 +166,11 @@ class LoadedModel:
 
 def load_model(name: str, device: str = "auto", precision: str | None = None,
                towers: Sequence[str] = ("image", "text"), threads: int | None = None,
-               arch: str | None = None, quiet: bool | None = None) -> LoadedModel:
+               arch: str | None = None, feedback: Feedback = SILENT) -> LoadedModel:
     """Resolve a model name, folder or checkpoint (see :mod:`clipcli.loading`) and load it
     with only the ``towers`` the run needs (``encode`` of images never reads the text
     tower's weights). ``threads`` sets torch's CPU threads for this process (default:
-    torch's choice, one per core); ``quiet`` hides download messages (None: a progress bar
-    on a terminal)."""
+    torch's choice, one per core); a download reports to ``feedback``."""
     import torch
 
     from .loading import load, resolve
@@ -184,7 +183,7 @@ def load_model(name: str, device: str = "auto", precision: str | None = None,
     if torch_device.type == "cuda":  # or this process's pinned memory and context land on GPU 0 too
         torch.cuda.set_device(torch_device)
     dtype = resolve_dtype(precision, torch_device)
-    source = resolve(name, arch=arch, quiet=quiet)
+    source = resolve(name, arch=arch, feedback=feedback)
     model, note = load(source, torch_device, dtype, towers)
     return LoadedModel(model, _preprocess_for(model), str(name), source, torch_device, dtype,
                        notes=[note] if note else [])
@@ -198,15 +197,6 @@ def _preprocess_for(model) -> Callable | None:
 
 
 # --------------------------------------------------------------------------- classify
-
-
-def _label_cache_path(loaded: LoadedModel, labels: Sequence[str], templates: Sequence[str]) -> Path:
-    material = json.dumps(
-        {"model": loaded.identity, "labels": list(labels), "templates": list(templates),
-         "dtype": str(loaded.dtype), "version": 2},
-        ensure_ascii=True,
-    )
-    return default_cache_dir() / "labels" / (hashlib.sha256(material.encode()).hexdigest() + ".npy")
 
 
 def label_classifier(
@@ -223,7 +213,8 @@ def label_classifier(
 
     from .zeroshot import build_classifier, prompts
 
-    path = _label_cache_path(loaded, labels, templates)
+    path = cache.entry("labels", {"model": loaded.identity, "labels": list(labels), "templates": list(templates),
+                                  "dtype": str(loaded.dtype), "version": 2}, ".npy")
     if use_cache:
         try:
             cached = np.load(path, allow_pickle=False)
@@ -238,22 +229,10 @@ def label_classifier(
         raise ClipcliError(f"cannot embed prompt {bad.name!r}: {bad.error}")
     classifier = build_classifier(torch.from_numpy(np.stack([e.embedding for e in embedded])), len(templates))
     if not torch.isfinite(classifier).all():
-        raise ClipcliError("the label embeddings are not finite (NaN/inf); try --precision fp32")
+        raise ClipcliError("the label embeddings are not finite (NaN/inf)", fix="fp32")
     if use_cache:
-        _save_quietly(path, classifier.numpy())
+        cache.save_entry(path, lambda f: np.save(f, classifier.numpy(), allow_pickle=False))
     return classifier
-
-
-def _save_quietly(path: Path, array: "np.ndarray") -> None:
-    """Write a cache entry atomically; a cache that cannot be written is not an error."""
-    import numpy as np
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path, overwrite=True) as f:
-            np.save(f, array, allow_pickle=False)
-    except OSError:
-        pass
 
 
 def image_record(result: Embedding, **fields) -> dict:

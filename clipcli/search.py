@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from .errors import InputError, NoVectorsError
-from .fetch import FetchOptions
-from .items import Item, display, url_scheme
+from .http import FetchOptions, url_scheme
+from .items import Item
+from .text import display
 
 if TYPE_CHECKING:  # pragma: no cover
     from .index import Hit, Index

@@ -9,7 +9,8 @@ from typing import IO, Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from .images import DecodeOptions, read_image
-from .items import Item, display
+from .items import Item
+from .text import display
 
 CELL = 200  # thumbnail side, pixels
 CAPTION = 34

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from .errors import InputError
-from .fetch import FetchOptions
+from .http import FetchOptions
 from .images import DecodeOptions
 from .items import Item
 
@@ -39,10 +39,10 @@ class RunOptions:
 
     def for_device(self, device: "torch.device") -> "RunOptions":
         """These options with the device's defaults in place of None."""
-        from .batching import default_batch_size, default_workers
+        from .batching import sizes_for
 
-        return replace(self, batch_size=default_batch_size(device) if self.batch_size is None else self.batch_size,
-                       workers=default_workers(device) if self.workers is None else self.workers)
+        batch_size, workers = sizes_for(device, self.batch_size, self.workers)
+        return replace(self, batch_size=batch_size, workers=workers)
 
     def pipeline_kwargs(self) -> dict:
         """The keyword arguments of :func:`clipcli.batching.embed_images`."""
@@ -237,9 +237,9 @@ def update_index(index, inputs: Sequence[str], model: str, load: Callable[[], "L
     from .indexing import update
     from .loading import resolve, source_key
 
-    key = source_key(resolve(model, arch=arch, quiet=True))
+    key = source_key(resolve(model, arch=arch))
 
     def embed(loaded, items):
         return embed_images(loaded, items, normalize=True, **run.for_device(loaded.device).pipeline_kwargs())
 
-    return update(index, inputs, key, load, embed=embed, on_result=on_result)
+    return update(index, inputs, key, load, embed=embed, batch_size=run.batch_size, on_result=on_result)

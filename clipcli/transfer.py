@@ -4,41 +4,29 @@
 request (If-Range when the server gave a validator) after a dropped connection or a read
 timeout, starts over when a server ignores the Range or answers a wrong Content-Range, and
 retries transient failures (timeouts, 5xx, 408, 429) with exponential backoff, honouring a
-bounded Retry-After; 403, 404 and other client errors are not retried. :func:`open_url`
-classifies every HTTP failure as :class:`TransientError`, :class:`~clipcli.errors.OfflineError`
-or :class:`~clipcli.errors.DownloadError`. What a finished transfer becomes (a verified file
-in the cache) is :mod:`clipcli.download`'s.
+bounded Retry-After; 403, 404 and other client errors are not retried. Requests and their
+failures are :mod:`clipcli.http`'s; what a finished transfer becomes (a verified file in the
+cache) is :mod:`clipcli.download`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
-import email.utils
 import hashlib
-import http.client
 import os
-import random
 import re
 import shutil
-import socket
-import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from . import __version__
 from .errors import DownloadError, OfflineError
-
-Log = Callable[[str], None]
+from .feedback import Log, Meter
+from .http import RequestError, TransientError, UnreachableError, backoff, host_of, open_url, read_chunk
 
 
 @dataclass(frozen=True)
 class DownloadSettings:
-    """Tunables; tests replace :data:`DEFAULT_SETTINGS` with fast ones."""
+    """Tunables of weight downloads; tests replace :data:`DEFAULT_SETTINGS` with fast ones."""
 
     connect_timeout: float = 15.0  # seconds to open a connection
     read_timeout: float = 60.0  # seconds without a byte before the connection counts as stalled
@@ -51,7 +39,6 @@ class DownloadSettings:
 
 
 DEFAULT_SETTINGS = DownloadSettings()
-USER_AGENT = f"clipcli/{__version__} (+python urllib)"
 
 
 def _free_bytes(directory: Path) -> int:
@@ -77,168 +64,20 @@ def format_size(n: int | None) -> str:
     raise AssertionError
 
 
-# --- HTTP ---------------------------------------------------------------------------------
-
-def _connection_class(base: type, read_timeout: float) -> type:
-    class Connection(base):
-        """Connects within the connect timeout, then waits at most ``read_timeout`` per read."""
-
-        def connect(self) -> None:
-            super().connect()
-            self.sock.settimeout(read_timeout)
-
-    return Connection
-
-
-class _HTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, read_timeout: float):
-        super().__init__()
-        self._connection = _connection_class(http.client.HTTPConnection, read_timeout)
-
-    def http_open(self, req):
-        return self.do_open(self._connection, req)
-
-
-class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, read_timeout: float):
-        super().__init__()
-        self._connection = _connection_class(http.client.HTTPSConnection, read_timeout)
-
-    def https_open(self, req):
-        return self.do_open(self._connection, req, context=self._context)
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):
-        return None
-
-
-def _opener(settings: DownloadSettings, follow_redirects: bool = True) -> urllib.request.OpenerDirector:
-    handlers: list = [_HTTPHandler(settings.read_timeout), _HTTPSHandler(settings.read_timeout)]
-    if not follow_redirects:
-        handlers.append(_NoRedirect())
-    return urllib.request.build_opener(*handlers)
-
-
-class TransientError(Exception):
-    """A failure worth retrying: the reason, and how long the server asked us to wait."""
-
-    def __init__(self, reason: str, retry_after: float | None = None):
-        super().__init__(reason)
-        self.retry_after = retry_after
-
-
-def host_of(url: str) -> str:
-    return urllib.parse.urlsplit(url).netloc or url
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    with contextlib.suppress(TypeError, ValueError, IndexError):
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    return None
-
-
-def _unreachable(error: BaseException) -> bool:
-    """No route to the server at all (DNS, refused, unreachable): retrying will not help."""
-    return isinstance(error, (socket.gaierror, ConnectionRefusedError)) or (
-        isinstance(error, OSError) and error.errno in (101, 113)  # ENETUNREACH, EHOSTUNREACH
-    )
-
-
-def open_url(url: str, headers: dict[str, str], settings: DownloadSettings, method: str = "GET",
-          follow_redirects: bool = True):
-    """Open ``url``; errors become :class:`TransientError`, :class:`OfflineError` or :class:`DownloadError`."""
-    request = urllib.request.Request(
-        url, method=method, headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **headers}
-    )
+def request(url: str, settings: DownloadSettings, headers: dict[str, str] | None = None, method: str = "GET",
+            follow_redirects: bool = True):
+    """:func:`clipcli.http.open_url` for downloads: a failure for good is a
+    :class:`DownloadError` (with its ``http_status``), no route an :class:`OfflineError`;
+    :class:`TransientError` is left for the caller to retry."""
     try:
-        return _opener(settings, follow_redirects).open(request, timeout=settings.connect_timeout)
-    except urllib.error.HTTPError as error:
-        if not follow_redirects and 300 <= error.code < 400:
-            return error
-        error.close()
-        reason = f"HTTP {error.code} {error.reason} from {host_of(url)}"
-        if error.code in (408, 429) or error.code >= 500:
-            raise TransientError(reason, _retry_after(error.headers.get("Retry-After"))) from None
-        failure = DownloadError(f"{url}: HTTP {error.code} {error.reason}")
-        failure.http_status = error.code
+        return open_url(url, connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout,
+                        headers=headers, method=method, follow_redirects=follow_redirects)
+    except UnreachableError as error:
+        raise OfflineError(str(error)) from None
+    except RequestError as error:
+        failure = DownloadError(f"{url}: {error}")
+        failure.http_status = error.status
         raise failure from None
-    except urllib.error.URLError as error:
-        cause = error.reason
-        if isinstance(cause, (TimeoutError, socket.timeout)):
-            raise TransientError(f"timed out connecting to {host_of(url)}") from None
-        if isinstance(cause, BaseException) and _unreachable(cause):
-            raise OfflineError(f"cannot reach {host_of(url)} ({reason_of(cause)})") from None
-        raise TransientError(f"cannot connect to {host_of(url)} ({reason_of(cause)})") from None
-    except (TimeoutError, socket.timeout):
-        raise TransientError(f"timed out waiting for {host_of(url)}") from None
-    except (http.client.HTTPException, ConnectionError) as error:
-        raise TransientError(f"connection to {host_of(url)} failed ({reason_of(error)})") from None
-
-
-def reason_of(error: object) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return str(error) or type(error).__name__
-
-
-def _read(response, size: int, url: str) -> bytes:
-    try:
-        return response.read1(size)
-    except (TimeoutError, socket.timeout):
-        raise TransientError(f"no data from {host_of(url)} for the read timeout") from None
-    except (http.client.HTTPException, ConnectionError, OSError) as error:
-        raise TransientError(f"connection to {host_of(url)} broke ({reason_of(error)})") from None
-
-
-# --- progress on stderr -----------------------------------------------------------------
-
-class Progress:
-    """A rich progress bar on stderr (bytes, rate, ETA), or nothing."""
-
-    def __init__(self, label: str, enabled: bool):
-        self._bar = self._task = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
-
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                 TransferSpeedColumn(), TimeRemainingColumn(),
-                                 console=Console(stderr=True))
-            self._task = self._bar.add_task(label, total=None)
-            self._bar.start()
-
-    def update(self, completed: int, total: int | None) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, completed=completed, total=total)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-
-def _stderr_log(message: str) -> None:
-    from .items import one_line
-
-    print(one_line(message), file=sys.stderr, flush=True)
-
-
-def loggers(quiet: bool | None) -> tuple[Log, bool]:
-    """(message sink, whether to show a progress bar); ``quiet=None`` means automatic."""
-    log: Log = (lambda message: None) if quiet else _stderr_log
-    return log, not quiet and sys.stderr.isatty()
 
 
 # --- one verified download ----------------------------------------------------------------
@@ -263,17 +102,8 @@ def _resume_point(part: Path, size: int | None, chunk_size: int) -> tuple["hashl
     return digest, offset
 
 
-def _backoff(error: TransientError, failures: int, settings: DownloadSettings) -> float:
-    """Seconds to wait before retry number ``failures``: Retry-After if given (bounded),
-    else exponential with jitter."""
-    if error.retry_after is not None:
-        return min(error.retry_after, settings.retry_after_max)
-    wait = min(settings.backoff_max, settings.backoff_base * 2 ** (failures - 1))
-    return wait * (0.5 + random.random() / 2)
-
-
 def transfer(url: str, part: Path, size: int | None, settings: DownloadSettings,
-              progress: Progress, log: Log, label: str) -> str:
+             meter: Meter, log: Log, label: str) -> str:
     """Fill ``part`` with the bytes at ``url`` (resuming what it holds); return their sha256."""
     digest, offset = _resume_point(part, size, settings.chunk_size)
     if offset:
@@ -303,7 +133,7 @@ def transfer(url: str, part: Path, size: int | None, settings: DownloadSettings,
                     headers["Range"] = f"bytes={offset}-"
                     if validator:
                         headers["If-Range"] = validator
-                with open_url(url, headers, settings) as response:
+                with request(url, settings, headers) as response:
                     if not announced:
                         log(f"downloading {label} from {url}" + (f" ({format_size(size)})" if size else ""))
                         announced = True
@@ -327,14 +157,14 @@ def transfer(url: str, part: Path, size: int | None, settings: DownloadSettings,
                     total = offset + length if length is not None else size
                     if length is not None and size is None:
                         check_free_space(part.parent, length, label, settings)
-                    progress.update(offset, total)
+                    meter.update(offset, total)
                     received, overflow = 0, False
-                    while chunk := _read(response, settings.chunk_size, url):
+                    while chunk := read_chunk(response, settings.chunk_size, url):
                         out.write(chunk)
                         digest.update(chunk)
                         offset += len(chunk)
                         received += len(chunk)
-                        progress.update(offset, total)
+                        meter.update(offset, total)
                         if size is not None and offset > size:
                             overflow = True  # more than the file holds: the hash will say so
                             break
@@ -356,6 +186,7 @@ def transfer(url: str, part: Path, size: int | None, settings: DownloadSettings,
                 if failures > settings.retries:
                     kept = f"; the partial download ({format_size(offset)}) is kept, run again to resume" if offset else ""
                     raise DownloadError(f"gave up on {url} after {failures} failed attempts: {error}{kept}") from None
-                wait = _backoff(error, failures, settings)
+                wait = backoff(failures, settings.backoff_base, settings.backoff_max, error.retry_after,
+                               settings.retry_after_max)
                 log(f"{error}; retrying in {wait:.1f} s (attempt {failures + 1} of {settings.retries + 1})")
                 time.sleep(wait)

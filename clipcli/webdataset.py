@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 from .errors import ClipcliError, InputError
-from .items import Item, display
+from .items import Item
+from .text import display
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 WANTED = (*IMAGE_EXTENSIONS, "txt", "json")

@@ -42,7 +42,7 @@ def load_templates(spec: str) -> list[str]:
         data = resources.files("clipcli.data").joinpath(TEMPLATE_SETS[spec]).read_bytes()
         return parse_templates(parse_list(data, spec), spec)
     if not os.path.exists(spec):
-        raise InputError(f"--templates {spec!r}: not {' or '.join(TEMPLATE_SETS)} and no such file")
+        raise InputError(f"{spec!r}: not {' or '.join(TEMPLATE_SETS)} and no such file", option="templates")
     return parse_templates(read_lines(spec), spec)
 
 

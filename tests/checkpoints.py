@@ -1,5 +1,9 @@
 """Random-weight CLIP checkpoints in the released formats, built with OpenAI's reference code.
 
+The checkpoints need only OpenAI's ``clip/model.py``, loaded from where the package is
+installed without importing the package (its ``__init__`` imports ``pkg_resources``, which
+setuptools 81 removed); the oracle tests that call ``clip.load`` import the whole package.
+
 Every tensor is random, LayerNorm gains, BatchNorm statistics and all biases included (the
 default initialisation would hide ordering bugs such as a swapped gain and bias).
 """
@@ -31,12 +35,29 @@ def openai_clip():
     return clip
 
 
+def reference_model_module():
+    """OpenAI's ``clip.model`` (pure torch), without running ``clip/__init__.py``."""
+    import importlib.util
+    import sys
+
+    if "clip.model" in sys.modules:
+        return sys.modules["clip.model"]
+    if "_openai_clip_model" not in sys.modules:
+        package = importlib.util.find_spec("clip")
+        if package is None or not package.submodule_search_locations:
+            raise ImportError("OpenAI's clip package is not installed (pip install -e '.[test]')")
+        location = Path(next(iter(package.submodule_search_locations))) / "model.py"
+        spec = importlib.util.spec_from_file_location("_openai_clip_model", location)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["_openai_clip_model"] = module
+    return sys.modules["_openai_clip_model"]
+
+
 def random_reference_model(name: str, seed: int = 0) -> torch.nn.Module:
     """OpenAI's CLIP with the architecture ``name`` and every tensor randomised, in float32."""
-    from clip.model import CLIP
-
     torch.manual_seed(seed)
-    model = CLIP(**CONFIGS[name]).float()
+    model = reference_model_module().CLIP(**CONFIGS[name]).float()
     with torch.no_grad():
         for key, tensor in model.state_dict().items():
             if not tensor.is_floating_point():
@@ -68,7 +89,8 @@ def save_released(model: torch.nn.Module, path: Path) -> Path:
     model.register_buffer("context_length", torch.tensor(context))
     model.register_buffer("vocab_size", torch.tensor(vocab))
     image = torch.zeros(1, 3, resolution, resolution)
-    text = openai_clip().tokenize(["a photo"], context_length=context)
+    text = torch.zeros(1, context, dtype=torch.long)
+    text[0, :4] = torch.tensor([49406, 320, 1125, 49407])  # <start> a photo <end>: any valid tokens trace
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, (image, text), check_trace=False)

@@ -416,7 +416,7 @@ def test_decoding_options(photos, ckpt):
     lenient = run("encode", photos / "rocket.jpg", "-m", ckpt, "--allow-truncated")
     assert lenient.exit_code == 0 and jsonl(lenient.stdout)[0]["status"] == "ok"
     capped = jsonl(run("encode", photos / "chelsea.png", "-m", ckpt, "--max-pixels", "1000").stdout)[0]
-    assert capped["error"] == "image too large: 451x300 = 135300 pixels exceeds the limit of 1000 (--max-pixels)"
+    assert capped["error"] == "image too large: 451x300 = 135300 pixels exceeds the limit of 1000 (the max_pixels cap)"
 
 
 def test_reduced_jpeg_decoding_agrees_with_the_exact_path(tmp_path, ckpt, api):

@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 from download_server import start_server, stop_server
 
+from clipcli import cache as cache_module
 from clipcli import download, registry, transfer
 from clipcli.download import DownloadSettings, download_url, model_file
 from clipcli.errors import ChecksumError, DownloadError, OfflineError, UnknownModelError
+from clipcli.feedback import Feedback
 
 PAYLOAD = random.Random(0).randbytes(200_000)
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -53,17 +55,23 @@ def leftovers(directory: Path) -> list[str]:
 
 def assert_verified(path: Path) -> None:
     assert path.read_bytes() == PAYLOAD
-    assert download.read_meta(path)["sha256"] == SHA
+    assert cache_module.read_meta(path)["sha256"] == SHA
     assert leftovers(path.parent) == []
 
 
-def test_plain_download_writes_file_and_sidecar(server, cache, capsys):
+@pytest.fixture
+def said() -> list[str]:
+    """What a download reported through its log callback."""
+    return []
+
+
+def test_plain_download_writes_file_and_sidecar(server, cache, said):
     server.add("/w.pt", PAYLOAD)
-    path = download_url(server.url("/w.pt"), cache / "w.pt", SHA)
+    path = download_url(server.url("/w.pt"), cache / "w.pt", SHA, feedback=Feedback(log=said.append))
     assert path == cache / "w.pt"
     assert_verified(path)
-    assert download.read_meta(path) == {"name": "w.pt", "sha256": SHA, "size": len(PAYLOAD), "url": server.url("/w.pt")}
-    assert "sha256 verified" in capsys.readouterr().err
+    assert cache_module.read_meta(path) == {"name": "w.pt", "sha256": SHA, "size": len(PAYLOAD), "url": server.url("/w.pt")}
+    assert "sha256 verified" in "\n".join(said)
 
 
 def test_dropped_connection_resumes_with_range_and_if_range(server, cache):
@@ -88,21 +96,21 @@ def test_no_content_length(server, cache):
     assert_verified(download_url(server.url("/w.pt"), cache / "w.pt", SHA))
 
 
-def test_range_ignored_restarts_from_zero(server, cache, capsys):
+def test_range_ignored_restarts_from_zero(server, cache, said):
     server.add("/w.pt", PAYLOAD)
     server.faults = ["drop:50000", "ignore-range"]
-    assert_verified(download_url(server.url("/w.pt"), cache / "w.pt", SHA))
+    assert_verified(download_url(server.url("/w.pt"), cache / "w.pt", SHA, feedback=Feedback(log=said.append)))
     assert len(server.gets()) == 2
-    assert "ignored the Range request" in capsys.readouterr().err
+    assert "ignored the Range request" in "\n".join(said)
 
 
-def test_wrong_content_range_restarts_from_zero(server, cache, capsys):
+def test_wrong_content_range_restarts_from_zero(server, cache, said):
     server.add("/w.pt", PAYLOAD)
     server.faults = ["drop:50000", "bad-range"]
-    assert_verified(download_url(server.url("/w.pt"), cache / "w.pt", SHA))
+    assert_verified(download_url(server.url("/w.pt"), cache / "w.pt", SHA, feedback=Feedback(log=said.append)))
     requests = server.gets()
     assert [r.range for r in requests] == [None, "bytes=50000-", None]
-    assert "Content-Range" in capsys.readouterr().err
+    assert "Content-Range" in "\n".join(said)
 
 
 def test_503_then_ok(server, cache):
@@ -112,13 +120,13 @@ def test_503_then_ok(server, cache):
     assert len(server.gets()) == 3
 
 
-def test_429_honours_retry_after(server, cache, capsys):
+def test_429_honours_retry_after(server, cache, said):
     server.add("/w.pt", PAYLOAD)
     server.faults = ["retry-after:1"]
     start = time.monotonic()
-    assert_verified(download_url(server.url("/w.pt"), cache / "w.pt", SHA))
+    assert_verified(download_url(server.url("/w.pt"), cache / "w.pt", SHA, feedback=Feedback(log=said.append)))
     assert time.monotonic() - start >= 0.95
-    assert "HTTP 429" in capsys.readouterr().err
+    assert "HTTP 429" in "\n".join(said)
 
 
 def test_retry_after_is_bounded(server, cache, monkeypatch):
@@ -130,21 +138,21 @@ def test_retry_after_is_bounded(server, cache, monkeypatch):
     assert time.monotonic() - start < 2
 
 
-def test_stall_longer_than_read_timeout_resumes(server, cache, capsys):
+def test_stall_longer_than_read_timeout_resumes(server, cache, said):
     server.add("/w.pt", PAYLOAD)
     server.faults = ["stall:40000:3"]
     start = time.monotonic()
-    assert_verified(download_url(server.url("/w.pt"), cache / "w.pt", SHA))
+    assert_verified(download_url(server.url("/w.pt"), cache / "w.pt", SHA, feedback=Feedback(log=said.append)))
     assert time.monotonic() - start < 2.5  # gave up on the stalled connection after the read timeout
     assert server.gets()[1].range == "bytes=40000-"
-    assert "read timeout" in capsys.readouterr().err
+    assert "read timeout" in "\n".join(said)
 
 
-def test_wrong_bytes_once_is_downloaded_again(server, cache, capsys):
+def test_wrong_bytes_once_is_downloaded_again(server, cache, said):
     server.add("/w.pt", PAYLOAD)
     server.faults = ["wrong-bytes"]
-    assert_verified(download_url(server.url("/w.pt"), cache / "w.pt", SHA))
-    assert "downloading once more from scratch" in capsys.readouterr().err
+    assert_verified(download_url(server.url("/w.pt"), cache / "w.pt", SHA, feedback=Feedback(log=said.append)))
+    assert "downloading once more from scratch" in "\n".join(said)
 
 
 def test_wrong_bytes_twice_fails_with_both_hashes(server, cache):
@@ -208,7 +216,7 @@ def test_stale_partial_with_wrong_bytes_is_replaced(server, cache):
 
 def test_ctrl_c_leaves_nothing_at_final_path_and_resumes(server, cache, monkeypatch):
     server.add("/w.pt", PAYLOAD)
-    real_read = transfer._read
+    real_read = transfer.read_chunk
     calls = {"n": 0}
 
     def interrupted(response, size, url):
@@ -217,7 +225,7 @@ def test_ctrl_c_leaves_nothing_at_final_path_and_resumes(server, cache, monkeypa
             raise KeyboardInterrupt
         return real_read(response, size, url)
 
-    monkeypatch.setattr(transfer, "_read", interrupted)
+    monkeypatch.setattr(transfer, "read_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):
         download_url(server.url("/w.pt"), cache / "w.pt", SHA)
     assert not (cache / "w.pt").exists()
@@ -225,7 +233,7 @@ def test_ctrl_c_leaves_nothing_at_final_path_and_resumes(server, cache, monkeypa
     assert [p.name for p in cache.iterdir()] == [part.name]  # no lock left
     kept = part.stat().st_size
     assert 0 < kept < len(PAYLOAD)
-    monkeypatch.setattr(transfer, "_read", real_read)
+    monkeypatch.setattr(transfer, "read_chunk", real_read)
     assert_verified(download_url(server.url("/w.pt"), cache / "w.pt", SHA))
     assert server.gets()[-1].range == f"bytes={kept}-"
 
@@ -313,7 +321,7 @@ def test_concurrent_processes(server, cache, tmp_path):
     server.faults = ["throttle:400000"]
     script = (
         "import sys; from clipcli import download;"
-        "download.download_url(sys.argv[1], sys.argv[2], sys.argv[3], quiet=True); print('ok')"
+        "download.download_url(sys.argv[1], sys.argv[2], sys.argv[3], ); print('ok')"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     procs = [subprocess.Popen([sys.executable, "-c", script, server.url("/w.pt"), str(cache / "w.pt"), SHA],
@@ -354,22 +362,22 @@ def test_model_file_honours_cache_dir_argument(server, fake_model, tmp_path):
 
 def test_cache_dir_resolution(monkeypatch, tmp_path):
     monkeypatch.setenv("CLIPCLI_CACHE_DIR", str(tmp_path / "a"))
-    assert download.default_cache_dir() == tmp_path / "a"
+    assert cache_module.default_cache_dir() == tmp_path / "a"
     monkeypatch.delenv("CLIPCLI_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert download.default_cache_dir() == tmp_path / "xdg" / "clipcli"
+    assert cache_module.default_cache_dir() == tmp_path / "xdg" / "clipcli"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert download.default_cache_dir() == Path.home() / ".cache" / "clipcli"
-    assert download.resolve_cache_dir(tmp_path / "b") == tmp_path / "b"
+    assert cache_module.default_cache_dir() == Path.home() / ".cache" / "clipcli"
+    assert cache_module.resolve_cache_dir(tmp_path / "b") == tmp_path / "b"
 
 
-def test_corrupt_cached_model_is_replaced(server, fake_model, cache, capsys):
+def test_corrupt_cached_model_is_replaced(server, fake_model, cache, said):
     server.add(openai_path(fake_model), PAYLOAD)
     cache.mkdir()
     (cache / "Fake-1.pt").write_bytes(PAYLOAD[:1234])
-    assert model_file("Fake/1") == cache / "Fake-1.pt"
+    assert model_file("Fake/1", feedback=Feedback(log=said.append)) == cache / "Fake-1.pt"
     assert_verified(cache / "Fake-1.pt")
-    assert "is corrupt (1234 bytes instead of 200000)" in capsys.readouterr().err
+    assert "is corrupt (1234 bytes instead of 200000)" in "\n".join(said)
 
 
 def test_verify_replaces_same_size_corruption(server, fake_model, cache):
@@ -438,7 +446,7 @@ def test_falls_back_to_hub_safetensors(server, fake_model, cache, monkeypatch):
     server.add(f"/timm/fake_clip.openai/resolve/{commit}/open_clip_model.safetensors", hub_bytes)
     path = model_file("Fake/1")  # OpenAI's URL answers 404
     assert path == cache / "Fake-1.safetensors" and path.read_bytes() == hub_bytes
-    assert download.read_meta(path)["sha256"] == hub_sha
+    assert cache_module.read_meta(path)["sha256"] == hub_sha
     assert [r.method for r in server.requests] == ["GET", "HEAD", "GET"]
     assert model_file("Fake/1") == path and len(server.requests) == 3  # cached: no network
 
@@ -469,7 +477,7 @@ def test_offline_message_is_one_actionable_line(fake_model, cache, monkeypatch):
     assert str(caught.value) == (
         f"Fake/1 is not in the cache ({cache}) and could not be downloaded: CLIPCLI_OFFLINE is set. "
         "Run `clipcli download Fake/1` on a machine with internet and copy Fake-1.pt into the cache, "
-        "or pass --model PATH."
+        "or give a checkpoint file instead of the name."
     )
     assert caught.value.exit_code == 2
 

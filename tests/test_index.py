@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from clipcli.cli import app
 from clipcli.errors import IndexDatabaseError, InputError
-from clipcli.fetch import FetchOptions
+from clipcli.http import FetchOptions
 from clipcli.images import DecodeOptions
 from clipcli.index import Index, default_path
 from clipcli.tasks import RunOptions, update_index

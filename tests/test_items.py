@@ -20,12 +20,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from clipcli import fetch as fetching
+from clipcli import http as fetching
 from clipcli import images
-from clipcli.errors import InputError
-from clipcli.fetch import FetchOptions, fetch_url
+from clipcli.errors import InputError, ItemError
+from clipcli.http import FetchOptions, fetch_url
 from clipcli.images import DecodeOptions, pillow_limits, read_image, to_rgb
-from clipcli.items import Item, ItemError, expand_inputs, parse_list
+from clipcli.items import Item, expand_inputs, parse_list
 from clipcli.output import to_json
 
 
@@ -229,7 +229,7 @@ def test_truncated_files_fail_unless_allowed(tmp_path, fmt, suffix):
     data = png_bytes(photo, format=fmt)
     path = write(tmp_path / f"cut.{suffix}", data[: len(data) * 2 // 3])
     message = reason(path)
-    assert message.startswith("truncated image") and "--allow-truncated" in message
+    assert message.startswith("truncated image") and "allow_truncated" in message
     assert decoded(path, allow_truncated=True).size == (64, 64)
 
 
@@ -238,7 +238,7 @@ def test_pixel_cap_is_checked_before_decoding(tmp_path, monkeypatch):
     loads = []
     monkeypatch.setattr(Image.Image, "load", lambda self: loads.append(1))
     assert reason(path, max_pixels=4999) == (
-        "image too large: 100x50 = 5000 pixels exceeds the limit of 4999 (--max-pixels)"
+        "image too large: 100x50 = 5000 pixels exceeds the limit of 4999 (the max_pixels cap)"
     )
     assert not loads
 
@@ -502,7 +502,7 @@ def test_connection_refused_is_reported(server):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert fetch_reason(f"http://127.0.0.1:{port}/x.png").startswith("cannot fetch")
+    assert fetch_reason(f"http://127.0.0.1:{port}/x.png").startswith("cannot reach 127.0.0.1")
 
 
 def test_permission_denied_is_a_reason_even_as_root(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from clipcli.cli import app
+from clipcli.cli.render import error_text
 from clipcli.journal import Journal, JournalError, inputs_hash, journal_path
 
 IDENTITY = {"sha256": "ab" * 32, "inputs": inputs_hash(["a.jpg", "b.jpg", "c.jpg"]), "count": 3, "key": "image",
@@ -69,8 +70,10 @@ def test_record_whose_row_never_landed_is_discarded(tmp_path):
 def test_existing_journal_needs_resume_or_overwrite(tmp_path):
     path = journal_path(tmp_path / "emb.npy")
     Journal.open(path, IDENTITY).append([ok(0, "a.jpg")], [np.zeros(4, dtype=np.float32)])
-    with pytest.raises(JournalError, match="--resume .* or --overwrite"):
+    with pytest.raises(JournalError, match="holds an unfinished run$") as caught:
         Journal.open(path, IDENTITY)
+    assert caught.value.fix == "resume"  # the library names the setting; the CLI, its flags:
+    assert error_text(caught.value).endswith("unfinished run; pass --resume to continue it or --overwrite to start again")
     fresh = Journal.open(path, IDENTITY, overwrite=True)
     assert fresh.records == [] and fresh.rows == 0
 

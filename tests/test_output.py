@@ -8,9 +8,10 @@ import os
 
 import pytest
 
+from clipcli.cli.render import Reporter, error_text
 from clipcli.errors import OutputError, OutputExistsError
 from clipcli.fsutil import atomic_write, ensure_writable
-from clipcli.output import RecordWriter, Reporter, default_format, to_json
+from clipcli.output import RecordWriter, default_format, to_json
 
 RECORDS = [
     {"image": "a.png", "status": "ok", "label": "cat", "score": 0.75, "top": [{"label": "cat", "score": 0.75}]},
@@ -104,9 +105,10 @@ def test_atomic_write_replaces_only_when_asked(tmp_path):
     with atomic_write(path) as f:
         f.write(b"one")
     assert path.read_bytes() == b"one"
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    with pytest.raises(OutputExistsError, match="out.bin already exists$") as caught:
         with atomic_write(path) as f:
             f.write(b"two")
+    assert error_text(caught.value).endswith("already exists; pass --overwrite to replace it")
     with atomic_write(path, overwrite=True) as f:
         f.write(b"two")
     assert path.read_bytes() == b"two"

@@ -199,7 +199,7 @@ def test_download_released_name_offline_is_one_line(cache):
     assert result.stderr == (
         f"error: ViT-B/32 is not in the cache ({cache}) and could not be downloaded: CLIPCLI_OFFLINE is set. "
         "Run `clipcli download ViT-B/32` on a machine with internet and copy ViT-B-32.pt into the cache, "
-        "or pass --model PATH.\n"
+        "or give a checkpoint file instead of the name.\n"
     )
 
 

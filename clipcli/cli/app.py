@@ -8,31 +8,12 @@ its ``exit_code``; a closed stdout (``| head``) ends the run quietly.
 import functools
 import os
 import sys
-from enum import Enum
 from typing import Annotated, Callable
 
 import typer
 
 from .. import __version__
 from ..errors import ClipcliError
-
-
-class Format(str, Enum):
-    """How records are written on stdout (shared by every command that writes records)."""
-
-    jsonl = "jsonl"
-    json = "json"
-    csv = "csv"
-    table = "table"
-
-
-class Precision(str, Enum):
-    """Number type the model computes in (shared by every command that runs one)."""
-
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
-
 
 app = typer.Typer(
     name="clipcli",
@@ -66,7 +47,7 @@ def _root(
 
 
 def error_line(message: str) -> None:
-    from ..items import one_line
+    from ..text import one_line
 
     typer.echo(f"error: {one_line(message)}", err=True)
 
@@ -124,7 +105,9 @@ def command(*args, **kwargs) -> Callable:
             try:
                 return _run_and_flush(fn, a, kw)
             except ClipcliError as error:
-                error_line(str(error))
+                from .render import error_text
+
+                error_line(error_text(error))
                 raise typer.Exit(error.exit_code) from None
             except BrokenPipeError:
                 _silence_stdout()
@@ -134,7 +117,7 @@ def command(*args, **kwargs) -> Callable:
                     _silence_stdout()
                     error_line(f"cannot write stdout: {error.strerror or error}")
                     raise typer.Exit(1) from None
-                from ..items import display
+                from ..text import display
 
                 where = f"{display(str(error.filename))}: " if error.filename else ""
                 error_line(f"{where}{error.strerror or error}")  # e.g. a library failing to map its memory

@@ -15,7 +15,7 @@ import typer
 
 from ..errors import InputError
 from .app import command
-from .scoring_commands import (
+from .options import (
     DEFAULT_MODEL,
     MAX_PIXELS,
     ArchOpt,
@@ -32,9 +32,9 @@ from .scoring_commands import (
     ThreadsOpt,
     TruncatedOpt,
     WorkersOpt,
-    _format,
-    _load,
-    _run_options,
+    load,
+    output_format,
+    run_options,
 )
 
 
@@ -105,9 +105,10 @@ def encode(
     """
     from ..fsutil import ensure_writable, exclusive_lock
     from ..items import expand_inputs, read_lines
-    from ..output import RecordWriter, Reporter
+    from ..output import RecordWriter
     from ..tasks import csv_view, encode_target
     from ..tasks import encode as run_encode
+    from .render import Reporter
 
     if text and inputs:
         raise InputError("give either images or --text FILE, not both")
@@ -117,9 +118,9 @@ def encode(
         check_options(text, resume, inputs)
         if not inputs:
             raise InputError("nothing to encode: give images, folders or list files")
-        encode_partitioned(inputs, output, lambda text=False: _load(model, arch, device, precision, threads, quiet,
+        encode_partitioned(inputs, output, lambda text=False: load(model, arch, device, precision, threads, quiet,
                                                                     towers=("image", "text") if text else ("image",)),
-                           _run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode),
+                           run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode),
                            normalize=not no_normalize, partition_size=partition_size, rank=rank, world=world,
                            captions=captions, quiet=quiet)
     if not text and not inputs:
@@ -139,11 +140,11 @@ def encode(
         if captions is not None and not captions:
             raise InputError(f"no captions in {text}")
         items = expand_inputs(inputs, exclude=outputs) if inputs else None
-        loaded = _load(model, arch, device, precision, threads, quiet,
+        loaded = load(model, arch, device, precision, threads, quiet,
                        towers=("text",) if captions is not None else ("image",))
         stream_writer = None
         if target == "stdout":
-            fmt_name = _format(fmt)
+            fmt_name = output_format(fmt)
             stream_writer = RecordWriter(sys.stdout, fmt_name, view=_encode_view if fmt_name == "table" else csv_view,
                                          paths_column=None if captions is not None else "name")
         total = len(captions) if captions is not None else len(items)
@@ -151,7 +152,7 @@ def encode(
             run_encode(loaded, items=items, texts=captions, output=None if target == "stdout" else output,
                        normalize=not no_normalize, store=dtype.value, truncate=not no_truncate, resume=resume,
                        overwrite=overwrite,
-                       run=_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode),
+                       run=run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode),
                        on_result=report.done, on_record=stream_writer.write if stream_writer else None, locked=True)
         if stream_writer is not None:
             stream_writer.close()  # after the progress bar has gone
@@ -171,9 +172,9 @@ def encode_partitioned(inputs: list[str], output: str, loaded_model, run, *, nor
     images failed (torchrun ends every rank when one exits non-zero), non-zero only for
     errors that stop the run."""
     from ..items import expand_inputs
-    from ..output import Reporter
     from ..partitions import encode_partitions, encode_shards, require_pyarrow, share
     from ..webdataset import expand_shards, is_shards
+    from .render import Reporter
 
     part = share(rank, world)
     require_pyarrow()

@@ -10,7 +10,7 @@ import typer
 
 from ..errors import InputError, NoVectorsError, OutputError
 from .app import command
-from .scoring_commands import (
+from .options import (
     DEFAULT_MODEL,
     MAX_PIXELS,
     ArchOpt,
@@ -25,9 +25,9 @@ from .scoring_commands import (
     ThreadsOpt,
     TruncatedOpt,
     WorkersOpt,
-    _format,
-    _load,
-    _run_options,
+    load,
+    output_format,
+    run_options,
 )
 
 DbOpt = Annotated[Optional[str], typer.Option("--db", envvar="CLIPCLI_INDEX", show_envvar=True, show_default=False,
@@ -56,15 +56,15 @@ def _summary_line(summary) -> str:
 
 def _update(index, inputs, model, arch, device, precision, threads, quiet, run, loaded: dict):
     """Update ``index``; a model it had to load is left in ``loaded["model"]`` for reuse."""
-    from ..output import Reporter
     from ..tasks import update_index
+    from .render import Reporter
 
-    def load():
-        loaded["model"] = _load(model, arch, device, precision, threads, quiet, towers=("image",))
+    def load_once():
+        loaded["model"] = load(model, arch, device, precision, threads, quiet, towers=("image",))
         return loaded["model"]
 
     with Reporter(0, "images", quiet) as report:
-        summary = update_index(index, inputs, model, load, arch=arch, run=run, on_result=report.done)
+        summary = update_index(index, inputs, model, load_once, arch=arch, run=run, on_result=report.done)
         report.message(_summary_line(summary))
     return summary
 
@@ -101,7 +101,7 @@ def index(
     from ..index import Index
     from ..output import to_json
 
-    run = _run_options(batch_size, workers, max_pixels, allow_truncated, False, exact_decode)
+    run = run_options(batch_size, workers, max_pixels, allow_truncated, False, exact_decode)
     with Index(db) as opened:
         summary = _update(opened, inputs, model, arch, device, precision, threads, quiet, run, {})
     if fmt == SummaryFormat.json:
@@ -140,8 +140,8 @@ def search(
 
     Example: clipcli search photos/cat.jpg --in ~/Pictures/2024 --format paths | xargs open
     """
-    from ..fetch import FetchOptions
     from ..fsutil import atomic_write, ensure_writable
+    from ..http import FetchOptions
     from ..index import Index
     from ..output import RecordWriter, write_paths
     from ..search import parse_terms
@@ -166,16 +166,16 @@ def search(
         if update:
             if opened.readonly:
                 raise OutputError(f"{opened.path} is read-only: add --no-update to search it as it is")
-            run = _run_options(None, None, MAX_PIXELS, False, allow_private, False)
+            run = run_options(None, None, MAX_PIXELS, False, allow_private, False)
             _update(opened, within, model, arch, device, precision, threads, quiet, run, loaded)
         towers = ("image",) if all(t.is_image for t in terms) else ("text",)
-        loaded = loaded.get("model") or _load(model, arch, device, precision, threads, quiet, towers=towers)
+        loaded = loaded.get("model") or load(model, arch, device, precision, threads, quiet, towers=towers)
         try:
             hits = run_search(opened, loaded, terms, top_k=top_k, threshold=threshold, under=within,
                               fetch=FetchOptions(allow_private=allow_private))
         except NoVectorsError as error:
             raise NoVectorsError(f"{error}; index with it first: clipcli index FOLDER --model {model}") from None
-    name = _format(fmt) if fmt is None else fmt.value
+    name = output_format(fmt) if fmt is None else fmt.value
     if name == "paths":
         write_paths(sys.stdout.buffer, [hit.path for hit in hits])
     else:

@@ -1,5 +1,4 @@
-"""`clipcli classify`, `clipcli similarity`, and the options every scoring command shares
-(`encode` in :mod:`.encode_commands`, `index`/`search` in :mod:`.index_commands` use them).
+"""`clipcli classify` and `clipcli similarity` (their shared options are in :mod:`.options`).
 
 Thin: parse options, call :mod:`clipcli.pipeline`, write records. torch, PIL and matplotlib
 are imported inside the commands so that ``clipcli --help`` stays fast.
@@ -14,68 +13,28 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import ClipcliError, InputError
-from .app import Format, Precision, command
-
-DEFAULT_MODEL = "ViT-B/32"
-
-
-# Options every scoring command shares.
-ModelOpt = Annotated[str, typer.Option("--model", "-m", envvar="CLIPCLI_MODEL", show_envvar=True,
-                                       help="A name from `clipcli models` (ViT-B/32, ViT-B-32/laion2b_s34b_b79k), "
-                                            "hf-hub:ORG/REPO, a model folder or a checkpoint file.")]
-ArchOpt = Annotated[Optional[str], typer.Option("--arch", show_default=False,
-                                                help="Architecture of a --model file that does not say (a name from "
-                                                     "`clipcli models`, e.g. ViT-H-14/laion2b_s32b_b79k).")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, show_default=False,
-                                                help="Images per model call. Default: 32 on CPU, 256 on CUDA.")]
-WorkersOpt = Annotated[Optional[int], typer.Option("--workers", min=0, show_default=False,
-                                                  help="Workers decoding images while the model runs (0: none). "
-                                                       "Default: 4 threads on CPU; on CUDA, one per core up to 16.")]
-PrecisionOpt = Annotated[Optional[Precision], typer.Option("--precision", help="Default: fp16 on CUDA, fp32 on CPU.")]
-FormatOpt = Annotated[Optional[Format], typer.Option("--format", "-f", help="Default: table on a terminal, jsonl in a pipe.")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for the model (default: one per core). On a busy or shared machine, fewer threads can be much faster.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, skip messages or summary on stderr.")]
-# clipcli.images.DEFAULT_MAX_PIXELS (Pillow's cap), spelled out so --help need not import images.
-MAX_PIXELS = 89_478_485
-MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse larger images (decompression bombs).")]
-TruncatedOpt = Annotated[bool, typer.Option("--allow-truncated", help="Score truncated files from what decodes.")]
-PrivateOpt = Annotated[bool, typer.Option("--allow-private", help="Allow URLs on loopback/private/link-local addresses.")]
-ExactOpt = Annotated[bool, typer.Option("--exact-decode", help="Decode JPEGs at full size, exactly as the reference does (slower; by default large JPEGs decode at the smallest scale keeping twice the model's resolution).")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
-
-
-def _run_options(batch_size: Optional[int], workers: Optional[int], max_pixels: int, allow_truncated: bool, allow_private: bool,
-                 exact_decode: bool):
-    """The shared run options (:class:`clipcli.tasks.RunOptions`) from the shared flags."""
-    from ..fetch import FetchOptions
-    from ..images import DecodeOptions
-    from ..tasks import RunOptions
-
-    return RunOptions(batch_size=batch_size, workers=workers,
-                      decode=DecodeOptions(max_pixels=max_pixels, allow_truncated=allow_truncated, exact=exact_decode),
-                      fetch=FetchOptions(allow_private=allow_private))
-
-
-def _format(fmt: Optional[Format]) -> str:
-    from ..output import default_format
-
-    return fmt.value if fmt is not None else default_format(sys.stdout)
-
-
-def _load(model: str, arch: Optional[str], device: str, precision: Optional[Precision], threads: Optional[int],
-          quiet: bool, towers: tuple[str, ...] = ("image", "text")):
-    from ..items import one_line
-    from ..pipeline import load_model, slow_precision_note
-
-    loaded = load_model(model, device=device, precision=precision.value if precision else None, towers=towers,
-                        threads=threads, arch=arch, quiet=True if quiet else None)
-    notes = [*loaded.notes, slow_precision_note(loaded.device, loaded.dtype)]
-    if not quiet:
-        for note in filter(None, notes):
-            sys.stderr.write(f"note: {one_line(note)}\n")
-    return loaded
-
+from .app import command
+from .options import (
+    DEFAULT_MODEL,
+    MAX_PIXELS,
+    ArchOpt,
+    BatchOpt,
+    DeviceOpt,
+    ExactOpt,
+    FormatOpt,
+    MaxPixelsOpt,
+    ModelOpt,
+    OverwriteOpt,
+    PrecisionOpt,
+    PrivateOpt,
+    QuietOpt,
+    ThreadsOpt,
+    TruncatedOpt,
+    WorkersOpt,
+    load,
+    output_format,
+    run_options,
+)
 
 # --------------------------------------------------------------------------- classify
 
@@ -145,16 +104,17 @@ def classify(
     Example: clipcli classify photos/ -l cat,dog | jq -r 'select(.label=="cat") | .image'
     """
     from ..items import expand_inputs
-    from ..output import RecordWriter, Reporter
+    from ..output import RecordWriter
     from ..pipeline import classify as run_classify
+    from .render import Reporter
 
     label_list = _labels(labels, labels_file)
     template_list = _templates(template, templates)
     items = expand_inputs(inputs)
-    fmt_name = _format(fmt)
-    loaded = _load(model, arch, device, precision, threads, quiet, towers=("image",))  # text tower: on a label-cache miss
+    fmt_name = output_format(fmt)
+    loaded = load(model, arch, device, precision, threads, quiet, towers=("image",))  # text tower: on a label-cache miss
     records = run_classify(loaded, items, label_list, template_list, top_k=top_k,
-                           **_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode).pipeline_kwargs())
+                           **run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode).pipeline_kwargs())
     columns = ["image", "status", "label", "score", "top", "error"]
     # The writer encloses the reporter so that a table is printed after the progress bar has gone.
     with RecordWriter(sys.stdout, fmt_name, columns=columns, view=_top_view, paths_column="image") as writer:
@@ -229,7 +189,8 @@ def similarity(
     from ..fsutil import atomic_write, ensure_writable
     from ..heatmap import TITLE, figure_format, render
     from ..items import expand_inputs
-    from ..output import RecordWriter, Reporter, to_json
+    from ..output import RecordWriter, to_json
+    from .render import Reporter
 
     image_args, captions = _split_similarity_args(inputs, text)
     if output:
@@ -239,8 +200,8 @@ def similarity(
             raise InputError(str(error)) from None
         ensure_writable([output], overwrite)
     items = expand_inputs(image_args, exclude=[output] if output else [])
-    fmt_name = fmt.value if fmt is not None else (None if output else _format(None))
-    loaded = _load(model, arch, device, precision, threads, quiet)
+    fmt_name = fmt.value if fmt is not None else (None if output else output_format(None))
+    loaded = load(model, arch, device, precision, threads, quiet)
 
     from ..pipeline import similarity as run_similarity
 
@@ -249,7 +210,7 @@ def similarity(
             loaded, items, captions, truncate=not no_truncate, thumbnails=bool(output),
             on_image=lambda r: report.done(r.name, r.error),
             on_text=lambda r: None if r.ok else report.message(f"skipping caption {r.name!r}: {r.error}"),
-            **_run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode).pipeline_kwargs(),
+            **run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode).pipeline_kwargs(),
         )
     text_failures = sum(1 for f in result.failed if "text" in f)
     if output:

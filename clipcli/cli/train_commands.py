@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import Precision, command
+from .app import command
+from .options import Precision
 
 
 class ImageEncoder(str, Enum):
@@ -85,6 +86,7 @@ def train(
     from ..errors import InputError
     from ..train.loop import TrainConfig
     from ..train.loop import train as run_training
+    from .render import StderrLines
 
     if lock_image and freeze == Side.text:
         raise InputError("--lock-image freezes the image side; it cannot be combined with --freeze text")
@@ -104,11 +106,15 @@ def train(
         text_encoder=text_encoder.value if text_encoder else None, overrides=overrides,
         freeze="image" if lock_image else (freeze.value if freeze else None), epochs=epochs, batch_size=batch_size,
         lr=lr, wd=wd, warmup=warmup, grad_clip=grad_clip, precision=precision.value, device=device, workers=workers,
-        seed=seed, log_every=log_every, resume=resume, overwrite=overwrite, quiet=quiet,
+        seed=seed, log_every=log_every, resume=resume, overwrite=overwrite,
     )
     for template in config.zeroshot_templates:
         if template.count("{}") != 1:
             raise InputError(f"--zeroshot-template {template!r} must contain exactly one {{}} for the class name")
-    checkpoint = run_training(config)
+    lines = StderrLines()
+    try:
+        checkpoint = run_training(config, lines.feedback(quiet))
+    finally:
+        lines.close()
     if os.environ.get("RANK", "0") == "0":
         typer.echo(str(checkpoint))

@@ -16,7 +16,9 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import ClipcliError
-from .app import Format, command, error_line
+from .app import command, error_line
+from .options import Format
+from .render import download_feedback, error_text, say
 
 CacheDirOpt = Annotated[Optional[Path], typer.Option(
     "--cache-dir", file_okay=False, show_default=False,
@@ -26,9 +28,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar o
 
 def _message(quiet: bool, text: str) -> None:
     if not quiet:
-        from ..items import one_line
-
-        typer.echo(one_line(text), err=True)
+        say(text)
 
 
 # --- clipcli models ------------------------------------------------------------------------
@@ -129,6 +129,7 @@ def download(
     Examples: clipcli download ViT-B/32 RN50 --verify;
     clipcli download https://example.org/clip.pt --sha256 HEX --name my-clip.pt
     """
+    from .. import cache
     from .. import download as dl
     from ..registry import MODELS, find_model
 
@@ -140,7 +141,7 @@ def download(
     if not targets:
         raise typer.BadParameter("name a released model (see `clipcli models`), give a URL with --sha256, or use --all",
                                  param_hint="NAME... | URL")
-    progress_quiet = True if quiet else None
+    feedback = download_feedback(quiet)
     urls = [t for t in targets if _is_url(t)]
     if urls:
         if len(targets) != 1:
@@ -148,9 +149,9 @@ def download(
         if not sha256:
             raise typer.BadParameter("a URL needs --sha256 HEX, the sha256 the file must have", param_hint="--sha256")
         url = urls[0]
-        dest = dl.resolve_cache_dir(cache_dir) / _url_file_name(url, name)
+        dest = cache.resolve_cache_dir(cache_dir) / _url_file_name(url, name)
         path = dl.download_url(url, dest, sha256, name=name or dest.name, force=force, verify=verify,
-                               quiet=progress_quiet)
+                               feedback=feedback)
         typer.echo(str(path))
         return
     if sha256 or name:
@@ -164,16 +165,16 @@ def download(
                 for path in _download_hub_model(target, verify, quiet):
                     typer.echo(str(path))
                 continue
-            cached = None if force else dl.cached_model_file(info, cache_dir, verify=verify, quiet=progress_quiet)
+            cached = None if force else cache.cached_model_file(info, cache_dir, verify=verify, feedback=feedback)
             if cached:
                 _message(quiet, f"{info.name}: cached at {cached}" + (" (sha256 verified)" if verify else ""))
                 path = cached
             else:
-                path = dl.fetch_model(info, cache_dir, force=force, quiet=progress_quiet)
+                path = dl.fetch_model(info, cache_dir, force=force, feedback=feedback)
         except ClipcliError as error:
             if len(targets) == 1:
                 raise
-            error_line(f"{target}: {error}")
+            error_line(f"{target}: {error_text(error)}")
             exit_code = max(exit_code, error.exit_code)
             continue
         typer.echo(str(path))
@@ -190,7 +191,7 @@ def _download_hub_model(target: str, verify: bool, quiet: bool) -> tuple:
         from ..download import unknown_model
 
         raise unknown_model(target)
-    source = resolve(target, quiet=True if quiet else None)
+    source = resolve(target, feedback=download_feedback(quiet))
     for path in source.files:
         if verify:
             hub.verify(path)
@@ -243,11 +244,11 @@ def convert(
 
     from .. import __version__
     from ..checkpoint import write_safetensors
-    from ..download import format_size
     from ..factory import METADATA_KEY, config_to_json
     from ..loading import load, resolve
+    from ..transfer import format_size
 
-    source = resolve(src, arch=arch, cache_dir=cache_dir, quiet=True if quiet else None)
+    source = resolve(src, arch=arch, cache_dir=cache_dir, feedback=download_feedback(quiet))
     model, note = load(source, "cpu", getattr(torch, dtype.value) if dtype else None)
     if note:
         _message(quiet, f"note: {note}")

@@ -19,7 +19,6 @@ process would.
 from __future__ import annotations
 
 import csv
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -56,8 +55,8 @@ def _table_pairs(path: Path, img_key: str, caption_key: str) -> list[Pair]:
     missing = [key for key in (img_key, caption_key) if key not in columns]
     if missing:
         raise InputError(
-            f"{path} has no column {', '.join(map(repr, missing))} (columns: {', '.join(columns) or 'none'}); "
-            "choose them with --img-key and --caption-key"
+            f"{path} has no column {', '.join(map(repr, missing))} (columns: {', '.join(columns) or 'none'})",
+            fix="keys",
         )
     pairs = []
     for row in rows:
@@ -102,8 +101,9 @@ class PairDataset(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def __getitem__(self, index: int):
+        from ..errors import ItemError
         from ..images import DecodeOptions, read_image
-        from ..items import Item, ItemError
+        from ..items import Item
         from ..tokenizer import tokenize
 
         pair = self.pairs[index]
@@ -138,7 +138,8 @@ class GlobalBatches(torch.utils.data.Sampler):
     def __init__(self, size: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: bool = True, drop_last: bool = True):
         if batch_size % world_size:
-            raise InputError(f"--batch-size {batch_size} is the global batch; it must divide by the {world_size} processes")
+            raise InputError(f"{batch_size} is the global batch; it must divide by the {world_size} processes",
+                             option="batch_size")
         self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
         self.seed, self.shuffle, self.drop_last, self.epoch = seed, shuffle, drop_last, 0
 
@@ -162,20 +163,17 @@ class GlobalBatches(torch.utils.data.Sampler):
 
 
 class SkipReporter:
-    """Prints ``skipping PATH: reason`` once per image and counts the skipped images."""
+    """Reports ``skipping PATH: reason`` once per image to ``log`` and counts the skipped images."""
 
-    def __init__(self, quiet: bool = False):
+    def __init__(self, log: Callable[[str], None] = lambda message: None):
         self.seen: set[str] = set()
-        self.quiet = quiet
+        self.log = log
 
     def __call__(self, skipped: list[tuple[str, str]]) -> None:
         for path, reason in skipped:
             if path not in self.seen:
                 self.seen.add(path)
-                if not self.quiet:
-                    from ..items import one_line
-
-                    print(one_line(f"skipping {path}: {reason}"), file=sys.stderr)
+                self.log(f"skipping {path}: {reason}")
 
     @property
     def count(self) -> int:

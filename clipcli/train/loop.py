@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 
 from ..errors import ClipcliError, InputError, OutputError, OutputExistsError
 from ..factory import METADATA_KEY, config_to_json, create_model
+from ..feedback import SILENT, Feedback
 from ..model import CLIP, CLIPConfig
 from . import distributed
 from .data import GlobalBatches, PairDataset, SkipReporter, loader, read_pairs
@@ -63,7 +63,6 @@ class TrainConfig:
     log_every: int = 10
     resume: bool = False
     overwrite: bool = False
-    quiet: bool = False
 
 
 # ----------------------------------------------------------------------------- the model
@@ -73,7 +72,7 @@ def model_config(cfg: TrainConfig) -> CLIPConfig:
     from .presets import PRESETS
 
     if cfg.arch not in PRESETS:
-        raise InputError(f"--arch {cfg.arch!r} is not a preset; choose one of {', '.join(PRESETS)}")
+        raise InputError(f"{cfg.arch!r} is not a preset; choose one of {', '.join(PRESETS)}", option="arch")
     fields = dict(PRESETS[cfg.arch])
     fields.update(cfg.overrides)
     if "transformer_width" in cfg.overrides and "transformer_heads" not in cfg.overrides:
@@ -81,12 +80,12 @@ def model_config(cfg: TrainConfig) -> CLIPConfig:
     is_resnet = fields["vision_patch_size"] is None
     if cfg.image_encoder == "mixer":
         if is_resnet:
-            raise InputError(f"--image-encoder mixer needs a ViT-shaped --arch (a patch size), not {cfg.arch}")
+            raise InputError(f"mixer needs a ViT-shaped arch (a patch size), not {cfg.arch}", option="image_encoder")
         fields["vision_mixer"] = True
     elif cfg.image_encoder == "resnet" and not is_resnet:
-        raise InputError(f"--image-encoder resnet needs a ResNet --arch such as RN50, not {cfg.arch}")
+        raise InputError(f"resnet needs a ResNet arch such as RN50, not {cfg.arch}", option="image_encoder")
     elif cfg.image_encoder == "vit" and is_resnet:
-        raise InputError(f"--image-encoder vit needs a ViT --arch, not {cfg.arch}")
+        raise InputError(f"vit needs a ViT arch, not {cfg.arch}", option="image_encoder")
     fields["text_mixer"] = cfg.text_encoder == "mixer"
     config = CLIPConfig(**fields)
     if not is_resnet and config.image_resolution % config.vision_patch_size:
@@ -99,7 +98,7 @@ def _check_encoders(cfg: TrainConfig, config: CLIPConfig, source: str) -> None:
     text = "mixer" if config.text_mixer else "transformer"
     if cfg.image_encoder not in (None, image) or cfg.text_encoder not in (None, text):
         raise InputError(f"{source} has a {image} image encoder and a {text} text encoder; "
-                         "--image-encoder/--text-encoder cannot change a loaded model")
+                         "the image and text encoder choices cannot change a loaded model")
 
 
 def load_clip(path_or_name: str) -> tuple[CLIP, str | None]:
@@ -139,7 +138,7 @@ def apply_freeze(clip: CLIP, freeze: str | None) -> None:
     if freeze is None:
         return
     if freeze not in ("image", "text"):
-        raise InputError(f"--freeze {freeze!r}: choose image or text")
+        raise InputError(f"{freeze!r}: choose image or text", option="freeze")
     for name, parameter in clip.named_parameters():
         on_image_side = name.startswith("visual.")
         if on_image_side == (freeze == "image") and name != "logit_scale":
@@ -164,18 +163,18 @@ def _autocast(precision: str, device: torch.device):
         return torch.autocast(device.type, enabled=False)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if dtype is None:
-        raise InputError(f"--precision {precision!r}: choose fp32, bf16 or fp16")
+        raise InputError(f"{precision!r}: choose fp32, bf16 or fp16", option="precision")
     return torch.autocast(device.type, dtype=dtype)
 
 
 def _prepare_out(cfg: TrainConfig, is_main: bool) -> Path:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} is a file; it must be a folder (new or holding a run)")
+        raise OutputError(f"{out} is a file; it must be a folder (new or holding a run)", option="out")
     if is_main and not cfg.resume and (out / CHECKPOINT).exists() and not cfg.overwrite:
-        raise OutputExistsError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start again")
+        raise OutputExistsError(f"{out} already holds a run", fix="resume")
     if cfg.resume and not (out / STATE).exists():
-        raise InputError(f"--resume: {out} has no {STATE} to resume from")
+        raise InputError(f"{out} has no {STATE} to resume from", option="resume")
     if is_main:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -189,27 +188,28 @@ def _prepare_out(cfg: TrainConfig, is_main: bool) -> Path:
     return out
 
 
-def train(cfg: TrainConfig) -> Path:
+def train(cfg: TrainConfig, feedback: Feedback = SILENT) -> Path:
     """Train as ``cfg`` says and return the path of ``last.safetensors``."""
     topology, device = distributed.setup(cfg.device)
     try:
-        return _train(cfg, topology, device)
+        return _train(cfg, topology, device, feedback)
     finally:
         distributed.teardown()
 
 
-def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.device) -> Path:
+def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.device, feedback: Feedback) -> Path:
     from ..preprocess import preprocess_for
 
     main = topology.is_main
     fresh_config = model_config(cfg) if not (cfg.resume or cfg.init) else None  # check options before touching --out
     # Every input is checked before --out is touched (an --overwrite run would discard the old one).
     if cfg.zeroshot_dir and not zeroshot_classes(cfg.zeroshot_dir):
-        raise InputError(f"--zeroshot-dir {cfg.zeroshot_dir} holds no class folders with images")
+        raise InputError(f"{cfg.zeroshot_dir} holds no class folders with images", option="zeroshot_dir")
     train_pairs = read_pairs(cfg.train_data, cfg.img_key, cfg.caption_key)
     val_pairs = read_pairs(cfg.val_data, cfg.img_key, cfg.caption_key) if cfg.val_data else None
     if len(train_pairs) < cfg.batch_size:
-        raise InputError(f"{cfg.train_data} has {len(train_pairs)} pairs, fewer than one --batch-size {cfg.batch_size}")
+        raise InputError(f"{cfg.train_data} has {len(train_pairs)} pairs, fewer than one batch ({cfg.batch_size})",
+                         option="batch_size")
     note = None
     if cfg.init and not cfg.resume:
         clip, note = load_clip(cfg.init)
@@ -254,12 +254,12 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
     if main:
         (out / CONFIG).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     metrics = MetricsLog(out / METRICS, main)
-    skips = SkipReporter(quiet=cfg.quiet)
+    skips = SkipReporter(feedback.log)
     batches = loader(train_set, sampler, cfg.workers)
-    say = (lambda text: print(text, file=sys.stderr, flush=True)) if main and not cfg.quiet else (lambda text: None)
+    say = feedback.log if main else SILENT.log
     if note:
         say(f"note: {note}")
-    live = main and not cfg.quiet and sys.stderr.isatty()
+    live = main and feedback.status is not None
     say(f"training {_describe(config)} on {len(train_set)} pairs, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
         f"global batch {cfg.batch_size} over {topology.world_size} process(es) on {device}")
 
@@ -282,7 +282,7 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
             text_features = distributed.gather_rows(text_features.float(), sizes)
             loss = contrastive_loss(image_features, text_features, scale.float())
             if not math.isfinite(loss.item()):
-                raise ClipcliError(f"the loss became {loss.item()} at step {step}; lower --lr or use --precision fp32/bf16")
+                raise ClipcliError(f"the loss became {loss.item()} at step {step}", fix="lr")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -298,16 +298,14 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
                 rate = seen / (time.perf_counter() - started)
                 lr = optimizer.param_groups[0]["lr"]
                 line = f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total_steps} loss {loss.item():.4f} lr {lr:.2e} {rate:.0f} samples/s"
-                if live:  # a terminal: one line, rewritten every step
-                    print(f"\r{line}", end="", file=sys.stderr, flush=True)
+                if live:  # e.g. a terminal: one line, rewritten every step
+                    feedback.status(line)
                 elif logged:
                     say(line)
             if logged:
                 metrics.write({"kind": "train", "epoch": epoch + 1, "step": step, "loss": loss.item(), "grad_norm": grad_norm.item(),
                                "lr": lr, "logit_scale": float(clip.logit_scale.detach().exp()), "samples_per_second": rate})
         elapsed = time.perf_counter() - started
-        if live:
-            print(file=sys.stderr)
         skipped = int(distributed.all_sum(skips.count, device))
         if main:
             evaluation = {"kind": "eval", "epoch": epoch + 1, "step": step, "samples_per_second": seen / elapsed,
