@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import ClipcliError
+from .feedback import SILENT, Feedback
 from .model import CLIP
 
 
@@ -44,6 +45,7 @@ def load(
     download_root: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
     arch: str | None = None,
+    feedback: Feedback = SILENT,
 ) -> tuple[CLIP, Callable]:
     """Load a CLIP model and its image transform: ``model, preprocess = clipcli.load("ViT-B/32")``.
 
@@ -53,7 +55,9 @@ def load(
     TorchScript ``.pt``, a PyTorch state dict, or safetensors; ``arch`` names the architecture
     of a file that does not say). Weights are float32 on CPU and float16 on CUDA unless
     ``dtype`` says otherwise. The model is in eval mode; ``preprocess`` is the model's own
-    transform (a torchvision ``Compose``).
+    transform (a torchvision ``Compose``). A download of the weights is silent unless
+    ``feedback`` (:class:`clipcli.feedback.Feedback`) asks for its news and progress, e.g.
+    ``feedback=Feedback(log=print)``.
     """
     from .loading import load_model
     from .preprocess import transform_for
@@ -63,5 +67,5 @@ def load(
     device = torch.device(device if device is not None else default_device())
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-    model = load_model(name, device, dtype, arch=arch, cache_dir=download_root)
+    model = load_model(name, device, dtype, arch=arch, cache_dir=download_root, feedback=feedback)
     return model, transform_for(model.config)

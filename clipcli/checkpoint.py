@@ -248,19 +248,37 @@ def read_safetensors(path: str | Path, dtype: torch.dtype | None = None, keep: K
     return out
 
 
-def write_safetensors(tensors: StateDict, path: str | Path, metadata: dict[str, str]) -> None:
+def _storable(state: dict) -> StateDict:
+    """Tensors only, detached, contiguous and unshared: what safetensors accepts."""
+    out, seen = {}, set()
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        value = value.detach().contiguous()
+        storage = (value.untyped_storage().data_ptr(), value.device)
+        if value.numel() and storage in seen:
+            value = value.clone()  # safetensors refuses tensors sharing memory
+        seen.add(storage)
+        out[key] = value
+    return out
+
+
+def write_safetensors(tensors: StateDict, path: str | Path, metadata: dict[str, str]) -> StateDict:
     """``tensors`` as a safetensors file at ``path``, written atomically (a failure or an
-    interrupt leaves no temporary file and ``path`` as it was; a full disk names ``path``)."""
+    interrupt leaves no temporary file and ``path`` as it was; a full disk names ``path``).
+    Returns the tensors as written (non-tensors dropped, shared memory copied)."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from .fsutil import atomic_path, write_error
 
+    tensors = _storable(tensors)
     try:
         with atomic_path(path, overwrite=True) as temp:
             save_file(tensors, str(temp), metadata=metadata)
     except SafetensorError as error:  # its own wrapper around an I/O error
         raise write_error(OSError(None, str(error)), path) from None
+    return tensors
 
 
 def _select(state: StateDict, dtype: torch.dtype | None, keep: KeyFilter | None) -> StateDict:

@@ -286,9 +286,9 @@ def load(source: ModelSource, device: torch.device | str = "cpu", dtype: torch.d
 
 def load_model(name: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | str = "float32",
                towers: Sequence[str] = TOWERS, *, arch: str | None = None,
-               cache_dir: str | os.PathLike | None = None) -> CLIP:
+               cache_dir: str | os.PathLike | None = None, feedback: Feedback = SILENT) -> CLIP:
     """:func:`resolve` then :func:`load`; a note becomes an :class:`AssumedArchitectureWarning`."""
-    model, note = load(resolve(name, arch=arch, cache_dir=cache_dir), device, dtype, towers)
+    model, note = load(resolve(name, arch=arch, cache_dir=cache_dir, feedback=feedback), device, dtype, towers)
     if note:
         warnings.warn(note, AssumedArchitectureWarning, stacklevel=2)
     return model

@@ -80,7 +80,7 @@ def resolve_dtype(precision: str | None, device: "torch.device") -> "torch.dtype
     if precision is None:
         precision = "fp16" if device.type == "cuda" else "fp32"
     if precision not in PRECISIONS:
-        raise ClipcliError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+        raise ClipcliError(f"{precision!r}: choose {', '.join(PRECISIONS)}", option="precision")
     return getattr(torch, PRECISIONS[precision])
 
 
@@ -311,6 +311,24 @@ class Similarity:
         if self.failed:
             out["errors"] = self.failed
         return out
+
+    def records(self) -> list[dict]:
+        """One record per input image in input order (an input named twice is two records,
+        a failed one its error record), then the failed captions' records."""
+        ok = iter({"image": image, "status": "ok",
+                   "scores": [{"text": text, "cosine": float(self.cosine[row, column]),
+                               "prob": float(self.probs[row, column])} for row, text in enumerate(self.texts)]}
+                  for column, image in enumerate(self.images))
+        failed = iter([f for f in self.failed if "image" in f])
+        records = [next(ok) if good else next(failed) for good in self.image_ok]
+        return records + [f for f in self.failed if "text" in f]
+
+    def rows(self, names: Sequence[str] | None = None) -> list[dict]:
+        """The matrix as one row per caption: ``{"text", <image name>: cosine, ...}``
+        (``names`` relabels the images' columns)."""
+        names = list(names) if names is not None else list(self.images)
+        return [{"text": text, **{name: float(self.cosine[row, column]) for column, name in enumerate(names)}}
+                for row, text in enumerate(self.texts)]
 
 
 def similarity(

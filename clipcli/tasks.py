@@ -1,4 +1,4 @@
-"""Runs as library functions: what ``clipcli encode`` does, callable from Python.
+"""Runs as library functions: what ``clipcli encode``, ``index`` and ``convert`` do, callable from Python.
 
 :func:`encode` embeds images or texts with a loaded model and writes one of the output
 layouts (``.npy`` + ``.jsonl`` manifest, ``.npz``, ``.jsonl``/``.json``/``.csv``), or hands
@@ -6,6 +6,8 @@ each record to a callback (the CLI's stdout). With ``.npy``/``.npz`` it journals
 batch by batch so that ``resume=True`` finishes an interrupted run (:mod:`clipcli.journal`),
 and it holds the output's lock for the whole run so two runs never mix their rows. It
 reports through callbacks (``on_result`` per input, ``on_record`` per record) and never prints.
+:func:`update_index` brings a search index up to date; :func:`convert_checkpoint` writes any
+model clipcli reads as one safetensors file.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from .errors import InputError
+from .errors import InputError, OutputError
+from .feedback import SILENT, Feedback
 from .http import FetchOptions
 from .images import DecodeOptions
 from .items import Item
@@ -243,3 +247,51 @@ def update_index(index, inputs: Sequence[str], model: str, load: Callable[[], "L
         return embed_images(loaded, items, normalize=True, **run.for_device(loaded.device).pipeline_kwargs())
 
     return update(index, inputs, key, load, embed=embed, batch_size=run.batch_size, on_result=on_result)
+
+
+@dataclass(frozen=True)
+class Converted:
+    """What :func:`convert_checkpoint` wrote: the file, its tensor count, float types and size."""
+
+    path: Path
+    tensors: int
+    dtypes: list[str]
+    size: int
+    note: str | None  # what loading assumed about a checkpoint that did not say
+
+
+CONVERT_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
+                       arch: str | None = None, cache_dir: str | os.PathLike | None = None, overwrite: bool = False,
+                       feedback: Feedback = SILENT) -> Converted:
+    """Any model clipcli reads (name, hub repo, folder or file) as one safetensors file at
+    ``dst``: OpenAI's key names, the full config in its metadata, floats as ``dtype`` (None:
+    as stored), written atomically. The result loads with :func:`clipcli.load` and gives the
+    same outputs."""
+    from . import __version__
+    from .checkpoint import write_safetensors
+    from .config import METADATA_KEY, config_to_json
+    from .fsutil import ensure_writable
+    from .loading import load, resolve
+
+    dst = Path(dst).expanduser()
+    if dst.suffix != ".safetensors":
+        raise InputError(f"{dst} must end in .safetensors", option="dst")
+    if dtype is not None and dtype not in CONVERT_DTYPES:
+        raise InputError(f"{dtype!r}: choose {', '.join(CONVERT_DTYPES)}", option="dtype")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"cannot create the folder of {dst}: {error.strerror or error}") from None
+    ensure_writable([dst], overwrite)
+    import torch
+
+    model, note = load(resolve(src, arch=arch, cache_dir=cache_dir, feedback=feedback), "cpu",
+                       getattr(torch, dtype) if dtype else None)
+    tensors = write_safetensors(model.state_dict(), dst, {
+        "format": "pt", "converted_by": f"clipcli {__version__}", "source": os.fspath(src),
+        METADATA_KEY: config_to_json(model.config)})
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()})
+    return Converted(dst, len(tensors), dtypes, dst.stat().st_size, note)

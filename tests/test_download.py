@@ -74,6 +74,31 @@ def test_plain_download_writes_file_and_sidecar(server, cache, said):
     assert "sha256 verified" in "\n".join(said)
 
 
+def test_the_library_reports_through_callbacks_and_never_prints(server, cache, capsys):
+    server.add("/w.pt", PAYLOAD)
+    meters, said = [], []
+
+    class Meter:
+        def __init__(self, label):
+            self.label, self.updates, self.closed = label, [], False
+            meters.append(self)
+
+        def update(self, done, total):
+            self.updates.append((done, total))
+
+        def close(self):
+            self.closed = True
+
+    download_url(server.url("/w.pt"), cache / "w.pt", SHA, feedback=Feedback(log=said.append, meter=Meter))
+    (meter,) = meters
+    assert meter.label == "w.pt" and meter.closed
+    assert meter.updates[-1] == (len(PAYLOAD), len(PAYLOAD))
+    assert [done for done, _ in meter.updates] == sorted(done for done, _ in meter.updates)
+    assert any("sha256 verified" in line for line in said)
+    download_url(server.url("/w.pt"), cache / "w2.pt", SHA)  # the default: silence
+    assert capsys.readouterr() == ("", "")
+
+
 def test_dropped_connection_resumes_with_range_and_if_range(server, cache):
     server.add("/w.pt", PAYLOAD)
     server.faults = ["drop:50000"]

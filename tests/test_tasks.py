@@ -63,3 +63,27 @@ def test_encode_checks_its_arguments_and_the_lock(tmp_path, tiny_vit_checkpoint)
         tasks.encode(loaded, texts=["x"], output=tmp_path / "out.jsonl", resume=True)
     with exclusive_lock(tmp_path / "out.npy"), pytest.raises(BusyError):
         tasks.encode(loaded, texts=["x"], output=tmp_path / "out.npy")
+
+
+def test_convert_from_python(tiny_vit_checkpoint, tmp_path, capsys):
+    import torch
+
+    from clipcli.errors import OutputExistsError
+    from clipcli.loading import load_model as load_exact
+
+    dst = tmp_path / "out" / "tiny.safetensors"
+    done = tasks.convert_checkpoint(tiny_vit_checkpoint, dst, dtype="bfloat16")
+    assert done.path == dst and done.dtypes == ["bfloat16"] and done.size == dst.stat().st_size
+    converted = load_exact(dst, dtype="float32")
+    original = load_exact(tiny_vit_checkpoint, dtype="float32")
+    assert converted.config == original.config
+    image = torch.rand(1, 3, 32, 32)
+    cosine = torch.nn.functional.cosine_similarity(converted.encode_image(image), original.encode_image(image))
+    assert cosine.item() > 0.999  # bf16 weights: close, not equal
+    assert capsys.readouterr() == ("", "")
+    with pytest.raises(OutputExistsError) as caught:
+        tasks.convert_checkpoint(tiny_vit_checkpoint, dst)
+    assert caught.value.fix == "overwrite"
+    with pytest.raises(InputError) as caught:
+        tasks.convert_checkpoint(tiny_vit_checkpoint, tmp_path / "x.safetensors", dtype="int8")
+    assert caught.value.option == "dtype"

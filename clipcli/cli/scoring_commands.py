@@ -142,15 +142,6 @@ def _split_similarity_args(inputs: list[str], text: list[str]) -> tuple[list[str
     return inputs[:-1], captions
 
 
-def _similarity_records(result) -> list[dict]:
-    records = []
-    for column, image in enumerate(result.images):
-        scores = [{"text": t, "cosine": float(result.cosine[row, column]), "prob": float(result.probs[row, column])}
-                  for row, t in enumerate(result.texts)]
-        records.append({"image": image, "status": "ok", "scores": scores})
-    return records
-
-
 @command("similarity")
 def similarity(
     inputs: Annotated[list[str], typer.Argument(metavar="INPUTS", show_default=False,
@@ -225,11 +216,11 @@ def similarity(
         sys.stdout.write(to_json(result.as_json(), indent=2) + "\n")
     elif fmt_name == "jsonl":
         with RecordWriter(sys.stdout, "jsonl") as writer:
-            for record in _ordered_records(result):
+            for record in result.records():
                 writer.write(record)
     elif fmt_name in ("csv", "table"):
         names = list(result.images) if fmt_name == "csv" else _short_names(result.images)
-        rows = [{"text": t, **{n: float(result.cosine[r, c]) for c, n in enumerate(names)}} for r, t in enumerate(result.texts)]
+        rows = result.rows(names)
         with RecordWriter(sys.stdout, fmt_name, columns=["text", *names],
                           title="cosine similarity (rows: captions, columns: images)") as writer:
             for row in rows:
@@ -244,12 +235,3 @@ def _short_names(names: list[str]) -> list[str]:
 
     folder = common_folder(names)
     return [os.path.relpath(n, folder) for n in names] if folder else list(names)
-
-
-def _ordered_records(result) -> list[dict]:
-    """JSON Lines records of a similarity run: one per image in input order (an input named
-    twice is two records), then failed captions."""
-    ok = iter(_similarity_records(result))
-    failed = iter([f for f in result.failed if "image" in f])
-    records = [next(ok) if good else next(failed) for good in result.image_ok]
-    return records + [f for f in result.failed if "text" in f]

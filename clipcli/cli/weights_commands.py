@@ -203,6 +203,7 @@ def _download_hub_model(target: str, verify: bool, quiet: bool) -> tuple:
 
 class Dtype(str, Enum):
     float16 = "float16"
+    bfloat16 = "bfloat16"
     float32 = "float32"
 
 
@@ -232,47 +233,13 @@ def convert(
     """
     if dst.suffix != ".safetensors":
         raise typer.BadParameter(f"{dst} must end in .safetensors", param_hint="DST.safetensors")
-    from ..errors import OutputError
-    from ..fsutil import ensure_writable
-
-    try:
-        dst.expanduser().parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(f"cannot create the folder of {dst}: {error.strerror or error}") from None
-    ensure_writable([dst.expanduser()], overwrite)
-    import torch
-
-    from .. import __version__
-    from ..checkpoint import write_safetensors
-    from ..factory import METADATA_KEY, config_to_json
-    from ..loading import load, resolve
+    from ..tasks import convert_checkpoint
     from ..transfer import format_size
 
-    source = resolve(src, arch=arch, cache_dir=cache_dir, feedback=download_feedback(quiet))
-    model, note = load(source, "cpu", getattr(torch, dtype.value) if dtype else None)
-    if note:
-        _message(quiet, f"note: {note}")
-    tensors = _safetensors_ready(model.state_dict())
-    write_safetensors(tensors, dst, {"format": "pt", "converted_by": f"clipcli {__version__}", "source": src,
-                                     METADATA_KEY: config_to_json(model.config)})
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()})
-    _message(quiet, f"converted {src} -> {dst} ({len(tensors)} tensors, {'/'.join(dtypes)}, "
-                    f"{format_size(dst.stat().st_size)})")
+    done = convert_checkpoint(src, dst, dtype=dtype.value if dtype else None, arch=arch, cache_dir=cache_dir,
+                              overwrite=overwrite, feedback=download_feedback(quiet))
+    if done.note:
+        _message(quiet, f"note: {done.note}")
+    _message(quiet, f"converted {src} -> {dst} ({done.tensors} tensors, {'/'.join(done.dtypes)}, "
+                    f"{format_size(done.size)})")
     typer.echo(str(dst))
-
-
-def _safetensors_ready(state: dict) -> dict:
-    """Tensors only, contiguous, unshared."""
-    import torch
-
-    out, seen = {}, set()
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        value = value.detach().contiguous()
-        storage = (value.untyped_storage().data_ptr(), value.device)
-        if value.numel() and storage in seen:
-            value = value.clone()  # safetensors refuses tensors sharing memory
-        seen.add(storage)
-        out[key] = value
-    return out

@@ -116,8 +116,7 @@ def save_checkpoint(clip: CLIP, path: Path, metadata: dict | None = None) -> Non
     """The model as safetensors with OpenAI's key names (written atomically)."""
     from ..checkpoint import write_safetensors
 
-    state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
-             for k, v in clip.state_dict().items()}
+    state = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in clip.state_dict().items()}
     metadata = {k: config_to_json(v) if isinstance(v, CLIPConfig) else json.dumps(v) for k, v in (metadata or {}).items()}
     write_safetensors(state, path, metadata)
 
@@ -159,12 +158,11 @@ class MetricsLog:
 
 
 def _autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if dtype is None:
-        raise InputError(f"{precision!r}: choose fp32, bf16 or fp16", option="precision")
-    return torch.autocast(device.type, dtype=dtype)
+    """Mixed precision by inference's table (:data:`clipcli.pipeline.PRECISIONS`); fp32: off."""
+    from ..pipeline import resolve_dtype
+
+    dtype = resolve_dtype(precision, device)
+    return torch.autocast(device.type, enabled=False) if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 def _prepare_out(cfg: TrainConfig, is_main: bool) -> Path:
