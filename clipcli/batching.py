@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
-from .errors import ItemError
+from .errors import ItemError, Reason
 from .http import FetchOptions
 from .images import DecodeOptions, pillow_limits, read_image
 from .items import Item
@@ -94,10 +94,10 @@ def run_batches(encode: Callable, inputs: "torch.Tensor", normalize: bool) -> li
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if len(inputs) == 1:
-            return ["out of memory in the model, even alone (a smaller model, or another device, may fit)"]
+            return [Reason("out of memory in the model, even alone", fix="memory")]
         half = len(inputs) // 2
         return run_batches(encode, inputs[:half], normalize) + run_batches(encode, inputs[half:], normalize)
-    reason = "non-finite embedding (NaN or inf); fp32 precision may avoid it"
+    reason = Reason("non-finite embedding (NaN or inf)", fix="fp32")
     return [row if good else reason for row, good in zip(rows, finite.tolist())]
 
 
@@ -114,7 +114,7 @@ def _prepare(item: Item, preprocess: Callable, decode: DecodeOptions, fetch: Fet
         tensor = preprocess(image)
         return tensor, (_thumbnail(image) if keep_thumbnail else None), None
     except ItemError as error:
-        return None, None, str(error)
+        return None, None, error.reason
     except Exception as error:  # noqa: BLE001 - one bad input must never end the run
         return None, None, f"cannot prepare image ({type(error).__name__}): {error}"
 
@@ -289,10 +289,8 @@ def embed_texts(
     if not truncate:
         for result in results:
             if result.truncated:
-                result.error = (
-                    f"longer than the model's {loaded.model.context_length}-token context "
-                    "(shorten it, or let it be truncated)"
-                )
+                result.error = Reason(f"longer than the model's {loaded.model.context_length}-token context",
+                                      fix="truncate")
     # Batches of texts of similar length: each batch runs only to its longest text (exact:
     # rows are independent); results go back to input order by index.
     length = tokens.argmax(dim=-1).tolist()  # the end-of-text token is the largest id

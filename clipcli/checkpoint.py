@@ -352,7 +352,7 @@ def read_state_dict(path: str | Path, dtype: torch.dtype | None = None, keep: Ke
     except CheckpointError as error:
         if str(path) in str(error):
             raise
-        raise type(error)(f"{path}: {error}") from None
+        raise type(error)(f"{path}: {error.message}", option=error.option, fix=error.fix) from None
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except IsADirectoryError:

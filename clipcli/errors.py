@@ -1,10 +1,11 @@
 """Errors the library raises. Each carries the exit code the CLI turns it into.
 
 A message says what went wrong, never which command-line flag would fix it: the library is
-used without the CLI too. An error may name the parameter at fault (``option``) and the
-setting that would help (``fix``), both by their library names (``"precision"``,
-``"overwrite"``); the CLI spells those as its flags, prints one line on stderr and exits
-with ``error.exit_code``. No traceback is shown for any of these.
+used without the CLI too. An error may name the parameter at fault (``option``, by its
+library name: ``"precision"``) and a key for the remedy (``fix``: ``"overwrite"``,
+``"resume"``, ``"fp32"``; see ``clipcli.cli.render.FIXES``); the CLI spells those as its
+flags, prints one line on stderr and exits with ``error.exit_code``. No traceback is shown
+for any of these. A failed item's :class:`Reason` carries a ``fix`` the same way.
 """
 
 from __future__ import annotations
@@ -26,6 +27,17 @@ class ClipcliError(Exception):
 
     def __str__(self) -> str:
         return f"{self.option}: {self.message}" if self.option else self.message
+
+
+class Reason(str):
+    """Why one item failed (the text of its error record), with the key of a remedy, if any."""
+
+    fix: str | None = None
+
+    def __new__(cls, text: str, fix: str | None = None) -> "Reason":
+        reason = super().__new__(cls, text)
+        reason.fix = fix
+        return reason
 
 
 class CheckpointError(ClipcliError):
@@ -74,6 +86,10 @@ class InputError(ClipcliError):
 
 class ItemError(InputError):
     """One item cannot be used; ``str(error)`` is the reason put in its error record."""
+
+    @property
+    def reason(self) -> Reason:
+        return Reason(str(self), self.fix)
 
 
 class OutputError(ClipcliError):

@@ -4,7 +4,7 @@ A :class:`Feedback` carries ``log`` (one line of news: a file resumed, a retry, 
 copy used, a skipped image), ``meter`` (opens a :class:`Meter` for one transfer, or None for
 no progress) and ``status`` (a line that replaces the previous one, e.g. a training step on
 a terminal; None: progress goes to ``log`` at its own pace).
-The default, :data:`SILENT`, drops both; the CLI passes ones that draw on stderr
+The default, :data:`SILENT`, drops them all; the CLI passes ones that draw on stderr
 (:mod:`clipcli.cli.render`).
 """
 

@@ -39,7 +39,7 @@ from . import __version__
 from .errors import ItemError
 
 USER_AGENT = f"clipcli/{__version__} (+python urllib)"
-TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+TRANSIENT_STATUS = frozenset({408, 425, 429})  # and every 5xx
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
@@ -84,15 +84,23 @@ class TransientError(Exception):
 
 
 class RequestError(Exception):
-    """A request that failed for good (retrying will not help); ``status`` is the HTTP status if any."""
+    """A request that failed for good (retrying will not help); ``status`` is the HTTP status
+    if any, ``fix`` the key of a remedy (see :mod:`clipcli.errors`)."""
 
-    def __init__(self, reason: str, status: int | None = None):
+    def __init__(self, reason: str, status: int | None = None, fix: str | None = None):
         super().__init__(reason)
         self.status = status
+        self.fix = fix
 
 
 class UnreachableError(RequestError):
-    """No route to the server at all: DNS failed, or the connection was refused."""
+    """No route to the server at all: DNS failed, or the connection was refused. ``temporary``:
+    the DNS server could not answer just now (worth a retry for a short fetch, not for deciding
+    that we are offline)."""
+
+    def __init__(self, reason: str, temporary: bool = False):
+        super().__init__(reason)
+        self.temporary = temporary
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -130,7 +138,7 @@ def _address_refusal(ip_text: str) -> str | None:
     if ip.is_global and not ip.is_multicast:
         return None
     kind = "loopback" if ip.is_loopback else "link-local" if ip.is_link_local else "private or reserved"
-    return f"refused: address {ip} is {kind} (private addresses are fetched only when allowed)"
+    return f"refused: address {ip} is {kind}"
 
 
 def _guarded_connect(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None, **kwargs):
@@ -155,7 +163,7 @@ def _guarded_connect(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_add
             last_error = error
     if last_error is not None:
         raise last_error
-    raise RequestError(refusal or f"cannot resolve {host}")
+    raise RequestError(refusal, fix="allow_private") if refusal else RequestError(f"cannot resolve {host}")
 
 
 # --- opening a URL --------------------------------------------------------------------------
@@ -186,7 +194,7 @@ def _opener(read_timeout: float, guard: bool, public_only: bool, follow_redirect
 
     class HTTPSHandler(urllib.request.HTTPSHandler):
         def https_open(self, req):
-            return self.do_open(https_connection, req, context=self._context or ssl.create_default_context())
+            return self.do_open(https_connection, req, context=ssl.create_default_context() if guard else self._context)
 
     class RedirectHandler(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, req, fp, code, msg, headers, newurl):
@@ -223,7 +231,7 @@ def open_url(url: str, *, connect_timeout: float, read_timeout: float, headers: 
             return error
         error.close()
         reason = f"HTTP {error.code} {error.reason}"
-        if error.code in TRANSIENT_STATUS:
+        if error.code in TRANSIENT_STATUS or error.code >= 500:
             raise TransientError(f"{reason} from {host}", _retry_after(error.headers.get("Retry-After"))) from None
         if 300 <= error.code < 400:  # urllib's own refusal of a redirect (e.g. to file://)
             raise RequestError(f"refused: {reason}", error.code) from None
@@ -237,7 +245,8 @@ def open_url(url: str, *, connect_timeout: float, read_timeout: float, headers: 
         if isinstance(cause, ssl.SSLCertVerificationError):
             raise RequestError(f"TLS certificate of {host} not valid: {cause.verify_message or cause}") from None
         if isinstance(cause, BaseException) and _unreachable(cause):
-            raise UnreachableError(f"cannot reach {host} ({reason_of(cause)})") from None
+            temporary = isinstance(cause, socket.gaierror) and cause.errno == socket.EAI_AGAIN
+            raise UnreachableError(f"cannot reach {host} ({reason_of(cause)})", temporary) from None
         raise TransientError(f"cannot connect to {host} ({reason_of(cause)})") from None
     except (TimeoutError, socket.timeout):
         raise TransientError(f"timed out waiting for {host}") from None
@@ -301,13 +310,13 @@ def fetch_url(url: str, options: FetchOptions = FetchOptions()) -> tuple[bytes, 
     for attempt in range(1, options.retries + 2):
         try:
             return _fetch_once(url, options)
-        except RequestError as error:
-            raise ItemError(str(error)) from None
-        except TransientError as error:
-            if attempt > options.retries:
+        except (TransientError, UnreachableError) as error:
+            if attempt > options.retries or not getattr(error, "temporary", True):
                 tries = f" (after {attempt} tries)" if attempt > 1 else ""
-                raise ItemError(f"{error}{tries}") from None
-            time.sleep(backoff(attempt, options.backoff, 30.0, error.retry_after, options.deadline))
+                raise ItemError(f"{error}{tries}", fix=getattr(error, "fix", None)) from None
+            time.sleep(backoff(attempt, options.backoff, options.timeout))  # no Retry-After: one image, not a queue
+        except RequestError as error:
+            raise ItemError(str(error), fix=error.fix) from None
         except (OSError, ValueError, http.client.HTTPException) as error:
             raise ItemError(f"cannot fetch: {reason_of(error)}") from None
     raise AssertionError("unreachable")

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Iterator
 
-from .errors import ItemError
+from .errors import ItemError, Reason
 from .http import FetchOptions, fetch_url
 from .items import Item
 
@@ -122,18 +122,18 @@ def _why_unidentified(head: bytes, content_type: str | None) -> str:
     return f"not a recognised image (clipcli opens {_SUPPORTED})"
 
 
-def _reason(error: BaseException, allow_truncated: bool) -> str:
+def _reason(error: BaseException, allow_truncated: bool) -> Reason:
     from PIL import Image
 
     message = str(error) or type(error).__name__
     if isinstance(error, Image.DecompressionBombError):
-        return f"image too large: {message}"
+        return Reason(f"image too large: {message}", fix="max_pixels")
     if isinstance(error, MemoryError):
-        return "out of memory while decoding"
+        return Reason("out of memory while decoding")
     if "truncated" in message.lower() or "broken data stream" in message.lower():
-        hint = "" if allow_truncated else " (allow_truncated scores what decodes)"
-        return f"truncated image: {message}{hint}"
-    return f"cannot decode: {message}" if isinstance(error, OSError) else f"cannot decode ({type(error).__name__}): {message}"
+        return Reason(f"truncated image: {message}", fix=None if allow_truncated else "allow_truncated")
+    return Reason(f"cannot decode: {message}" if isinstance(error, OSError)
+                  else f"cannot decode ({type(error).__name__}): {message}")
 
 
 def to_rgb(image: "Image.Image") -> "Image.Image":
@@ -209,7 +209,7 @@ def decode_image(fp: BinaryIO, options: DecodeOptions = DecodeOptions(), content
         if width * height > options.max_pixels:
             raise ItemError(
                 f"image too large: {width}x{height} = {width * height} pixels exceeds the limit of "
-                f"{options.max_pixels} (the max_pixels cap)"
+                f"{options.max_pixels}", fix="max_pixels"
             )
         if options.draft_size and not options.exact and image.format == "JPEG":
             image.draft(image.mode, (options.draft_size, options.draft_size))
@@ -219,7 +219,8 @@ def decode_image(fp: BinaryIO, options: DecodeOptions = DecodeOptions(), content
         raise
     except (Image.DecompressionBombError, OSError, SyntaxError, ValueError, MemoryError, NotImplementedError,
             OverflowError, EOFError, IndexError, KeyError, TypeError, ZeroDivisionError) as error:
-        raise ItemError(_reason(error, options.allow_truncated)) from None
+        reason = _reason(error, options.allow_truncated)
+        raise ItemError(reason, fix=reason.fix) from None
     except Exception as error:  # noqa: BLE001 - one bad file must never end the run
         raise ItemError(f"cannot decode (unexpected {type(error).__name__}): {error}") from None
 

@@ -11,6 +11,7 @@ labels, the templates and the precision.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -68,8 +69,7 @@ def resolve_device(device: str = "auto") -> "torch.device":
     elif resolved.type != "cpu":
         raise ClipcliError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
     elif resolved.index not in (None, 0):
-        raise ClipcliError(f"{device}: there is one CPU device (threads set how many cores it uses)",
-                           option="device", fix="cpu")
+        raise ClipcliError(f"{device}: there is one CPU device", option="device", fix="one_cpu")
     return resolved
 
 
@@ -213,8 +213,9 @@ def label_classifier(
 
     from .zeroshot import build_classifier, prompts
 
-    path = cache.entry("labels", {"model": loaded.identity, "labels": list(labels), "templates": list(templates),
-                                  "dtype": str(loaded.dtype), "version": 2}, ".npy")
+    material = {"model": loaded.identity, "labels": list(labels), "templates": list(templates),
+                "dtype": str(loaded.dtype), "version": 2}
+    path = cache.entry("labels", json.dumps(material, ensure_ascii=True), ".npy")
     if use_cache:
         try:
             cached = np.load(path, allow_pickle=False)

@@ -6,8 +6,8 @@ each record to a callback (the CLI's stdout). With ``.npy``/``.npz`` it journals
 batch by batch so that ``resume=True`` finishes an interrupted run (:mod:`clipcli.journal`),
 and it holds the output's lock for the whole run so two runs never mix their rows. It
 reports through callbacks (``on_result`` per input, ``on_record`` per record) and never prints.
-:func:`update_index` brings a search index up to date; :func:`convert_checkpoint` writes any
-model clipcli reads as one safetensors file.
+:func:`update_index` brings a search index up to date; :func:`download_models` gets models
+into the caches; :func:`convert_checkpoint` writes any model clipcli reads as one safetensors file.
 """
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ def _write_outputs(target, output, outputs, matrix, records, key, loaded, overwr
 
 def update_index(index, inputs: Sequence[str], model: str, load: Callable[[], "LoadedModel"], *,
                  arch: str | None = None, run: RunOptions = RunOptions(),
-                 on_result: Callable[[str, str | None], None] | None = None):
+                 on_result: Callable[[str, str | None], None] | None = None, feedback: Feedback = SILENT):
     """Bring ``index`` (:class:`clipcli.index.Index`) up to date for ``inputs`` with ``model``.
 
     The model is found in the index by its weights and hints, without loading it; ``load()``
@@ -241,7 +241,7 @@ def update_index(index, inputs: Sequence[str], model: str, load: Callable[[], "L
     from .indexing import update
     from .loading import resolve, source_key
 
-    key = source_key(resolve(model, arch=arch))
+    key = source_key(resolve(model, arch=arch, feedback=feedback))
 
     def embed(loaded, items):
         return embed_images(loaded, items, normalize=True, **run.for_device(loaded.device).pipeline_kwargs())
@@ -295,3 +295,38 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype:
         METADATA_KEY: config_to_json(model.config)})
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()})
     return Converted(dst, len(tensors), dtypes, dst.stat().st_size, note)
+
+
+def download_models(names: Sequence[str], *, cache_dir: str | os.PathLike | None = None, force: bool = False,
+                    verify: bool = False, feedback: Feedback = SILENT):
+    """Each model name into its cache: ``(name, files)`` or ``(name, error)`` per name, in order.
+
+    A released name goes to clipcli's cache (verified against the registry; ``verify``
+    re-hashes a cached file, ``force`` downloads again); an OpenCLIP ``ARCH/TAG`` or
+    ``hf-hub:ORG/REPO`` goes to the Hugging Face cache (its files re-hashed with ``verify``).
+    One name failing does not stop the others."""
+    from . import cache, hub, registry
+    from .download import fetch_model, unknown_model
+    from .errors import ClipcliError
+    from .loading import resolve
+
+    checked = " (sha256 verified)" if verify else ""
+    for name in names:
+        try:
+            info = registry.find_model(name)
+            if info is None:
+                if registry.find_pretrained(name) is None and hub.parse_name(name) is None:
+                    raise unknown_model(name)
+                files = resolve(name, feedback=feedback).files
+                for path in files:
+                    if verify:
+                        hub.verify(path)
+                    feedback.log(f"{name}: {path}{checked}")
+                yield name, tuple(files)
+                continue
+            cached = None if force else cache.cached_model_file(info, cache_dir, verify=verify, feedback=feedback)
+            if cached:
+                feedback.log(f"{info.name}: cached at {cached}{checked}")
+            yield name, (cached or fetch_model(info, cache_dir, force=force, feedback=feedback),)
+        except ClipcliError as error:
+            yield name, error

@@ -134,7 +134,8 @@ def test_a_corrupt_image_is_reported_and_the_rest_scored(corrupt, ckpt):
     broken = records[1]
     assert broken == {"image": str(corrupt / "broken.jpg"), "status": "error", "error": broken["error"]}
     assert broken["error"].startswith("truncated image") or broken["error"].startswith("cannot decode")
-    assert f"skipping {corrupt / 'broken.jpg'}: {broken['error']}" in result.stderr.splitlines()
+    hint = "; pass --allow-truncated to score what can be decoded" if broken["error"].startswith("truncated") else ""
+    assert f"skipping {corrupt / 'broken.jpg'}: {broken['error']}{hint}" in result.stderr.splitlines()
     assert "1 of 6 failed" in result.stderr
 
 
@@ -415,8 +416,10 @@ def test_decoding_options(photos, ckpt):
     assert strict["status"] == "error" and strict["error"].startswith("truncated image")
     lenient = run("encode", photos / "rocket.jpg", "-m", ckpt, "--allow-truncated")
     assert lenient.exit_code == 0 and jsonl(lenient.stdout)[0]["status"] == "ok"
-    capped = jsonl(run("encode", photos / "chelsea.png", "-m", ckpt, "--max-pixels", "1000").stdout)[0]
-    assert capped["error"] == "image too large: 451x300 = 135300 pixels exceeds the limit of 1000 (the max_pixels cap)"
+    capped = run("encode", photos / "chelsea.png", "-m", ckpt, "--max-pixels", "1000")
+    assert jsonl(capped.stdout)[0]["error"] == "image too large: 451x300 = 135300 pixels exceeds the limit of 1000"
+    assert (f"skipping {photos / 'chelsea.png'}: image too large: 451x300 = 135300 pixels exceeds the limit of 1000; "
+            "raise --max-pixels to allow it") in capped.stderr.splitlines()
 
 
 def test_reduced_jpeg_decoding_agrees_with_the_exact_path(tmp_path, ckpt, api):

@@ -346,7 +346,7 @@ def test_concurrent_processes(server, cache, tmp_path):
     server.faults = ["throttle:400000"]
     script = (
         "import sys; from clipcli import download;"
-        "download.download_url(sys.argv[1], sys.argv[2], sys.argv[3], ); print('ok')"
+        "download.download_url(sys.argv[1], sys.argv[2], sys.argv[3]); print('ok')"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     procs = [subprocess.Popen([sys.executable, "-c", script, server.url("/w.pt"), str(cache / "w.pt"), SHA],

@@ -22,6 +22,7 @@ from PIL import Image
 
 from clipcli import http as fetching
 from clipcli import images
+from clipcli.cli.render import hinted
 from clipcli.errors import InputError, ItemError
 from clipcli.http import FetchOptions, fetch_url
 from clipcli.images import DecodeOptions, pillow_limits, read_image, to_rgb
@@ -45,7 +46,7 @@ def reason(item_or_path, **options) -> str:
     item = item_or_path if isinstance(item_or_path, Item) else Item(name=str(item_or_path), path=str(item_or_path))
     with pytest.raises(ItemError) as caught, pillow_limits(DecodeOptions(**options)):
         read_image(item, DecodeOptions(**options))
-    return str(caught.value)
+    return caught.value.reason
 
 
 def decoded(path: Path, **options) -> Image.Image:
@@ -229,7 +230,7 @@ def test_truncated_files_fail_unless_allowed(tmp_path, fmt, suffix):
     data = png_bytes(photo, format=fmt)
     path = write(tmp_path / f"cut.{suffix}", data[: len(data) * 2 // 3])
     message = reason(path)
-    assert message.startswith("truncated image") and "allow_truncated" in message
+    assert message.startswith("truncated image") and message.fix == "allow_truncated"
     assert decoded(path, allow_truncated=True).size == (64, 64)
 
 
@@ -238,7 +239,7 @@ def test_pixel_cap_is_checked_before_decoding(tmp_path, monkeypatch):
     loads = []
     monkeypatch.setattr(Image.Image, "load", lambda self: loads.append(1))
     assert reason(path, max_pixels=4999) == (
-        "image too large: 100x50 = 5000 pixels exceeds the limit of 4999 (the max_pixels cap)"
+        "image too large: 100x50 = 5000 pixels exceeds the limit of 4999"
     )
     assert not loads
 
@@ -445,7 +446,10 @@ def test_fetch_an_image(server):
 
 
 def test_loopback_is_refused_unless_allowed(server):
-    assert "loopback" in fetch_reason(server.base + "/ok.png", FetchOptions())
+    with pytest.raises(ItemError) as caught:
+        fetch_url(server.base + "/ok.png", FetchOptions())
+    assert "loopback" in str(caught.value) and caught.value.fix == "allow_private"
+    assert hinted(caught.value.reason).endswith("; pass --allow-private to fetch from it")
     assert server.hits == {}
 
 

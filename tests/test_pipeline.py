@@ -121,9 +121,9 @@ def test_out_of_memory_splits_the_batch():
 
 def test_out_of_memory_for_one_input_is_that_inputs_error():
     model = FakeModel(fail_above=0)
-    assert run_batches(model.encode_image, torch.rand(2, 3, 4, 4), normalize=True) == [
-        "out of memory in the model, even alone (a smaller model, or another device, may fit)"
-    ] * 2
+    reasons = run_batches(model.encode_image, torch.rand(2, 3, 4, 4), normalize=True)
+    assert reasons == ["out of memory in the model, even alone"] * 2
+    assert [reason.fix for reason in reasons] == ["memory"] * 2  # the CLI: "try --device cpu or a smaller model"
 
 
 def test_other_model_errors_are_not_hidden():

@@ -57,14 +57,15 @@ def _summary_line(summary) -> str:
 def _update(index, inputs, model, arch, device, precision, threads, quiet, run, loaded: dict):
     """Update ``index``; a model it had to load is left in ``loaded["model"]`` for reuse."""
     from ..tasks import update_index
-    from .render import Reporter
+    from .render import Reporter, download_feedback
 
     def load_once():
         loaded["model"] = load(model, arch, device, precision, threads, quiet, towers=("image",))
         return loaded["model"]
 
     with Reporter(0, "images", quiet) as report:
-        summary = update_index(index, inputs, model, load_once, arch=arch, run=run, on_result=report.done)
+        summary = update_index(index, inputs, model, load_once, arch=arch, run=run, on_result=report.done,
+                               feedback=download_feedback(quiet))
         report.message(_summary_line(summary))
     return summary
 
@@ -160,7 +161,7 @@ def search(
     try:
         opened = Index(db, readonly=not update)
     except NoVectorsError as error:
-        raise NoVectorsError(f"{error}; build one with: clipcli index FOLDER") from None
+        raise NoVectorsError(f"{error.message}; build one with: clipcli index FOLDER") from None
     with opened:
         loaded: dict = {}
         if update:
@@ -174,7 +175,7 @@ def search(
             hits = run_search(opened, loaded, terms, top_k=top_k, threshold=threshold, under=within,
                               fetch=FetchOptions(allow_private=allow_private))
         except NoVectorsError as error:
-            raise NoVectorsError(f"{error}; index with it first: clipcli index FOLDER --model {model}") from None
+            raise NoVectorsError(f"{error.message}; index with it first: clipcli index FOLDER --model {model}") from None
     name = output_format(fmt) if fmt is None else fmt.value
     if name == "paths":
         write_paths(sys.stdout.buffer, [hit.path for hit in hits])

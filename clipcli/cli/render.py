@@ -15,15 +15,21 @@ from ..errors import ClipcliError
 from ..feedback import SILENT, Feedback
 from ..text import display, one_line
 
-# A library error's ``fix`` (a setting, by its library name) as the flag that applies it.
+# The ``fix`` of a library error or of a failed item's reason, as the flags that apply it.
 FIXES = {
     "overwrite": "pass --overwrite to replace it",
     "resume": "pass --resume to continue it or --overwrite to start again",
     "restart": "pass --overwrite to discard it and start again",
     "fp32": "try --precision fp32",
     "cpu": "use --device cpu",
+    "one_cpu": "use --device cpu (and --threads N)",
+    "memory": "try --device cpu or a smaller model",
     "lr": "lower --lr or use --precision fp32/bf16",
     "keys": "choose them with --img-key and --caption-key",
+    "truncate": "shorten it, or leave out --no-truncate to cut it",
+    "max_pixels": "raise --max-pixels to allow it",
+    "allow_truncated": "pass --allow-truncated to score what can be decoded",
+    "allow_private": "pass --allow-private to fetch from it",
 }
 
 
@@ -37,9 +43,16 @@ def error_text(error: ClipcliError) -> str:
     text = error.message
     if error.option:
         text = f"{flag(error.option)}: {text}"
-    if error.fix in FIXES:
-        text = f"{text}; {FIXES[error.fix]}"
-    return text
+    return _with_fix(text, error.fix)
+
+
+def hinted(reason: str) -> str:
+    """A failed item's reason (:class:`~clipcli.errors.Reason`) with the flag that may fix it."""
+    return _with_fix(reason, getattr(reason, "fix", None))
+
+
+def _with_fix(text: str, fix: str | None) -> str:
+    return f"{text}; {FIXES[fix]}" if fix in FIXES else text
 
 
 def say(text: str) -> None:
@@ -95,7 +108,8 @@ class StderrLines:
     def feedback(self, quiet: bool) -> Feedback:
         if quiet:
             return SILENT
-        return Feedback(log=self.log, status=self.status if _isatty(sys.stderr) else None)
+        terminal = _isatty(sys.stderr)
+        return Feedback(log=self.log, meter=ByteMeter if terminal else None, status=self.status if terminal else None)
 
 
 def download_feedback(quiet: bool) -> Feedback:
@@ -160,7 +174,7 @@ class Reporter:
             self.ok += 1
         else:
             self.failed += 1
-            self.message(f"skipping {display(name)}: {error}")
+            self.message(f"skipping {display(name)}: {hinted(error)}")
         if self._progress is not None:
             count = self.ok + self.failed
             self._progress.update(self._task, completed=count, rate=f"{count / self._elapsed():.1f} {self.noun}/s")

@@ -181,7 +181,7 @@ def similarity(
     from ..heatmap import TITLE, figure_format, render
     from ..items import expand_inputs
     from ..output import RecordWriter, to_json
-    from .render import Reporter
+    from .render import Reporter, hinted
 
     image_args, captions = _split_similarity_args(inputs, text)
     if output:
@@ -200,7 +200,7 @@ def similarity(
         result = run_similarity(
             loaded, items, captions, truncate=not no_truncate, thumbnails=bool(output),
             on_image=lambda r: report.done(r.name, r.error),
-            on_text=lambda r: None if r.ok else report.message(f"skipping caption {r.name!r}: {r.error}"),
+            on_text=lambda r: None if r.ok else report.message(f"skipping caption {r.name!r}: {hinted(r.error)}"),
             **run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode).pipeline_kwargs(),
         )
     text_failures = sum(1 for f in result.failed if "text" in f)

@@ -131,7 +131,8 @@ def download(
     """
     from .. import cache
     from .. import download as dl
-    from ..registry import MODELS, find_model
+    from ..registry import MODELS
+    from ..tasks import download_models
 
     targets = list(targets or [])
     if all_models:
@@ -158,45 +159,17 @@ def download(
         raise typer.BadParameter("--sha256 and --name go with a URL; released models are verified against the registry",
                                  param_hint="--sha256/--name")
     exit_code = 0
-    for target in targets:
-        try:
-            info = find_model(target)
-            if info is None:
-                for path in _download_hub_model(target, verify, quiet):
-                    typer.echo(str(path))
-                continue
-            cached = None if force else cache.cached_model_file(info, cache_dir, verify=verify, feedback=feedback)
-            if cached:
-                _message(quiet, f"{info.name}: cached at {cached}" + (" (sha256 verified)" if verify else ""))
-                path = cached
-            else:
-                path = dl.fetch_model(info, cache_dir, force=force, feedback=feedback)
-        except ClipcliError as error:
+    for target, got in download_models(targets, cache_dir=cache_dir, force=force, verify=verify, feedback=feedback):
+        if isinstance(got, ClipcliError):
             if len(targets) == 1:
-                raise
-            error_line(f"{target}: {error_text(error)}")
-            exit_code = max(exit_code, error.exit_code)
+                raise got
+            error_line(f"{target}: {error_text(got)}")
+            exit_code = max(exit_code, got.exit_code)
             continue
-        typer.echo(str(path))
+        for path in got:
+            typer.echo(str(path))
     if exit_code:
         raise typer.Exit(exit_code)
-
-
-def _download_hub_model(target: str, verify: bool, quiet: bool) -> tuple:
-    """An OpenCLIP registry name or hf-hub:ORG/REPO into the Hugging Face cache: its weights."""
-    from .. import hub, registry
-    from ..loading import resolve
-
-    if registry.find_pretrained(target) is None and hub.parse_name(target) is None:
-        from ..download import unknown_model
-
-        raise unknown_model(target)
-    source = resolve(target, feedback=download_feedback(quiet))
-    for path in source.files:
-        if verify:
-            hub.verify(path)
-        _message(quiet, f"{target}: {path}" + (" (sha256 verified)" if verify else ""))
-    return source.files
 
 
 # --- clipcli convert -----------------------------------------------------------------------

@@ -101,12 +101,12 @@ def _check_encoders(cfg: TrainConfig, config: CLIPConfig, source: str) -> None:
                          "the image and text encoder choices cannot change a loaded model")
 
 
-def load_clip(path_or_name: str) -> tuple[CLIP, str | None]:
+def load_clip(path_or_name: str, feedback: Feedback = SILENT) -> tuple[CLIP, str | None]:
     """Any model clipcli can load (a name, hub repo, folder or file), in float32, to train,
     and the note on what was assumed about a checkpoint that does not describe itself."""
     from ..loading import load, resolve
 
-    model, note = load(resolve(path_or_name), "cpu", torch.float32)
+    model, note = load(resolve(path_or_name, feedback=feedback), "cpu", torch.float32)
     for parameter in model.parameters():  # own the memory: a memory-mapped file may back the tensors
         parameter.data = parameter.data.clone()
     return model, note
@@ -210,7 +210,7 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
                          option="batch_size")
     note = None
     if cfg.init and not cfg.resume:
-        clip, note = load_clip(cfg.init)
+        clip, note = load_clip(cfg.init, feedback if main else SILENT)
         _check_encoders(cfg, clip.config, cfg.init)
     out = _prepare_out(cfg, main)
     torch.manual_seed(cfg.seed)
@@ -318,7 +318,7 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
                      "scaler": scaler.state_dict(), "step": step, "epoch": epoch + 1, "rng": torch.get_rng_state()}
             _save_state(state, out / STATE)
     if main and cfg.resume and start_epoch >= cfg.epochs:
-        say(f"{out} already finished {cfg.epochs} epochs; raise --epochs to train further")
+        say(f"{out} already finished {cfg.epochs} epochs; nothing to train (ask for more epochs to go on)")
     return out / CHECKPOINT
 
 
