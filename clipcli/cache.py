@@ -39,18 +39,23 @@ def default_cache_dir() -> Path:
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "clipcli"
     return Path.home() / ".cache" / "clipcli"
 
+
 def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
 
 def openai_cache_dir() -> Path:
     """Where OpenAI's ``clip.load`` keeps its downloads."""
     return Path.home() / ".cache" / "clip"
 
+
 def offline() -> bool:
     return os.environ.get("CLIPCLI_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
 
+
 def meta_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
+
 
 def read_meta(path: Path) -> dict | None:
     """The sidecar of a downloaded file: ``{"sha256", "size", "url", "name"}``, or None."""
@@ -62,12 +67,15 @@ def read_meta(path: Path) -> dict | None:
         return None
     return meta
 
+
 def write_meta(path: Path, meta: dict) -> None:
     with atomic_write(meta_path(path), overwrite=True, text=True) as f:
         f.write(json.dumps(meta, indent=1) + "\n")
 
+
 def is_sha256(value: object) -> bool:
     return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
+
 
 def file_problem(path: Path, sha256: str, size: int | None, *, full: bool) -> str | None:
     """Why ``path`` is not the expected file, or None when it is.
@@ -88,6 +96,7 @@ def file_problem(path: Path, sha256: str, size: int | None, *, full: bool) -> st
         return f"{actual_size} bytes instead of {size}"
     return f"sha256 {actual} instead of {sha256}"
 
+
 def discard(path: Path) -> None:
     """Delete a corrupt cached file and its sidecar."""
     try:
@@ -95,6 +104,7 @@ def discard(path: Path) -> None:
         meta_path(path).unlink(missing_ok=True)
     except OSError as error:
         raise DownloadError(f"cannot delete the corrupt file {path}: {error.strerror or error}") from None
+
 
 def find_cached(info: ModelInfo, cache_dir: str | os.PathLike | None = None) -> Path | None:
     """The cached file for ``info`` whose size checks out, without side effects; else None."""
@@ -109,6 +119,7 @@ def find_cached(info: ModelInfo, cache_dir: str | os.PathLike | None = None) -> 
         if meta and meta.get("size") == hub.stat().st_size:
             return hub
     return None
+
 
 def cached_model_file(info: ModelInfo, cache_dir: str | os.PathLike | None = None, *, verify: bool = False,
                       feedback: Feedback = SILENT) -> Path | None:
@@ -137,6 +148,7 @@ def cached_model_file(info: ModelInfo, cache_dir: str | os.PathLike | None = Non
             log(f"{info.name}: the cached file {path} is corrupt ({problem}); deleting it")
             discard(path)
     return None
+
 
 def cache_listing(cache_dir: str | os.PathLike | None = None) -> list[dict]:
     """One record per released model (cached or not), then one per other downloaded file.
@@ -170,12 +182,14 @@ def cache_listing(cache_dir: str | os.PathLike | None = None) -> list[dict]:
             })
     return records
 
+
 # --- small entries: label embeddings, checksums -------------------------------------------------
 
 def entry(kind: str, key: str, suffix: str = "") -> Path:
     """The cache file of kind ``kind`` (a subfolder) for ``key`` (hashed)."""
     digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
     return default_cache_dir() / kind / (digest + suffix)
+
 
 def save_entry(path: Path, write) -> None:
     """Write a cache entry atomically with ``write(file)``; a cache that cannot be written is not an error."""
@@ -185,6 +199,7 @@ def save_entry(path: Path, write) -> None:
             write(f)
     except (OSError, ClipcliError):
         pass
+
 
 def remembered_sha256(path: str | os.PathLike) -> str:
     """sha256 of a file, remembered by real path, size and mtime."""

@@ -10,7 +10,7 @@ A download never leaves a bad file at its final path:
 2. It streams into a partial file next to the destination (``.<file>.<sha256[:16]>.part``),
    hashing while it writes. A dropped connection or a read timeout resumes with a Range
    request (If-Range when the server gave a validator); a server that ignores the Range or
-   answers a wrong Content-Range makes it start over from zero. Timeouts, 5xx, 408 and 429
+   answers a wrong Content-Range makes it start over from zero. Timeouts, 5xx, 408, 425 and 429
    are retried with exponential backoff (Retry-After honoured, bounded); 403, 404 and other
    client errors are not.
 3. Only when the sha256 matches is the partial file renamed into place (atomic). On a
@@ -50,9 +50,14 @@ from .feedback import SILENT, Feedback, Log
 from .fsutil import exclusive_lock, fsync_folder, sha256_file
 from .http import TransientError, reason_of
 from .registry import ModelInfo
-from .transfer import DEFAULT_SETTINGS, DownloadSettings, check_free_space, format_size, partial_path, request, transfer
+from .transfer import DownloadSettings, check_free_space, format_size, open_download, transfer
 
+DEFAULT_SETTINGS = DownloadSettings()  # tests replace these with fast ones
 HF_ENDPOINT = "https://huggingface.co"  # $HF_ENDPOINT overrides, as in huggingface_hub
+
+
+def partial_path(dest: Path, sha256: str) -> Path:
+    return dest.with_name(f".{dest.name}.{sha256[:16]}.part")
 
 
 def download_url(
@@ -139,7 +144,6 @@ def download_url(
 class Source:
     """One place a released model can come from, resolved to a URL, hash and file name."""
 
-    label: str
     url: str
     sha256: str
     size: int | None
@@ -155,7 +159,7 @@ def hub_source(info: ModelInfo, settings: DownloadSettings) -> Source:
     endpoint = os.environ.get("HF_ENDPOINT", HF_ENDPOINT).rstrip("/")
     url = f"{endpoint}/{info.hf_repo}/resolve/main/{registry.HF_FILE}"
     try:
-        response = request(url, settings, method="HEAD", follow_redirects=False)
+        response = open_download(url, settings, method="HEAD", follow_redirects=False)
     except TransientError as error:
         raise DownloadError(str(error)) from None
     with response:
@@ -167,21 +171,21 @@ def hub_source(info: ModelInfo, settings: DownloadSettings) -> Source:
     commit = (headers.get("X-Repo-Commit") or "").strip()
     if re.fullmatch(r"[0-9a-f]{40}", commit):
         url = f"{endpoint}/{info.hf_repo}/resolve/{commit}/{registry.HF_FILE}"
-    return Source("Hugging Face hub", url, sha256, int(size) if size and size.isdigit() else None,
+    return Source(url, sha256, int(size) if size and size.isdigit() else None,
                   f"{info.stem}.safetensors")
 
 
 def _sources(info: ModelInfo, settings: DownloadSettings) -> list[tuple[str, Callable[[], Source]]]:
     """(label, resolver) per source, in the order to try them; resolving may need the network."""
     sources = [
-        ("OpenAI", lambda: Source("OpenAI", info.url, info.sha256, info.size, info.file)),
+        ("OpenAI", lambda: Source(info.url, info.sha256, info.size, info.file)),
         ("Hugging Face hub", lambda: hub_source(info, settings)),
     ]
     mirror = os.environ.get("CLIPCLI_MIRROR", "").strip()
     if mirror:
         base = mirror if "://" in mirror else Path(mirror).expanduser().resolve().as_uri()
         url = f"{base.rstrip('/')}/{info.file}"
-        sources.append(("CLIPCLI_MIRROR", lambda: Source("CLIPCLI_MIRROR", url, info.sha256, info.size, info.file)))
+        sources.append(("CLIPCLI_MIRROR", lambda: Source(url, info.sha256, info.size, info.file)))
     return sources
 
 
@@ -259,7 +263,7 @@ def fetch_model(info: ModelInfo, cache_dir: str | os.PathLike | None = None, *, 
 def download_model(info: ModelInfo, cache_dir: str | os.PathLike | None = None, *, force: bool = False,
                    verify: bool = False, feedback: Feedback = SILENT,
                    settings: DownloadSettings | None = None) -> Path:
-    """``clipcli download NAME``: the cached file (re-verified with ``verify``) or a fresh download."""
+    """The cached file for ``info`` (re-verified with ``verify``), else a fresh download."""
     if not force:
         cached = cached_model_file(info, cache_dir, verify=verify, feedback=feedback)
         if cached:

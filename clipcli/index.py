@@ -28,13 +28,9 @@ import sqlite3
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 from .errors import IndexDatabaseError, NoVectorsError, OutputError
-
-if TYPE_CHECKING:  # pragma: no cover
-
-    from .pipeline import LoadedModel
 
 APPLICATION_ID = 0x434C4950  # "CLIP": this SQLite file is a clipcli index
 MIGRATIONS = [  # (version, statements): a database at version n runs every later entry once
@@ -220,11 +216,11 @@ class Index:
             row = self.db.execute("SELECT id FROM models WHERE identity = ?", (identity,)).fetchone()
         return row[0] if row else None
 
-    def _register(self, key: str, loaded: "LoadedModel") -> int:
+    def _register(self, key: str, identity: str, name: str, dim: int) -> int:
         with self._write():
             self.db.execute("INSERT INTO models (identity, name, dim) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-                            (loaded.identity, loaded.name, loaded.embed_dim))
-            model = self.model_id(identity=loaded.identity)
+                            (identity, name, dim))
+            model = self.model_id(identity=identity)
             self.db.execute("INSERT INTO model_keys VALUES (?, ?) ON CONFLICT DO NOTHING", (key, model))
         return model
 

@@ -210,9 +210,10 @@ def _apply(run: _Run, todo: list[_Scan], gone: list[tuple[bytes, str | None]], h
         run.count("failed", scan)
     ready = [s for s in todo if s.error is None]
     if any(s.sha256 not in have for s in ready):
-        run.loaded = run.load()
+        run.loaded = loaded = run.load()
         run.summary.model_loaded = True
-        run.model = run.index._register(run.key, run.loaded)  # also when the key is new but the identity is not
+        # registered also when the key is new but the identity is not
+        run.model = run.index._register(run.key, loaded.identity, loaded.name, loaded.embed_dim)
         have = _shas(run.index, run.model)
     reuse = [s for s in ready if s.sha256 in have]
     for scan in reuse:

@@ -227,7 +227,6 @@ def _write_outputs(target, output, outputs, matrix, records, key, loaded, overwr
 
 # --------------------------------------------------------------------------- index
 
-
 def update_index(index, inputs: Sequence[str], model: str, load: Callable[[], "LoadedModel"], *,
                  arch: str | None = None, run: RunOptions = RunOptions(),
                  on_result: Callable[[str, str | None], None] | None = None, feedback: Feedback = SILENT):

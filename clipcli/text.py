@@ -13,7 +13,7 @@ def display(text: str) -> str:
 
 
 def one_line(text: str) -> str:
-    """``text`` as one safe line for a terminal: line breaks become spaces; other control
+    r"""``text`` as one safe line for a terminal: line breaks become spaces; other control
     characters (escape sequences that could retitle or clear the terminal, bidi overrides)
     are shown escaped, as ``\x1b`` or ``\u202e``; undecodable file-name bytes as by
     :func:`display`."""

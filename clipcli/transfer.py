@@ -3,8 +3,9 @@
 :func:`transfer` streams a URL into a ``.part`` file while hashing it, resumes with a Range
 request (If-Range when the server gave a validator) after a dropped connection or a read
 timeout, starts over when a server ignores the Range or answers a wrong Content-Range, and
-retries transient failures (timeouts, 5xx, 408, 429) with exponential backoff, honouring a
-bounded Retry-After; 403, 404 and other client errors are not retried. Requests and their
+retries transient failures (timeouts, 5xx, 408, 425, 429) with exponential backoff, honouring a
+bounded Retry-After; 403, 404 and other client errors are not retried (a 416 to a Range
+request starts over instead). Requests and their
 failures are :mod:`clipcli.http`'s; what a finished transfer becomes (a verified file in the
 cache) is :mod:`clipcli.download`'s.
 """
@@ -26,7 +27,7 @@ from .http import RequestError, TransientError, UnreachableError, backoff, host_
 
 @dataclass(frozen=True)
 class DownloadSettings:
-    """Tunables of weight downloads; tests replace :data:`DEFAULT_SETTINGS` with fast ones."""
+    """Tunables of a transfer (:data:`clipcli.download.DEFAULT_SETTINGS` are the ones downloads use)."""
 
     connect_timeout: float = 15.0  # seconds to open a connection
     read_timeout: float = 60.0  # seconds without a byte before the connection counts as stalled
@@ -36,9 +37,6 @@ class DownloadSettings:
     retry_after_max: float = 60.0  # a longer Retry-After is cut to this
     chunk_size: int = 1 << 20
     free_space_margin: int = 16 << 20  # bytes to leave free on the disk
-
-
-DEFAULT_SETTINGS = DownloadSettings()
 
 
 def _free_bytes(directory: Path) -> int:
@@ -64,7 +62,7 @@ def format_size(n: int | None) -> str:
     raise AssertionError
 
 
-def request(url: str, settings: DownloadSettings, headers: dict[str, str] | None = None, method: str = "GET",
+def open_download(url: str, settings: DownloadSettings, headers: dict[str, str] | None = None, method: str = "GET",
             follow_redirects: bool = True):
     """:func:`clipcli.http.open_url` for downloads: a failure for good is a
     :class:`DownloadError` (with its ``http_status``), no route an :class:`OfflineError`;
@@ -80,11 +78,7 @@ def request(url: str, settings: DownloadSettings, headers: dict[str, str] | None
         raise failure from None
 
 
-# --- one verified download ----------------------------------------------------------------
-
-def partial_path(dest: Path, sha256: str) -> Path:
-    return dest.with_name(f".{dest.name}.{sha256[:16]}.part")
-
+# --- one transfer --------------------------------------------------------------------------
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 
@@ -133,7 +127,7 @@ def transfer(url: str, part: Path, size: int | None, settings: DownloadSettings,
                     headers["Range"] = f"bytes={offset}-"
                     if validator:
                         headers["If-Range"] = validator
-                with request(url, settings, headers) as response:
+                with open_download(url, settings, headers) as response:
                     if not announced:
                         log(f"downloading {label} from {url}" + (f" ({format_size(size)})" if size else ""))
                         announced = True

@@ -14,6 +14,7 @@ import typer
 
 from .. import __version__
 from ..errors import ClipcliError
+from .render import error_line, error_text
 
 app = typer.Typer(
     name="clipcli",
@@ -44,12 +45,6 @@ def _root(
     # Pillow warns about what it tolerates (corrupt EXIF, odd chunks): a file that cannot be
     # used is reported by its record; the rest would be stray multi-line noise on stderr.
     warnings.filterwarnings("ignore", module="PIL")
-
-
-def error_line(message: str) -> None:
-    from ..text import one_line
-
-    typer.echo(f"error: {one_line(message)}", err=True)
 
 
 def _silence_stdout() -> None:
@@ -105,8 +100,6 @@ def command(*args, **kwargs) -> Callable:
             try:
                 return _run_and_flush(fn, a, kw)
             except ClipcliError as error:
-                from .render import error_text
-
                 error_line(error_text(error))
                 raise typer.Exit(error.exit_code) from None
             except BrokenPipeError:

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .render import download_feedback
+from .render import download_feedback, say
 
 
 class Format(str, Enum):
@@ -33,7 +33,7 @@ class Precision(str, Enum):
 DEFAULT_MODEL = "ViT-B/32"
 
 
-# Options every scoring command shares.
+# Options every command that runs a model shares.
 ModelOpt = Annotated[str, typer.Option("--model", "-m", envvar="CLIPCLI_MODEL", show_envvar=True,
                                        help="A name from `clipcli models` (ViT-B/32, ViT-B-32/laion2b_s34b_b79k), "
                                             "hf-hub:ORG/REPO, a model folder or a checkpoint file.")]
@@ -80,12 +80,11 @@ def output_format(fmt: Optional[Format]) -> str:
 def load(model: str, arch: Optional[str], device: str, precision: Optional[Precision], threads: Optional[int],
           quiet: bool, towers: tuple[str, ...] = ("image", "text")):
     from ..pipeline import load_model, slow_precision_note
-    from ..text import one_line
 
     loaded = load_model(model, device=device, precision=precision.value if precision else None, towers=towers,
                         threads=threads, arch=arch, feedback=download_feedback(quiet))
     notes = [*loaded.notes, slow_precision_note(loaded.device, loaded.dtype)]
     if not quiet:
         for note in filter(None, notes):
-            sys.stderr.write(f"note: {one_line(note)}\n")
+            say(f"note: {note}")
     return loaded

@@ -37,6 +37,10 @@ def flag(option: str) -> str:
     return "--" + option.replace("_", "-")
 
 
+def _with_fix(text: str, fix: str | None) -> str:
+    return f"{text}; {FIXES[fix]}" if fix in FIXES else text
+
+
 def error_text(error: ClipcliError) -> str:
     """The one line the CLI prints for ``error``: the option at fault as its flag, and the
     flag that fixes it."""
@@ -51,12 +55,19 @@ def hinted(reason: str) -> str:
     return _with_fix(reason, getattr(reason, "fix", None))
 
 
-def _with_fix(text: str, fix: str | None) -> str:
-    return f"{text}; {FIXES[fix]}" if fix in FIXES else text
+def _isatty(stream: IO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def say(text: str) -> None:
     print(one_line(text), file=sys.stderr, flush=True)
+
+
+def error_line(message: str) -> None:
+    say(f"error: {message}")
 
 
 class ByteMeter:
@@ -195,9 +206,3 @@ class Reporter:
     def exit_code(self) -> int:
         return 1 if self.failed else 0
 
-
-def _isatty(stream: IO) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False

@@ -16,9 +16,9 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import ClipcliError
-from .app import command, error_line
+from .app import command
 from .options import Format
-from .render import download_feedback, error_text, say
+from .render import download_feedback, error_line, error_text, say
 
 CacheDirOpt = Annotated[Optional[Path], typer.Option(
     "--cache-dir", file_okay=False, show_default=False,
