@@ -80,14 +80,14 @@ def test_no_module_is_too_long_to_read():
 
 @pytest.mark.parametrize("error, library, cli", [
     (ClipcliError("'fp8': choose fp32, bf16 or fp16", option="precision"),
-     "precision: 'fp8': choose fp32, bf16 or fp16", "--precision: 'fp8': choose fp32, bf16 or fp16"),
+     "precision 'fp8': choose fp32, bf16 or fp16", "--precision 'fp8': choose fp32, bf16 or fp16"),
     (InputError("3 is the global batch; it must divide by the 2 processes", option="batch_size"),
-     "batch_size: 3 is the global batch; it must divide by the 2 processes",
-     "--batch-size: 3 is the global batch; it must divide by the 2 processes"),
+     "batch_size 3 is the global batch; it must divide by the 2 processes",
+     "--batch-size 3 is the global batch; it must divide by the 2 processes"),
     (OutputExistsError("out.npy already exists", fix="overwrite"),
      "out.npy already exists", "out.npy already exists; pass --overwrite to replace it"),
-    (ClipcliError("CUDA is not available here", option="device", fix="cpu"),
-     "device: CUDA is not available here", "--device: CUDA is not available here; use --device cpu"),
+    (ClipcliError("cuda: CUDA is not available here", option="device", fix="cpu"),
+     "device cuda: CUDA is not available here", "--device cuda: CUDA is not available here; use --device cpu"),
 ])
 def test_errors_speak_the_library_and_the_cli_spells_flags(error, library, cli):
     assert str(error) == library and "--" not in library

@@ -46,7 +46,7 @@ def error_text(error: ClipcliError) -> str:
     flag that fixes it."""
     text = error.message
     if error.option:
-        text = f"{flag(error.option)}: {text}"
+        text = f"{flag(error.option)} {text}"
     return _with_fix(text, error.fix)
 
 

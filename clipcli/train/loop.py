@@ -172,7 +172,7 @@ def _prepare_out(cfg: TrainConfig, is_main: bool) -> Path:
     if is_main and not cfg.resume and (out / CHECKPOINT).exists() and not cfg.overwrite:
         raise OutputExistsError(f"{out} already holds a run", fix="resume")
     if cfg.resume and not (out / STATE).exists():
-        raise InputError(f"{out} has no {STATE} to resume from", option="resume")
+        raise InputError(f"nothing to resume: {out} has no {STATE}")
     if is_main:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -206,7 +206,7 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
     train_pairs = read_pairs(cfg.train_data, cfg.img_key, cfg.caption_key)
     val_pairs = read_pairs(cfg.val_data, cfg.img_key, cfg.caption_key) if cfg.val_data else None
     if len(train_pairs) < cfg.batch_size:
-        raise InputError(f"{cfg.train_data} has {len(train_pairs)} pairs, fewer than one batch ({cfg.batch_size})",
+        raise InputError(f"{cfg.batch_size} is more than the {len(train_pairs)} pairs in {cfg.train_data}",
                          option="batch_size")
     note = None
     if cfg.init and not cfg.resume:
