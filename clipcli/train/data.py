@@ -27,8 +27,6 @@ import torch
 
 from ..errors import InputError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
 
 @dataclass(frozen=True)
 class Pair:
@@ -66,11 +64,19 @@ def _table_pairs(path: Path, img_key: str, caption_key: str) -> list[Pair]:
     return pairs
 
 
+def folder_images(folder: str | Path) -> list[Path]:
+    """The image files under ``folder`` as inference finds them (:func:`clipcli.items.walk_folder`:
+    sorted, hidden entries skipped, symlink loops cut); unreadable entries left out."""
+    from ..items import walk_folder
+
+    return [Path(item.path) for item in walk_folder(str(folder)) if item.error is None and item.path]
+
+
 def _folder_pairs(folder: Path) -> list[Pair]:
     pairs = []
-    for image in sorted(folder.rglob("*")):
+    for image in folder_images(folder):
         caption = image.with_suffix(".txt")
-        if image.suffix.lower() in IMAGE_SUFFIXES and image.is_file() and caption.is_file():
+        if caption.is_file():
             pairs.append(Pair(image, _read_text(caption, "caption").strip()))
     return pairs
 

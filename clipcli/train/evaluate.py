@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import InputError
-from .data import IMAGE_SUFFIXES, GlobalBatches, Pair, PairDataset, SkipReporter, loader
+from .data import GlobalBatches, Pair, PairDataset, SkipReporter, folder_images, loader
 
 RECALL_AT = (1, 5, 10)
 
@@ -53,7 +53,7 @@ def zeroshot_classes(folder: str | Path) -> list[tuple[str, list[Path]]]:
     if not Path(folder).is_dir():
         raise InputError(f"{folder}: no such folder (expected one sub-folder of images per class)")
     for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
-        images = sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        images = folder_images(sub)
         if images:
             classes.append((sub.name.replace("_", " "), images))
     return classes
