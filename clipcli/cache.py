@@ -25,8 +25,9 @@ from pathlib import Path
 
 from . import registry
 from .errors import ClipcliError, DownloadError
-from .feedback import SILENT, Feedback
+from .feedback import SILENT, Feedback, Log
 from .fsutil import atomic_write, exclusive_lock, sha256_file
+from .hub import env_flag
 from .registry import ModelInfo
 
 # --- where ------------------------------------------------------------------------------------
@@ -50,7 +51,8 @@ def openai_cache_dir() -> Path:
 
 
 def offline() -> bool:
-    return os.environ.get("CLIPCLI_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
+    """``$CLIPCLI_OFFLINE``: use the cache only (``HF_HUB_OFFLINE`` is for the hub's files)."""
+    return env_flag("CLIPCLI_OFFLINE")
 
 
 def meta_path(path: Path) -> Path:
@@ -106,26 +108,9 @@ def discard(path: Path) -> None:
         raise DownloadError(f"cannot delete the corrupt file {path}: {error.strerror or error}") from None
 
 
-def find_cached(info: ModelInfo, cache_dir: str | os.PathLike | None = None) -> Path | None:
-    """The cached file for ``info`` whose size checks out, without side effects; else None."""
-    cache = resolve_cache_dir(cache_dir)
-    pt = cache / info.file
-    with contextlib.suppress(OSError):
-        if info.size is not None and pt.stat().st_size == info.size:
-            return pt
-    hub = cache / f"{info.stem}.safetensors"
-    meta = read_meta(hub)
-    with contextlib.suppress(OSError):
-        if meta and meta.get("size") == hub.stat().st_size:
-            return hub
-    return None
-
-
-def cached_model_file(info: ModelInfo, cache_dir: str | os.PathLike | None = None, *, verify: bool = False,
-                      feedback: Feedback = SILENT) -> Path | None:
-    """The verified cached file for ``info``, or None; a corrupt cached file is deleted."""
-    cache = resolve_cache_dir(cache_dir)
-    log = feedback.log
+def _candidates(info: ModelInfo, cache: Path, log: Log = SILENT.log) -> list[tuple[Path, str, int | None]]:
+    """``(path, sha256, size)`` of the files that may hold ``info``: OpenAI's file, then the
+    hub's safetensors if its sidecar says what it must be."""
     candidates = [(cache / info.file, info.sha256, info.size)]
     hub = cache / f"{info.stem}.safetensors"
     meta = read_meta(hub)
@@ -133,10 +118,28 @@ def cached_model_file(info: ModelInfo, cache_dir: str | os.PathLike | None = Non
         candidates.append((hub, meta["sha256"], meta.get("size")))
     elif hub.exists():
         log(f"ignoring {hub}: it has no {meta_path(hub).name} to verify it against")
-    for path, sha256, size in candidates:
-        with contextlib.suppress(OSError):
-            if not verify and size is not None and path.stat().st_size == size:
-                return path
+    return candidates
+
+
+def _size_matches(path: Path, size: int | None) -> bool:
+    with contextlib.suppress(OSError):
+        return size is not None and path.stat().st_size == size
+    return False
+
+
+def find_cached(info: ModelInfo, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """The cached file for ``info`` whose size checks out, without side effects; else None."""
+    return next((path for path, _, size in _candidates(info, resolve_cache_dir(cache_dir)) if _size_matches(path, size)),
+                None)
+
+
+def cached_model_file(info: ModelInfo, cache_dir: str | os.PathLike | None = None, *, verify: bool = False,
+                      feedback: Feedback = SILENT) -> Path | None:
+    """The verified cached file for ``info``, or None; a corrupt cached file is deleted."""
+    log = feedback.log
+    for path, sha256, size in _candidates(info, resolve_cache_dir(cache_dir), log):
+        if not verify and _size_matches(path, size):
+            return path
         if not path.exists():
             continue
         with exclusive_lock(path, wait=True, on_wait=log):

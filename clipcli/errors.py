@@ -2,10 +2,11 @@
 
 A message says what went wrong, never which command-line flag would fix it: the library is
 used without the CLI too. An error may name the parameter at fault (``option``, by its
-library name: ``"precision"``; its message then starts with the value: ``'fp8': choose ...``) and a key for the remedy (``fix``: ``"overwrite"``,
-``"resume"``, ``"fp32"``; see ``clipcli.cli.render.FIXES``); the CLI spells those as its
-flags, prints one line on stderr and exits with ``error.exit_code``. No traceback is shown
-for any of these. A failed item's :class:`Reason` carries a ``fix`` the same way.
+library name: ``"precision"``; its message then starts with the value: ``'fp8': choose ...``)
+and a key for the remedy (``fix``: ``"overwrite"``, ``"resume"``, ``"fp32"``; see
+``clipcli.cli.render.FIXES``); the CLI spells those as its flags, prints one line on stderr
+and exits with ``error.exit_code``. No traceback is shown for any of these. A failed item's
+:class:`Reason` carries a ``fix`` the same way, and an error made from a Reason keeps it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ class ClipcliError(Exception):
     def __init__(self, message: str = "", *, option: str | None = None, fix: str | None = None):
         super().__init__(message)
         self.option = option
-        self.fix = fix
+        self.fix = fix if fix is not None else getattr(message, "fix", None)
 
     @property
     def message(self) -> str:

@@ -185,8 +185,8 @@ def _connection_class(base: type, read_timeout: float, public_only: bool) -> typ
 
 
 def _opener(read_timeout: float, guard: bool, public_only: bool, follow_redirects: bool) -> urllib.request.OpenerDirector:
-    http_connection = _connection_class(http.client.HTTPConnection, read_timeout, guard and public_only)
-    https_connection = _connection_class(http.client.HTTPSConnection, read_timeout, guard and public_only)
+    http_connection = _connection_class(http.client.HTTPConnection, read_timeout, public_only)
+    https_connection = _connection_class(http.client.HTTPSConnection, read_timeout, public_only)
 
     class HTTPHandler(urllib.request.HTTPHandler):
         def http_open(self, req):
@@ -225,7 +225,8 @@ def open_url(url: str, *, connect_timeout: float, read_timeout: float, headers: 
     )
     host = host_of(url)
     try:
-        return _opener(read_timeout, guard, not allow_private, follow_redirects).open(request, timeout=connect_timeout)
+        opener = _opener(read_timeout, guard, guard and not allow_private, follow_redirects)
+        return opener.open(request, timeout=connect_timeout)
     except urllib.error.HTTPError as error:
         if not follow_redirects and 300 <= error.code < 400:
             return error

@@ -35,12 +35,14 @@ def cache_dir() -> Path:
     return base / "huggingface" / "hub"
 
 
-def _flag(name: str) -> bool:
+def env_flag(name: str) -> bool:
+    """Whether the environment variable ``name`` is set to something other than empty, 0,
+    false, no or off."""
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def offline() -> bool:
-    return _flag("CLIPCLI_OFFLINE") or _flag("HF_HUB_OFFLINE")
+    return env_flag("CLIPCLI_OFFLINE") or env_flag("HF_HUB_OFFLINE")
 
 
 def parse_name(name: str) -> tuple[str, str | None] | None:

@@ -219,8 +219,7 @@ def decode_image(fp: BinaryIO, options: DecodeOptions = DecodeOptions(), content
         raise
     except (Image.DecompressionBombError, OSError, SyntaxError, ValueError, MemoryError, NotImplementedError,
             OverflowError, EOFError, IndexError, KeyError, TypeError, ZeroDivisionError) as error:
-        reason = _reason(error, options.allow_truncated)
-        raise ItemError(reason, fix=reason.fix) from None
+        raise ItemError(_reason(error, options.allow_truncated)) from None
     except Exception as error:  # noqa: BLE001 - one bad file must never end the run
         raise ItemError(f"cannot decode (unexpected {type(error).__name__}): {error}") from None
 

@@ -60,7 +60,7 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existin
 
 
 def run_options(batch_size: Optional[int], workers: Optional[int], max_pixels: int, allow_truncated: bool, allow_private: bool,
-                 exact_decode: bool):
+                exact_decode: bool):
     """The shared run options (:class:`clipcli.tasks.RunOptions`) from the shared flags."""
     from ..http import FetchOptions
     from ..images import DecodeOptions
@@ -78,7 +78,7 @@ def output_format(fmt: Optional[Format]) -> str:
 
 
 def load(model: str, arch: Optional[str], device: str, precision: Optional[Precision], threads: Optional[int],
-          quiet: bool, towers: tuple[str, ...] = ("image", "text")):
+         quiet: bool, towers: tuple[str, ...] = ("image", "text")):
     from ..pipeline import load_model, slow_precision_note
 
     loaded = load_model(model, device=device, precision=precision.value if precision else None, towers=towers,

@@ -125,9 +125,7 @@ class StderrLines:
 
 def download_feedback(quiet: bool) -> Feedback:
     """Download news as lines on stderr, and a byte meter on a terminal; nothing when ``quiet``."""
-    if quiet:
-        return SILENT
-    return Feedback(log=say, meter=ByteMeter if _isatty(sys.stderr) else None)
+    return StderrLines().feedback(quiet)
 
 
 class Reporter:
