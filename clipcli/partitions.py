@@ -5,15 +5,24 @@ The inputs are split, in order, into partitions of ``partition_size`` items. Pro
 talks to another, so torchrun, SLURM, a shell loop, Ray or Spark can all start them
 (:func:`share`). Each partition is written as
 
-    OUTDIR/img_emb/img_emb_{i}.npy         float32 (N, D), one row per input (zeros where it failed)
-    OUTDIR/metadata/metadata_{i}.parquet   one row per input: image_path, status, error
+    OUTDIR/img_emb/img_emb_{i}.npy         (N, D) float32 or float16, one row per input that succeeded
+    OUTDIR/text_emb/text_emb_{i}.npy       the same rows' captions (WebDataset with captions)
+    OUTDIR/metadata/metadata_{i}.parquet   the same rows, aligned: image_path (+ caption, url, json)
+    OUTDIR/failed/failed_{i}.parquet       the inputs that failed: image_path, error
 
-with zero-padded numbers, under temporary names renamed when complete (the metadata
-last: a partition is done when its metadata file exists). ``OUTDIR/_manifest.json`` names
-the model identity, the options and the inputs; a rerun with any world size skips finished
-partitions and refuses a manifest of another model, input list or option. The process
-that finds every partition done writes ``_summary.json`` (counts per status).
-Rows align by position, as embedding-reader and autofaiss read them.
+with zero-padded numbers. Failed inputs never reach ``img_emb``: a zero row there would be
+indexed (autofaiss, clip-retrieval) and rank first or last in every query. A partition in
+which nothing succeeded has no ``img_emb``/``metadata`` pair at all (embedding-reader skips
+an empty ``.npy`` but not its parquet). Every metadata file of a run has the same columns,
+all strings, so the folder reads as one dataset (pandas, ``pyarrow.dataset``): a WebDataset
+sample's ``.json`` is kept whole as text in ``json`` (its ``url`` also as a column), never
+spread into columns that would differ from shard to shard.
+
+Each file is written under a temporary name and renamed when complete, the failures last:
+a partition is done when its ``failed`` file exists (with zero rows when nothing failed).
+``OUTDIR/_manifest.json`` names the model identity, the options and the inputs; a rerun
+with any world size skips finished partitions and refuses a manifest of another model, input
+list or option. The process that finds every partition done writes ``_summary.json``.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from .errors import InputError, OutputError, OutputExistsError
 from .text import display
@@ -34,6 +43,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 PARTITION_SIZE = 10_000
 MANIFEST, SUMMARY = "_manifest.json", "_summary.json"
+LAYOUT = 2  # 1: failed inputs were zero rows in img_emb, sidecar fields were columns
+STORE_DTYPES = ("float32", "float16")
 
 
 @dataclass(frozen=True)
@@ -98,18 +109,22 @@ def _pyarrow():
     try:
         import pyarrow
         import pyarrow.parquet
-    except ImportError:
-        raise InputError("partitioned output writes parquet, which needs pyarrow: pip install 'clipcli[scale]'") from None
+    except ImportError as error:
+        if isinstance(error, ModuleNotFoundError) and (error.name or "").partition(".")[0] == "pyarrow":
+            raise InputError("partitioned output writes parquet, which needs pyarrow: pip install 'clipcli[scale]'") from None
+        # Installed but broken (e.g. a pyarrow built for NumPy 2 beside NumPy 1): say what failed.
+        raise InputError(f"partitioned output writes parquet, but pyarrow cannot be imported: {error}") from None
     return pyarrow
 
 
 def _manifest(loaded: "LoadedModel", names: Sequence[str], partition_size: int | None, count: int, normalize: bool,
-              run: "RunOptions", captions: bool = False) -> dict:
+              run: "RunOptions", dtype: str, captions: bool = False) -> dict:
     from .journal import inputs_hash
 
-    return {"format": "clip-retrieval", "model": loaded.name, "identity": loaded.identity, "sha256": loaded.sha256,
-            "dim": loaded.embed_dim, "precision": str(loaded.dtype).removeprefix("torch."), "normalize": normalize,
-            "inputs": inputs_hash(names), "count": len(names), "partition_size": partition_size, "partitions": count,
+    return {"format": "clip-retrieval", "layout": LAYOUT, "model": loaded.name, "identity": loaded.identity,
+            "sha256": loaded.sha256, "dim": loaded.embed_dim, "precision": str(loaded.dtype).removeprefix("torch."),
+            "dtype": dtype, "normalize": normalize, "inputs": inputs_hash(names), "count": len(names),
+            "partition_size": partition_size, "partitions": count,
             "source": "webdataset" if partition_size is None else "files", "captions": captions,
             "exact_decode": run.decode.exact, "max_pixels": run.decode.max_pixels,
             "allow_truncated": run.decode.allow_truncated, "allow_private": run.fetch.allow_private}
@@ -129,173 +144,193 @@ def _claim_manifest(path: Path, manifest: dict) -> None:
         found = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise OutputError(f"{path} cannot be read ({error}); remove the folder to start again") from None
+    if not isinstance(found, dict):
+        raise OutputError(f"{path} is not a clipcli manifest; remove the folder to start again")
     differs = sorted(k for k in manifest if found.get(k) != manifest[k])
+    if "layout" in differs:
+        raise OutputError(f"{path.parent} was written by an older clipcli (failed inputs as zero rows); "
+                          "use another folder, or remove this one to start again")
     if differs:
         raise OutputError(f"{path.parent} holds a run with other {', '.join(differs)}; "
                           "use another folder, or remove this one to start again")
 
 
+def _failed_path(outdir: Path, number: str) -> Path:
+    """Written last: a partition is done when this file exists."""
+    return outdir / "failed" / f"failed_{number}.parquet"
+
+
+class _Partition:
+    """One partition's results as they come back: the inputs that succeeded (embedding and
+    metadata, row for row) apart from the ones that failed."""
+
+    def __init__(self, columns: Sequence[str]):
+        self.embeddings: list = []
+        self.metadata: dict[str, list] = {"image_path": [], **{name: [] for name in columns}}
+        self.failed: dict[str, list] = {"image_path": [], "error": []}
+
+    def add(self, name: str, result, **fields) -> None:
+        if result.ok:
+            self.embeddings.append(result.embedding)
+            self.metadata["image_path"].append(name)
+            for column, value in fields.items():
+                self.metadata[column].append(value)
+        else:
+            self.failed["image_path"].append(name)
+            self.failed["error"].append(result.error)
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in STORE_DTYPES:
+        raise InputError(f"{dtype!r}: partitions store {' or '.join(STORE_DTYPES)}", option="dtype")
+
+
 def encode_partitions(loaded: "LoadedModel", items: Sequence["Item"], outdir: str | os.PathLike, *,
                       partition_size: int = PARTITION_SIZE, part: Share = Share(), normalize: bool = True,
-                      run: "RunOptions | None" = None,
+                      dtype: str = "float32", run: "RunOptions | None" = None,
                       on_result: Callable[[str, str | None], None] | None = None) -> dict:
-    """Encode this process's partitions of ``items`` into ``outdir`` (see the module docstring).
+    """Encode this process's partitions of ``items`` into ``outdir`` (see the module docstring),
+    storing ``dtype`` (``float32`` or ``float16``).
 
     Returns ``{"partitions", "done" (by this process), "skipped" (already there), "ok",
     "error", "summary" (the whole run's counts once every partition exists, else None)}``.
     """
-    import numpy as np
-
     from .batching import embed_images
     from .tasks import RunOptions
 
     if partition_size < 1:
         raise InputError(f"partition size must be at least 1, not {partition_size}")
+    _check_dtype(dtype)
     _pyarrow()
     run = (run or RunOptions()).for_device(loaded.device)
     report = on_result or (lambda name, error: None)
     outdir = Path(outdir)
     count = max(1, -(-len(items) // partition_size))
     numbers = _names(count)
-    (outdir / "metadata").mkdir(parents=True, exist_ok=True)  # the other folders: _write
+    outdir.mkdir(parents=True, exist_ok=True)  # the partitions' folders: _write
     _claim_manifest(outdir / MANIFEST,
-                    _manifest(loaded, [item.name for item in items], partition_size, count, normalize, run))
+                    _manifest(loaded, [item.name for item in items], partition_size, count, normalize, run, dtype))
     outcome = {"partitions": count, "done": 0, "skipped": 0, "ok": 0, "error": 0, "summary": None}
     for i, number in enumerate(numbers):
-        metadata = outdir / "metadata" / f"metadata_{number}.parquet"
         if not part.takes(i):
             continue
-        if metadata.exists():
+        if _failed_path(outdir, number).exists():
             outcome["skipped"] += 1
             continue
         chunk = items[i * partition_size : (i + 1) * partition_size]
-        rows = np.zeros((len(chunk), loaded.embed_dim), np.float32)
-        status, errors = [], []
-        results = embed_images(loaded, chunk, normalize=normalize, **run.pipeline_kwargs())
-        for row, (item, result) in enumerate(zip(chunk, results)):
-            if result.ok:
-                rows[row] = result.embedding
-            status.append("ok" if result.ok else "error")
-            errors.append(result.error)
+        partition = _Partition(())
+        for item, result in zip(chunk, embed_images(loaded, chunk, normalize=normalize, **run.pipeline_kwargs())):
+            partition.add(item.name, result)
             outcome["ok" if result.ok else "error"] += 1
             report(item.name, result.error)
-        _write(outdir, number, rows, {"image_path": [item.name for item in chunk], "status": status, "error": errors})
+        _write(outdir, number, partition, loaded.embed_dim, dtype)
         outcome["done"] += 1
     outcome["summary"] = _summarize(outdir, numbers)
     return outcome
 
 
-def _write(outdir: Path, number: str, rows, columns: dict[str, list], text_rows=None) -> None:
-    """One partition's files, each under a temporary name until complete; the metadata last
-    (a partition is done when its metadata file exists)."""
+def _table(columns: dict[str, list]):
+    """Every column a string column (null where a value is missing): the same schema in every
+    partition, also where a column is null throughout one."""
+    pa = _pyarrow()
+    return pa.Table.from_arrays([pa.array([None if v is None else display(str(v)) for v in values], type=pa.string())
+                                 for values in columns.values()], names=list(columns))
+
+
+def _write(outdir: Path, number: str, partition: _Partition, dim: int, dtype: str, texts: Iterable | None = None) -> None:
+    """One partition's files, each under a temporary name until complete. The embeddings and
+    metadata only when some input succeeded; the failures last, also when there are none."""
     import numpy as np
 
     from .fsutil import atomic_path, atomic_write
 
-    pa = _pyarrow()
-    text = {"image_path", "status", "error", "caption"}  # always strings, also when all are null
-    arrays, names = [], []
-    for name, values in columns.items():
-        if name in text:
-            values = [None if v is None else display(str(v)) for v in values]
-            arrays.append(pa.array(values, type=pa.string()))
-        else:
-            try:
-                arrays.append(pa.array(values))
-            except (pa.ArrowInvalid, pa.ArrowTypeError):  # a sidecar field of mixed types: as text
-                arrays.append(pa.array([None if v is None else str(v) for v in values], type=pa.string()))
-        names.append(name)
-    table = pa.Table.from_arrays(arrays, names=names)
-    outputs = [("img_emb", rows)] + ([("text_emb", text_rows)] if text_rows is not None else [])
-    for kind, matrix in outputs:
+    parquet = _pyarrow().parquet
+    matrices = [("img_emb", partition.embeddings)] + ([("text_emb", list(texts))] if texts is not None else [])
+    if partition.embeddings:
+        for kind, rows in matrices:
+            (outdir / kind).mkdir(exist_ok=True)
+            with atomic_write(outdir / kind / f"{kind}_{number}.npy", overwrite=True) as file:
+                np.save(file, np.stack(rows).astype(dtype), allow_pickle=False)
+    for kind, columns in [("metadata", partition.metadata if partition.embeddings else None), ("failed", partition.failed)]:
+        if columns is None:
+            continue
         (outdir / kind).mkdir(exist_ok=True)
-        with atomic_write(outdir / kind / f"{kind}_{number}.npy", overwrite=True) as file:
-            np.save(file, matrix, allow_pickle=False)
-    with atomic_path(outdir / "metadata" / f"metadata_{number}.parquet", overwrite=True) as temp:
-        pa.parquet.write_table(table, str(temp))
+        with atomic_path(outdir / kind / f"{kind}_{number}.parquet", overwrite=True) as temp:
+            parquet.write_table(_table(columns), str(temp))
 
 
 def encode_shards(loaded: "LoadedModel", shards: Sequence[str], outdir: str | os.PathLike, *,
-                  part: Share = Share(), normalize: bool = True, captions: bool = False,
+                  part: Share = Share(), normalize: bool = True, captions: bool = False, dtype: str = "float32",
                   run: "RunOptions | None" = None,
                   on_result: Callable[[str, str | None], None] | None = None) -> dict:
     """Encode WebDataset ``shards`` (:mod:`clipcli.webdataset`), one partition per shard, as
-    :func:`encode_partitions` does files. The metadata holds each sample's key, status,
-    error, caption and the fields of its ``.json``; with ``captions`` the captions are also
-    embedded into ``text_emb/text_emb_{N}.npy`` (zeros where a sample has none)."""
+    :func:`encode_partitions` does files. The metadata holds each sample's key (as
+    ``image_path``), caption, ``url`` and its ``.json`` as text; with ``captions`` the captions
+    are also embedded into ``text_emb/text_emb_{N}.npy``, row for row with ``img_emb`` (zeros
+    where a sample has no caption)."""
     import numpy as np
 
     from .batching import embed_images, embed_texts
     from .tasks import RunOptions
     from .webdataset import samples
 
+    _check_dtype(dtype)
     _pyarrow()
     run = (run or RunOptions()).for_device(loaded.device)
     report = on_result or (lambda name, error: None)
     outdir = Path(outdir)
     numbers = _names(len(shards))
-    (outdir / "metadata").mkdir(parents=True, exist_ok=True)
-    _claim_manifest(outdir / MANIFEST, _manifest(loaded, list(shards), None, len(shards), normalize, run, captions))
+    outdir.mkdir(parents=True, exist_ok=True)
+    _claim_manifest(outdir / MANIFEST,
+                    _manifest(loaded, list(shards), None, len(shards), normalize, run, dtype, captions))
     outcome = {"partitions": len(shards), "done": 0, "skipped": 0, "ok": 0, "error": 0, "summary": None}
     for i, (shard, number) in enumerate(zip(shards, numbers)):
         if not part.takes(i):
             continue
-        if (outdir / "metadata" / f"metadata_{number}.parquet").exists():
+        if _failed_path(outdir, number).exists():
             outcome["skipped"] += 1
             continue
-        found = []  # (key, caption, meta) per sample: the image bytes go to the decoder and no further
+        found = []  # the samples without their image bytes, which go to the decoder and no further
 
         def stream(shard=shard, found=found):
             for sample in samples(shard):
-                found.append((sample.key, sample.caption, sample.meta))
+                found.append((sample.key, sample.caption, sample.url, sample.json))
                 yield sample.item
 
-        rows, status, errors = [], [], []
-        results = embed_images(loaded, stream(), normalize=normalize, **run.pipeline_kwargs())
-        for k, result in enumerate(results):  # found[k] was read before its result came back
-            rows.append(result.embedding if result.ok else np.zeros(loaded.embed_dim, np.float32))
-            status.append("ok" if result.ok else "error")
-            errors.append(result.error)
+        partition = _Partition(("caption", "url", "json"))
+        for k, result in enumerate(embed_images(loaded, stream(), normalize=normalize, **run.pipeline_kwargs())):
+            key, caption, url, sidecar = found[k]  # found[k] was read before its result came back
+            partition.add(key, result, caption=caption, url=url, json=sidecar)
             outcome["ok" if result.ok else "error"] += 1
-            report(f"{shard}:{found[k][0]}", result.error)
-        matrix = np.stack(rows) if rows else np.zeros((0, loaded.embed_dim), np.float32)
-        text_rows = None
+            report(f"{shard}:{key}", result.error)
+        texts = None
         if captions:
-            text_rows = np.zeros_like(matrix)
-            with_text = [j for j, (_, caption, _) in enumerate(found) if caption]
-            for j, result in zip(with_text, embed_texts(loaded, [found[j][1] for j in with_text], normalize=normalize)):
+            texts = [np.zeros(loaded.embed_dim, np.float32) for _ in partition.embeddings]
+            written = partition.metadata["caption"]
+            with_text = [j for j, caption in enumerate(written) if caption]
+            for j, result in zip(with_text, embed_texts(loaded, [written[j] for j in with_text], normalize=normalize)):
                 if result.ok:
-                    text_rows[j] = result.embedding
-        columns = {"image_path": [key for key, _, _ in found], "status": status, "error": errors,
-                   "caption": [caption for _, caption, _ in found]}
-        for field_name in dict.fromkeys(k for _, _, meta in found for k in meta):
-            if field_name not in columns:  # the sidecar's fields, never over ours
-                columns[field_name] = [_cell(meta.get(field_name)) for _, _, meta in found]
-        _write(outdir, number, matrix, columns, text_rows)
+                    texts[j] = result.embedding
+        _write(outdir, number, partition, loaded.embed_dim, dtype, texts)
         outcome["done"] += 1
     outcome["summary"] = _summarize(outdir, numbers)
     return outcome
 
 
-def _cell(value):
-    """A sidecar value as parquet takes it: scalars as they are, lists and objects as JSON text."""
-    return json.dumps(value) if isinstance(value, (list, dict)) else value
-
-
 def _summarize(outdir: Path, numbers: Sequence[str]) -> dict | None:
-    """Counts per status over every partition, written to ``_summary.json`` once all exist."""
-    from collections import Counter
-
+    """Counts over every partition (embedded, failed), written to ``_summary.json`` once all are done."""
     from .fsutil import atomic_write
 
-    files = [outdir / "metadata" / f"metadata_{number}.parquet" for number in numbers]
-    if not all(path.exists() for path in files):
+    if not all(_failed_path(outdir, number).exists() for number in numbers):
         return None
     parquet = _pyarrow().parquet
-    counts = Counter()
-    for path in files:
-        counts.update(parquet.read_table(path, columns=["status"]).column("status").to_pylist())
-    summary = {"partitions": len(files), "total": sum(counts.values()), **dict(sorted(counts.items()))}
+
+    def rows(kind: str) -> int:
+        files = [outdir / kind / f"{kind}_{number}.parquet" for number in numbers]
+        return sum(parquet.ParquetFile(path).metadata.num_rows for path in files if path.exists())
+
+    ok, failed = rows("metadata"), rows("failed")
+    summary = {"partitions": len(numbers), "total": ok + failed, "ok": ok, "error": failed}
     with atomic_write(outdir / SUMMARY, overwrite=True, text=True) as file:
         file.write(json.dumps(summary, indent=2) + "\n")
     return summary

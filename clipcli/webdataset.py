@@ -9,8 +9,10 @@ named as files, globs (``shards/*.tar``) or brace patterns (``shards/{00000..009
 A sample without an image is an error sample, and a shard that is truncated or corrupt
 part-way gives its samples up to there, then one error sample saying where it broke (what
 came after cannot be known). A shard that cannot be read at all (missing, a permission, an
-I/O error) stops the run instead, so that a rerun tries it again. Only image, caption and
-JSON members are read, each up to :data:`MAX_MEMBER_BYTES`.
+I/O error) stops the run instead, so that a rerun tries it again, and so does a shard whose
+members are not grouped by key (``tar -cf`` of a folder in directory order interleaves them):
+read as a stream, each sample would be cut into fragments. Only image, caption and JSON
+members are read, each up to :data:`MAX_MEMBER_BYTES`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import re
 import tarfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from .errors import ClipcliError, InputError
@@ -44,12 +46,14 @@ class ShardError(ClipcliError):
 
 @dataclass
 class Sample:
-    """One sample of a shard: its key, image (as an :class:`Item` to decode), caption and metadata."""
+    """One sample of a shard: its key, image (as an :class:`Item` to decode), caption, and its
+    ``.json`` member as text (kept whole, parsed or not) with the ``url`` it names."""
 
     key: str
     item: Item
     caption: str | None = None
-    meta: dict = field(default_factory=dict)
+    json: str | None = None
+    url: str | None = None
 
 
 def is_shards(inputs: Sequence[str]) -> bool:
@@ -103,11 +107,13 @@ def _sample(key: str, parts: dict) -> Sample:
     if "txt" in parts:
         sample.caption = parts["txt"].decode("utf-8", "replace").strip()
     if "json" in parts:
+        sample.json = parts["json"].decode("utf-8", "replace")
         try:
-            meta = json.loads(parts["json"])
-            sample.meta = meta if isinstance(meta, dict) else {"json": meta}
-        except ValueError as error:
-            sample.meta = {"json_error": str(error)}
+            meta = json.loads(sample.json)
+        except (ValueError, RecursionError):
+            meta = None
+        if isinstance(meta, dict) and isinstance(meta.get("url"), str):
+            sample.url = meta["url"]
     return sample
 
 
@@ -121,6 +127,7 @@ def samples(shard: str) -> Iterator[Sample]:
     except OSError as error:
         raise ShardError(f"cannot read shard {display(shard)}: {error.strerror or error}") from None
     key, parts, done = None, {}, None  # done: the last sample read whole
+    seen: set[str] = set()  # every key read whole: one coming back means the members are not grouped
     try:
         with stream, tarfile.open(fileobj=stream, mode="r|*") as archive:
             for member in archive:
@@ -128,7 +135,13 @@ def samples(shard: str) -> Iterator[Sample]:
                 if not member.isfile() or member.name.rpartition("/")[2].startswith("."):
                     continue  # folders, links, hidden files (macOS ._ files)
                 if member_key != key and key is not None:
+                    if member_key in seen:
+                        raise ShardError(
+                            f"{display(shard)} is not grouped by key: {display(member.name)} comes after sample "
+                            f"{display(key)}, away from the rest of sample {display(member_key)}; WebDataset needs "
+                            "each sample's files side by side: write the shard again with tar --sort=name")
                     yield _sample(key, parts)
+                    seen.add(key)
                     done, parts = key, {}
                 key = member_key
                 if extension not in WANTED:

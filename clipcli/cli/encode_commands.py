@@ -121,8 +121,8 @@ def encode(
         encode_partitioned(inputs, output, lambda text=False: load(model, arch, device, precision, threads, quiet,
                                                                     towers=("image", "text") if text else ("image",)),
                            run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode),
-                           normalize=not no_normalize, partition_size=partition_size, rank=rank, world=world,
-                           captions=captions, quiet=quiet)
+                           normalize=not no_normalize, dtype=dtype.value, partition_size=partition_size, rank=rank,
+                           world=world, captions=captions, quiet=quiet)
     if not text and not inputs:
         raise InputError("nothing to encode: give images, folders or list files, or --text FILE")
     from ..webdataset import SHARD
@@ -165,8 +165,9 @@ def encode(
 # --------------------------------------------------------------------------- partitions
 
 
-def encode_partitioned(inputs: list[str], output: str, loaded_model, run, *, normalize: bool, partition_size: int,
-                       rank: Optional[int], world: Optional[int], captions: bool, quiet: bool) -> None:
+def encode_partitioned(inputs: list[str], output: str, loaded_model, run, *, normalize: bool, dtype: str,
+                       partition_size: int, rank: Optional[int], world: Optional[int], captions: bool,
+                       quiet: bool) -> None:
     """Encode this process's partitions (of files, or one per WebDataset shard) and report on
     stderr, each line prefixed with the rank when there are several; exits 0 when only some
     images failed (torchrun ends every rank when one exits non-zero), non-zero only for
@@ -189,17 +190,19 @@ def encode_partitioned(inputs: list[str], output: str, loaded_model, run, *, nor
     with Reporter(mine, "images", quiet, prefix=prefix, bar=part.rank == 0 and shards is None) as report:
         if shards is None:
             outcome = encode_partitions(loaded_model(), items, output, partition_size=partition_size, part=part,
-                                        normalize=normalize, run=run, on_result=report.done)
+                                        normalize=normalize, dtype=dtype, run=run, on_result=report.done)
         else:
             outcome = encode_shards(loaded_model(captions), shards, output, part=part, normalize=normalize,
-                                    captions=captions, run=run, on_result=report.done)
+                                    captions=captions, dtype=dtype, run=run, on_result=report.done)
         report.summary("encoded")
         report.message(f"partitions: {outcome['done']} written, {outcome['skipped']} already done, "
                        f"of {outcome['partitions']} in {output}")
-        if outcome["summary"] is not None:
-            counts = ", ".join(f"{v} {k}" for k, v in outcome["summary"].items() if k not in ("partitions", "total"))
-            report.message(f"all {outcome['partitions']} partitions are done: {outcome['summary']['total']} images "
-                           f"({counts}); _summary.json written")
+        summary = outcome["summary"]
+        if summary is not None:
+            every = "the partition is" if summary["partitions"] == 1 else f"all {summary['partitions']} partitions are"
+            failed = f"; {summary['error']} failed, listed in failed/" if summary["error"] else ""
+            report.message(f"{every} done: {summary['ok']} of {summary['total']} inputs embedded{failed}; "
+                           "_summary.json written")
     raise typer.Exit(0)
 
 
