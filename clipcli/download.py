@@ -210,7 +210,7 @@ def _reuse_openai_cache(info: ModelInfo, cache: Path, log: Log, settings: Downlo
                 os.link(source, tmp)
                 how = "linked"
             except OSError:
-                check_free_space(cache, source.stat().st_size, info.name, settings)
+                check_free_space(cache, source.stat().st_size, info.file, settings)
                 shutil.copyfile(source, tmp)
                 if sha256_file(tmp) != info.sha256:
                     raise DownloadError(f"the copy in {cache} does not match {info.sha256}") from None
@@ -223,6 +223,13 @@ def _reuse_openai_cache(info: ModelInfo, cache: Path, log: Log, settings: Downlo
         return source
     log(f"{info.name}: {how} {source} (OpenAI's cache) to {dest}")
     return dest
+
+
+def _unnamed(name: str, error: DownloadError) -> str:
+    """A source's error without the model name it may open with (``NAME from URL ...``): the
+    line it goes into has said the name already."""
+    text = str(error)
+    return text[len(name) + 1:].removeprefix("from ") if text.startswith(f"{name} ") else text
 
 
 def _not_cached(info: ModelInfo, cache: Path, reason: str) -> str:
@@ -252,8 +259,8 @@ def fetch_model(info: ModelInfo, cache_dir: str | os.PathLike | None = None, *, 
         except DownloadError as error:
             failures.append((label, error))
             if not isinstance(error, OfflineError):
-                log(f"{info.name}: {label}: {error}")
-    reason = "; ".join(f"{label}: {error}" for label, error in failures)
+                log(f"{info.name}: {label}: {_unnamed(info.name, error)}")
+    reason = "; ".join(f"{label}: {_unnamed(info.name, error)}" for label, error in failures)
     if not os.environ.get("CLIPCLI_MIRROR"):
         reason += "; CLIPCLI_MIRROR: not set"
     error_type = OfflineError if all(isinstance(e, OfflineError) for _, e in failures) else DownloadError

@@ -27,7 +27,7 @@ from .config import (  # noqa: F401 (config_to_json, config_from_json, METADATA_
     config_to_json,
     normalized,
 )
-from .errors import CheckpointError
+from .errors import CheckpointError, Reason
 from .model import CLIP
 
 # Entries of the released TorchScript files that are metadata, not parameters.
@@ -117,10 +117,11 @@ def assumption_note(config: CLIPConfig, source: str) -> str | None:
     kind = "resnet" if config.vision_patch_size is None else "vit"
     if config.vision_width in _OPENAI_WIDTHS[kind] and config.transformer_width in _OPENAI_WIDTHS["text"]:
         return None
-    return (f"{source} has no config and its widths (vision {config.vision_width}, text "
-            f"{config.transformer_width}) are not one of OpenAI's models: assuming 64-wide attention heads "
-            "and QuickGELU as OpenAI's; if it is an OpenCLIP model, name its architecture (arch=, "
-            "e.g. ViT-H-14/laion2b_s32b_b79k) or put its open_clip_config.json beside it")
+    return Reason(f"{source} has no config and its widths (vision {config.vision_width}, text "
+                  f"{config.transformer_width}) are not one of OpenAI's models: assuming 64-wide attention heads "
+                  "and QuickGELU as OpenAI's; if it is an OpenCLIP model, give its architecture (the arch "
+                  "parameter, e.g. ViT-H-14/laion2b_s32b_b79k) or put its open_clip_config.json beside it",
+                  fix="arch")
 
 
 # --------------------------------------------------------------------------- config <-> metadata

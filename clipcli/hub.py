@@ -8,7 +8,11 @@ downloads what is missing (resumable, locked, tokens for gated repositories); we
 the file's sha256 against the hub's LFS hash (the blob's name), so a file is never used
 unverified after a download. ``CLIPCLI_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``: the cache only.
 
-Every failure is one :class:`~clipcli.errors.DownloadError` line; nothing here prints.
+A hub that cannot be reached fails at once: each download first asks for the file with one
+HEAD request without retries (``hf_hub_download`` alone retries a refused connection for about
+25 s before giving up on a file that is not cached). A file neither cached nor to be had is a
+:class:`NotCachedError`, which :func:`looking_for` rewords to name the model and every file
+looked for. Every failure is one :class:`~clipcli.errors.DownloadError` line; nothing here prints.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -41,8 +46,16 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
+OFFLINE_SWITCHES = ("CLIPCLI_OFFLINE", "HF_HUB_OFFLINE")
+
+
 def offline() -> bool:
-    return env_flag("CLIPCLI_OFFLINE") or env_flag("HF_HUB_OFFLINE")
+    return any(map(env_flag, OFFLINE_SWITCHES))
+
+
+def endpoint() -> str | None:
+    """``$HF_ENDPOINT``, read now (huggingface_hub reads it once, at import); None: its default."""
+    return os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or None
 
 
 def parse_name(name: str) -> tuple[str, str | None] | None:
@@ -94,12 +107,92 @@ def _one_line(error: BaseException) -> str:
     return text[0] if text else type(error).__name__
 
 
+# --------------------------------------------------------------------------- not cached
+
+
+class NotCachedError(OfflineError):
+    """Hub files that are not in the Hugging Face cache and cannot be downloaded now: offline
+    by choice (``reason`` None) or the hub unreachable (``reason`` says how). Made by
+    :func:`not_cached`; ``repo``, ``files`` and ``reason`` let :func:`looking_for` say it again
+    for the whole model."""
+
+    repo: str = ""
+    files: tuple[str, ...] = ()
+    reason: str | None = None
+
+
+def _either(names: Sequence[str]) -> str:
+    """``a``, ``a or b``, ``a, b or c``."""
+    names = list(dict.fromkeys(names))
+    return "".join(names) if len(names) < 2 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def not_cached(repo: str, files: Sequence[str], reason: str | None, name: str | None = None) -> NotCachedError:
+    """The one line for model ``name`` (default ``hf-hub:REPO``) whose ``files`` are not in the
+    cache: where the cache is, what was looked for, and the hub's state and the switches that
+    decide whether it is asked."""
+    name = name or f"{PREFIX}{repo}"
+    whose = "" if repo in name else f" of {repo}"
+    missing = f"not in the Hugging Face cache ({cache_dir()}: no {_either(files)}{whose})"
+    if reason is None:
+        switch = next((s for s in OFFLINE_SWITCHES if env_flag(s)), OFFLINE_SWITCHES[0])
+        text = f"{name} is {missing}, and {switch} is set: the hub is not asked"
+    else:
+        text = (f"{name}: cannot reach the Hugging Face hub ({reason}) and it is {missing}; "
+                "CLIPCLI_OFFLINE=1 or HF_HUB_OFFLINE=1 uses only the cache, without trying the hub")
+    error = NotCachedError(text)
+    error.repo, error.files, error.reason = repo, tuple(files), reason
+    return error
+
+
+@contextlib.contextmanager
+def looking_for(name: str, repo: str, files: Sequence[str]):
+    """Within: a :class:`NotCachedError` names model ``name`` and all of ``files`` (read when
+    it is raised: a list may still grow), not just the one file whose download failed."""
+    try:
+        yield
+    except NotCachedError as error:
+        raise not_cached(repo, list(files) or error.files, error.reason, name=name) from None
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub's HTTP library raises when the hub does not answer (refused, no
+    route, no DNS, a timeout, a failing proxy): httpx2's, httpx's or requests', whichever it
+    imported (it changed with its versions), and the built-in ones."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
+                          ("requests", ("ConnectionError", "Timeout"))):
+        library = sys.modules.get(module)
+        errors += [getattr(library, n) for n in names if isinstance(getattr(library, n, None), type)]
+    return tuple(errors)
+
+
+def _ask(repo: str, filename: str, revision: str | None) -> None:
+    """One HEAD request for ``filename``, without huggingface_hub's retries, so that a hub that
+    cannot be reached fails now (:class:`NotCachedError`). An answer, even an error, is left to
+    ``hf_hub_download``, which retries the transient ones."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from . import __version__
+
+    url = hf_hub_url(repo, filename, revision=revision, endpoint=endpoint())
+    try:
+        get_hf_file_metadata(url, library_name="clipcli", library_version=__version__)
+    except _connection_errors() as error:
+        raise not_cached(repo, (filename,), f"{endpoint() or constants.ENDPOINT}: {_one_line(error)}") from None
+    except HfHubHTTPError:
+        pass  # the hub answered: hf_hub_download asks again, retrying what is transient (5xx, 429)
+
+
+# --------------------------------------------------------------------------- downloading
+
+
 def download(repo: str, filename: str, revision: str | None = None, *, bars: bool = False) -> Path:
     """``filename`` from hub ``repo`` into the Hugging Face cache (resumed if interrupted),
     sha256-verified. Raises :class:`FileNotFoundError` when the repository has no such file."""
     if offline():
-        raise OfflineError(f"{repo}/{filename} is not in the Hugging Face cache ({cache_dir()}) "
-                           "and CLIPCLI_OFFLINE/HF_HUB_OFFLINE forbid downloading it")
+        raise not_cached(repo, (filename,), None)
     from huggingface_hub import errors as hf
     from huggingface_hub import hf_hub_download
 
@@ -107,8 +200,8 @@ def download(repo: str, filename: str, revision: str | None = None, *, bars: boo
 
     try:
         with _progress_bars(bars):
-            path = Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir(),
-                                        endpoint=os.environ.get("HF_ENDPOINT") or None,  # read now, not at import
+            _ask(repo, filename, revision)
+            path = Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir(), endpoint=endpoint(),
                                         library_name="clipcli", library_version=__version__))
     except hf.GatedRepoError:
         raise DownloadError(f"hub repository {repo} is gated: accept its terms on its hub page, then log in "
@@ -119,11 +212,11 @@ def download(repo: str, filename: str, revision: str | None = None, *, bars: boo
     except hf.RevisionNotFoundError:
         raise UnknownModelError(f"hub repository {repo} has no revision {revision!r}") from None
     except hf.LocalEntryNotFoundError as error:  # a subclass of EntryNotFoundError: first
-        raise OfflineError(f"cannot download {repo}/{filename}: the hub cannot be reached and it is not "
-                           f"in the cache ({_one_line(error)})") from None
+        # the hub answered _ask, then stopped answering (huggingface_hub retried it)
+        raise not_cached(repo, (filename,), _one_line(error.__cause__ or error)) from None
     except hf.EntryNotFoundError:
         raise FileNotFoundError(filename) from None
-    except (hf.HfHubHTTPError, OSError, ValueError) as error:
+    except (hf.HfHubHTTPError, OSError, ValueError, *_connection_errors()) as error:
         raise DownloadError(f"cannot download {repo}/{filename}: {_one_line(error)}") from None
     verify(path)
     return path

@@ -158,19 +158,29 @@ def _folder_source(folder: Path, name: str) -> ModelSource:
 
 
 def _hub_source(name: str, repo: str, revision: str | None, bars: bool) -> ModelSource:
-    """A hub repository in either layout: whole in the HF cache (no network), else from the hub."""
+    """A hub repository in either layout: whole in the HF cache (no network), else from the hub.
+    The files the cache lacks are what an offline or unreachable hub's error names (for a
+    transformers repository, both configs: not just the OpenCLIP one asked for first)."""
+    missing: list[str] = []
+
     def cached(filename: str) -> Path | None:
-        return hub.cached_file(repo, filename, revision)
+        path = hub.cached_file(repo, filename, revision)
+        if path is None:
+            missing.append(filename)
+        return path
 
     source = _layout_source(name, cached, _first_of(cached))
-    if source is None and not hub.offline():
+    if source is not None:
+        return source
+    if hub.offline():
+        raise hub.not_cached(repo, missing or (OPEN_CLIP_CONFIG, TRANSFORMERS_CONFIG), None, name=name)
+    with hub.looking_for(name, repo, missing):
         source = _layout_source(name, lambda f: hub.optional_file(repo, f, revision, bars=bars),
                                 lambda files: hub.first_file(repo, files, revision, bars=bars))
     if source is None:
-        where = "the Hugging Face cache" if hub.offline() else "the hub or the Hugging Face cache"
         raise CheckpointError(
-            f"{name}: {where} ({hub.cache_dir()}) holds no OpenCLIP ({OPEN_CLIP_CONFIG} + weights) or "
-            f"transformers ({TRANSFORMERS_CONFIG} + weights) model for {repo}"
+            f"{name}: neither the hub nor the Hugging Face cache ({hub.cache_dir()}) holds an OpenCLIP "
+            f"({OPEN_CLIP_CONFIG} + weights) or transformers ({TRANSFORMERS_CONFIG} + weights) model in this repository"
         )
     return source
 
@@ -225,7 +235,8 @@ def resolve(name: str | os.PathLike, *, arch: str | None = None, cache_dir: str 
         path = cached or model_file(info.name, cache_dir=cache_dir, feedback=feedback)
         return ModelSource(text, (path,), registry.openai_hints(info), described=True)
     if pretrained is not None:
-        weights = hub.first_file(pretrained.hf_repo, pretrained.files, bars=bars)
+        with hub.looking_for(text, pretrained.hf_repo, pretrained.files):
+            weights = hub.first_file(pretrained.hf_repo, pretrained.files, bars=bars)
         if weights is None:
             raise CheckpointError(f"{text}: hub repository {pretrained.hf_repo} has none of "
                                   f"{', '.join(pretrained.files)}")

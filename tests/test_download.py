@@ -519,6 +519,18 @@ def test_no_network_is_offline(fake_model, cache, monkeypatch, capsys):
     assert capsys.readouterr().err == ""  # the exception is the one line; nothing said before it
 
 
+def test_a_failed_source_does_not_repeat_the_model_name(server, fake_model, cache, said):
+    """``Fake/1 ... could not be downloaded: OpenAI: URL does not match``, not ``OpenAI: Fake/1 from URL``."""
+    server.add(openai_path(fake_model), PAYLOAD[::-1])  # the right size, the wrong bytes
+    with pytest.raises(DownloadError) as caught:
+        model_file("Fake/1", feedback=Feedback(log=said.append))
+    message, url = str(caught.value), server.url(openai_path(fake_model))
+    assert message.startswith(f"Fake/1 is not in the cache ({cache}) and could not be downloaded: OpenAI: {url} "
+                              f"does not match its sha256: expected {SHA}, got ")
+    assert message.count("Fake/1") == 2  # the model, and the command that downloads it
+    assert said[-1].startswith(f"Fake/1: OpenAI: {url} does not match its sha256")
+
+
 def test_all_sources_failing_is_a_download_error(server, fake_model, cache, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", server.base)  # 404 for the hub too
     with pytest.raises(DownloadError) as caught:
