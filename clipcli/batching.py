@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 from .errors import ItemError, Reason
 from .http import FetchOptions
-from .images import DecodeOptions, pillow_limits, read_image
+from .images import DecodeOptions, pillow_limits, read_image, to_rgb
 from .items import Item
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -102,7 +102,8 @@ def run_batches(encode: Callable, inputs: "torch.Tensor", normalize: bool) -> li
 
 
 def _thumbnail(image: "Image.Image") -> "Image.Image":
-    thumb = image.copy()
+    thumb = to_rgb(image)  # an exact decode keeps the file's mode (P, RGBA, I;16): shown on white
+    thumb = image.copy() if thumb is image else thumb
     thumb.thumbnail((THUMBNAIL_SIZE * 2, THUMBNAIL_SIZE * 2))
     return thumb
 

@@ -1,4 +1,4 @@
-"""Decoding images: one :class:`~clipcli.items.Item` -> an upright RGB ``PIL.Image``.
+"""Decoding images: one :class:`~clipcli.items.Item` -> an upright ``PIL.Image``, RGB by default.
 
 Decoding is deliberately narrow: only the formats in :data:`IMAGE_FORMATS` are opened
 (Pillow's ``formats=``), the pixel count is checked from the header before any pixel is
@@ -39,6 +39,16 @@ class DecodeOptions:
     With ``draft_size`` (and not ``exact``), a JPEG is decoded at the smallest DCT scale
     (1/2, 1/4, 1/8) that still leaves both sides at least ``draft_size`` pixels; the exact
     bicubic resize then runs on that. The pipeline sets it to twice the model's resolution.
+
+    ``exact`` (``--exact-decode``) decodes at full size and leaves the image in the file's own
+    mode (P, RGBA, LA, L, 1, I;16, CMYK, ...), so that the transform (``Preprocess`` or
+    ``image_transform``) resizes it in that mode and converts it to RGB after the crop, exactly
+    as OpenAI's and OpenCLIP's transforms do with ``Image.open(path)``: Pillow resizes P and 1
+    images with nearest neighbour whatever is asked, ``convert("RGB")`` drops alpha (transparent
+    pixels show their stored colour, often black) and clips 16-bit values above 255. By default
+    the image is converted first, by :func:`to_rgb`: alpha composited on white, 16-bit grey
+    scaled to 8 bits, then the bicubic resize runs on RGB. Both paths apply the EXIF orientation,
+    which the reference transforms do not.
     """
 
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -137,10 +147,14 @@ def _reason(error: BaseException, allow_truncated: bool) -> Reason:
 
 
 def to_rgb(image: "Image.Image") -> "Image.Image":
-    """An RGB copy of ``image`` in any Pillow mode.
+    """An RGB copy of ``image`` in any Pillow mode: the default decoding, before any resize.
 
-    Transparency is composited on white; 16- and 32-bit greyscale is scaled to 8 bits
-    (not clipped to white); everything else uses Pillow's conversion.
+    Transparency (an alpha band, or the ``transparency`` of a palette or greyscale image; an RGB
+    image's transparent colour is ignored) is composited on white, so that a transparent logo is
+    seen on white as a viewer shows it, not on whatever colour its transparent pixels store; 16-
+    and 32-bit greyscale is scaled to 8 bits (not clipped to white); everything else uses
+    Pillow's conversion. The reference transforms convert after resizing and drop alpha instead;
+    ``DecodeOptions(exact=True)`` skips this function to match them.
     """
     from PIL import Image
 
@@ -189,7 +203,9 @@ def _upright(image: "Image.Image") -> "Image.Image":
 
 
 def decode_image(fp: BinaryIO, options: DecodeOptions = DecodeOptions(), content_type: str | None = None) -> "Image.Image":
-    """Decode the first frame of an image file object into an upright RGB image.
+    """Decode the first frame of an image file object into an upright image: RGB
+    (:func:`to_rgb`), or in the file's own mode with ``options.exact`` (the transform converts
+    it after resizing, as the reference does).
 
     Raises :class:`ItemError` with a specific reason for any malformed, unsupported,
     truncated or oversized input; nothing Pillow raises on bad data escapes.
@@ -214,7 +230,8 @@ def decode_image(fp: BinaryIO, options: DecodeOptions = DecodeOptions(), content
         if options.draft_size and not options.exact and image.format == "JPEG":
             image.draft(image.mode, (options.draft_size, options.draft_size))
         image.load()
-        return to_rgb(_upright(image))
+        image = _upright(image)
+        return image if options.exact else to_rgb(image)
     except ItemError:
         raise
     except (Image.DecompressionBombError, OSError, SyntaxError, ValueError, MemoryError, NotImplementedError,
@@ -235,7 +252,8 @@ def _local_failure(path: str, error: OSError) -> str:
 
 
 def read_image(item: Item, decode: DecodeOptions = DecodeOptions(), fetch: FetchOptions = FetchOptions()) -> "Image.Image":
-    """The item's image as upright RGB, or :class:`ItemError` with the reason."""
+    """The item's image, upright (RGB unless ``decode.exact``; see :func:`decode_image`), or
+    :class:`ItemError` with the reason."""
     if item.error:
         raise ItemError(item.error)
     if item.data is not None:

@@ -24,7 +24,12 @@ There are two implementations of that one transform, bit-identical on PIL images
 image already at that size is not resampled, crop offsets are ``int(round((n - r) / 2.0))``,
 an image smaller than the crop is zero-padded by ``(r - n) // 2`` before (which Pillow's
 ``crop`` does when the box reaches outside the image), and ``ToTensor`` and ``Normalize`` are
-the same float32 operations in the same order.
+the same float32 operations in the same order. Like torchvision's ``Compose``, it resizes and
+crops the image in its own mode and converts to RGB only then: Pillow resizes P and 1 images with
+nearest neighbour and RGBA and LA with premultiplied alpha, and the conversion drops alpha. Images
+decoded with ``--exact-decode`` arrive in their file's mode and so match the reference for every
+mode; by default decoding has already made them RGB (alpha on white, see
+:func:`clipcli.images.to_rgb`).
 """
 
 from __future__ import annotations

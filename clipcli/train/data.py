@@ -114,7 +114,9 @@ class PairDataset(torch.utils.data.Dataset):
 
         pair = self.pairs[index]
         path = str(pair.image)
-        try:  # the guarded decoding inference uses: no FIFOs, the pixel cap, EXIF orientation, alpha
+        # The guarded decoding inference uses (no FIFOs, the pixel cap, EXIF orientation), at full
+        # size and in the file's own mode, converted after the crop as open_clip's training does.
+        try:
             pixels = self.transform(read_image(Item(name=path, path=path), DecodeOptions(exact=True)))
         except ItemError as error:
             return None, path, str(error)
