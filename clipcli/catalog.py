@@ -1,12 +1,15 @@
 """What ``clipcli models`` lists: every registry entry, its facts, and whether it is cached.
 
 Cheap and read-only: no torch, no network. OpenAI's nine are looked for in clipcli's cache
-(:func:`clipcli.cache.cache_listing`), OpenCLIP's in the Hugging Face cache.
+(:func:`clipcli.cache.cache_listing`), OpenCLIP's in the Hugging Face cache. :func:`cells` and
+:func:`fitting_columns` give the short text of the table that ``clipcli models`` prints.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Sequence
 
 from . import hub, registry
 
@@ -42,3 +45,42 @@ def catalog(cache_dir: str | os.PathLike | None = None) -> list[dict]:
                       "url": f"https://huggingface.co/{entry.hf_repo}", "family": entry.family,
                       "license": entry.license, "imagenet_top1": entry.imagenet_top1})
     return named + downloads
+
+
+# --------------------------------------------------------------------------- the table's text
+
+COLUMNS = ("name", "family", "params", "res", "dim", "licence", "top-1", "cached")
+OPTIONAL = ("dim", "res", "family", "params", "top-1", "licence")  # left out first to last on a narrow terminal
+
+
+def where_cached(path: str | None) -> str:
+    """A short answer to "is it cached, and where": ``no``, ``HF`` (the Hugging Face cache) or
+    ``clipcli`` (clipcli's cache). The full path is in the record (``--format json``)."""
+    if path is None:
+        return "no"
+    return "HF" if Path(path).is_relative_to(hub.cache_dir()) else "clipcli"
+
+
+def cells(record: dict) -> dict[str, str]:
+    """One catalog record as the text of its table row, keyed by :data:`COLUMNS`; ``-`` where
+    a fact is not known (a file downloaded by URL)."""
+    params, top1 = record["parameters"], record["imagenet_top1"]
+    return {"name": record["name"], "family": record["family"] or "-",
+            "params": f"{params / 1e6:,.0f}M" if params else "-",
+            "res": str(record["input_resolution"] or "-"), "dim": str(record["embed_dim"] or "-"),
+            "licence": record["license"] or "-",
+            "top-1": f"{top1:.1f}" if top1 else "-", "cached": where_cached(record["path"])}
+
+
+def fitting_columns(rows: Sequence[dict[str, str]], width: int, *, per_column: int = 3, edges: int = 1) -> tuple[str, ...]:
+    """The :data:`COLUMNS` whose widest cells (or headers) fit in ``width`` characters, leaving
+    out :data:`OPTIONAL` ones in its order until they do; ``name`` and ``cached`` always stay,
+    so names are never cut. Each column costs ``per_column`` more (a rich box: a rule and
+    two spaces of padding), the table ``edges`` more (the closing rule)."""
+    widest = {c: max([len(c), *(len(row[c]) for row in rows)]) for c in COLUMNS}
+    shown = list(COLUMNS)
+    for column in OPTIONAL:
+        if sum(widest[c] + per_column for c in shown) + edges <= width:
+            break
+        shown.remove(column)
+    return tuple(shown)

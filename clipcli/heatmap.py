@@ -51,6 +51,12 @@ def _square(image: "Image.Image", size: int) -> "Image.Image":
     return image.crop((left, top, left + side, top + side)).resize((size, size))
 
 
+def cell_text(value: float) -> str:
+    """A cell's value to two decimals; one that rounds to zero reads ``0.00``, never ``-0.00``."""
+    text = f"{value:.2f}"
+    return "0.00" if text == "-0.00" else text
+
+
 def colour_range(cosine: "np.ndarray") -> tuple[float, float]:
     """The data's range, at least 0.05 wide (the CLIP notebook fixed 0.1..0.3, where released
     models' cosines lie; other checkpoints need the range of their own values)."""
@@ -133,7 +139,7 @@ def render(
             for x in range(cols):
                 value = cosine[y, x]
                 colour = "white" if norm(value) < 0.5 else "black"
-                axes.text(x, y, f"{value:.2f}", ha="center", va="center", fontsize=value_size, color=colour)
+                axes.text(x, y, cell_text(value), ha="center", va="center", fontsize=value_size, color=colour)
 
     top = -0.5
     if show_thumbs:

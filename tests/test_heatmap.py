@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 
@@ -83,3 +84,18 @@ def test_renders_headless_without_pyplot():
         "assert 'matplotlib.pyplot' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={"MPLBACKEND": "", "PATH": ""})
+
+
+@pytest.mark.parametrize("value, text", [
+    (-0.001, "0.00"), (-0.0049, "0.00"), (-0.0, "0.00"), (0.0, "0.00"), (0.004, "0.00"),
+    (-0.005001, "-0.01"), (-0.3, "-0.30"), (0.456, "0.46"), (1.0, "1.00"),
+])
+def test_cell_text_never_shows_minus_zero(value, text):
+    assert heatmap.cell_text(value) == text
+
+
+def test_tiny_negative_cells_read_zero_in_the_figure():
+    data, _ = render(np.array([[-0.001, 0.2], [0.004, -0.3]]), texts=["a", "b"], images=["x", "y"], fmt="svg")
+    drawn = re.findall(r"<!-- (.*?) -->", data.decode())  # every string drawn, in order
+    assert drawn[drawn.index("b") + 1:][:4] == ["0.00", "0.20", "0.00", "-0.30"]
+    assert "-0.00" not in drawn

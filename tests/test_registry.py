@@ -169,3 +169,18 @@ def test_names_of_open_clip_weights():
     assert find_pretrained("ViT-L-14/laion2b_s32b_b82k").hints["image_mean"] == (0.5, 0.5, 0.5)
     assert find_pretrained("ViT-B-32-quickgelu/laion2b_s34b_b79k") is None  # GELU weights: no QuickGELU alias
     assert find_pretrained("ViT-B-32/nonsense") is None
+
+
+LICENCES = {  # as the model cards state them; open_clip's own trainings are MIT like open_clip
+    "LAION-400M": "MIT", "LAION-2B": "MIT", "DataComp": "MIT", "CommonPool": "MIT", "YFCC-15M": "MIT",
+    "CC12M": "MIT", "DFN-2B": "apple-ascl", "DFN-5B": "apple-ascl", "MetaCLIP": "CC-BY-NC-4.0",
+}
+
+
+def test_every_weights_entry_carries_its_model_cards_licence():
+    from clipcli.registry import openai_facts, pretrained
+
+    assert {entry.name: entry.license for entry in pretrained()} == {
+        entry.name: LICENCES[entry.family] for entry in pretrained()}
+    assert {openai_facts(info)["license"] for info in MODELS} == {"MIT"}
+    assert pretrained()[0].name == "RN50/yfcc15m" and pretrained()[0].license == "MIT"
