@@ -5,7 +5,7 @@
   after changing 1% of the files.
 - ``search``: 1,000,000 random unit 512-d vectors stored for a random-weight ViT-B-32; the
   first search (which builds the contiguous vector cache), then per-query time in process,
-  and a whole ``clipcli search`` process against a whole ``clipcli encode --text`` of one
+  and a whole ``clipcli search`` process against a whole ``clipcli encode --text-file`` of one
   caption (the same start-up and model load, without the search).
 - ``throughput``: ``clipcli index`` against ``clipcli encode`` of the same 200 photos near
   640x480 with a random-weight ViT-B-32, alternating, best of ``--rounds``.
@@ -144,7 +144,7 @@ def bench_search(work: Path, count: int, queries: int = 7) -> dict:
     search = clipcli("search", "a photo of a cat", "--db", str(db), "-m", model, "--device", "cpu", "--format", "json")
     captions = work / "caption.txt"
     captions.write_text("a photo of a cat\n")
-    encode = clipcli("encode", "--text", str(captions), "-m", model, "--device", "cpu", "-o", "-", "-q")
+    encode = clipcli("encode", "--text-file", str(captions), "-m", model, "--device", "cpu", "-o", "-", "-q")
     whole = [(measured(search), measured(encode)) for _ in range(3)]
     return {"vectors": count, "first_search_s": first, "query_ms_median": 1000 * float(np.median(times)),
             "query_ms": [1000 * t for t in times], "whole_search_s": min(w[0][0] for w in whole),

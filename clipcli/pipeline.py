@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -166,11 +167,13 @@ class LoadedModel:
 
 def load_model(name: str, device: str = "auto", precision: str | None = None,
                towers: Sequence[str] = ("image", "text"), threads: int | None = None,
-               arch: str | None = None, feedback: Feedback = SILENT) -> LoadedModel:
+               arch: str | None = None, cache_dir: str | os.PathLike | None = None,
+               feedback: Feedback = SILENT) -> LoadedModel:
     """Resolve a model name, folder or checkpoint (see :mod:`clipcli.loading`) and load it
     with only the ``towers`` the run needs (``encode`` of images never reads the text
     tower's weights). ``threads`` sets torch's CPU threads for this process (default:
-    torch's choice, one per core); a download reports to ``feedback``."""
+    torch's choice, one per core); a download goes to ``cache_dir`` (default: clipcli's cache)
+    and reports to ``feedback``."""
     import torch
 
     from .loading import load, resolve
@@ -183,7 +186,7 @@ def load_model(name: str, device: str = "auto", precision: str | None = None,
     if torch_device.type == "cuda":  # or this process's pinned memory and context land on GPU 0 too
         torch.cuda.set_device(torch_device)
     dtype = resolve_dtype(precision, torch_device)
-    source = resolve(name, arch=arch, feedback=feedback)
+    source = resolve(name, arch=arch, cache_dir=cache_dir, feedback=feedback)
     model, note = load(source, torch_device, dtype, towers)
     return LoadedModel(model, _preprocess_for(model), str(name), source, torch_device, dtype,
                        notes=[note] if note else [])

@@ -84,6 +84,18 @@ class EncodeResult:
     records: list[dict]
     outputs: list[str]
     failed: int
+    resumed: int = 0  # inputs that came from the journal of an interrupted run
+    complete: bool = False  # with resume: the output was finished before, nothing was done
+
+
+def is_complete(output: str | os.PathLike | None) -> bool:
+    """Whether ``output`` (``.npy``/``.npz``) is a finished run: its files exist and no journal
+    is left (a run removes its journal once the outputs are written)."""
+    from .journal import journal_path
+
+    target, outputs = encode_target(output)
+    return (target in ("npy", "npz") and all(os.path.isfile(path) for path in outputs)
+            and not os.path.exists(journal_path(output)))
 
 
 def encode(
@@ -116,6 +128,8 @@ def encode(
     target, outputs = encode_target(output)
     if resume and target not in ("npy", "npz"):
         raise InputError("resuming needs an .npy or .npz output")
+    if resume and not overwrite and is_complete(output):
+        return EncodeResult([], outputs, 0, complete=True)
     ensure_writable(outputs, overwrite)
     lock = exclusive_lock(output) if target != "stdout" and not locked else contextlib.nullcontext()
     with lock:
@@ -197,7 +211,7 @@ def _encode(loaded, items, texts, target, output, outputs, normalize, store, tru
         _write_outputs(target, output, outputs, matrix, records, key, loaded, overwrite, normalize)
         if journal is not None:
             journal.remove()
-    return EncodeResult(records if target != "stdout" else [], outputs, failed)
+    return EncodeResult(records if target != "stdout" else [], outputs, failed, resumed=done)
 
 
 def _write_outputs(target, output, outputs, matrix, records, key, loaded, overwrite, normalized) -> None:
@@ -228,7 +242,7 @@ def _write_outputs(target, output, outputs, matrix, records, key, loaded, overwr
 # --------------------------------------------------------------------------- index
 
 def update_index(index, inputs: Sequence[str], model: str, load: Callable[[], "LoadedModel"], *,
-                 arch: str | None = None, run: RunOptions = RunOptions(),
+                 arch: str | None = None, cache_dir: str | os.PathLike | None = None, run: RunOptions = RunOptions(),
                  on_result: Callable[[str, str | None], None] | None = None, feedback: Feedback = SILENT):
     """Bring ``index`` (:class:`clipcli.index.Index`) up to date for ``inputs`` with ``model``.
 
@@ -240,7 +254,7 @@ def update_index(index, inputs: Sequence[str], model: str, load: Callable[[], "L
     from .indexing import update
     from .loading import resolve, source_key
 
-    key = source_key(resolve(model, arch=arch, feedback=feedback))
+    key = source_key(resolve(model, arch=arch, cache_dir=cache_dir, feedback=feedback))
 
     def embed(loaded, items):
         return embed_images(loaded, items, normalize=True, **run.for_device(loaded.device).pipeline_kwargs())

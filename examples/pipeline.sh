@@ -21,7 +21,7 @@ clipcli classify "$here/images" -m "$model" --labels-file "$here/labels.txt" --t
 
 echo "== embeddings of every photo and every caption" >&2
 clipcli encode "$here/images" -m "$model" -o "$out/images.npy" --overwrite
-clipcli encode --text "$here/captions.txt" -m "$model" -o "$out/captions.npz" --overwrite
+clipcli encode --text-file "$here/captions.txt" -m "$model" -o "$out/captions.npz" --overwrite
 
 echo "== photos listed on stdin, similarity heatmap" >&2
 ls "$here"/images/*.jpg "$here"/images/*.png \

@@ -15,7 +15,7 @@ labels="$("$python" -c 'from clipcli.train import shapes; print(",".join(shapes.
 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" clipcli train \
     --train-data "$work/data/train.csv" --val-data "$work/data/val.csv" --zeroshot-dir "$work/data/zeroshot" \
     --arch tiny --epochs 6 --batch-size 64 --lr 1e-3 --warmup 10 --workers 0 \
-    --out "$work/run" --overwrite "$@"
+    --output "$work/run" --overwrite "$@"
 
 clipcli classify "$work/data/zeroshot" --model "$work/run/last.safetensors" --labels "$labels" \
     --device cpu --format jsonl --quiet \

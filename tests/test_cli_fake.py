@@ -195,3 +195,147 @@ def test_usage_errors_are_one_line_and_exit_2(squares, args, code, message):
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     if message:
         assert result.stderr == message
+
+
+# ----------------------------------------------------------------------------- one vocabulary
+
+
+COMMANDS = ["classify", "similarity", "encode", "index", "search", "train", "models", "download", "convert"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_takes_h_and_its_usage_line_reads_plainly(command):
+    result = run(command, "-h")
+    assert result.exit_code == 0 and "Usage: " in result.stdout
+    usage = next(line for line in result.stdout.splitlines() if "Usage:" in line)
+    assert "{" not in usage and "......" not in usage
+
+
+def test_the_top_level_help_names_every_command():
+    result = run("-h")
+    summary = result.stdout.split("Usage:")[1].split("Options")[0]
+    assert result.exit_code == 0 and all(name in summary for name in COMMANDS)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["classify"], "error: Missing argument 'INPUTS'; see clipcli classify --help\n"),
+    (["encode", "sq", "--bogus"], "error: No such option: --bogus; see clipcli encode --help\n"),
+    (["nope"], "error: No such command 'nope'; see clipcli --help\n"),
+    (["encode", "sq", "--precision", "fp64"], None),
+    (["encode", "sq", "--dtype", "bf16", "-o", "x.npy"], None),
+    (["index", "sq", "--format", "yaml"], None),
+])
+def test_typer_usage_errors_are_one_line_too(squares, args, message):
+    result = run(*args)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    if message:
+        assert result.stderr == message
+
+
+def test_text_is_a_caption_and_text_file_a_file_in_encode_and_similarity(squares, tmp_path):
+    (tmp_path / "captions.txt").write_text("red\nblue\n")
+    literal = run("encode", "--text", "red", "--text", "blue", "-f", "jsonl", "-q")
+    from_file = run("encode", "--text-file", "captions.txt", "-f", "jsonl", "-q")
+    assert literal.exit_code == from_file.exit_code == 0 and literal.stdout == from_file.stdout
+    assert [json.loads(line)["text"] for line in literal.stdout.splitlines()] == ["red", "blue"]
+    similar = run("similarity", "sq/red.png", "--text-file", "captions.txt", "-f", "json")
+    assert json.loads(similar.stdout)["texts"] == ["red", "blue"]
+    # For one release, --text naming an existing file reads it, and says to use --text-file.
+    old = run("encode", "--text", "captions.txt", "-f", "jsonl")
+    assert old.stdout == literal.stdout and "use --text-file captions.txt" in old.stderr
+
+
+def test_number_types_take_either_spelling(squares, tmp_path):
+    for precision in ("fp32", "float32", "FP32"):
+        assert run("encode", "sq/red.png", "--precision", precision, "-f", "jsonl", "-q").exit_code == 0
+    for dtype in ("float16", "fp16"):
+        result = run("encode", "sq/red.png", "--dtype", dtype, "-o", f"{dtype}.npy", "-q", "-j", "0")
+        assert result.exit_code == 0 and np.load(tmp_path / f"{dtype}.npy").dtype == np.float16
+
+
+def test_classify_writes_its_records_to_output(squares, tmp_path):
+    result = run("classify", "sq/red.png", "-l", "red,green,blue", "-o", "labels.csv", "-q")
+    assert result.exit_code == 0 and result.stdout == ""
+    assert (tmp_path / "labels.csv").read_text().splitlines()[0] == "image,status,label,score,top,error"
+    again = run("classify", "sq/red.png", "-l", "red,green,blue", "-o", "labels.csv")
+    assert again.exit_code == 2 and "--overwrite" in again.stderr
+    jsonl = run("classify", "sq/red.png", "-l", "red,green,blue", "-o", "labels.jsonl", "-q")
+    assert jsonl.exit_code == 0 and json.loads((tmp_path / "labels.jsonl").read_text())["label"] == "red"
+    bad = run("classify", "sq/red.png", "-l", "red", "-o", "labels.txt")
+    assert bad.exit_code == 2 and "--output" in bad.stderr
+
+
+def test_the_encode_table_heads_its_path_column_image(squares):
+    table = run("encode", "sq/red.png", "-f", "table")
+    header = next(line for line in table.stdout.splitlines() if "status" in line)
+    assert table.exit_code == 0 and header.split("┃")[1].strip() == "image", table.stdout
+
+
+def test_resume_of_a_finished_run_says_so_and_a_resumed_run_counts_the_journal(squares, tmp_path, monkeypatch):
+    assert run("encode", "sq/red.png", "sq/blue.png", "-o", "emb.npy", "-q").exit_code == 0
+    done = run("encode", "sq/red.png", "sq/blue.png", "-o", "emb.npy", "--resume")
+    assert done.exit_code == 0 and "already complete, nothing to resume" in done.stderr
+
+    from clipcli.journal import Journal
+
+    real = Journal.append
+    calls = {"n": 0}
+
+    def append_then_stop(self, records, rows):  # one batch reaches the journal, then an interruption
+        real(self, records, rows)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Journal, "append", append_then_stop)
+    stopped = run("encode", "sq", "-o", "two.npy", "--batch-size", "1", "-j", "0", "-q")
+    assert stopped.exit_code == 130
+    monkeypatch.setattr(Journal, "append", real)
+    resumed = run("encode", "sq", "-o", "two.npy", "--batch-size", "1", "-j", "0", "--resume")
+    assert resumed.exit_code == 1 and "resumed: 1 of 4 inputs came from the journal" in resumed.stderr
+
+
+@pytest.fixture
+def named_models(monkeypatch) -> list[str]:
+    """Models found by name without a file (the index keys them by name); the names loaded."""
+    used: list[str] = []
+
+    def load(name, *args, **kwargs):
+        used.append(name)
+        loaded = FakeLoaded(PROMPTS)
+        loaded.name = name  # as the real one: the name it was loaded by, which the index records
+        return loaded
+
+    monkeypatch.setattr("clipcli.pipeline.load_model", load)
+    monkeypatch.setattr("clipcli.loading.resolve", lambda name, **kwargs: name)
+    monkeypatch.setattr("clipcli.loading.source_key", lambda source: f"key-{source}")
+    return used
+
+
+def test_index_format_table_json_and_the_old_text(squares, named_models):
+    for fmt, on_stdout in [("table", False), ("text", False), ("json", True)]:
+        result = run("index", "sq", "--db", "i.sqlite3", "--format", fmt)
+        assert result.exit_code in (0, 1) and bool(result.stdout) == on_stdout and "indexed:" in result.stderr
+
+
+def test_search_and_index_default_to_the_model_the_index_holds(squares, named_models):
+    assert run("index", "sq", "--db", "i.sqlite3", "-m", "my-model", "-q").exit_code == 1
+    result = run("search", "red", "--db", "i.sqlite3", "-f", "jsonl", "-q")
+    assert result.exit_code == 0 and named_models == ["my-model", "my-model"]
+    assert json.loads(result.stdout.splitlines()[0])["image"].endswith("red.png")
+
+
+def test_train_spells_arch_as_the_other_commands_do():
+    from clipcli.train.presets import preset_name
+
+    assert [preset_name(a) for a in ("ViT-B/32", "ViT-B-32", "vit-b-32", "ViT-B-32/openai", "RN50/openai", "tiny")] == [
+        "ViT-B/32", "ViT-B/32", "ViT-B/32", "ViT-B/32", "RN50", "tiny"]
+    assert preset_name("ViT-H-14") == "ViT-H-14"  # not a preset: the error names it
+
+
+def test_old_spellings_still_work_for_a_release(squares, tmp_path):
+    models = run("models", "--json")
+    assert models.exit_code == 0 and isinstance(json.loads(models.stdout), list)
+    result = run("train", "--train-data", "nowhere.csv", "--out", "run", "--zeroshot-template", "a {}.")
+    assert result.exit_code == 2 and "nowhere.csv" in result.stderr  # --out and --zeroshot-template were taken

@@ -328,13 +328,13 @@ def test_encode_stdout_formats(corrupt, ckpt, api, fmt):
 def test_encode_captions(ckpt, api, tmp_path):
     captions = tmp_path / "captions.txt"
     captions.write_bytes(("\ufeff" + "\r\n".join(CAPTIONS) + "\r\n").encode())
-    result = run_exact("encode", "--text", captions, "-m", ckpt)
+    result = run_exact("encode", "--text-file", captions, "-m", ckpt)
     assert result.exit_code == 0, result.stderr
     records = jsonl(result.stdout)
     assert [r["text"] for r in records] == CAPTIONS
     np.testing.assert_allclose([r["embedding"] for r in records], api.texts(CAPTIONS).numpy(), atol=1e-5)
     out = tmp_path / "captions.npz"
-    assert run_exact("encode", "--text", captions, "-m", ckpt, "-o", out).exit_code == 0
+    assert run_exact("encode", "--text-file", captions, "-m", ckpt, "-o", out).exit_code == 0
     with np.load(out) as data:
         assert list(data["texts"]) == CAPTIONS
 

@@ -110,7 +110,8 @@ def test_gelu_and_head_width_are_not_guessed_from_shapes(tmp_path):
     bare = tmp_path / "bare.safetensors"
     (folder / "open_clip_model.safetensors").rename(bare)
     model, note = load(resolve(bare))
-    assert note and "has no config" in note and "name its architecture (arch=" in note and "open_clip_config.json" in note
+    assert note and "has no config" in note and "open_clip_config.json" in note and "\n" not in note
+    assert "give its architecture (the arch parameter" in note and note.fix == "arch"  # the CLI spells --arch
     images, tokens = _inputs(32)
     with torch.no_grad():
         assert _max_diff(model.encode_image(images), reference.encode_image(images)) > 1e-3
@@ -277,7 +278,7 @@ def test_a_bare_file_with_unusual_widths_gets_a_note_on_stderr(tmp_path, sample_
     torch.save(reference.state_dict(), path)
     result = run("encode", sample_images[0], "--model", path)
     assert result.exit_code == 0, result.stderr
-    assert "note:" in result.stderr and "no config" in result.stderr
+    assert "note:" in result.stderr and "no config" in result.stderr and "--arch" in result.stderr
     unknown = run("encode", sample_images[0], "--model", path, "--arch", "ViT-Q-99")
     assert unknown.exit_code == 2 and "architecture 'ViT-Q-99' is not" in unknown.stderr
 
@@ -418,7 +419,7 @@ def test_sharded_transformers_checkpoints(tmp_path):
             assert _max_diff(model.encode_image(images),
                              features(reference.get_image_features(pixel_values=images))) <= TOLERANCE
     next(folder.glob("model-*.safetensors")).unlink()
-    result = run("encode", "--text", "-", "--model", folder, input="a cat\n")
+    result = run("encode", "--text-file", "-", "--model", folder, input="a cat\n")
     assert result.exit_code == 2 and "shards that are missing" in result.stderr
 
 

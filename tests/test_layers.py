@@ -108,6 +108,6 @@ def test_library_messages_name_no_flags():
                  and getattr(call.func, "attr", None) == "add_argument" for arg in call.args}
         for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings | flags:
-                if re.search(r"(^|[\s(])--[a-z]", node.value):
+                if re.search(r"(^|[\s(])(?<!tar )--[a-z]", node.value):  # another program's flag (tar's) is fine
                     offenders.append(f"{path.name}: {node.value[:60]!r}")
     assert offenders == []

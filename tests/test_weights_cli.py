@@ -227,7 +227,7 @@ def test_download_several_names_reports_each_failure(online, server, cache, fake
     result = invoke("download", "Fake/1", "bogus")
     assert result.exit_code == 2
     assert result.stdout == f"{cache / 'Fake-1.pt'}\n"
-    assert "error: bogus: 'bogus' is neither a released model (Fake/1)" in result.stderr
+    assert "error: 'bogus' is neither a released model (Fake/1)" in result.stderr  # the name said once
 
 
 def test_download_all(online, server, cache, fake_model):

@@ -2,7 +2,8 @@
 
 Commands live in sibling modules and are thin: parse options, call the library, write
 records. A :class:`~clipcli.errors.ClipcliError` becomes ``error: <message>`` on stderr and
-its ``exit_code``; a closed stdout (``| head``) ends the run quietly.
+its ``exit_code``, and so does a usage error (an unknown option, a missing argument: one
+line and exit code 2, not Typer's box); a closed stdout (``| head``) ends the run quietly.
 """
 
 import functools
@@ -11,18 +12,64 @@ import sys
 from typing import Annotated, Callable
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from .. import __version__
 from ..errors import ClipcliError
 from .render import error_line, error_text
 
+# Typer's vendored Click: its usage errors derive from this (typer exports BadParameter only).
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _usage_error(error: Exception, ctx) -> typer.Exit:
+    """A usage error as one line (``error: No such option: --bogus; see clipcli encode --help``)."""
+    where = getattr(error, "ctx", None) or ctx
+    hint = f"; see {where.command_path} --help" if where is not None else ""
+    error_line(f"{error.format_message().rstrip('.')}{hint}")
+    return typer.Exit(error.exit_code)
+
+
+class _Command(TyperCommand):
+    """A command whose usage line reads ``INPUTS...`` (Typer writes ``{INPUTS}...``) and whose
+    usage errors are one line."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = param.metavar or param.name.upper()
+                name = name if param.required else f"[{name}]"
+                pieces.append(name + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except _ClickException as error:
+            raise _usage_error(error, parent) from None
+
+
+class _Group(TyperGroup):
+    """The top level: an unknown command is one line too."""
+
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except _ClickException as error:
+            raise _usage_error(error, ctx) from None
+
+
 app = typer.Typer(
     name="clipcli",
-    help="Batch image-text scoring with CLIP: classify, similarity, encode, index and search, train, models, download.",
+    cls=_Group,
+    help="Batch image-text scoring with CLIP: classify, similarity, encode, index and search, train, models, "
+         "download, convert.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -125,6 +172,6 @@ def command(*args, **kwargs) -> Callable:
                 error_line("interrupted")
                 raise typer.Exit(130) from None
 
-        return app.command(*args, **kwargs)(run)
+        return app.command(*args, cls=_Command, **kwargs)(run)
 
     return register

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from enum import Enum
 from typing import Annotated, Optional
 
 import typer
@@ -20,6 +19,7 @@ from .options import (
     MAX_PIXELS,
     ArchOpt,
     BatchOpt,
+    CacheDirOpt,
     DeviceOpt,
     ExactOpt,
     FormatOpt,
@@ -29,22 +29,23 @@ from .options import (
     PrecisionOpt,
     PrivateOpt,
     QuietOpt,
+    TextFileOpt,
+    TextOpt,
     ThreadsOpt,
     TruncatedOpt,
     WorkersOpt,
+    dtype_option,
     load,
     output_format,
+    read_captions,
     run_options,
 )
-
-
-class StoreDtype(str, Enum):
-    float32 = "float32"
-    float16 = "float16"
+from .render import say
 
 
 def _encode_view(record: dict) -> dict:
-    row = {"name": record.get("image", record.get("text")), "status": record["status"], "error": record.get("error")}
+    key = "image" if "image" in record else "text"
+    row = {key: record[key], "status": record["status"], "error": record.get("error")}
     embedding = record.get("embedding")
     if embedding is not None:
         row["dim"] = len(embedding)
@@ -58,14 +59,17 @@ def encode(
                                                           help="Images, folders, list files of paths/URLs, URLs, or -.")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="emb.npy (+ emb.jsonl manifest), emb.npz, "
                                                   "a .jsonl/.json/.csv file, or - for stdout.")] = None,
-    text: Annotated[Optional[str], typer.Option("--text", help="Embed the captions in FILE (one per line) instead of images.")] = None,
+    text: TextOpt = [],
+    text_file: TextFileOpt = [],
     no_normalize: Annotated[bool, typer.Option("--no-normalize", help="Keep raw embeddings (default: unit length).")] = False,
-    dtype: Annotated[StoreDtype, typer.Option("--dtype", help="Number type stored in .npy/.npz (and JSON values).")] = StoreDtype.float32,
+    dtype: Annotated[str, dtype_option(("float32", "float16"), "Number type stored in .npy/.npz and partitions "
+                                                                "(and JSON values). Default: float32.")] = "float32",
     no_truncate: Annotated[bool, typer.Option("--no-truncate", help="Report captions longer than the context instead of cutting them.")] = False,
     overwrite: OverwriteOpt = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted .npy/.npz run from its journal.")] = False,
     model: ModelOpt = DEFAULT_MODEL,
     arch: ArchOpt = None,
+    cache_dir: CacheDirOpt = None,
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
@@ -82,7 +86,7 @@ def encode(
     world: Annotated[Optional[int], typer.Option("--world", min=1, show_default=False, help="With -o DIR/: how many processes share the work (default: WORLD_SIZE, SLURM_STEP_NUM_TASKS inside srun, or 1).")] = None,
     captions: Annotated[bool, typer.Option("--captions", help="With -o DIR/ and WebDataset shards: also embed each sample's .txt (DIR/text_emb/).")] = False,
 ) -> None:
-    """Embed images (or captions with --text) with CLIP, L2-normalised unless --no-normalize.
+    """Embed images (or captions: --text, --text-file) with CLIP, L2-normalised unless --no-normalize.
 
     .npy: float32 [N, D], one row per input that succeeded, and a manifest emb.jsonl with one
     record per input ({"index": row or null, "image", "status"}). .npz: embeddings, paths,
@@ -99,32 +103,34 @@ def encode(
 
     Example: clipcli encode photos/ -o emb.npy
 
-    Example: clipcli encode --text captions.txt -o captions.npz
+    Example: clipcli encode --text-file captions.txt -o captions.npz
 
     Example: torchrun --nproc-per-node 8 -m clipcli encode urls.txt -o embeddings/
     """
     from ..fsutil import ensure_writable, exclusive_lock
-    from ..items import expand_inputs, read_lines
+    from ..items import expand_inputs
     from ..output import RecordWriter
-    from ..tasks import csv_view, encode_target
+    from ..tasks import csv_view, encode_target, is_complete
     from ..tasks import encode as run_encode
     from .render import Reporter
 
-    if text and inputs:
-        raise InputError("give either images or --text FILE, not both")
+    texts_given = bool(text or text_file)
+    if texts_given and inputs:
+        raise InputError("give either images or captions (--text, --text-file), not both")
     from ..partitions import is_folder_output
 
     if is_folder_output(output):
-        check_options(text, resume, inputs)
+        check_options(texts_given, resume, inputs)
         if not inputs:
             raise InputError("nothing to encode: give images, folders or list files")
         encode_partitioned(inputs, output, lambda text=False: load(model, arch, device, precision, threads, quiet,
-                                                                    towers=("image", "text") if text else ("image",)),
+                                                                    towers=("image", "text") if text else ("image",),
+                                                                    cache_dir=cache_dir),
                            run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode),
-                           normalize=not no_normalize, dtype=dtype.value, partition_size=partition_size, rank=rank,
+                           normalize=not no_normalize, dtype=dtype, partition_size=partition_size, rank=rank,
                            world=world, captions=captions, quiet=quiet)
-    if not text and not inputs:
-        raise InputError("nothing to encode: give images, folders or list files, or --text FILE")
+    if not texts_given and not inputs:
+        raise InputError("nothing to encode: give images, folders or list files, or captions (--text, --text-file)")
     from ..webdataset import SHARD
 
     if inputs and any(SHARD.search(arg) for arg in inputs):
@@ -132,28 +138,32 @@ def encode(
     target, outputs = encode_target(output)
     if resume and target not in ("npy", "npz"):
         raise InputError("--resume needs -o FILE.npy or FILE.npz")
+    if resume and not overwrite and is_complete(output):
+        if not quiet:
+            say(f"{', '.join(outputs)}: already complete, nothing to resume (--overwrite encodes again)")
+        raise typer.Exit(0)
     ensure_writable(outputs, overwrite)
     # One run at a time writes these outputs and their journal (two would mix their rows);
     # the lock is taken before any work, so a second run is refused at once.
     with exclusive_lock(output) if target != "stdout" else contextlib.nullcontext():
-        captions = read_lines(text, comments=False) if text else None
-        if captions is not None and not captions:
-            raise InputError(f"no captions in {text}")
+        texts = read_captions(text, text_file, quiet) if texts_given else None
         items = expand_inputs(inputs, exclude=outputs) if inputs else None
         loaded = load(model, arch, device, precision, threads, quiet,
-                       towers=("text",) if captions is not None else ("image",))
+                      towers=("text",) if texts is not None else ("image",), cache_dir=cache_dir)
         stream_writer = None
         if target == "stdout":
             fmt_name = output_format(fmt)
             stream_writer = RecordWriter(sys.stdout, fmt_name, view=_encode_view if fmt_name == "table" else csv_view,
-                                         paths_column=None if captions is not None else "name")
-        total = len(captions) if captions is not None else len(items)
-        with Reporter(total, "captions" if captions is not None else "images", quiet) as report:
-            run_encode(loaded, items=items, texts=captions, output=None if target == "stdout" else output,
-                       normalize=not no_normalize, store=dtype.value, truncate=not no_truncate, resume=resume,
+                                         paths_column=None if texts is not None else "image")
+        total = len(texts) if texts is not None else len(items)
+        with Reporter(total, "captions" if texts is not None else "images", quiet) as report:
+            done = run_encode(loaded, items=items, texts=texts, output=None if target == "stdout" else output,
+                       normalize=not no_normalize, store=dtype, truncate=not no_truncate, resume=resume,
                        overwrite=overwrite,
                        run=run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode),
                        on_result=report.done, on_record=stream_writer.write if stream_writer else None, locked=True)
+        if done.resumed:
+            report.message(f"resumed: {done.resumed} of {total} inputs came from the journal of the interrupted run")
         if stream_writer is not None:
             stream_writer.close()  # after the progress bar has gone
         else:
@@ -206,14 +216,14 @@ def encode_partitioned(inputs: list[str], output: str, loaded_model, run, *, nor
     raise typer.Exit(0)
 
 
-def check_options(text: Optional[str], resume: bool, inputs: Optional[list[str]]) -> None:
+def check_options(texts: bool, resume: bool, inputs: Optional[list[str]]) -> None:
     """Options and inputs a folder output does not take."""
     from ..webdataset import SHARD
 
     shards = [arg for arg in inputs or [] if SHARD.search(arg)]
     if shards and len(shards) != len(inputs):
         raise InputError("give either WebDataset shards (.tar) or images, folders and lists, not both")
-    if text:
+    if texts:
         raise InputError("a folder output (-o DIR/) takes images; write captions to a .npy file")
     if resume:
         raise InputError("a folder output resumes by itself: rerun the same command (finished partitions are skipped)")

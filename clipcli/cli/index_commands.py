@@ -15,10 +15,10 @@ from .options import (
     MAX_PIXELS,
     ArchOpt,
     BatchOpt,
+    CacheDirOpt,
     DeviceOpt,
     ExactOpt,
     MaxPixelsOpt,
-    ModelOpt,
     PrecisionOpt,
     PrivateOpt,
     QuietOpt,
@@ -32,11 +32,28 @@ from .options import (
 
 DbOpt = Annotated[Optional[str], typer.Option("--db", envvar="CLIPCLI_INDEX", show_envvar=True, show_default=False,
                                               help="The index file (default: $XDG_DATA_HOME/clipcli/index.sqlite3).")]
+IndexModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", envvar="CLIPCLI_MODEL", show_envvar=True, show_default=False,
+    help="A name from `clipcli models`, hf-hub:ORG/REPO, a model folder or a checkpoint file. Default: the model "
+         f"the index holds vectors of, else {DEFAULT_MODEL}.")]
 
 
-class SummaryFormat(str, Enum):
-    text = "text"
-    json = "json"
+def _summary_format(value: str) -> str:
+    chosen = {"text": "table"}.get(value.strip().lower(), value.strip().lower())  # text: the old name, for a release
+    if chosen not in ("table", "json"):
+        raise typer.BadParameter(f"{value!r}: choose table (a line on stderr) or json (on stdout)")
+    return chosen
+
+
+def _index_model(index, model: Optional[str]) -> str:
+    """``--model`` as given, else the one model the index holds vectors of (else the default)."""
+    if model:
+        return model
+    held = [m["name"] for m in index.models() if m["vectors"]]
+    if len(held) > 1:
+        raise InputError(f"{index.path} holds vectors of {len(held)} models ({', '.join(held)}); choose one",
+                         option="model")
+    return held[0] if held else DEFAULT_MODEL
 
 
 class SearchFormat(str, Enum):
@@ -54,35 +71,37 @@ def _summary_line(summary) -> str:
     return f"indexed: {', '.join(parts)} in {summary.seconds:.1f} s{model}"
 
 
-def _update(index, inputs, model, arch, device, precision, threads, quiet, run, loaded: dict):
+def _update(index, inputs, model, arch, cache_dir, device, precision, threads, quiet, run, loaded: dict):
     """Update ``index``; a model it had to load is left in ``loaded["model"]`` for reuse."""
     from ..tasks import update_index
     from .render import Reporter, download_feedback
 
     def load_once():
-        loaded["model"] = load(model, arch, device, precision, threads, quiet, towers=("image",))
+        loaded["model"] = load(model, arch, device, precision, threads, quiet, towers=("image",), cache_dir=cache_dir)
         return loaded["model"]
 
     with Reporter(0, "images", quiet) as report:
-        summary = update_index(index, inputs, model, load_once, arch=arch, run=run, on_result=report.done,
-                               feedback=download_feedback(quiet))
+        summary = update_index(index, inputs, model, load_once, arch=arch, cache_dir=cache_dir, run=run,
+                               on_result=report.done, feedback=download_feedback(quiet))
         report.message(_summary_line(summary))
     return summary
 
 
 @command("index")
 def index(
-    inputs: Annotated[list[str], typer.Argument(metavar="PATH...", show_default=False,
+    inputs: Annotated[list[str], typer.Argument(metavar="PATH", show_default=False,
                                                 help="Folders, image files or list files of paths.")],
     db: DbOpt = None,
-    model: ModelOpt = DEFAULT_MODEL,
+    model: IndexModelOpt = None,
     arch: ArchOpt = None,
+    cache_dir: CacheDirOpt = None,
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
     precision: PrecisionOpt = None,
     threads: ThreadsOpt = None,
-    fmt: Annotated[SummaryFormat, typer.Option("--format", "-f", help="json: the summary as JSON on stdout.")] = SummaryFormat.text,
+    fmt: Annotated[str, typer.Option("--format", "-f", parser=_summary_format, metavar="table|json",
+                                     help="table: the summary as a line on stderr; json: as JSON on stdout.")] = "table",
     quiet: QuietOpt = False,
     max_pixels: MaxPixelsOpt = MAX_PIXELS,
     allow_truncated: TruncatedOpt = False,
@@ -104,15 +123,16 @@ def index(
 
     run = run_options(batch_size, workers, max_pixels, allow_truncated, False, exact_decode)
     with Index(db) as opened:
-        summary = _update(opened, inputs, model, arch, device, precision, threads, quiet, run, {})
-    if fmt == SummaryFormat.json:
+        summary = _update(opened, inputs, _index_model(opened, model), arch, cache_dir, device, precision, threads,
+                          quiet, run, {})
+    if fmt == "json":
         sys.stdout.write(to_json({"db": str(opened.path), **summary.as_json()}) + "\n")
     raise typer.Exit(1 if summary.failed else 0)
 
 
 @command("search")
 def search(
-    queries: Annotated[list[str], typer.Argument(metavar="QUERY...", show_default=False,
+    queries: Annotated[list[str], typer.Argument(metavar="QUERY", show_default=False,
                                                  help="Text, an image file or an image URL; W:QUERY weighs it.")],
     db: DbOpt = None,
     within: Annotated[list[str], typer.Option("--in", help="Only files under PATH (repeatable); brings the index "
@@ -123,8 +143,9 @@ def search(
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Also write a contact sheet of the results (.png, .jpg, .webp).")] = None,
     no_update: Annotated[bool, typer.Option("--no-update", help="With --in: search the index as it is.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing contact sheet.")] = False,
-    model: ModelOpt = DEFAULT_MODEL,
+    model: IndexModelOpt = None,
     arch: ArchOpt = None,
+    cache_dir: CacheDirOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = None,
     threads: ThreadsOpt = None,
@@ -139,7 +160,7 @@ def search(
 
     Example: clipcli search "a red bicycle" --top-k 5 -o sheet.png
 
-    Example: clipcli search photos/cat.jpg --in ~/Pictures/2024 --format paths | xargs open
+    Example: clipcli search photos/cat.jpg --in ~/Pictures/2024 --format paths | xargs -d '\\n' ls -l
     """
     from ..fsutil import atomic_write, ensure_writable
     from ..http import FetchOptions
@@ -163,14 +184,16 @@ def search(
     except NoVectorsError as error:
         raise NoVectorsError(f"{error.message}; build one with: clipcli index FOLDER") from None
     with opened:
+        model = _index_model(opened, model)
         loaded: dict = {}
         if update:
             if opened.readonly:
                 raise OutputError(f"{opened.path} is read-only: add --no-update to search it as it is")
             run = run_options(None, None, MAX_PIXELS, False, allow_private, False)
-            _update(opened, within, model, arch, device, precision, threads, quiet, run, loaded)
+            _update(opened, within, model, arch, cache_dir, device, precision, threads, quiet, run, loaded)
         towers = ("image",) if all(t.is_image for t in terms) else ("text",)
-        loaded = loaded.get("model") or load(model, arch, device, precision, threads, quiet, towers=towers)
+        loaded = loaded.get("model") or load(model, arch, device, precision, threads, quiet, towers=towers,
+                                             cache_dir=cache_dir)
         try:
             hits = run_search(opened, loaded, terms, top_k=top_k, threshold=threshold, under=within,
                               fetch=FetchOptions(allow_private=allow_private))

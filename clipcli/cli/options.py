@@ -4,13 +4,15 @@ batching, decoding, output format; and loading a model with its notes on stderr.
 
 from __future__ import annotations
 
+import os
 import sys
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from .render import download_feedback, say
+from .render import download_feedback, hinted, say
 
 
 class Format(str, Enum):
@@ -22,12 +24,36 @@ class Format(str, Enum):
     table = "table"
 
 
-class Precision(str, Enum):
-    """Number type the model computes in (shared by every command that runs one)."""
+# One vocabulary for number types: --precision (what the model computes in) and --dtype (what
+# is stored) both take either spelling.
+NUMBER_TYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+                "bf16": "bfloat16", "bfloat16": "bfloat16"}
+SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
+
+def number_type(value: str) -> str:
+    """``fp16``/``float16`` (any case) -> ``float16``; anything else is a usage error."""
+    found = NUMBER_TYPES.get(value.strip().lower())
+    if found is None:
+        raise typer.BadParameter(f"{value!r}: choose fp32, fp16 or bf16 (or float32, float16, bfloat16)")
+    return found
+
+
+def precision_name(value: str) -> str:
+    """``float16``/``fp16`` -> ``fp16``: the precision names of :mod:`clipcli.pipeline`."""
+    return SHORT[number_type(value)]
+
+
+def dtype_option(choices: tuple[str, ...], help: str):
+    """A ``--dtype`` option taking ``choices`` (canonical names) in either spelling."""
+
+    def parse(value: str) -> str:
+        found = number_type(value)
+        if found not in choices:
+            raise typer.BadParameter(f"{value!r}: this output stores {' or '.join(choices)}")
+        return found
+
+    return typer.Option("--dtype", parser=parse, metavar="|".join(choices), show_default=False, help=help)
 
 
 DEFAULT_MODEL = "ViT-B/32"
@@ -43,10 +69,13 @@ ArchOpt = Annotated[Optional[str], typer.Option("--arch", show_default=False,
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, show_default=False,
                                                 help="Images per model call. Default: 32 on CPU, 256 on CUDA.")]
-WorkersOpt = Annotated[Optional[int], typer.Option("--workers", min=0, show_default=False,
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-j", min=0, show_default=False,
                                                   help="Workers decoding images while the model runs (0: none). "
                                                        "Default: 4 threads on CPU; on CUDA, one per core up to 16.")]
-PrecisionOpt = Annotated[Optional[Precision], typer.Option("--precision", help="Default: fp16 on CUDA, fp32 on CPU.")]
+PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", parser=precision_name, metavar="fp32|fp16|bf16",
+                                                    show_default=False,
+                                                    help="Number type the model computes in (float32, float16, "
+                                                         "bfloat16 also accepted). Default: fp16 on CUDA, fp32 on CPU.")]
 FormatOpt = Annotated[Optional[Format], typer.Option("--format", "-f", help="Default: table on a terminal, jsonl in a pipe.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for the model (default: one per core). On a busy or shared machine, fewer threads can be much faster.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, skip messages or summary on stderr.")]
@@ -55,8 +84,14 @@ MAX_PIXELS = 89_478_485
 MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse larger images (decompression bombs).")]
 TruncatedOpt = Annotated[bool, typer.Option("--allow-truncated", help="Score truncated files from what decodes.")]
 PrivateOpt = Annotated[bool, typer.Option("--allow-private", help="Allow URLs on loopback/private/link-local addresses.")]
-ExactOpt = Annotated[bool, typer.Option("--exact-decode", help="Decode JPEGs at full size, exactly as the reference does (slower; by default large JPEGs decode at the smallest scale keeping twice the model's resolution).")]
+ExactOpt = Annotated[bool, typer.Option("--exact-decode", help="Decode exactly as the reference does: JPEGs at full size (by default large ones decode at the smallest scale keeping twice the model's resolution), and palette/transparent images resized in their own mode and converted to RGB after the crop (by default alpha is composited on white first). Slower.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
+CacheDirOpt = Annotated[Optional[Path], typer.Option(
+    "--cache-dir", file_okay=False, show_default=False,
+    help="Cache folder for OpenAI's weights and downloads. Default: $CLIPCLI_CACHE_DIR, else "
+         "$XDG_CACHE_HOME/clipcli, else ~/.cache/clipcli.")]
+TextOpt = Annotated[list[str], typer.Option("--text", help="A caption (repeatable).")]
+TextFileOpt = Annotated[list[str], typer.Option("--text-file", help="Captions, one per line (repeatable; - for stdin).")]
 
 
 def run_options(batch_size: Optional[int], workers: Optional[int], max_pixels: int, allow_truncated: bool, allow_private: bool,
@@ -77,14 +112,42 @@ def output_format(fmt: Optional[Format]) -> str:
     return fmt.value if fmt is not None else default_format(sys.stdout)
 
 
-def load(model: str, arch: Optional[str], device: str, precision: Optional[Precision], threads: Optional[int],
-         quiet: bool, towers: tuple[str, ...] = ("image", "text")):
+def read_captions(text: list[str], text_file: list[str], quiet: bool) -> list[str]:
+    """The captions of ``--text`` (each one caption) and ``--text-file`` (one per line), in that
+    order. For one release, a ``--text`` that names an existing file is read as a file, as
+    ``encode --text FILE`` did, with a note to use ``--text-file``."""
+    found: list[str] = []
+    for value in text:
+        if os.path.isfile(value):
+            if not quiet:
+                say(f"note: reading captions from {value}: --text FILE is deprecated, use --text-file {value} "
+                    "(--text takes a caption)")
+            found += _caption_file(value)
+        else:
+            found.append(value)
+    for name in text_file:
+        found += _caption_file(name)
+    return found
+
+
+def _caption_file(name: str) -> list[str]:
+    from ..errors import InputError
+    from ..items import read_lines
+
+    lines = read_lines(name, comments=False)  # data: a caption may start with "#"
+    if not lines:
+        raise InputError(f"no captions in {name}")
+    return lines
+
+
+def load(model: str, arch: Optional[str], device: str, precision: Optional[str], threads: Optional[int],
+         quiet: bool, towers: tuple[str, ...] = ("image", "text"), cache_dir: Optional[Path] = None):
     from ..pipeline import load_model, slow_precision_note
 
-    loaded = load_model(model, device=device, precision=precision.value if precision else None, towers=towers,
-                        threads=threads, arch=arch, feedback=download_feedback(quiet))
+    loaded = load_model(model, device=device, precision=precision, towers=towers, threads=threads, arch=arch,
+                        cache_dir=cache_dir, feedback=download_feedback(quiet))
     notes = [*loaded.notes, slow_precision_note(loaded.device, loaded.dtype)]
     if not quiet:
         for note in filter(None, notes):
-            say(f"note: {note}")
+            say(f"note: {hinted(note)}")
     return loaded

@@ -19,6 +19,7 @@ from .options import (
     MAX_PIXELS,
     ArchOpt,
     BatchOpt,
+    CacheDirOpt,
     DeviceOpt,
     ExactOpt,
     FormatOpt,
@@ -28,11 +29,14 @@ from .options import (
     PrecisionOpt,
     PrivateOpt,
     QuietOpt,
+    TextFileOpt,
+    TextOpt,
     ThreadsOpt,
     TruncatedOpt,
     WorkersOpt,
     load,
     output_format,
+    read_captions,
     run_options,
 )
 
@@ -80,8 +84,12 @@ def classify(
     template: Annotated[list[str], typer.Option("--template", "-t", help="Prompt template with {} for the label (repeatable).")] = [],
     templates: Annotated[Optional[str], typer.Option("--templates", help="imagenet (80 CLIP templates), imagenet7, or a file.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels listed per image.")] = 5,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the records to FILE (.jsonl, .json "
+                                                  "or .csv; --format overrides) instead of stdout.")] = None,
+    overwrite: OverwriteOpt = False,
     model: ModelOpt = DEFAULT_MODEL,
     arch: ArchOpt = None,
+    cache_dir: CacheDirOpt = None,
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
@@ -102,7 +110,12 @@ def classify(
     Example: clipcli classify photos/ --labels cat,dog,car
 
     Example: clipcli classify photos/ -l cat,dog | jq -r 'select(.label=="cat") | .image'
+
+    Example: clipcli classify photos/ --labels-file labels.txt -o labels.csv
     """
+    import contextlib
+
+    from ..fsutil import atomic_write, ensure_writable
     from ..items import expand_inputs
     from ..output import RecordWriter
     from ..pipeline import classify as run_classify
@@ -110,49 +123,62 @@ def classify(
 
     label_list = _labels(labels, labels_file)
     template_list = _templates(template, templates)
-    items = expand_inputs(inputs)
-    fmt_name = output_format(fmt)
-    loaded = load(model, arch, device, precision, threads, quiet, towers=("image",))  # text tower: on a label-cache miss
+    fmt_name = fmt.value if fmt is not None else (_file_format(output) if output else output_format(None))
+    if output:
+        ensure_writable([output], overwrite)
+    items = expand_inputs(inputs, exclude=[output] if output else [])
+    loaded = load(model, arch, device, precision, threads, quiet, towers=("image",),  # text tower: on a label-cache miss
+                  cache_dir=cache_dir)
     records = run_classify(loaded, items, label_list, template_list, top_k=top_k,
                            **run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode).pipeline_kwargs())
     columns = ["image", "status", "label", "score", "top", "error"]
+    target = atomic_write(output, overwrite=overwrite, text=True) if output else contextlib.nullcontext(sys.stdout)
     # The writer encloses the reporter so that a table is printed after the progress bar has gone.
-    with RecordWriter(sys.stdout, fmt_name, columns=columns, view=_top_view, paths_column="image") as writer:
+    with target as stream, RecordWriter(stream, fmt_name, columns=columns, view=_top_view, paths_column="image") as writer:
         with Reporter(len(items), "images", quiet) as report:
             for record in records:
                 report.done(record["image"], record.get("error"))
                 writer.write(record)
+    if output:
+        report.message(f"wrote {output}")
     report.summary("classified")
     raise typer.Exit(report.exit_code)
+
+
+def _file_format(output: str) -> str:
+    """The record format an output file's name asks for."""
+    suffix = os.path.splitext(output)[1].lower().lstrip(".")
+    if suffix not in ("jsonl", "json", "csv"):
+        raise InputError(f"{output}: name a .jsonl, .json or .csv file, or choose with --format", option="output")
+    return suffix
 
 
 # --------------------------------------------------------------------------- similarity
 
 
-def _split_similarity_args(inputs: list[str], text: list[str]) -> tuple[list[str], list[str]]:
-    from ..items import read_lines
-
-    if text:
-        return inputs, list(text)
+def _split_similarity_args(inputs: list[str], text: list[str], text_file: list[str],
+                           quiet: bool) -> tuple[list[str], list[str]]:
+    """The images and the captions: from --text/--text-file, else the last argument is a captions file."""
+    if text or text_file:
+        return inputs, read_captions(text, text_file, quiet)
     if len(inputs) < 2:
-        raise InputError("give the images and then a captions file (one caption per line), or use --text")
-    captions = read_lines(inputs[-1], comments=False)
-    if not captions:
-        raise InputError(f"no captions in {inputs[-1]}")
-    return inputs[:-1], captions
+        raise InputError("give the images and then a captions file (one caption per line), or --text/--text-file")
+    return inputs[:-1], read_captions([], [inputs[-1]], quiet)
 
 
 @command("similarity")
 def similarity(
     inputs: Annotated[list[str], typer.Argument(metavar="INPUTS", show_default=False,
-                                                help="Images, folders, list files or URLs, then a captions file (one caption per line) unless --text is given.")],
-    text: Annotated[list[str], typer.Option("--text", help="A caption (repeatable) instead of a captions file.")] = [],
+                                                help="Images, folders, list files or URLs, then a captions file (one caption per line) unless --text or --text-file is given.")],
+    text: TextOpt = [],
+    text_file: TextFileOpt = [],
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the heatmap to FILE.png, .svg or .pdf.")] = None,
     title: Annotated[Optional[str], typer.Option("--title", help="Heatmap title.")] = None,
     no_truncate: Annotated[bool, typer.Option("--no-truncate", help="Report captions longer than the context instead of cutting them.")] = False,
     overwrite: OverwriteOpt = False,
     model: ModelOpt = DEFAULT_MODEL,
     arch: ArchOpt = None,
+    cache_dir: CacheDirOpt = None,
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
@@ -167,7 +193,8 @@ def similarity(
 ) -> None:
     """Cosine similarity of every caption with every image, as a matrix or an annotated heatmap.
 
-    clipcli similarity IMAGES... CAPTIONS_FILE, or clipcli similarity IMAGES... --text T --text U.
+    clipcli similarity IMAGES... CAPTIONS_FILE, or clipcli similarity IMAGES... --text T --text U
+    (--text-file FILE reads captions from a file).
 
     Rows are captions, columns are images (as in the CLIP notebook); "probs" is the softmax
     over images for each caption. With -o, the heatmap is written and stdout stays empty
@@ -183,7 +210,7 @@ def similarity(
     from ..output import RecordWriter, to_json
     from .render import Reporter, hinted
 
-    image_args, captions = _split_similarity_args(inputs, text)
+    image_args, captions = _split_similarity_args(inputs, text, text_file, quiet)
     if output:
         try:
             figure = figure_format(output)
@@ -192,7 +219,7 @@ def similarity(
         ensure_writable([output], overwrite)
     items = expand_inputs(image_args, exclude=[output] if output else [])
     fmt_name = fmt.value if fmt is not None else (None if output else output_format(None))
-    loaded = load(model, arch, device, precision, threads, quiet)
+    loaded = load(model, arch, device, precision, threads, quiet, cache_dir=cache_dir)
 
     from ..pipeline import similarity as run_similarity
 

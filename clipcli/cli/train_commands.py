@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from .app import command
-from .options import Precision
+from .options import DeviceOpt, QuietOpt, WorkersOpt, precision_name
 
 
 class ImageEncoder(str, Enum):
@@ -36,13 +36,15 @@ OPT = "Optimisation"
 @command("train")
 def train(
     train_data: Annotated[str, typer.Option("--train-data", help="CSV/TSV of image paths and captions, or a folder of images with same-named .txt captions.", rich_help_panel=DATA)],
-    out: Annotated[str, typer.Option("--out", "-o", help="Run folder: config.json, metrics.jsonl, last.safetensors, state.pt.")],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", show_default=False, help="Run folder: config.json, metrics.jsonl, last.safetensors, state.pt.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", hidden=True, help="The old name of --output.")] = None,
     val_data: Annotated[Optional[str], typer.Option("--val-data", help="Held-out pairs for recall@1/5/10 after each epoch.", rich_help_panel=DATA)] = None,
     zeroshot_dir: Annotated[Optional[str], typer.Option("--zeroshot-dir", help="One sub-folder of images per class, for zero-shot accuracy after each epoch.", rich_help_panel=DATA)] = None,
-    zeroshot_template: Annotated[list[str], typer.Option("--zeroshot-template", help="Prompt with {} for the class name (repeatable).", rich_help_panel=DATA)] = [],
+    template: Annotated[list[str], typer.Option("--template", "-t", help="Zero-shot prompt with {} for the class name (repeatable).", rich_help_panel=DATA)] = [],
+    zeroshot_template: Annotated[list[str], typer.Option("--zeroshot-template", hidden=True, help="The old name of --template.")] = [],
     img_key: Annotated[str, typer.Option("--img-key", help="Image-path column of the CSV/TSV.", rich_help_panel=DATA)] = "filepath",
     caption_key: Annotated[str, typer.Option("--caption-key", help="Caption column of the CSV/TSV.", rich_help_panel=DATA)] = "title",
-    arch: Annotated[str, typer.Option("--arch", help="Preset to train from scratch: tiny, small, RN50, RN101, ViT-B/32, ViT-B/16, ViT-L/14.", rich_help_panel=ARCH)] = "tiny",
+    arch: Annotated[str, typer.Option("--arch", help="Preset to train from scratch: tiny, small, RN50, RN101, ViT-B/32, ViT-B/16, ViT-L/14 (also spelled as open_clip does: ViT-B-32).", rich_help_panel=ARCH)] = "tiny",
     init: Annotated[Optional[str], typer.Option("--init", help="Fine-tune from a released model name or a checkpoint file (replaces --arch).", rich_help_panel=ARCH)] = None,
     image_encoder: Annotated[Optional[ImageEncoder], typer.Option("--image-encoder", help="vit, resnet (needs an RN preset) or mixer (MLP-Mixer on ViT patches).", rich_help_panel=ARCH)] = None,
     text_encoder: Annotated[Optional[TextEncoder], typer.Option("--text-encoder", help="transformer or mixer (causal MLP-Mixer).", rich_help_panel=ARCH)] = None,
@@ -61,14 +63,14 @@ def train(
     wd: Annotated[float, typer.Option("--wd", min=0.0, help="Weight decay (never on gains, biases, embeddings, temperature).", rich_help_panel=OPT)] = 0.2,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Linear warmup steps before the cosine decay.", rich_help_panel=OPT)] = 100,
     grad_clip: Annotated[float, typer.Option("--grad-clip", min=0.0, help="Clip the gradient norm (0: off).", rich_help_panel=OPT)] = 1.0,
-    precision: Annotated[Precision, typer.Option("--precision", help="fp32, bf16 autocast, or fp16 autocast with a gradient scaler.", rich_help_panel=OPT)] = Precision.fp32,
+    precision: Annotated[str, typer.Option("--precision", parser=precision_name, metavar="fp32|fp16|bf16", help="fp32, bf16 autocast, or fp16 autocast with a gradient scaler.", rich_help_panel=OPT)] = "fp32",
     seed: Annotated[int, typer.Option("--seed", rich_help_panel=OPT)] = 0,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available).")] = None,
-    workers: Annotated[int, typer.Option("--workers", "-j", min=0, help="Image-decoding worker processes per rank.")] = 2,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
     log_every: Annotated[int, typer.Option("--log-every", min=1, help="Steps between progress lines and metrics records.")] = 10,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last finished epoch.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again in an --out that already holds a run.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last finished epoch.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again in an --output that already holds a run.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Train a CLIP contrastively, from scratch (--arch) or from a checkpoint (--init).
 
@@ -77,17 +79,22 @@ def train(
     takes its share of each global batch and the features are gathered, so the contrastive
     batch is --batch-size whatever the number of processes.
 
-    Example: clipcli train --train-data train.csv --val-data val.csv --arch tiny --epochs 10 --out runs/tiny
+    Example: clipcli train --train-data train.csv --val-data val.csv --arch tiny --epochs 10 -o runs/tiny
 
-    Example: torchrun --nproc-per-node 2 -m clipcli train --train-data train.csv --out runs/ddp
+    Example: torchrun --nproc-per-node 2 -m clipcli train --train-data train.csv -o runs/ddp
 
-    Example: clipcli train --init ViT-B/32 --lock-image --train-data pets.csv --lr 1e-5 --out runs/pets
+    Example: clipcli train --init ViT-B/32 --lock-image --train-data pets.csv --lr 1e-5 -o runs/pets
     """
     from ..errors import InputError
     from ..train.loop import TrainConfig
     from ..train.loop import train as run_training
     from .render import StderrLines
 
+    if output and out and output != out:
+        raise InputError("give the run folder once: -o/--output (--out is its old name)")
+    output = output or out
+    if not output:
+        raise InputError("name the run folder: -o/--output DIR", option="output")
     if lock_image and freeze == Side.text:
         raise InputError("--lock-image freezes the image side; it cannot be combined with --freeze text")
     overrides = {key: value for key, value in dict(
@@ -95,22 +102,26 @@ def train(
         vision_layers=vision_layers, transformer_width=text_width, transformer_layers=text_layers).items() if value is not None}
     if init and overrides:
         raise InputError("--init takes the architecture from the checkpoint; drop the size options")
-    if device is None:
-        import torch
+    import torch
 
+    from ..batching import default_workers
+    from ..train.presets import preset_name
+
+    if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     config = TrainConfig(
-        train_data=train_data, out=out, val_data=val_data, zeroshot_dir=zeroshot_dir,
-        zeroshot_templates=list(zeroshot_template) or ["a photo of a {}."], img_key=img_key, caption_key=caption_key,
-        arch=arch, init=init, image_encoder=image_encoder.value if image_encoder else None,
+        train_data=train_data, out=output, val_data=val_data, zeroshot_dir=zeroshot_dir,
+        zeroshot_templates=[*template, *zeroshot_template] or ["a photo of a {}."], img_key=img_key,
+        caption_key=caption_key, arch=arch if init else preset_name(arch), init=init, image_encoder=image_encoder.value if image_encoder else None,
         text_encoder=text_encoder.value if text_encoder else None, overrides=overrides,
         freeze="image" if lock_image else (freeze.value if freeze else None), epochs=epochs, batch_size=batch_size,
-        lr=lr, wd=wd, warmup=warmup, grad_clip=grad_clip, precision=precision.value, device=device, workers=workers,
+        lr=lr, wd=wd, warmup=warmup, grad_clip=grad_clip, precision=precision, device=device,
+        workers=default_workers(torch.device(device)) if workers is None else workers,
         seed=seed, log_every=log_every, resume=resume, overwrite=overwrite,
     )
     for template in config.zeroshot_templates:
         if template.count("{}") != 1:
-            raise InputError(f"--zeroshot-template {template!r} must contain exactly one {{}} for the class name")
+            raise InputError(f"--template {template!r} must contain exactly one {{}} for the class name")
     lines = StderrLines()
     try:
         checkpoint = run_training(config, lines.feedback(quiet))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,13 +16,8 @@ import typer
 
 from ..errors import ClipcliError
 from .app import command
-from .options import Format
+from .options import ArchOpt, CacheDirOpt, Format, QuietOpt, dtype_option
 from .render import download_feedback, error_line, error_text, say
-
-CacheDirOpt = Annotated[Optional[Path], typer.Option(
-    "--cache-dir", file_okay=False, show_default=False,
-    help="Cache folder. Default: $CLIPCLI_CACHE_DIR, else $XDG_CACHE_HOME/clipcli, else ~/.cache/clipcli.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or messages on stderr.")]
 
 
 def _message(quiet: bool, text: str) -> None:
@@ -37,15 +31,11 @@ def _is_terminal() -> bool:
     return sys.stdout.isatty()
 
 
-def _millions(n: Optional[int]) -> str:
-    return f"{n / 1e6:,.0f}M" if n else "-"
-
-
 @command("models")
 def models(
     fmt: Annotated[Optional[Format], typer.Option(
         "--format", "-f", help="Default: table on a terminal, jsonl in a pipe.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", hidden=True, help="The old spelling of --format json.")] = False,
     cache_dir: CacheDirOpt = None,
 ) -> None:
     """List every model clipcli knows by name, and what is cached.
@@ -53,7 +43,9 @@ def models(
     OpenAI's nine (ViT-B/32, ...) and OpenCLIP's LAION, DataComp, CommonPool, DFN, MetaCLIP,
     YFCC and CC12M weights (ARCH/TAG, e.g. ViT-B-32/laion2b_s34b_b79k): family, parameters,
     input resolution, embedding size, licence, published ImageNet zero-shot top-1 (%), and
-    whether (and where) it is cached; then any file downloaded with `clipcli download URL`.
+    whether it is cached (clipcli's cache or the Hugging Face one; --format json gives the
+    path); then any file downloaded with `clipcli download URL`. A narrow terminal shows fewer
+    columns rather than breaking names.
     Any hf-hub:ORG/REPO holding an OpenCLIP or transformers CLIP loads too.
 
     Example: clipcli models -f json | jq -r '.[] | select(.cached) | .path'
@@ -71,15 +63,18 @@ def models(
     from rich.console import Console
     from rich.table import Table
 
+    from ..catalog import cells, fitting_columns
+
+    rows = [cells(r) for r in records]
+    console = Console(file=sys.stdout)
+    columns = fitting_columns(rows, console.width)  # names whole: narrow terminals drop columns, not wrap names
     table = Table(header_style="bold")
-    for column, justify in (("name", "left"), ("family", "left"), ("params", "right"), ("res", "right"),
-                            ("dim", "right"), ("licence", "left"), ("top-1", "right"), ("cached", "left")):
-        table.add_column(column, justify=justify, overflow="fold")
-    for r in records:
-        table.add_row(r["name"], r["family"] or "-", _millions(r["parameters"]), str(r["input_resolution"] or "-"),
-                      str(r["embed_dim"] or "-"), r["license"] or "-",
-                      f"{r['imagenet_top1']:.1f}" if r["imagenet_top1"] else "-", r["path"] or "[dim]no[/dim]")
-    Console(file=sys.stdout).print(table)
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("params", "res", "dim", "top-1") else "left",
+                         no_wrap=column == "name", overflow="fold")
+    for row in rows:
+        table.add_row(*(row[c] for c in columns))
+    console.print(table)
 
 
 # --- clipcli download ----------------------------------------------------------------------
@@ -108,7 +103,7 @@ def _url_file_name(url: str, name: Optional[str]) -> str:
 @command("download")
 def download(
     targets: Annotated[Optional[list[str]], typer.Argument(
-        metavar="NAME... | URL", show_default=False,
+        metavar="NAME|URL", show_default=False,
         help="Released model names (see `clipcli models`), or one URL together with --sha256.")] = None,
     all_models: Annotated[bool, typer.Option("--all", help="Download all nine released models.")] = False,
     sha256: Annotated[Optional[str], typer.Option(
@@ -141,7 +136,7 @@ def download(
         targets = [info.name for info in MODELS]
     if not targets:
         raise typer.BadParameter("name a released model (see `clipcli models`), give a URL with --sha256, or use --all",
-                                 param_hint="NAME... | URL")
+                                 param_hint="NAME|URL")
     feedback = download_feedback(quiet)
     urls = [t for t in targets if _is_url(t)]
     if urls:
@@ -163,7 +158,8 @@ def download(
         if isinstance(got, ClipcliError):
             if len(targets) == 1:
                 raise got
-            error_line(f"{target}: {error_text(got)}")
+            text = error_text(got)  # the name once: added only where the message does not say it
+            error_line(text if target in text else f"{target}: {text}")
             exit_code = max(exit_code, got.exit_code)
             continue
         for path in got:
@@ -174,12 +170,6 @@ def download(
 
 # --- clipcli convert -----------------------------------------------------------------------
 
-class Dtype(str, Enum):
-    float16 = "float16"
-    bfloat16 = "bfloat16"
-    float32 = "float32"
-
-
 @command("convert")
 def convert(
     src: Annotated[str, typer.Argument(
@@ -188,10 +178,9 @@ def convert(
              "(OpenAI TorchScript .pt, PyTorch state dict, safetensors).")],
     dst: Annotated[Path, typer.Argument(metavar="DST.safetensors", dir_okay=False, show_default=False,
                                         help="The safetensors file to write.")],
-    dtype: Annotated[Optional[Dtype], typer.Option(
-        "--dtype", show_default=False, help="Store floating-point tensors as this type (default: as in SRC).")] = None,
-    arch: Annotated[Optional[str], typer.Option(
-        "--arch", show_default=False, help="Architecture of a SRC file that does not say (a name from `clipcli models`).")] = None,
+    dtype: Annotated[Optional[str], dtype_option(("float32", "float16", "bfloat16"),
+                                                 "Store floating-point tensors as this type (default: as in SRC).")] = None,
+    arch: ArchOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace DST if it exists.")] = False,
     quiet: QuietOpt = False,
     cache_dir: CacheDirOpt = None,
@@ -209,7 +198,7 @@ def convert(
     from ..tasks import convert_checkpoint
     from ..transfer import format_size
 
-    done = convert_checkpoint(src, dst, dtype=dtype.value if dtype else None, arch=arch, cache_dir=cache_dir,
+    done = convert_checkpoint(src, dst, dtype=dtype, arch=arch, cache_dir=cache_dir,
                               overwrite=overwrite, feedback=download_feedback(quiet))
     if done.note:
         _message(quiet, f"note: {done.note}")

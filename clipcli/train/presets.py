@@ -21,3 +21,14 @@ PRESETS: dict[str, dict] = {
     "ViT-L/14": dict(embed_dim=768, image_resolution=224, vision_layers=24, vision_width=1024, vision_patch_size=14,
                      context_length=77, vocab_size=49408, transformer_width=768, transformer_heads=12, transformer_layers=12),
 }
+
+
+def preset_name(arch: str) -> str:
+    """The preset ``arch`` names, in any spelling the other commands take: ``ViT-B/32``,
+    open_clip's ``ViT-B-32``, or a registry name such as ``ViT-B-32/openai`` (its
+    architecture; training starts from scratch). Unknown names are returned as given."""
+    if arch in PRESETS:
+        return arch
+    spelled = {name.replace("/", "-").lower(): name for name in PRESETS}
+    head = arch.split("/", 1)[0].lower()
+    return spelled.get(arch.lower()) or spelled.get(head) or arch
