@@ -119,8 +119,8 @@ def assumption_note(config: CLIPConfig, source: str) -> str | None:
         return None
     return Reason(f"{source} has no config and its widths (vision {config.vision_width}, text "
                   f"{config.transformer_width}) are not one of OpenAI's models: assuming 64-wide attention heads "
-                  "and QuickGELU as OpenAI's; if it is an OpenCLIP model, give its architecture (the arch "
-                  "parameter, e.g. ViT-H-14/laion2b_s32b_b79k) or put its open_clip_config.json beside it",
+                  "and QuickGELU as OpenAI's; if it is an OpenCLIP model, give its architecture (arch, e.g. "
+                  "ViT-H-14/laion2b_s32b_b79k) or put its open_clip_config.json beside it",
                   fix="arch")
 
 

@@ -17,8 +17,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Callable, Iterator, Sequence
 
-from .errors import BusyError, OutputError, OutputExistsError, WriteError
+from .errors import BusyError, InputError, OutputError, OutputExistsError, WriteError
 from .text import display
+
+
+def named(path: str | os.PathLike, what: str = "a path") -> str:
+    """``path`` as text, refused when it names nothing: an empty or blank string (a script's
+    unset ``"$DIR"``) would otherwise be the current folder, and an index update would drop
+    every row under it."""
+    text = os.fspath(path)
+    if not (text.strip() if isinstance(text, str) else text.strip(b" \t\n")):
+        raise InputError(f"{what} is empty: it names no file or folder (an unset variable?); "
+                         "give a path, or . for the current folder")
+    return text
 
 
 def ensure_writable(paths: Sequence[str | os.PathLike], overwrite: bool) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import IndexDatabaseError, NoVectorsError, OutputError
+from .fsutil import named
 
 APPLICATION_ID = 0x434C4950  # "CLIP": this SQLite file is a clipcli index
 MIGRATIONS = [  # (version, statements): a database at version n runs every later entry once
@@ -106,7 +107,7 @@ class Index:
     """An open index database. ``Index(path)`` creates it when missing (``readonly``: never)."""
 
     def __init__(self, path: str | os.PathLike | None = None, *, readonly: bool = False, timeout: float = 60.0):
-        self.path = Path(path).expanduser() if path is not None else default_path()
+        self.path = Path(named(path, "the index path")).expanduser() if path is not None else default_path()
         exists = self.path.exists()
         if not exists and readonly:
             raise NoVectorsError(f"no index at {self.path}")

@@ -73,6 +73,10 @@ def update(index: Index, inputs: Sequence[str], key: str, load: Callable[[], "Lo
     image must be embedded; ``embed(loaded, items)`` yields one
     :class:`~clipcli.batching.Embedding` per item (default: :func:`embed_images`); rows are
     committed every ``batch_size`` files (None: the device's default batch)."""
+    from .fsutil import named
+
+    for arg in inputs:  # before anything: rows under a folder an empty path seemed to name would go
+        named(arg, "a path to index")
     run = _Run(index, key, load, embed, on_result or (lambda name, error: None), Summary(), batch_size=batch_size)
     started = time.monotonic()
     if index.readonly:

@@ -230,11 +230,15 @@ def expand_inputs(inputs: Sequence[str], *, exclude: Sequence[str | os.PathLike]
 
     Each input is a URL, an image file, a folder, a list file or ``-`` (a list on stdin).
     Files listed in ``exclude`` (the run's own outputs) are not picked up from folders.
-    A missing input or an empty result raises :class:`InputError`.
+    A missing input, an empty one (which would mean the current folder) or an empty result
+    raises :class:`InputError`.
     """
+    from .fsutil import named
+
     excluded = frozenset(os.path.abspath(p) for p in exclude)
     items: list[Item] = []
     for arg in inputs:
+        named(arg, "an input")
         visited: set = set()  # per input: a folder named twice is expanded twice, a loop never
         if arg == "-":
             items.extend(_list_entries(read_lines("-"), "", visited))

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .fsutil import umask
+from .fsutil import named, umask
 from .index import Hit, Index, key_range, path_key
 
 
@@ -155,6 +155,8 @@ def search(index: Index, model: int, query: np.ndarray, *, top_k: int = 10, thre
     every vector of the model is scored."""
     generation = index.db.execute("SELECT generation FROM models WHERE id = ?", (model,)).fetchone()[0]
     ids, vectors = load_matrix(index, model, generation)
+    for place in under:
+        named(place, "a place to search in")
     allowed = _allowed(index, model, under) if under else None
     want = top_k
     while True:  # duplicates share a vector: widen until top_k files, or every vector

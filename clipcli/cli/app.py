@@ -30,9 +30,32 @@ def _usage_error(error: Exception, ctx) -> typer.Exit:
     return typer.Exit(error.exit_code)
 
 
+# Parameters that name files or folders: an empty or blank value (a script's unset "$DIR") is a
+# usage error, never the current folder (an index update would drop every row under it).
+PATH_PARAMETERS = frozenset({"inputs", "output", "out", "db", "within", "labels_file", "text_file", "templates",
+                             "cache_dir", "model", "arch", "train_data", "val_data", "zeroshot_dir", "init", "src",
+                             "dst", "targets"})
+
+
+def _blank(value) -> bool:
+    return isinstance(value, str) and not value.strip()
+
+
 class _Command(TyperCommand):
-    """A command whose usage line reads ``INPUTS...`` (Typer writes ``{INPUTS}...``) and whose
-    usage errors are one line."""
+    """A command whose usage line reads ``INPUTS...`` (Typer writes ``{INPUTS}...``), whose
+    usage errors are one line, and whose paths are never empty."""
+
+    def parse_args(self, ctx, args):
+        rest = super().parse_args(ctx, args)
+        for param in self.get_params(ctx):
+            value = ctx.params.get(param.name)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if param.name in PATH_PARAMETERS and any(_blank(v) for v in values):
+                name = param.opts[0] if param.param_type_name == "option" else (param.metavar or param.name.upper())
+                error_line(f"{name} is empty: it names no file or folder (an unset variable?); "
+                           "give a path, or . for the current folder")
+                raise typer.Exit(2)
+        return rest
 
     def collect_usage_pieces(self, ctx) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import sys
 from enum import Enum
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -86,8 +85,8 @@ TruncatedOpt = Annotated[bool, typer.Option("--allow-truncated", help="Score tru
 PrivateOpt = Annotated[bool, typer.Option("--allow-private", help="Allow URLs on loopback/private/link-local addresses.")]
 ExactOpt = Annotated[bool, typer.Option("--exact-decode", help="Decode exactly as the reference does: JPEGs at full size (by default large ones decode at the smallest scale keeping twice the model's resolution), and palette/transparent images resized in their own mode and converted to RGB after the crop (by default alpha is composited on white first). Slower.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
-CacheDirOpt = Annotated[Optional[Path], typer.Option(
-    "--cache-dir", file_okay=False, show_default=False,
+CacheDirOpt = Annotated[Optional[str], typer.Option(
+    "--cache-dir", show_default=False,
     help="Cache folder for OpenAI's weights and downloads. Default: $CLIPCLI_CACHE_DIR, else "
          "$XDG_CACHE_HOME/clipcli, else ~/.cache/clipcli.")]
 TextOpt = Annotated[list[str], typer.Option("--text", help="A caption (repeatable).")]
@@ -141,7 +140,7 @@ def _caption_file(name: str) -> list[str]:
 
 
 def load(model: str, arch: Optional[str], device: str, precision: Optional[str], threads: Optional[int],
-         quiet: bool, towers: tuple[str, ...] = ("image", "text"), cache_dir: Optional[Path] = None):
+         quiet: bool, towers: tuple[str, ...] = ("image", "text"), cache_dir: Optional[str] = None):
     from ..pipeline import load_model, slow_precision_note
 
     loaded = load_model(model, device=device, precision=precision, towers=towers, threads=threads, arch=arch,

@@ -30,7 +30,7 @@ FIXES = {
     "max_pixels": "raise --max-pixels to allow it",
     "allow_truncated": "pass --allow-truncated to score what can be decoded",
     "allow_private": "pass --allow-private to fetch from it",
-    "arch": "with --arch NAME in the commands",
+    "arch": "the commands take it as --arch NAME",
 }
 
 
