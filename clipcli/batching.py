@@ -182,6 +182,11 @@ class _DaemonPool:
             thread.join(None if wait else max(0.0, deadline - time.monotonic()))
 
 
+# Undecoded bytes held ahead of the model (a WebDataset member is read whole, up to 64 MiB):
+# past this, no more items are read until the model catches up.
+MAX_PENDING_BYTES = 256 << 20
+
+
 def embed_images(
     loaded: Runnable,
     items: Sequence[Item],
@@ -195,8 +200,8 @@ def embed_images(
 ) -> Iterator[Embedding]:
     """One :class:`Embedding` per item, in order, as soon as its batch is done.
 
-    Up to ``2 * batch_size + workers`` items are decoded ahead of the model on ``workers``
-    threads (None: :func:`default_workers`; 0: decode in this thread); ``batch_size`` None is
+    Up to ``2 * batch_size + workers`` items (and :data:`MAX_PENDING_BYTES` of their bytes) are
+    decoded ahead of the model on ``workers`` threads (None: :func:`default_workers`; 0: decode in this thread); ``batch_size`` None is
     :func:`default_batch_size`. Items that fail carry a reason and no embedding.
     """
     from .preprocess import Preprocess
@@ -221,12 +226,14 @@ def embed_images(
     pool = _DaemonPool(workers) if workers > 0 else None
     pending: deque[tuple[Item, Future | None]] = deque()
     source = iter(items)
+    held = [0]  # bytes of the pending items' data (WebDataset members): bounded, not only their count
 
     def refill() -> None:
-        while len(pending) < lookahead:
+        while len(pending) < lookahead and (not pending or held[0] < MAX_PENDING_BYTES):
             item = next(source, None)
             if item is None:
                 return
+            held[0] += len(item.data or b"")
             pending.append((item, pool.submit(_prepare, item, step, decode, fetch, thumbnails) if pool else None))
 
     def flush(window: list) -> Iterator[Embedding]:
@@ -236,20 +243,21 @@ def embed_images(
             for entry, row in zip(decoded, rows):
                 entry[3] = row if isinstance(row, str) else None
                 entry[1] = None if isinstance(row, str) else row
-        for item, row, thumb, error in window:
-            yield Embedding(item.name, row, error, thumbnail=thumb if error is None else None)
+        for name, row, thumb, error in window:
+            yield Embedding(name, row, error, thumbnail=thumb if error is None else None)
 
     finished = False
     try:
         with pillow_limits(decode):
             refill()
-            window: list[list] = []  # [item, pixels -> row, thumbnail, error], in input order
+            window: list[list] = []  # [name, pixels -> row, thumbnail, error], in input order
             in_batch = 0
             while pending:
                 item, future = pending.popleft()
+                held[0] -= len(item.data or b"")
                 tensor, thumb, error = future.result() if future else _prepare(item, step, decode, fetch, thumbnails)
                 refill()
-                window.append([item, tensor, thumb, error])
+                window.append([item.name, tensor, thumb, error])  # the name only: bytes go as soon as decoded
                 in_batch += tensor is not None
                 if in_batch >= batch_size:
                     yield from flush(window)

@@ -27,16 +27,20 @@ list or option. The process that finds every partition done writes ``_summary.js
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from .errors import InputError, OutputError, OutputExistsError
 from .text import display
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
     from .items import Item
     from .pipeline import LoadedModel
     from .tasks import RunOptions
@@ -161,23 +165,125 @@ def _failed_path(outdir: Path, number: str) -> Path:
 
 
 class _Partition:
-    """One partition's results as they come back: the inputs that succeeded (embedding and
-    metadata, row for row) apart from the ones that failed."""
+    """One partition written as its results come back, in bounded memory whatever a shard holds:
+    at most :data:`ROWS` inputs are kept, then appended to temporary files (embeddings as raw
+    rows, metadata and failures as parquet row groups); :meth:`finish` makes the partition's
+    files from them (see the module docstring), :meth:`close` removes what is left."""
 
-    def __init__(self, columns: Sequence[str]):
-        self.embeddings: list = []
-        self.metadata: dict[str, list] = {"image_path": [], **{name: [] for name in columns}}
-        self.failed: dict[str, list] = {"image_path": [], "error": []}
+    ROWS = 1024
+
+    def __init__(self, outdir: Path, number: str, dim: int, dtype: str, columns: Sequence[str] = (),
+                 caption_rows: Callable[[list], "np.ndarray"] | None = None):
+        self.outdir, self.number, self.dim, self.dtype = outdir, number, dim, dtype
+        self.caption_rows = caption_rows  # captions -> their embeddings (--captions), row for row
+        self.columns = ("image_path", *columns)
+        self.ok = 0
+        self._temps: dict[str, tuple[str, object]] = {}  # kind -> (temporary path, open file or parquet writer)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._rows: list = []
+        self._metadata: dict[str, list] = {column: [] for column in self.columns}
+        self._failed: dict[str, list] = {"image_path": [], "error": []}
 
     def add(self, name: str, result, **fields) -> None:
         if result.ok:
-            self.embeddings.append(result.embedding)
-            self.metadata["image_path"].append(name)
-            for column, value in fields.items():
-                self.metadata[column].append(value)
+            self.ok += 1
+            self._rows.append(result.embedding)
+            for column, value in {"image_path": name, **fields}.items():
+                self._metadata[column].append(value)
         else:
-            self.failed["image_path"].append(name)
-            self.failed["error"].append(result.error)
+            self._failed["image_path"].append(name)
+            self._failed["error"].append(result.error)
+        if len(self._rows) + len(self._failed["error"]) >= self.ROWS:
+            self._flush()
+
+    def _final(self, kind: str) -> Path:
+        return self.outdir / kind / f"{kind}_{self.number}.{'npy' if kind.endswith('_emb') else 'parquet'}"
+
+    def _sink(self, kind: str, columns: Sequence[str] = ()):
+        """The temporary file of ``kind`` (a parquet writer for tables), made on first use."""
+        import tempfile
+
+        if kind not in self._temps:
+            (self.outdir / kind).mkdir(exist_ok=True)
+            handle, path = tempfile.mkstemp(prefix=f".{kind}_{self.number}.", suffix=".part", dir=self.outdir / kind)
+            sink = os.fdopen(handle, "wb")
+            if columns:
+                pa = _pyarrow()
+                sink.close()
+                sink = pa.parquet.ParquetWriter(path, pa.schema([(c, pa.string()) for c in columns]))
+            self._temps[kind] = (path, sink)
+        return self._temps[kind][1]
+
+    def _flush(self) -> None:
+        import numpy as np
+
+        from .fsutil import WRITE_ERRNOS, write_error
+
+        writes = []
+        if self._rows:
+            writes.append(("img_emb", np.stack(self._rows)))
+            if self.caption_rows is not None:
+                writes.append(("text_emb", self.caption_rows(self._metadata["caption"])))
+            writes.append(("metadata", self._metadata))
+        if self._failed["error"]:
+            writes.append(("failed", self._failed))
+        for kind, data in writes:
+            try:
+                if isinstance(data, dict):
+                    self._sink(kind, list(data)).write_table(_table(data))
+                else:
+                    self._sink(kind).write(np.ascontiguousarray(data, dtype=self.dtype).tobytes())
+            except OSError as error:
+                if error.errno not in WRITE_ERRNOS:
+                    raise
+                raise write_error(error, self._final(kind)) from None  # a full disk: name the file
+        self._reset()
+
+    def finish(self) -> None:
+        """The partition's files, each renamed into place when complete: the embeddings and
+        metadata only when some input succeeded, the failures last, also when there are none."""
+        import shutil
+
+        import numpy as np
+
+        from .fsutil import atomic_path, atomic_write
+
+        self._flush()
+        if "failed" not in self._temps:
+            self._sink("failed", ("image_path", "error"))  # zero rows: still the done marker
+        for kind in ("img_emb", "text_emb", "metadata", "failed"):
+            if kind not in self._temps:
+                continue
+            temp, sink = self._temps[kind]
+            sink.close()
+            if kind == "failed" or self.ok:
+                if kind.endswith("_emb"):
+                    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(self.dtype)), "fortran_order": False,
+                              "shape": (self.ok, self.dim)}
+                    with atomic_write(self._final(kind), overwrite=True) as out, open(temp, "rb") as rows:
+                        np.lib.format.write_array_header_1_0(out, header)
+                        shutil.copyfileobj(rows, out, 1 << 20)
+                else:
+                    with atomic_path(self._final(kind), overwrite=True) as out:
+                        shutil.copyfile(temp, out)
+
+    def close(self) -> None:
+        for path, sink in self._temps.values():
+            try:
+                sink.close()
+            except Exception:  # noqa: BLE001 - already closed, or failing while we clean up
+                pass
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self._temps.clear()
+
+    def __enter__(self) -> "_Partition":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _check_dtype(dtype: str) -> None:
@@ -207,7 +313,7 @@ def encode_partitions(loaded: "LoadedModel", items: Sequence["Item"], outdir: st
     outdir = Path(outdir)
     count = max(1, -(-len(items) // partition_size))
     numbers = _names(count)
-    outdir.mkdir(parents=True, exist_ok=True)  # the partitions' folders: _write
+    outdir.mkdir(parents=True, exist_ok=True)  # the partitions' folders: _Partition
     _claim_manifest(outdir / MANIFEST,
                     _manifest(loaded, [item.name for item in items], partition_size, count, normalize, run, dtype))
     outcome = {"partitions": count, "done": 0, "skipped": 0, "ok": 0, "error": 0, "summary": None}
@@ -218,12 +324,12 @@ def encode_partitions(loaded: "LoadedModel", items: Sequence["Item"], outdir: st
             outcome["skipped"] += 1
             continue
         chunk = items[i * partition_size : (i + 1) * partition_size]
-        partition = _Partition(())
-        for item, result in zip(chunk, embed_images(loaded, chunk, normalize=normalize, **run.pipeline_kwargs())):
-            partition.add(item.name, result)
-            outcome["ok" if result.ok else "error"] += 1
-            report(item.name, result.error)
-        _write(outdir, number, partition, loaded.embed_dim, dtype)
+        with _Partition(outdir, number, loaded.embed_dim, dtype) as partition:
+            for item, result in zip(chunk, embed_images(loaded, chunk, normalize=normalize, **run.pipeline_kwargs())):
+                partition.add(item.name, result)
+                outcome["ok" if result.ok else "error"] += 1
+                report(item.name, result.error)
+            partition.finish()
         outcome["done"] += 1
     outcome["summary"] = _summarize(outdir, numbers)
     return outcome
@@ -235,28 +341,6 @@ def _table(columns: dict[str, list]):
     pa = _pyarrow()
     return pa.Table.from_arrays([pa.array([None if v is None else display(str(v)) for v in values], type=pa.string())
                                  for values in columns.values()], names=list(columns))
-
-
-def _write(outdir: Path, number: str, partition: _Partition, dim: int, dtype: str, texts: Iterable | None = None) -> None:
-    """One partition's files, each under a temporary name until complete. The embeddings and
-    metadata only when some input succeeded; the failures last, also when there are none."""
-    import numpy as np
-
-    from .fsutil import atomic_path, atomic_write
-
-    parquet = _pyarrow().parquet
-    matrices = [("img_emb", partition.embeddings)] + ([("text_emb", list(texts))] if texts is not None else [])
-    if partition.embeddings:
-        for kind, rows in matrices:
-            (outdir / kind).mkdir(exist_ok=True)
-            with atomic_write(outdir / kind / f"{kind}_{number}.npy", overwrite=True) as file:
-                np.save(file, np.stack(rows).astype(dtype), allow_pickle=False)
-    for kind, columns in [("metadata", partition.metadata if partition.embeddings else None), ("failed", partition.failed)]:
-        if columns is None:
-            continue
-        (outdir / kind).mkdir(exist_ok=True)
-        with atomic_path(outdir / kind / f"{kind}_{number}.parquet", overwrite=True) as temp:
-            parquet.write_table(_table(columns), str(temp))
 
 
 def encode_shards(loaded: "LoadedModel", shards: Sequence[str], outdir: str | os.PathLike, *,
@@ -290,28 +374,29 @@ def encode_shards(loaded: "LoadedModel", shards: Sequence[str], outdir: str | os
         if _failed_path(outdir, number).exists():
             outcome["skipped"] += 1
             continue
-        found = []  # the samples without their image bytes, which go to the decoder and no further
+        found: deque = deque()  # the samples read ahead, without their image bytes (those go to the decoder)
 
         def stream(shard=shard, found=found):
             for sample in samples(shard):
                 found.append((sample.key, sample.caption, sample.url, sample.json))
                 yield sample.item
 
-        partition = _Partition(("caption", "url", "json"))
-        for k, result in enumerate(embed_images(loaded, stream(), normalize=normalize, **run.pipeline_kwargs())):
-            key, caption, url, sidecar = found[k]  # found[k] was read before its result came back
-            partition.add(key, result, caption=caption, url=url, json=sidecar)
-            outcome["ok" if result.ok else "error"] += 1
-            report(f"{shard}:{key}", result.error)
-        texts = None
-        if captions:
-            texts = [np.zeros(loaded.embed_dim, np.float32) for _ in partition.embeddings]
-            written = partition.metadata["caption"]
-            with_text = [j for j, caption in enumerate(written) if caption]
-            for j, result in zip(with_text, embed_texts(loaded, [written[j] for j in with_text], normalize=normalize)):
+        def caption_rows(texts: list) -> "np.ndarray":
+            rows = np.zeros((len(texts), loaded.embed_dim), np.float32)  # zeros: no caption
+            with_text = [j for j, text in enumerate(texts) if text]
+            for j, result in zip(with_text, embed_texts(loaded, [texts[j] for j in with_text], normalize=normalize)):
                 if result.ok:
-                    texts[j] = result.embedding
-        _write(outdir, number, partition, loaded.embed_dim, dtype, texts)
+                    rows[j] = result.embedding
+            return rows
+
+        with _Partition(outdir, number, loaded.embed_dim, dtype, ("caption", "url", "json"),
+                        caption_rows if captions else None) as partition:
+            for result in embed_images(loaded, stream(), normalize=normalize, **run.pipeline_kwargs()):
+                key, caption, url, sidecar = found.popleft()  # read before its result came back
+                partition.add(key, result, caption=caption, url=url, json=sidecar)
+                outcome["ok" if result.ok else "error"] += 1
+                report(f"{shard}:{key}", result.error)
+            partition.finish()
         outcome["done"] += 1
     outcome["summary"] = _summarize(outdir, numbers)
     return outcome

@@ -215,6 +215,12 @@ def _shorten(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+# Only this much of a text is tokenized: its first tokens are all a context takes (a 60 MiB
+# caption took 4 GB to tokenize whole). 851 characters a token for a 77-token context: only a
+# text of long whitespace runs could tokenize differently from the reference, which cuts after.
+MAX_TOKENIZED_CHARS = 1 << 16
+
+
 def encode_texts(
     texts: str | Sequence[str], context_length: int = 77, truncate: bool = True
 ) -> tuple[torch.LongTensor, list[bool]]:
@@ -223,6 +229,8 @@ def encode_texts(
     Each row is start token, the text's ids, end token, then zeros. A text that does not fit
     raises :class:`ContextLengthError` naming it and its index, unless ``truncate`` is true:
     then it keeps its first ``context_length`` ids with the last one replaced by the end token.
+    Only the first :data:`MAX_TOKENIZED_CHARS` characters of a text are tokenized; a longer
+    text counts as cut.
     """
     import numpy as np
     import torch
@@ -238,9 +246,17 @@ def encode_texts(
     for index, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"text {index} is a {type(text).__name__}, not a str")
-        ids = [sot, *tokenizer.encode(text), eot]
-        cut = len(ids) > context_length
+        long = len(text) > MAX_TOKENIZED_CHARS
+        ids = [sot, *tokenizer.encode(text[:MAX_TOKENIZED_CHARS] if long else text), eot]
+        cut = long or len(ids) > context_length
         if cut:
+            if not truncate and long:
+                error = ContextLengthError(
+                    f"text {index} ({_shorten(text)!r}) is {len(text):,} characters, more than any context "
+                    f"length takes; shorten it or enable truncation"
+                )
+                error.index, error.text, error.num_tokens = index, text, len(ids)
+                raise error
             if not truncate:
                 error = ContextLengthError(
                     f"text {index} ({_shorten(text)!r}) is {len(ids)} tokens with start and end tokens, "

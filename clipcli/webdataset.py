@@ -12,7 +12,8 @@ came after cannot be known). A shard that cannot be read at all (missing, a perm
 I/O error) stops the run instead, so that a rerun tries it again, and so does a shard whose
 members are not grouped by key (``tar -cf`` of a folder in directory order interleaves them):
 read as a stream, each sample would be cut into fragments. Only image, caption and JSON
-members are read, each up to :data:`MAX_MEMBER_BYTES`.
+members are read, images up to :data:`MAX_MEMBER_BYTES` and captions and JSON up to
+:data:`MAX_SIDECAR_BYTES` each.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from .text import display
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 WANTED = (*IMAGE_EXTENSIONS, "txt", "json")
-MAX_MEMBER_BYTES = 64 << 20  # an image, caption or JSON larger than this is an error sample
+MAX_MEMBER_BYTES = 64 << 20  # an image larger than this is an error sample
+MAX_SIDECAR_BYTES = 1 << 20  # and so is a caption or JSON larger than this: a whole shard's are held
 SHARD = re.compile(r"\.(tar(\.gz|\.bz2|\.xz)?|tgz)$", re.IGNORECASE)
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _CHOICE = re.compile(r"\{([^{}]*,[^{}]*)\}")
@@ -146,8 +148,9 @@ def samples(shard: str) -> Iterator[Sample]:
                 key = member_key
                 if extension not in WANTED:
                     continue  # never read: other members may be large (.mp4, .npy)
-                if member.size > MAX_MEMBER_BYTES:
-                    parts["error"] = f"{extension} member of {member.size:,} bytes is over the {MAX_MEMBER_BYTES:,} limit"
+                limit = MAX_SIDECAR_BYTES if extension in ("txt", "json") else MAX_MEMBER_BYTES
+                if member.size > limit:
+                    parts["error"] = f"{extension} member of {member.size:,} bytes is over the {limit:,} limit"
                     continue
                 parts[extension] = archive.extractfile(member).read()
     except (tarfile.TarError, EOFError, zlib.error) as error:
