@@ -7,13 +7,21 @@ would be unreadable, so they are left out and the returned notes say so.
 
 Rendering uses matplotlib's object API on the Agg canvas (no pyplot, no display), imported
 only when a heatmap is drawn.
+
+Captions, names and the title are drawn literally: never as mathtext or TeX (``$5``,
+``a_b^c``), with control characters escaped (``\\x1b``); a character matplotlib's font
+lacks becomes a note, not a warning on stderr.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import textwrap
+import warnings
 from typing import IO, TYPE_CHECKING, Sequence
+
+from .text import escaped, one_line
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -33,13 +41,14 @@ def figure_format(path: str | os.PathLike) -> str:
 
 
 def _caption(text: str, width: int = 48, limit: int = 120) -> str:
+    text = one_line(text)
     if len(text) > limit:
         text = text[: limit - 1] + "…"
     return "\n".join(textwrap.wrap(text, width)) or text
 
 
 def _short(name: str, limit: int = 24) -> str:
-    base = os.path.basename(name.rstrip("/")) or name
+    base = escaped(os.path.basename(name.rstrip("/")) or name)
     return base if len(base) <= limit else base[: limit - 1] + "…"
 
 
@@ -67,19 +76,11 @@ def colour_range(cosine: "np.ndarray") -> tuple[float, float]:
     return low, high
 
 
-def render(
-    cosine: "np.ndarray",
-    texts: Sequence[str],
-    images: Sequence[str],
-    thumbnails: Sequence["Image.Image | None"] | None,
-    out: str | os.PathLike | IO[bytes],
-    fmt: str = "png",
-    title: str = TITLE,
-) -> list[str]:
-    """Draw ``cosine`` (rows = ``texts``, columns = ``images``) into ``out`` as ``fmt``.
+_MISSING_GLYPH = re.compile(r"Glyph (\d+) .*missing from")
 
-    Returns notes for the user (e.g. what was left out of a large matrix).
-    """
+
+def _draw(cosine, texts, images, thumbnails, out, fmt: str, title: str) -> list[str]:
+    """:func:`render` without its care for warnings and rcParams."""
     import numpy as np
     from matplotlib.figure import Figure
 
@@ -156,4 +157,36 @@ def render(
     axes.set_title(title, fontsize=max(9.0, min(20.0, label_size * 1.4)), pad=12, parse_math=False)
 
     figure.savefig(out, format=fmt, bbox_inches="tight", dpi=100 if fmt == "png" else None)
+    return notes
+
+
+def render(
+    cosine: "np.ndarray",
+    texts: Sequence[str],
+    images: Sequence[str],
+    thumbnails: Sequence["Image.Image | None"] | None,
+    out: str | os.PathLike | IO[bytes],
+    fmt: str = "png",
+    title: str = TITLE,
+) -> list[str]:
+    """Draw ``cosine`` (rows = ``texts``, columns = ``images``) into ``out`` as ``fmt``.
+
+    Returns notes for the user (e.g. what was left out of a large matrix, characters the
+    font lacks).
+    """
+    import matplotlib
+
+    with warnings.catch_warnings(record=True) as caught, matplotlib.rc_context({"text.usetex": False}):
+        warnings.simplefilter("always")
+        notes = _draw(cosine, texts, images, thumbnails, out, fmt, one_line(title))
+    missing = set()
+    for warning in caught:
+        glyph = _MISSING_GLYPH.match(str(warning.message))
+        if glyph:
+            missing.add(chr(int(glyph.group(1))))
+        else:  # not ours to hide, but never with a raw control character
+            warnings.warn(one_line(str(warning.message)), warning.category, stacklevel=2)
+    if missing:
+        shown = "".join(sorted(missing)[:20]) + ("…" if len(missing) > 20 else "")
+        notes.append(f"the font has no glyph for {len(missing)} character(s) of the labels, drawn as boxes: {shown}")
     return notes

@@ -4,6 +4,10 @@ A *record* is a flat-ish dict, one per input, in input order. :class:`RecordWrit
 streams JSON Lines as records arrive (a pipeline sees the first result at once) and
 buffers the other formats. Files are written by :mod:`clipcli.fsutil` (atomic writes).
 What a run says on stderr is the CLI's (:mod:`clipcli.cli.render`).
+
+Every value comes from outside (file names, labels, captions), so none is ever read as
+markup: a table draws each cell, header and title as plain rich ``Text`` with control
+characters escaped (:func:`clipcli.text.escaped`), and JSON escapes them as ``\\uXXXX``.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ import csv
 import io
 import json
 import os
+import re
+import unicodedata
 from typing import IO, Any, Callable, Sequence
 
-from .text import display
+from .text import display, escaped
 
 FORMATS = ("jsonl", "json", "csv", "table")
 
@@ -33,9 +39,26 @@ def to_json(value: Any, indent: int | None = None) -> str:
 
     With ``indent``, short containers and lists of numbers stay on one line, so a matrix
     prints one row per line.
+
+    Characters that act on a terminal and that JSON leaves raw (DEL and the C1 controls such
+    as the one-byte CSI, bidi overrides, line and paragraph separators) are written as
+    ``\\uXXXX`` escapes too, so a record printed to a terminal cannot restyle it; readers
+    get the same string back.
     """
     text = _pretty(value, indent, 0) if indent else json.dumps(value, ensure_ascii=False, allow_nan=False)
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _RAW.sub(_json_escape, text) if not text.isascii() or "\x7f" in text else text
+
+
+_RAW = re.compile("[\x7f-\U0010ffff]")  # only these can need it: JSON escapes C0 itself
+
+
+def _json_escape(match: re.Match) -> str:
+    char = match.group()
+    code = ord(char)
+    if code < 0xA0 or (unicodedata.category(char) in ("Cf", "Zl", "Zp") and code != 0x200D):  # ZWJ joins emoji
+        return json.dumps(char)[1:-1]  # \uXXXX, a surrogate pair beyond the BMP
+    return char
 
 
 def _pretty(value: Any, indent: int, level: int) -> str:
@@ -145,28 +168,44 @@ def write_table(
     stream: IO[str], rows: Sequence[dict], columns: Sequence[str], title: str | None = None, paths_column: str | None = None
 ) -> None:
     """A rich table; floats to 4 decimals, error rows in red. The ``paths_column`` is shown
-    relative to the folder all its paths share, named in the caption."""
+    relative to the folder all its paths share, named in the caption.
+
+    Every cell, header, title and caption is drawn literally: ``[bold]a.png`` or ``:smile:``
+    as written, never as markup or an emoji, and ``\\x1b[2J`` escaped (:func:`~clipcli.text.escaped`).
+    """
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title, show_lines=False, header_style="bold")
+    def literal(value: Any) -> Text:
+        return Text(escaped(_cell(value, digits=4)))
+
+    table = Table(title=literal(title) if title else None, show_lines=False, header_style="bold")
     folder = common_folder([row.get(paths_column) for row in rows]) if paths_column else ""
     if folder:
-        table.caption = f"paths relative to {display(folder)}"
+        table.caption = Text(f"paths relative to {escaped(folder)}")
         rows = [{**row, paths_column: os.path.relpath(row[paths_column], folder)} for row in rows]
     for column in columns:
         numeric = any(isinstance(row.get(column), float) for row in rows)
-        table.add_column(column, justify="right" if numeric else "left", overflow="fold")
+        table.add_column(literal(column), justify="right" if numeric else "left", overflow="fold")
     for row in rows:
         style = "red" if row.get("status") == "error" else None
-        table.add_row(*[_cell(row.get(c), digits=4) for c in columns], style=style)
+        table.add_row(*[literal(row.get(c)) for c in columns], style=style)
     Console(file=stream, soft_wrap=False).print(table)
 
 
-def write_paths(stream: IO[bytes], paths: Sequence[bytes]) -> None:
-    """One path per line, as the filesystem's bytes (for ``xargs -d '\\n'``)."""
-    stream.write(b"".join(path + b"\n" for path in paths))
+def write_paths(stream: IO[bytes], paths: Sequence[bytes], separator: bytes = b"\n") -> list[bytes]:
+    """Each path followed by ``separator``, as the filesystem's bytes: ``b"\\n"`` for
+    ``xargs -d '\\n'``, ``b"\\0"`` for ``xargs -0`` (as ``find -print0``).
+
+    A path that holds the separator itself (a name with a line break) would read as two
+    paths, the second one chosen by whoever named the file, so it is left out; the paths
+    left out are returned for the caller to report. No path holds a NUL byte.
+    """
+    kept = [path for path in paths if separator not in path]
+    stream.write(b"".join(path + separator for path in kept))
     stream.flush()
+    return [path for path in paths if separator in path]
 
 
 def text_stream(binary: IO[bytes]) -> IO[str]:

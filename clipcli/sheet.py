@@ -1,5 +1,9 @@
 """A contact sheet of search results: thumbnails in rank order, each with its rank, score
-and file name, drawn with Pillow alone (people would rather look than read paths)."""
+and file name, drawn with Pillow alone (people would rather look than read paths).
+
+A sheet holds at most :data:`MAX_THUMBNAILS` results, in at most :data:`MAX_ROWS` rows (the
+tallest image WebP can store); beyond :data:`COLUMNS` x :data:`MAX_ROWS` results it grows
+wider instead. What is left out is said in the notes :func:`render` returns."""
 
 from __future__ import annotations
 
@@ -10,11 +14,13 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .images import DecodeOptions, read_image
 from .items import Item
-from .text import display
+from .text import escaped
 
 CELL = 200  # thumbnail side, pixels
 CAPTION = 34
 COLUMNS = 5
+MAX_ROWS = 70  # 70 x 234 px = 16,380 px: WebP stores at most 16,383
+MAX_THUMBNAILS = 1000  # 15 columns x 67 rows, 3,000 x 15,678 px
 FORMATS = ("png", "jpg", "jpeg", "webp")
 
 
@@ -36,17 +42,30 @@ def _thumbnail(name: str) -> Image.Image | None:
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """``text``, cut short with "…" to fit ``width`` pixels (a binary search: names can be long)."""
     if draw.textlength(text, font=font) <= width:
         return text
-    while text and draw.textlength(text + "…", font=font) > width:
-        text = text[:-1]
-    return text + "…"
+    low, high = 0, len(text)  # text[:low] + "…" fits; text[:high] + "…" does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if draw.textlength(text[:middle] + "…", font=font) <= width else (low, middle)
+    return text[:low] + "…"
 
 
-def render(hits: Sequence, stream: IO[bytes], fmt: str = "png") -> None:
-    """Draw ``hits`` (:class:`~clipcli.index.Hit`) into ``stream`` as a ``fmt`` image."""
-    columns = max(1, min(COLUMNS, len(hits)))
-    rows = max(1, -(-len(hits) // columns))
+def grid(count: int) -> tuple[int, int]:
+    """(columns, rows) for ``count`` thumbnails: :data:`COLUMNS` wide, wider past :data:`MAX_ROWS` rows."""
+    columns = max(1, min(count, max(COLUMNS, -(-count // MAX_ROWS))))
+    return columns, max(1, -(-count // columns))
+
+
+def render(hits: Sequence, stream: IO[bytes], fmt: str = "png") -> list[str]:
+    """Draw ``hits`` (:class:`~clipcli.index.Hit`) into ``stream`` as a ``fmt`` image: the first
+    :data:`MAX_THUMBNAILS` of them. Returns notes for the user (what was left out)."""
+    notes = []
+    if len(hits) > MAX_THUMBNAILS:
+        notes.append(f"the contact sheet shows the best {MAX_THUMBNAILS} of the {len(hits)} results")
+        hits = hits[:MAX_THUMBNAILS]
+    columns, rows = grid(len(hits))
     sheet = Image.new("RGB", (columns * CELL, rows * (CELL + CAPTION)), "white")
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
@@ -58,8 +77,9 @@ def render(hits: Sequence, stream: IO[bytes], fmt: str = "png") -> None:
             draw.text((left + 10, top + CELL // 2), "cannot read", fill="black", font=font)
         else:
             sheet.paste(thumb, (left + (CELL - thumb.width) // 2, top + (CELL - thumb.height) // 2))
-        name = display(os.path.basename(hit.name))
+        name = escaped(os.path.basename(hit.name))  # one line, a line break or escape sequence shown as \n, \x1b
         draw.text((left + 4, top + CELL + 2), _fit(draw, f"#{hit.rank}  {hit.score:.4f}", font, CELL - 8),
                   fill="black", font=font)
         draw.text((left + 4, top + CELL + 17), _fit(draw, name, font, CELL - 8), fill="#333333", font=font)
     sheet.save(stream, format=fmt.upper())
+    return notes

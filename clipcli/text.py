@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
+_BREAKS = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
 
 def display(text: str) -> str:
     """``text`` safe to print or encode as UTF-8: undecodable bytes from file names
@@ -12,18 +14,29 @@ def display(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def _shown(char: str) -> str:
+    code = ord(char)
+    if code < 0x20 or 0x7F <= code < 0xA0:
+        return _BREAKS.get(char) or f"\\x{code:02x}"
+    if unicodedata.category(char) in ("Cf", "Zl", "Zp") and code != 0x200D:  # ZWJ joins emoji
+        return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+    return char
+
+
+def escaped(text: str) -> str:
+    r"""``text`` with every character that could act on a terminal shown escaped: control
+    characters (``\x1b`` of an escape sequence, ``\n``, ``\t``), bidi overrides and other
+    invisible format characters (``\u202e``); undecodable file-name bytes as by :func:`display`.
+    For values shown as data (a file name in a table or on an image), where a line break
+    must stay visible."""
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(_shown(char) for char in display(text))
+
+
 def one_line(text: str) -> str:
     r"""``text`` as one safe line for a terminal: line breaks become spaces; other control
     characters (escape sequences that could retitle or clear the terminal, bidi overrides)
     are shown escaped, as ``\x1b`` or ``\u202e``; undecodable file-name bytes as by
     :func:`display`."""
-    out = []
-    for char in " ".join(re.split(r"[\r\n\t]+", display(text).strip())):  # line breaks: one space
-        code = ord(char)
-        if code < 0x20 or 0x7F <= code < 0xA0:
-            out.append(f"\\x{code:02x}")
-        elif unicodedata.category(char) in ("Cf", "Zl", "Zp") and code not in (0x200D,):
-            out.append(f"\\u{code:04x}")
-        else:
-            out.append(char)
-    return "".join(out)
+    return escaped(" ".join(re.split(r"[\r\n\t]+", display(text).strip())))  # line breaks: one space

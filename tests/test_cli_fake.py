@@ -339,3 +339,17 @@ def test_old_spellings_still_work_for_a_release(squares, tmp_path):
     assert models.exit_code == 0 and isinstance(json.loads(models.stdout), list)
     result = run("train", "--train-data", "nowhere.csv", "--out", "run", "--zeroshot-template", "a {}.")
     assert result.exit_code == 2 and "nowhere.csv" in result.stderr  # --out and --zeroshot-template were taken
+
+
+def test_search_print0_separates_paths_by_nul_and_paths_skips_a_name_with_a_line_break(squares, named_models):
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (250, 0, 0)).save(squares / "x\ny.png")
+    assert run("index", "sq", "--db", "i.sqlite3", "-m", "my-model", "-q").exit_code == 1  # broken.png
+    nul = CliRunner().invoke(app, ["search", "red", "--db", "i.sqlite3", "-0", "-k", "5"], catch_exceptions=False)
+    paths = nul.stdout_bytes.split(b"\0")
+    assert nul.exit_code == 0 and paths[-1] == b"" and any(p.endswith(b"x\ny.png") for p in paths)
+    lines = run("search", "red", "--db", "i.sqlite3", "-f", "paths", "-k", "5")
+    assert lines.exit_code == 1 and "x\ny.png" not in lines.stdout and "holds a line break; use --print0" in lines.stderr
+    mixed = run("search", "red", "--db", "i.sqlite3", "-0", "-f", "json")
+    assert mixed.exit_code == 2 and "--print0" in mixed.stderr

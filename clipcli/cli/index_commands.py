@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from enum import Enum
 from typing import Annotated, Optional
@@ -9,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import InputError, NoVectorsError, OutputError
+from ..text import escaped
 from .app import command
 from .options import (
     DEFAULT_MODEL,
@@ -29,6 +31,7 @@ from .options import (
     output_format,
     run_options,
 )
+from .render import say
 
 DbOpt = Annotated[Optional[str], typer.Option("--db", envvar="CLIPCLI_INDEX", show_envvar=True, show_default=False,
                                               help="The index file (default: $XDG_DATA_HOME/clipcli/index.sqlite3).")]
@@ -149,7 +152,8 @@ def search(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = None,
     threads: ThreadsOpt = None,
-    fmt: Annotated[Optional[SearchFormat], typer.Option("--format", "-f", help="Default: table on a terminal, jsonl in a pipe; paths: one path per line.")] = None,
+    fmt: Annotated[Optional[SearchFormat], typer.Option("--format", "-f", help="Default: table on a terminal, jsonl in a pipe; paths: one path per line (a name that holds a line break is skipped: use --print0).")] = None,
+    print0: Annotated[bool, typer.Option("--print0", "-0", help="Paths, each followed by a NUL byte instead of a line break, for xargs -0: file names may contain line breaks (implies --format paths).")] = False,
     quiet: QuietOpt = False,
     allow_private: PrivateOpt = False,
 ) -> None:
@@ -160,7 +164,7 @@ def search(
 
     Example: clipcli search "a red bicycle" --top-k 5 -o sheet.png
 
-    Example: clipcli search photos/cat.jpg --in ~/Pictures/2024 --format paths | xargs -d '\\n' ls -l
+    Example: clipcli search photos/cat.jpg --in ~/Pictures/2024 --print0 | xargs -0 ls -l
     """
     from ..fsutil import atomic_write, ensure_writable
     from ..http import FetchOptions
@@ -170,6 +174,8 @@ def search(
     from ..search import search as run_search
 
     terms = parse_terms(queries, minus)
+    if print0 and fmt not in (None, SearchFormat.paths):
+        raise InputError(f"prints paths: it cannot go with --format {fmt.value}", option="print0")
     if output:
         from ..sheet import sheet_format
 
@@ -199,9 +205,10 @@ def search(
                               fetch=FetchOptions(allow_private=allow_private))
         except NoVectorsError as error:
             raise NoVectorsError(f"{error.message}; index with it first: clipcli index FOLDER --model {model}") from None
-    name = output_format(fmt) if fmt is None else fmt.value
+    name = "paths" if print0 else (output_format(fmt) if fmt is None else fmt.value)
+    skipped: list[bytes] = []
     if name == "paths":
-        write_paths(sys.stdout.buffer, [hit.path for hit in hits])
+        skipped = write_paths(sys.stdout.buffer, [hit.path for hit in hits], b"\0" if print0 else b"\n")
     else:
         with RecordWriter(sys.stdout, name, paths_column="image") as writer:
             for hit in hits:
@@ -210,5 +217,12 @@ def search(
         from ..sheet import render
 
         with atomic_write(output, overwrite=overwrite) as stream:
-            render(hits, stream, sheet)
+            notes = render(hits, stream, sheet)
+        if not quiet:
+            for note in notes:
+                say(f"note: {note}")
+    for path in skipped:  # on a line of its own it would read as two paths
+        say(f"skipping {escaped(os.fsdecode(path))}: its name holds a line break; use --print0 with xargs -0")
+    if skipped:
+        raise typer.Exit(1)
 
