@@ -68,11 +68,10 @@ class Share:
 
 
 def _env_int(*names: str) -> int | None:
-    for name in names:
-        value = os.environ.get(name, "").strip()
-        if value.isdigit():
-            return int(value)
-    return None
+    """The first of ``names`` that is set (a malformed one is an error: see :func:`env_int`)."""
+    from .topology import env_int
+
+    return next((value for value in map(env_int, names) if value is not None), None)
 
 
 def share(rank: int | None = None, world: int | None = None) -> Share:
@@ -102,6 +101,21 @@ def is_folder_output(output: str | os.PathLike | None) -> bool:
 def _names(count: int) -> list[str]:
     width = len(str(max(count - 1, 0)))
     return [f"{i:0{width}d}" for i in range(count)]
+
+
+def make_folder(outdir: str | os.PathLike) -> Path:
+    """The output folder, made now (before a model is loaded): a file in its place, or a folder
+    that cannot be made, is an :class:`OutputError` naming it."""
+    from .fsutil import named
+
+    path = Path(named(outdir, "the output folder"))
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"cannot write partitions into {display(os.fspath(outdir))}: it is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"cannot make the folder {display(os.fspath(outdir))}: {error.strerror or error}") from None
+    return path
 
 
 def require_pyarrow() -> None:
@@ -310,10 +324,9 @@ def encode_partitions(loaded: "LoadedModel", items: Sequence["Item"], outdir: st
     _pyarrow()
     run = (run or RunOptions()).for_device(loaded.device)
     report = on_result or (lambda name, error: None)
-    outdir = Path(outdir)
+    outdir = make_folder(outdir)  # the partitions' folders: _Partition
     count = max(1, -(-len(items) // partition_size))
     numbers = _names(count)
-    outdir.mkdir(parents=True, exist_ok=True)  # the partitions' folders: _Partition
     _claim_manifest(outdir / MANIFEST,
                     _manifest(loaded, [item.name for item in items], partition_size, count, normalize, run, dtype))
     outcome = {"partitions": count, "done": 0, "skipped": 0, "ok": 0, "error": 0, "summary": None}
@@ -362,9 +375,8 @@ def encode_shards(loaded: "LoadedModel", shards: Sequence[str], outdir: str | os
     _pyarrow()
     run = (run or RunOptions()).for_device(loaded.device)
     report = on_result or (lambda name, error: None)
-    outdir = Path(outdir)
+    outdir = make_folder(outdir)
     numbers = _names(len(shards))
-    outdir.mkdir(parents=True, exist_ok=True)
     _claim_manifest(outdir / MANIFEST,
                     _manifest(loaded, list(shards), None, len(shards), normalize, run, dtype, captions))
     outcome = {"partitions": len(shards), "done": 0, "skipped": 0, "ok": 0, "error": 0, "summary": None}

@@ -27,9 +27,22 @@ class Topology:
         return self.world_size > 1
 
 
-def _int(name: str, default: int) -> int:
+def env_int(name: str) -> int | None:
+    """``$NAME`` as a whole number of 0 or more, None when unset or empty; anything else (``abc``,
+    ``-1``, ``²``) is an :class:`~clipcli.errors.InputError` naming it, never silently ignored."""
+    from .errors import InputError
+
     value = os.environ.get(name, "").strip()
-    return int(value) if value.isdigit() else default
+    if not value:
+        return None
+    if not (value.isascii() and value.isdigit()):
+        raise InputError(f"{name}={value!r} is not a whole number of 0 or more")
+    return int(value)
+
+
+def _int(name: str, default: int) -> int:
+    found = env_int(name)
+    return default if found is None else found
 
 
 def from_environment() -> Topology:
@@ -43,6 +56,6 @@ def from_environment() -> Topology:
 def slurm_local_id() -> int | None:
     """This task's index on its node under SLURM (``SLURM_LOCALID``) when a job step runs
     several tasks, else None: tasks that share a node's GPUs pick theirs by it."""
-    if _int("SLURM_STEP_NUM_TASKS", 1) <= 1 or not os.environ.get("SLURM_LOCALID", "").strip().isdigit():
+    if _int("SLURM_STEP_NUM_TASKS", 1) <= 1 or env_int("SLURM_LOCALID") is None:
         return None
     return _int("SLURM_LOCALID", 0)

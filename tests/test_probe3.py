@@ -158,3 +158,80 @@ def test_a_shard_of_junk_members_stays_within_a_fixed_memory_budget(tmp_path, ti
     # 60 failing 24 MiB members held until the end measured 1.5 GB above the baseline before; now
     # at most MAX_PENDING_BYTES (256 MiB) of undecoded members are ever held, plus one being read.
     assert peak - baseline < 450, (baseline, peak)
+
+
+# ----------------------------------------------------------------------------- 11, 16, 20: streams, disks, odd settings
+
+
+def _shell(command: str, **env) -> "subprocess.CompletedProcess":
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run(["bash", "-c", command.replace("CLIPCLI", f"{sys.executable} -m clipcli")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+
+
+def test_closed_and_full_streams_are_one_line_and_finished_work_is_kept(tmp_path, tiny_vit_checkpoint):
+    image = tmp_path / "a.png"
+    shutil.copy(DATA / "rocket.jpg", image)
+    model = str(tiny_vit_checkpoint)
+    help_to_full = _shell("CLIPCLI --help > /dev/full")
+    assert help_to_full.returncode == 1 and help_to_full.stderr == "error: cannot write stdout: No space left on device\n"
+    closed = _shell(f"CLIPCLI encode {image} -m {model} -q >&-; CLIPCLI encode {image} -m {model} -q "
+                    f"-o {tmp_path}/parts/ >&-; echo $?")
+    assert closed.stderr == "error: cannot write stdout: stdout is closed\n" and closed.stdout == "0\n"
+    assert (tmp_path / "parts" / "_summary.json").exists()  # the work that needs no stdout is done
+    no_stdin = _shell(f"CLIPCLI encode - -m {model} -q <&-")
+    assert no_stdin.returncode == 2 and "Traceback" not in no_stdin.stderr and no_stdin.stderr.count("\n") == 1
+    no_stderr = _shell(f"CLIPCLI encode {tmp_path}/nowhere -m {model} 2>&-")
+    assert no_stderr.returncode == 2 and no_stderr.stdout == ""  # the exit code alone; never on stdout
+    ascii_only = _shell(f"CLIPCLI encode --text café -m {model} -q", PYTHONIOENCODING="ascii")
+    assert ascii_only.returncode == 0 and '"text": "caf\\xe9"' in ascii_only.stdout
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "²"}, "WORLD_SIZE='²' is not a whole number"), ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc'"),
+    ({"RANK": "-1", "WORLD_SIZE": "2"}, "RANK='-1' is not a whole number"),
+])
+def test_malformed_rank_and_world_are_refused(tmp_path, monkeypatch, env, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = runner.invoke(app, ["encode", str(DATA), "-o", f"{tmp_path}/out/", "-m", str(tmp_path / "no.pt")])
+    assert result.exit_code == 2 and message in result.stderr
+
+
+def test_odd_output_folders_are_refused_before_any_work(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    result = runner.invoke(app, ["encode", str(DATA), "-o", f"{tmp_path}/afile/", "-m", str(tmp_path / "no.pt")])
+    assert result.exit_code == 2 and "it is a file, not a folder" in result.stderr  # not the missing model
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "_manifest.json").write_text("[]")
+    result = runner.invoke(app, ["encode", str(DATA), "-o", f"{tmp_path}/out/", "-m", str(tmp_path / "no.pt")])
+    assert result.exit_code in (1, 2) and "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_a_full_disk_while_writing_a_partition_names_the_file(tmp_path, tiny_vit_checkpoint, monkeypatch):
+    import errno
+
+    from clipcli import partitions
+
+    real = partitions._Partition._sink
+
+    def full(self, kind, columns=()):
+        sink = real(self, kind, columns)
+        if kind == "img_emb":
+            class Full:
+                def write(self, data):
+                    raise OSError(errno.ENOSPC, "No space left on device")
+
+                def close(self):
+                    sink.close()
+            return Full()
+        return sink
+
+    monkeypatch.setattr(partitions._Partition, "_sink", full)
+    result = runner.invoke(app, ["encode", str(DATA), "-o", f"{tmp_path}/out/", "-m", str(tiny_vit_checkpoint),
+                                 "--device", "cpu", "-q"])
+    assert result.exit_code == 1 and "img_emb_0.npy: No space left on device" in result.stderr
+    assert not list((tmp_path / "out").rglob("*.part")) and not (tmp_path / "out" / "failed").exists()

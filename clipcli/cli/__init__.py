@@ -1,8 +1,10 @@
 """``clipcli`` command line. Importing this is cheap: torch loads only inside commands."""
 
 from . import encode_commands, index_commands, scoring_commands, train_commands, weights_commands  # noqa: F401  (register their commands)
-from .app import app
+from .app import app, flush_at_exit, mend_streams
 
 
 def main() -> None:
-    app()
+    mend_streams()
+    with flush_at_exit():
+        app()

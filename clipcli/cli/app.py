@@ -6,6 +6,8 @@ its ``exit_code``, and so does a usage error (an unknown option, a missing argum
 line and exit code 2, not Typer's box); a closed stdout (``| head``) ends the run quietly.
 """
 
+import contextlib
+import errno
 import functools
 import os
 import sys
@@ -117,6 +119,47 @@ def _root(
     warnings.filterwarnings("ignore", module="PIL")
 
 
+class _ClosedStream:
+    """Stands in for a standard stream closed before the process started (``>&-``), where
+    Python leaves ``None``: writing to it is an ``OSError`` the error policy reports."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.buffer = self
+
+    def write(self, data) -> int:
+        raise OSError(errno.EBADF, f"{self.name} is closed")
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        import io
+
+        raise io.UnsupportedOperation(f"{self.name} is closed")
+
+
+def mend_streams() -> None:
+    """A closed stdout takes writes as errors (one line on stderr, exit code 1; commands that
+    write files work); a closed stdin reads as empty; a closed stderr swallows messages (the
+    exit code still tells). Text that the streams' encoding cannot carry (``PYTHONIOENCODING=
+    ascii``) is written escaped (``\\xe9``), not a ``UnicodeEncodeError``."""
+    import io
+
+    if sys.stdout is None:
+        sys.stdout = _ClosedStream("stdout")
+    if sys.stdin is None:
+        sys.stdin = io.TextIOWrapper(io.BytesIO(b""))
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and stream.encoding.lower().replace("-", "") != "utf8":
+            stream.reconfigure(errors="backslashreplace")
+
+
 def _silence_stdout() -> None:
     """After a broken pipe, point stdout at devnull so the interpreter's final flush is quiet."""
     try:
@@ -131,7 +174,29 @@ def _writing_stdout_failed(error: OSError) -> bool:
     the library names every file it writes, so a nameless write error is stdout's."""
     from ..fsutil import WRITE_ERRNOS
 
-    return error.filename is None and error.errno in WRITE_ERRNOS
+    return error.filename is None and (error.errno in WRITE_ERRNOS or error.errno == errno.EBADF)
+
+
+@contextlib.contextmanager
+def flush_at_exit():
+    """Flush stdout before the interpreter does, where a failure (``--help > /dev/full``)
+    would be an "Exception ignored" traceback: one line and exit code 1 instead."""
+    failed = None
+    try:
+        yield
+    except OSError as error:  # writing --help or --version, before any command's error policy
+        if not _writing_stdout_failed(error):
+            raise
+        failed = error
+    finally:
+        try:
+            sys.stdout.flush()
+        except OSError as error:
+            failed = error
+        if failed is not None:
+            _silence_stdout()
+            error_line(f"cannot write stdout: {failed.strerror or failed}")
+            raise SystemExit(1) from None
 
 
 def _run_and_flush(fn: Callable, a, kw):
@@ -166,6 +231,7 @@ def command(*args, **kwargs) -> Callable:
     def register(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def run(*a, **kw):
+            mend_streams()
             _interrupt_on_sigterm()
             try:
                 return _run_and_flush(fn, a, kw)

@@ -183,12 +183,13 @@ def encode_partitioned(inputs: list[str], output: str, loaded_model, run, *, nor
     images failed (torchrun ends every rank when one exits non-zero), non-zero only for
     errors that stop the run."""
     from ..items import expand_inputs
-    from ..partitions import encode_partitions, encode_shards, require_pyarrow, share
+    from ..partitions import encode_partitions, encode_shards, make_folder, require_pyarrow, share
     from ..webdataset import expand_shards, is_shards
     from .render import Reporter
 
     part = share(rank, world)
     require_pyarrow()
+    make_folder(output)
     if "-" in inputs and part.world > 1:
         raise InputError("several processes cannot share stdin: give the list as a file")
     shards = expand_shards(inputs) if is_shards(inputs) else None
