@@ -27,7 +27,9 @@ from typing import Sequence
 from .errors import ChecksumError, DownloadError, OfflineError, UnknownModelError
 
 PREFIX = "hf-hub:"
-_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# A repository id as the hub takes it (huggingface_hub's validate_repo_id): ORG/NAME, each part
+# starting and ending with a letter, digit or _, at most 96 characters a part, no "--" or "..".
+_REPO = re.compile(r"^\w(?:[\w.-]*\w)?/\w(?:[\w.-]{0,94}\w)?$", re.ASCII)
 
 
 def cache_dir() -> Path:
@@ -63,8 +65,10 @@ def parse_name(name: str) -> tuple[str, str | None] | None:
     if not name.startswith(PREFIX):
         return None
     repo, _, revision = name[len(PREFIX):].strip().strip("/").partition("@")
-    if not _REPO.match(repo):
-        raise UnknownModelError(f"{name!r}: a hub name is hf-hub:ORG/REPO (optionally @REVISION)")
+    if not _REPO.match(repo) or "--" in repo or ".." in repo or repo.endswith(".git") or len(repo) > 200:
+        raise UnknownModelError(f"{name!r}: a hub name is hf-hub:ORG/REPO (optionally @REVISION), each part of "
+                                "letters, digits, -, _ and . (not starting or ending with - or ., no -- or ..), "
+                                "the name at most 96 characters")
     return repo, revision or None
 
 
@@ -72,7 +76,10 @@ def cached_file(repo: str, filename: str, revision: str | None = None) -> Path |
     """The cached copy of ``filename`` at ``revision`` (default: the cached ``main``), else None."""
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir(), revision=revision)
+    try:
+        found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir(), revision=revision)
+    except ValueError as error:  # huggingface_hub's validation of a name or revision
+        raise UnknownModelError(f"{PREFIX}{repo}@{revision}: {_one_line(error)}") from None
     return Path(found) if isinstance(found, str) and os.path.isfile(found) else None
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,12 +124,22 @@ def _layout_source(name: str, get: Callable[[str], Path | None],
     return None
 
 
+_SHARD_NAME = re.compile(r"[^/\\\x00]+")  # one path component
+
+
 def _shards(index: Path, get: Callable[[str], Path | None]) -> tuple[Path, ...]:
     """The shard files a ``*.index.json`` names, each found with ``get``."""
     data = _read_json(index, "shard index")
-    names = sorted(set((data.get("weight_map") or {}).values())) if isinstance(data, dict) else []
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: its weight_map must map tensor names to shard file names")
+    names = sorted(set(weight_map.values()))
     if not names:
         raise CheckpointError(f"{index} names no shard files")
+    outside = [shard for shard in names if not _SHARD_NAME.fullmatch(shard) or shard.strip(".") == ""]
+    if outside:  # a shard is a file beside the index: never ../x or /tmp/x
+        raise CheckpointError(f"{index} names shards that are not plain file names beside it: "
+                              f"{', '.join(map(repr, outside[:3]))}")
     shards = tuple(get(shard) for shard in names)
     missing = [shard for shard, path in zip(names, shards) if path is None]
     if missing:

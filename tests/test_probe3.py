@@ -163,7 +163,7 @@ def test_a_shard_of_junk_members_stays_within_a_fixed_memory_budget(tmp_path, ti
 # ----------------------------------------------------------------------------- 11, 16, 20: streams, disks, odd settings
 
 
-def _shell(command: str, **env) -> "subprocess.CompletedProcess":
+def _shell(command: str, **env):
     import os
     import subprocess
     import sys
@@ -235,3 +235,36 @@ def test_a_full_disk_while_writing_a_partition_names_the_file(tmp_path, tiny_vit
                                  "--device", "cpu", "-q"])
     assert result.exit_code == 1 and "img_emb_0.npy: No space left on device" in result.stderr
     assert not list((tmp_path / "out").rglob("*.part")) and not (tmp_path / "out" / "failed").exists()
+
+
+# ----------------------------------------------------------------------------- 9, 10: shards and hub names
+
+
+@pytest.mark.parametrize("weight_map, message", [
+    ({"a": 5}, "must map tensor names to shard file names"), ([["a", "b"]], "must map tensor names"),
+    ({"a": ["x.safetensors"]}, "must map tensor names"),
+    ({"a": "../../x.safetensors"}, "not plain file names beside it"), ({"a": "/tmp/x.safetensors"}, "not plain"),
+    ({"a": ".."}, "not plain"), ({"a": "sub\\\\x.safetensors"}, "not plain"),
+])
+def test_a_malformed_or_escaping_shard_index_is_one_line(tmp_path, weight_map, message):
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from foreign import save_transformers, transformers_model
+
+    folder = save_transformers(transformers_model("gelu-eos49407"), tmp_path / "m")
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    outside = tmp_path / "x.safetensors"
+    outside.write_bytes(b"never opened")
+    result = runner.invoke(app, ["encode", "--text", "a cat", "-m", str(folder)])
+    assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+@pytest.mark.parametrize("name", ["hf-hub:org/..", "hf-hub:org/...", "hf-hub:a--b/x", "hf-hub:o/" + "x" * 97,
+                                  "hf-hub:o/x.git", "hf-hub:-o/x", "hf-hub:o/x.", "hf-hub:o/x/y", "hf-hub:o/x@"])
+def test_hub_names_the_hub_would_refuse_are_one_line(name, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = runner.invoke(app, ["encode", "--text", "a cat", "-m", name])
+    assert result.exit_code == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
