@@ -17,20 +17,27 @@ imports neither.
 
 Searching multiplies a query vector with all of a model's vectors (exact search). The
 vectors are kept contiguous in a derived cache beside the database (``NAME.vectors/``,
-float32 ``.npy`` files memory-mapped, rebuilt when the model's generation changes), so a
-search over a million vectors reads no SQLite rows but those of its results.
+float32 ``.npy`` files memory-mapped, rebuilt when the model's generation changes or the
+cache disagrees with the database), so a search over a million vectors reads no SQLite rows
+but those of its results.
+
+SQLite's errors never leave this module's boundary as tracebacks: :class:`Index` turns them
+into one line naming the index, the cause and the fix (a damaged file: rebuild it; a full
+disk: nothing was half-written, each batch being one transaction).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import sqlite3
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .errors import IndexDatabaseError, NoVectorsError, OutputError
+from .errors import BusyError, IndexDatabaseError, NoVectorsError, OutputError, WriteError
 from .fsutil import named
 
 APPLICATION_ID = 0x434C4950  # "CLIP": this SQLite file is a clipcli index
@@ -52,6 +59,16 @@ MIGRATIONS = [  # (version, statements): a database at version n runs every late
     """),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+TABLES = {"meta", "files", "models", "model_keys", "vectors"}
+# A model's generation grows in every transaction that changes its vectors, by a random step:
+# an index restored from a backup and changed again never reaches a generation its vector
+# cache (clipcli.vectors) was built at before the restore.
+NEXT_GENERATION = "generation + 1 + abs(random() % 1000000)"
+REBUILD = "to rebuild it, move it away and index the folders again"
+_MAGIC = b"SQLite format 3\x00"
+# SQLite's primary result codes (error.sqlite_errorcode & 0xFF)
+_PERM, _BUSY, _LOCKED, _NOMEM, _READONLY, _IOERR, _CORRUPT, _FULL, _CANTOPEN = 3, 5, 6, 7, 8, 10, 11, 13, 14
+_CONSTRAINT, _MISMATCH, _NOTADB, _READONLY_DBMOVED = 19, 20, 26, 1032
 
 
 def default_path() -> Path:
@@ -72,6 +89,36 @@ def key_range(folder: bytes) -> tuple[bytes, bytes]:
     being the byte after "/"), for range queries on the ``files`` primary key."""
     folder = folder.rstrip(b"/") + b"/"
     return folder, folder[:-1] + b"0"  # "0" is the byte after "/"
+
+
+def _header(path: Path) -> bytes:
+    """The first 100 bytes of a file (an SQLite database's header), or none."""
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(100)
+    except OSError:
+        return b""
+
+
+def _write_limits(path: Path) -> tuple[str, str]:
+    """What stops writes beside ``path`` and what to do, if it can be told: a full disk, a
+    file size limit (``ulimit -f``)."""
+    found, fix = "", "once it can be written"
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            found, fix = f"; files are limited to {limit} bytes here (ulimit -f)", "with a higher limit"
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        space = os.statvfs(path.parent)
+        if space.f_bavail * space.f_frsize < 1 << 20:
+            found, fix = found + "; the disk is full", "once there is room"
+    except OSError:
+        pass
+    return found, fix
 
 
 @dataclass
@@ -104,18 +151,27 @@ class Hit:
 
 
 class Index:
-    """An open index database. ``Index(path)`` creates it when missing (``readonly``: never)."""
+    """An open index database. ``Index(path)`` creates it when missing (``readonly``: never).
+
+    SQLite's errors stop here: opening, reading (``with index.guard():`` around the callers'
+    queries) and writing (:meth:`_write`) turn them into one-line errors naming the index,
+    the cause and the fix (:meth:`_error`)."""
 
     def __init__(self, path: str | os.PathLike | None = None, *, readonly: bool = False, timeout: float = 60.0):
         self.path = Path(named(path, "the index path")).expanduser() if path is not None else default_path()
+        self._opened = False  # a write failing before the index is open is no run failing part-way
         exists = self.path.exists()
         if not exists and readonly:
             raise NoVectorsError(f"no index at {self.path}")
         if exists and not self.path.is_file():
             raise IndexDatabaseError(f"{self.path} is not a file")
+        if exists and not os.access(self.path, os.R_OK):
+            raise IndexDatabaseError(f"cannot read {self.path}: permission denied")
         self.readonly = readonly or (exists and not os.access(self.path, os.W_OK)) or (
             exists and not os.access(self.path.parent, os.W_OK))
-        if not exists:
+        if exists:
+            self._check_header()
+        else:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as error:
@@ -123,53 +179,150 @@ class Index:
             if not os.access(self.path.parent, os.W_OK):
                 raise OutputError(f"cannot create the index {self.path}: its folder is not writable")
         self.db = self._connect(timeout)
-        self._check_and_migrate(exists)
+        try:
+            self._check_and_migrate()
+        except BaseException:
+            self.db.close()
+            raise
+        self._opened = True
+
+    # ----------------------------------------------------------------- errors
+
+    @contextlib.contextmanager
+    def guard(self, writing: bool = False) -> Iterator["Index"]:
+        """SQLite's errors inside as one-line clipcli errors naming this index (:meth:`_error`)."""
+        try:
+            yield self
+        except sqlite3.DatabaseError as error:
+            if isinstance(error, sqlite3.ProgrammingError):  # a misuse of the connection: a bug
+                raise
+            raise self._error(error, writing) from None
+
+    def _error(self, error: sqlite3.DatabaseError, writing: bool) -> Exception:
+        """``error`` as what the user can act on: damaged (rebuild it), a full disk or a file
+        size limit while writing (nothing half-written: each batch is one transaction), busy,
+        read-only, unreadable."""
+        code, text = (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF, str(error)
+        if code == _NOMEM:
+            return MemoryError(text)
+        if code in (_BUSY, _LOCKED):
+            return BusyError(f"{self.path} is locked by another program ({text}); try again once it is done")
+        if (getattr(error, "sqlite_errorcode", None) or 0) == _READONLY_DBMOVED:
+            return IndexDatabaseError(f"{self.path} was moved or deleted while in use ({text}); nothing more "
+                                      "was written to it")
+        if code == _READONLY:
+            return IndexDatabaseError(f"cannot write {self.path} ({text}); searching works, updating does not")
+        if writing and code in (_FULL, _IOERR):
+            failed = WriteError if self._opened else OutputError  # part-way: the run did not finish
+            found, fix = _write_limits(self.path)
+            return failed(f"cannot write {self.path}: {text}{found}; nothing was half-written (what was "
+                          f"committed before is kept): run again {fix}")
+        if code in (_FULL, _IOERR, _CANTOPEN, _PERM):
+            return IndexDatabaseError(f"cannot read {self.path}: {text}{_write_limits(self.path)[0]}")
+        if code in (_CORRUPT, _NOTADB, _CONSTRAINT, _MISMATCH) or re.match(r"no such (table|column|index)", text):
+            if self._opened or _header(self.path)[68:72] == APPLICATION_ID.to_bytes(4, "big"):
+                return IndexDatabaseError(f"{self.path} is damaged ({text}); {REBUILD}")
+            return IndexDatabaseError(f"{self.path} is a damaged SQLite database ({text}), not known to be a "
+                                      "clipcli index; nothing was changed")
+        return IndexDatabaseError(f"cannot use {self.path}: {text}")
 
     # ----------------------------------------------------------------- opening
 
+    def _check_header(self) -> None:
+        """Refuse a file that is no SQLite database before SQLite touches it."""
+        head = _header(self.path)
+        if head and not head.startswith(_MAGIC):
+            if head[68:72] == APPLICATION_ID.to_bytes(4, "big"):
+                raise IndexDatabaseError(f"{self.path} is damaged (its SQLite header is overwritten); {REBUILD}")
+            raise IndexDatabaseError(f"{self.path} is not a clipcli index (not an SQLite database); "
+                                     "nothing was changed")
+
     def _connect(self, timeout: float) -> sqlite3.Connection:
-        try:
+        with self.guard():
             if self.readonly:
                 db = self._connect_readonly(timeout)
             else:
                 db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
             db.execute("PRAGMA foreign_keys=ON")
             return db
-        except sqlite3.DatabaseError as error:
-            raise IndexDatabaseError(f"{self.path} is not a clipcli index ({error}); nothing was changed") from None
 
     def _connect_readonly(self, timeout: float) -> sqlite3.Connection:
-        """Read-only; where SQLite cannot share the file (a folder it may not write its ``-shm``
-        file in), as an immutable file: nothing may change it there anyway."""
-        uri = self.path.resolve().as_uri()
-        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=timeout, isolation_level=None)
+        """Read-only. Where SQLite cannot share the file (a folder it may not write its ``-shm``
+        file in), as an immutable file, which reads the main file only: refused when a
+        write-ahead log beside it may hold committed rows that such a read would miss."""
+        uri, db = self.path.resolve().as_uri(), None
         try:
+            db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=timeout, isolation_level=None)
             db.execute("SELECT count(*) FROM sqlite_master").fetchone()
             return db
-        except sqlite3.OperationalError:
-            db.close()
+        except sqlite3.OperationalError as error:
+            if db is not None:
+                db.close()
+            if (getattr(error, "sqlite_errorcode", 0) or 0) & 0xFF not in (_CANTOPEN, _READONLY):
+                raise
+            cause = str(error)
+        wal = Path(f"{self.path}-wal")
+        try:
+            logged = wal.stat().st_size > 32  # more than its header: frames of committed transactions
+        except FileNotFoundError:
+            logged = False
+        except OSError:
+            logged = True
+        if logged:
+            raise IndexDatabaseError(
+                f"cannot read all of {self.path}: committed changes are still in its write-ahead log {wal.name}, "
+                f"which SQLite reads only with a {self.path.name}-shm file it cannot create or open in this "
+                f"read-only folder ({cause}); make the folder writable, or copy {self.path.name} together with "
+                f"{wal.name} into a writable folder")
         return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, timeout=timeout, isolation_level=None)
 
-    def _check_and_migrate(self, existed: bool) -> None:
-        try:
+    def _check_and_migrate(self) -> None:
+        """Ours (current, older or newer), empty (initialised, unless read-only), or refused."""
+        with self.guard():
             app = self.db.execute("PRAGMA application_id").fetchone()[0]
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
-            tables = self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        except sqlite3.DatabaseError as error:
-            raise IndexDatabaseError(f"{self.path} is not a clipcli index ({error}); nothing was changed") from None
-        if tables and app != APPLICATION_ID:
+            objects = self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            tables = {row[0] for row in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        empty = not (app or version or objects)
+        if empty:
+            self._adopt()
+        elif app != APPLICATION_ID:
             raise IndexDatabaseError(f"{self.path} is an SQLite database of another program, not a clipcli index; "
-                              "nothing was changed")
-        if version > SCHEMA_VERSION:
+                                     "nothing was changed")
+        elif version > SCHEMA_VERSION:
             raise IndexDatabaseError(f"{self.path} has index schema {version}, newer than this clipcli's "
-                              f"{SCHEMA_VERSION}; upgrade clipcli")
+                                     f"{SCHEMA_VERSION}; upgrade clipcli")
+        elif version < 1 or not TABLES <= tables:
+            missing = ", ".join(sorted(TABLES - tables)) or "none"
+            raise IndexDatabaseError(f"{self.path} is damaged (schema {version}, missing tables: {missing}); {REBUILD}")
         if not self.readonly:  # only now that the file is known to be ours (WAL rewrites its header)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, never corrupt
-        if version == SCHEMA_VERSION:
-            return
+            with self.guard(writing=True):
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, never corrupt
+        if version < SCHEMA_VERSION:
+            if self.readonly:
+                raise IndexDatabaseError(f"{self.path} has index schema {version}, which this clipcli upgrades to "
+                                         f"{SCHEMA_VERSION} on its first update, and it is read-only here")
+            self._migrate(version)
+        with self.guard():
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'uuid'").fetchone()
+        if row is None or not isinstance(row[0], str):
+            raise IndexDatabaseError(f"{self.path} is damaged (its uuid is missing); {REBUILD}")
+        self._uuid = row[0]
+
+    def _adopt(self) -> None:
+        """An empty file: a 0-byte one (``touch``, a bind-mounted placeholder, a first run killed
+        before writing) or the blank WAL database a first run killed before its first commit
+        leaves. Nothing in it can be lost; any other empty SQLite database is another program's."""
+        size = self.path.stat().st_size
+        if size and _header(self.path)[18:20] != b"\x02\x02":  # not in WAL mode: not left by clipcli
+            raise IndexDatabaseError(f"{self.path} is an empty SQLite database clipcli did not create, not a "
+                                     "clipcli index; nothing was changed")
         if self.readonly:
-            raise IndexDatabaseError(f"{self.path} needs an upgrade to schema {SCHEMA_VERSION} and is read-only")
+            what = "an empty file" if not size else "an empty SQLite database"
+            raise NoVectorsError(f"{self.path} is {what}, not an index yet")
+
+    def _migrate(self, version: int) -> None:
         with self._write():
             if self.db.execute("PRAGMA user_version").fetchone()[0] != version:
                 return  # another process migrated it meanwhile
@@ -182,12 +335,12 @@ class Index:
             self.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-    def _write(self):
+    def _write(self) -> "_Transaction":
         """A write transaction, taken at once (BEGIN IMMEDIATE) so that concurrent writers queue."""
         if self.readonly:
             raise IndexDatabaseError(f"{self.path} is read-only (its file or folder cannot be written); "
-                              "searching works, updating does not")
-        return _Transaction(self.db)
+                                     "searching works, updating does not")
+        return _Transaction(self)
 
     def close(self) -> None:
         self.db.close()
@@ -200,21 +353,23 @@ class Index:
 
     @property
     def uuid(self) -> str:
-        return self.db.execute("SELECT value FROM meta WHERE key = 'uuid'").fetchone()[0]
+        return self._uuid
 
     # ----------------------------------------------------------------- models and rows
 
     def models(self) -> list[dict]:
-        rows = self.db.execute("SELECT m.id, m.name, m.identity, m.dim, count(v.id) FROM models m "
-                               "LEFT JOIN vectors v ON v.model_id = m.id GROUP BY m.id ORDER BY m.id").fetchall()
+        with self.guard():
+            rows = self.db.execute("SELECT m.id, m.name, m.identity, m.dim, count(v.id) FROM models m LEFT JOIN "
+                                   "vectors v ON v.model_id = m.id GROUP BY m.id ORDER BY m.id").fetchall()
         return [dict(zip(("id", "name", "identity", "dim", "vectors"), row)) for row in rows]
 
     def model_id(self, key: str | None = None, identity: str | None = None) -> int | None:
         """The model row found by its key (before loading) or its identity (after)."""
-        if key is not None:
-            row = self.db.execute("SELECT model_id FROM model_keys WHERE key = ?", (key,)).fetchone()
-        else:
-            row = self.db.execute("SELECT id FROM models WHERE identity = ?", (identity,)).fetchone()
+        with self.guard():
+            if key is not None:
+                row = self.db.execute("SELECT model_id FROM model_keys WHERE key = ?", (key,)).fetchone()
+            else:
+                row = self.db.execute("SELECT id FROM models WHERE identity = ?", (identity,)).fetchone()
         return row[0] if row else None
 
     def _register(self, key: str, identity: str, name: str, dim: int) -> int:
@@ -227,18 +382,40 @@ class Index:
 
     def rows(self) -> Iterator[dict]:
         """Every file row: ``path`` (str), ``size``, ``mtime_ns``, ``sha256``, ``error``."""
-        for path, size, mtime, sha, error in self.db.execute(
-                "SELECT path, size, mtime_ns, sha256, error FROM files ORDER BY path"):
-            yield {"path": os.fsdecode(path), "size": size, "mtime_ns": mtime, "sha256": sha, "error": error}
+        with self.guard():
+            for path, size, mtime, sha, error in self.db.execute(
+                    "SELECT path, size, mtime_ns, sha256, error FROM files ORDER BY path"):
+                yield {"path": os.fsdecode(path), "size": size, "mtime_ns": mtime, "sha256": sha, "error": error}
 
 
 class _Transaction:
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
+    """One write transaction of ``index``: committed, or rolled back whole; SQLite's errors
+    (a full disk, a file size limit) leave as the index's one-line errors."""
 
-    def __enter__(self):
-        self.db.execute("BEGIN IMMEDIATE")
+    def __init__(self, index: Index):
+        self.index, self.db = index, index.db
+
+    def __enter__(self) -> sqlite3.Connection:
+        with self.index.guard(writing=True):
+            self.db.execute("BEGIN IMMEDIATE")
         return self.db
 
     def __exit__(self, kind, error, tb) -> None:
-        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+        if kind is None:
+            try:
+                self.db.execute("COMMIT")
+                return
+            except sqlite3.DatabaseError as failed:
+                error = failed
+        self._rollback()
+        if isinstance(error, sqlite3.DatabaseError) and not isinstance(error, sqlite3.ProgrammingError):
+            raise self.index._error(error, writing=True) from None
+        if kind is None:
+            raise error
+
+    def _rollback(self) -> None:
+        if self.db.in_transaction:  # SQLite may have rolled back already (a full disk, an I/O error)
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # closing the connection rolls back what is left

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from .errors import InputError
-from .index import Index, Summary, key_range, path_key
+from .index import NEXT_GENERATION, Index, Summary, key_range, path_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import LoadedModel
@@ -72,7 +72,15 @@ def update(index: Index, inputs: Sequence[str], key: str, load: Callable[[], "Lo
     whose :func:`~clipcli.loading.source_key` is ``key``. ``load()`` is called only if an
     image must be embedded; ``embed(loaded, items)`` yields one
     :class:`~clipcli.batching.Embedding` per item (default: :func:`embed_images`); rows are
-    committed every ``batch_size`` files (None: the device's default batch)."""
+    committed every ``batch_size`` files (None: the device's default batch). SQLite's errors
+    leave as the index's one-line errors (:meth:`Index.guard`)."""
+    with index.guard():
+        return _update(index, inputs, key, load, embed, batch_size, on_result)
+
+
+def _update(index: Index, inputs: Sequence[str], key: str, load: Callable[[], "LoadedModel"],
+            embed: Callable[["LoadedModel", list], Iterator] | None, batch_size: int | None,
+            on_result: Callable[[str, str | None], None] | None) -> Summary:
     from .fsutil import named
 
     for arg in inputs:  # before anything: rows under a folder an empty path seemed to name would go
@@ -288,7 +296,7 @@ def _commit(run: _Run, files: list[_Scan], vectors: list[tuple]) -> None:
                                  "ON CONFLICT (model_id, sha256) DO UPDATE SET vector = excluded.vector", vectors)
         _put_files(run, files)
         if vectors:
-            run.index.db.execute("UPDATE models SET generation = generation + 1 WHERE id = ?", (run.model,))
+            run.index.db.execute(f"UPDATE models SET generation = {NEXT_GENERATION} WHERE id = ?", (run.model,))
 
 
 def _put_files(run: _Run, scans: list[_Scan]) -> None:
@@ -312,4 +320,4 @@ def _collect_garbage(index: Index, candidates: set[str]) -> None:
         models = index.db.execute(f"SELECT DISTINCT model_id FROM vectors WHERE {orphans}", chunk).fetchall()
         if models:
             index.db.execute(f"DELETE FROM vectors WHERE {orphans}", chunk)
-            index.db.executemany("UPDATE models SET generation = generation + 1 WHERE id = ?", models)
+            index.db.executemany(f"UPDATE models SET generation = {NEXT_GENERATION} WHERE id = ?", models)

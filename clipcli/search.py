@@ -9,6 +9,7 @@ by cosine against the index (:func:`clipcli.vectors.search`).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from .errors import InputError, NoVectorsError
 from .http import FetchOptions, url_scheme
 from .items import Item
 from .text import display
+from .vectors import check_threshold
+from .vectors import search as nearest
 
 if TYPE_CHECKING:  # pragma: no cover
     from .index import Hit, Index
@@ -47,6 +50,10 @@ def parse_terms(queries: Sequence[str], minus: Sequence[str] = ()) -> list[Term]
             weight, text = (float(match[1]), match[2]) if match and not os.path.exists(query) else (1.0, query)
             if not text.strip():
                 raise InputError(f"empty query term {display(query)!r}")
+            if not math.isfinite(weight):  # 400 digits are inf as a float
+                shown = match[1] if len(match[1]) <= 24 else f"{match[1][:12]}...({len(match[1])} characters)"
+                raise InputError(f"the weight {shown} of query term {display(text)[:80]!r} is too large "
+                                 "to compute with; give a weight such as 0.5 or 3")
             terms.append(Term(text, sign * weight))
     if not terms:
         raise InputError("give a query: text, an image file or an image URL")
@@ -57,6 +64,14 @@ def query_vector(loaded: "LoadedModel", terms: Sequence[Term], fetch: FetchOptio
     """The unit vector of the weighted sum of the terms' unit embeddings."""
     from .batching import embed_images, embed_texts
 
+    if not all(math.isfinite(t.weight) for t in terms):
+        raise InputError("every query weight must be a finite number")
+    if not terms:
+        raise InputError("give a query: text, an image file or an image URL")
+    scale = max(abs(t.weight) for t in terms)  # weights are divided by it: large ones never overflow
+    if not scale:
+        raise InputError("the query terms cancel out (every weight is zero)")
+    terms = [Term(t.text, t.weight / scale) for t in terms]
     texts = [t for t in terms if not t.is_image]
     images = [t for t in terms if t.is_image]
     total = np.zeros(loaded.embed_dim, np.float64)
@@ -70,7 +85,9 @@ def query_vector(loaded: "LoadedModel", terms: Sequence[Term], fetch: FetchOptio
                 raise InputError(f"query image {display(term.text)}: {result.error}")
             total += term.weight * result.embedding.astype(np.float64)
     norm = np.linalg.norm(total)
-    if not np.isfinite(norm) or norm < 1e-6:
+    if not np.isfinite(norm):
+        raise InputError(f"the query's vector is not finite ({norm}): {loaded.name} gave NaN or inf for a term")
+    if norm < 1e-6:
         raise InputError("the query terms cancel out (their weighted sum is zero)")
     return (total / norm).astype(np.float32)
 
@@ -78,12 +95,13 @@ def query_vector(loaded: "LoadedModel", terms: Sequence[Term], fetch: FetchOptio
 def search(index: "Index", loaded: "LoadedModel", terms: Sequence[Term], *, top_k: int = 10,
            threshold: float | None = None, under: Sequence[str] = (), fetch: FetchOptions = FetchOptions()) -> list["Hit"]:
     """The best ``top_k`` files of ``index`` for ``terms`` with ``loaded``'s vectors."""
-
-    model = index.model_id(identity=loaded.identity)
-    if model is None or not index.db.execute("SELECT 1 FROM vectors WHERE model_id = ? LIMIT 1", (model,)).fetchone():
-        raise NoVectorsError(f"{index.path} holds no vectors of {loaded.name}")
+    check_threshold(threshold)
     if top_k < 1:
         raise InputError(f"top_k must be at least 1, not {top_k}")
-    from .vectors import search as nearest
-
+    model = index.model_id(identity=loaded.identity)
+    with index.guard():
+        held = model is not None and index.db.execute(
+            "SELECT 1 FROM vectors WHERE model_id = ? LIMIT 1", (model,)).fetchone()
+    if not held:
+        raise NoVectorsError(f"{index.path} holds no vectors of {loaded.name}")
     return nearest(index, model, query_vector(loaded, terms, fetch), top_k=top_k, threshold=threshold, under=under)

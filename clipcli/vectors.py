@@ -3,92 +3,177 @@
 SQLite holds the vectors row by row, which is right for small crash-safe updates and wrong
 for scanning a million of them (fetching 1M 2 KB rows took 4 s here). So each model's
 vectors are also kept as one float32 ``.npy`` matrix (and its vector ids) in a cache folder
-beside the database, named by the database's uuid, the model and its *generation* (a
-counter bumped in every transaction that changes the model's vectors). A search
-memory-maps the current one, or first rebuilds it from one consistent read of SQLite.
+beside the database, named by the database's uuid, the model, its *generation* (a number
+grown, by a random step, in every transaction that changes the model's vectors) and a digest
+of its newest rows. A search memory-maps the current one if it agrees with the database
+(vector count, first and last id, width, type: a restored backup, a truncated or foreign
+file is never searched), or first rebuilds it from one consistent read of SQLite.
 float32 and not float16: CPUs without native half precision convert slowly, and
 half-precision sums would cost the 1e-4 the scores must keep.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import IO, Sequence
 
 import numpy as np
 
+from .errors import IndexDatabaseError, InputError, NoVectorsError
 from .fsutil import named, umask
-from .index import Hit, Index, key_range, path_key
+from .index import REBUILD, Hit, Index, key_range, path_key
 
 
 def cache_folder(index: Index) -> Path:
     return index.path.with_name(index.path.name + ".vectors")
 
 
-def _build(index: Index, model: int, dim: int, count: int, target: Path | None) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of ``model`` in id order, into ``target`` (an ``.npy`` written in place) or memory."""
-    ids = np.empty(count, np.int64)
-    if target is not None:
-        vectors = np.lib.format.open_memmap(target, mode="w+", dtype=np.float32, shape=(count, dim))
-    else:
-        vectors = np.empty((count, dim), np.float32)
+def check_threshold(threshold: float | None) -> None:
+    """A minimum score must be a cosine: a number from -1 to 1 (NaN would silently match nothing)."""
+    if threshold is None:
+        return
+    try:
+        inside = -1.0 <= float(threshold) <= 1.0  # False for NaN
+    except (TypeError, ValueError):
+        inside = False
+    if not inside:
+        raise InputError(f"{threshold}: give a cosine, a number from -1 to 1", option="threshold")
+
+
+@dataclass(frozen=True)
+class _State:
+    """What a model's cache must agree with, read in the snapshot it is built from."""
+
+    generation: int
+    dim: int
+    count: int
+    first: int | None  # the smallest and largest vector ids
+    last: int | None
+    newest: str  # a digest of the newest rows' ids and contents: where a restored backup's rows part
+
+    def stem(self, index: Index, model: int) -> str:
+        return f"{index.uuid}-m{model}-g{self.generation}-{self.newest}"
+
+
+def _state(index: Index, model: int) -> _State:
+    """Cheap at any size: a count over an index, lookups (0.03 s for 1M vectors)."""
+    row = index.db.execute("SELECT generation, dim FROM models WHERE id = ?", (model,)).fetchone()
+    if row is None:
+        raise NoVectorsError(f"{index.path} has no model {model}")
+    if not isinstance(row[1], int) or row[1] < 1:
+        raise IndexDatabaseError(f"{index.path} is damaged (model {model} has {row[1]!r} dimensions); {REBUILD}")
+    count, first, last = (index.db.execute(f"SELECT {what} FROM vectors WHERE model_id = ?", (model,)).fetchone()[0]
+                          for what in ("count(*)", "min(id)", "max(id)"))  # apart: min and max are then lookups
+    newest = index.db.execute("SELECT id, sha256 FROM vectors WHERE model_id = ? ORDER BY id DESC LIMIT 64",
+                              (model,)).fetchall()
+    digest = hashlib.sha256(repr((count, first, last, newest)).encode()).hexdigest()[:12]
+    return _State(row[0], row[1], count, first, last, digest)
+
+
+def _build(index: Index, model: int, state: _State, stream: IO[bytes] | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The ids of ``model``'s rows in id order and their vectors: written to ``stream`` as an
+    ``.npy`` (plain writes: a full disk is an OSError, where writing a memory map is SIGBUS)
+    or returned from memory."""
+    ids = np.empty(state.count, np.int64)
+    width = 4 * state.dim  # bytes of one float32 vector
+    vectors = np.empty((state.count, state.dim), np.float32) if stream is None else None
+    if stream is not None:
+        np.lib.format.write_array_header_1_0(stream, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                                                      "fortran_order": False, "shape": (state.count, state.dim)})
     cursor = index.db.execute("SELECT id, vector FROM vectors WHERE model_id = ? ORDER BY id", (model,))
     row = 0
     while batch := cursor.fetchmany(8192):
+        for vector_id, blob in batch:
+            if not isinstance(blob, bytes) or len(blob) != width:
+                size = f"{len(blob)} bytes" if isinstance(blob, bytes) else f"a {type(blob).__name__}"
+                raise IndexDatabaseError(f"{index.path} is damaged (vector {vector_id} of model {model} is {size}, "
+                                         f"not {width}: {state.dim} float32 values); {REBUILD}")
+        if row + len(batch) > state.count:
+            break
         ids[row : row + len(batch)] = [vector_id for vector_id, _ in batch]
-        vectors[row : row + len(batch)] = np.frombuffer(b"".join(blob for _, blob in batch), np.float32).reshape(-1, dim)
+        data = b"".join(blob for _, blob in batch)
+        if stream is not None:
+            stream.write(data)
+        else:
+            vectors[row : row + len(batch)] = np.frombuffer(data, np.float32).reshape(-1, state.dim)
         row += len(batch)
-    if row != count:
-        raise RuntimeError(f"expected {count} vectors, read {row}")
-    if target is not None:
-        vectors.flush()
+    if row != state.count:
+        raise IndexDatabaseError(f"{index.path} is damaged (model {model} counts {state.count} vectors, "
+                                 f"its rows are not those); {REBUILD}")
     return ids, vectors
 
 
-def load_matrix(index: Index, model: int, generation: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(ids, vectors)`` of ``model`` at ``generation``, from the cache or rebuilt into it."""
-    folder = cache_folder(index)
-    stem = f"{index.uuid}-m{model}-g{generation}"
-    ids_file, vectors_file = folder / f"{stem}.ids.npy", folder / f"{stem}.npy"
+def _cached(ids_file: Path, vectors_file: Path, state: _State) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cache files, if they agree with the database: count, first and last id, width, type.
+    A restored backup, a truncated file or another model's file is rebuilt, never searched."""
     try:
-        return np.load(ids_file), np.load(vectors_file, mmap_mode="c")  # copy-on-write: no copy, writable for torch
-    except (OSError, ValueError):
-        pass
-    index.db.execute("BEGIN")  # one snapshot: the generation and the rows it counts
+        ids, vectors = np.load(ids_file), np.load(vectors_file, mmap_mode="c")  # copy-on-write: writable for torch
+    except (OSError, ValueError, EOFError):
+        return None
+    if (ids.dtype != np.int64 or ids.shape != (state.count,) or vectors.dtype != np.float32
+            or vectors.shape != (state.count, state.dim)):
+        return None
+    if state.count and (ids[0] != state.first or ids[-1] != state.last or not np.all(ids[1:] > ids[:-1])):
+        return None
+    return ids, vectors
+
+
+def _rebuild(index: Index, model: int, state: _State, folder: Path, stem: str) -> tuple[np.ndarray, np.ndarray]:
+    """Build the cache of ``state`` in place (temporary files renamed over); where it cannot
+    be written (a read-only place, a full disk), in memory for this search only."""
+    temps: list[str] = []
     try:
-        current = index.db.execute("SELECT generation, dim FROM models WHERE id = ?", (model,)).fetchone()
-        count = index.db.execute("SELECT count(*) FROM vectors WHERE model_id = ?", (model,)).fetchone()[0]
-        if current[0] != generation:  # changed since the caller looked: build the newer one
-            generation, stem = current[0], f"{index.uuid}-m{model}-g{current[0]}"
-            ids_file, vectors_file = folder / f"{stem}.ids.npy", folder / f"{stem}.npy"
-        try:
-            folder.mkdir(exist_ok=True)
-            fd, temp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".npy", dir=folder)
+        folder.mkdir(exist_ok=True)
+        for suffix in (".npy", ".ids.npy"):
+            fd, temp = tempfile.mkstemp(prefix=f".{stem}.", suffix=suffix, dir=folder)
             os.close(fd)
+            temps.append(temp)
             os.chmod(temp, 0o666 & ~umask())  # as readable as the database beside it
-        except OSError:  # a read-only place: build in memory for this search only
-            return _build(index, model, current[1], count, None)
-        try:
-            ids, _ = _build(index, model, current[1], count, Path(temp))
-            np.save(ids_file, ids)
-            os.replace(temp, vectors_file)
-        except BaseException:
+        with open(temps[0], "wb") as stream:
+            ids, _ = _build(index, model, state, stream)
+        vectors = np.load(temps[0], mmap_mode="c")  # mapped before the rename: valid whatever replaces it
+        np.save(temps[1], ids)
+        os.replace(temps[1], folder / f"{stem}.ids.npy")
+        os.replace(temps[0], folder / f"{stem}.npy")
+        return ids, vectors
+    except OSError:
+        for temp in temps:
             Path(temp).unlink(missing_ok=True)
-            raise
+        ids, vectors = _build(index, model, state, None)
+        return ids, vectors
+    except BaseException:
+        for temp in temps:
+            Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def load_matrix(index: Index, model: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, vectors)`` of ``model``'s current rows: the cache, if it agrees with the
+    database, else rebuilt from one consistent read."""
+    folder = cache_folder(index)
+    index.db.execute("BEGIN")  # one snapshot: the generation, the counts and the rows
+    try:
+        state = _state(index, model)
+        if not state.count:
+            return np.empty(0, np.int64), np.empty((0, state.dim), np.float32)
+        stem = state.stem(index, model)
+        found = _cached(folder / f"{stem}.ids.npy", folder / f"{stem}.npy", state)
+        if found is not None:
+            return found
+        built = _rebuild(index, model, state, folder, stem)
     finally:
         index.db.execute("COMMIT")
     for old in folder.glob(f"{index.uuid}-m{model}-g*.npy"):  # earlier generations (never a newer one)
-        found = re.match(rf"{re.escape(index.uuid)}-m{model}-g(\d+)\.", old.name)
-        if found and int(found[1]) < generation:
+        found = re.match(rf"{re.escape(index.uuid)}-m{model}-g(\d+)[-.]", old.name)
+        if found and (int(found[1]) < state.generation or (
+                int(found[1]) == state.generation and not old.name.startswith(f"{stem}."))):
             old.unlink(missing_ok=True)
-    try:
-        return ids, np.load(vectors_file, mmap_mode="c")
-    except (OSError, ValueError):  # replaced meanwhile by another search's newer generation
-        return load_matrix(index, model, index.db.execute(
-            "SELECT generation FROM models WHERE id = ?", (model,)).fetchone()[0])
+    return built
 
 
 def top_scores(vectors: np.ndarray, ids: np.ndarray, query: np.ndarray, k: int, threshold: float | None,
@@ -106,7 +191,7 @@ def top_scores(vectors: np.ndarray, ids: np.ndarray, query: np.ndarray, k: int, 
         matrix = torch.from_numpy(vectors)
     if not len(ids) or k <= 0:
         return []
-    scores = torch.mv(matrix, torch.from_numpy(np.ascontiguousarray(query, np.float32)))  # (N,)
+    scores = torch.mv(matrix, torch.from_numpy(np.array(query, np.float32)))  # (N,)
     values, rows = torch.topk(scores, min(k, len(ids)))
     best = [(int(ids[row]), float(value)) for value, row in zip(values.tolist(), rows.tolist())]
     if threshold is not None:
@@ -153,15 +238,18 @@ def search(index: Index, model: int, query: np.ndarray, *, top_k: int = 10, thre
     """The ``top_k`` files whose vectors score highest against the unit vector ``query``
     (cosine), best first; ``under`` limits them to files at or below those paths. Exact:
     every vector of the model is scored."""
-    generation = index.db.execute("SELECT generation FROM models WHERE id = ?", (model,)).fetchone()[0]
-    ids, vectors = load_matrix(index, model, generation)
+    check_threshold(threshold)
     for place in under:
         named(place, "a place to search in")
-    allowed = _allowed(index, model, under) if under else None
-    want = top_k
-    while True:  # duplicates share a vector: widen until top_k files, or every vector
-        best = top_scores(vectors, ids, query, want, threshold, allowed)
-        hits = _files_of(index, model, best, under)
-        if len(hits) >= top_k or len(best) < want:
-            return [Hit(rank, path, score) for rank, (path, score) in enumerate(hits[:top_k], start=1)]
-        want *= 4
+    with index.guard():
+        ids, vectors = load_matrix(index, model)
+        if np.shape(query) != (vectors.shape[1],):
+            raise InputError(f"the query has shape {np.shape(query)}; the model's vectors have {vectors.shape[1]} values")
+        allowed = _allowed(index, model, under) if under else None
+        want = top_k
+        while True:  # duplicates share a vector: widen until top_k files, or every vector
+            best = top_scores(vectors, ids, query, want, threshold, allowed)
+            hits = _files_of(index, model, best, under)
+            if len(hits) >= top_k or len(best) < want:
+                return [Hit(rank, path, score) for rank, (path, score) in enumerate(hits[:top_k], start=1)]
+            want *= 4

@@ -170,10 +170,11 @@ def search(
     from ..http import FetchOptions
     from ..index import Index
     from ..output import RecordWriter, write_paths
-    from ..search import parse_terms
+    from ..search import check_threshold, parse_terms
     from ..search import search as run_search
 
     terms = parse_terms(queries, minus)
+    check_threshold(threshold)  # before --in updates the index and a model loads
     if print0 and fmt not in (None, SearchFormat.paths):
         raise InputError(f"prints paths: it cannot go with --format {fmt.value}", option="print0")
     if output:
