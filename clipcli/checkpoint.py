@@ -18,38 +18,41 @@ Readers take a ``dtype`` and a ``keep`` predicate on key names. Each floating-po
 converted as it is read (a float16 file never sits in memory beside its float32 copy), and a
 key that is not kept comes back as a ``meta`` tensor of the right shape, without its bytes
 ever being read: loading only the image tower of ViT-B/32 in float32 takes 350 MB, not 900.
+Shapes come first: only the tensors a CLIP of the file's shapes has are read; junk keys stay
+``meta`` for the strict load to name. A zip's sizes can lie: nothing is inflated in one piece,
+and entries that disagree with their storage, storages shorter than their tensors, zip bombs
+and class sources over a fixed size are refused.
 """
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
 import zipfile
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from .config import safetensors_metadata  # noqa: F401 (re-exported)
+from .convert import needed_keys
 from .errors import CheckpointError, UnsafeCheckpointError
 
 StateDict = dict[str, torch.Tensor]
 KeyFilter = Callable[[str], bool]
 
-_STORAGE_DTYPES = {
-    "HalfStorage": torch.float16,
-    "FloatStorage": torch.float32,
-    "DoubleStorage": torch.float64,
-    "BFloat16Storage": torch.bfloat16,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ShortStorage": torch.int16,
-    "CharStorage": torch.int8,
-    "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
-}
+_CHUNK = 16 << 20  # bytes inflated per read of a zip entry: never a whole entry at once
+_SOURCE_LIMIT, _SOURCES_LIMIT = 16 << 20, 64 << 20  # data.pkl or one code/*.py; all code/*.py (a CLIP's: kBs)
+_INFLATION, _INFLATION_SLACK = 32, 64 << 20  # tensor data may inflate to 32 times its size in the zip, + 64 MiB
+
+_STORAGE_DTYPES = {"HalfStorage": torch.float16, "FloatStorage": torch.float32, "DoubleStorage": torch.float64,
+                   "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                   "BoolStorage": torch.bool}
 
 
 class _ScriptObject:
@@ -63,10 +66,11 @@ class _ScriptObject:
 
 @dataclass(frozen=True)
 class _StorageRef:
-    """A storage of the archive, not read yet: ``data/<key>`` holding ``dtype`` elements."""
+    """A storage of the archive, not read yet: ``data/<key>`` holding ``numel`` ``dtype`` elements."""
 
     key: str
     dtype: torch.dtype
+    numel: int
 
 
 @dataclass(frozen=True)
@@ -78,9 +82,20 @@ class _TensorRef:
     size: tuple[int, ...]
     stride: tuple[int, ...]
 
+    @property
+    def extent(self) -> int:
+        """How many elements of its storage the tensor reaches, its offset included."""
+        return self.offset + (0 if 0 in self.size else 1 + sum((n - 1) * s for n, s in zip(self.size, self.stride)))
+
 
 def _rebuild_tensor(storage, offset, size, stride, *_ignored) -> _TensorRef:
-    return _TensorRef(storage, int(offset), tuple(size), tuple(stride))
+    if not isinstance(storage, _StorageRef):
+        raise CheckpointError("data.pkl holds a tensor without a storage")
+    size, stride = tuple(size), tuple(stride)
+    if len(size) != len(stride) or not all(type(n) is int and n >= 0 for n in (offset, *size, *stride)):
+        raise CheckpointError(f"data.pkl holds a tensor of size {size!r:.60}, stride {stride!r:.60} and offset "
+                              f"{offset!r:.20}: not whole numbers of at least 0")
+    return _TensorRef(storage, offset, size, stride)
 
 
 def _identity(value, *_ignored):
@@ -110,30 +125,54 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return OrderedDict
         if module == "torch.jit._pickle" and name in ("build_intlist", "build_floatlist", "build_boollist", "build_doublelist", "restore_type_tag"):
             return _identity
-        raise UnsafeCheckpointError(
-            f"refusing to load: the archive's pickle asks for {module}.{name}, which could run code"
-        )
+        raise UnsafeCheckpointError(f"refusing to load: the archive's pickle asks for {module}.{name}, which could run code")
 
     def persistent_load(self, pid: Any) -> _StorageRef:
-        if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"):
+        if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"):  # (.., type, key, place, numel)
             raise UnsafeCheckpointError(f"refusing to load: unexpected persistent id {pid!r:.80}")
-        dtype, key = pid[1], str(pid[2])
-        if not isinstance(dtype, torch.dtype):
-            raise UnsafeCheckpointError(f"refusing to load: unknown storage type {dtype!r:.80}")
-        return _StorageRef(key, dtype)
+        if not isinstance(pid[1], torch.dtype):
+            raise UnsafeCheckpointError(f"refusing to load: unknown storage type {pid[1]!r:.80}")
+        if len(pid) < 5 or type(pid[4]) is not int or pid[4] < 0:
+            raise CheckpointError(f"storage data/{pid[2]!s:.40} declares no number of elements")
+        return _StorageRef(str(pid[2]), pid[1], pid[4])
 
 
 _CLASS = re.compile(r"^class (\w+)\(Module\):\n  __parameters__ = \[(.*?)\]\n  __buffers__ = \[(.*?)\]", re.M)
 
 
+def _read(archive: zipfile.ZipFile, info: zipfile.ZipInfo, size: int | None = None) -> bytearray:
+    """The first ``size`` bytes of an entry (None: a source, whole, up to its limit). One stored as torch
+    writes them (uncompressed, sizes agreeing) is read whole; any other is inflated a chunk at a time, never
+    more than asked for whatever the zip claims (an entry longer than it says is cut, and fails its CRC)."""
+    if size is None and info.file_size > _SOURCE_LIMIT:
+        raise CheckpointError(f"{info.filename} is {info.file_size / 2**20:,.1f} MiB, more than a CLIP archive's "
+                              f"(clipcli reads at most {_SOURCE_LIMIT >> 20} MiB of it)")
+    size = info.file_size if size is None else size
+    if info.compress_type == zipfile.ZIP_STORED and info.compress_size == info.file_size == size:
+        return bytearray(archive.read(info))
+    data, done = bytearray(size), 0
+    with archive.open(info) as file:
+        while done < size:
+            chunk = file.read(min(_CHUNK, size - done))
+            if not chunk:
+                raise CheckpointError(f"{info.filename} ends after {done:,} of its {size:,} bytes")
+            data[done : done + len(chunk)] = chunk
+            done += len(chunk)
+    return data
+
+
 def _module_slots(archive: zipfile.ZipFile, prefix: str) -> dict[str, set[str]]:
     """``{qualified class name: names of its parameters and buffers}`` from the archive's sources."""
+    sources = [info for info in archive.infolist()
+               if info.filename.startswith(prefix + "code/") and info.filename.endswith(".py")]
+    total = sum(info.file_size for info in sources)
+    if total > _SOURCES_LIMIT:
+        raise CheckpointError(f"its code/ sources are {total / 2**20:,.1f} MiB, more than a CLIP archive's "
+                              f"(clipcli reads at most {_SOURCES_LIMIT >> 20} MiB of them)")
     slots = {}
-    for member in archive.namelist():
-        if not (member.startswith(prefix + "code/") and member.endswith(".py")):
-            continue
-        module = member[len(prefix + "code/") : -len(".py")].replace("/", ".")
-        for name, params, buffers in _CLASS.findall(archive.read(member).decode("utf-8", "replace")):
+    for info in sources:
+        module = info.filename[len(prefix + "code/") : -len(".py")].replace("/", ".")
+        for name, params, buffers in _CLASS.findall(_read(archive, info).decode("utf-8", "replace")):
             slots[f"{module}.{name}"] = set(re.findall(r'"([^"]+)"', params + buffers))
     return slots
 
@@ -158,20 +197,41 @@ def _placeholder(shape, dtype: torch.dtype, wanted: torch.dtype | None) -> torch
 
 def _materialize(refs: dict[str, _TensorRef], archive: zipfile.ZipFile, prefix: str,
                  dtype: torch.dtype | None, keep: KeyFilter | None) -> StateDict:
-    """Read the kept tensors' storages, each converted to ``dtype`` as soon as it is read."""
+    """Read the kept tensors' storages, each only as far as they reach and converted to ``dtype`` as
+    it is read; first check them all: each storage's entry holds what it declares, every tensor fits
+    in its storage (none is left uninitialised), and they do not inflate far beyond the zip."""
+    infos: dict[str, zipfile.ZipInfo] = {}
+    reach: dict[str, int] = {}
+    for name, ref in refs.items():
+        key, numel, itemsize = ref.storage.key, ref.storage.numel, ref.storage.dtype.itemsize
+        if key not in infos:
+            try:
+                infos[key] = archive.getinfo(f"{prefix}data/{key}")
+            except KeyError:
+                raise CheckpointError(f"{name} is stored in data/{key:.40}, which the archive lacks") from None
+        if infos[key].file_size != numel * itemsize:
+            raise CheckpointError(f"data/{key} holds {infos[key].file_size:,} bytes but its storage declares "
+                                  f"{numel:,} {str(ref.storage.dtype)[6:]} elements ({numel * itemsize:,} bytes)")
+        if ref.extent > numel:
+            raise CheckpointError(f"{name} of shape {list(ref.size)} needs {ref.extent:,} elements of its storage "
+                                  f"data/{key}, which holds {numel:,}")
+        if keep is None or keep(name):
+            reach[key] = max(reach.get(key, 0), ref.extent)
+    inflated, packed = (sum(getattr(i, size) for i in infos.values()) for size in ("file_size", "compress_size"))
+    if inflated > _INFLATION * packed + _INFLATION_SLACK:
+        raise CheckpointError(f"its tensors would inflate from {packed:,} to {inflated:,} bytes: a zip bomb, refused")
     storages: dict[str, torch.Tensor] = {}
     out: StateDict = OrderedDict()
     for name, ref in refs.items():
-        target = _target(ref.storage.dtype, dtype)
+        key, stored = ref.storage.key, ref.storage.dtype
         if keep is not None and not keep(name):
-            out[name] = _placeholder(ref.size, ref.storage.dtype, dtype)
+            out[name] = _placeholder(ref.size, stored, dtype)
             continue
-        storage = storages.get(ref.storage.key)
-        if storage is None:
-            data = bytearray(archive.read(f"{prefix}data/{ref.storage.key}"))
-            storage = torch.frombuffer(data, dtype=ref.storage.dtype) if data else torch.empty(0, dtype=ref.storage.dtype)
-            storage = storages[ref.storage.key] = storage.to(target)
-        out[name] = storage.as_strided(ref.size, ref.stride, ref.offset) if storage.numel() else storage.new_empty(ref.size)
+        if key not in storages:
+            data = _read(archive, infos[key], reach[key] * stored.itemsize)
+            storage = torch.frombuffer(data, dtype=stored) if data else torch.empty(0, dtype=stored)
+            storages[key] = storage.to(_target(stored, dtype))
+        out[name] = storages[key].as_strided(ref.size, ref.stride, ref.offset)
     return out
 
 
@@ -192,8 +252,7 @@ def read_torchscript(path: str | Path, dtype: torch.dtype | None = None, keep: K
     read without executing anything in the file."""
     with zipfile.ZipFile(path) as archive:
         prefix = _archive_prefix(archive)
-        with archive.open(prefix + "data.pkl") as file:
-            root = _RestrictedUnpickler(file).load()
+        root = _RestrictedUnpickler(io.BytesIO(_read(archive, archive.getinfo(prefix + "data.pkl")))).load()
         if not isinstance(root, _ScriptObject):
             raise CheckpointError("data.pkl does not hold a TorchScript module")
         refs: dict[str, _TensorRef] = OrderedDict()
@@ -298,16 +357,36 @@ def _released_hashes() -> set[str]:
     return {info.sha256 for info in MODELS}
 
 
-def _read_torchscript_or_released(path: Path, dtype: torch.dtype | None, keep: KeyFilter | None) -> StateDict:
-    try:
-        return read_torchscript(path, dtype, keep)
-    except UnsafeCheckpointError as error:
-        from .fsutil import sha256_file
+_nothing: KeyFilter = frozenset().__contains__  # keeps no key: shapes only
 
-        if sha256_file(path) not in _released_hashes():
-            raise UnsafeCheckpointError(f"{path}: {error}") from None
-        # A byte-for-byte copy of a file OpenAI released: known content, safe to run.
-        return _select(dict(torch.jit.load(str(path), map_location="cpu").state_dict()), dtype, keep)
+
+def _open(path: Path, dtype: torch.dtype | None) -> tuple[StateDict, Callable[[KeyFilter], StateDict]]:
+    """``(every key with its shape, read)``, having read no tensor (a ``torch.save`` file is
+    mapped); ``read(keep)`` then reads the kept tensors, the others coming back as ``meta``."""
+    kind = _sniff(path)
+    if kind == "safetensors":
+        return read_safetensors(path, dtype, _nothing), lambda keep: read_safetensors(path, dtype, keep)
+    if kind == "zip":
+        with zipfile.ZipFile(path) as archive:
+            torchscript = _is_torchscript(archive)
+            packed = [i.filename for i in archive.infolist() if "/data/" in i.filename and i.compress_type]
+        if torchscript:
+            try:
+                return read_torchscript(path, dtype, _nothing), lambda keep: read_torchscript(path, dtype, keep)
+            except UnsafeCheckpointError as error:
+                from .fsutil import sha256_file
+
+                if sha256_file(path) not in _released_hashes():
+                    raise UnsafeCheckpointError(f"{path}: {error}") from None
+                # A byte-for-byte copy of a file OpenAI released: known content, safe to run.
+                state = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+                return state, lambda keep: _select(state, dtype, keep)
+        if packed:  # torch maps its tensors from the file: it would take compressed bytes for weights
+            raise CheckpointError(f"{packed[0]} is compressed, which torch.save never does (a re-zipped file?)")
+    elif kind != "pickle":
+        raise CheckpointError(f"{path} is not a checkpoint file (neither TorchScript, PyTorch nor safetensors)")
+    state = read_torch(path)
+    return state, lambda keep: _select(state, dtype, keep)
 
 
 def _sniff(path: Path) -> str:
@@ -315,13 +394,10 @@ def _sniff(path: Path) -> str:
         head = file.read(16)
     if head[:4] == b"PK\x03\x04":
         return "zip"
-    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 30):
+    if (len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 30)) \
+            or path.suffix == ".safetensors":
         return "safetensors"
-    if path.suffix == ".safetensors":
-        return "safetensors"
-    if head[:1] == b"\x80":  # a pickle's PROTO opcode: torch.save's legacy (non-zip) format
-        return "pickle"
-    return "unknown"
+    return "pickle" if head[:1] == b"\x80" else "unknown"  # PROTO opcode: torch.save's legacy (non-zip) format
 
 
 def read_state_dict(path: str | Path, dtype: torch.dtype | None = None, keep: KeyFilter | None = None) -> StateDict:
@@ -329,36 +405,41 @@ def read_state_dict(path: str | Path, dtype: torch.dtype | None = None, keep: Ke
 
     With ``dtype``, floating-point tensors are converted one at a time (so a float16 file
     never exists in memory beside its float32 copy). Keys for which ``keep`` is false come
-    back as ``meta`` tensors (shape and dtype only, nothing read). Raises
-    :class:`CheckpointError` (or :class:`UnsafeCheckpointError`) naming the file for anything
-    we cannot read.
+    back as ``meta`` tensors (shape and dtype only, nothing read), as do keys no CLIP of the
+    file's shapes has (:func:`~clipcli.convert.needed_keys`). Raises :class:`CheckpointError`
+    (or :class:`UnsafeCheckpointError`) naming the file for anything we cannot read.
     """
-    path = Path(path)
+    return read_checkpoint([path], dtype, keep)
+
+
+def read_checkpoint(paths: Sequence[str | Path], dtype: torch.dtype | None = None,
+                    keep: KeyFilter | None = None) -> StateDict:
+    """:func:`read_state_dict` of a checkpoint in several files (the shards a ``*.index.json``
+    names): what a CLIP needs is known from all their shapes before any tensor is read."""
+    opened = []
+    for path in map(Path, paths):
+        with _naming(path):
+            opened.append((path, *_open(path, dtype)))
+    needed = needed_keys({key: value for _, shapes, _ in opened for key, value in shapes.items()})
+    state: StateDict = OrderedDict()
+    for path, _, read in opened:
+        with _naming(path):
+            state.update(read(lambda key: (keep is None or keep(key)) and needed(key)))
+    return state
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Whatever reading ``path`` raises, as a :class:`CheckpointError` that names it."""
     try:
-        kind = _sniff(path)
-        if kind == "zip":
-            with zipfile.ZipFile(path) as archive:
-                torchscript = _is_torchscript(archive)
-            if torchscript:
-                state = _read_torchscript_or_released(path, dtype, keep)
-            else:
-                state = _select(read_torch(path), dtype, keep)
-        elif kind == "safetensors":
-            state = read_safetensors(path, dtype, keep)
-        elif kind == "pickle":
-            state = _select(read_torch(path), dtype, keep)
-        else:
-            raise CheckpointError(f"{path} is not a checkpoint file (neither TorchScript, PyTorch nor safetensors)")
+        yield
     except CheckpointError as error:
         if str(path) in str(error):
             raise
         raise type(error)(f"{path}: {error.message}", option=error.option, fix=error.fix) from None
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file") from None
-    except PermissionError:
-        raise CheckpointError(f"{path}: permission denied") from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
+        why = {FileNotFoundError: ": no such file", IsADirectoryError: " is a folder, not a checkpoint file"}
+        raise CheckpointError(f"{path}{why.get(type(error), ': permission denied')}") from None
     except MemoryError:
         raise
     except Exception as error:  # noqa: BLE001 - a hostile or damaged file: anything its parsing raises
@@ -367,4 +448,3 @@ def read_state_dict(path: str | Path, dtype: torch.dtype | None = None, keep: Ke
             f"{path} is not a readable checkpoint (damaged, truncated, or not TorchScript, PyTorch or "
             f"safetensors): {reason}"
         ) from None
-    return state

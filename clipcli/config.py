@@ -9,8 +9,10 @@ nothing changed answers in a fraction of the 2.6 s that importing torch costs.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any, Mapping
 
 from .errors import CheckpointError
 
@@ -80,26 +82,120 @@ def normalized(config: CLIPConfig) -> CLIPConfig:
                    image_std=tuple(float(v) for v in config.image_std))
 
 
+# --------------------------------------------------------------------------- checking what files say
+#
+# Every config a file carries (clipcli's own, an OpenCLIP or a transformers one) is checked field by
+# field where it is read, before any value is used: a hostile or damaged file gives one line naming
+# the file and the field, never a traceback, and never a silently different model (heads of -3
+# becoming one head).
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """``value`` as a message shows it: its JSON, cut short (a hostile value may be huge or deep)."""
+    try:
+        text = json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError, RecursionError):
+        text = type(value).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:  # and within a float's range: 10**400 is no layer_norm_eps
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _stats(value: Any, test) -> bool:  # one number or three (open_clip and transformers take both)
+    return test(value) or (isinstance(value, (list, tuple)) and len(value) == 3 and all(map(test, value)))
+
+
+# kind -> (test, what a good value is)
+_KINDS = {
+    "count": (lambda v: _whole(v) and v >= 1, "a positive whole number"),
+    "index": (lambda v: _whole(v) and v >= 0, "a whole number of at least 0"),
+    "flag": (lambda v: isinstance(v, bool), "true or false"),
+    "number": (_finite, "a finite number"),
+    "positive": (lambda v: _finite(v) and v > 0, "a positive finite number"),
+    "text": (lambda v: isinstance(v, str), "a string"),
+    "object": (lambda v: isinstance(v, dict), "a JSON object"),
+    "layers": (lambda v: (_whole(v) and v >= 1) or (isinstance(v, (list, tuple)) and len(v) == 4
+                                                   and all(_whole(n) and n >= 1 for n in v)),
+               "a positive whole number (or four, a ResNet's stage depths)"),
+    "size": (lambda v: (_whole(v) and v >= 1) or (isinstance(v, (list, tuple)) and len(v) == 2
+                                                 and all(_whole(n) and n >= 1 for n in v)),
+             "a positive whole number (or two)"),
+    "mean": (lambda v: _stats(v, _finite), "three finite numbers"),
+    "std": (lambda v: _stats(v, lambda x: _finite(x) and x > 0), "three positive finite numbers"),
+}
+
+
+def check_fields(where: str, data: Any, schema: Mapping[str, str], prefix: str = "") -> dict:
+    """``data`` when it is a JSON object whose fields named in ``schema`` have the kinds it gives
+    (``"count"``, ``"text"``, ...; a trailing ``?`` allows null); fields it does not name pass.
+    Else :class:`CheckpointError` naming ``where`` (the file) and the field."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where}{': ' + prefix.rstrip('.') if prefix else ''} is {shown(data)}, not a JSON object")
+    for name, kind in schema.items():
+        value = data.get(name)
+        if name not in data or (value is None and kind.endswith("?")):
+            continue
+        test, what = _KINDS[kind.rstrip("?")]
+        if not test(value):
+            null = " (or null)" if kind.endswith("?") else ""
+            raise CheckpointError(f"{where}: {prefix}{name} is {shown(value)}, not {what}{null}")
+    return data
+
+
+def triple(value: Any) -> tuple[float, float, float]:
+    """A checked ``"mean"``/``"std"`` value as three floats (one number stands for all three)."""
+    return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else (float(value),) * 3
+
+
+# clipcli's own config, as config_to_json writes it: every CLIPConfig field
+_STORED = {
+    "embed_dim": "count", "image_resolution": "count", "vision_layers": "layers", "vision_width": "count",
+    "vision_patch_size": "count?", "context_length": "count", "vocab_size": "count", "transformer_width": "count",
+    "transformer_heads": "count", "transformer_layers": "count", "vision_mixer": "flag", "text_mixer": "flag",
+    "activation": "text", "vision_head_width": "count", "vision_mlp_width": "count?", "text_mlp_width": "count?",
+    "image_mean": "mean", "image_std": "std", "interpolation": "text", "resize_mode": "text",
+}
+
+
 def config_to_json(config: CLIPConfig) -> str:
     return json.dumps(asdict(normalized(config)), sort_keys=True)
 
 
-def config_from_json(text: str) -> CLIPConfig:
-    """The config :func:`config_to_json` wrote; unknown fields are refused, missing ones default."""
+def config_from_json(text: str, source: str | Path | None = None) -> CLIPConfig:
+    """The config :func:`config_to_json` wrote (``source``: the file it was stored in, for
+    messages); unknown fields are refused, missing ones default, every field is checked."""
+    where = f"{source}: its {METADATA_KEY} metadata" if source is not None else f"the stored {METADATA_KEY}"
     try:
         data = json.loads(text)
-        known = {f.name for f in fields(CLIPConfig)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown fields {sorted(unknown)}")
+    except (ValueError, TypeError, RecursionError) as error:
+        raise CheckpointError(f"{where} is not valid JSON ({' '.join(str(error).split())[:100]})") from None
+    check_fields(where, data, _STORED)
+    unknown = set(data) - {f.name for f in fields(CLIPConfig)}
+    if unknown:
+        raise CheckpointError(f"{where} has unknown fields: {', '.join(shown(k) for k in sorted(unknown)[:5])}")
+    if data.get("activation", ACTIVATIONS[0]) not in ACTIVATIONS:
+        raise CheckpointError(f"{where}: activation is {shown(data['activation'])}, not one of {', '.join(ACTIVATIONS)}")
+    data = {k: triple(v) if k in ("image_mean", "image_std") else v for k, v in data.items()}
+    try:
         return normalized(CLIPConfig(**data))
-    except (ValueError, TypeError) as error:
-        raise CheckpointError(f"the stored clipcli config is not valid ({error})") from None
+    except TypeError as error:  # a required field missing
+        raise CheckpointError(f"{where} is not a whole config ({error})") from None
 
 
 def safetensors_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata of a safetensors file (its JSON header's ``__metadata__``); empty
-    for any other file or one that cannot be read (the reader names what is wrong)."""
+    for any other file or one that cannot be read (the reader names what is wrong). A config
+    clipcli stored there (``clipcli_config``) is checked here, where the file is known:
+    :class:`CheckpointError` naming the file and the field when it is not valid."""
     if Path(path).suffix != ".safetensors":
         return {}
     try:
@@ -109,6 +205,10 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
                 return {}
             header = json.loads(file.read(size))
         metadata = header.get("__metadata__") or {}
-        return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
-    except (OSError, ValueError, AttributeError):
+        metadata = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
+    except (OSError, ValueError, AttributeError, RecursionError):
         return {}
+    if METADATA_KEY in metadata:
+        config_from_json(metadata[METADATA_KEY], path)
+    return metadata
+

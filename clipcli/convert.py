@@ -14,16 +14,18 @@ Two schemas besides OpenAI's own arrive here:
 
 Both refuse families that are not plain CLIP (a ViT or ModifiedResNet image tower, a causal
 text Transformer read out at the end-of-text token, OpenAI's BPE) with one line naming the
-family, from their config fields: loading them as CLIP would be silently wrong.
+family, from their config fields: loading them as CLIP would be silently wrong. Every field
+they read is checked first (:func:`clipcli.config.check_fields`): a value of the wrong type or
+range is one :class:`~clipcli.errors.CheckpointError` naming the file and the field.
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
-from .config import HEAD_WIDTH, tower_of
-from .errors import UnsupportedModelError
+from .config import HEAD_WIDTH, check_fields, shown, tower_of, triple
+from .errors import CheckpointError, UnsupportedModelError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -37,27 +39,42 @@ def _refuse(source: str, family: str, why: str) -> UnsupportedModelError:
 
 
 def _preprocess_fields(source: str, mean, std, interpolation, resize_mode) -> dict[str, Any]:
+    """Preprocessing fields from values :func:`check_fields` has checked."""
     fields: dict[str, Any] = {}
     for name, value in (("image_mean", mean), ("image_std", std)):
-        if value is None:
-            continue
-        if not (isinstance(value, (list, tuple)) and len(value) == 3):
-            raise UnsupportedModelError(f"{source}: {name} {value!r} is not three numbers")
-        fields[name] = tuple(float(v) for v in value)
+        if value is not None:
+            fields[name] = triple(value)
     if interpolation is not None:
         if interpolation not in INTERPOLATIONS:
-            raise UnsupportedModelError(f"{source}: interpolation {interpolation!r} is not supported "
+            raise UnsupportedModelError(f"{source}: interpolation {shown(interpolation)} is not supported "
                                         f"(use one of {', '.join(INTERPOLATIONS)})")
         fields["interpolation"] = interpolation
     if resize_mode is not None:
         if resize_mode not in RESIZE_MODES:
-            raise UnsupportedModelError(f"{source}: resize mode {resize_mode!r} is not supported "
+            raise UnsupportedModelError(f"{source}: resize mode {shown(resize_mode)} is not supported "
                                         f"(use one of {', '.join(RESIZE_MODES)})")
         fields["resize_mode"] = resize_mode
     return fields
 
 
 # --------------------------------------------------------------------------- OpenCLIP
+
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+# Fields of an open_clip_config.json and their kinds (clipcli.config.check_fields): the names the
+# family check reads first, then what a plain CLIP's config holds.
+_OPEN_CLIP_NAMES = {
+    "vision_cfg": {"timm_model_name": "text?", "eva_model_name": "text?", "pos_embed_type": "text?",
+                   "pool_type": "text?"},
+    "text_cfg": {"hf_tokenizer_name": "text?", "hf_model_name": "text?", "pool_type": "text?", "proj_type": "text?"},
+}
+_OPEN_CLIP_MODEL = {"embed_dim": "count", "quick_gelu": "flag?", "init_logit_scale": "number?"}
+_OPEN_CLIP_VISION = {"image_size": "size", "layers": "layers", "width": "count", "head_width": "count",
+                     "patch_size": "count?", "mlp_ratio": "positive"}
+_OPEN_CLIP_TEXT = {"context_length": "count", "vocab_size": "count", "width": "count", "heads": "count",
+                   "layers": "count", "mlp_ratio": "positive"}
+_OPEN_CLIP_PREPROCESS = {"mean": "mean?", "std": "std?", "interpolation": "text?", "resize_mode": "text?",
+                         "size": "size?"}
 
 
 def open_clip_family(model_cfg: dict) -> tuple[str, str] | None:
@@ -105,31 +122,42 @@ def open_clip_family(model_cfg: dict) -> tuple[str, str] | None:
         "text_cfg.pad_id": text.get("pad_id") not in (None, 0) and text.get("pad_id"),
         "text_cfg.vocab_size": text.get("vocab_size", VOCAB_SIZE) != VOCAB_SIZE and text.get("vocab_size"),
     }
-    unusual = [f"{name}={value!r}" for name, value in odd.items() if value]
+    unusual = [f"{name}={shown(value)}" for name, value in odd.items() if value]
     if unusual:
         return "non-standard CLIP", ", ".join(unusual)
     return None
 
 
-def config_from_open_clip(config: dict, source: str) -> dict[str, Any]:
+def config_from_open_clip(config: Any, source: str) -> dict[str, Any]:
     """:class:`CLIPConfig` fields that shapes cannot show, from an ``open_clip_config.json``
-    (``{"model_cfg": ..., "preprocess_cfg": ...}``) or a bare ``model_cfg``."""
+    (``{"model_cfg": ..., "preprocess_cfg": ...}``) or a bare ``model_cfg``, every field it
+    reads checked first."""
+    where = f"{source}: {OPEN_CLIP_CONFIG}"
     if not isinstance(config, dict):
-        raise UnsupportedModelError(f"{source}: the OpenCLIP config is not a JSON object")
-    model_cfg = config.get("model_cfg", config)
-    preprocess = config.get("preprocess_cfg") or {}
-    if not isinstance(model_cfg, dict) or not isinstance(model_cfg.get("vision_cfg"), dict) \
-            or not isinstance(model_cfg.get("text_cfg"), dict):
-        raise UnsupportedModelError(f"{source}: the OpenCLIP config has no vision_cfg/text_cfg")
+        raise CheckpointError(f"{where} is {shown(config)}, not a JSON object")
+    wrapped = "model_cfg" in config
+    model_cfg = check_fields(where, config["model_cfg"], {}, "model_cfg.") if wrapped else config
+    preprocess = config.get("preprocess_cfg")
+    preprocess = {} if preprocess is None else check_fields(where, preprocess, _OPEN_CLIP_PREPROCESS, "preprocess_cfg.")
+    at = "model_cfg." if wrapped else ""
+    if not isinstance(model_cfg.get("vision_cfg"), dict) or not isinstance(model_cfg.get("text_cfg"), dict):
+        missing = "vision_cfg" if not isinstance(model_cfg.get("vision_cfg"), dict) else "text_cfg"
+        raise CheckpointError(f"{where}: {at}{missing} is {shown(model_cfg.get(missing))}, not a JSON object "
+                              "(the OpenCLIP config has no vision_cfg/text_cfg)")
+    vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    for tower, data in (("vision_cfg", vision), ("text_cfg", text)):
+        check_fields(where, data, _OPEN_CLIP_NAMES[tower], f"{at}{tower}.")
     family = open_clip_family(model_cfg)
     if family:
         raise _refuse(source, *family)
-    vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    check_fields(where, model_cfg, _OPEN_CLIP_MODEL, at)
+    check_fields(where, vision, _OPEN_CLIP_VISION, f"{at}vision_cfg.")
+    check_fields(where, text, _OPEN_CLIP_TEXT, f"{at}text_cfg.")
     fields: dict[str, Any] = {
         "activation": "quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
-        "vision_head_width": int(vision.get("head_width", HEAD_WIDTH)),
+        "vision_head_width": vision.get("head_width", HEAD_WIDTH),
+        "transformer_heads": text.get("heads", 8),  # open_clip's CLIPTextCfg default
     }
-    fields["transformer_heads"] = int(text.get("heads", 8))  # open_clip's CLIPTextCfg default
     fields.update(_preprocess_fields(source, preprocess.get("mean"), preprocess.get("std"),
                                      preprocess.get("interpolation"), preprocess.get("resize_mode")))
     return fields
@@ -147,39 +175,63 @@ TRANSFORMERS_FAMILIES = {
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as preprocessor_config.json stores them
 
 
-def config_from_transformers(config: dict, source: str, preprocessor: dict | None = None) -> dict[str, Any]:
+TRANSFORMERS_CONFIG, TRANSFORMERS_PREPROCESSOR = "config.json", "preprocessor_config.json"
+# Fields of a CLIPModel config.json and its preprocessor_config.json, and their kinds.
+_TRANSFORMERS_TOP = {"model_type": "text", "text_config": "object?", "vision_config": "object?",
+                     "text_config_dict": "object?", "vision_config_dict": "object?", "projection_dim": "count",
+                     "logit_scale_init_value": "number"}
+_TRANSFORMERS_TOWER = {"hidden_act": "text", "layer_norm_eps": "positive", "hidden_size": "count",
+                       "intermediate_size": "count", "num_attention_heads": "count", "num_hidden_layers": "count",
+                       "projection_dim": "count"}
+_TRANSFORMERS_TOWERS = {
+    "text": {**_TRANSFORMERS_TOWER, "vocab_size": "count", "max_position_embeddings": "count"},
+    "vision": {**_TRANSFORMERS_TOWER, "image_size": "count", "patch_size": "count", "num_channels": "count"},
+}
+_TRANSFORMERS_PREPROCESSING = {"image_mean": "mean?", "image_std": "std?", "resample": "index?"}
+
+
+def config_from_transformers(config: Any, source: str, preprocessor: Any = None) -> dict[str, Any]:
     """:class:`CLIPConfig` fields that shapes cannot show, from a ``CLIPModel`` ``config.json``
-    (and its ``preprocessor_config.json``, when there is one)."""
+    (and its ``preprocessor_config.json``, when there is one), every field it reads checked first."""
+    where = f"{source}: {TRANSFORMERS_CONFIG}"
     if not isinstance(config, dict):
-        raise UnsupportedModelError(f"{source}: config.json is not a JSON object")
+        raise CheckpointError(f"{where} is {shown(config)}, not a JSON object")
     model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        raise CheckpointError(f"{where}: model_type is {shown(model_type)}, not a string")
     if model_type != "clip":
-        family = TRANSFORMERS_FAMILIES.get(model_type, f"{model_type!r}")
-        raise _refuse(source, family, f"transformers model_type {model_type!r}")
-    # transformers lets *_config_dict override *_config
-    text = {**(config.get("text_config") or {}), **(config.get("text_config_dict") or {})}
-    vision = {**(config.get("vision_config") or {}), **(config.get("vision_config_dict") or {})}
+        quoted = repr(model_type if len(model_type) <= 40 else model_type[:37] + "...")
+        raise _refuse(source, TRANSFORMERS_FAMILIES.get(model_type, quoted), f"transformers model_type {quoted}")
+    check_fields(where, config, _TRANSFORMERS_TOP)
+    towers = {}
+    for tower, schema in _TRANSFORMERS_TOWERS.items():  # transformers lets *_config_dict override *_config
+        for name in (f"{tower}_config", f"{tower}_config_dict"):
+            check_fields(where, config.get(name) or {}, schema, f"{name}.")
+        towers[tower] = {**(config.get(f"{tower}_config") or {}), **(config.get(f"{tower}_config_dict") or {})}
+    text, vision = towers["text"], towers["vision"]
     acts = {text.get("hidden_act", "quick_gelu"), vision.get("hidden_act", "quick_gelu")}
     if len(acts) != 1 or not acts <= {"quick_gelu", "gelu"}:
-        raise UnsupportedModelError(f"{source}: activation {sorted(map(str, acts))} is not supported "
+        raise UnsupportedModelError(f"{source}: activation {', '.join(sorted(map(shown, acts)))} is not supported "
                                     "(quick_gelu or gelu, the same in both towers)")
     for tower in (text, vision):
-        eps = float(tower.get("layer_norm_eps", 1e-5))
+        eps = tower.get("layer_norm_eps", 1e-5)
         if abs(eps - 1e-5) > 1e-12:
             raise UnsupportedModelError(f"{source}: layer_norm_eps {eps} is not supported (CLIP uses 1e-5)")
-    vocab = int(text.get("vocab_size", VOCAB_SIZE))
+    vocab = text.get("vocab_size", VOCAB_SIZE)
     if vocab != VOCAB_SIZE:
         raise _refuse(source, "CLIP with another tokenizer", f"vocabulary of {vocab}, not OpenAI's {VOCAB_SIZE}")
-    vision_width = int(vision.get("hidden_size", 768))
-    text_width = int(text.get("hidden_size", 512))
+    vision_width, vision_heads = vision.get("hidden_size", 768), vision.get("num_attention_heads", 12)
+    text_width, text_heads = text.get("hidden_size", 512), text.get("num_attention_heads", 8)
+    if vision_width % vision_heads or text_width % text_heads:
+        raise UnsupportedModelError(f"{source}: hidden sizes do not split into the configured attention heads "
+                                    f"(vision {vision_width} into {vision_heads}, text {text_width} into {text_heads})")
     fields: dict[str, Any] = {
         "activation": acts.pop(),
-        "vision_head_width": vision_width // int(vision.get("num_attention_heads", 12)),
-        "transformer_heads": int(text.get("num_attention_heads", 8)),
+        "vision_head_width": vision_width // vision_heads,
+        "transformer_heads": text_heads,
     }
-    if vision_width % int(vision.get("num_attention_heads", 12)) or text_width % fields["transformer_heads"]:
-        raise UnsupportedModelError(f"{source}: hidden sizes do not split into the configured attention heads")
-    if preprocessor:
+    if preprocessor is not None:
+        check_fields(f"{source}: {TRANSFORMERS_PREPROCESSOR}", preprocessor, _TRANSFORMERS_PREPROCESSING)
         resample = preprocessor.get("resample")
         fields.update(_preprocess_fields(source, preprocessor.get("image_mean"), preprocessor.get("image_std"),
                                          _RESAMPLE.get(resample, resample) if resample is not None else None, None))
@@ -225,38 +277,83 @@ def tower_of_key(key: str) -> str | None:
     return tower_of(key)  # OpenAI's names; "text_projection" (either schema) included
 
 
+def _ours(key: str) -> tuple[str | None, str | None]:
+    """``(our name, which of q/k/v)`` of a transformers ``CLIPModel`` key: ``which`` is set for a
+    third of an attention in-projection (packed into our one ``in_proj``); ``our name`` is None
+    for what is dropped (``position_ids``) and the key itself for keys we do not know."""
+    if key.endswith("position_ids"):
+        return None, None  # a buffer of arange(n), not a parameter
+    if key in _RENAMES:
+        return _RENAMES[key], None
+    if key in _TRANSPOSED:
+        return _TRANSPOSED[key], None
+    match = _LAYER.match(key)
+    if match is None:
+        return key, None
+    tower, index, rest = match.groups()
+    prefix = f"{'visual.' if tower == 'vision' else ''}transformer.resblocks.{index}."
+    which = rest[len("self_attn."):len("self_attn.") + 1]
+    if rest.startswith("self_attn.") and which in ("q", "k", "v") and "_proj." in rest:
+        return f"{prefix}attn.in_proj_{rest.rsplit('.', 1)[1]}", which
+    for theirs, ours in _LAYER_PARTS.items():
+        if rest.startswith(theirs):
+            return prefix + ours + rest[len(theirs):], None
+    return key, None
+
+
+def openai_key(key: str) -> str | None:
+    """The key (in OpenAI's names) that a transformers ``CLIPModel`` key becomes; None for one
+    that is dropped."""
+    return _ours(key)[0]
+
+
 def state_dict_from_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A transformers ``CLIPModel`` state dict with OpenAI's key names. Keys it does not know
-    are kept as they are, so the strict load names them."""
+    (and q/k/v projections that cannot be packed) are kept as they are, so the strict load names them."""
     import torch
 
     out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    qkv: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, value in state_dict.items():
-        if key.endswith("position_ids"):
-            continue  # a buffer of arange(n), not a parameter
-        if key in _RENAMES:
-            out[_RENAMES[key]] = value
-        elif key in _TRANSPOSED:
-            out[_TRANSPOSED[key]] = value.t()  # nn.Linear stores (out, in); CLIP multiplies by (in, out)
-        elif match := _LAYER.match(key):
-            tower, index, rest = match.groups()
-            prefix = f"{'visual.' if tower == 'vision' else ''}transformer.resblocks.{index}."
-            if rest.startswith("self_attn.") and rest[len("self_attn.")] in "qkv" and "_proj." in rest:
-                which, leaf = rest[len("self_attn.")], rest.rsplit(".", 1)[1]
-                qkv.setdefault((prefix, leaf), {})[which] = (key, value)
-                continue
-            for theirs, ours in _LAYER_PARTS.items():
-                if rest.startswith(theirs):
-                    out[prefix + ours + rest[len(theirs):]] = value
-                    break
-            else:
-                out[key] = value
-        else:
-            out[key] = value
-    for (prefix, leaf), parts in qkv.items():
-        if set(parts) != {"q", "k", "v"}:  # left as they are: the strict load names what is missing
-            out.update(dict(parts.values()))
+        ours, which = _ours(key)
+        if ours is None:
             continue
-        out[f"{prefix}attn.in_proj_{leaf}"] = torch.cat([parts[p][1] for p in "qkv"], dim=0)
+        if which is not None:
+            qkv.setdefault(ours, {})[which] = (key, value)
+        elif key in _TRANSPOSED and value.ndim == 2:
+            out[ours] = value.t()  # nn.Linear stores (out, in); CLIP multiplies by (in, out)
+        else:
+            out[ours] = value
+    for ours, parts in qkv.items():
+        values = [value for _, value in parts.values()]
+        if set(parts) != {"q", "k", "v"} or not all(v.ndim for v in values) \
+                or len({(v.shape[1:], v.dtype, v.device) for v in values}) != 1:
+            out.update(dict(parts.values()))  # left as they are: the strict load names what is wrong
+            continue
+        out[ours] = torch.cat([parts[p][1] for p in "qkv"], dim=0)
     return out
+
+
+def needed_keys(shapes: dict[str, torch.Tensor]) -> Callable[[str], bool]:
+    """Which keys of a checkpoint a CLIP needs, from ``shapes`` (every key, as ``meta`` tensors or
+    unread): those a CLIP of these shapes has, held with the shape it expects (in transformers'
+    names, those that become them). When the shapes are not a whole CLIP (one shard of it, or
+    something else) the keys named as a CLIP's. A reader reads no other key (junk, or a CLIP key
+    of the wrong shape): the strict load names it."""
+    import torch
+
+    from .factory import EXTRA_KEYS, config_from_state_dict, create_model
+
+    transformers = is_transformers_state_dict(shapes)
+    meta = {k: v if v.is_meta else torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in shapes.items()}
+    try:
+        ours = state_dict_from_transformers(meta) if transformers else meta
+        config = config_from_state_dict({k: v for k, v in ours.items()
+                                         if k not in EXTRA_KEYS and not k.endswith("attn_mask")})
+        with torch.device("meta"):
+            expected = create_model(config, initialize=False).state_dict()
+    except Exception:  # noqa: BLE001 - no whole CLIP: what is named as one (build_model says what is wrong)
+        return lambda key: key in EXTRA_KEYS or key == "logit_scale" or tower_of_key(key) is not None
+    fits = {k for k, v in expected.items() if k in ours and ours[k].shape == v.shape}
+    fits.update(k for k in EXTRA_KEYS if k in shapes and shapes[k].numel() <= 1)
+    return (lambda key: openai_key(key) in fits) if transformers else fits.__contains__

@@ -147,16 +147,20 @@ def _check_choices(config: CLIPConfig, source: str) -> None:
         raise CheckpointError(f"{source}: image_mean and image_std must be three numbers (std not 0)")
 
 
-def _check_agrees(config: CLIPConfig, shapes: CLIPConfig, source: str) -> None:
+def _check_agrees(config: CLIPConfig, shapes: CLIPConfig, source: str, head_width_given: bool = True) -> None:
     wrong = [f"{name} {getattr(shapes, name)!r} (the config says {getattr(config, name)!r})"
              for name in SHAPE_FIELDS if getattr(config, name) != getattr(shapes, name)]
     if wrong:
         raise CheckpointError(f"{source}: the weights do not match the architecture given for them: "
                               + _describe(wrong, 3))
-    for what, width, heads in (("vision", config.vision_width * (32 if config.vision_patch_size is None else 1),
-                                config.vision_heads),
+    vision_width = config.vision_width * (32 if config.vision_patch_size is None else 1)
+    if config.vision_head_width < 1 or (head_width_given and not config.vision_mixer
+                                        and vision_width % config.vision_head_width):  # else heads would round
+        raise CheckpointError(f"{source}: vision width {vision_width} does not split into "
+                              f"{config.vision_head_width}-wide attention heads")
+    for what, width, heads in (("vision", vision_width, config.vision_heads),
                                ("text", config.transformer_width, config.transformer_heads)):
-        if width % heads:
+        if heads < 1 or width % heads:
             raise CheckpointError(f"{source}: {what} width {width} does not split into {heads} attention heads")
 
 
@@ -185,7 +189,7 @@ def build_model(state_dict: dict[str, torch.Tensor], hints: CLIPConfig | Mapping
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{source}: the architecture given for it is not valid ({error})") from None
     _check_choices(config, source)
-    _check_agrees(config, shapes, source)
+    _check_agrees(config, shapes, source, head_width_given="vision_head_width" in (hints or {}))
     with torch.device("meta"):
         model = create_model(config, initialize=False)
     expected = model.state_dict()

@@ -72,8 +72,8 @@ class ModelSource:
 def _read_json(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise CheckpointError(f"{path}: cannot read the {what} ({error})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise CheckpointError(f"{path}: cannot read the {what} ({' '.join(str(error).split())[:200]})") from None
 
 
 def _transformers_hints(config_path: Path, preprocessor: Callable[[], Path | None], source: str) -> dict | None:
@@ -81,7 +81,7 @@ def _transformers_hints(config_path: Path, preprocessor: Callable[[], Path | Non
     ``preprocessor()`` finds), or None when the file is not one (a training run's config.json)."""
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
     if not isinstance(config, dict) or "model_type" not in config:
         return None
@@ -265,12 +265,10 @@ def read_weights(source: ModelSource, dtype: torch.dtype | None = None,
                  towers: Sequence[str] = TOWERS) -> dict[str, torch.Tensor]:
     """The state dict of ``source`` with OpenAI's key names; keys of towers not asked for are
     ``meta`` tensors (never read)."""
-    from .checkpoint import read_state_dict
+    from .checkpoint import read_checkpoint
 
     keep = None if tuple(towers) == TOWERS else (lambda key: convert.tower_of_key(key) in (*towers, None))
-    state: dict[str, torch.Tensor] = {}
-    for file in source.files:
-        state.update(read_state_dict(file, dtype=dtype, keep=keep))
+    state = read_checkpoint(source.files, dtype=dtype, keep=keep)  # all shards' shapes first
     if convert.is_transformers_state_dict(state):
         state = convert.state_dict_from_transformers(state)
     return state
