@@ -268,3 +268,23 @@ def test_hub_names_the_hub_would_refuse_are_one_line(name, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = runner.invoke(app, ["encode", "--text", "a cat", "-m", name])
     assert result.exit_code == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+
+
+# ----------------------------------------------------------------------------- 18: hostile pickles
+
+
+def test_a_hostile_pickle_is_refused_in_one_line_without_torchs_advice(tmp_path):
+    import sys
+
+    evil = tmp_path / "evil.pt"
+    script = ("import os, torch\nclass Evil:\n    def __reduce__(self):\n        return (os.system, ('echo pwned',))\n"
+              f"torch.save({{'x': Evil()}}, {str(evil)!r})\n")
+    import subprocess
+
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    image = tmp_path / "a.jpg"
+    shutil.copy(DATA / "rocket.jpg", image)
+    result = _shell(f"CLIPCLI encode {image} -m {evil} -q")
+    assert result.returncode == 2 and result.stdout == "" and "pwned" not in result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and "unsupported GLOBAL" in result.stderr, result.stderr
+    assert "weights_only" not in result.stderr and "will likely succeed" not in result.stderr
