@@ -33,7 +33,15 @@ import torch
 from .config import safetensors_metadata  # noqa: F401 (re-exported)
 from .convert import needed_keys
 from .errors import CheckpointError, UnsafeCheckpointError
-from .torchscript import KeyFilter, StateDict, is_torchscript, placeholder, read_torchscript, target_dtype
+from .torchscript import (
+    KeyFilter,
+    StateDict,
+    check_torch_save,
+    is_torchscript,
+    placeholder,
+    read_torchscript,
+    target_dtype,
+)
 
 
 def _unwrap(obj: Any) -> Any:
@@ -169,6 +177,8 @@ def _open(path: Path, dtype: torch.dtype | None) -> tuple[StateDict, Callable[[K
                 return state, lambda keep: _select(state, dtype, keep)
         if packed:  # torch maps its tensors from the file: it would take compressed bytes for weights
             raise CheckpointError(f"{packed[0]} is compressed, which torch.save never does (a re-zipped file?)")
+        with zipfile.ZipFile(path) as archive:
+            check_torch_save(archive)
     elif kind != "pickle":
         raise CheckpointError(f"{path} is not a checkpoint file (neither TorchScript, PyTorch nor safetensors)")
     state = read_torch(path)

@@ -179,13 +179,11 @@ def placeholder(shape, dtype: torch.dtype, wanted: torch.dtype | None) -> torch.
     return torch.empty(tuple(shape), dtype=target_dtype(dtype, wanted), device="meta")
 
 
-def _materialize(refs: dict[str, _TensorRef], archive: zipfile.ZipFile, prefix: str,
-                 dtype: torch.dtype | None, keep: KeyFilter | None) -> StateDict:
-    """Read the kept tensors' storages, each only as far as they reach and converted to ``dtype`` as
-    it is read; first check them all: each storage's entry holds what it declares, every tensor fits
-    in its storage (none is left uninitialised), and they do not inflate far beyond the zip."""
+def _checked_storages(refs: dict[str, _TensorRef], archive: zipfile.ZipFile, prefix: str) -> dict[str, zipfile.ZipInfo]:
+    """Each storage's zip entry, having checked that it holds what its pickle declares, that every
+    tensor fits in its storage (none is left uninitialised or reads its neighbour's bytes), and
+    that the storages do not inflate far beyond the zip."""
     infos: dict[str, zipfile.ZipInfo] = {}
-    reach: dict[str, int] = {}
     for name, ref in refs.items():
         key, numel, itemsize = ref.storage.key, ref.storage.numel, ref.storage.dtype.itemsize
         if key not in infos:
@@ -199,11 +197,44 @@ def _materialize(refs: dict[str, _TensorRef], archive: zipfile.ZipFile, prefix: 
         if ref.extent > numel:
             raise CheckpointError(f"{name} of shape {list(ref.size)} needs {ref.extent:,} elements of its storage "
                                   f"data/{key}, which holds {numel:,}")
-        if keep is None or keep(name):
-            reach[key] = max(reach.get(key, 0), ref.extent)
     inflated, packed = (sum(getattr(i, size) for i in infos.values()) for size in ("file_size", "compress_size"))
     if inflated > _INFLATION * packed + _INFLATION_SLACK:
         raise CheckpointError(f"its tensors would inflate from {packed:,} to {inflated:,} bytes: a zip bomb, refused")
+    return infos
+
+
+def check_torch_save(archive: zipfile.ZipFile) -> None:
+    """The checks of :func:`_checked_storages` on a ``torch.save`` zip, which torch maps without
+    them (a storage entry shorter than its tensor reads the bytes after it). A pickle holding
+    more than tensors and plain containers is left to ``torch.load(weights_only=True)``."""
+    prefix = _archive_prefix(archive)
+    try:
+        root = _RestrictedUnpickler(io.BytesIO(_read(archive, archive.getinfo(prefix + "data.pkl")))).load()
+    except (UnsafeCheckpointError, pickle.UnpicklingError, KeyError):
+        return
+    refs: dict[str, _TensorRef] = {}
+    todo: list[tuple[str, Any]] = [("", root)]
+    while todo:  # every tensor in the containers, named by its path
+        path, value = todo.pop()
+        if isinstance(value, _TensorRef):
+            refs[path or "the tensor"] = value
+        elif isinstance(value, dict):
+            todo += [(f"{path}.{k}" if path else str(k), v) for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            todo += [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    _checked_storages(refs, archive, prefix)
+
+
+def _materialize(refs: dict[str, _TensorRef], archive: zipfile.ZipFile, prefix: str,
+                 dtype: torch.dtype | None, keep: KeyFilter | None) -> StateDict:
+    """Read the kept tensors' storages, each only as far as they reach and converted to ``dtype`` as
+    it is read; first check them all: each storage's entry holds what it declares, every tensor fits
+    in its storage (none is left uninitialised), and they do not inflate far beyond the zip."""
+    infos = _checked_storages(refs, archive, prefix)
+    reach: dict[str, int] = {}
+    for name, ref in refs.items():
+        if keep is None or keep(name):
+            reach[ref.storage.key] = max(reach.get(ref.storage.key, 0), ref.extent)
     storages: dict[str, torch.Tensor] = {}
     out: StateDict = OrderedDict()
     for name, ref in refs.items():

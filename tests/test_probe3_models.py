@@ -405,3 +405,19 @@ def test_configs_that_are_valid_still_load(open_clip_folder, transformers_folder
     assert clipcli.load(folder, device="cpu")[0].config.image_mean == (0.5, 0.5, 0.5)
     folder = _rewritten(open_clip_folder, tmp_path / "oc", "open_clip_config.json", "model_cfg.quick_gelu", None)
     assert clipcli.load(folder, device="cpu")[0].config.activation == "gelu"
+
+
+def test_a_torch_save_storage_shorter_than_its_tensor_is_refused(tmp_path):
+    """torch maps a torch.save zip's storages without checking their entries' sizes: a short one
+    would read the bytes after it as weights."""
+    import zipfile
+
+    good, short = tmp_path / "good.pt", tmp_path / "short.pt"
+    torch.save({"visual.proj": torch.randn(8, 4), "other": torch.randn(100)}, good)
+    with zipfile.ZipFile(good) as source, zipfile.ZipFile(short, "w", zipfile.ZIP_STORED) as out:
+        for info in source.infolist():
+            data = source.read(info)
+            out.writestr(info, data[: len(data) // 2] if info.filename.endswith("data/0") else data)
+    assert len(read_state_dict(good)) == 2
+    with pytest.raises(CheckpointError, match="holds 64 bytes but its storage declares 32 float32 elements"):
+        read_state_dict(short)
