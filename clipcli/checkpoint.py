@@ -14,8 +14,9 @@ Readers take a ``dtype`` and a ``keep`` predicate on key names. Each floating-po
 converted as it is read (a float16 file never sits in memory beside its float32 copy), and a
 key that is not kept comes back as a ``meta`` tensor of the right shape, without its bytes
 ever being read: loading only the image tower of ViT-B/32 in float32 takes 350 MB, not 900.
-Shapes come first: only the tensors a CLIP of the file's shapes has are read; junk keys stay
-``meta`` for the strict load to name.
+Shapes come first: given ``needed`` (the model loader's
+:func:`~clipcli.factory.needed_keys`), only the tensors a CLIP of the file's shapes has are
+read; junk keys stay ``meta`` for the strict load to name.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .config import safetensors_metadata  # noqa: F401 (re-exported)
-from .convert import needed_keys
 from .errors import CheckpointError, UnsafeCheckpointError
 from .torchscript import (
     KeyFilter,
@@ -196,31 +196,33 @@ def _sniff(path: Path) -> str:
     return "pickle" if head[:1] == b"\x80" else "unknown"  # PROTO opcode: torch.save's legacy (non-zip) format
 
 
-def read_state_dict(path: str | Path, dtype: torch.dtype | None = None, keep: KeyFilter | None = None) -> StateDict:
+def read_state_dict(path: str | Path, dtype: torch.dtype | None = None, keep: KeyFilter | None = None,
+                    needed: Callable[[StateDict], KeyFilter] | None = None) -> StateDict:
     """Read any supported checkpoint into ``{OpenAI key name: tensor}``.
 
     With ``dtype``, floating-point tensors are converted one at a time (so a float16 file
     never exists in memory beside its float32 copy). Keys for which ``keep`` is false come
-    back as ``meta`` tensors (shape and dtype only, nothing read), as do keys no CLIP of the
-    file's shapes has (:func:`~clipcli.convert.needed_keys`). Raises :class:`CheckpointError`
+    back as ``meta`` tensors (shape and dtype only, nothing read), as do keys ``needed(shapes)``
+    leaves out (the model loader passes :func:`~clipcli.factory.needed_keys`: only the keys a
+    CLIP of the file's shapes has). Raises :class:`CheckpointError`
     (or :class:`UnsafeCheckpointError`) naming the file for anything we cannot read.
     """
-    return read_checkpoint([path], dtype, keep)
+    return read_checkpoint([path], dtype, keep, needed)
 
 
 def read_checkpoint(paths: Sequence[str | Path], dtype: torch.dtype | None = None,
-                    keep: KeyFilter | None = None) -> StateDict:
+                    keep: KeyFilter | None = None, needed: Callable[[StateDict], KeyFilter] | None = None) -> StateDict:
     """:func:`read_state_dict` of a checkpoint in several files (the shards a ``*.index.json``
     names): what a CLIP needs is known from all their shapes before any tensor is read."""
     opened = []
     for path in map(Path, paths):
         with _naming(path):
             opened.append((path, *_open(path, dtype)))
-    needed = needed_keys({key: value for _, shapes, _ in opened for key, value in shapes.items()})
+    wanted = needed({key: value for _, shapes, _ in opened for key, value in shapes.items()}) if needed else None
     state: StateDict = OrderedDict()
     for path, _, read in opened:
         with _naming(path):
-            state.update(read(lambda key: (keep is None or keep(key)) and needed(key)))
+            state.update(read(lambda key: (keep is None or keep(key)) and (wanted is None or wanted(key))))
     return state
 
 

@@ -22,7 +22,7 @@ range is one :class:`~clipcli.errors.CheckpointError` naming the file and the fi
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .config import HEAD_WIDTH, check_fields, shown, tower_of, triple
 from .errors import CheckpointError, UnsupportedModelError
@@ -332,28 +332,3 @@ def state_dict_from_transformers(state_dict: dict[str, torch.Tensor]) -> dict[st
             continue
         out[ours] = torch.cat([parts[p][1] for p in "qkv"], dim=0)
     return out
-
-
-def needed_keys(shapes: dict[str, torch.Tensor]) -> Callable[[str], bool]:
-    """Which keys of a checkpoint a CLIP needs, from ``shapes`` (every key, as ``meta`` tensors or
-    unread): those a CLIP of these shapes has, held with the shape it expects (in transformers'
-    names, those that become them). When the shapes are not a whole CLIP (one shard of it, or
-    something else) the keys named as a CLIP's. A reader reads no other key (junk, or a CLIP key
-    of the wrong shape): the strict load names it."""
-    import torch
-
-    from .factory import EXTRA_KEYS, config_from_state_dict, create_model
-
-    transformers = is_transformers_state_dict(shapes)
-    meta = {k: v if v.is_meta else torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in shapes.items()}
-    try:
-        ours = state_dict_from_transformers(meta) if transformers else meta
-        config = config_from_state_dict({k: v for k, v in ours.items()
-                                         if k not in EXTRA_KEYS and not k.endswith("attn_mask")})
-        with torch.device("meta"):
-            expected = create_model(config, initialize=False).state_dict()
-    except Exception:  # noqa: BLE001 - no whole CLIP: what is named as one (build_model says what is wrong)
-        return lambda key: key in EXTRA_KEYS or key == "logit_scale" or tower_of_key(key) is not None
-    fits = {k for k, v in expected.items() if k in ours and ours[k].shape == v.shape}
-    fits.update(k for k in EXTRA_KEYS if k in shapes and shapes[k].numel() <= 1)
-    return (lambda key: openai_key(key) in fits) if transformers else fits.__contains__

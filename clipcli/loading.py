@@ -266,9 +266,11 @@ def read_weights(source: ModelSource, dtype: torch.dtype | None = None,
     """The state dict of ``source`` with OpenAI's key names; keys of towers not asked for are
     ``meta`` tensors (never read)."""
     from .checkpoint import read_checkpoint
+    from .factory import needed_keys
 
     keep = None if tuple(towers) == TOWERS else (lambda key: convert.tower_of_key(key) in (*towers, None))
-    state = read_checkpoint(source.files, dtype=dtype, keep=keep)  # all shards' shapes first
+    state = read_checkpoint(source.files, dtype=dtype, keep=keep,  # all shards' shapes first
+                            needed=needed_keys)
     if convert.is_transformers_state_dict(state):
         state = convert.state_dict_from_transformers(state)
     return state

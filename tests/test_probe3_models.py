@@ -27,6 +27,7 @@ import clipcli
 from clipcli.checkpoint import read_checkpoint, read_state_dict
 from clipcli.cli import app
 from clipcli.errors import CheckpointError
+from clipcli.factory import needed_keys
 
 MIB = 1 << 20
 BOMB = 128 * MIB  # what each bomb inflates to: 2 to 4 times that in memory before these fixes
@@ -176,7 +177,7 @@ def junk_files(tiny_vit_checkpoint, tmp_path_factory) -> dict[str, tuple[Path, s
 def test_keys_a_clip_does_not_have_are_named_and_never_read(junk_files, case):
     path, message = junk_files[case]
     key = "junk" if case == "junk-key" else "visual.ln_post.weight"
-    state = read_state_dict(path, dtype=torch.float32)
+    state = read_state_dict(path, dtype=torch.float32, needed=needed_keys)
     assert state[key].is_meta and not state["visual.proj"].is_meta
     one_line_error(path, message)
 
@@ -230,7 +231,7 @@ def test_only_the_tensors_a_clip_has_are_read_from_every_format(tmp_path, tiny_v
     save_file(hostile_state, str(tmp_path / "m.safetensors"))
     torch.save(hostile_state, tmp_path / "m.pt")
     for path in (tmp_path / "m.safetensors", tmp_path / "m.pt"):
-        read = read_state_dict(path)
+        read = read_state_dict(path, needed=needed_keys)
         assert read["optimizer.momentum"].is_meta and read["visual.ln_post.weight"].is_meta
         assert torch.equal(read["visual.proj"], state["visual.proj"])
         one_line_error(path, str(path), "unexpected keys: optimizer.momentum")
@@ -238,7 +239,7 @@ def test_only_the_tensors_a_clip_has_are_read_from_every_format(tmp_path, tiny_v
     keys = sorted(hostile_state)
     save_file({k: hostile_state[k] for k in keys[::2]}, str(tmp_path / "a.safetensors"))
     save_file({k: hostile_state[k] for k in keys[1::2]}, str(tmp_path / "b.safetensors"))
-    read = read_checkpoint([tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
+    read = read_checkpoint([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], needed=needed_keys)
     assert read["visual.ln_post.weight"].is_meta and read["optimizer.momentum"].is_meta
     assert sum(not v.is_meta for v in read.values()) == len(state) - 1
 
@@ -251,7 +252,7 @@ def test_transformers_keys_a_clip_does_not_have_are_never_read(tmp_path):
     state["junk.weight"] = torch.ones(3)
     state["vision_model.encoder.layers.0.self_attn.q_proj.weight"] = torch.ones(240, 7)  # q, k, v do not pack
     save_file(state, str(folder / "model.safetensors"))
-    read = read_state_dict(folder / "model.safetensors")
+    read = read_state_dict(folder / "model.safetensors", needed=needed_keys)
     assert read["junk.weight"].is_meta and read["vision_model.encoder.layers.0.self_attn.k_proj.weight"].is_meta
     assert not read["vision_model.encoder.layers.1.self_attn.k_proj.weight"].is_meta
     one_line_error(folder, "missing keys: visual.transformer.resblocks.0.attn.in_proj_weight", "junk.weight")
