@@ -267,6 +267,10 @@ class _Partition:
         self._flush()
         if "failed" not in self._temps:
             self._sink("failed", ("image_path", "error"))  # zero rows: still the done marker
+        if not self.ok:  # an earlier run's pair, renamed before it was killed, is not this run's
+            for kind in ("img_emb", "text_emb", "metadata"):
+                with contextlib.suppress(FileNotFoundError):
+                    self._final(kind).unlink()
         for kind in ("img_emb", "text_emb", "metadata", "failed"):
             if kind not in self._temps:
                 continue

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, OutputExistsError
 from .feedback import SILENT, Feedback
 from .http import FetchOptions
 from .images import DecodeOptions
@@ -85,17 +85,23 @@ class EncodeResult:
     outputs: list[str]
     failed: int
     resumed: int = 0  # inputs that came from the journal of an interrupted run
-    complete: bool = False  # with resume: the output was finished before, nothing was done
 
 
-def is_complete(output: str | os.PathLike | None) -> bool:
-    """Whether ``output`` (``.npy``/``.npz``) is a finished run: its files exist and no journal
-    is left (a run removes its journal once the outputs are written)."""
+def check_outputs(output: str | os.PathLike | None, resume: bool, overwrite: bool) -> list[str]:
+    """The files ``output`` writes, refused before any work when they cannot be: a finished run's
+    outputs with ``resume`` (its files exist and no journal is left: nothing to resume), existing
+    files without ``overwrite``, folders that are missing or not writable."""
+    from .fsutil import ensure_writable
     from .journal import journal_path
 
     target, outputs = encode_target(output)
-    return (target in ("npy", "npz") and all(os.path.isfile(path) for path in outputs)
-            and not os.path.exists(journal_path(output)))
+    if resume and target not in ("npy", "npz"):
+        raise InputError("resuming needs an .npy or .npz output")
+    if resume and not overwrite and all(os.path.isfile(path) for path in outputs) \
+            and not os.path.exists(journal_path(output)):
+        raise OutputExistsError(f"{outputs[0]} is already complete: no interrupted run to resume", fix="overwrite")
+    ensure_writable(outputs, overwrite)
+    return outputs
 
 
 def encode(
@@ -121,16 +127,12 @@ def encode(
     ``float16``). ``locked``: the caller already holds the output's lock (the CLI takes it
     before loading the model).
     """
-    from .fsutil import ensure_writable, exclusive_lock
+    from .fsutil import exclusive_lock
 
     if (items is None) == (texts is None):
         raise InputError("encode needs either images or texts")
     target, outputs = encode_target(output)
-    if resume and target not in ("npy", "npz"):
-        raise InputError("resuming needs an .npy or .npz output")
-    if resume and not overwrite and is_complete(output):
-        return EncodeResult([], outputs, 0, complete=True)
-    ensure_writable(outputs, overwrite)
+    check_outputs(output, resume, overwrite)
     lock = exclusive_lock(output) if target != "stdout" and not locked else contextlib.nullcontext()
     with lock:
         return _encode(loaded, items, texts, target, output, outputs, normalize, store, truncate, resume, overwrite,

@@ -247,13 +247,16 @@ def encode_texts(
         if not isinstance(text, str):
             raise TypeError(f"text {index} is a {type(text).__name__}, not a str")
         long = len(text) > MAX_TOKENIZED_CHARS
+        if long:  # runs of whitespace are one space to the tokenizer: collapse them before cutting
+            text = re.sub(r"\s+", " ", text)
+            long = len(text) > MAX_TOKENIZED_CHARS
         ids = [sot, *tokenizer.encode(text[:MAX_TOKENIZED_CHARS] if long else text), eot]
         cut = long or len(ids) > context_length
         if cut:
             if not truncate and long:
                 error = ContextLengthError(
-                    f"text {index} ({_shorten(text)!r}) is {len(text):,} characters, more than any context "
-                    f"length takes; shorten it or enable truncation"
+                    f"text {index} ({_shorten(text)!r}) is {len(text):,} characters, over the "
+                    f"{MAX_TOKENIZED_CHARS:,} a text may have; shorten it or enable truncation"
                 )
                 error.index, error.text, error.num_tokens = index, text, len(ids)
                 raise error

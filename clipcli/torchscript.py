@@ -203,15 +203,37 @@ def _checked_storages(refs: dict[str, _TensorRef], archive: zipfile.ZipFile, pre
     return infos
 
 
+class _Inert:
+    """Stands for any other object a ``torch.save`` pickle builds (a ``torch.Size``, an optimizer's
+    settings): it keeps what it was built from, to look for tensors in, and runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        self.parts = [args, kwargs]
+
+    def __setstate__(self, state) -> None:  # also on one made by __new__ alone (NEWOBJ)
+        self.__dict__.setdefault("parts", []).append(state)
+
+
+class _Census(_RestrictedUnpickler):
+    """The restricted unpickler for taking stock of a ``torch.save`` pickle's tensors: any global
+    it does not know becomes :class:`_Inert` (never the real thing), so every tensor is found."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except UnsafeCheckpointError:
+            return _Inert
+
+
 def check_torch_save(archive: zipfile.ZipFile) -> None:
     """The checks of :func:`_checked_storages` on a ``torch.save`` zip, which torch maps without
-    them (a storage entry shorter than its tensor reads the bytes after it). A pickle holding
-    more than tensors and plain containers is left to ``torch.load(weights_only=True)``."""
+    them (a storage entry shorter than its tensor reads the bytes after it). Whether the rest of
+    the pickle may be loaded is ``torch.load(weights_only=True)``'s to decide."""
     prefix = _archive_prefix(archive)
     try:
-        root = _RestrictedUnpickler(io.BytesIO(_read(archive, archive.getinfo(prefix + "data.pkl")))).load()
-    except (UnsafeCheckpointError, pickle.UnpicklingError, KeyError):
-        return
+        root = _Census(io.BytesIO(_read(archive, archive.getinfo(prefix + "data.pkl")))).load()
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError, IndexError):
+        return  # damaged: torch.load says so
     refs: dict[str, _TensorRef] = {}
     todo: list[tuple[str, Any]] = [("", root)]
     while todo:  # every tensor in the containers, named by its path
@@ -222,6 +244,8 @@ def check_torch_save(archive: zipfile.ZipFile) -> None:
             todo += [(f"{path}.{k}" if path else str(k), v) for k, v in value.items()]
         elif isinstance(value, (list, tuple)):
             todo += [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+        elif isinstance(value, _Inert):
+            todo += [(path, part) for part in getattr(value, "parts", ())]
     _checked_storages(refs, archive, prefix)
 
 

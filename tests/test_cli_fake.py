@@ -275,7 +275,8 @@ def test_the_encode_table_heads_its_path_column_image(squares):
 def test_resume_of_a_finished_run_says_so_and_a_resumed_run_counts_the_journal(squares, tmp_path, monkeypatch):
     assert run("encode", "sq/red.png", "sq/blue.png", "-o", "emb.npy", "-q").exit_code == 0
     done = run("encode", "sq/red.png", "sq/blue.png", "-o", "emb.npy", "--resume")
-    assert done.exit_code == 0 and "already complete, nothing to resume" in done.stderr
+    assert done.exit_code == 2 and done.stderr == (
+        "error: emb.npy is already complete: no interrupted run to resume; pass --overwrite to replace it\n")
 
     from clipcli.journal import Journal
 

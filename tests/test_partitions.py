@@ -390,3 +390,19 @@ def test_an_unreadable_shard_in_the_middle_of_a_run_is_not_marked_done(tmp_path,
     monkeypatch.undo()
     again = cli("encode", *names, "-m", model, "-o", f"{out}/", "--device", "cpu")
     assert "1 written" in again or "2 written" in again
+
+
+def test_a_rerun_where_nothing_succeeds_removes_a_pair_a_killed_run_left(tmp_path, model):
+    """A run killed between renaming a partition's pair and its failed file, then rerun when every
+    input fails (URLs gone): the old pair must not stand beside a failed file of the same inputs."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(folder / "a.png")
+    out = tmp_path / "out"
+    encode(folder, out, model)
+    (out / "failed" / "failed_0.parquet").unlink()  # as if killed before this last rename
+    (out / "_summary.json").unlink()
+    (folder / "a.png").write_bytes(b"now broken")
+    cli("encode", str(folder), "-m", model, "-o", f"{out}/", "--device", "cpu", "--partition-size", "5")
+    assert not (out / "img_emb" / "img_emb_0.npy").exists() and not (out / "metadata" / "metadata_0.parquet").exists()
+    assert json.loads((out / "_summary.json").read_text()) == {"partitions": 1, "total": 1, "ok": 0, "error": 1}

@@ -408,17 +408,23 @@ def test_configs_that_are_valid_still_load(open_clip_folder, transformers_folder
     assert clipcli.load(folder, device="cpu")[0].config.activation == "gelu"
 
 
-def test_a_torch_save_storage_shorter_than_its_tensor_is_refused(tmp_path):
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_torch_save_storage_shorter_than_its_tensor_is_refused(tmp_path, wrapped):
     """torch maps a torch.save zip's storages without checking their entries' sizes: a short one
-    would read the bytes after it as weights."""
+    would read the bytes after it as weights. Objects around the tensors (a training run's
+    arguments, a torch.Size) do not hide them from the check."""
+    import argparse
     import zipfile
 
     good, short = tmp_path / "good.pt", tmp_path / "short.pt"
-    torch.save({"visual.proj": torch.randn(8, 4), "other": torch.randn(100)}, good)
+    state = {"visual.proj": torch.randn(8, 4), "other": torch.randn(100)}
+    torch.save({"args": argparse.Namespace(lr=1), "size": torch.Size([2, 3]), "state_dict": state} if wrapped
+               else state, good)
     with zipfile.ZipFile(good) as source, zipfile.ZipFile(short, "w", zipfile.ZIP_STORED) as out:
         for info in source.infolist():
             data = source.read(info)
             out.writestr(info, data[: len(data) // 2] if info.filename.endswith("data/0") else data)
-    assert len(read_state_dict(good)) == 2
+    if not wrapped:
+        assert len(read_state_dict(good)) == 2
     with pytest.raises(CheckpointError, match="holds 64 bytes but its storage declares 32 float32 elements"):
         read_state_dict(short)

@@ -64,9 +64,10 @@ def invoke(*args: str):
 
 
 def usage_error(result) -> str:
-    """A usage error's message, unwrapped from Typer's box."""
-    assert result.exit_code == 2 and result.stderr.startswith("Usage: clipcli"), result.stderr
-    return " ".join(result.stderr.replace("│", " ").split())
+    """A usage error's message: one line, exit code 2 (not Typer's box)."""
+    assert result.exit_code == 2 and result.stderr.startswith("error: "), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    return result.stderr
 
 
 def hidden(directory: Path) -> list[str]:

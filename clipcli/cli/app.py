@@ -18,6 +18,7 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from .. import __version__
 from ..errors import ClipcliError
+from ..fsutil import named
 from .render import error_line, error_text
 
 # Typer's vendored Click: its usage errors derive from this (typer exports BadParameter only).
@@ -34,13 +35,8 @@ def _usage_error(error: Exception, ctx) -> typer.Exit:
 
 # Parameters that name files or folders: an empty or blank value (a script's unset "$DIR") is a
 # usage error, never the current folder (an index update would drop every row under it).
-PATH_PARAMETERS = frozenset({"inputs", "output", "out", "db", "within", "labels_file", "text_file", "templates",
-                             "cache_dir", "model", "arch", "train_data", "val_data", "zeroshot_dir", "init", "src",
-                             "dst", "targets"})
-
-
-def _blank(value) -> bool:
-    return isinstance(value, str) and not value.strip()
+PATH_PARAMETERS = frozenset({"inputs", "output", "out", "db", "within", "labels_file", "text_file", "cache_dir",
+                             "model", "train_data", "val_data", "zeroshot_dir", "init", "src", "dst"})
 
 
 class _Command(TyperCommand):
@@ -52,11 +48,15 @@ class _Command(TyperCommand):
         for param in self.get_params(ctx):
             value = ctx.params.get(param.name)
             values = value if isinstance(value, (list, tuple)) else [value]
-            if param.name in PATH_PARAMETERS and any(_blank(v) for v in values):
+            if param.name in PATH_PARAMETERS:
                 name = param.opts[0] if param.param_type_name == "option" else (param.metavar or param.name.upper())
-                error_line(f"{name} is empty: it names no file or folder (an unset variable?); "
-                           "give a path, or . for the current folder")
-                raise typer.Exit(2)
+                try:
+                    for text in values:
+                        if isinstance(text, str):
+                            named(text, name)
+                except ClipcliError as error:
+                    error_line(error_text(error))
+                    raise typer.Exit(error.exit_code) from None
         return rest
 
     def collect_usage_pieces(self, ctx) -> list[str]:
@@ -119,6 +119,10 @@ def _root(
     warnings.filterwarnings("ignore", module="PIL")
 
 
+class ClosedStreamError(OSError):
+    """Writing to a standard stream that was closed before the process started."""
+
+
 class _ClosedStream:
     """Stands in for a standard stream closed before the process started (``>&-``), where
     Python leaves ``None``: writing to it is an ``OSError`` the error policy reports."""
@@ -128,7 +132,7 @@ class _ClosedStream:
         self.buffer = self
 
     def write(self, data) -> int:
-        raise OSError(errno.EBADF, f"{self.name} is closed")
+        raise ClosedStreamError(errno.EBADF, f"{self.name} is closed")
 
     def flush(self) -> None:
         pass
@@ -174,7 +178,7 @@ def _writing_stdout_failed(error: OSError) -> bool:
     the library names every file it writes, so a nameless write error is stdout's."""
     from ..fsutil import WRITE_ERRNOS
 
-    return error.filename is None and (error.errno in WRITE_ERRNOS or error.errno == errno.EBADF)
+    return error.filename is None and (error.errno in WRITE_ERRNOS or isinstance(error, ClosedStreamError))
 
 
 @contextlib.contextmanager
@@ -238,6 +242,8 @@ def command(*args, **kwargs) -> Callable:
             except ClipcliError as error:
                 error_line(error_text(error))
                 raise typer.Exit(error.exit_code) from None
+            except _ClickException as error:  # typer.BadParameter raised by a command itself
+                raise _usage_error(error, None) from None
             except BrokenPipeError:
                 _silence_stdout()
                 raise typer.Exit(0) from None

@@ -40,7 +40,6 @@ from .options import (
     read_captions,
     run_options,
 )
-from .render import say
 
 
 def _encode_view(record: dict) -> dict:
@@ -88,7 +87,7 @@ def encode(
 ) -> None:
     """Embed images (or captions: --text, --text-file) with CLIP, L2-normalised unless --no-normalize.
 
-    .npy: float32 [N, D], one row per input that succeeded, and a manifest emb.jsonl with one
+    .npy: [N, D] float32 (float16 with --dtype float16), one row per input that succeeded, and a manifest emb.jsonl with one
     record per input ({"index": row or null, "image", "status"}). .npz: embeddings, paths,
     model and sha256 in one file. No -o (or -o -): JSON Lines on stdout.
 
@@ -96,7 +95,8 @@ def encode(
     interruption (Ctrl-C, kill, crash) rerun the same command with --resume to finish it.
 
     With -o DIR/ (or an existing folder) the work is split into partitions written in
-    clip-retrieval's layout (DIR/img_emb/img_emb_N.npy, DIR/metadata/metadata_N.parquet);
+    clip-retrieval's layout (DIR/img_emb/img_emb_N.npy, DIR/metadata/metadata_N.parquet row
+    for row, and the inputs that failed in DIR/failed/failed_N.parquet);
     processes started by torchrun, SLURM or --rank/--world share them, and a rerun skips
     finished partitions. WebDataset tar shards (files, globs, {00000..00099} ranges) make one
     partition each; --captions also embeds their captions.
@@ -107,10 +107,10 @@ def encode(
 
     Example: torchrun --nproc-per-node 8 -m clipcli encode urls.txt -o embeddings/
     """
-    from ..fsutil import ensure_writable, exclusive_lock
+    from ..fsutil import exclusive_lock
     from ..items import expand_inputs
     from ..output import RecordWriter
-    from ..tasks import csv_view, encode_target, is_complete
+    from ..tasks import check_outputs, csv_view, encode_target
     from ..tasks import encode as run_encode
     from .render import Reporter
 
@@ -138,15 +138,11 @@ def encode(
     target, outputs = encode_target(output)
     if resume and target not in ("npy", "npz"):
         raise InputError("--resume needs -o FILE.npy or FILE.npz")
-    if resume and not overwrite and is_complete(output):
-        if not quiet:
-            say(f"{', '.join(outputs)}: already complete, nothing to resume (--overwrite encodes again)")
-        raise typer.Exit(0)
-    ensure_writable(outputs, overwrite)
+    check_outputs(output, resume, overwrite)  # before the model loads
     # One run at a time writes these outputs and their journal (two would mix their rows);
     # the lock is taken before any work, so a second run is refused at once.
     with exclusive_lock(output) if target != "stdout" else contextlib.nullcontext():
-        texts = read_captions(text, text_file, quiet) if texts_given else None
+        texts = read_captions(text, text_file, quiet, old_file_flag=True) if texts_given else None
         items = expand_inputs(inputs, exclude=outputs) if inputs else None
         loaded = load(model, arch, device, precision, threads, quiet,
                       towers=("text",) if texts is not None else ("image",), cache_dir=cache_dir)

@@ -50,12 +50,12 @@ def _summary_format(value: str) -> str:
 
 def _index_model(index, model: Optional[str]) -> str:
     """``--model`` as given, else the one model the index holds vectors of (else the default)."""
-    if model:
-        return model
+    if model:  # a checkpoint file by its absolute path: the index records the name, for runs from anywhere
+        return os.path.abspath(model) if os.path.isfile(model) else model
     held = [m["name"] for m in index.models() if m["vectors"]]
     if len(held) > 1:
-        raise InputError(f"{index.path} holds vectors of {len(held)} models ({', '.join(held)}); choose one",
-                         option="model")
+        raise InputError(f"{index.path} holds vectors of {len(held)} models ({', '.join(held)}); "
+                         "choose one with --model NAME")
     return held[0] if held else DEFAULT_MODEL
 
 

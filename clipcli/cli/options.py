@@ -111,13 +111,14 @@ def output_format(fmt: Optional[Format]) -> str:
     return fmt.value if fmt is not None else default_format(sys.stdout)
 
 
-def read_captions(text: list[str], text_file: list[str], quiet: bool) -> list[str]:
+def read_captions(text: list[str], text_file: list[str], quiet: bool, old_file_flag: bool = False) -> list[str]:
     """The captions of ``--text`` (each one caption) and ``--text-file`` (one per line), in that
-    order. For one release, a ``--text`` that names an existing file is read as a file, as
-    ``encode --text FILE`` did, with a note to use ``--text-file``."""
+    order. With ``old_file_flag`` (``encode``, for one release), a ``--text`` that names an
+    existing file is read as a file, as ``encode --text FILE`` did, with a note to use
+    ``--text-file``."""
     found: list[str] = []
     for value in text:
-        if os.path.isfile(value):
+        if old_file_flag and os.path.isfile(value):
             if not quiet:
                 say(f"note: reading captions from {value}: --text FILE is deprecated, use --text-file {value} "
                     "(--text takes a caption)")

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from .app import command
-from .options import DeviceOpt, QuietOpt, WorkersOpt, precision_name
+from .options import DeviceOpt, QuietOpt, precision_name
 
 
 class ImageEncoder(str, Enum):
@@ -66,7 +66,7 @@ def train(
     precision: Annotated[str, typer.Option("--precision", parser=precision_name, metavar="fp32|fp16|bf16", help="fp32, bf16 autocast, or fp16 autocast with a gradient scaler.", rich_help_panel=OPT)] = "fp32",
     seed: Annotated[int, typer.Option("--seed", rich_help_panel=OPT)] = 0,
     device: DeviceOpt = "auto",
-    workers: WorkersOpt = None,
+    workers: Annotated[int, typer.Option("--workers", "-j", min=0, help="Processes decoding images for each rank (0: in the training process). Processes, not the threads of the other commands: each holds a copy of the data set's list.")] = 2,
     log_every: Annotated[int, typer.Option("--log-every", min=1, help="Steps between progress lines and metrics records.")] = 10,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last finished epoch.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again in an --output that already holds a run.")] = False,
@@ -94,7 +94,7 @@ def train(
         raise InputError("give the run folder once: -o/--output (--out is its old name)")
     output = output or out
     if not output:
-        raise InputError("name the run folder: -o/--output DIR", option="output")
+        raise InputError("-o/--output DIR is required: the run folder")
     if lock_image and freeze == Side.text:
         raise InputError("--lock-image freezes the image side; it cannot be combined with --freeze text")
     overrides = {key: value for key, value in dict(
@@ -102,12 +102,11 @@ def train(
         vision_layers=vision_layers, transformer_width=text_width, transformer_layers=text_layers).items() if value is not None}
     if init and overrides:
         raise InputError("--init takes the architecture from the checkpoint; drop the size options")
-    import torch
-
-    from ..batching import default_workers
     from ..train.presets import preset_name
 
     if device == "auto":
+        import torch
+
         device = "cuda" if torch.cuda.is_available() else "cpu"
     config = TrainConfig(
         train_data=train_data, out=output, val_data=val_data, zeroshot_dir=zeroshot_dir,
@@ -116,7 +115,7 @@ def train(
         text_encoder=text_encoder.value if text_encoder else None, overrides=overrides,
         freeze="image" if lock_image else (freeze.value if freeze else None), epochs=epochs, batch_size=batch_size,
         lr=lr, wd=wd, warmup=warmup, grad_clip=grad_clip, precision=precision, device=device,
-        workers=default_workers(torch.device(device)) if workers is None else workers,
+        workers=workers,
         seed=seed, log_every=log_every, resume=resume, overwrite=overwrite,
     )
     for template in config.zeroshot_templates:
