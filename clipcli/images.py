@@ -147,7 +147,8 @@ def _reason(error: BaseException, allow_truncated: bool) -> Reason:
 
 
 def to_rgb(image: "Image.Image") -> "Image.Image":
-    """An RGB copy of ``image`` in any Pillow mode: the default decoding, before any resize.
+    """``image`` in RGB (the image itself when it already is), from any Pillow mode: the default
+    decoding, before any resize.
 
     Transparency (an alpha band, or the ``transparency`` of a palette or greyscale image; an RGB
     image's transparent colour is ignored) is composited on white, so that a transparent logo is

@@ -25,6 +25,16 @@ from .text import display, escaped
 FORMATS = ("jsonl", "json", "csv", "table")
 
 
+def file_format(path: str) -> str:
+    """The record format a file's name asks for: ``.jsonl``, ``.json`` or ``.csv``."""
+    from .errors import InputError
+
+    suffix = os.path.splitext(path)[1].lower().lstrip(".")
+    if suffix not in ("jsonl", "json", "csv"):
+        raise InputError(f"{path}: name a .jsonl, .json or .csv file, or choose the format", option="output")
+    return suffix
+
+
 def default_format(stream: IO[str]) -> str:
     """``table`` on a terminal, ``jsonl`` anywhere else (pipes, files)."""
     try:

@@ -117,13 +117,15 @@ def classify(
 
     from ..fsutil import atomic_write, ensure_writable
     from ..items import expand_inputs
-    from ..output import RecordWriter
+    from ..output import RecordWriter, file_format
     from ..pipeline import classify as run_classify
     from .render import Reporter
 
     label_list = _labels(labels, labels_file)
     template_list = _templates(template, templates)
-    fmt_name = fmt.value if fmt is not None else (_file_format(output) if output else output_format(None))
+    if output == "-":
+        output = None  # stdout, as encode takes it
+    fmt_name = fmt.value if fmt is not None else (file_format(output) if output else output_format(None))
     if output:
         ensure_writable([output], overwrite)
     items = expand_inputs(inputs, exclude=[output] if output else [])
@@ -144,13 +146,6 @@ def classify(
     report.summary("classified")
     raise typer.Exit(report.exit_code)
 
-
-def _file_format(output: str) -> str:
-    """The record format an output file's name asks for."""
-    suffix = os.path.splitext(output)[1].lower().lstrip(".")
-    if suffix not in ("jsonl", "json", "csv"):
-        raise InputError(f"{output}: name a .jsonl, .json or .csv file, or choose with --format", option="output")
-    return suffix
 
 
 # --------------------------------------------------------------------------- similarity
