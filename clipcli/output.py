@@ -17,10 +17,9 @@ import io
 import json
 import os
 import re
-import unicodedata
 from typing import IO, Any, Callable, Sequence
 
-from .text import display, escaped
+from .text import acts_on_terminal, display, escaped
 
 FORMATS = ("jsonl", "json", "csv", "table")
 
@@ -65,10 +64,7 @@ _RAW = re.compile("[\x7f-\U0010ffff]")  # only these can need it: JSON escapes C
 
 def _json_escape(match: re.Match) -> str:
     char = match.group()
-    code = ord(char)
-    if code < 0xA0 or (unicodedata.category(char) in ("Cf", "Zl", "Zp") and code != 0x200D):  # ZWJ joins emoji
-        return json.dumps(char)[1:-1]  # \uXXXX, a surrogate pair beyond the BMP
-    return char
+    return json.dumps(char)[1:-1] if acts_on_terminal(char) else char  # \uXXXX; a surrogate pair beyond the BMP
 
 
 def _pretty(value: Any, indent: int, level: int) -> str:

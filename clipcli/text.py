@@ -14,13 +14,22 @@ def display(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _shown(char: str) -> str:
+def acts_on_terminal(char: str) -> bool:
+    """Whether ``char`` could act on a terminal rather than show: a C0 or C1 control or DEL, a
+    bidi override or other invisible format character, a line or paragraph separator (the zero
+    width joiner is kept: it joins emoji)."""
     code = ord(char)
-    if code < 0x20 or 0x7F <= code < 0xA0:
+    return code < 0x20 or 0x7F <= code < 0xA0 or (
+        code != 0x200D and unicodedata.category(char) in ("Cf", "Zl", "Zp"))
+
+
+def _shown(char: str) -> str:
+    if not acts_on_terminal(char):
+        return char
+    code = ord(char)
+    if code < 0xA0:
         return _BREAKS.get(char) or f"\\x{code:02x}"
-    if unicodedata.category(char) in ("Cf", "Zl", "Zp") and code != 0x200D:  # ZWJ joins emoji
-        return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
-    return char
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def escaped(text: str) -> str:
