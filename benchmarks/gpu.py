@@ -31,12 +31,12 @@ from run import build_image_set, environment  # noqa: E402
 
 import clipcli  # noqa: E402
 from clipcli.batching import embed_images  # noqa: E402
-from clipcli.factory import METADATA_KEY, create_model  # noqa: E402
 from clipcli.items import expand_inputs  # noqa: E402
-from clipcli.model import CLIPConfig  # noqa: E402
+from clipcli.models.clip import CLIPConfig  # noqa: E402
+from clipcli.models.factory import METADATA_KEY, create_model  # noqa: E402
+from clipcli.models.registry import architecture_hints, parameters  # noqa: E402
 from clipcli.pipeline import load_model  # noqa: E402
 from clipcli.preprocess import preprocess_for  # noqa: E402
-from clipcli.registry import architecture_hints, parameters  # noqa: E402
 from clipcli.train.loop import save_checkpoint  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -39,8 +39,8 @@ def checkpoint(path: Path, **config) -> Path:
         return path
     import torch
 
-    from clipcli.factory import METADATA_KEY, create_model
-    from clipcli.model import CLIPConfig
+    from clipcli.models.clip import CLIPConfig
+    from clipcli.models.factory import METADATA_KEY, create_model
     from clipcli.train.loop import save_checkpoint
 
     torch.manual_seed(0)

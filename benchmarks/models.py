@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import environment  # noqa: E402  (the shared machine description)
 
 import clipcli  # noqa: E402
-from clipcli.factory import create_model  # noqa: E402
-from clipcli.model import CLIPConfig  # noqa: E402
-from clipcli.registry import architecture_hints, parameters  # noqa: E402
+from clipcli.models.clip import CLIPConfig  # noqa: E402
+from clipcli.models.factory import create_model  # noqa: E402
+from clipcli.models.registry import architecture_hints, parameters  # noqa: E402
 
 ARCHITECTURES = ("RN50", "RN50x4", "ViT-B-32", "ViT-B-32-256", "ViT-B-16", "ViT-L-14", "ViT-L-14-336",
                  "ViT-H-14", "ViT-H-14-378", "ViT-g-14", "ViT-bigG-14")

@@ -9,27 +9,27 @@ import torch
 
 from .errors import ClipcliError
 from .feedback import SILENT, Feedback
-from .model import CLIP
+from .models.clip import CLIP
 
 
 def available_models() -> list[str]:
     """Names of the nine released OpenAI CLIP models, as ``clip.available_models()`` lists them.
     OpenCLIP's weights (``ARCH/TAG``) load by name too: :func:`pretrained_models` lists them."""
-    from .registry import MODELS
+    from .models.registry import MODELS
 
     return [info.name for info in MODELS]
 
 
 def pretrained_models() -> list[str]:
     """Every registry name: OpenAI's nine, then OpenCLIP's ``ARCH/TAG`` pairs."""
-    from .registry import pretrained
+    from .models.registry import pretrained
 
     return available_models() + [entry.name for entry in pretrained()]
 
 
 def tokenize(texts: str | Sequence[str], context_length: int = 77, truncate: bool = False) -> torch.LongTensor:
     """Token ids ``[N, context_length]``, identical to OpenAI's ``clip.tokenize``."""
-    from .tokenizer import tokenize as _tokenize
+    from .text.bpe import tokenize as _tokenize
 
     return _tokenize(texts, context_length=context_length, truncate=truncate)
 

@@ -290,7 +290,7 @@ def embed_texts(
 ) -> list[Embedding]:
     """One :class:`Embedding` per text, in order. A text longer than the context is cut
     (``truncated=True``) or, without ``truncate``, reported as an error."""
-    from .tokenizer import encode_texts
+    from .text.bpe import encode_texts
 
     loaded.ensure("text")
     tokens, cut = encode_texts(list(texts), context_length=loaded.model.context_length, truncate=True)

@@ -23,12 +23,12 @@ import os
 import re
 from pathlib import Path
 
-from . import registry
 from .errors import ClipcliError, DownloadError
 from .feedback import SILENT, Feedback, Log
 from .fsutil import atomic_write, exclusive_lock, sha256_file
 from .hub import env_flag
-from .registry import ModelInfo
+from .models import registry
+from .models.registry import ModelInfo
 
 # --- where ------------------------------------------------------------------------------------
 

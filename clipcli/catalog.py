@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from . import hub, registry
+from . import hub
+from .models import registry
 
 
 def _architecture_facts(arch: str) -> dict:

@@ -15,7 +15,7 @@ converted as it is read (a float16 file never sits in memory beside its float32 
 key that is not kept comes back as a ``meta`` tensor of the right shape, without its bytes
 ever being read: loading only the image tower of ViT-B/32 in float32 takes 350 MB, not 900.
 Shapes come first: given ``needed`` (the model loader's
-:func:`~clipcli.factory.needed_keys`), only the tensors a CLIP of the file's shapes has are
+:func:`~clipcli.models.factory.needed_keys`), only the tensors a CLIP of the file's shapes has are
 read; junk keys stay ``meta`` for the strict load to name.
 """
 
@@ -31,8 +31,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .config import safetensors_metadata  # noqa: F401 (re-exported)
 from .errors import CheckpointError, UnsafeCheckpointError
+from .models.config import safetensors_metadata  # noqa: F401 (re-exported)
 from .torchscript import (
     KeyFilter,
     StateDict,
@@ -146,7 +146,7 @@ def _select(state: StateDict, dtype: torch.dtype | None, keep: KeyFilter | None)
 
 
 def _released_hashes() -> set[str]:
-    from .registry import MODELS
+    from .models.registry import MODELS
 
     return {info.sha256 for info in MODELS}
 
@@ -203,7 +203,7 @@ def read_state_dict(path: str | Path, dtype: torch.dtype | None = None, keep: Ke
     With ``dtype``, floating-point tensors are converted one at a time (so a float16 file
     never exists in memory beside its float32 copy). Keys for which ``keep`` is false come
     back as ``meta`` tensors (shape and dtype only, nothing read), as do keys ``needed(shapes)``
-    leaves out (the model loader passes :func:`~clipcli.factory.needed_keys`: only the keys a
+    leaves out (the model loader passes :func:`~clipcli.models.factory.needed_keys`: only the keys a
     CLIP of the file's shapes has). Raises :class:`CheckpointError`
     (or :class:`UnsafeCheckpointError`) naming the file for anything we cannot read.
     """

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import registry
 from .cache import (
     cached_model_file,
     discard,
@@ -49,7 +48,8 @@ from .errors import ChecksumError, DownloadError, OfflineError, UnknownModelErro
 from .feedback import SILENT, Feedback, Log
 from .fsutil import exclusive_lock, fsync_folder, sha256_file
 from .http import TransientError, reason_of
-from .registry import ModelInfo
+from .models import registry
+from .models.registry import ModelInfo
 from .transfer import DownloadSettings, check_free_space, format_size, open_download, transfer
 
 DEFAULT_SETTINGS = DownloadSettings()  # tests replace these with fast ones

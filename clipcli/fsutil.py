@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Callable, Iterator, Sequence
 
+from .display import display
 from .errors import BusyError, InputError, OutputError, OutputExistsError, WriteError
-from .text import display
 
 
 def named(path: str | os.PathLike, what: str = "a path") -> str:

@@ -21,7 +21,7 @@ import textwrap
 import warnings
 from typing import IO, TYPE_CHECKING, Sequence
 
-from .text import escaped, one_line
+from .display import escaped, one_line
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np

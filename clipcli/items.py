@@ -17,9 +17,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
+from .display import display
 from .errors import InputError
 from .http import has_credentials, redact_credentials, url_scheme
-from .text import display
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # Always read as list files; other files without an image extension are sniffed.

@@ -31,15 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from . import convert, hub, registry
-from .config import METADATA_KEY, TOWERS, config_from_json
+from . import hub
 from .errors import CheckpointError, ClipcliError, UnknownModelError
 from .feedback import SILENT, Feedback
+from .models import convert, registry
+from .models.config import METADATA_KEY, TOWERS, config_from_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .model import CLIP
+    from .models.clip import CLIP
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 TRANSFORMERS_CONFIG, TRANSFORMERS_PREPROCESSOR = "config.json", "preprocessor_config.json"
@@ -94,7 +95,7 @@ def _stored_config(path: Path) -> dict | None:
     """The config clipcli wrote into a safetensors file's metadata, if any."""
     from dataclasses import asdict
 
-    from .config import safetensors_metadata
+    from .models.config import safetensors_metadata
 
     text = safetensors_metadata(path).get(METADATA_KEY)
     return asdict(config_from_json(text)) if text else None
@@ -266,7 +267,7 @@ def read_weights(source: ModelSource, dtype: torch.dtype | None = None,
     """The state dict of ``source`` with OpenAI's key names; keys of towers not asked for are
     ``meta`` tensors (never read)."""
     from .checkpoint import read_checkpoint
-    from .factory import needed_keys
+    from .models.factory import needed_keys
 
     keep = None if tuple(towers) == TOWERS else (lambda key: convert.tower_of_key(key) in (*towers, None))
     state = read_checkpoint(source.files, dtype=dtype, keep=keep,  # all shards' shapes first
@@ -290,7 +291,7 @@ def load(source: ModelSource, device: torch.device | str = "cpu", dtype: torch.d
     assumed about an undescribed checkpoint (None when nothing was)."""
     import torch
 
-    from .factory import assumption_note, build_model, config_from_state_dict
+    from .models.factory import assumption_note, build_model, config_from_state_dict
 
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     towers = _checked_towers(towers)

@@ -7,7 +7,7 @@ What a run says on stderr is the CLI's (:mod:`clipcli.cli.render`).
 
 Every value comes from outside (file names, labels, captions), so none is ever read as
 markup: a table draws each cell, header and title as plain rich ``Text`` with control
-characters escaped (:func:`clipcli.text.escaped`), and JSON escapes them as ``\\uXXXX``.
+characters escaped (:func:`clipcli.display.escaped`), and JSON escapes them as ``\\uXXXX``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 import re
 from typing import IO, Any, Callable, Sequence
 
-from .text import acts_on_terminal, display, escaped
+from .display import acts_on_terminal, display, escaped
 
 FORMATS = ("jsonl", "json", "csv", "table")
 
@@ -177,7 +177,7 @@ def write_table(
     relative to the folder all its paths share, named in the caption.
 
     Every cell, header, title and caption is drawn literally: ``[bold]a.png`` or ``:smile:``
-    as written, never as markup or an emoji, and ``\\x1b[2J`` escaped (:func:`~clipcli.text.escaped`).
+    as written, never as markup or an emoji, and ``\\x1b[2J`` escaped (:func:`~clipcli.display.escaped`).
     """
     from rich.console import Console
     from rich.table import Table

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from .display import display
 from .errors import InputError, OutputError, OutputExistsError
-from .text import display
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np

@@ -134,7 +134,7 @@ class LoadedModel:
     def identity(self) -> str:
         """The full model identity: weights sha256 + architecture + preprocessing. Caches and
         resumable outputs are keyed by it, never by the file alone."""
-        from .config import config_to_json
+        from .models.config import config_to_json
 
         return hashlib.sha256(f"{self.sha256}\0{config_to_json(self.model.config)}".encode()).hexdigest()
 

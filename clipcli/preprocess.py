@@ -3,7 +3,7 @@
 OpenAI's transform: resize the shorter side to the model's resolution (bicubic), centre-crop a
 square, convert to RGB, scale to [0, 1] and normalise with the CLIP training statistics.
 OpenCLIP models may differ in each step, and their config says how (the fields of
-:class:`~clipcli.model.CLIPConfig`): the statistics (``image_mean``/``image_std``, e.g.
+:class:`~clipcli.models.clip.CLIPConfig`): the statistics (``image_mean``/``image_std``, e.g.
 0.5s for LAION's ViT-L-14), the ``interpolation`` (bicubic or bilinear) and the
 ``resize_mode``: ``shortest`` (as above), ``squash`` (resize to a square, ignoring the aspect
 ratio: the DFN models) or ``longest`` (fit the longer side, then pad to a square with black).
@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from .config import OPENAI_MEAN, OPENAI_STD
+from .models.config import OPENAI_MEAN, OPENAI_STD
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -127,7 +127,7 @@ class Preprocess:
 
 
 def preprocess_for(config) -> Preprocess:
-    """The transform a model of ``config`` (a :class:`~clipcli.model.CLIPConfig`) expects."""
+    """The transform a model of ``config`` (a :class:`~clipcli.models.clip.CLIPConfig`) expects."""
     return Preprocess(config.image_resolution, tuple(config.image_mean), tuple(config.image_std),
                       config.interpolation, config.resize_mode)
 

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from .display import display
 from .errors import InputError, NoVectorsError
 from .http import FetchOptions, url_scheme
 from .items import Item
-from .text import display
 from .vectors import check_threshold
 from .vectors import search as nearest
 

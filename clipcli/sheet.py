@@ -12,9 +12,9 @@ from typing import IO, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .display import escaped
 from .images import DecodeOptions, read_image
 from .items import Item
-from .text import escaped
 
 CELL = 200  # thumbnail side, pixels
 CAPTION = 34

@@ -287,9 +287,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype:
     same outputs."""
     from . import __version__
     from .checkpoint import write_safetensors
-    from .config import METADATA_KEY, config_to_json
     from .fsutil import ensure_writable
     from .loading import load, resolve
+    from .models.config import METADATA_KEY, config_to_json
 
     dst = Path(dst).expanduser()
     if dst.suffix != ".safetensors":
@@ -320,10 +320,11 @@ def download_models(names: Sequence[str], *, cache_dir: str | os.PathLike | None
     re-hashes a cached file, ``force`` downloads again); an OpenCLIP ``ARCH/TAG`` or
     ``hf-hub:ORG/REPO`` goes to the Hugging Face cache (its files re-hashed with ``verify``).
     One name failing does not stop the others."""
-    from . import cache, hub, registry
+    from . import cache, hub
     from .download import fetch_model, unknown_model
     from .errors import ClipcliError
     from .loading import resolve
+    from .models import registry
 
     checked = " (sha256 verified)" if verify else ""
     for name in names:

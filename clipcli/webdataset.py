@@ -27,9 +27,9 @@ import zlib
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+from .display import display
 from .errors import ClipcliError, InputError
 from .items import Item
-from .text import display
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 WANTED = (*IMAGE_EXTENSIONS, "txt", "json")

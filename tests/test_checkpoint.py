@@ -155,7 +155,7 @@ def test_only_released_files_may_fall_back_to_torch_jit_load(monkeypatch, tiny_v
 
 
 def test_skipped_keys_are_never_read_and_each_storage_is_read_once(monkeypatch, tiny_vit_checkpoint):
-    from clipcli.model import tower_of
+    from clipcli.models.clip import tower_of
 
     reads: list[str] = []
     original = zipfile.ZipFile.read

@@ -20,7 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from clipcli.cli import app
-from clipcli.tokenizer import tokenize
+from clipcli.text.bpe import tokenize
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 BASIS = {name: [float(i == k) for k in range(3)] for i, name in enumerate(COLOURS)}

@@ -38,9 +38,9 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def full_size(tmp_path_factory) -> dict[str, Path]:
     """Random-weight ViT-B-32 and RN50 as safetensors that carry their architecture."""
-    from clipcli.factory import METADATA_KEY, create_model
-    from clipcli.model import CLIPConfig
-    from clipcli.registry import architecture_hints
+    from clipcli.models.clip import CLIPConfig
+    from clipcli.models.factory import METADATA_KEY, create_model
+    from clipcli.models.registry import architecture_hints
     from clipcli.train.loop import save_checkpoint
 
     folder = tmp_path_factory.mktemp("cuda-models")

@@ -17,10 +17,11 @@ import pytest
 from download_server import start_server, stop_server
 
 from clipcli import cache as cache_module
-from clipcli import download, registry, transfer
+from clipcli import download, transfer
 from clipcli.download import DownloadSettings, download_url, model_file
 from clipcli.errors import ChecksumError, DownloadError, OfflineError, UnknownModelError
 from clipcli.feedback import Feedback
+from clipcli.models import registry
 
 PAYLOAD = random.Random(0).randbytes(200_000)
 SHA = hashlib.sha256(PAYLOAD).hexdigest()

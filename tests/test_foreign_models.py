@@ -174,7 +174,7 @@ def test_transformers_preprocessor_config_sets_the_statistics(tmp_path):
 
 
 def test_transformers_keys_convert_to_ours():
-    from clipcli.convert import state_dict_from_transformers
+    from clipcli.models.convert import state_dict_from_transformers
 
     reference = transformers_model("gelu-eos49407")
     state = dict(reference.state_dict())
@@ -363,7 +363,7 @@ def test_a_hub_download_that_does_not_match_its_sha256_is_deleted(fake_hub, tmp_
 
 
 def test_registry_names_download_from_their_hub_repository(fake_hub, monkeypatch, sample_images):
-    from clipcli import registry
+    from clipcli.models import registry
 
     entry = registry.Pretrained("Tiny-1", "laion_test", "laion/tiny", registry.OPEN_CLIP_FILES,
                                 {"activation": "gelu", "vision_head_width": 80, "transformer_heads": 2,
@@ -379,7 +379,7 @@ def test_registry_names_download_from_their_hub_repository(fake_hub, monkeypatch
 def test_openai_names_use_open_clips_download_in_the_hf_cache(hf_cache, tmp_path, tiny_vit_checkpoint, monkeypatch):
     from checkpoints import released_state_dict, save_safetensors
 
-    from clipcli import registry
+    from clipcli.models import registry
 
     info = registry.ModelInfo("Fake/1", "Fake-1.pt", "0" * 64, 1, 32, 32, "timm/fake_clip.openai")
     monkeypatch.setattr(registry, "MODELS", (info,))
@@ -446,7 +446,7 @@ def test_a_bad_stored_config_is_one_line(tmp_path, sample_images):
     from safetensors.torch import save_file
 
     reference = open_clip_model("quickgelu")
-    from clipcli.factory import config_to_json
+    from clipcli.models.factory import config_to_json
 
     model, _ = clipcli.load(save_open_clip(reference, "quickgelu", tmp_path / "m"), device="cpu")
     config = json.loads(config_to_json(model.config))

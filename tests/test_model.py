@@ -16,8 +16,8 @@ from checkpoints import (
 )
 
 import clipcli
-from clipcli.factory import build_model, config_from_state_dict
-from clipcli.model import CLIPConfig
+from clipcli.models.clip import CLIPConfig
+from clipcli.models.factory import build_model, config_from_state_dict
 
 TEXTS = ["a photo of a cat", "a diagram", "", "an astronaut riding a horse on the moon, digital art " * 3]
 TOLERANCE = 1e-4
@@ -135,7 +135,7 @@ def test_from_scratch_model_has_the_released_layout():
     config = CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
                         context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
                         transformer_layers=2)
-    from clipcli.model import CLIP
+    from clipcli.models.clip import CLIP
 
     model = CLIP(config)
     assert config_from_state_dict(model.state_dict()) == config
@@ -148,7 +148,7 @@ def test_one_tower_loads_alone_and_gives_the_same_embeddings(fmt, tower, tiny_vi
     from clipcli.checkpoint import read_state_dict
     from clipcli.errors import ClipcliError
     from clipcli.loading import load_model as load_weights
-    from clipcli.model import tower_of
+    from clipcli.models.clip import tower_of
 
     path = tiny_vit_checkpoint
     if fmt != "released":

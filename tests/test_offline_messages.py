@@ -15,9 +15,10 @@ import pytest
 from download_server import start_server, stop_server
 from typer.testing import CliRunner
 
-from clipcli import hub, registry
+from clipcli import hub
 from clipcli.errors import OfflineError
 from clipcli.loading import resolve
+from clipcli.models import registry
 
 LAION = "ViT-B-32/laion2b_s34b_b79k"
 TRANSFORMERS = "hf-hub:org/clip-tf"  # a repository in neither the cache nor any hub

@@ -324,7 +324,7 @@ def test_control_characters_in_names_are_escaped_on_stderr(tmp_path, tiny_vit_ch
 
 
 def test_messages_are_one_line():
-    from clipcli.text import one_line
+    from clipcli.display import one_line
 
     assert one_line("redirect loop:\nThe last 30x error message was:\r\nFound") == \
         "redirect loop: The last 30x error message was: Found"

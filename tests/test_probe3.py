@@ -132,7 +132,7 @@ def test_oversized_captions_and_sidecars_are_failed_samples_and_odd_json_is_kept
 
 def test_a_text_is_cut_before_it_is_tokenized():
     from clipcli.errors import ContextLengthError
-    from clipcli.tokenizer import MAX_TOKENIZED_CHARS, encode_texts
+    from clipcli.text.bpe import MAX_TOKENIZED_CHARS, encode_texts
 
     huge = "a photo of a cat " * 400_000  # 6.8 MB
     tokens, cut = encode_texts([huge], truncate=True)

@@ -27,7 +27,7 @@ import clipcli
 from clipcli.checkpoint import read_checkpoint, read_state_dict
 from clipcli.cli import app
 from clipcli.errors import CheckpointError
-from clipcli.factory import needed_keys
+from clipcli.models.factory import needed_keys
 
 MIB = 1 << 20
 BOMB = 128 * MIB  # what each bomb inflates to: 2 to 4 times that in memory before these fixes
@@ -373,7 +373,7 @@ def test_malformed_transformers_configs_are_one_line(transformers_folder, tmp_pa
 
 @pytest.fixture(scope="module")
 def stored_config(open_clip_folder) -> tuple[dict, dict]:
-    from clipcli.config import config_to_json
+    from clipcli.models.config import config_to_json
 
     model, _ = clipcli.load(open_clip_folder, device="cpu")
     return json.loads(config_to_json(model.config)), {k: v.contiguous() for k, v in model.state_dict().items()}

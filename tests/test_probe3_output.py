@@ -24,8 +24,8 @@ from typer.testing import CliRunner
 
 from clipcli import heatmap, sheet
 from clipcli.cli import app
+from clipcli.display import escaped, one_line
 from clipcli.output import RecordWriter, to_json, write_paths
-from clipcli.text import escaped, one_line
 
 # A name and how a table, a sheet or a heatmap shows it.
 ODD = {

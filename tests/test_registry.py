@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from clipcli.registry import MODELS, ModelInfo, find_model
+from clipcli.models.registry import MODELS, ModelInfo, find_model
 
 
 def openai_clip():
@@ -81,7 +81,7 @@ def _open_clip_pairs():
 
 
 def _plain(config: dict) -> bool:
-    from clipcli.convert import open_clip_family
+    from clipcli.models.convert import open_clip_family
 
     vision, text = config.get("vision_cfg", {}), config.get("text_cfg", {})
     return (open_clip_family(config) is None and set(config) <= {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg"}
@@ -93,7 +93,7 @@ def test_every_plain_open_clip_pair_is_in_the_registry():
     """Each (architecture, tag) open_clip lists whose architecture is plain CLIP has a name here."""
     import open_clip
 
-    from clipcli.registry import find_model, find_pretrained
+    from clipcli.models.registry import find_model, find_pretrained
 
     missing = []
     for arch, tag in _open_clip_pairs():
@@ -111,7 +111,7 @@ def test_registry_entries_match_open_clips_configs():
     import open_clip
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-    from clipcli.registry import pretrained
+    from clipcli.models.registry import pretrained
 
     for entry in pretrained():
         config = open_clip.get_model_config(entry.arch)
@@ -137,9 +137,9 @@ def test_registry_entries_match_open_clips_configs():
 
 
 def test_stored_parameter_counts_are_the_models():
-    from clipcli.factory import parameter_count
-    from clipcli.model import CLIPConfig
-    from clipcli.registry import architecture_hints, parameters, pretrained
+    from clipcli.models.clip import CLIPConfig
+    from clipcli.models.factory import parameter_count
+    from clipcli.models.registry import architecture_hints, parameters, pretrained
 
     for arch in {entry.arch for entry in pretrained()} | {"RN50", "ViT-L-14-336"}:
         assert parameters(arch) == parameter_count(CLIPConfig(**architecture_hints(arch))), arch
@@ -155,7 +155,7 @@ def test_openai_weights_by_their_open_clip_names(name, expected):
 
 
 def test_names_of_open_clip_weights():
-    from clipcli.registry import find_pretrained
+    from clipcli.models.registry import find_pretrained
 
     laion = find_pretrained("ViT-B-32/laion2b_s34b_b79k")
     assert laion.hf_repo == "laion/CLIP-ViT-B-32-laion2B-s34B-b79K" and laion.hints["activation"] == "gelu"
@@ -178,7 +178,7 @@ LICENCES = {  # as the model cards state them; open_clip's own trainings are MIT
 
 
 def test_every_weights_entry_carries_its_model_cards_licence():
-    from clipcli.registry import openai_facts, pretrained
+    from clipcli.models.registry import openai_facts, pretrained
 
     assert {entry.name: entry.license for entry in pretrained()} == {
         entry.name: LICENCES[entry.family] for entry in pretrained()}

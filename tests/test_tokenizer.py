@@ -13,9 +13,9 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from clipcli import tokenizer as tok
 from clipcli.errors import ContextLengthError
-from clipcli.tokenizer import clean_text, default_tokenizer, encode_texts, tokenize
+from clipcli.text import bpe as tok
+from clipcli.text.bpe import clean_text, default_tokenizer, encode_texts, tokenize
 
 SOT, EOT = 49406, 49407
 
@@ -242,7 +242,7 @@ def test_ascii_shortcuts_agree_with_full_pipeline(text):
 
 def test_import_does_no_work():
     code = (
-        "import sys, clipcli.tokenizer as t\n"
+        "import sys, clipcli.text.bpe as t\n"
         "print(t._default is None, [m for m in ('torch', 'numpy', 'ftfy', 'regex') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

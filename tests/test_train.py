@@ -16,8 +16,8 @@ import torch
 from typer.testing import CliRunner
 
 from clipcli.cli import app
-from clipcli.factory import build_model, create_model
-from clipcli.model import CLIP, CLIPConfig
+from clipcli.models.clip import CLIP, CLIPConfig
+from clipcli.models.factory import build_model, create_model
 from clipcli.train import shapes
 from clipcli.train.data import GlobalBatches, read_pairs
 from clipcli.train.evaluate import recall_at_k

@@ -20,9 +20,10 @@ import pytest
 from download_server import start_server, stop_server
 from typer.testing import CliRunner
 
-from clipcli import download, registry
+from clipcli import download
 from clipcli.cli import app, weights_commands
 from clipcli.download import DownloadSettings
+from clipcli.models import registry
 
 PAYLOAD = random.Random(1).randbytes(150_000)
 SHA = hashlib.sha256(PAYLOAD).hexdigest()

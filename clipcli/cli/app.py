@@ -252,7 +252,7 @@ def command(*args, **kwargs) -> Callable:
                     _silence_stdout()
                     error_line(f"cannot write stdout: {error.strerror or error}")
                     raise typer.Exit(1) from None
-                from ..text import display
+                from ..display import display
 
                 where = f"{display(str(error.filename))}: " if error.filename else ""
                 error_line(f"{where}{error.strerror or error}")  # e.g. a library failing to map its memory

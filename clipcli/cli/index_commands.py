@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..display import escaped
 from ..errors import InputError, NoVectorsError, OutputError
-from ..text import escaped
 from .app import command
 from .options import (
     DEFAULT_MODEL,

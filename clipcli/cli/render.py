@@ -11,9 +11,9 @@ import sys
 import time
 from typing import IO
 
+from ..display import display, one_line
 from ..errors import ClipcliError
 from ..feedback import SILENT, Feedback
-from ..text import display, one_line
 
 # The ``fix`` of a library error or of a failed item's reason, as the flags that apply it.
 FIXES = {

@@ -87,7 +87,7 @@ def _url_file_name(url: str, name: Optional[str]) -> str:
     """The cache file name for a URL download: --name, else the URL's last path segment."""
     import urllib.parse
 
-    from ..registry import MODELS
+    from ..models.registry import MODELS
 
     chosen = name or urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
     if not chosen or chosen.startswith(".") or "/" in chosen or os.sep in chosen or chosen.endswith(".json"):
@@ -126,7 +126,7 @@ def download(
     """
     from .. import cache
     from .. import download as dl
-    from ..registry import MODELS
+    from ..models.registry import MODELS
     from ..tasks import download_models
 
     targets = list(targets or [])

@@ -110,7 +110,7 @@ class PairDataset(torch.utils.data.Dataset):
         from ..errors import ItemError
         from ..images import DecodeOptions, read_image
         from ..items import Item
-        from ..tokenizer import tokenize
+        from ..text.bpe import tokenize
 
         pair = self.pairs[index]
         path = str(pair.image)

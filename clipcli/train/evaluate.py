@@ -62,7 +62,7 @@ def zeroshot_classes(folder: str | Path) -> list[tuple[str, list[Path]]]:
 @torch.no_grad()
 def zeroshot_accuracy(clip, folder: str | Path, transform: Callable, templates: Sequence[str], device: torch.device,
                       batch_size: int = 64, workers: int = 0, skips: SkipReporter | None = None) -> dict[str, float]:
-    from ..tokenizer import tokenize
+    from ..text.bpe import tokenize
     from ..zeroshot import build_classifier, prompts
 
     classes = zeroshot_classes(folder)

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from ..errors import ClipcliError, InputError, OutputError, OutputExistsError
-from ..factory import METADATA_KEY, config_to_json, create_model
 from ..feedback import SILENT, Feedback
-from ..model import CLIP, CLIPConfig
+from ..models.clip import CLIP, CLIPConfig
+from ..models.factory import METADATA_KEY, config_to_json, create_model
 from . import distributed
 from .data import GlobalBatches, PairDataset, SkipReporter, loader, read_pairs
 from .evaluate import zeroshot_classes

@@ -1,6 +1,6 @@
 """Named architectures for training from scratch: the released OpenAI sizes and small CPU ones.
 
-Data, not logic: each preset is the keyword arguments of :class:`clipcli.model.CLIPConfig`
+Data, not logic: each preset is the keyword arguments of :class:`clipcli.models.clip.CLIPConfig`
 (``vision_patch_size=None`` means a ModifiedResNet image tower).
 """
 

@@ -1,4 +1,4 @@
-"""From a config, or a state dict with OpenAI's key names, to a :class:`~clipcli.model.CLIP`.
+"""From a config, or a state dict with OpenAI's key names, to a :class:`~clipcli.models.clip.CLIP`.
 
 Shapes show most of an architecture: widths, depths, patch size, resolution, context,
 vocabulary, MLP widths (off ``c_fc``). They cannot show the activation (QuickGELU or GELU),
@@ -17,7 +17,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ..errors import CheckpointError, Reason
 from . import convert
+from .clip import CLIP
 from .config import (  # noqa: F401 (config_to_json, config_from_json, METADATA_KEY re-exported)
     ACTIVATIONS,
     HEAD_WIDTH,
@@ -28,8 +30,6 @@ from .config import (  # noqa: F401 (config_to_json, config_from_json, METADATA_
     config_to_json,
     normalized,
 )
-from .errors import CheckpointError, Reason
-from .model import CLIP
 
 # Entries of the released TorchScript files that are metadata, not parameters.
 EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -137,7 +137,7 @@ def _describe(keys: list[str], limit: int = 5) -> str:
 
 
 def _check_choices(config: CLIPConfig, source: str) -> None:
-    from .preprocess import INTERPOLATIONS, RESIZE_MODES
+    from ..preprocess import INTERPOLATIONS, RESIZE_MODES
 
     for name, value, allowed in (("activation", config.activation, ACTIVATIONS),
                                  ("interpolation", config.interpolation, INTERPOLATIONS),

@@ -8,7 +8,7 @@ in :mod:`clipcli.download`.
 
 OpenCLIP's (LAION, DataComp, CommonPool, DFN, MetaCLIP, YFCC, CC12M), named ``ARCH/TAG`` as
 open_clip names them, are in ``data/pretrained.json``: per architecture the
-:class:`~clipcli.model.CLIPConfig` fields (head width and MLP width included, which shapes do
+:class:`~clipcli.models.clip.CLIPConfig` fields (head width and MLP width included, which shapes do
 not show), per weights its hub repository, the file names to try in order, whether it runs
 QuickGELU, its preprocessing, licence and published ImageNet zero-shot top-1 (open_clip's
 results table). Only plain CLIP architectures are listed: a ViT or ModifiedResNet image

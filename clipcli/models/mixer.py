@@ -3,7 +3,7 @@
 A Mixer block is a Transformer block whose attention is swapped for *token mixing*: the
 channels of every token go through ``LayerNorm``, then an MLP is applied along the token axis
 (the same MLP for every channel), then the usual channel MLP follows. Both sub-layers are
-residual, exactly as in the Transformer blocks of :mod:`clipcli.model`.
+residual, exactly as in the Transformer blocks of :mod:`clipcli.models.clip`.
 
 For text the token MLP is causal: both of its ``T x T`` weight matrices are lower-triangular,
 so the output at position ``t`` depends only on tokens ``0..t``. The end-of-text read-out of
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import MLP, LayerNorm, QuickGELU
+from .clip import MLP, LayerNorm, QuickGELU
 
 
 class TokenMixing(nn.Module):
@@ -76,7 +76,7 @@ class MixerBlock(nn.Module):
 
 
 class Mixer(nn.Module):
-    """A stack of Mixer blocks over ``(B, T, width)``; a drop-in for :class:`clipcli.model.Transformer`."""
+    """A stack of Mixer blocks over ``(B, T, width)``; a drop-in for :class:`clipcli.models.clip.Transformer`."""
 
     def __init__(self, width: int, layers: int, tokens: int, causal: bool = False, mlp_width: int | None = None,
                  activation: str = "quick_gelu"):

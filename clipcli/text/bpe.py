@@ -53,7 +53,7 @@ import re
 import threading
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from .errors import ContextLengthError
+from ..errors import ContextLengthError
 
 if TYPE_CHECKING:  # pragma: no cover
     import regex

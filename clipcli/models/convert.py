@@ -5,7 +5,7 @@ Two schemas besides OpenAI's own arrive here:
 - **OpenCLIP** keeps OpenAI's key names; its ``open_clip_config.json`` (``model_cfg`` and
   ``preprocess_cfg``) says what the shapes cannot: ``quick_gelu``, ``vision_cfg.head_width``,
   ``text_cfg.heads``, mean/std, interpolation and resize mode. :func:`config_from_open_clip`
-  turns it into :class:`~clipcli.model.CLIPConfig` fields.
+  turns it into :class:`~clipcli.models.clip.CLIPConfig` fields.
 - **Hugging Face transformers** ``CLIPModel`` has its own key names (separate q/k/v
   projections, ``layer_norm1/2``, ``fc1/fc2``, ``pre_layrnorm``, projections stored as
   ``nn.Linear`` weights, i.e. transposed) and a ``config.json``;
@@ -15,7 +15,7 @@ Two schemas besides OpenAI's own arrive here:
 Both refuse families that are not plain CLIP (a ViT or ModifiedResNet image tower, a causal
 text Transformer read out at the end-of-text token, OpenAI's BPE) with one line naming the
 family, from their config fields: loading them as CLIP would be silently wrong. Every field
-they read is checked first (:func:`clipcli.config.check_fields`): a value of the wrong type or
+they read is checked first (:func:`clipcli.models.config.check_fields`): a value of the wrong type or
 range is one :class:`~clipcli.errors.CheckpointError` naming the file and the field.
 """
 
@@ -24,12 +24,12 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
+from ..errors import CheckpointError, UnsupportedModelError
 from .config import HEAD_WIDTH, check_fields, shown, tower_of, triple
-from .errors import CheckpointError, UnsupportedModelError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-from .preprocess import INTERPOLATIONS, RESIZE_MODES
+from ..preprocess import INTERPOLATIONS, RESIZE_MODES
 
 VOCAB_SIZE = 49408  # OpenAI's BPE: the only tokenizer clipcli has
 
@@ -61,7 +61,7 @@ def _preprocess_fields(source: str, mean, std, interpolation, resize_mode) -> di
 
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
-# Fields of an open_clip_config.json and their kinds (clipcli.config.check_fields): the names the
+# Fields of an open_clip_config.json and their kinds (clipcli.models.config.check_fields): the names the
 # family check reads first, then what a plain CLIP's config holds.
 _OPEN_CLIP_NAMES = {
     "vision_cfg": {"timm_model_name": "text?", "eva_model_name": "text?", "pos_embed_type": "text?",

@@ -3,7 +3,7 @@
 Modules read from the smallest piece to the whole, then the config and :class:`CLIP`.
 Parameter names and shapes are exactly those of OpenAI's released state dicts (which
 OpenCLIP keeps), so ``load_state_dict(strict=True)`` takes them as they are. Building a model
-from a checkpoint lives in :mod:`clipcli.factory`. No I/O and no printing here.
+from a checkpoint lives in :mod:`clipcli.models.factory`. No I/O and no printing here.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ClipcliError
 from .config import _TEXT_PREFIXES, ACTIVATIONS, HEAD_WIDTH, TOWERS, CLIPConfig, tower_of  # noqa: F401 (re-exported)
-from .errors import ClipcliError
 
 
 class LayerNorm(nn.LayerNorm):
@@ -243,7 +243,7 @@ class CLIP(nn.Module):
     weights (pass ``False`` when a checkpoint overwrites them anyway: on the ``meta`` device,
     random ops would import half of torch's compiler stack, seconds per process).
 
-    Mixer towers are built by :func:`clipcli.factory.create_model`, which swaps the blocks."""
+    Mixer towers are built by :func:`clipcli.models.factory.create_model`, which swaps the blocks."""
 
     def __init__(self, config: CLIPConfig, initialize: bool = True):
         super().__init__()
@@ -311,7 +311,7 @@ class CLIP(nn.Module):
 
     @property
     def towers(self) -> tuple[str, ...]:
-        """The towers this model has: both, unless it was built for one (see :mod:`clipcli.factory`)."""
+        """The towers this model has: both, unless it was built for one (see :mod:`clipcli.models.factory`)."""
         return tuple(t for t, module in (("image", self.visual), ("text", self.transformer)) if module is not None)
 
     def drop_tower(self, tower: str) -> None:

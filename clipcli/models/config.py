@@ -1,7 +1,7 @@
 """A CLIP's configuration and how files describe it, without torch.
 
 :class:`CLIPConfig` is everything needed to build a model and feed it images. It lives
-apart from the modules (:mod:`clipcli.model`) so that finding a model and reading what its
+apart from the modules (:mod:`clipcli.models.clip`) so that finding a model and reading what its
 files say about it (:mod:`clipcli.loading`) never imports torch: a search index that finds
 nothing changed answers in a fraction of the 2.6 s that importing torch costs.
 """
@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 HEAD_WIDTH = 64  # OpenAI's CLIPs use 64-wide heads; OpenCLIP's ViT-H/g/bigG use 80/88/104
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -26,7 +26,7 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass(frozen=True)
 class CLIPConfig:
-    """Everything needed to build a CLIP and feed it images; :mod:`clipcli.factory` reads the
+    """Everything needed to build a CLIP and feed it images; :mod:`clipcli.models.factory` reads the
     shape fields off a checkpoint and the rest (activation, head width, preprocessing) off the
     model's config or registry entry, since tensor shapes cannot show them."""
 
@@ -40,7 +40,7 @@ class CLIPConfig:
     transformer_width: int
     transformer_heads: int
     transformer_layers: int
-    vision_mixer: bool = False  # MLP-Mixer blocks in the ViT (see clipcli.mixer)
+    vision_mixer: bool = False  # MLP-Mixer blocks in the ViT (see clipcli.models.mixer)
     text_mixer: bool = False  # causal MLP-Mixer blocks in the text tower
     activation: str = "quick_gelu"  # of every MLP: "quick_gelu" or "gelu"
     vision_head_width: int = HEAD_WIDTH
