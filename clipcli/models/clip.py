@@ -58,11 +58,14 @@ class SelfAttention(nn.Module):
 
 
 def activation_module(name: str) -> nn.Module:
-    """QuickGELU (OpenAI, MetaCLIP, DFN, LAION-400M) or the exact erf GELU (most OpenCLIP models)."""
+    """QuickGELU (OpenAI, MetaCLIP, DFN, LAION-400M), the exact erf GELU (most OpenCLIP models)
+    or GELU's tanh approximation (SigLIP)."""
     if name == "quick_gelu":
         return QuickGELU()
     if name == "gelu":
         return nn.GELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
     raise ValueError(f"unknown activation {name!r}; use one of {ACTIVATIONS}")
 
 
@@ -271,18 +274,23 @@ class CLIP(nn.Module):
             )
         width = config.transformer_width
         self.transformer = Transformer(width, config.transformer_layers, config.transformer_heads, causal=True,
-                                       mlp_width=config.text_mlp_width, activation=config.activation)
+                                       mlp_width=config.text_mlp_width, activation=config.text_act)
         self.token_embedding = nn.Embedding(config.vocab_size, width, _weight=torch.empty(config.vocab_size, width))
         self.positional_embedding = nn.Parameter(torch.empty(config.context_length, width))
         self.ln_final = LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, config.embed_dim))
         self.logit_scale = nn.Parameter(torch.empty([]))
+        self.logit_bias = nn.Parameter(torch.empty([])) if config.logit_bias else None
         if initialize:
             self.initialize_parameters()
 
     def initialize_parameters(self) -> None:
         """CLIP's initialisation (used when training from scratch; loading overwrites it)."""
-        nn.init.constant_(self.logit_scale, math.log(1 / 0.07))
+        if self.logit_bias is None:
+            nn.init.constant_(self.logit_scale, math.log(1 / 0.07))
+        else:  # the sigmoid loss's start (SigLIP): scale 10, bias -10
+            nn.init.constant_(self.logit_scale, math.log(10))
+            nn.init.constant_(self.logit_bias, -10.0)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         if isinstance(self.visual, ModifiedResNet):
@@ -308,6 +316,12 @@ class CLIP(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return (self.visual.conv1 if self.visual is not None else self.token_embedding).weight.dtype
+
+    @property
+    def score_kind(self) -> str:
+        """``"sigmoid"`` when the model has a learned logit bias (each image-text pair's own
+        probability), else ``"softmax"`` (probabilities over the labels asked about)."""
+        return "softmax" if self.logit_bias is None else "sigmoid"
 
     @property
     def towers(self) -> tuple[str, ...]:
@@ -336,11 +350,22 @@ class CLIP(nn.Module):
         features = self.visual(image.to(self.dtype))
         return F.normalize(features, dim=-1) if normalize else features
 
+    def _readout(self, text: torch.Tensor) -> torch.Tensor:
+        """The position each row is read out at ``(B,)``: its end token, the largest id (OpenAI's
+        BPE) or the first ``eos_id`` (other tokenizers; the last position when a row has none)."""
+        if self.config.text_pool == "argmax":
+            return text.argmax(dim=-1)
+        if self.config.text_pool == "eos":
+            found = text == self.config.eos_id  # (B, T)
+            first = found.int().argmax(dim=-1)
+            return torch.where(found.any(dim=-1), first, text.shape[-1] - 1)
+        raise ValueError(f"a causal text tower cannot be read out at {self.config.text_pool!r}")
+
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        # The tower is causal and reads out the end-of-text token (the largest id in each row),
-        # so positions after the last end-of-text token in the batch cannot change the result.
+        # The tower is causal and reads out at each row's end token, so positions after the
+        # last end token in the batch cannot change the result.
         self._require("text")
-        eot = text.argmax(dim=-1)  # (B,)
+        eot = self._readout(text)  # (B,)
         T = int(eot.max()) + 1 if text.numel() else text.shape[-1]
         x = self.token_embedding(text[:, :T]) + self.positional_embedding[:T].to(self.dtype)  # (B, T, width)
         x = self.ln_final(self.transformer(x))
@@ -348,10 +373,13 @@ class CLIP(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logits_per_image, logits_per_text)``: cosine similarity times ``logit_scale.exp()``."""
+        """``(logits_per_image, logits_per_text)``: cosine similarity times ``logit_scale.exp()``,
+        plus ``logit_bias`` when the model has one (then ``sigmoid(logits)`` are probabilities)."""
         image_features = self.encode_image(image, normalize=True)
         text_features = self.encode_text(text, normalize=True)
         logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        if self.logit_bias is not None:
+            logits_per_image = logits_per_image + self.logit_bias
         return logits_per_image, logits_per_image.t()
 
 

@@ -17,7 +17,11 @@ from typing import Any, Mapping
 from ..errors import CheckpointError
 
 HEAD_WIDTH = 64  # OpenAI's CLIPs use 64-wide heads; OpenCLIP's ViT-H/g/bigG use 80/88/104
-ACTIVATIONS = ("quick_gelu", "gelu")
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
+FAMILIES = ("clip", "siglip")  # which towers: CLIP's (clipcli.models.clip) or SigLIP's (clipcli.models.siglip)
+TEXT_POOLS = ("argmax", "eos", "last")  # where the text tower is read out
+TOKENIZERS = ("clip", "sentencepiece")  # the bundled OpenAI BPE, or the model's own files
+TEXT_CLEANS = ("clip", "canonicalize", "whitespace", "lower")
 METADATA_KEY = "clipcli_config"  # the safetensors metadata entry clipcli writes its config in
 # CLIP's training statistics (OpenCLIP models may use others: image_mean/image_std)
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -51,11 +55,24 @@ class CLIPConfig:
     image_std: tuple[float, float, float] = OPENAI_STD
     interpolation: str = "bicubic"  # or "bilinear"
     resize_mode: str = "shortest"  # "shortest" + centre crop, "squash" or "longest" (padded)
+    # Other families and tokenizers (SigLIP, MetaCLIP 2); the defaults are OpenAI's CLIP.
+    family: str = "clip"  # "clip" or "siglip"
+    text_activation: str | None = None  # None: the same as activation
+    text_pool: str = "argmax"  # "argmax" (the end token, the largest id), "eos" (the first eos_id), "last"
+    eos_id: int | None = None  # the end token text_pool "eos" reads out at
+    logit_bias: bool = False  # a learned logit bias: scores are sigmoid probabilities, one per pair
+    tokenizer: str = "clip"  # "clip" (the bundled BPE) or "sentencepiece" (the model's own files)
+    text_clean: str = "clip"  # "clip" (the BPE's own), "canonicalize" (SigLIP), "whitespace", "lower"
 
     @property
     def vision_heads(self) -> int:
         width = self.vision_width * 32 if self.vision_patch_size is None else self.vision_width
         return max(1, width // self.vision_head_width)
+
+    @property
+    def text_act(self) -> str:
+        """The text tower's activation."""
+        return self.text_activation or self.activation
 
 
 TOWERS = ("image", "text")
@@ -163,11 +180,20 @@ _STORED = {
     "transformer_heads": "count", "transformer_layers": "count", "vision_mixer": "flag", "text_mixer": "flag",
     "activation": "text", "vision_head_width": "count", "vision_mlp_width": "count?", "text_mlp_width": "count?",
     "image_mean": "mean", "image_std": "std", "interpolation": "text", "resize_mode": "text",
+    "family": "text", "text_activation": "text?", "text_pool": "text", "eos_id": "index?", "logit_bias": "flag",
+    "tokenizer": "text", "text_clean": "text",
 }
 
 
+# Fields added with SigLIP: written only when not CLIP's default, so a CLIP's stored config (and
+# the identity of indexes built with it) stays what it was.
+_LATER_FIELDS = ("family", "text_activation", "text_pool", "eos_id", "logit_bias", "tokenizer", "text_clean")
+
+
 def config_to_json(config: CLIPConfig) -> str:
-    return json.dumps(asdict(normalized(config)), sort_keys=True)
+    data = asdict(normalized(config))
+    defaults = {f.name: f.default for f in fields(CLIPConfig) if f.name in _LATER_FIELDS}
+    return json.dumps({k: v for k, v in data.items() if k not in defaults or v != defaults[k]}, sort_keys=True)
 
 
 def config_from_json(text: str, source: str | Path | None = None) -> CLIPConfig:
@@ -182,8 +208,10 @@ def config_from_json(text: str, source: str | Path | None = None) -> CLIPConfig:
     unknown = set(data) - {f.name for f in fields(CLIPConfig)}
     if unknown:
         raise CheckpointError(f"{where} has unknown fields: {', '.join(shown(k) for k in sorted(unknown)[:5])}")
-    if data.get("activation", ACTIVATIONS[0]) not in ACTIVATIONS:
-        raise CheckpointError(f"{where}: activation is {shown(data['activation'])}, not one of {', '.join(ACTIVATIONS)}")
+    for name, allowed in (("activation", ACTIVATIONS), ("text_activation", ACTIVATIONS), ("family", FAMILIES),
+                          ("text_pool", TEXT_POOLS), ("tokenizer", TOKENIZERS), ("text_clean", TEXT_CLEANS)):
+        if data.get(name) is not None and data[name] not in allowed:
+            raise CheckpointError(f"{where}: {name} is {shown(data[name])}, not one of {', '.join(allowed)}")
     data = {k: triple(v) if k in ("image_mean", "image_std") else v for k, v in data.items()}
     try:
         return normalized(CLIPConfig(**data))
