@@ -280,6 +280,22 @@ def _stack(rows: list) -> "torch.Tensor":
     return torch.from_numpy(np.stack(rows)) if isinstance(rows[0], np.ndarray) else torch.stack(rows)
 
 
+def tokenizer_of(model: Any) -> Any:
+    """The tokenizer that fits ``model``: the one loading gave it, else the one its config names
+    (the CLIP BPE for a model that has no config)."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        return tokenizer
+    from .text.tokenizers import tokenizer_for
+
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "tokenizer", "clip") == "clip":
+        from .text.tokenizers import ClipTokenizer
+
+        return ClipTokenizer(getattr(model, "context_length", 77))
+    return tokenizer_for(config)
+
+
 def embed_texts(
     loaded: Runnable,
     texts: Sequence[str],
@@ -290,19 +306,19 @@ def embed_texts(
 ) -> list[Embedding]:
     """One :class:`Embedding` per text, in order. A text longer than the context is cut
     (``truncated=True``) or, without ``truncate``, reported as an error."""
-    from .text.bpe import encode_texts
-
     loaded.ensure("text")
-    tokens, cut = encode_texts(list(texts), context_length=loaded.model.context_length, truncate=True)
+    tokens, cut = tokenizer_of(loaded.model).encode_texts(list(texts), context_length=loaded.model.context_length,
+                                                          truncate=True)
     results = [Embedding(text, truncated=flag) for text, flag in zip(texts, cut)]
     if not truncate:
         for result in results:
             if result.truncated:
                 result.error = Reason(f"longer than the model's {loaded.model.context_length}-token context",
                                       fix="truncate")
-    # Batches of texts of similar length: each batch runs only to its longest text (exact:
-    # rows are independent); results go back to input order by index.
-    length = tokens.argmax(dim=-1).tolist()  # the end-of-text token is the largest id
+    # Batches of texts of similar length: a causal tower runs each batch only to its longest
+    # text (exact: rows are independent); results go back to input order by index. A row's
+    # length is where its padding (a run of its last id) starts.
+    length = (tokens != tokens[:, -1:]).sum(dim=-1).tolist()
     todo = sorted((i for i, result in enumerate(results) if result.ok), key=length.__getitem__)
     model = loaded.model
     for start in range(0, len(todo), batch_size):

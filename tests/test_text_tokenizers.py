@@ -1,0 +1,180 @@
+"""The model-facing tokenizers (:mod:`clipcli.text.tokenizers`) and text cleaning (:mod:`clipcli.text.canonicalize`).
+
+The references are open_clip's: its cleaning functions, and its ``HFTokenizer`` (transformers'
+tokenizer for a folder, padded to the full context) over the hub-style folders of the families'
+vocabularies trained in :mod:`spm_models`. Ids are compared exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import unicodedata
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from spm_models import BASE, EDGE_CASES, bare_folder, corpus, hf_folder, model_file, tokenizer_files, workdir
+
+import clipcli
+from clipcli.errors import CheckpointError, ContextLengthError
+from clipcli.text import bpe
+from clipcli.text.canonicalize import canonicalize_text, cleaner
+from clipcli.text.tokenizers import TOKENIZER_FILES, ClipTokenizer, PieceTokenizer, tokenizer_for
+
+open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")
+sentencepiece = pytest.importorskip("sentencepiece")
+
+CLEANING = ["A_photo of a Cat!", "&amp;lt;3 caf&eacute;", "schÃ¶n", "  spaced\tout\n ", "“quotes” — dash",
+            "ﬁne", "C'est l'été", "under__score", "...", "&#x27;tis", "Ａ＿Ｂ", "a\u00a0b\u2003c", "\x00ctrl\x1bchars"]
+TEXTS = corpus(300, seed=2) + BASE + EDGE_CASES + CLEANING
+FAMILIES = [("t5", 64, "canonicalize"), ("gemma", 64, "canonicalize"), ("xlmv", 77, "whitespace"), ("xlmv", 77, "lower")]
+
+
+@pytest.mark.parametrize("name", ["canonicalize", "whitespace", "lower"])
+def test_cleaners_are_open_clips(name):
+    ours, reference = cleaner(name), open_clip_tokenizer.get_clean_fn(name)
+    assert [ours(text) for text in TEXTS] == [reference(text) for text in TEXTS]
+
+
+def test_canonicalize_and_the_clip_cleaner():
+    assert [canonicalize_text(t) for t in TEXTS] == [open_clip_tokenizer.canonicalize_text(t) for t in TEXTS]
+    assert canonicalize_text("A_photo of a  Cat!") == "a photo of a cat"
+    assert cleaner("clip") is bpe.clean_text
+    with pytest.raises(CheckpointError, match="'shout'"):
+        cleaner("shout")
+
+
+def _reference(folder: Path, context_length: int, clean: str):
+    return open_clip_tokenizer.HFTokenizer(str(folder), context_length=context_length, clean=clean)
+
+
+@pytest.mark.parametrize("kind, context_length, clean", FAMILIES)
+def test_piece_tokenizer_is_open_clips(kind, context_length, clean):
+    folder = hf_folder(kind)
+    ours = PieceTokenizer(tokenizer_files(folder), context_length, clean)
+    expected = _reference(folder, context_length, clean)(TEXTS)
+    assert torch.equal(ours(TEXTS, truncate=True), expected)
+    # A readable check: SigLIP's row is the text, </s>, then padding to the full context.
+    row = ours("a photo of a cat")[0].tolist()
+    assert len(row) == context_length and row[-1] == ours.pad_id
+
+
+def test_pad_token_from_the_config():
+    """SigLIP's hub config pads with </s>: the last position must hold it, as transformers pads."""
+    folder = workdir() / "t5-pad-eos"
+    shutil.copytree(hf_folder("t5"), folder, dirs_exist_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "</s>"}))
+    ours = PieceTokenizer(tokenizer_files(folder), 64, "canonicalize")
+    assert torch.equal(ours(TEXTS, truncate=True), _reference(folder, 64, "canonicalize")(TEXTS))
+    assert ours.pad_id == 1 and ours("a cat")[0, -1].item() == 1
+
+
+@pytest.mark.parametrize("kind", ["t5", "gemma", "xlmv"])
+def test_a_bare_model_file_is_sentencepiece_with_the_classes_special_tokens(kind):
+    """Without tokenizer.json the ``.model`` is read as sentencepiece reads it, with the special
+    tokens and ids transformers' class for it adds."""
+    folder = bare_folder(kind)
+    ours = PieceTokenizer(tokenizer_files(folder), 64, "whitespace")
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file(kind)))
+    clean = cleaner("whitespace")
+    for text in TEXTS:
+        if "<" in text:
+            continue  # special tokens written in the text become their ids: checked against transformers below
+        ids = processor.encode(clean(text))
+        if kind == "xlmv":  # fairseq's layout: <s> ... </s>, every piece one up, <unk> 3, <pad> 1
+            row, pad = [0, *[3 if i == 0 else i + 1 for i in ids][:62], 2], 1
+        else:
+            row, pad = ids[:63] + [1], 0  # T5 appends </s>; SigLIP 2's Gemma config asks for <eos>
+        assert ours([text], truncate=True)[0].tolist() == row + [pad] * (64 - len(row)), text
+    # transformers converts the .model into its own pipeline, which agrees except where exact score
+    # ties (runs of one character) are settled by another rounding, and where it normalizes a whole
+    # grapheme cluster at once ("①" and an accent become "1").
+    reference = _reference(folder, 64, "whitespace")
+    plain = [t for t in TEXTS if not any(c * 8 in t for c in set(t)) and not any(map(unicodedata.combining, t))]
+    assert len(plain) > 300
+    assert torch.equal(ours(plain, truncate=True), reference(plain))
+
+
+def test_truncation_keeps_the_special_tokens():
+    xlmr = PieceTokenizer(tokenizer_files(hf_folder("xlmv")), 16, "whitespace")
+    t5 = PieceTokenizer(tokenizer_files(hf_folder("t5")), 16, "canonicalize")
+    long = "a photo of a cat on a mat " * 10
+    for tokenizer, first, last in ((xlmr, 0, 2), (t5, None, 1)):
+        ids, cut = tokenizer.encode_texts(["a cat", long], truncate=True)
+        assert cut == [False, True] and ids.shape == (2, 16)
+        assert ids[1, -1].item() == last and (first is None or ids[1, 0].item() == first)
+        assert tokenizer.pad_id not in ids[1].tolist()
+        with pytest.raises(ContextLengthError, match="text 1 .* more than the context length 16") as error:
+            tokenizer(["a cat", long])
+        assert error.value.index == 1 and error.value.text == long and error.value.num_tokens > 16
+    assert xlmr.encode_texts([])[0].shape == (0, 16)
+    assert xlmr(["a cat"], context_length=8).shape == (1, 8)
+
+
+def test_only_the_first_max_tokenized_characters_are_tokenized():
+    tokenizer = PieceTokenizer(tokenizer_files(hf_folder("t5")), 64, "canonicalize")
+    huge = "ab" * bpe.MAX_TOKENIZED_CHARS
+    ids, cut = tokenizer.encode_texts([huge], truncate=True)
+    assert cut == [True] and ids[0, -1].item() == 1
+    with pytest.raises(ContextLengthError, match="characters, over the"):
+        tokenizer([huge])
+
+
+def test_nothing_is_read_before_the_first_text(tmp_path):
+    missing = PieceTokenizer({"tokenizer.json": tmp_path / "tokenizer.json"}, 64, "canonicalize")
+    with pytest.raises(CheckpointError, match="tokenizer.json"):
+        missing("a cat")
+    (tmp_path / "tokenizer_config.json").write_text("{broken")
+    files = {**tokenizer_files(hf_folder("t5")), "tokenizer_config.json": tmp_path / "tokenizer_config.json"}
+    with pytest.raises(CheckpointError, match="tokenizer_config.json"):
+        PieceTokenizer(files, 64, "canonicalize")("a cat")
+    code = ("import sys; from clipcli.text.tokenizers import PieceTokenizer; "
+            f"PieceTokenizer({{'spiece.model': {str(model_file('t5'))!r}}}, 64, 'canonicalize'); "
+            "print(sorted(m for m in ('torch', 'clipcli.text.sentencepiece', 'clipcli.text.tokenizer_json') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_tokenizer_for_a_config():
+    clip = tokenizer_for(SimpleNamespace(tokenizer="clip", context_length=77, text_clean="clip"))
+    assert isinstance(clip, ClipTokenizer)
+    assert torch.equal(clip(["a photo of a cat"]), clipcli.tokenize(["a photo of a cat"]))
+    assert clip.decode(clip("a photo of a cat")[0]) == "a photo of a cat"
+    siglip = SimpleNamespace(tokenizer="sentencepiece", context_length=64, text_clean="canonicalize")
+    with pytest.raises(CheckpointError, match="tokenizer.json, tokenizer_config.json, special_tokens_map.json, spiece.model"):
+        tokenizer_for(siglip, {})
+    tokenizer = tokenizer_for(siglip, tokenizer_files(hf_folder("t5")))
+    assert isinstance(tokenizer, PieceTokenizer) and tokenizer.context_length == 64
+    assert tokenizer.decode(tokenizer("A photo of a cat!")[0]) == "a photo of a cat"
+    with pytest.raises(CheckpointError, match="'wordpiece'"):
+        tokenizer_for(SimpleNamespace(tokenizer="wordpiece", context_length=64, text_clean="clip"))
+    assert TOKENIZER_FILES == ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                               "spiece.model", "tokenizer.model", "sentencepiece.bpe.model")
+
+
+def test_decode_reads_the_ids_back():
+    for kind, clean in (("xlmv", "whitespace"), ("gemma", "whitespace")):
+        for files in (tokenizer_files(hf_folder(kind)), tokenizer_files(bare_folder(kind))):
+            tokenizer = PieceTokenizer(files, 64, clean)
+            for text in ("A photo of a cat", "東京タワー 123", "ﬁne  day"):
+                expected = cleaner(clean)(text)
+                if kind == "xlmv":
+                    expected = expected.replace("ﬁ", "fi")  # its NFKC normalization
+                assert tokenizer.decode(tokenizer(text)[0]) == expected
+
+
+def test_concurrent_first_use_loads_once_and_agrees():
+    tokenizer = PieceTokenizer(tokenizer_files(hf_folder("xlmv")), 77, "whitespace")
+    results: list[torch.Tensor] = []
+    threads = [threading.Thread(target=lambda: results.append(tokenizer(TEXTS[:50], truncate=True))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 4 and all(torch.equal(r, results[0]) for r in results)
