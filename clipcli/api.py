@@ -1,15 +1,22 @@
-"""The public API, shaped like OpenAI's ``clip`` module: ``load``, ``tokenize``, ``available_models``."""
+"""The public API, shaped like OpenAI's ``clip`` module: ``load``, ``tokenize``, ``available_models``.
+
+A SigLIP loads the same way and has the same methods; its text needs its own tokenizer, which
+``tokenize(texts, model=model)`` (or ``model.tokenizer``) uses, while ``tokenize(texts)`` stays
+OpenAI's ``clip.tokenize``.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from .errors import ClipcliError
 from .feedback import SILENT, Feedback
-from .models.clip import CLIP
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .models.clip import DualEncoder
 
 
 def available_models() -> list[str]:
@@ -27,11 +34,28 @@ def pretrained_models() -> list[str]:
     return available_models() + [entry.name for entry in pretrained()]
 
 
-def tokenize(texts: str | Sequence[str], context_length: int = 77, truncate: bool = False) -> torch.LongTensor:
-    """Token ids ``[N, context_length]``, identical to OpenAI's ``clip.tokenize``."""
-    from .text.bpe import tokenize as _tokenize
+def tokenize(texts: str | Sequence[str], context_length: int | None = None, truncate: bool = False,
+             model: "DualEncoder | None" = None) -> torch.LongTensor:
+    """Token ids ``[N, context_length]``.
 
-    return _tokenize(texts, context_length=context_length, truncate=truncate)
+    Without ``model``: identical to OpenAI's ``clip.tokenize`` (OpenAI's BPE, a context of 77).
+    With a ``model`` from :func:`load`: that model's own tokenizer (``model.tokenizer``: the BPE for
+    a CLIP, the SentencePiece model its files hold for a SigLIP) and, unless ``context_length``
+    says otherwise, the model's context (SigLIP's 64, padded as it was trained). A text longer
+    than the context raises :class:`~clipcli.errors.ContextLengthError` unless ``truncate=True``.
+    """
+    if model is None:
+        from .text.bpe import tokenize as _tokenize
+
+        return _tokenize(texts, context_length=77 if context_length is None else context_length, truncate=truncate)
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:  # built, or loaded without its files: its config's (which says what is missing)
+        from .text.tokenizers import tokenizer_for
+
+        tokenizer = tokenizer_for(model.config, {})
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    context_length = model.context_length if context_length is None else context_length
+    return tokenizer.encode_texts(texts, context_length=context_length, truncate=truncate)[0]
 
 
 def default_device() -> str:
@@ -46,16 +70,20 @@ def load(
     dtype: torch.dtype | None = None,
     arch: str | None = None,
     feedback: Feedback = SILENT,
-) -> tuple[CLIP, Callable]:
-    """Load a CLIP model and its image transform: ``model, preprocess = clipcli.load("ViT-B/32")``.
+) -> tuple[DualEncoder, Callable]:
+    """Load a model and its image transform: ``model, preprocess = clipcli.load("ViT-B/32")``.
 
     ``name`` is one of OpenAI's names (see :func:`available_models`), an OpenCLIP ``ARCH/TAG``
-    (:func:`pretrained_models`), ``hf-hub:ORG/REPO`` (an OpenCLIP or transformers CLIP on the
-    Hugging Face hub, read through its cache), a model folder, or a checkpoint file (OpenAI
-    TorchScript ``.pt``, a PyTorch state dict, or safetensors; ``arch`` names the architecture
-    of a file that does not say). Weights are float32 on CPU and float16 on CUDA unless
-    ``dtype`` says otherwise. The model is in eval mode; ``preprocess`` is the model's own
-    transform (a torchvision ``Compose``). A download of the weights is silent unless
+    (:func:`pretrained_models`, SigLIPs included), ``hf-hub:ORG/REPO`` (an OpenCLIP CLIP or SigLIP,
+    or a transformers ``CLIPModel`` or ``SiglipModel``, on the Hugging Face hub, read through its
+    cache), a model folder, or a checkpoint file (OpenAI TorchScript ``.pt``, a PyTorch state
+    dict, or safetensors; ``arch`` names the architecture of a file that does not say). Weights
+    are float32 on CPU and float16 on CUDA unless ``dtype`` says otherwise. The model is in eval
+    mode; ``preprocess`` is the model's own transform (a torchvision ``Compose``: for a SigLIP a
+    bicubic squash to the square, no crop, mean and std 0.5). ``model.tokenizer`` tokenizes for
+    it (see :func:`tokenize`); ``model.score_kind`` says how to read ``model(images, tokens)``'s
+    logits: ``"softmax"`` over the texts (CLIP) or ``"sigmoid"``, each pair's own probability
+    (a model with a logit bias, SigLIP). A download of the weights is silent unless
     ``feedback`` (:class:`clipcli.feedback.Feedback`) asks for its news and progress, e.g.
     ``feedback=Feedback(log=print)``.
     """

@@ -1,8 +1,12 @@
 """What ``clipcli models`` lists: every registry entry, its facts, and whether it is cached.
 
 Cheap and read-only: no torch, no network. OpenAI's nine are looked for in clipcli's cache
-(:func:`clipcli.cache.cache_listing`), OpenCLIP's in the Hugging Face cache. :func:`cells` and
-:func:`fitting_columns` give the short text of the table that ``clipcli models`` prints.
+(:func:`clipcli.cache.cache_listing`), OpenCLIP's and the transformers repositories of SigLIP,
+SigLIP 2 and MetaCLIP 2 in the Hugging Face cache. Each record says whose weights they are
+(``family``: ``OpenAI``, ``LAION-2B``, ``SigLIP``, ``SigLIP 2``, ``MetaCLIP 2``, ...), how the
+model scores a pair (``score_kind``: ``softmax``, or ``sigmoid`` for SigLIP's probabilities)
+and whether its text tower is ``multilingual``. :func:`cells` and :func:`fitting_columns` give
+the short text of the table that ``clipcli models`` prints.
 """
 
 from __future__ import annotations
@@ -18,19 +22,36 @@ from .models import registry
 def _architecture_facts(arch: str) -> dict:
     hints = registry.architecture_hints(arch) or {}
     return {"input_resolution": hints.get("image_resolution"), "embed_dim": hints.get("embed_dim"),
-            "parameters": registry.parameters(arch)}
+            "parameters": registry.parameters(arch), "score_kind": registry.score_kind(hints)}
+
+
+def _hub_records() -> list[dict]:
+    """The listed transformers repositories (SigLIP, SigLIP 2, MetaCLIP 2), cached when their
+    weights are in the Hugging Face cache."""
+    records = []
+    for alias in registry.hub_aliases():
+        path = hub.first_cached(alias.repo, registry.TRANSFORMERS_FILES)
+        records.append({"name": alias.name, "released": True, **_architecture_facts(alias.arch),
+                        "input_resolution": alias.image_resolution, "parameters": alias.parameters, "size": None,
+                        "cached": path is not None, "path": str(path) if path else None, "sha256": None,
+                        "url": f"https://huggingface.co/{alias.repo}", "family": alias.family,
+                        "license": alias.license, "imagenet_top1": alias.imagenet_top1,
+                        "multilingual": alias.multilingual})
+    return records
 
 
 def catalog(cache_dir: str | os.PathLike | None = None) -> list[dict]:
-    """One record per registry entry (OpenAI's nine, then OpenCLIP's), then one per other
-    file downloaded with ``clipcli download URL``."""
+    """One record per registry entry (OpenAI's nine, OpenCLIP's, then the transformers
+    repositories of SigLIP, SigLIP 2 and MetaCLIP 2), then one per other file downloaded with
+    ``clipcli download URL``."""
     from .cache import cache_listing
 
     named, downloads = [], []
     for record in cache_listing(cache_dir):
         info = registry.find_model(record["name"]) if record["released"] else None
         if info is None:
-            downloads.append({**record, "family": None, "parameters": None, "license": None, "imagenet_top1": None})
+            downloads.append({**record, "family": None, "parameters": None, "license": None, "imagenet_top1": None,
+                              "score_kind": None, "multilingual": None})
             continue
         facts = registry.openai_facts(info)
         arch = _architecture_facts(registry.openai_architecture(info))
@@ -38,20 +59,23 @@ def catalog(cache_dir: str | os.PathLike | None = None) -> list[dict]:
             path = hub.first_cached(info.hf_repo, registry.OPEN_CLIP_FILES)
             record = {**record, "cached": path is not None, "path": str(path) if path else None}
         named.append({**record, "family": "OpenAI", "parameters": arch["parameters"],
-                      "license": facts.get("license"), "imagenet_top1": facts.get("imagenet_top1")})
+                      "license": facts.get("license"), "imagenet_top1": facts.get("imagenet_top1"),
+                      "score_kind": "softmax", "multilingual": False})
     for entry in registry.pretrained():
         path = hub.first_cached(entry.hf_repo, entry.files)
         named.append({"name": entry.name, "released": True, **_architecture_facts(entry.arch), "size": None,
                       "cached": path is not None, "path": str(path) if path else None, "sha256": None,
                       "url": f"https://huggingface.co/{entry.hf_repo}", "family": entry.family,
-                      "license": entry.license, "imagenet_top1": entry.imagenet_top1})
-    return named + downloads
+                      "license": entry.license, "imagenet_top1": entry.imagenet_top1,
+                      "score_kind": entry.score_kind, "multilingual": entry.multilingual})
+    return named + _hub_records() + downloads
 
 
 # --------------------------------------------------------------------------- the table's text
 
-COLUMNS = ("name", "family", "params", "res", "dim", "licence", "top-1", "cached")
-OPTIONAL = ("dim", "res", "family", "params", "top-1", "licence")  # left out first to last on a narrow terminal
+COLUMNS = ("name", "family", "score", "params", "res", "dim", "lang", "licence", "top-1", "cached")
+# left out first to last on a narrow terminal
+OPTIONAL = ("lang", "score", "dim", "res", "family", "params", "top-1", "licence")
 
 
 def where_cached(path: str | None) -> str:
@@ -64,11 +88,13 @@ def where_cached(path: str | None) -> str:
 
 def cells(record: dict) -> dict[str, str]:
     """One catalog record as the text of its table row, keyed by :data:`COLUMNS`; ``-`` where
-    a fact is not known (a file downloaded by URL)."""
-    params, top1 = record["parameters"], record["imagenet_top1"]
-    return {"name": record["name"], "family": record["family"] or "-",
+    a fact is not known (a file downloaded by URL). ``score`` is ``softmax`` or ``sigmoid``,
+    ``lang`` is ``multi`` for a multilingual text tower, else ``en``."""
+    params, top1, multilingual = record["parameters"], record["imagenet_top1"], record.get("multilingual")
+    return {"name": record["name"], "family": record["family"] or "-", "score": record.get("score_kind") or "-",
             "params": f"{params / 1e6:,.0f}M" if params else "-",
             "res": str(record["input_resolution"] or "-"), "dim": str(record["embed_dim"] or "-"),
+            "lang": "-" if multilingual is None else ("multi" if multilingual else "en"),
             "licence": record["license"] or "-",
             "top-1": f"{top1:.1f}" if top1 else "-", "cached": where_cached(record["path"])}
 

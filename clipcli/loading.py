@@ -3,8 +3,9 @@
 Names a user may type, tried in this order:
 
 - ``hf-hub:ORG/REPO[@REVISION]``: any hub repository holding an OpenCLIP model
-  (``open_clip_config.json`` + weights) or a transformers ``CLIPModel`` (``config.json`` with
-  ``model_type`` ``clip`` + weights), read through the Hugging Face cache (:mod:`clipcli.hub`);
+  (``open_clip_config.json`` + weights: a CLIP, or a SigLIP with its timm image tower) or a
+  transformers ``CLIPModel`` or ``SiglipModel`` (``config.json`` with its ``model_type`` +
+  weights), read through the Hugging Face cache (:mod:`clipcli.hub`);
 - a folder holding either layout;
 - a checkpoint file (OpenAI TorchScript, a state dict or safetensors, in OpenAI's, OpenCLIP's or
   transformers' key names). Its architecture comes from ``arch=``, else the config clipcli
@@ -16,8 +17,11 @@ Names a user may type, tried in this order:
 - a registry name ``ARCH/TAG`` (``ViT-B-32/laion2b_s34b_b79k``, see ``clipcli models``), from
   its hub repository.
 
-A :class:`ModelSource` knows where the weights are, their key schema and the config fields
-their shapes cannot show; :func:`load` reads only the towers asked for and builds the model.
+A :class:`ModelSource` knows where the weights are, their key schema, the config fields their
+shapes cannot show and, for a model with its own tokenizer (SigLIP's SentencePiece), where its
+tokenizer files are: beside the weights, else in the hub repository its OpenCLIP config names
+(``text_cfg.hf_tokenizer_name``) or its registry entry names (``tokenizer_repo``). :func:`load`
+reads only the towers asked for, builds the model and gives it its tokenizer (``model.tokenizer``).
 """
 
 from __future__ import annotations
@@ -27,12 +31,12 @@ import json
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from . import hub
-from .errors import CheckpointError, ClipcliError, UnknownModelError
+from .errors import CheckpointError, ClipcliError, DownloadError, UnknownModelError
 from .feedback import SILENT, Feedback
 from .models import convert, registry
 from .models.config import METADATA_KEY, TOWERS, config_from_json
@@ -40,7 +44,7 @@ from .models.config import METADATA_KEY, TOWERS, config_from_json
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .models.clip import CLIP
+    from .models.clip import DualEncoder
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 TRANSFORMERS_CONFIG, TRANSFORMERS_PREPROCESSOR = "config.json", "preprocessor_config.json"
@@ -61,6 +65,9 @@ class ModelSource:
     files: tuple[Path, ...]  # the weights: one file, or the shards of a sharded checkpoint
     hints: Mapping[str, Any] = field(default_factory=dict)  # CLIPConfig fields; empty: OpenAI's choices
     described: bool = False  # whether a config (registry, file, metadata) described the model
+    # The model's own tokenizer files by name (clipcli.text.tokenizers.TOKENIZER_FILES); empty for
+    # a model with the bundled BPE, or when none were found (its tokenizer says so when used).
+    tokenizer_files: Mapping[str, Path] = field(default_factory=dict)
 
     @property
     def path(self) -> Path:
@@ -101,27 +108,81 @@ def _stored_config(path: Path) -> dict | None:
     return asdict(config_from_json(text)) if text else None
 
 
+# --------------------------------------------------------------------------- tokenizer files
+
+Repo = tuple[str, "str | None"]  # a hub repository and revision (None: main)
+
+
+def _tokenizer_files(get: Callable[[str], Path | None]) -> dict[str, Path]:
+    """The tokenizer files ``get`` finds, by name."""
+    from .text.tokenizers import TOKENIZER_FILES
+
+    return {name: path for name in TOKENIZER_FILES if (path := get(name)) is not None}
+
+
+def _hub_tokenizer_files(repo: str, revision: str | None = None, *, download: bool = False,
+                         bars: bool = False) -> dict[str, Path]:
+    """The tokenizer files of hub ``repo`` in the HF cache, or (``download``) on the hub; none when
+    the hub cannot be reached or has no such repository: the model loads, and its tokenizer names
+    what it lacks when it is first used (image-only work needs none)."""
+    try:
+        if not download:
+            return _tokenizer_files(lambda name: hub.cached_file(repo, name, revision))
+        return _tokenizer_files(lambda name: hub.optional_file(repo, name, revision, bars=bars))
+    except (DownloadError, UnknownModelError):
+        return {}
+
+
+def _named_tokenizer_repo(open_clip_config: Any) -> Repo | None:
+    """The hub repository an OpenCLIP config names for its tokenizer (``text_cfg.hf_tokenizer_name``)."""
+    model_cfg = open_clip_config.get("model_cfg", open_clip_config) if isinstance(open_clip_config, dict) else None
+    text_cfg = model_cfg.get("text_cfg") if isinstance(model_cfg, dict) else None
+    name = text_cfg.get("hf_tokenizer_name") if isinstance(text_cfg, dict) else None
+    return (name, None) if isinstance(name, str) and name.count("/") == 1 else None
+
+
+def _with_tokenizer(source: ModelSource, get: Callable[[str], Path | None], repos: Sequence[Repo | None] = (),
+                    bars: bool = False) -> ModelSource:
+    """``source`` with its tokenizer files: those ``get`` finds beside the weights, else the first
+    of hub ``repos`` that has some. Only for a model whose config names its own tokenizer (a
+    CLIP's BPE is bundled: nothing is looked for, so nothing is asked of the hub)."""
+    if source.hints.get("tokenizer", "clip") == "clip":
+        return source
+    files = _tokenizer_files(get)
+    # Every repository's cached files before any download: a model whose tokenizer lives in
+    # another repository (SO400M's in ViT-B-16-SigLIP's), all cached, asks nothing of the hub.
+    for download in (False, True):
+        for repo in filter(None, repos):
+            if files or (download and hub.offline()):
+                break
+            files = _hub_tokenizer_files(*repo, download=download, bars=bars)
+    return replace(source, tokenizer_files=files)
+
+
 # --------------------------------------------------------------------------- resolving
 
 
 def _layout_source(name: str, get: Callable[[str], Path | None],
-                   first: Callable[[Sequence[str]], Path | None]) -> ModelSource | None:
+                   first: Callable[[Sequence[str]], Path | None], repo: Repo | None = None,
+                   bars: bool = False) -> ModelSource | None:
     """An OpenCLIP or transformers model from a place holding files (a folder, the HF cache,
-    the hub): ``get`` one file or None, ``first`` of several or None. Configs are read (and
-    families refused) before any weights are looked for. None when neither layout is whole."""
+    the hub ``repo``): ``get`` one file or None, ``first`` of several or None. Configs are read
+    (and families refused) before any weights are looked for. None when neither layout is whole."""
     open_clip_config = get(OPEN_CLIP_CONFIG)
     if open_clip_config is not None:
-        hints = convert.config_from_open_clip(_read_json(open_clip_config, "OpenCLIP config"), name)
+        data = _read_json(open_clip_config, "OpenCLIP config")
+        hints = convert.config_from_open_clip(data, name)
         weights = first(registry.OPEN_CLIP_FILES)
         if weights is not None:
-            return ModelSource(name, (weights,), hints, described=True)
+            return _with_tokenizer(ModelSource(name, (weights,), hints, described=True), get,
+                                   (repo, _named_tokenizer_repo(data)), bars)
     config = get(TRANSFORMERS_CONFIG)
     hints = _transformers_hints(config, lambda: get(TRANSFORMERS_PREPROCESSOR), name) if config is not None else None
     if hints is not None:
         weights = first(TRANSFORMERS_WEIGHTS)
         if weights is not None:
-            return ModelSource(name, _shards(weights, get) if weights.name.endswith(".index.json") else (weights,),
-                               hints, described=True)
+            files = _shards(weights, get) if weights.name.endswith(".index.json") else (weights,)
+            return _with_tokenizer(ModelSource(name, files, hints, described=True), get, (repo,), bars)
     return None
 
 
@@ -181,7 +242,7 @@ def _hub_source(name: str, repo: str, revision: str | None, bars: bool) -> Model
             missing.append(filename)
         return path
 
-    source = _layout_source(name, cached, _first_of(cached))
+    source = _layout_source(name, cached, _first_of(cached), (repo, revision), bars)
     if source is not None:
         return source
     if hub.offline():
@@ -198,19 +259,26 @@ def _hub_source(name: str, repo: str, revision: str | None, bars: bool) -> Model
 
 
 def _file_source(path: Path, name: str, arch: str | None) -> ModelSource:
-    files = _shards(path, _in_folder(path.parent)) if path.name.endswith(".index.json") else (path,)
+    """A checkpoint file; its config from ``arch``, its own metadata, or a config beside it, and
+    its tokenizer files (for a model with its own) from beside it, else where that config says."""
+    beside = _in_folder(path.parent)
+    files = _shards(path, beside) if path.name.endswith(".index.json") else (path,)
     if arch is not None:
-        return ModelSource(name, files, _arch_hints(arch), described=True)
+        tokenizer_repo = registry.tokenizer_repo(arch)
+        return _with_tokenizer(ModelSource(name, files, _arch_hints(arch), described=True), beside,
+                               ((tokenizer_repo, None) if tokenizer_repo else None,))
     stored = _stored_config(files[0])
     if stored is not None:
-        return ModelSource(name, files, stored, described=True)
-    beside = path.parent / OPEN_CLIP_CONFIG
-    if beside.is_file():
-        return ModelSource(name, files, convert.config_from_open_clip(_read_json(beside, "OpenCLIP config"), name),
-                           described=True)
-    hints = _transformers_hints(path.parent / TRANSFORMERS_CONFIG,
-                                lambda: _in_folder(path.parent)(TRANSFORMERS_PREPROCESSOR), name)
-    return ModelSource(name, files, hints, described=True) if hints is not None else ModelSource(name, files)
+        return _with_tokenizer(ModelSource(name, files, stored, described=True), beside)
+    open_clip_config = beside(OPEN_CLIP_CONFIG)
+    if open_clip_config is not None:
+        data = _read_json(open_clip_config, "OpenCLIP config")
+        return _with_tokenizer(ModelSource(name, files, convert.config_from_open_clip(data, name), described=True),
+                               beside, (_named_tokenizer_repo(data),))
+    hints = _transformers_hints(path.parent / TRANSFORMERS_CONFIG, lambda: beside(TRANSFORMERS_PREPROCESSOR), name)
+    if hints is None:
+        return ModelSource(name, files)
+    return _with_tokenizer(ModelSource(name, files, hints, described=True), beside)
 
 
 def _arch_hints(arch: str) -> dict:
@@ -252,7 +320,13 @@ def resolve(name: str | os.PathLike, *, arch: str | None = None, cache_dir: str 
         if weights is None:
             raise CheckpointError(f"{text}: hub repository {pretrained.hf_repo} has none of "
                                   f"{', '.join(pretrained.files)}")
-        return ModelSource(text, (weights,), pretrained.hints, described=True)
+        source = ModelSource(text, (weights,), pretrained.hints, described=True)
+        tokenizer_repo = pretrained.tokenizer_repo  # None: its own repository's files
+        return _with_tokenizer(source, lambda _: None,
+                               ((pretrained.hf_repo, None), (tokenizer_repo, None) if tokenizer_repo else None), bars)
+    alias = registry.find_hub_alias(text)  # google/siglip-base-patch16-224 names its hub repository
+    if alias is not None:
+        return _hub_source(text, *hub.parse_name(alias), bars=bars)
     raise UnknownModelError(
         f"{text!r} is not a model name (`clipcli models` lists them: OpenAI's as ViT-B/32, others as "
         "ARCH/TAG), an hf-hub:ORG/REPO name, a model folder or an existing checkpoint file"
@@ -285,10 +359,13 @@ def _checked_towers(towers: Sequence[str]) -> tuple[str, ...]:
 
 
 def load(source: ModelSource, device: torch.device | str = "cpu", dtype: torch.dtype | None | str = "float32",
-         towers: Sequence[str] = TOWERS) -> tuple[CLIP, str | None]:
+         towers: Sequence[str] = TOWERS) -> tuple[DualEncoder, str | None]:
     """``(model in eval mode, note)``: only ``towers`` are read (``dtype`` None: as stored;
     a name such as ``"float32"`` is torch's dtype of that name); ``note`` says what was
-    assumed about an undescribed checkpoint (None when nothing was)."""
+    assumed about an undescribed checkpoint (None when nothing was). ``model.tokenizer`` is
+    the tokenizer that fits it (:func:`clipcli.text.tokenizers.tokenizer_for`: the bundled BPE
+    for a CLIP, the model's own files for a SigLIP, read when first used), or None when those
+    files were not found: the model still embeds images, and tokenizing for it says what is missing."""
     import torch
 
     from .models.factory import assumption_note, build_model, config_from_state_dict
@@ -304,12 +381,18 @@ def load(source: ModelSource, device: torch.device | str = "cpu", dtype: torch.d
             note = None  # build_model names what is wrong
     model = build_model(state, source.hints, source=source.name, towers=towers)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
+    from .text.tokenizers import tokenizer_for
+
+    try:
+        model.tokenizer = tokenizer_for(model.config, source.tokenizer_files)
+    except CheckpointError:  # its files were not found: images need none; text raises when tokenized
+        model.tokenizer = None
     return model.eval(), note
 
 
 def load_model(name: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | str = "float32",
                towers: Sequence[str] = TOWERS, *, arch: str | None = None,
-               cache_dir: str | os.PathLike | None = None, feedback: Feedback = SILENT) -> CLIP:
+               cache_dir: str | os.PathLike | None = None, feedback: Feedback = SILENT) -> DualEncoder:
     """:func:`resolve` then :func:`load`; a note becomes an :class:`AssumedArchitectureWarning`."""
     model, note = load(resolve(name, arch=arch, cache_dir=cache_dir, feedback=feedback), device, dtype, towers)
     if note:
@@ -331,8 +414,16 @@ def weights_sha256(source: ModelSource) -> str:
 
 
 def source_key(source: ModelSource) -> str:
-    """What decides a model's identity before it is loaded: its weights and the hints that
-    the shapes cannot give (the search index finds its vectors by it without loading)."""
+    """What decides a model's identity before it is loaded: its weights, the hints that the
+    shapes cannot give and, for a model with its own tokenizer, its tokenizer files' contents
+    (the search index finds its vectors by it without loading)."""
+    from .cache import remembered_sha256
+    from .hub import blob_sha256
+
     hints = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in dict(source.hints).items()},
                        sort_keys=True, default=str)
-    return hashlib.sha256(f"{weights_sha256(source)}\0{hints}".encode()).hexdigest()
+    key = f"{weights_sha256(source)}\0{hints}"
+    if source.tokenizer_files:  # none for a CLIP: its identity stays what it was
+        hashes = {name: blob_sha256(path) or remembered_sha256(path) for name, path in source.tokenizer_files.items()}
+        key += "\0" + json.dumps(hashes, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()

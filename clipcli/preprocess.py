@@ -7,6 +7,10 @@ OpenCLIP models may differ in each step, and their config says how (the fields o
 0.5s for LAION's ViT-L-14), the ``interpolation`` (bicubic or bilinear) and the
 ``resize_mode``: ``shortest`` (as above), ``squash`` (resize to a square, ignoring the aspect
 ratio: the DFN models) or ``longest`` (fit the longer side, then pad to a square with black).
+SigLIP's transform is a bicubic ``squash`` with mean and std 0.5 (open_clip's and transformers'
+``SiglipImageProcessor``'s alike): equal to open_clip's bit for bit, and to transformers' with its
+PIL backend; its default torchvision backend resamples tensors with its own bicubic, up to 2 of
+255 levels away (``tests/test_siglip.py``).
 
 There are two implementations of that one transform, bit-identical on PIL images:
 

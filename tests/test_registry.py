@@ -116,6 +116,8 @@ def test_registry_entries_match_open_clips_configs():
     for entry in pretrained():
         config = open_clip.get_model_config(entry.arch)
         vision, text, hints = config["vision_cfg"], config["text_cfg"], entry.hints
+        if "timm_model_name" in vision:  # SigLIP's timm towers: tests/test_registry_siglip.py
+            continue
         assert hints["embed_dim"] == config["embed_dim"], entry.name
         assert hints["image_resolution"] == vision["image_size"], entry.name
         layers = vision["layers"]
@@ -141,7 +143,9 @@ def test_stored_parameter_counts_are_the_models():
     from clipcli.models.factory import parameter_count
     from clipcli.models.registry import architecture_hints, parameters, pretrained
 
-    for arch in {entry.arch for entry in pretrained()} | {"RN50", "ViT-L-14-336"}:
+    clip = {entry.arch for entry in pretrained() if entry.hints.get("family", "clip") == "clip"}
+    assert "ViT-bigG-14-worldwide-378" in clip  # MetaCLIP 2's: CLIP towers, their own tokenizer
+    for arch in clip | {"RN50", "ViT-L-14-336"}:
         assert parameters(arch) == parameter_count(CLIPConfig(**architecture_hints(arch))), arch
     assert round(parameters("ViT-B-32") / 1e6) == 151 and round(parameters("ViT-bigG-14") / 1e9, 2) == 2.54
 
@@ -174,6 +178,7 @@ def test_names_of_open_clip_weights():
 LICENCES = {  # as the model cards state them; open_clip's own trainings are MIT like open_clip
     "LAION-400M": "MIT", "LAION-2B": "MIT", "DataComp": "MIT", "CommonPool": "MIT", "YFCC-15M": "MIT",
     "CC12M": "MIT", "DFN-2B": "apple-ascl", "DFN-5B": "apple-ascl", "MetaCLIP": "CC-BY-NC-4.0",
+    "SigLIP": "Apache-2.0", "SigLIP 2": "Apache-2.0", "MetaCLIP 2": "CC-BY-NC-4.0",
 }
 
 

@@ -88,16 +88,18 @@ def test_models_json_lists_the_nine_uncached():
                    "size": 353976522, "cached": False, "path": None,
                    "sha256": "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
                    "url": "https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
-                   "family": "OpenAI", "parameters": 151_277_313, "license": "MIT", "imagenet_top1": 63.3}
+                   "family": "OpenAI", "parameters": 151_277_313, "license": "MIT", "imagenet_top1": 63.3,
+                   "score_kind": "softmax", "multilingual": False}
     assert result.stderr == ""
 
 
 def test_models_in_a_pipe_is_json_lines():
     result = invoke("models")
     lines = [json.loads(line) for line in result.stdout.splitlines()]
-    assert lines[8]["name"] == "ViT-L/14@336px" and len(lines) == 9 + len(registry.pretrained())
-    assert {"ViT-B-32/laion2b_s34b_b79k", "ViT-H-14-378/dfn5b", "ViT-bigG-14/laion2b_s39b_b160k"} <= {
-        line["name"] for line in lines}
+    assert lines[8]["name"] == "ViT-L/14@336px"
+    assert len(lines) == 9 + len(registry.pretrained()) + len(registry.hub_aliases())
+    assert {"ViT-B-32/laion2b_s34b_b79k", "ViT-H-14-378/dfn5b", "ViT-bigG-14/laion2b_s39b_b160k",
+            "ViT-B-16-SigLIP2/webli", "hf-hub:google/siglip-base-patch16-224"} <= {line["name"] for line in lines}
 
 
 def test_models_table_on_a_terminal(monkeypatch, cache):
@@ -111,9 +113,11 @@ def test_models_table_on_a_terminal(monkeypatch, cache):
     rows = [line for line in result.stdout.splitlines() if "│" in line]
     assert "┃ name " in result.stdout and "licence" in result.stdout
     vit = next(row for row in rows if "ViT-B/32" in row)
-    assert [cell.strip() for cell in vit.split("│")[1:9]] == ["ViT-B/32", "OpenAI", "151M", "224", "512", "MIT",
-                                                              "63.3", "no"]
-    assert next(row for row in rows if "RN50 " in row).split("│")[8].strip() != "no"
+    assert [cell.strip() for cell in vit.split("│")[1:11]] == ["ViT-B/32", "OpenAI", "softmax", "151M", "224", "512",
+                                                               "en", "MIT", "63.3", "no"]
+    assert next(row for row in rows if "RN50 " in row).split("│")[10].strip() != "no"
+    siglip = next(row for row in rows if "ViT-B-16-SigLIP2/webli" in row)
+    assert [cell.strip() for cell in siglip.split("│")[2:4]] == ["SigLIP 2", "sigmoid"]
 
 
 def test_models_shows_cached_and_url_downloads(online, server, cache, fake_model):
@@ -125,12 +129,14 @@ def test_models_shows_cached_and_url_downloads(online, server, cache, fake_model
     assert [records[0], records[-1]] == [
         {"name": "Fake/1", "released": True, "input_resolution": 32, "embed_dim": 16, "size": len(PAYLOAD),
          "cached": True, "path": str(cache / "Fake-1.pt"), "sha256": SHA, "url": server.url(f"/m/{SHA}/Fake-1.pt"),
-         "family": "OpenAI", "parameters": None, "license": None, "imagenet_top1": None},
+         "family": "OpenAI", "parameters": None, "license": None, "imagenet_top1": None, "score_kind": "softmax",
+         "multilingual": False},
         {"name": "mine.pt", "released": False, "input_resolution": None, "embed_dim": None, "size": len(PAYLOAD),
          "cached": True, "path": str(cache / "mine.pt"), "sha256": other_sha, "url": server.url("/custom.pt"),
-         "family": None, "parameters": None, "license": None, "imagenet_top1": None},
+         "family": None, "parameters": None, "license": None, "imagenet_top1": None, "score_kind": None,
+         "multilingual": None},
     ]
-    assert len(records) == 2 + len(registry.pretrained())
+    assert len(records) == 2 + len(registry.pretrained()) + len(registry.hub_aliases())
 
 
 # --- download URL --------------------------------------------------------------------------

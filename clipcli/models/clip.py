@@ -48,13 +48,29 @@ class SelfAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, at: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, T, C)`` -> ``(B, T, C)``; with ``at`` ``(B,)`` (bidirectional only), each row's
+        output at that one position ``(B, 1, C)``: the other queries are never computed."""
         B, T, C = x.shape
+        if at is not None:
+            if causal:
+                raise ValueError("one position's output is computed for bidirectional attention only")
+            return self._at(x, at)
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3C)
         qkv = qkv.view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
         y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.out_proj(y)
+
+    def _at(self, x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        hs = C // self.heads
+        rows = x[torch.arange(B, device=x.device), at]  # (B, C)
+        q = F.linear(rows, self.in_proj_weight[:C], self.in_proj_bias[:C]).view(B, self.heads, 1, hs)  # (B, nh, 1, hs)
+        kv = F.linear(x, self.in_proj_weight[C:], self.in_proj_bias[C:])  # (B, T, 2C)
+        kv = kv.view(B, T, 2, self.heads, hs).permute(2, 0, 3, 1, 4)  # (2, B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1])  # (B, nh, 1, hs)
+        return self.out_proj(y.reshape(B, 1, C))  # one query: (B, nh, 1, hs) is already (B, 1, C) in memory
 
 
 def activation_module(name: str) -> nn.Module:
@@ -82,34 +98,41 @@ class MLP(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_width: int | None = None, activation: str = "quick_gelu"):
+    def __init__(self, width: int, heads: int, mlp_width: int | None = None, activation: str = "quick_gelu",
+                 eps: float = 1e-5):
         super().__init__()
         self.attn = SelfAttention(width, heads)
-        self.ln_1 = LayerNorm(width)
+        self.ln_1 = LayerNorm(width, eps=eps)
         self.mlp = MLP(width, mlp_width, activation)
-        self.ln_2 = LayerNorm(width)
+        self.ln_2 = LayerNorm(width, eps=eps)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal=causal)
+    def forward(self, x: torch.Tensor, causal: bool = False, at: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, T, width)``; with ``at`` ``(B,)``, only each row's output at that position ``(B, 1, width)``."""
+        y = self.attn(self.ln_1(x), causal=causal, at=at)
+        x = (x if at is None else x[torch.arange(x.shape[0], device=x.device), at][:, None]) + y
         return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
-    """A stack of pre-norm residual blocks over batch-first sequences ``(B, T, width)``."""
+    """A stack of pre-norm residual blocks over batch-first sequences ``(B, T, width)``
+    (LayerNorm ``eps``: CLIP's 1e-5, SigLIP's 1e-6)."""
 
     def __init__(self, width: int, layers: int, heads: int, causal: bool = False, mlp_width: int | None = None,
-                 activation: str = "quick_gelu"):
+                 activation: str = "quick_gelu", eps: float = 1e-5):
         super().__init__()
         self.width = width
         self.layers = layers
         self.causal = causal
         self.resblocks = nn.ModuleList(
-            [ResidualAttentionBlock(width, heads, mlp_width, activation) for _ in range(layers)]
+            [ResidualAttentionBlock(width, heads, mlp_width, activation, eps) for _ in range(layers)]
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.resblocks:
-            x = block(x, causal=self.causal)
+    def forward(self, x: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, T, width)``; with ``at`` ``(B,)`` (bidirectional only), only each row's output at
+        that position ``(B, 1, width)``, which the last block computes alone."""
+        last = len(self.resblocks) - 1
+        for i, block in enumerate(self.resblocks):
+            x = block(x, causal=self.causal, at=at if i == last else None)
         return x
 
 
@@ -241,12 +264,83 @@ class ModifiedResNet(nn.Module):
         return self.attnpool(x)
 
 
-class CLIP(nn.Module):
+def readout(text: torch.Tensor, pool: str, eos_id: int | None = None) -> torch.Tensor:
+    """The position each row of token ids ``(B, T)`` is read out at ``(B,)``: its end token, the
+    largest id (``"argmax"``, OpenAI's BPE), the first ``eos_id`` (``"eos"``, other tokenizers; the
+    last position when a row has none), or the last position (``"last"``, SigLIP)."""
+    if pool == "argmax":
+        return text.argmax(dim=-1)
+    if pool == "eos":
+        found = text == eos_id  # (B, T)
+        first = found.int().argmax(dim=-1)
+        return torch.where(found.any(dim=-1), first, text.shape[-1] - 1)
+    if pool == "last":
+        return torch.full(text.shape[:1], text.shape[-1] - 1, dtype=torch.long, device=text.device)
+    raise ValueError(f"unknown text readout {pool!r}")
+
+
+class DualEncoder(nn.Module):
+    """What every family's model shares (CLIP here, SigLIP in :mod:`clipcli.models.siglip`): two
+    towers that can be dropped and adopted one at a time, and scores from normalised embeddings.
+    A subclass names each tower's attributes in ``tower_attributes`` (the first one is the
+    tower's main module) and defines ``encode_image`` and ``encode_text``."""
+
+    tower_attributes: dict[str, tuple[str, ...]] = {}
+    logit_scale: nn.Parameter
+    logit_bias: nn.Parameter | None
+
+    @property
+    def score_kind(self) -> str:
+        """``"sigmoid"`` when the model has a learned logit bias (each image-text pair's own
+        probability), else ``"softmax"`` (probabilities over the labels asked about)."""
+        return "softmax" if self.logit_bias is None else "sigmoid"
+
+    @property
+    def towers(self) -> tuple[str, ...]:
+        """The towers this model has: both, unless it was built for one (see :mod:`clipcli.models.factory`)."""
+        return tuple(t for t in TOWERS if getattr(self, self._attributes(t)[0]) is not None)
+
+    def _attributes(self, tower: str) -> tuple[str, ...]:
+        if tower not in TOWERS:
+            raise ValueError(f"unknown tower {tower!r}; use one of {TOWERS}")
+        return self.tower_attributes[tower]
+
+    def drop_tower(self, tower: str) -> None:
+        """Free one tower's weights (a model that only embeds images needs no text tower)."""
+        for name in self._attributes(tower):
+            setattr(self, name, None)
+
+    def adopt_tower(self, other: "DualEncoder", tower: str) -> None:
+        """Take ``tower``'s modules from ``other``, a model of the same architecture (built from
+        the same checkpoint with that tower), so a tower can be loaded when it is first needed."""
+        if other.config != self.config:
+            raise ValueError("cannot adopt a tower from a model of another architecture")
+        for name in self._attributes(tower):
+            setattr(self, name, getattr(other, name))
+
+    def _require(self, tower: str) -> None:
+        if tower not in self.towers:
+            raise ClipcliError(f"this model was loaded without its {tower} tower (towers: {', '.join(self.towers)})")
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits_per_image, logits_per_text)``: cosine similarity times ``logit_scale.exp()``,
+        plus ``logit_bias`` when the model has one (then ``sigmoid(logits)`` are probabilities)."""
+        image_features = self.encode_image(image, normalize=True)
+        text_features = self.encode_text(text, normalize=True)
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        if self.logit_bias is not None:
+            logits_per_image = logits_per_image + self.logit_bias
+        return logits_per_image, logits_per_image.t()
+
+
+class CLIP(DualEncoder):
     """CLIP's two towers. Constructors only allocate; ``initialize`` draws CLIP's initial
     weights (pass ``False`` when a checkpoint overwrites them anyway: on the ``meta`` device,
     random ops would import half of torch's compiler stack, seconds per process).
 
     Mixer towers are built by :func:`clipcli.models.factory.create_model`, which swaps the blocks."""
+
+    tower_attributes = {"image": ("visual",), "text": tuple(prefix.rstrip(".") for prefix in _TEXT_PREFIXES)}
 
     def __init__(self, config: CLIPConfig, initialize: bool = True):
         super().__init__()
@@ -317,49 +411,15 @@ class CLIP(nn.Module):
     def dtype(self) -> torch.dtype:
         return (self.visual.conv1 if self.visual is not None else self.token_embedding).weight.dtype
 
-    @property
-    def score_kind(self) -> str:
-        """``"sigmoid"`` when the model has a learned logit bias (each image-text pair's own
-        probability), else ``"softmax"`` (probabilities over the labels asked about)."""
-        return "softmax" if self.logit_bias is None else "sigmoid"
-
-    @property
-    def towers(self) -> tuple[str, ...]:
-        """The towers this model has: both, unless it was built for one (see :mod:`clipcli.models.factory`)."""
-        return tuple(t for t, module in (("image", self.visual), ("text", self.transformer)) if module is not None)
-
-    def drop_tower(self, tower: str) -> None:
-        """Free one tower's weights (a model that only embeds images needs no text tower)."""
-        for name in _tower_attributes(tower):
-            setattr(self, name, None)
-
-    def adopt_tower(self, other: "CLIP", tower: str) -> None:
-        """Take ``tower``'s modules from ``other``, a model of the same architecture (built from
-        the same checkpoint with that tower), so a tower can be loaded when it is first needed."""
-        if other.config != self.config:
-            raise ValueError("cannot adopt a tower from a model of another architecture")
-        for name in _tower_attributes(tower):
-            setattr(self, name, getattr(other, name))
-
-    def _require(self, tower: str) -> None:
-        if tower not in self.towers:
-            raise ClipcliError(f"this model was loaded without its {tower} tower (towers: {', '.join(self.towers)})")
-
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         self._require("image")
         features = self.visual(image.to(self.dtype))
         return F.normalize(features, dim=-1) if normalize else features
 
     def _readout(self, text: torch.Tensor) -> torch.Tensor:
-        """The position each row is read out at ``(B,)``: its end token, the largest id (OpenAI's
-        BPE) or the first ``eos_id`` (other tokenizers; the last position when a row has none)."""
-        if self.config.text_pool == "argmax":
-            return text.argmax(dim=-1)
-        if self.config.text_pool == "eos":
-            found = text == self.config.eos_id  # (B, T)
-            first = found.int().argmax(dim=-1)
-            return torch.where(found.any(dim=-1), first, text.shape[-1] - 1)
-        raise ValueError(f"a causal text tower cannot be read out at {self.config.text_pool!r}")
+        if self.config.text_pool == "last":
+            raise ValueError("a causal text tower cannot be read out at its last position (padding)")
+        return readout(text, self.config.text_pool, self.config.eos_id)
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         # The tower is causal and reads out at each row's end token, so positions after the
@@ -371,16 +431,6 @@ class CLIP(nn.Module):
         x = self.ln_final(self.transformer(x))
         features = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection  # (B, embed_dim)
         return F.normalize(features, dim=-1) if normalize else features
-
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logits_per_image, logits_per_text)``: cosine similarity times ``logit_scale.exp()``,
-        plus ``logit_bias`` when the model has one (then ``sigmoid(logits)`` are probabilities)."""
-        image_features = self.encode_image(image, normalize=True)
-        text_features = self.encode_text(text, normalize=True)
-        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
-        if self.logit_bias is not None:
-            logits_per_image = logits_per_image + self.logit_bias
-        return logits_per_image, logits_per_image.t()
 
 
 def _init_block(block: nn.Module, width: int, layers: int) -> None:
@@ -394,12 +444,3 @@ def _init_block(block: nn.Module, width: int, layers: int) -> None:
     nn.init.zeros_(block.attn.out_proj.bias)
     nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
     nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-
-
-def _tower_attributes(tower: str) -> tuple[str, ...]:
-    """The attributes of :class:`CLIP` that make up ``tower``."""
-    if tower == "image":
-        return ("visual",)
-    if tower == "text":
-        return tuple(prefix.rstrip(".") for prefix in _TEXT_PREFIXES)
-    raise ValueError(f"unknown tower {tower!r}; use one of {TOWERS}")

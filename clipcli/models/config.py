@@ -46,7 +46,7 @@ class CLIPConfig:
     transformer_layers: int
     vision_mixer: bool = False  # MLP-Mixer blocks in the ViT (see clipcli.models.mixer)
     text_mixer: bool = False  # causal MLP-Mixer blocks in the text tower
-    activation: str = "quick_gelu"  # of every MLP: "quick_gelu" or "gelu"
+    activation: str = "quick_gelu"  # of every MLP (the text tower's too unless text_activation): ACTIVATIONS
     vision_head_width: int = HEAD_WIDTH
     vision_mlp_width: int | None = None  # None: 4 x vision_width
     text_mlp_width: int | None = None  # None: 4 x transformer_width
@@ -63,6 +63,7 @@ class CLIPConfig:
     logit_bias: bool = False  # a learned logit bias: scores are sigmoid probabilities, one per pair
     tokenizer: str = "clip"  # "clip" (the bundled BPE) or "sentencepiece" (the model's own files)
     text_clean: str = "clip"  # "clip" (the BPE's own), "canonicalize" (SigLIP), "whitespace", "lower"
+    text_projection: bool = True  # False: a SigLIP text tower without its Linear head (open_clip's SO400M i18n)
 
     @property
     def vision_heads(self) -> int:
@@ -76,14 +77,17 @@ class CLIPConfig:
 
 
 TOWERS = ("image", "text")
+# CLIP's text tower lies at the top level (OpenAI's names); SigLIP's under "text." (open_clip's).
 _TEXT_PREFIXES = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection")
+SIGLIP_TEXT_PREFIX = "text."
 
 
 def tower_of(key: str) -> str | None:
-    """Which tower a state-dict key belongs to: ``image``, ``text``, or None (``logit_scale``, metadata)."""
+    """Which tower a state-dict key belongs to: ``image``, ``text``, or None (``logit_scale``,
+    ``logit_bias``, metadata), in CLIP's or SigLIP's names."""
     if key.startswith("visual."):
         return "image"
-    return "text" if key.startswith(_TEXT_PREFIXES) else None
+    return "text" if key.startswith((*_TEXT_PREFIXES, SIGLIP_TEXT_PREFIX)) else None
 
 
 def normalized(config: CLIPConfig) -> CLIPConfig:
@@ -181,13 +185,14 @@ _STORED = {
     "activation": "text", "vision_head_width": "count", "vision_mlp_width": "count?", "text_mlp_width": "count?",
     "image_mean": "mean", "image_std": "std", "interpolation": "text", "resize_mode": "text",
     "family": "text", "text_activation": "text?", "text_pool": "text", "eos_id": "index?", "logit_bias": "flag",
-    "tokenizer": "text", "text_clean": "text",
+    "tokenizer": "text", "text_clean": "text", "text_projection": "flag",
 }
 
 
 # Fields added with SigLIP: written only when not CLIP's default, so a CLIP's stored config (and
 # the identity of indexes built with it) stays what it was.
-_LATER_FIELDS = ("family", "text_activation", "text_pool", "eos_id", "logit_bias", "tokenizer", "text_clean")
+_LATER_FIELDS = ("family", "text_activation", "text_pool", "eos_id", "logit_bias", "tokenizer", "text_clean",
+                 "text_projection")
 
 
 def config_to_json(config: CLIPConfig) -> str:

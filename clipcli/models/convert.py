@@ -1,22 +1,21 @@
 """Foreign model descriptions -> ours: pure functions, no I/O.
 
-Two schemas besides OpenAI's own arrive here:
+- **OpenCLIP** keeps OpenAI's key names (timm's and its own for SigLIP); its
+  ``open_clip_config.json`` (``model_cfg``, ``preprocess_cfg``) says what shapes cannot: the
+  activation, head widths, text heads, tokenizer, mean/std, interpolation and resize mode.
+  :func:`config_from_open_clip` turns it into :class:`~clipcli.models.config.CLIPConfig` fields.
+- **Hugging Face transformers** ``CLIPModel`` (and ``MetaClip2Model``, the same towers) has its
+  own key names (separate q/k/v projections, ``layer_norm1/2``, ``fc1/fc2``, ``pre_layrnorm``,
+  projections stored as ``nn.Linear`` weights, i.e. transposed) and a ``config.json``:
+  :func:`state_dict_from_transformers` renames and packs, :func:`config_from_transformers` reads.
 
-- **OpenCLIP** keeps OpenAI's key names; its ``open_clip_config.json`` (``model_cfg`` and
-  ``preprocess_cfg``) says what the shapes cannot: ``quick_gelu``, ``vision_cfg.head_width``,
-  ``text_cfg.heads``, mean/std, interpolation and resize mode. :func:`config_from_open_clip`
-  turns it into :class:`~clipcli.models.clip.CLIPConfig` fields.
-- **Hugging Face transformers** ``CLIPModel`` has its own key names (separate q/k/v
-  projections, ``layer_norm1/2``, ``fc1/fc2``, ``pre_layrnorm``, projections stored as
-  ``nn.Linear`` weights, i.e. transposed) and a ``config.json``;
-  :func:`state_dict_from_transformers` renames and packs its tensors, and
-  :func:`config_from_transformers` reads heads, activation and sizes.
-
-Both refuse families that are not plain CLIP (a ViT or ModifiedResNet image tower, a causal
-text Transformer read out at the end-of-text token, OpenAI's BPE) with one line naming the
-family, from their config fields: loading them as CLIP would be silently wrong. Every field
-they read is checked first (:func:`clipcli.models.config.check_fields`): a value of the wrong type or
-range is one :class:`~clipcli.errors.CheckpointError` naming the file and the field.
+Three families run: plain CLIP (a ViT or ModifiedResNet image tower, a causal text Transformer
+read out at the end-of-text token, OpenAI's BPE), CLIP with its own tokenizer read out at the
+first ``eos_id`` (MetaCLIP 2 "worldwide": XLM-V or mT5), and SigLIP (SigLIP 2 at a fixed
+resolution included: :mod:`clipcli.models.convert_siglip`). Any other is refused with one line
+naming its family: loading it as one of these would be silently wrong. Every field read is
+checked first (:func:`clipcli.models.config.check_fields`): a value of the wrong type or range is
+one :class:`~clipcli.errors.CheckpointError` naming the file and the field.
 """
 
 from __future__ import annotations
@@ -25,40 +24,14 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError, UnsupportedModelError
-from .config import HEAD_WIDTH, check_fields, shown, tower_of, triple
+from . import convert_siglip
+from .config import HEAD_WIDTH, check_fields, shown, tower_of
+from .convert_base import RUNS, VOCAB_SIZE, pack_qkv, preprocess_fields, refuse, tokenizer_fields  # noqa: F401
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-from ..preprocess import INTERPOLATIONS, RESIZE_MODES
-
-VOCAB_SIZE = 49408  # OpenAI's BPE: the only tokenizer clipcli has
-
-
-def _refuse(source: str, family: str, why: str) -> UnsupportedModelError:
-    return UnsupportedModelError(f"{source} is a {family} model ({why}); clipcli runs plain CLIP models only")
-
-
-def _preprocess_fields(source: str, mean, std, interpolation, resize_mode) -> dict[str, Any]:
-    """Preprocessing fields from values :func:`check_fields` has checked."""
-    fields: dict[str, Any] = {}
-    for name, value in (("image_mean", mean), ("image_std", std)):
-        if value is not None:
-            fields[name] = triple(value)
-    if interpolation is not None:
-        if interpolation not in INTERPOLATIONS:
-            raise UnsupportedModelError(f"{source}: interpolation {shown(interpolation)} is not supported "
-                                        f"(use one of {', '.join(INTERPOLATIONS)})")
-        fields["interpolation"] = interpolation
-    if resize_mode is not None:
-        if resize_mode not in RESIZE_MODES:
-            raise UnsupportedModelError(f"{source}: resize mode {shown(resize_mode)} is not supported "
-                                        f"(use one of {', '.join(RESIZE_MODES)})")
-        fields["resize_mode"] = resize_mode
-    return fields
-
 
 # --------------------------------------------------------------------------- OpenCLIP
-
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 # Fields of an open_clip_config.json and their kinds (clipcli.models.config.check_fields): the names the
@@ -68,41 +41,48 @@ _OPEN_CLIP_NAMES = {
                    "pool_type": "text?"},
     "text_cfg": {"hf_tokenizer_name": "text?", "hf_model_name": "text?", "pool_type": "text?", "proj_type": "text?"},
 }
-_OPEN_CLIP_MODEL = {"embed_dim": "count", "quick_gelu": "flag?", "init_logit_scale": "number?"}
+_OPEN_CLIP_MODEL = {"embed_dim": "count", "quick_gelu": "flag?", "init_logit_scale": "number?",
+                    "init_logit_bias": "number?"}
 _OPEN_CLIP_VISION = {"image_size": "size", "layers": "layers", "width": "count", "head_width": "count",
                      "patch_size": "count?", "mlp_ratio": "positive"}
 _OPEN_CLIP_TEXT = {"context_length": "count", "vocab_size": "count", "width": "count", "heads": "count",
-                   "layers": "count", "mlp_ratio": "positive"}
-_OPEN_CLIP_PREPROCESS = {"mean": "mean?", "std": "std?", "interpolation": "text?", "resize_mode": "text?",
-                         "size": "size?"}
+                   "layers": "count", "mlp_ratio": "positive", "eos_id": "index?"}
+_OPEN_CLIP_PREPROCESS = {"mean": "mean?", "std": "std?", "interpolation": "text?", "resize_mode": "text?", "size": "size?"}
 
 
-def open_clip_family(model_cfg: dict) -> tuple[str, str] | None:
-    """``(family, why)`` when an OpenCLIP ``model_cfg`` is not plain CLIP, else None."""
+def open_clip_family(model_cfg: dict) -> tuple[str, str] | tuple[str, str, str | None] | None:
+    """``(family, why[, instead])`` when clipcli cannot run an OpenCLIP ``model_cfg``, else None
+    (plain CLIP, CLIP with a hub tokenizer read out at ``eos_id`` such as MetaCLIP 2, SigLIP)."""
+
     vision = model_cfg.get("vision_cfg") or {}
     text = model_cfg.get("text_cfg") or {}
-    timm = str(vision.get("timm_model_name") or "")
-    tokenizer = str(text.get("hf_tokenizer_name") or "")
+    timm = str(vision.get("timm_model_name") or "")[:100]  # as messages show them
+    tokenizer, hf_model = str(text.get("hf_tokenizer_name") or "")[:100], str(text.get("hf_model_name") or "")[:100]
+    siglip = convert_siglip.siglip_trunk(vision)
     checks = [
         (model_cfg.get("multimodal_cfg"), "CoCa", "it has a multimodal text decoder"),
-        (model_cfg.get("init_logit_bias") is not None, "SigLIP", "it has a logit bias (sigmoid loss)"),
-        ("xlm-v" in tokenizer.lower(), "MetaCLIP 2 (worldwide)", f"it uses the {tokenizer} tokenizer"),
-        (vision.get("eva_model_name"), "EVA", f"image tower {vision.get('eva_model_name')}"),
+        ("nllb" in hf_model.lower(), "NLLB-SigLIP" if model_cfg.get("init_logit_bias") is not None else "NLLB-CLIP",
+         f"text tower {hf_model}"),
+        (vision.get("eva_model_name") or timm.startswith("eva"), "EVA",
+         f"image tower {str(vision.get('eva_model_name'))[:100] if vision.get('eva_model_name') else timm}"),
         ("convnext" in timm, "ConvNeXt", f"image tower {timm}"),
         ("vitamin" in timm, "ViTamin", f"image tower {timm}"),
         ("fastvit" in timm or "mobileclip" in timm or "mci" in timm, "MobileCLIP", f"image tower {timm}"),
         ("pe_" in timm or "perception" in timm or vision.get("pos_embed_type") not in (None, "learnable"),
-         "Perception Encoder (PE)", f"image tower {timm or vision.get('pos_embed_type')}"),
-        (timm, "timm image tower", f"image tower {timm}"),
-        (text.get("hf_model_name"), "Hugging Face text tower", f"text tower {text.get('hf_model_name')}"),
-        (tokenizer or text.get("pool_type") == "last" or text.get("no_causal_mask"), "CLIPA",
-         f"tokenizer {tokenizer or '?'}, text read out at the last token"),
-        (vision.get("attentional_pool") or model_cfg.get("custom_text"), "custom-text/attentional-pool",
-         "its towers are not CLIP's"),
+         "Perception Encoder (PE)", f"image tower {timm or str(vision.get('pos_embed_type'))[:100]}"),
+        (timm and not siglip, "timm image tower", f"image tower {timm}"),
+        (hf_model, "Hugging Face text tower", f"text tower {hf_model}"),
+        (not siglip and tokenizer and (text.get("pool_type") == "last" or text.get("no_causal_mask")), "CLIPA",
+         f"tokenizer {tokenizer}, text read out at the last token"),
+        (not siglip and (vision.get("attentional_pool") or model_cfg.get("custom_text")),
+         "custom-text/attentional-pool", "its towers are not CLIP's"),
     ]
     for condition, family, why in checks:
         if condition:
             return family, why
+    if siglip:
+        return convert_siglip.trunk_refusal(siglip)  # the text tower is checked with the rest of a SigLIP's config
+    text_pools = ("argmax", "eos") if tokenizer else ("argmax",)
     odd = {
         "vision_cfg.no_ln_pre": vision.get("no_ln_pre"),
         "vision_cfg.final_ln_after_pool": vision.get("final_ln_after_pool"),
@@ -112,7 +92,7 @@ def open_clip_family(model_cfg: dict) -> tuple[str, str] | None:
         "vision_cfg.norm_kwargs": vision.get("norm_kwargs"),
         "vision_cfg.output_tokens": vision.get("output_tokens"),
         "vision_cfg.pool_type": vision.get("pool_type") not in (None, "tok") and vision.get("pool_type"),
-        "text_cfg.pool_type": text.get("pool_type") not in (None, "argmax") and text.get("pool_type"),
+        "text_cfg.pool_type": text.get("pool_type") not in (None, *text_pools) and text.get("pool_type"),
         "text_cfg.proj_bias": text.get("proj_bias"),
         "text_cfg.proj_type": text.get("proj_type") not in (None, "linear") and text.get("proj_type"),
         "text_cfg.embed_cls": text.get("embed_cls"),
@@ -120,7 +100,10 @@ def open_clip_family(model_cfg: dict) -> tuple[str, str] | None:
         "text_cfg.act_kwargs": text.get("act_kwargs"),
         "text_cfg.norm_kwargs": text.get("norm_kwargs"),
         "text_cfg.pad_id": text.get("pad_id") not in (None, 0) and text.get("pad_id"),
-        "text_cfg.vocab_size": text.get("vocab_size", VOCAB_SIZE) != VOCAB_SIZE and text.get("vocab_size"),
+        "text_cfg.vocab_size": not tokenizer and text.get("vocab_size", VOCAB_SIZE) != VOCAB_SIZE
+        and text.get("vocab_size"),
+        **{f"{tower}.{name}": cfg.get(name) for tower, cfg in (("vision_cfg", vision), ("text_cfg", text))
+           for name in ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")},
     }
     unusual = [f"{name}={shown(value)}" for name, value in odd.items() if value]
     if unusual:
@@ -128,53 +111,86 @@ def open_clip_family(model_cfg: dict) -> tuple[str, str] | None:
     return None
 
 
-def config_from_open_clip(config: Any, source: str) -> dict[str, Any]:
-    """:class:`CLIPConfig` fields that shapes cannot show, from an ``open_clip_config.json``
-    (``{"model_cfg": ..., "preprocess_cfg": ...}``) or a bare ``model_cfg``, every field it
-    reads checked first."""
-    where = f"{source}: {OPEN_CLIP_CONFIG}"
+def _model_cfg(config: Any, where: str) -> tuple[dict, str]:
+    """``(model_cfg, prefix of its fields in messages)`` of an ``open_clip_config.json`` or a bare ``model_cfg``."""
     if not isinstance(config, dict):
         raise CheckpointError(f"{where} is {shown(config)}, not a JSON object")
     wrapped = "model_cfg" in config
     model_cfg = check_fields(where, config["model_cfg"], {}, "model_cfg.") if wrapped else config
-    preprocess = config.get("preprocess_cfg")
-    preprocess = {} if preprocess is None else check_fields(where, preprocess, _OPEN_CLIP_PREPROCESS, "preprocess_cfg.")
     at = "model_cfg." if wrapped else ""
     if not isinstance(model_cfg.get("vision_cfg"), dict) or not isinstance(model_cfg.get("text_cfg"), dict):
         missing = "vision_cfg" if not isinstance(model_cfg.get("vision_cfg"), dict) else "text_cfg"
         raise CheckpointError(f"{where}: {at}{missing} is {shown(model_cfg.get(missing))}, not a JSON object "
                               "(the OpenCLIP config has no vision_cfg/text_cfg)")
+    for tower in ("vision_cfg", "text_cfg"):
+        check_fields(where, model_cfg[tower], _OPEN_CLIP_NAMES[tower], f"{at}{tower}.")
+    return model_cfg, at
+
+
+def open_clip_tokenizer_repo(config: Any, source: str = "model") -> str | None:
+    """The hub repository an OpenCLIP config names for its tokenizer (``text_cfg.hf_tokenizer_name``;
+    open_clip prefers a hub model's own tokenizer files), None for OpenAI's BPE."""
+    model_cfg, _ = _model_cfg(config, f"{source}: {OPEN_CLIP_CONFIG}")
+    return model_cfg["text_cfg"].get("hf_tokenizer_name") or None
+
+
+def _clip_fields(model_cfg: dict, source: str, where: str, at: str) -> dict[str, Any]:
+    """:class:`CLIPConfig` fields of a CLIP ``model_cfg`` (the family check ran first)."""
     vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
-    for tower, data in (("vision_cfg", vision), ("text_cfg", text)):
-        check_fields(where, data, _OPEN_CLIP_NAMES[tower], f"{at}{tower}.")
-    family = open_clip_family(model_cfg)
-    if family:
-        raise _refuse(source, *family)
-    check_fields(where, model_cfg, _OPEN_CLIP_MODEL, at)
     check_fields(where, vision, _OPEN_CLIP_VISION, f"{at}vision_cfg.")
     check_fields(where, text, _OPEN_CLIP_TEXT, f"{at}text_cfg.")
     fields: dict[str, Any] = {
         "activation": "quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
         "vision_head_width": vision.get("head_width", HEAD_WIDTH),
         "transformer_heads": text.get("heads", 8),  # open_clip's CLIPTextCfg default
+        **tokenizer_fields(text, source, where, f"{at}text_cfg."),
     }
-    fields.update(_preprocess_fields(source, preprocess.get("mean"), preprocess.get("std"),
-                                     preprocess.get("interpolation"), preprocess.get("resize_mode")))
+    if text.get("pool_type") == "eos":
+        eos_id = 2 if text.get("eos_id") is None else text["eos_id"]  # open_clip's CLIPTextCfg default
+        if eos_id >= text.get("vocab_size", VOCAB_SIZE):
+            raise CheckpointError(f"{where}: {at}text_cfg.eos_id is {shown(eos_id)}, outside the vocabulary of "
+                                  f"{shown(text.get('vocab_size', VOCAB_SIZE))}")
+        fields.update(text_pool="eos", eos_id=eos_id)
+    return fields
+
+
+def config_from_open_clip(config: Any, source: str) -> dict[str, Any]:
+    """:class:`CLIPConfig` fields that shapes cannot show, from an ``open_clip_config.json``
+    (``{"model_cfg": ..., "preprocess_cfg": ...}``) or a bare ``model_cfg``, every field it
+    reads checked first. A SigLIP's preprocessing defaults to SigLIP's (0.5 statistics, bicubic
+    squash), anything else's to OpenAI's, for what ``preprocess_cfg`` does not say."""
+    where = f"{source}: {OPEN_CLIP_CONFIG}"
+    model_cfg, at = _model_cfg(config, where)
+    preprocess = config.get("preprocess_cfg") if at else None
+    preprocess = {} if preprocess is None else check_fields(where, preprocess, _OPEN_CLIP_PREPROCESS, "preprocess_cfg.")
+    family = open_clip_family(model_cfg)
+    if family:
+        raise refuse(source, *family)
+    check_fields(where, model_cfg, _OPEN_CLIP_MODEL, at)
+    if convert_siglip.siglip_trunk(model_cfg["vision_cfg"]):
+        fields = {**convert_siglip.fields_from_open_clip(model_cfg, source, where, at),
+                  **convert_siglip.SIGLIP_PREPROCESS}
+    else:
+        fields = _clip_fields(model_cfg, source, where, at)
+        if model_cfg.get("init_logit_bias") is not None:  # a CLIP trained with the sigmoid loss
+            fields["logit_bias"] = True
+    fields.update(preprocess_fields(source, preprocess.get("mean"), preprocess.get("std"),
+                                    preprocess.get("interpolation"), preprocess.get("resize_mode")))
     return fields
 
 
 # --------------------------------------------------------------------------- transformers
 
-# model_type values of CLIP-like families that are not CLIP (or not CLIPModel).
+# model_type values of CLIP-like families that clipcli does not run.
 TRANSFORMERS_FAMILIES = {
-    "siglip": "SigLIP", "siglip2": "SigLIP 2", "chinese_clip": "Chinese-CLIP", "altclip": "AltCLIP",
-    "clipseg": "CLIPSeg", "x_clip": "X-CLIP", "owlvit": "OWL-ViT", "owlv2": "OWLv2", "metaclip_2": "MetaCLIP 2",
-    "clip_vision_model": "CLIP vision-only", "clip_text_model": "CLIP text-only", "blip": "BLIP",
-    "groupvit": "GroupViT", "flava": "FLAVA", "align": "ALIGN", "git": "GIT",
-}
+    "chinese_clip": "Chinese-CLIP", "altclip": "AltCLIP", "clipseg": "CLIPSeg", "x_clip": "X-CLIP", "owlvit": "OWL-ViT",
+    "owlv2": "OWLv2", "clip_vision_model": "CLIP vision-only", "clip_text_model": "CLIP text-only",
+    "siglip_vision_model": "SigLIP vision-only", "siglip_text_model": "SigLIP text-only", "blip": "BLIP",
+    "groupvit": "GroupViT", "flava": "FLAVA", "align": "ALIGN", "git": "GIT"}
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as preprocessor_config.json stores them
-
-
+# MetaCLIP 2's tokenizers by vocabulary: XLM-V's text is only whitespace-cleaned (open_clip's
+# HFTokenizer default), mT5's canonicalized (open_clip's ViT-*-worldwide configs).
+METACLIP_2_CLEAN = {901629: "whitespace", 250100: "canonicalize"}
 TRANSFORMERS_CONFIG, TRANSFORMERS_PREPROCESSOR = "config.json", "preprocessor_config.json"
 # Fields of a CLIPModel config.json and its preprocessor_config.json, and their kinds.
 _TRANSFORMERS_TOP = {"model_type": "text", "text_config": "object?", "vision_config": "object?",
@@ -184,24 +200,38 @@ _TRANSFORMERS_TOWER = {"hidden_act": "text", "layer_norm_eps": "positive", "hidd
                        "intermediate_size": "count", "num_attention_heads": "count", "num_hidden_layers": "count",
                        "projection_dim": "count"}
 _TRANSFORMERS_TOWERS = {
-    "text": {**_TRANSFORMERS_TOWER, "vocab_size": "count", "max_position_embeddings": "count"},
+    "text": {**_TRANSFORMERS_TOWER, "vocab_size": "count", "max_position_embeddings": "count",
+             "eos_token_id": "index?"},
     "vision": {**_TRANSFORMERS_TOWER, "image_size": "count", "patch_size": "count", "num_channels": "count"},
 }
 _TRANSFORMERS_PREPROCESSING = {"image_mean": "mean?", "image_std": "std?", "resample": "index?"}
 
 
-def config_from_transformers(config: Any, source: str, preprocessor: Any = None) -> dict[str, Any]:
-    """:class:`CLIPConfig` fields that shapes cannot show, from a ``CLIPModel`` ``config.json``
-    (and its ``preprocessor_config.json``, when there is one), every field it reads checked first."""
+def _model_type(config: Any, source: str) -> str:
+    """The ``model_type`` of a transformers ``config.json``, refused unless clipcli runs it."""
     where = f"{source}: {TRANSFORMERS_CONFIG}"
     if not isinstance(config, dict):
         raise CheckpointError(f"{where} is {shown(config)}, not a JSON object")
     model_type = config.get("model_type")
     if not isinstance(model_type, str):
         raise CheckpointError(f"{where}: model_type is {shown(model_type)}, not a string")
-    if model_type != "clip":
-        quoted = repr(model_type if len(model_type) <= 40 else model_type[:37] + "...")
-        raise _refuse(source, TRANSFORMERS_FAMILIES.get(model_type, quoted), f"transformers model_type {quoted}")
+    quoted = repr(model_type if len(model_type) <= 40 else model_type[:37] + "...")
+    if model_type == "siglip2":
+        raise refuse(source, "SigLIP 2 NaFlex", "transformers model_type 'siglip2', variable resolution",
+                     "use a fixed-resolution SigLIP 2 such as google/siglip2-base-patch16-224 (model_type 'siglip')")
+    if model_type not in ("clip", "metaclip_2", "siglip"):
+        raise refuse(source, TRANSFORMERS_FAMILIES.get(model_type, quoted), f"transformers model_type {quoted}")
+    return model_type
+
+
+def config_from_transformers(config: Any, source: str, preprocessor: Any = None) -> dict[str, Any]:
+    """:class:`CLIPConfig` fields that shapes cannot show, from a ``CLIPModel``, ``MetaClip2Model``
+    or ``SiglipModel`` ``config.json`` (and its ``preprocessor_config.json``, when there is one),
+    every field it reads checked first."""
+    where = f"{source}: {TRANSFORMERS_CONFIG}"
+    model_type = _model_type(config, source)
+    if model_type == "siglip":
+            return convert_siglip.config_from_transformers(config, source, preprocessor)
     check_fields(where, config, _TRANSFORMERS_TOP)
     towers = {}
     for tower, schema in _TRANSFORMERS_TOWERS.items():  # transformers lets *_config_dict override *_config
@@ -216,25 +246,33 @@ def config_from_transformers(config: Any, source: str, preprocessor: Any = None)
     for tower in (text, vision):
         eps = tower.get("layer_norm_eps", 1e-5)
         if abs(eps - 1e-5) > 1e-12:
-            raise UnsupportedModelError(f"{source}: layer_norm_eps {eps} is not supported (CLIP uses 1e-5)")
+            raise UnsupportedModelError(f"{source}: layer_norm_eps {shown(eps)} is not supported (CLIP uses 1e-5)")
     vocab = text.get("vocab_size", VOCAB_SIZE)
-    if vocab != VOCAB_SIZE:
-        raise _refuse(source, "CLIP with another tokenizer", f"vocabulary of {vocab}, not OpenAI's {VOCAB_SIZE}")
+    if vocab != VOCAB_SIZE and model_type == "clip":
+        raise refuse(source, "CLIP with another tokenizer", f"vocabulary of {shown(vocab)}, not OpenAI's {VOCAB_SIZE}")
     vision_width, vision_heads = vision.get("hidden_size", 768), vision.get("num_attention_heads", 12)
     text_width, text_heads = text.get("hidden_size", 512), text.get("num_attention_heads", 8)
     if vision_width % vision_heads or text_width % text_heads:
         raise UnsupportedModelError(f"{source}: hidden sizes do not split into the configured attention heads "
-                                    f"(vision {vision_width} into {vision_heads}, text {text_width} into {text_heads})")
+                                    f"(vision {shown(vision_width)} into {shown(vision_heads)}, text "
+                                    f"{shown(text_width)} into {shown(text_heads)})")
     fields: dict[str, Any] = {
         "activation": acts.pop(),
         "vision_head_width": vision_width // vision_heads,
         "transformer_heads": text_heads,
     }
+    if model_type == "metaclip_2":  # CLIP's towers, its own tokenizer, read out at the first end token
+        eos_id = 2 if text.get("eos_token_id") is None else text["eos_token_id"]  # MetaClip2TextConfig's default
+        if eos_id >= vocab:
+            raise CheckpointError(f"{where}: text_config.eos_token_id is {shown(eos_id)}, outside the vocabulary "
+                                  f"of {shown(vocab)}")
+        fields.update(tokenizer="sentencepiece", text_clean=METACLIP_2_CLEAN.get(vocab, "whitespace"),
+                      text_pool="eos", eos_id=eos_id)
     if preprocessor is not None:
         check_fields(f"{source}: {TRANSFORMERS_PREPROCESSOR}", preprocessor, _TRANSFORMERS_PREPROCESSING)
         resample = preprocessor.get("resample")
-        fields.update(_preprocess_fields(source, preprocessor.get("image_mean"), preprocessor.get("image_std"),
-                                         _RESAMPLE.get(resample, resample) if resample is not None else None, None))
+        fields.update(preprocess_fields(source, preprocessor.get("image_mean"), preprocessor.get("image_std"),
+                                        _RESAMPLE.get(resample, resample) if resample is not None else None, None))
     return fields
 
 
@@ -263,16 +301,22 @@ _RENAMES = {
 _TRANSPOSED = {"text_projection.weight": "text_projection", "visual_projection.weight": "visual.proj"}
 
 
-def is_transformers_state_dict(state_dict: dict) -> bool:
+def is_transformers_state_dict(state_dict) -> bool:
+    """Whether a state dict's keys are transformers' (``CLIPModel``, ``MetaClip2Model`` or ``SiglipModel``)."""
     return any(key.startswith(("text_model.", "vision_model.")) for key in state_dict)
 
 
+def is_transformers_siglip(state_dict) -> bool:
+    """Whether a state dict in transformers' names is a ``SiglipModel``'s (its towers' heads)."""
+    return any(key.startswith(("vision_model.head.", "text_model.head.")) for key in state_dict)
+
+
 def tower_of_key(key: str) -> str | None:
-    """``image``, ``text`` or None (``logit_scale``, metadata) for a key in OpenAI's or
-    transformers' names."""
+    """``image``, ``text`` or None (``logit_scale``, ``logit_bias``, metadata) for a key in
+    OpenAI's, open_clip's SigLIP or transformers' names."""
     if key.startswith(("vision_model.", "visual_projection")):
         return "image"
-    if key.startswith("text_model."):
+    if key.startswith(("text_model.", "text.")):
         return "text"
     return tower_of(key)  # OpenAI's names; "text_projection" (either schema) included
 
@@ -301,17 +345,22 @@ def _ours(key: str) -> tuple[str | None, str | None]:
     return key, None
 
 
-def openai_key(key: str) -> str | None:
-    """The key (in OpenAI's names) that a transformers ``CLIPModel`` key becomes; None for one
-    that is dropped."""
+def openai_key(key: str, siglip: bool = False) -> str | None:
+    """The key in our names that a transformers key becomes (a ``CLIPModel``'s, or with ``siglip`` a
+    ``SiglipModel``'s: :func:`is_transformers_siglip` of the whole state dict, since one key cannot say;
+    the pooling head's in-projection, split in two, gives its query part); None for one that is dropped."""
+    if siglip:
+        return convert_siglip.our_key(key)[0]
     return _ours(key)[0]
 
 
 def state_dict_from_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A transformers ``CLIPModel`` state dict with OpenAI's key names. Keys it does not know
-    (and q/k/v projections that cannot be packed) are kept as they are, so the strict load names them."""
-    import torch
-
+    """A transformers ``CLIPModel``/``MetaClip2Model`` state dict with OpenAI's key names, or a
+    ``SiglipModel``'s with ours (open_clip's; :mod:`clipcli.models.convert_siglip`). Keys it does
+    not know (and q/k/v projections that cannot be packed) are kept as they are, so the strict
+    load names them."""
+    if is_transformers_siglip(state_dict):
+        return convert_siglip.state_dict_from_transformers(state_dict)
     out: dict[str, torch.Tensor] = {}
     qkv: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, value in state_dict.items():
@@ -324,11 +373,5 @@ def state_dict_from_transformers(state_dict: dict[str, torch.Tensor]) -> dict[st
             out[ours] = value.t()  # nn.Linear stores (out, in); CLIP multiplies by (in, out)
         else:
             out[ours] = value
-    for ours, parts in qkv.items():
-        values = [value for _, value in parts.values()]
-        if set(parts) != {"q", "k", "v"} or not all(v.ndim for v in values) \
-                or len({(v.shape[1:], v.dtype, v.device) for v in values}) != 1:
-            out.update(dict(parts.values()))  # left as they are: the strict load names what is wrong
-            continue
-        out[ours] = torch.cat([parts[p][1] for p in "qkv"], dim=0)
+    pack_qkv(out, qkv)
     return out

@@ -1,4 +1,5 @@
-"""Which weights exist, as data: the nine CLIP models OpenAI released, and OpenCLIP's.
+"""Which weights exist, as data: the nine CLIP models OpenAI released, OpenCLIP's, and the
+transformers repositories of the SigLIP, SigLIP 2 and MetaCLIP 2 models among them.
 
 OpenAI's nine: each entry names the released TorchScript file, its sha256 (the hex directory
 in OpenAI's URL, so the URL is derived from it), its size, what the model computes (input
@@ -6,13 +7,18 @@ resolution, embedding dimension), the names people type for it, and the Hugging 
 repository that holds the same weights as fp32 safetensors. How to fetch and cache them lives
 in :mod:`clipcli.download`.
 
-OpenCLIP's (LAION, DataComp, CommonPool, DFN, MetaCLIP, YFCC, CC12M), named ``ARCH/TAG`` as
-open_clip names them, are in ``data/pretrained.json``: per architecture the
-:class:`~clipcli.models.clip.CLIPConfig` fields (head width and MLP width included, which shapes do
-not show), per weights its hub repository, the file names to try in order, whether it runs
-QuickGELU, its preprocessing, licence and published ImageNet zero-shot top-1 (open_clip's
-results table). Only plain CLIP architectures are listed: a ViT or ModifiedResNet image
-tower, a causal text Transformer read out at the end-of-text token, OpenAI's BPE.
+OpenCLIP's (LAION, DataComp, CommonPool, DFN, MetaCLIP, YFCC, CC12M, SigLIP, SigLIP 2, MetaCLIP 2),
+named ``ARCH/TAG`` as open_clip names them, are in ``data/pretrained.json``: per architecture
+the :class:`~clipcli.models.config.CLIPConfig` fields (head width and MLP width included, which
+shapes do not show; for SigLIP the family, activations, pooling, logit bias, tokenizer and
+preprocessing too) and the hub repository holding its tokenizer, per weights its hub
+repository, the file names to try in order, whether it runs QuickGELU, its preprocessing,
+licence, published ImageNet zero-shot top-1 and whether its text tower is multilingual.
+``ARCH-quickgelu`` names a CLIP architecture run with QuickGELU, as in open_clip.
+
+The same file lists transformers repositories of these models (``google/siglip-*``,
+``google/siglip2-*``, ``facebook/metaclip-2-worldwide-*``): :func:`find_hub_alias` turns such a
+name, typed without ``hf-hub:``, into the hub name that loads it.
 
 Sizes are the byte counts of OpenAI's files as published by several independent projects
 that pin them next to the same sha256 (ViT-B-32.pt: 353,976,522 bytes, and so on).
@@ -99,6 +105,9 @@ def find_model(name: str) -> ModelInfo | None:
 
 OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
                    "open_clip_pytorch_model.bin")
+TRANSFORMERS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                      "pytorch_model.bin.index.json")
+QUICKGELU = "-quickgelu"
 
 
 @dataclass(frozen=True)
@@ -110,13 +119,20 @@ class Pretrained:
     hf_repo: str
     files: tuple[str, ...]  # names to try in the repository, in order
     hints: Mapping[str, Any]  # CLIPConfig fields: architecture, activation, preprocessing
-    family: str
+    family: str  # whose weights: "LAION-2B", "DFN-5B", "SigLIP", "SigLIP 2", "MetaCLIP 2", ...
     license: str
-    imagenet_top1: float | None  # percent, open_clip's results table
+    imagenet_top1: float | None  # percent, open_clip's results table (SigLIP 2: big_vision's)
+    tokenizer_repo: str | None = None  # hub repository of its tokenizer files, where not hf_repo
+    multilingual: bool = False  # a text tower trained for many languages
 
     @property
     def name(self) -> str:
         return f"{self.arch}/{self.tag}"
+
+    @property
+    def score_kind(self) -> str:
+        """``sigmoid`` (a learned logit bias: each pair's score a probability) or ``softmax``."""
+        return score_kind(self.hints)
 
 
 @cache
@@ -125,9 +141,16 @@ def _data() -> dict:
 
 
 def _architecture(arch: str) -> dict | None:
-    for name, fields in _data()["architectures"].items():
-        if name.lower() == arch.strip().lower():
+    """The stored fields of ``arch`` (case-insensitive); ``ARCH-quickgelu`` is a CLIP
+    architecture ``ARCH`` run with QuickGELU, as open_clip names it."""
+    name = arch.strip().lower()
+    for stored, fields in _data()["architectures"].items():
+        if stored.lower() == name:
             return dict(fields)
+    if name.endswith(QUICKGELU):
+        fields = _architecture(name[: -len(QUICKGELU)])
+        if fields is not None and fields.get("family", "clip") == "clip":
+            return {**fields, "quick_gelu": True}
     return None
 
 
@@ -135,15 +158,27 @@ def _hints(arch: str, quick_gelu: bool = False, preprocess: Mapping[str, Any] | 
     fields = _architecture(arch)
     if fields is None:
         raise KeyError(arch)
-    fields.pop("params", None)
+    for fact in ("params", "tokenizer_repo"):  # facts about the architecture, not config fields
+        fields.pop(fact, None)
     trained_quick = fields.pop("quick_gelu", False)  # the architecture config's own flag
-    fields["activation"] = "quick_gelu" if quick_gelu or trained_quick else "gelu"
-    if isinstance(fields.get("vision_layers"), list):
-        fields["vision_layers"] = tuple(fields["vision_layers"])
+    fields["activation"] = "quick_gelu" if quick_gelu or trained_quick else fields.get("activation", "gelu")
     for key, value in (preprocess or {}).items():
         if value is not None:
-            fields[key] = tuple(value) if isinstance(value, list) else value
-    return fields
+            fields[key] = value
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in fields.items()}
+
+
+def score_kind(hints: Mapping[str, Any]) -> str:
+    """How a model of these config fields scores a pair: ``sigmoid`` where it has a learned
+    logit bias (SigLIP), else ``softmax``."""
+    return "sigmoid" if hints.get("logit_bias") else "softmax"
+
+
+def tokenizer_repo(arch: str) -> str | None:
+    """The hub repository holding the tokenizer files of ``arch`` (open_clip's
+    ``hf_tokenizer_name``), or None: the bundled OpenAI BPE, or an unknown architecture."""
+    fields = _architecture(arch)
+    return fields.get("tokenizer_repo") if fields else None
 
 
 @cache
@@ -153,11 +188,14 @@ def pretrained() -> tuple[Pretrained, ...]:
     for entry in _data()["weights"]:
         preprocess = {"image_mean": entry.get("mean"), "image_std": entry.get("std"),
                       "interpolation": entry.get("interpolation"), "resize_mode": entry.get("resize_mode")}
+        tokenizer = tokenizer_repo(entry["arch"])
         entries.append(Pretrained(
             arch=entry["arch"], tag=entry["tag"], hf_repo=entry["hf_repo"],
             files=tuple(entry.get("files") or OPEN_CLIP_FILES),
             hints=_hints(entry["arch"], entry.get("quick_gelu", False), preprocess),
             family=entry["family"], license=entry["license"], imagenet_top1=entry.get("imagenet_top1"),
+            tokenizer_repo=tokenizer if tokenizer != entry["hf_repo"] else None,
+            multilingual=entry.get("multilingual", False),
         ))
     return tuple(entries)
 
@@ -167,8 +205,8 @@ def find_pretrained(name: str) -> Pretrained | None:
     ``ARCH-quickgelu/TAG`` names the same weights where they were trained with QuickGELU
     (clipcli runs each set of weights with its own activation, whichever name is used)."""
     arch, _, tag = name.strip().lower().partition("/")
-    quick = arch.endswith("-quickgelu")
-    arch = arch.removesuffix("-quickgelu")
+    quick = arch.endswith(QUICKGELU)
+    arch = arch.removesuffix(QUICKGELU)
     for entry in pretrained():
         if entry.arch.lower() == arch and entry.tag.lower() == tag:
             return entry if not quick or entry.hints["activation"] == "quick_gelu" else None
@@ -207,3 +245,57 @@ def architecture_hints(name: str) -> dict | None:
     if entry is not None:
         return dict(entry.hints)
     return _hints(name) if _architecture(name) is not None else None
+
+
+# --------------------------------------------------------------------------- transformers repositories
+
+HUB_PREFIX = "hf-hub:"
+
+
+@dataclass(frozen=True)
+class HubAlias:
+    """A transformers repository of a SigLIP, SigLIP 2 or MetaCLIP 2 model (``google/siglip-*``,
+    ``google/siglip2-*``, ``facebook/metaclip-2-worldwide-*``) and what it is: ``arch`` is the
+    open_clip architecture of the same model (its sizes; the repository's own config.json says
+    the rest when it loads)."""
+
+    repo: str
+    arch: str
+    family: str
+    image_resolution: int
+    context_length: int
+    parameters: int
+    license: str
+    imagenet_top1: float | None
+    multilingual: bool = False
+
+    @property
+    def name(self) -> str:
+        """The name that loads it: ``hf-hub:ORG/REPO``."""
+        return HUB_PREFIX + self.repo
+
+    @property
+    def score_kind(self) -> str:
+        return score_kind(_hints(self.arch))
+
+
+@cache
+def hub_aliases() -> tuple[HubAlias, ...]:
+    """Every listed transformers repository, in the registry's order."""
+    return tuple(HubAlias(
+        repo=entry["repo"], arch=entry["arch"], family=entry["family"], image_resolution=entry["image_resolution"],
+        context_length=entry["context_length"], parameters=entry.get("params") or parameters(entry["arch"]),
+        license=entry["license"], imagenet_top1=entry.get("imagenet_top1"),
+        multilingual=entry.get("multilingual", False),
+    ) for entry in _data()["hub_aliases"])
+
+
+def find_hub_alias(name: str) -> str | None:
+    """``hf-hub:ORG/REPO`` for a listed transformers repository typed as ``ORG/REPO`` or just
+    ``REPO`` (case-insensitive; ``google/siglip-base-patch16-224``, ``siglip2-base-patch16-256``),
+    else None."""
+    key = name.strip().lower().removeprefix(HUB_PREFIX)
+    for alias in hub_aliases():
+        if key in (alias.repo.lower(), alias.repo.split("/", 1)[1].lower()):
+            return alias.name
+    return None
