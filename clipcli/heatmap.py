@@ -1,8 +1,10 @@
 """A text-by-image similarity matrix drawn like the figure in CLIP's Interacting notebook.
 
 Captions label the rows, a thumbnail of each image sits above its column, every cell
-carries its value to two decimals, and a colour bar and a title frame it. The figure grows
-with the matrix; beyond :data:`MAX_DETAILED` rows or columns the thumbnails and cell values
+carries its value to two decimals, and a colour bar and a title frame it. The values are
+cosine similarities, or for a model with calibrated probabilities (SigLIP's sigmoid, see
+:mod:`clipcli.zeroshot`) each pair's probability, drawn on a fixed 0 to 1 scale. The figure
+grows with the matrix; beyond :data:`MAX_DETAILED` rows or columns the thumbnails and cell values
 would be unreadable, so they are left out and the returned notes say so.
 
 Rendering uses matplotlib's object API on the Agg canvas (no pyplot, no display), imported
@@ -29,6 +31,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MAX_DETAILED = 30
 TITLE = "Cosine similarity between text and image features"
+PROBABILITY_TITLE = "Probability that each text matches each image (sigmoid)"
+KINDS = {"cosine": (TITLE, "cosine similarity"), "sigmoid": (PROBABILITY_TITLE, "probability")}  # title, colour bar
 FORMATS = ("png", "svg", "pdf")
 
 
@@ -79,8 +83,8 @@ def colour_range(cosine: "np.ndarray") -> tuple[float, float]:
 _MISSING_GLYPH = re.compile(r"Glyph (\d+) .*missing from")
 
 
-def _draw(cosine, texts, images, thumbnails, out, fmt: str, title: str) -> list[str]:
-    """:func:`render` without its care for warnings and rcParams."""
+def _draw(cosine, texts, images, thumbnails, out, fmt: str, title: str, kind: str) -> list[str]:
+    """:func:`render` without its care for warnings and rcParams (``cosine``: the values, of ``kind``)."""
     import numpy as np
     from matplotlib.figure import Figure
 
@@ -111,7 +115,7 @@ def _draw(cosine, texts, images, thumbnails, out, fmt: str, title: str) -> list[
 
     figure = Figure(figsize=(width, height), dpi=100)
     axes = figure.add_axes((0.0, 0.0, 1.0, 1.0))
-    vmin, vmax = colour_range(cosine)
+    vmin, vmax = colour_range(cosine) if kind == "cosine" else (0.0, 1.0)  # probabilities mean what they say
     mesh = axes.imshow(cosine, vmin=vmin, vmax=vmax, cmap="viridis", aspect="equal", interpolation="nearest")
 
     axes.set_yticks(range(rows))
@@ -153,7 +157,7 @@ def _draw(cosine, texts, images, thumbnails, out, fmt: str, title: str) -> list[
 
     colourbar = figure.colorbar(mesh, ax=axes, fraction=0.04 if cols > 3 else 0.08, pad=0.02, shrink=0.8)
     colourbar.ax.tick_params(labelsize=max(6.0, label_size * 0.8))
-    colourbar.set_label("cosine similarity", fontsize=max(6.0, label_size * 0.8))
+    colourbar.set_label(KINDS[kind][1], fontsize=max(6.0, label_size * 0.8))
     axes.set_title(title, fontsize=max(9.0, min(20.0, label_size * 1.4)), pad=12, parse_math=False)
 
     figure.savefig(out, format=fmt, bbox_inches="tight", dpi=100 if fmt == "png" else None)
@@ -161,24 +165,33 @@ def _draw(cosine, texts, images, thumbnails, out, fmt: str, title: str) -> list[
 
 
 def render(
-    cosine: "np.ndarray",
+    values: "np.ndarray",
     texts: Sequence[str],
     images: Sequence[str],
     thumbnails: Sequence["Image.Image | None"] | None,
     out: str | os.PathLike | IO[bytes],
     fmt: str = "png",
-    title: str = TITLE,
+    title: str | None = None,
+    kind: str = "cosine",
 ) -> list[str]:
-    """Draw ``cosine`` (rows = ``texts``, columns = ``images``) into ``out`` as ``fmt``.
+    """Draw the matrix ``values`` (rows = ``texts``, columns = ``images``) into ``out`` as ``fmt``.
+
+    ``kind`` says what the values are: ``"cosine"`` similarities (the colours span the data's
+    range), or ``"sigmoid"`` probabilities (colours from 0 to 1, the colour bar and the default
+    title say "probability"). ``title`` None: the kind's own.
 
     Returns notes for the user (e.g. what was left out of a large matrix, characters the
     font lacks).
     """
     import matplotlib
 
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind of values {kind!r}; choose from {', '.join(KINDS)}")
+    title = KINDS[kind][0] if title is None else title
+
     with warnings.catch_warnings(record=True) as caught, matplotlib.rc_context({"text.usetex": False}):
         warnings.simplefilter("always")
-        notes = _draw(cosine, texts, images, thumbnails, out, fmt, one_line(title))
+        notes = _draw(values, texts, images, thumbnails, out, fmt, one_line(title), kind)
     missing = set()
     for warning in caught:
         glyph = _MISSING_GLYPH.match(str(warning.message))

@@ -141,9 +141,13 @@ class Summary:
 
 @dataclass
 class Hit:
+    """One search result: its rank, the file, its cosine ``score`` and, for a model with
+    calibrated probabilities (a logit bias: SigLIP), the sigmoid probability ``prob``."""
+
     rank: int
     path: bytes
     score: float
+    prob: float | None = None
 
     @property
     def name(self) -> str:

@@ -253,33 +253,42 @@ def classify(
     templates: Sequence[str],
     *,
     top_k: int = 5,
+    min_prob: float | None = None,
     use_cache: bool = True,
     **run: Any,
 ) -> Iterator[dict]:
-    """One record per item: ``{"image", "status", "label", "score", "top": [{"label", "score"}]}``.
+    """One record per item: ``{"image", "status", "label", "score", "top": [{"label", "score"}],
+    "score_kind"}``.
 
+    ``score_kind`` says what the scores are (:mod:`clipcli.zeroshot`): ``"softmax"`` (CLIP: the
+    softmax over the labels, summing to 1) or ``"sigmoid"`` (a model with a logit bias, such as
+    SigLIP: each label's own probability, multi-label). ``top`` holds the ``top_k`` most
+    probable labels; with ``min_prob`` (0 to 1), only those at least that probable, so an image
+    none reaches still has its record, with ``label`` and ``score`` None and ``top`` empty.
     The label classifier is built (or read from the cache) before this returns; the images
     are scored as the returned iterator is consumed. ``run`` takes :func:`embed_images`'s
     keyword arguments (batch size, workers, ...).
     """
     import torch
 
-    from .zeroshot import probabilities
+    from .zeroshot import check_probability, logit_parameters, probabilities, score_kind
     from .zeroshot import top_k as best
 
+    check_probability(min_prob)
     classifier = label_classifier(loaded, labels, templates, use_cache=use_cache)
-    scale = loaded.model.logit_scale.detach().float().cpu()
+    scale, bias = logit_parameters(loaded.model)
+    kind = score_kind(bias)
 
     def records() -> Iterator[dict]:
         for result in embed_images(loaded, items, normalize=True, **run):
             if not result.ok:
                 yield image_record(result)
                 continue
-            probs = probabilities(torch.from_numpy(result.embedding)[None], classifier, scale)  # (1, L)
-            top = best(probs, labels, top_k)[0]
-            yield image_record(
-                result, label=top[0][0], score=top[0][1], top=[{"label": label, "score": score} for label, score in top]
-            )
+            probs = probabilities(torch.from_numpy(result.embedding)[None], classifier, scale, bias)  # (1, L)
+            top = best(probs, labels, top_k, min_prob)[0]
+            label, score = top[0] if top else (None, None)
+            yield image_record(result, label=label, score=score,
+                               top=[{"label": label, "score": score} for label, score in top], score_kind=kind)
 
     return records()
 
@@ -289,7 +298,9 @@ def classify(
 
 @dataclass
 class Similarity:
-    """Texts x images: ``cosine[t, i]`` and ``probs[t, i]`` (softmax over images per text).
+    """Texts x images: ``cosine[t, i]`` and ``probs[t, i]``: with ``score_kind`` ``"softmax"``
+    (CLIP) the softmax over images per text, with ``"sigmoid"`` (a model with a logit bias,
+    SigLIP) each pair's own probability.
 
     Only inputs that succeeded are in the matrix; ``failed`` has the others' records.
     """
@@ -302,6 +313,18 @@ class Similarity:
     truncated: list[bool]
     failed: list[dict]
     image_ok: list[bool] = field(default_factory=list)  # per input image, in input order
+    score_kind: str = "softmax"  # what probs are: "softmax" or "sigmoid"
+
+    @property
+    def matrix_kind(self) -> str:
+        """What the matrix views show (:meth:`rows`, the heatmap): ``"sigmoid"`` probabilities
+        for a sigmoid model, whose probabilities mean something on their own, else ``"cosine"``."""
+        return "sigmoid" if self.score_kind == "sigmoid" else "cosine"
+
+    @property
+    def matrix(self) -> "np.ndarray":
+        """``probs`` for a sigmoid model, else ``cosine`` (see :attr:`matrix_kind`)."""
+        return self.probs if self.matrix_kind == "sigmoid" else self.cosine
 
     def as_json(self) -> dict:
         out = {
@@ -309,6 +332,7 @@ class Similarity:
             "texts": self.texts,
             "cosine": self.cosine.tolist(),
             "probs": self.probs.tolist(),
+            "score_kind": self.score_kind,
         }
         if any(self.truncated):
             out["truncated"] = self.truncated
@@ -321,17 +345,19 @@ class Similarity:
         a failed one its error record), then the failed captions' records."""
         ok = iter({"image": image, "status": "ok",
                    "scores": [{"text": text, "cosine": float(self.cosine[row, column]),
-                               "prob": float(self.probs[row, column])} for row, text in enumerate(self.texts)]}
+                               "prob": float(self.probs[row, column])} for row, text in enumerate(self.texts)],
+                   "score_kind": self.score_kind}
                   for column, image in enumerate(self.images))
         failed = iter([f for f in self.failed if "image" in f])
         records = [next(ok) if good else next(failed) for good in self.image_ok]
         return records + [f for f in self.failed if "text" in f]
 
     def rows(self, names: Sequence[str] | None = None) -> list[dict]:
-        """The matrix as one row per caption: ``{"text", <image name>: cosine, ...}``
-        (``names`` relabels the images' columns)."""
+        """The matrix as one row per caption: ``{"text", <image name>: value, ...}``, the values
+        being :attr:`matrix` (cosines, or a sigmoid model's probabilities; ``names`` relabels
+        the images' columns)."""
         names = list(names) if names is not None else list(self.images)
-        return [{"text": text, **{name: float(self.cosine[row, column]) for column, name in enumerate(names)}}
+        return [{"text": text, **{name: float(self.matrix[row, column]) for column, name in enumerate(names)}}
                 for row, text in enumerate(self.texts)]
 
 
@@ -345,7 +371,9 @@ def similarity(
     on_text: Callable[[Embedding], None] | None = None,
     **run: Any,
 ) -> Similarity:
-    """Cosine similarity of every text with every image, as in the CLIP notebook.
+    """Cosine similarity of every text with every image, as in the CLIP notebook, and the
+    model's probabilities (:class:`Similarity`: softmax over images per text, or with a logit
+    bias each pair's own sigmoid probability).
 
     ``on_image``/``on_text`` see each result as it is done (for progress and messages).
     """
@@ -369,9 +397,10 @@ def similarity(
     text_matrix = np.stack([t.embedding for t in good_texts]) if good_texts else np.zeros((0, dim), np.float32)
     image_matrix = np.stack([i.embedding for i in good_images]) if good_images else np.zeros((0, dim), np.float32)
     cosine = torch.from_numpy(text_matrix) @ torch.from_numpy(image_matrix).T  # (T, I)
-    from .zeroshot import scaled_softmax
+    from .zeroshot import label_probabilities, logit_parameters, score_kind
 
-    probs = scaled_softmax(cosine, loaded.model.logit_scale.detach().cpu()) if cosine.shape[1] else cosine
+    scale, bias = logit_parameters(loaded.model)
+    probs = label_probabilities(cosine, scale, bias) if cosine.shape[1] else cosine
     return Similarity(
         images=[i.name for i in good_images],
         texts=[t.name for t in good_texts],
@@ -381,4 +410,5 @@ def similarity(
         truncated=[t.truncated for t in good_texts],
         failed=failed,
         image_ok=[i.ok for i in image_results],
+        score_kind=score_kind(bias),
     )

@@ -5,6 +5,14 @@ otherwise. ``W:TERM`` weighs a term by the number ``W`` (default 1; ``1:3:2 rati
 the text ``3:2 ratio``); a term given with ``minus`` is subtracted. Every term is embedded,
 made unit length, multiplied by its weight; the sum is made unit length again and scored
 by cosine against the index (:func:`clipcli.vectors.search`).
+
+With a model that has a logit bias (SigLIP), each result also carries its probability
+``sigmoid(exp(logit_scale) * cosine + logit_bias)``, the model's calibrated answer to "does
+this text match this image" (for image terms it is the same function of the cosine, which
+the model was not calibrated for), and ``min_prob`` keeps the results at least that
+probable. The probability grows with the cosine, so this is a cosine threshold in other
+units. A CLIP has no calibrated probabilities: its softmax only compares the candidates of
+one query, so ``min_prob`` is refused for it.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -92,10 +100,57 @@ def query_vector(loaded: "LoadedModel", terms: Sequence[Term], fetch: FetchOptio
     return (total / norm).astype(np.float32)
 
 
+def score_kind(model) -> str:
+    """What a search result's scores are: ``"cosine"`` (its ``score`` only), or ``"sigmoid"``
+    for a model with a logit bias (its ``prob`` as well)."""
+    from .zeroshot import logit_parameters
+
+    return "cosine" if logit_parameters(model)[1] is None else "sigmoid"
+
+
+def check_min_prob(loaded: "LoadedModel", min_prob: float | None) -> None:
+    """Refuse a minimum probability that is not one, or that ``loaded`` cannot give (no logit bias)."""
+    from .zeroshot import check_probability
+
+    check_probability(min_prob)
+    if min_prob is not None and score_kind(loaded.model) != "sigmoid":
+        raise InputError(f"{min_prob}: {loaded.name} has no calibrated probabilities (a softmax model: its "
+                         "probabilities only compare the candidates of one query)", option="min_prob",
+                         fix="threshold")
+
+
+def with_probabilities(hits: Sequence["Hit"], model, min_prob: float | None = None) -> list["Hit"]:
+    """``hits`` with their ``prob`` for a model with a logit bias (unchanged without one), only
+    those at least ``min_prob`` probable, ranked again."""
+    import torch
+
+    from .zeroshot import logit_parameters, sigmoid_probabilities
+
+    scale, bias = logit_parameters(model)
+    if bias is None or not hits:
+        return list(hits)
+    probs = sigmoid_probabilities(torch.tensor([hit.score for hit in hits], dtype=torch.float64), scale, bias)
+    kept = [replace(hit, prob=prob) for hit, prob in zip(hits, probs.tolist())
+            if min_prob is None or prob >= min_prob]
+    return [replace(hit, rank=rank) for rank, hit in enumerate(kept, start=1)]
+
+
+def record(hit: "Hit", kind: str) -> dict:
+    """A result as the commands write it: ``{"rank", "image", "score", ["prob",] "score_kind"}``."""
+    out = {"rank": hit.rank, "image": hit.name, "score": hit.score}
+    if hit.prob is not None:
+        out["prob"] = hit.prob
+    return {**out, "score_kind": kind}
+
+
 def search(index: "Index", loaded: "LoadedModel", terms: Sequence[Term], *, top_k: int = 10,
-           threshold: float | None = None, under: Sequence[str] = (), fetch: FetchOptions = FetchOptions()) -> list["Hit"]:
-    """The best ``top_k`` files of ``index`` for ``terms`` with ``loaded``'s vectors."""
+           threshold: float | None = None, min_prob: float | None = None, under: Sequence[str] = (),
+           fetch: FetchOptions = FetchOptions()) -> list["Hit"]:
+    """The best ``top_k`` files of ``index`` for ``terms`` with ``loaded``'s vectors, at least
+    ``threshold`` (a cosine) and ``min_prob`` (a probability: models with a logit bias only)
+    apart; with a logit bias each hit carries its probability."""
     check_threshold(threshold)
+    check_min_prob(loaded, min_prob)
     if top_k < 1:
         raise InputError(f"top_k must be at least 1, not {top_k}")
     model = index.model_id(identity=loaded.identity)
@@ -104,4 +159,5 @@ def search(index: "Index", loaded: "LoadedModel", terms: Sequence[Term], *, top_
             "SELECT 1 FROM vectors WHERE model_id = ? LIMIT 1", (model,)).fetchone()
     if not held:
         raise NoVectorsError(f"{index.path} holds no vectors of {loaded.name}")
-    return nearest(index, model, query_vector(loaded, terms, fetch), top_k=top_k, threshold=threshold, under=under)
+    hits = nearest(index, model, query_vector(loaded, terms, fetch), top_k=top_k, threshold=threshold, under=under)
+    return with_probabilities(hits, loaded.model, min_prob)

@@ -1,5 +1,6 @@
 """A contact sheet of search results: thumbnails in rank order, each with its rank, score
-and file name, drawn with Pillow alone (people would rather look than read paths).
+(and probability, ``p``, for a model that has calibrated ones) and file name, drawn with
+Pillow alone (people would rather look than read paths).
 
 A sheet holds at most :data:`MAX_THUMBNAILS` results, in at most :data:`MAX_ROWS` rows (the
 tallest image WebP can store); beyond :data:`COLUMNS` x :data:`MAX_ROWS` results it grows
@@ -78,8 +79,9 @@ def render(hits: Sequence, stream: IO[bytes], fmt: str = "png") -> list[str]:
         else:
             sheet.paste(thumb, (left + (CELL - thumb.width) // 2, top + (CELL - thumb.height) // 2))
         name = escaped(os.path.basename(hit.name))  # one line, a line break or escape sequence shown as \n, \x1b
-        draw.text((left + 4, top + CELL + 2), _fit(draw, f"#{hit.rank}  {hit.score:.4f}", font, CELL - 8),
-                  fill="black", font=font)
+        prob = getattr(hit, "prob", None)  # a model with calibrated probabilities: also the probability
+        caption = f"#{hit.rank}  {hit.score:.4f}" + (f"  p {prob:.3f}" if prob is not None else "")
+        draw.text((left + 4, top + CELL + 2), _fit(draw, caption, font, CELL - 8), fill="black", font=font)
         draw.text((left + 4, top + CELL + 17), _fit(draw, name, font, CELL - 8), fill="#333333", font=font)
     sheet.save(stream, format=fmt.upper())
     return notes

@@ -98,7 +98,8 @@ BROKEN = {"image": "sq/broken.png", "status": "error",
 def classify_record(name: str) -> dict:
     top = [{"label": name, "score": round(prob(True), 6)}] + [
         {"label": other, "score": round(prob(False), 6)} for other in COLOURS if other != name]
-    return {"image": f"sq/{name}.png", "status": "ok", "label": name, "score": round(prob(True), 6), "top": top}
+    return {"image": f"sq/{name}.png", "status": "ok", "label": name, "score": round(prob(True), 6), "top": top,
+            "score_kind": "softmax"}
 
 
 def rounded(records):
@@ -136,9 +137,9 @@ def test_classify_json_from_every_input_source(squares, tmp_path, source):
 def test_classify_csv_and_table(squares):
     csv = run("classify", "sq/red.png", "sq/broken.png", "-l", "red,green,blue", "-f", "csv")
     assert csv.exit_code == 1
-    assert csv.stdout == ("image,status,label,score,top,error\n"
-                          'sq/red.png,ok,red,1.0,"red (1.000), green (0.000), blue (0.000)",\n'
-                          f"sq/broken.png,error,,,,{BROKEN['error']}\n")
+    assert csv.stdout == ("image,status,label,score,top,error,score_kind\n"
+                          'sq/red.png,ok,red,1.0,"red (1.000), green (0.000), blue (0.000)",,softmax\n'
+                          f"sq/broken.png,error,,,,{BROKEN['error']},\n")
     table = run("classify", "sq/red.png", "sq/broken.png", "-l", "red,green,blue", "-f", "table")
     assert table.exit_code == 1
     rows = [line for line in table.stdout.splitlines() if line.startswith("│")]
@@ -153,11 +154,13 @@ def test_similarity_json_and_jsonl(squares):
     assert json.loads(result.stdout) == {
         "images": ["sq/red.png", "sq/green.png"], "texts": ["red", "blue"],
         "cosine": [[1.0, 0.0], [0.0, 0.0]], "probs": [[pytest.approx(half), pytest.approx(1 - half)], [0.5, 0.5]],
+        "score_kind": "softmax",
     }
     lines = run("similarity", "sq/red.png", "sq/broken.png", "--text", "red", "-f", "jsonl")
     assert lines.exit_code == 1
     assert [json.loads(line) for line in lines.stdout.splitlines()] == [
-        {"image": "sq/red.png", "status": "ok", "scores": [{"text": "red", "cosine": 1.0, "prob": 1.0}]},
+        {"image": "sq/red.png", "status": "ok", "scores": [{"text": "red", "cosine": 1.0, "prob": 1.0}],
+         "score_kind": "softmax"},
         BROKEN,
     ]
 
@@ -165,7 +168,8 @@ def test_similarity_json_and_jsonl(squares):
 def test_similarity_csv_is_the_matrix(squares):
     result = run("similarity", "sq/red.png", "sq/blue.png", "--text", "red", "--text", "blue", "-f", "csv")
     assert result.exit_code == 0, result.stderr
-    assert result.stdout.splitlines() == ["text,sq/red.png,sq/blue.png", "red,1.0,0.0", "blue,0.0,1.0"]
+    assert result.stdout.splitlines() == ["text,sq/red.png,sq/blue.png,score_kind", "red,1.0,0.0,cosine",
+                                          "blue,0.0,1.0,cosine"]
 
 
 def test_encode_jsonl_and_npy(squares, tmp_path):
@@ -257,7 +261,7 @@ def test_number_types_take_either_spelling(squares, tmp_path):
 def test_classify_writes_its_records_to_output(squares, tmp_path):
     result = run("classify", "sq/red.png", "-l", "red,green,blue", "-o", "labels.csv", "-q")
     assert result.exit_code == 0 and result.stdout == ""
-    assert (tmp_path / "labels.csv").read_text().splitlines()[0] == "image,status,label,score,top,error"
+    assert (tmp_path / "labels.csv").read_text().splitlines()[0] == "image,status,label,score,top,error,score_kind"
     again = run("classify", "sq/red.png", "-l", "red,green,blue", "-o", "labels.csv")
     assert again.exit_code == 2 and "--overwrite" in again.stderr
     jsonl = run("classify", "sq/red.png", "-l", "red,green,blue", "-o", "labels.jsonl", "-q")

@@ -113,6 +113,7 @@ def test_classify_jsonl_equals_the_python_api(photos, ckpt, api):
         assert [t["label"] for t in record["top"]] == [LABELS[i] for i in order]
         assert [t["score"] for t in record["top"]] == pytest.approx(row[order].tolist(), abs=1e-5)
         assert record["label"] == LABELS[order[0]] and record["score"] == record["top"][0]["score"]
+        assert record["score_kind"] == "softmax"  # a CLIP: the softmax over the labels
     assert "classified 5 images" in result.stderr
 
 
@@ -148,7 +149,7 @@ def test_classify_formats(corrupt, ckpt, fmt):
         assert len(records) == 6 and records[1]["status"] == "error"
     elif fmt == "csv":
         rows = list(csv.DictReader(io.StringIO(result.stdout)))
-        assert list(rows[0]) == ["image", "status", "label", "score", "top", "error"]
+        assert list(rows[0]) == ["image", "status", "label", "score", "top", "error", "score_kind"]
         assert len(rows) == 6 and rows[1]["status"] == "error" and rows[0]["label"] in ("cat", "dog")
         assert float(rows[0]["score"]) > 0.5
     else:
@@ -235,6 +236,7 @@ def test_similarity_json_equals_the_python_api(photos, ckpt, api, tmp_path):
     probs = (api.logit_scale.exp() * expected).softmax(dim=-1)
     np.testing.assert_allclose(out["probs"], probs.numpy(), atol=1e-5)
     np.testing.assert_allclose(np.sum(out["probs"], axis=1), 1.0, atol=1e-5)
+    assert out["score_kind"] == "softmax"
 
 
 def test_similarity_heatmap_and_failures(corrupt, ckpt, tmp_path):
@@ -264,8 +266,8 @@ def test_similarity_formats(corrupt, ckpt, fmt):
         assert [s["text"] for s in records[0]["scores"]] == ["a cat", "a rocket"]
     elif fmt == "csv":
         rows = list(csv.reader(io.StringIO(result.stdout)))
-        assert rows[0] == ["text"] + [str(corrupt / p) for p in PHOTOS]
-        assert [r[0] for r in rows[1:]] == ["a cat", "a rocket"]
+        assert rows[0] == ["text"] + [str(corrupt / p) for p in PHOTOS] + ["score_kind"]
+        assert [r[0] for r in rows[1:]] == ["a cat", "a rocket"] and {r[-1] for r in rows[1:]} == {"cosine"}
     else:
         assert "a rocket" in result.stdout
 

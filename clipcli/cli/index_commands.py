@@ -80,7 +80,11 @@ def _update(index, inputs, model, arch, cache_dir, device, precision, threads, q
     from .render import Reporter, download_feedback
 
     def load_once():
-        loaded["model"] = load(model, arch, device, precision, threads, quiet, towers=("image",), cache_dir=cache_dir)
+        if "model" in loaded:  # loaded for the query already: add its image tower
+            loaded["model"].ensure("image")
+        else:
+            loaded["model"] = load(model, arch, device, precision, threads, quiet, towers=("image",),
+                                   cache_dir=cache_dir)
         return loaded["model"]
 
     with Reporter(0, "images", quiet) as report:
@@ -143,6 +147,10 @@ def search(
     minus: Annotated[list[str], typer.Option("--minus", help="Subtract this query (repeatable).")] = [],
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many results.")] = 10,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Only results scoring at least S (cosine).")] = None,
+    min_prob: Annotated[Optional[float], typer.Option(
+        "--min-prob", metavar="P", show_default=False,
+        help="Only results at least P probable (0 to 1), for indexes of a model with calibrated probabilities "
+             "(a logit bias: SigLIP); a CLIP has none: use --threshold.")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Also write a contact sheet of the results (.png, .jpg, .webp).")] = None,
     no_update: Annotated[bool, typer.Option("--no-update", help="With --in: search the index as it is.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing contact sheet.")] = False,
@@ -157,10 +165,14 @@ def search(
     quiet: QuietOpt = False,
     allow_private: PrivateOpt = False,
 ) -> None:
-    """Search the index by text or image: the best matches as {"rank", "image", "score"}.
+    """Search the index by text or image: the best matches as {"rank", "image", "score", "score_kind"}.
 
     Terms are summed as unit vectors and normalised: clipcli search "a dog" 0.5:"on a beach"
     --minus "indoors". A term that names an existing file, or an http(s) URL, is an image.
+
+    "score" is the cosine similarity. "score_kind" is "cosine" for a CLIP, or "sigmoid" for a
+    model with a logit bias (SigLIP), whose results also carry "prob": the model's probability
+    that the text matches the image (for image queries the same function of the cosine).
 
     Example: clipcli search "a red bicycle" --top-k 5 -o sheet.png
 
@@ -170,11 +182,13 @@ def search(
     from ..http import FetchOptions
     from ..index import Index
     from ..output import RecordWriter, write_paths
-    from ..search import check_threshold, parse_terms
+    from ..search import check_min_prob, check_threshold, parse_terms, record, score_kind
     from ..search import search as run_search
+    from ..zeroshot import check_probability
 
     terms = parse_terms(queries, minus)
     check_threshold(threshold)  # before --in updates the index and a model loads
+    check_probability(min_prob)
     if print0 and fmt not in (None, SearchFormat.paths):
         raise InputError(f"prints paths: it cannot go with --format {fmt.value}", option="print0")
     if output:
@@ -193,17 +207,20 @@ def search(
     with opened:
         model = _index_model(opened, model)
         loaded: dict = {}
+        towers = ("image",) if all(t.is_image for t in terms) else ("text",)
+        if min_prob is not None:  # whether the model has probabilities: known once loaded, before --in's update
+            loaded["model"] = load(model, arch, device, precision, threads, quiet, towers=towers, cache_dir=cache_dir)
+            check_min_prob(loaded["model"], min_prob)
         if update:
             if opened.readonly:
                 raise OutputError(f"{opened.path} is read-only: add --no-update to search it as it is")
             run = run_options(None, None, MAX_PIXELS, False, allow_private, False)
             _update(opened, within, model, arch, cache_dir, device, precision, threads, quiet, run, loaded)
-        towers = ("image",) if all(t.is_image for t in terms) else ("text",)
         loaded = loaded.get("model") or load(model, arch, device, precision, threads, quiet, towers=towers,
                                              cache_dir=cache_dir)
         try:
-            hits = run_search(opened, loaded, terms, top_k=top_k, threshold=threshold, under=within,
-                              fetch=FetchOptions(allow_private=allow_private))
+            hits = run_search(opened, loaded, terms, top_k=top_k, threshold=threshold, min_prob=min_prob,
+                              under=within, fetch=FetchOptions(allow_private=allow_private))
         except NoVectorsError as error:
             raise NoVectorsError(f"{error.message}; index with it first: clipcli index FOLDER --model {model}") from None
     name = "paths" if print0 else (output_format(fmt) if fmt is None else fmt.value)
@@ -211,9 +228,14 @@ def search(
     if name == "paths":
         skipped = write_paths(sys.stdout.buffer, [hit.path for hit in hits], b"\0" if print0 else b"\n")
     else:
-        with RecordWriter(sys.stdout, name, paths_column="image") as writer:
+        kind = score_kind(loaded.model)
+        columns, title = None, None
+        if name == "table":  # for people: the kind in the title, the names keep their width
+            columns = ["rank", "image", "score", *(["prob"] if kind == "sigmoid" else [])]
+            title = "score: cosine" + (", prob: the model's probability (sigmoid)" if kind == "sigmoid" else "")
+        with RecordWriter(sys.stdout, name, columns=columns, title=title, paths_column="image") as writer:
             for hit in hits:
-                writer.write({"rank": hit.rank, "image": hit.name, "score": hit.score})
+                writer.write(record(hit, kind))
     if output:
         from ..sheet import render
 

@@ -31,6 +31,7 @@ FIXES = {
     "allow_truncated": "pass --allow-truncated to score what can be decoded",
     "allow_private": "pass --allow-private to fetch from it",
     "arch": "the commands take it as --arch NAME",
+    "threshold": "use --threshold S with a cosine instead",
 }
 
 

@@ -84,6 +84,10 @@ def classify(
     template: Annotated[list[str], typer.Option("--template", "-t", help="Prompt template with {} for the label (repeatable).")] = [],
     templates: Annotated[Optional[str], typer.Option("--templates", help="imagenet (80 CLIP templates), imagenet7, or a file.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels listed per image.")] = 5,
+    min_prob: Annotated[Optional[float], typer.Option(
+        "--min-prob", metavar="P", show_default=False,
+        help="List only labels at least P probable (0 to 1); an image none reaches still gets its record, with "
+             "no label. For a softmax (CLIP) model these are the softmax probabilities over the labels given.")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the records to FILE (.jsonl, .json "
                                                   "or .csv; --format overrides) instead of stdout.")] = None,
     overwrite: OverwriteOpt = False,
@@ -104,8 +108,11 @@ def classify(
 ) -> None:
     """Zero-shot classify images: one record per image with its best label and the top K.
 
-    Each label goes into each template (default "a photo of a {}."); probabilities are the
-    softmax over labels, as in the CLIP paper. Label embeddings are cached on disk.
+    Each label goes into each template (default "a photo of a {}."). Label embeddings are
+    cached on disk. Each record's "score_kind" says what its scores are: "softmax" (CLIP: the
+    softmax over the labels given, as in the CLIP paper; they sum to 1 and rank the labels,
+    they do not say whether any label fits) or "sigmoid" (models with a logit bias, SigLIP:
+    each label's own probability of fitting the image, multi-label, need not sum to 1).
 
     Example: clipcli classify photos/ --labels cat,dog,car
 
@@ -119,8 +126,10 @@ def classify(
     from ..items import expand_inputs
     from ..output import RecordWriter, file_format
     from ..pipeline import classify as run_classify
+    from ..zeroshot import check_probability, logit_parameters, score_kind
     from .render import Reporter
 
+    check_probability(min_prob)  # before a model loads
     label_list = _labels(labels, labels_file)
     template_list = _templates(template, templates)
     if output == "-":
@@ -131,12 +140,18 @@ def classify(
     items = expand_inputs(inputs, exclude=[output] if output else [])
     loaded = load(model, arch, device, precision, threads, quiet, towers=("image",),  # text tower: on a label-cache miss
                   cache_dir=cache_dir)
-    records = run_classify(loaded, items, label_list, template_list, top_k=top_k,
+    records = run_classify(loaded, items, label_list, template_list, top_k=top_k, min_prob=min_prob,
                            **run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode).pipeline_kwargs())
     columns = ["image", "status", "label", "score", "top", "error"]
+    kind = score_kind(logit_parameters(loaded.model)[1])
+    if fmt_name == "table":  # for people: the kind in the title, the names keep their width
+        title = "scores: softmax over the labels" if kind == "softmax" else "scores: each label's own probability"
+    else:
+        columns, title = [*columns, "score_kind"], None
     target = atomic_write(output, overwrite=overwrite, text=True) if output else contextlib.nullcontext(sys.stdout)
     # The writer encloses the reporter so that a table is printed after the progress bar has gone.
-    with target as stream, RecordWriter(stream, fmt_name, columns=columns, view=_top_view, paths_column="image") as writer:
+    with target as stream, RecordWriter(stream, fmt_name, columns=columns, view=_top_view, title=title,
+                                        paths_column="image") as writer:
         with Reporter(len(items), "images", quiet) as report:
             for record in records:
                 report.done(record["image"], record.get("error"))
@@ -186,13 +201,17 @@ def similarity(
     allow_private: PrivateOpt = False,
     exact_decode: ExactOpt = False,
 ) -> None:
-    """Cosine similarity of every caption with every image, as a matrix or an annotated heatmap.
+    """Similarity of every caption with every image (cosine, and the model's probabilities), as a matrix or a heatmap.
 
     clipcli similarity IMAGES... CAPTIONS_FILE, or clipcli similarity IMAGES... --text T --text U
     (--text-file FILE reads captions from a file).
 
-    Rows are captions, columns are images (as in the CLIP notebook); "probs" is the softmax
-    over images for each caption. With -o, the heatmap is written and stdout stays empty
+    Rows are captions, columns are images (as in the CLIP notebook). JSON and JSONL give both
+    "cosine" and "probs"/"prob", whose kind "score_kind" names: "softmax" (CLIP: the softmax
+    over the images for each caption) or "sigmoid" (models with a logit bias, SigLIP: each
+    pair's own probability). The matrix (CSV, table, heatmap) shows cosines for a softmax
+    model and probabilities for a sigmoid one; its CSV's last column, "score_kind", says
+    which ("cosine" or "sigmoid"). With -o, the heatmap is written and stdout stays empty
     unless --format is given.
 
     Example: clipcli similarity photos/ captions.txt -o heatmap.png
@@ -200,7 +219,7 @@ def similarity(
     Example: clipcli similarity urls.txt --text "a dog" --text "a cat" --format json
     """
     from ..fsutil import atomic_write, ensure_writable
-    from ..heatmap import TITLE, figure_format, render
+    from ..heatmap import figure_format, render
     from ..items import expand_inputs
     from ..output import RecordWriter, to_json
     from .render import Reporter, hinted
@@ -230,7 +249,8 @@ def similarity(
         if not result.images or not result.texts:
             raise ClipcliError("nothing to draw: no image or no caption could be embedded")
         with atomic_write(output, overwrite=overwrite) as f:
-            notes = render(result.cosine, result.texts, result.images, result.thumbnails, f, figure, title or TITLE)
+            notes = render(result.matrix, result.texts, result.images, result.thumbnails, f, figure, title,
+                           kind=result.matrix_kind)
         for note in notes:
             report.message(f"note: {note}")
         report.message(f"wrote {output} ({len(result.texts)} captions x {len(result.images)} images)")
@@ -241,12 +261,14 @@ def similarity(
             for record in result.records():
                 writer.write(record)
     elif fmt_name in ("csv", "table"):
-        names = list(result.images) if fmt_name == "csv" else _short_names(result.images)
-        rows = result.rows(names)
-        with RecordWriter(sys.stdout, fmt_name, columns=["text", *names],
-                          title="cosine similarity (rows: captions, columns: images)") as writer:
-            for row in rows:
-                writer.write(row)
+        csv = fmt_name == "csv"
+        names = list(result.images) if csv else _short_names(result.images)
+        kind = result.matrix_kind
+        what = "cosine similarity" if kind == "cosine" else "probability (sigmoid)"
+        with RecordWriter(sys.stdout, fmt_name, columns=["text", *names, *(["score_kind"] if csv else [])],
+                          title=f"{what} (rows: captions, columns: images)") as writer:
+            for row in result.rows(names):
+                writer.write({**row, "score_kind": kind} if csv else row)
     report.summary("compared")
     raise typer.Exit(1 if report.failed or text_failures else 0)
 
