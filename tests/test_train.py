@@ -183,9 +183,11 @@ def test_training_learns_shapes_and_the_checkpoint_classifies_zero_shot(shapes_d
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process_on_the_same_global_batch(shapes_data, tmp_path, one_thread):
-    """torchrun with 2 CPU processes (gloo, DDP, features gathered with gradients) takes the
-    same steps as one process: same losses and the same parameters after 4 steps."""
+@pytest.mark.parametrize("loss", ["contrastive", "sigmoid"])
+def test_two_gloo_processes_match_one_process_on_the_same_global_batch(shapes_data, tmp_path, one_thread, loss):
+    """torchrun with 2 CPU processes (gloo, DDP; features gathered with gradients for the
+    contrastive loss, captions passed round the ring for the sigmoid one) takes the same steps
+    as one process: same losses and the same parameters after 4 steps."""
     import os
     import subprocess
     import sys
@@ -194,7 +196,8 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(shapes_da
 
     small = small_csv(shapes_data, tmp_path, 32)
     common = ["--train-data", str(small), "--arch", "tiny", "--vision-layers", "1", "--text-layers", "1", "--epochs", "2",
-              "--batch-size", "16", "--lr", "1e-4", "--warmup", "2", "--log-every", "1", "--workers", "0", "--quiet", "--device", "cpu"]
+              "--batch-size", "16", "--lr", "1e-4", "--warmup", "2", "--log-every", "1", "--loss", loss,
+              "--workers", "0", "--quiet", "--device", "cpu"]
     train_cli(*common[:-2], "--out", str(tmp_path / "one"))  # --workers/--quiet are added by train_cli
     env = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "clipcli", "train"]
@@ -210,6 +213,8 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(shapes_da
     assert logged("two", "loss") == pytest.approx(logged("one", "loss"), abs=1e-5)
     # AdamW would hide a gradient off by a constant factor; the gradient norm does not.
     assert logged("two", "grad_norm") == pytest.approx(logged("one", "grad_norm"), rel=1e-4)
+    if loss == "sigmoid":
+        assert logged("two", "logit_bias") == pytest.approx(logged("one", "logit_bias"), abs=1e-6)
     one, two = (load_file(str(tmp_path / run / "last.safetensors")) for run in ("one", "two"))
     assert one.keys() == two.keys()
     worst = max((one[k] - two[k]).abs().max().item() for k in one)

@@ -1,4 +1,4 @@
-"""`clipcli train`: contrastive pre-training and fine-tuning (single process or under torchrun)."""
+"""`clipcli train`: contrastive or sigmoid pre-training and fine-tuning (single process or under torchrun)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,11 @@ class TextEncoder(str, Enum):
     mixer = "mixer"
 
 
+class Loss(str, Enum):
+    contrastive = "contrastive"
+    sigmoid = "sigmoid"
+
+
 class Side(str, Enum):
     image = "image"
     text = "text"
@@ -44,7 +49,7 @@ def train(
     zeroshot_template: Annotated[list[str], typer.Option("--zeroshot-template", hidden=True, help="The old name of --template.")] = [],
     img_key: Annotated[str, typer.Option("--img-key", help="Image-path column of the CSV/TSV.", rich_help_panel=DATA)] = "filepath",
     caption_key: Annotated[str, typer.Option("--caption-key", help="Caption column of the CSV/TSV.", rich_help_panel=DATA)] = "title",
-    arch: Annotated[str, typer.Option("--arch", help="Preset to train from scratch: tiny, small, RN50, RN101, ViT-B/32, ViT-B/16, ViT-L/14 (also spelled as open_clip does: ViT-B-32).", rich_help_panel=ARCH)] = "tiny",
+    arch: Annotated[str, typer.Option("--arch", help="Preset to train from scratch: tiny, small, RN50, RN101, ViT-B/32, ViT-B/16, ViT-L/14 (also spelled as open_clip does: ViT-B-32), or a SigLIP: siglip-tiny, siglip-small (CLIP's BPE tokenizer, context 64).", rich_help_panel=ARCH)] = "tiny",
     init: Annotated[Optional[str], typer.Option("--init", help="Fine-tune from a released model name or a checkpoint file (replaces --arch).", rich_help_panel=ARCH)] = None,
     image_encoder: Annotated[Optional[ImageEncoder], typer.Option("--image-encoder", help="vit, resnet (needs an RN preset) or mixer (MLP-Mixer on ViT patches).", rich_help_panel=ARCH)] = None,
     text_encoder: Annotated[Optional[TextEncoder], typer.Option("--text-encoder", help="transformer or mixer (causal MLP-Mixer).", rich_help_panel=ARCH)] = None,
@@ -57,8 +62,9 @@ def train(
     text_layers: Annotated[Optional[int], typer.Option("--text-layers", min=1, help="Override the text encoder depth.", rich_help_panel=ARCH)] = None,
     freeze: Annotated[Optional[Side], typer.Option("--freeze", help="Keep one tower's weights fixed.", rich_help_panel=ARCH)] = None,
     lock_image: Annotated[bool, typer.Option("--lock-image", help="Train only the text side (same as --freeze image).", rich_help_panel=ARCH)] = False,
+    loss: Annotated[Optional[Loss], typer.Option("--loss", show_default=False, help="contrastive: CLIP's softmax over the batch; sigmoid: SigLIP's loss on every image-caption pair, with a learned bias (added at -10, the scale restarted at 10, for a model without one). Default: sigmoid for SigLIP presets and models with a logit bias, else contrastive.", rich_help_panel=OPT)] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1, rich_help_panel=OPT)] = 10,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=2, help="Global batch: the contrastive batch over all processes.", rich_help_panel=OPT)] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=2, help="Global batch: the batch the loss sees, over all processes.", rich_help_panel=OPT)] = 64,
     lr: Annotated[float, typer.Option("--lr", min=0.0, help="Peak learning rate of AdamW.", rich_help_panel=OPT)] = 5e-4,
     wd: Annotated[float, typer.Option("--wd", min=0.0, help="Weight decay (never on gains, biases, embeddings, temperature).", rich_help_panel=OPT)] = 0.2,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Linear warmup steps before the cosine decay.", rich_help_panel=OPT)] = 100,
@@ -72,18 +78,22 @@ def train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again in an --output that already holds a run.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train a CLIP contrastively, from scratch (--arch) or from a checkpoint (--init).
+    """Train a CLIP or a SigLIP, from scratch (--arch) or from a checkpoint (--init).
 
-    The loss is CLIP's symmetric cross-entropy over the batch's image-caption similarities with
-    a learned temperature; AdamW with warmup and cosine decay. Under torchrun every process
-    takes its share of each global batch and the features are gathered, so the contrastive
-    batch is --batch-size whatever the number of processes.
+    The contrastive loss is CLIP's symmetric cross-entropy over the batch's image-caption
+    similarities with a learned temperature; the sigmoid loss (--loss sigmoid, SigLIP's) scores
+    every image-caption pair on its own with a learned temperature and bias. AdamW with warmup
+    and cosine decay. Under torchrun every process takes its share of each global batch and
+    meets every other process's captions (gathered, or passed round the ring for the sigmoid
+    loss), so the batch is --batch-size whatever the number of processes.
 
     Example: clipcli train --train-data train.csv --val-data val.csv --arch tiny --epochs 10 -o runs/tiny
 
     Example: torchrun --nproc-per-node 2 -m clipcli train --train-data train.csv -o runs/ddp
 
     Example: clipcli train --init ViT-B/32 --lock-image --train-data pets.csv --lr 1e-5 -o runs/pets
+
+    Example: clipcli train --train-data train.csv --arch siglip-tiny -o runs/siglip
     """
     from ..errors import InputError
     from ..train.loop import TrainConfig
@@ -112,7 +122,7 @@ def train(
         train_data=train_data, out=output, val_data=val_data, zeroshot_dir=zeroshot_dir,
         zeroshot_templates=[*template, *zeroshot_template] or ["a photo of a {}."], img_key=img_key,
         caption_key=caption_key, arch=arch if init else preset_name(arch), init=init, image_encoder=image_encoder.value if image_encoder else None,
-        text_encoder=text_encoder.value if text_encoder else None, overrides=overrides,
+        text_encoder=text_encoder.value if text_encoder else None, overrides=overrides, loss=loss.value if loss else None,
         freeze="image" if lock_image else (freeze.value if freeze else None), epochs=epochs, batch_size=batch_size,
         lr=lr, wd=wd, warmup=warmup, grad_clip=grad_clip, precision=precision, device=device,
         workers=workers,

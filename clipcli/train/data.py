@@ -97,11 +97,41 @@ def read_pairs(source: str | Path, img_key: str = "filepath", caption_key: str =
     return pairs
 
 
+class CaptionTokenizer:
+    """Texts -> ``(N, context_length)`` token ids as the model reads them, long texts cut: the
+    bundled CLIP BPE, or ``tokenizer``, the model's own (an object with ``encode_texts``, as
+    :func:`clipcli.batching.tokenizer_of` gives)."""
+
+    def __init__(self, context_length: int, tokenizer=None):
+        self.context_length, self.tokenizer = context_length, tokenizer
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        if self.tokenizer is None:
+            from ..text.bpe import tokenize
+
+            return tokenize(list(texts), self.context_length, truncate=True)
+        ids, _ = self.tokenizer.encode_texts(list(texts), context_length=self.context_length, truncate=True)
+        return ids
+
+
+def caption_tokenizer(model) -> CaptionTokenizer:
+    """The tokenizer ``model`` was trained with: CLIP's BPE when its config says so (cleaning
+    as CLIP does), else the one loading gave it or its config names."""
+    config = model.config
+    if config.tokenizer == "clip" and config.text_clean == "clip":
+        return CaptionTokenizer(model.context_length)
+    from ..batching import tokenizer_of
+
+    return CaptionTokenizer(model.context_length, tokenizer_of(model))
+
+
 class PairDataset(torch.utils.data.Dataset):
     """``(image tensor, token ids)`` per pair, or ``(None, path, reason)`` for an unreadable image."""
 
-    def __init__(self, pairs: Sequence[Pair], transform: Callable, context_length: int):
+    def __init__(self, pairs: Sequence[Pair], transform: Callable, context_length: int,
+                 tokenize: CaptionTokenizer | None = None):
         self.pairs, self.transform, self.context_length = list(pairs), transform, context_length
+        self.tokenize = tokenize or CaptionTokenizer(context_length)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -110,7 +140,6 @@ class PairDataset(torch.utils.data.Dataset):
         from ..errors import ItemError
         from ..images import DecodeOptions, read_image
         from ..items import Item
-        from ..text.bpe import tokenize
 
         pair = self.pairs[index]
         path = str(pair.image)
@@ -122,7 +151,7 @@ class PairDataset(torch.utils.data.Dataset):
             return None, path, str(error)
         except Exception as error:  # noqa: BLE001 - one bad image must never end the training
             return None, path, f"cannot prepare image ({type(error).__name__}): {error}"
-        return pixels, tokenize(pair.caption, self.context_length, truncate=True)[0]
+        return pixels, self.tokenize([pair.caption])[0]
 
 
 @dataclass

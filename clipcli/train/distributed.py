@@ -1,4 +1,5 @@
-"""Multi-process training under ``torchrun``: process group set-up and a differentiable all-gather.
+"""Multi-process training under ``torchrun``: process group set-up, a differentiable all-gather
+and a differentiable pass round the ring of ranks.
 
 ``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; :func:`setup` reads them and
 joins the group (gloo on CPU, nccl on CUDA). Each rank encodes its shard of the global batch,
@@ -11,9 +12,18 @@ its own shard. DistributedDataParallel then *averages* parameter gradients over 
 ranks, so we sum (not average) the feature gradients across ranks first; the average of
 ``W * dL/dF_r`` back-propagated through each rank's encoder is exactly the one-process
 gradient. The temperature's direct gradient is identical on every rank and averages to itself.
+
+The sigmoid loss needs no gathering: :func:`rows_round_the_ring` passes each rank's caption
+features to its right-hand neighbour ``W - 1`` times (open_clip's "neighbour exchange"), so
+every rank meets every caption while holding only two ranks' rows, and the gradient of a
+passed block travels back to the left. Each rank's loss is then its own part of the global
+loss (its images against every caption); scaled by ``W``, DistributedDataParallel's average
+of the parts' gradients is the one-process gradient again.
 """
 
 from __future__ import annotations
+
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -73,6 +83,43 @@ def gather_rows(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor
         return x
     sizes = sizes if sizes is not None else gather_sizes(x.shape[0], x.device)
     return _GatherRows.apply(x, sizes)
+
+
+def _exchange(x: torch.Tensor, to: int, source: int) -> torch.Tensor:
+    """Send ``x`` to rank ``to`` while receiving a tensor of the same shape from ``source``."""
+    received = torch.empty_like(x)
+    operations = [dist.P2POp(dist.isend, x.contiguous(), to), dist.P2POp(dist.irecv, received, source)]
+    for request in dist.batch_isend_irecv(operations):
+        request.wait()
+    return received
+
+
+class _PassRight(torch.autograd.Function):
+    """To the next rank, from the previous one; the gradient goes the other way round."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        ctx.previous, ctx.next = (rank - 1) % world, (rank + 1) % world
+        return _exchange(x, to=ctx.next, source=ctx.previous)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _exchange(grad, to=ctx.previous, source=ctx.next)
+
+
+def rows_round_the_ring(x: torch.Tensor, sizes: list[int]) -> Iterator[torch.Tensor]:
+    """Every other rank's rows of ``x``, one rank after another: after ``k`` passes to the right
+    this rank holds rank ``rank - k``'s rows (``sizes[rank - k]`` of them). Nothing in one
+    process. Blocks travel padded to the largest share, so a rank whose images were all
+    unreadable still takes part (every rank must make the same exchanges, forward and back)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    rank, world = dist.get_rank(), dist.get_world_size()
+    passed = torch.cat([x, x.new_zeros((max(sizes) - x.shape[0],) + x.shape[1:])])  # (max(sizes), D)
+    for step in range(1, world):
+        passed = _PassRight.apply(passed)
+        yield passed[: sizes[(rank - step) % world]]
 
 
 def all_sum(value: float, device: torch.device) -> float:

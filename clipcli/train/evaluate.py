@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import InputError
-from .data import GlobalBatches, Pair, PairDataset, SkipReporter, folder_images, loader
+from .data import CaptionTokenizer, GlobalBatches, Pair, PairDataset, SkipReporter, folder_images, loader
 
 RECALL_AT = (1, 5, 10)
 
@@ -61,20 +61,24 @@ def zeroshot_classes(folder: str | Path) -> list[tuple[str, list[Path]]]:
 
 @torch.no_grad()
 def zeroshot_accuracy(clip, folder: str | Path, transform: Callable, templates: Sequence[str], device: torch.device,
-                      batch_size: int = 64, workers: int = 0, skips: SkipReporter | None = None) -> dict[str, float]:
-    from ..text.bpe import tokenize
+                      batch_size: int = 64, workers: int = 0, skips: SkipReporter | None = None,
+                      tokenize: CaptionTokenizer | None = None) -> dict[str, float]:
+    """Top-1/top-5 accuracy of ``clip`` on the class folders under ``folder`` (``tokenize``:
+    the model's tokenizer, CLIP's BPE when not given). With a sigmoid model the ranking is the
+    same: its scale is positive and its bias the same for every class."""
     from ..zeroshot import build_classifier, prompts
 
     classes = zeroshot_classes(folder)
     if not classes:
         return {}
     names = [name for name, _ in classes]
-    tokens = tokenize(prompts(names, templates), clip.context_length, truncate=True)
+    tokenize = tokenize or CaptionTokenizer(clip.context_length)
+    tokens = tokenize(prompts(names, templates))
     text = clip.encode_text(tokens.to(device), normalize=True).float().cpu()  # (C*T, D)
     classifier = build_classifier(text, len(templates))  # (C, D): the same classifier `classify` builds
     pairs = [Pair(path, name) for name, paths in classes for path in paths]
     truth = torch.tensor([i for i, (_, paths) in enumerate(classes) for _ in paths])
-    dataset = PairDataset(pairs, transform, clip.context_length)
+    dataset = PairDataset(pairs, transform, clip.context_length, tokenize)
     kept, features = [], []
     batches = GlobalBatches(len(dataset), batch_size, shuffle=False, drop_last=False)
     for start, batch in zip(range(0, len(dataset), batch_size), loader(dataset, batches, workers)):

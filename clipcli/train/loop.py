@@ -1,12 +1,12 @@
-"""The training loop: build or load a CLIP, read the data, optimise, evaluate, save, resume.
+"""The training loop: build or load a model, read the data, optimise, evaluate, save, resume.
 
 A run writes everything into ``out`` (``runs/NAME``):
 
 - ``config.json``: the training options and the model architecture;
 - ``metrics.jsonl``: one JSON object per logged step (``"kind": "train"``) and per epoch
   (``"kind": "eval"``);
-- ``last.safetensors``: the model after the last finished epoch, with OpenAI's key names,
-  loadable by ``clipcli.load`` and every ``--model`` option;
+- ``last.safetensors``: the model after the last finished epoch, with its family's key names
+  (OpenAI's for a CLIP) and its config, loadable by ``clipcli.load`` and every ``--model`` option;
 - ``state.pt``: optimiser, scheduler, gradient scaler, step, epoch and RNG, for ``--resume``.
 """
 
@@ -24,12 +24,23 @@ import torch
 
 from ..errors import ClipcliError, InputError, OutputError, OutputExistsError
 from ..feedback import SILENT, Feedback
-from ..models.clip import CLIP, CLIPConfig
-from ..models.factory import METADATA_KEY, config_to_json, create_model
+from ..models.config import METADATA_KEY
 from . import distributed
-from .data import GlobalBatches, PairDataset, SkipReporter, loader, read_pairs
+from .data import CaptionTokenizer, GlobalBatches, PairDataset, SkipReporter, caption_tokenizer, loader, read_pairs
 from .evaluate import zeroshot_classes
-from .loss import ContrastiveModel, clamp_logit_scale, contrastive_loss
+from .loss import ContrastiveModel, clamp_logit_scale, contrastive_loss, sigmoid_loss_part
+from .model import (
+    apply_freeze,
+    check_encoders,
+    choose_loss,
+    describe,
+    keep_tokenizer_files,
+    load_for_training,
+    model_config,
+    new_model,
+    save_checkpoint,  # noqa: F401 (re-exported: benchmarks and tests write checkpoints with it)
+    with_logit_bias,
+)
 from .optim import build_optimizer, build_scheduler
 
 CHECKPOINT, STATE, METRICS, CONFIG = "last.safetensors", "state.pt", "metrics.jsonl", "config.json"
@@ -49,6 +60,7 @@ class TrainConfig:
     image_encoder: str | None = None  # vit | resnet | mixer; None: what the arch or checkpoint has
     text_encoder: str | None = None  # transformer | mixer
     overrides: dict = field(default_factory=dict)  # CLIPConfig fields replacing the preset's
+    loss: str | None = None  # contrastive | sigmoid; None: the model's own (sigmoid when it has a logit bias)
     freeze: str | None = None  # image | text
     epochs: int = 10
     batch_size: int = 64  # the global batch, over all processes
@@ -65,60 +77,7 @@ class TrainConfig:
     overwrite: bool = False
 
 
-# ----------------------------------------------------------------------------- the model
-
-
-def model_config(cfg: TrainConfig) -> CLIPConfig:
-    from .presets import PRESETS
-
-    if cfg.arch not in PRESETS:
-        raise InputError(f"{cfg.arch!r} is not a preset; choose one of {', '.join(PRESETS)}", option="arch")
-    fields = dict(PRESETS[cfg.arch])
-    fields.update(cfg.overrides)
-    if "transformer_width" in cfg.overrides and "transformer_heads" not in cfg.overrides:
-        fields["transformer_heads"] = max(1, fields["transformer_width"] // 64)
-    is_resnet = fields["vision_patch_size"] is None
-    if cfg.image_encoder == "mixer":
-        if is_resnet:
-            raise InputError(f"mixer needs a ViT-shaped arch (a patch size), not {cfg.arch}", option="image_encoder")
-        fields["vision_mixer"] = True
-    elif cfg.image_encoder == "resnet" and not is_resnet:
-        raise InputError(f"resnet needs a ResNet arch such as RN50, not {cfg.arch}", option="image_encoder")
-    elif cfg.image_encoder == "vit" and is_resnet:
-        raise InputError(f"vit needs a ViT arch, not {cfg.arch}", option="image_encoder")
-    fields["text_mixer"] = cfg.text_encoder == "mixer"
-    config = CLIPConfig(**fields)
-    if not is_resnet and config.image_resolution % config.vision_patch_size:
-        raise InputError(f"image size {config.image_resolution} is not a multiple of the patch size {config.vision_patch_size}")
-    return config
-
-
-def _check_encoders(cfg: TrainConfig, config: CLIPConfig, source: str) -> None:
-    image = "mixer" if config.vision_mixer else ("resnet" if config.vision_patch_size is None else "vit")
-    text = "mixer" if config.text_mixer else "transformer"
-    if cfg.image_encoder not in (None, image) or cfg.text_encoder not in (None, text):
-        raise InputError(f"{source} has a {image} image encoder and a {text} text encoder; "
-                         "the image and text encoder choices cannot change a loaded model")
-
-
-def load_clip(path_or_name: str, feedback: Feedback = SILENT) -> tuple[CLIP, str | None]:
-    """Any model clipcli can load (a name, hub repo, folder or file), in float32, to train,
-    and the note on what was assumed about a checkpoint that does not describe itself."""
-    from ..loading import load, resolve
-
-    model, note = load(resolve(path_or_name, feedback=feedback), "cpu", torch.float32)
-    for parameter in model.parameters():  # own the memory: a memory-mapped file may back the tensors
-        parameter.data = parameter.data.clone()
-    return model, note
-
-
-def save_checkpoint(clip: CLIP, path: Path, metadata: dict | None = None) -> None:
-    """The model as safetensors with OpenAI's key names (written atomically)."""
-    from ..checkpoint import write_safetensors
-
-    state = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in clip.state_dict().items()}
-    metadata = {k: config_to_json(v) if isinstance(v, CLIPConfig) else json.dumps(v) for k, v in (metadata or {}).items()}
-    write_safetensors(state, path, metadata)
+# ----------------------------------------------------------------------------- the loop
 
 
 def _save_state(state: dict, path: Path) -> None:
@@ -130,21 +89,6 @@ def _save_state(state: dict, path: Path) -> None:
             torch.save(state, temp)
     except RuntimeError as error:  # torch.save's wrapper around an I/O error
         raise write_error(OSError(None, str(error)), path) from None
-
-
-def apply_freeze(clip: CLIP, freeze: str | None) -> None:
-    """``image``: only the text side trains (LiT's locked image tower); ``text``: the converse."""
-    if freeze is None:
-        return
-    if freeze not in ("image", "text"):
-        raise InputError(f"{freeze!r}: choose image or text", option="freeze")
-    for name, parameter in clip.named_parameters():
-        on_image_side = name.startswith("visual.")
-        if on_image_side == (freeze == "image") and name != "logit_scale":
-            parameter.requires_grad_(False)
-
-
-# ----------------------------------------------------------------------------- the loop
 
 
 class MetricsLog:
@@ -199,8 +143,12 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
     from ..preprocess import preprocess_for
 
     main = topology.is_main
-    fresh_config = model_config(cfg) if not (cfg.resume or cfg.init) else None  # check options before touching --out
     # Every input is checked before --out is touched (an --overwrite run would discard the old one).
+    fresh_config = None
+    if not (cfg.resume or cfg.init):
+        fresh_config = model_config(cfg.arch, cfg.overrides, cfg.image_encoder, cfg.text_encoder)
+        cfg = replace(cfg, loss=choose_loss(cfg.loss, fresh_config, f"preset {cfg.arch}"))
+        fresh_config = replace(fresh_config, logit_bias=cfg.loss == "sigmoid")
     if cfg.zeroshot_dir and not zeroshot_classes(cfg.zeroshot_dir):
         raise InputError(f"{cfg.zeroshot_dir} holds no class folders with images", option="zeroshot_dir")
     train_pairs = read_pairs(cfg.train_data, cfg.img_key, cfg.caption_key)
@@ -208,26 +156,35 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
     if len(train_pairs) < cfg.batch_size:
         raise InputError(f"{cfg.batch_size} is more than the {len(train_pairs)} pairs in {cfg.train_data}",
                          option="batch_size")
-    note = None
+    notes, tokenizer_files = [], {}
     if cfg.init and not cfg.resume:
-        clip, note = load_clip(cfg.init, feedback if main else SILENT)
-        _check_encoders(cfg, clip.config, cfg.init)
+        clip, note, tokenizer_files = load_for_training(cfg.init, feedback if main else SILENT)
+        notes += [note] if note else []
+        check_encoders(clip.config, cfg.image_encoder, cfg.text_encoder, cfg.init)
+        cfg = replace(cfg, loss=choose_loss(cfg.loss, clip.config, cfg.init))
     out = _prepare_out(cfg, main)
+    if main:
+        keep_tokenizer_files(tokenizer_files, out)
     torch.manual_seed(cfg.seed)
 
     state = None
     if cfg.resume:
         state = torch.load(out / STATE, map_location="cpu", weights_only=True)
-        clip, _ = load_clip(str(out / CHECKPOINT))
+        clip, _, _ = load_for_training(str(out / CHECKPOINT))
+        cfg = replace(cfg, loss=choose_loss(cfg.loss, clip.config, str(out), resumed=True))
     elif not cfg.init:
-        clip = create_model(fresh_config)
+        clip = new_model(fresh_config)
+    tokenize = caption_tokenizer(clip)  # before the model may be rebuilt: loading may have given it its tokenizer
+    if cfg.loss == "sigmoid" and not clip.config.logit_bias:
+        clip = with_logit_bias(clip)
+        notes.append(f"{cfg.init} has no logit bias: the sigmoid loss adds one at -10 and restarts its scale at 10")
     apply_freeze(clip, cfg.freeze)
     clip = clip.to(device).train()
     config = clip.config
 
     transform = preprocess_for(config)  # inference's transform, bit for bit, without torchvision
-    train_set = PairDataset(train_pairs, transform, config.context_length)
-    val_set = PairDataset(val_pairs, transform, config.context_length) if val_pairs else None
+    train_set = PairDataset(train_pairs, transform, config.context_length, tokenize)
+    val_set = PairDataset(val_pairs, transform, config.context_length, tokenize) if val_pairs else None
     sampler = GlobalBatches(len(train_set), cfg.batch_size, topology.rank, topology.world_size, cfg.seed)
     steps_per_epoch = len(sampler)
     total_steps = steps_per_epoch * cfg.epochs
@@ -255,11 +212,11 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
     skips = SkipReporter(feedback.log)
     batches = loader(train_set, sampler, cfg.workers)
     say = feedback.log if main else SILENT.log
-    if note:
+    for note in notes:
         say(f"note: {note}")
     live = main and feedback.status is not None
-    say(f"training {_describe(config)} on {len(train_set)} pairs, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
-        f"global batch {cfg.batch_size} over {topology.world_size} process(es) on {device}")
+    say(f"training {describe(config)} with the {cfg.loss} loss on {len(train_set)} pairs, {steps_per_epoch} steps/epoch "
+        f"x {cfg.epochs} epochs, global batch {cfg.batch_size} over {topology.world_size} process(es) on {device}")
 
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
@@ -275,14 +232,12 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
             if sum(sizes) == 0:  # the whole global batch: no step (its images are counted as skipped)
                 continue
             with _autocast(cfg.precision, device):
-                image_features, text_features, scale = network(images, texts)
-            image_features = distributed.gather_rows(image_features.float(), sizes)
-            text_features = distributed.gather_rows(text_features.float(), sizes)
-            loss = contrastive_loss(image_features, text_features, scale.float())
-            if not math.isfinite(loss.item()):
-                raise ClipcliError(f"the loss became {loss.item()} at step {step}", fix="lr")
+                features = network(images, texts)
+            objective, loss = _objective(cfg.loss, *features, sizes, topology.world_size, device)
+            if not math.isfinite(loss):
+                raise ClipcliError(f"the loss became {loss} at step {step}", fix="lr")
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(objective).backward()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(clip.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             scaler.step(optimizer)
@@ -295,20 +250,23 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
             if logged or live:
                 rate = seen / (time.perf_counter() - started)
                 lr = optimizer.param_groups[0]["lr"]
-                line = f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total_steps} loss {loss.item():.4f} lr {lr:.2e} {rate:.0f} samples/s"
+                line = f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total_steps} loss {loss:.4f} lr {lr:.2e} {rate:.0f} samples/s"
                 if live:  # e.g. a terminal: one line, rewritten every step
                     feedback.status(line)
                 elif logged:
                     say(line)
             if logged:
-                metrics.write({"kind": "train", "epoch": epoch + 1, "step": step, "loss": loss.item(), "grad_norm": grad_norm.item(),
-                               "lr": lr, "logit_scale": float(clip.logit_scale.detach().exp()), "samples_per_second": rate})
+                entry = {"kind": "train", "epoch": epoch + 1, "step": step, "loss": loss, "grad_norm": grad_norm.item(),
+                         "lr": lr, "logit_scale": float(clip.logit_scale.detach().exp())}
+                if clip.logit_bias is not None:
+                    entry["logit_bias"] = float(clip.logit_bias.detach())
+                metrics.write({**entry, "samples_per_second": rate})
         elapsed = time.perf_counter() - started
         skipped = int(distributed.all_sum(skips.count, device))
         if main:
             evaluation = {"kind": "eval", "epoch": epoch + 1, "step": step, "samples_per_second": seen / elapsed,
                           "skipped_images": skipped}
-            evaluation.update(_evaluate(clip, cfg, val_set, transform, device, skips))
+            evaluation.update(_evaluate(clip, cfg, val_set, transform, tokenize, device, skips))
             clip.train()
             metrics.write(evaluation)
             say("epoch {} done: {}".format(epoch + 1, ", ".join(
@@ -322,7 +280,25 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
     return out / CHECKPOINT
 
 
-def _evaluate(clip: CLIP, cfg: TrainConfig, val_set, transform, device, skips) -> dict:
+def _objective(loss: str, image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor,
+               bias: torch.Tensor | None, sizes: list[int], world_size: int, device: torch.device) -> tuple[torch.Tensor, float]:
+    """``(what this rank back-propagates, the loss of the global batch)`` from this rank's features.
+
+    contrastive: every rank gathers every rank's features and computes the same global loss
+    (see :mod:`clipcli.train.distributed` for why its gradient comes out right). sigmoid: each
+    rank computes its own part, its images against every rank's captions; DistributedDataParallel
+    averages the ranks' gradients, so each part counts ``world_size`` times to make their sum."""
+    image_features, text_features = image_features.float(), text_features.float()
+    if loss == "sigmoid":
+        part = sigmoid_loss_part(image_features, text_features, scale.float(), bias.float(), sizes)
+        return part * world_size, distributed.all_sum(part.item(), device)
+    image_features = distributed.gather_rows(image_features, sizes)
+    text_features = distributed.gather_rows(text_features, sizes)
+    objective = contrastive_loss(image_features, text_features, scale.float())
+    return objective, objective.item()
+
+
+def _evaluate(clip, cfg: TrainConfig, val_set, transform, tokenize: CaptionTokenizer, device, skips) -> dict:
     from .evaluate import encode_pairs, recall_at_k, zeroshot_accuracy
 
     clip.eval()
@@ -334,12 +310,6 @@ def _evaluate(clip: CLIP, cfg: TrainConfig, val_set, transform, device, skips) -
                 results.update({f"val/{k}": v for k, v in recall_at_k(images, texts).items()})
         if cfg.zeroshot_dir:
             accuracy = zeroshot_accuracy(clip, cfg.zeroshot_dir, transform, cfg.zeroshot_templates, device,
-                                         cfg.batch_size, cfg.workers, skips)
+                                         cfg.batch_size, cfg.workers, skips, tokenize)
             results.update({f"zeroshot/{k}": v for k, v in accuracy.items()})
     return results
-
-
-def _describe(config: CLIPConfig) -> str:
-    image = "Mixer" if config.vision_mixer else ("ResNet" if config.vision_patch_size is None else "ViT")
-    text = "Mixer" if config.text_mixer else "Transformer"
-    return f"CLIP ({image} image encoder, {text} text encoder, {config.image_resolution} px, embed {config.embed_dim})"
