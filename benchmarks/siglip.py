@@ -51,16 +51,16 @@ def _transformers_model(config: CLIPConfig, ours: dict[str, torch.Tensor]):
     vision = dict(hidden_size=config.vision_width, intermediate_size=config.vision_mlp_width or 4 * config.vision_width,
                   num_hidden_layers=int(config.vision_layers), num_attention_heads=config.vision_heads,
                   image_size=config.image_resolution, patch_size=config.vision_patch_size,
-                  hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+                  hidden_act="gelu_pytorch_tanh" if config.activation == "gelu_tanh" else "gelu", layer_norm_eps=1e-6)
     text = dict(hidden_size=config.transformer_width,
                 intermediate_size=config.text_mlp_width or 4 * config.transformer_width,
                 num_hidden_layers=config.transformer_layers, num_attention_heads=config.transformer_heads,
                 vocab_size=config.vocab_size, max_position_embeddings=config.context_length,
                 projection_size=config.embed_dim, layer_norm_eps=1e-6,
                 hidden_act="gelu_pytorch_tanh" if config.text_act == "gelu_tanh" else "gelu")
+    text.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)  # not CLIP's ids: only shapes matter
     model = SiglipModel(SiglipConfig(vision_config=vision, text_config=text)).eval()
     theirs = {}
-    width = config.vision_width
     for key, value in ours.items():
         name = key
         if key.startswith("visual.trunk.blocks."):
@@ -93,8 +93,8 @@ def _transformers_model(config: CLIPConfig, ours: dict[str, torch.Tensor]):
                 theirs[f"vision_model.head.attention.in_proj_{leaf}"] = torch.cat([q, value])
                 continue
             else:
-                name = "vision_model.head." + rest.replace("proj", "attention.out_proj", 1) \
-                    .replace("norm", "layernorm").replace("mlp.attention.out_proj", "mlp.proj")
+                name = "vision_model.head." + (rest.replace("proj", "attention.out_proj", 1) if rest.startswith("proj")
+                                               else rest.replace("norm", "layernorm"))
         else:
             name = {
                 "visual.trunk.patch_embed.proj.weight": "vision_model.embeddings.patch_embedding.weight",
@@ -111,8 +111,9 @@ def _transformers_model(config: CLIPConfig, ours: dict[str, torch.Tensor]):
                 name, value = "vision_model.embeddings.position_embedding.weight", value[0]
             elif key == "text.positional_embedding":
                 name = "text_model.embeddings.position_embedding.weight"
+            elif key in ("logit_scale", "logit_bias"):
+                value = value.reshape(1)
         theirs[name] = value
-    del width
     missing, unexpected = model.load_state_dict(theirs, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:

@@ -178,3 +178,15 @@ def test_concurrent_first_use_loads_once_and_agrees():
     for thread in threads:
         thread.join()
     assert len(results) == 4 and all(torch.equal(r, results[0]) for r in results)
+
+
+def test_ids_past_the_models_embeddings_are_refused_not_an_index_error():
+    """Tokenizer files of another model (a larger vocabulary) would index past the embedding
+    table: one CheckpointError naming the file, before the model runs."""
+    files = tokenizer_files(hf_folder("xlmv"))
+    full = PieceTokenizer(files, 77, "whitespace")
+    ids = full(["一只猫 and a cat"])
+    small = PieceTokenizer(files, 77, "whitespace", model_vocab=int(ids.max()))
+    with pytest.raises(CheckpointError, match="token embeddings: the tokenizer files are not this model's"):
+        small(["一只猫 and a cat"])
+    assert torch.equal(PieceTokenizer(files, 77, "whitespace", model_vocab=int(ids.max()) + 1)(["一只猫 and a cat"]), ids)

@@ -227,9 +227,10 @@ class PieceTokenizer(TextTokenizer):
     Constructing one reads nothing; the vocabulary is loaded on the first :meth:`encode_texts`.
     """
 
-    def __init__(self, files: Mapping[str, Path], context_length: int, clean: str):
+    def __init__(self, files: Mapping[str, Path], context_length: int, clean: str, model_vocab: int | None = None):
         self.files = {name: Path(path) for name, path in files.items()}
         self.context_length = context_length
+        self.model_vocab = model_vocab  # the model's embedding rows: an id at or past it is refused
         self.clean = clean
         self._clean = cleaner(clean)
         self._vocabulary: _Vocabulary | None = None
@@ -308,6 +309,9 @@ class PieceTokenizer(TextTokenizer):
                 result[i, context_length - len(ids) :] = ids
             else:
                 result[i, : len(ids)] = ids
+        if self.model_vocab is not None and result.size and int(result.max()) >= self.model_vocab:
+            raise CheckpointError(f"{self.source}: gives token id {int(result.max())}, but the model's text tower has "
+                                  f"{self.model_vocab:,} token embeddings: the tokenizer files are not this model's")
         return torch.from_numpy(result), cut
 
     def decode(self, ids: Any) -> str:
@@ -325,5 +329,6 @@ def tokenizer_for(config: Any, files: Mapping[str, Path] | None = None) -> TextT
         files = {name: Path(path) for name, path in (files or {}).items()}
         if not any(name in files for name in ("tokenizer.json", *MODEL_FILES)):
             raise CheckpointError(f"the model's tokenizer files were not found (looked for {', '.join(TOKENIZER_FILES)})")
-        return PieceTokenizer(files, config.context_length, getattr(config, "text_clean", "whitespace"))
+        return PieceTokenizer(files, config.context_length, getattr(config, "text_clean", "whitespace"),
+                              model_vocab=getattr(config, "vocab_size", None))
     raise CheckpointError(f"tokenizer {kind!r} is not one of clip, sentencepiece")

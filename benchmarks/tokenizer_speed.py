@@ -15,13 +15,12 @@ clipcli caches the ids of each word, so its first pass over a prompt set ("cold"
 passes ("warm") are both reported. Ids are compared while timing: a row that differs is counted
 and printed, so a fast wrong answer cannot pass. CPU flags are recorded with the numbers.
 
-    python benchmarks/tokenizers.py [--count 10000] [--folder t5=PATH ...] [--out results/tokenizers-cpu.json]
+    python benchmarks/tokenizer_speed.py [--count 10000] [--folder t5=PATH ...] [--out results/tokenizers-cpu.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -30,14 +29,9 @@ import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# This file's name is the ``tokenizers`` package's: keep its folder off the import path, and load
-# the shared machine description and prompt set (run.py) by path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
-_spec = importlib.util.spec_from_file_location("benchmarks_run", HERE / "run.py")
-_run = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_run)
-build_prompts, environment = _run.build_prompts, _run.environment
+from run import build_prompts, environment  # noqa: E402  (the shared machine description, the prompt set)
 
 FAMILIES = {"t5": (64, "canonicalize"), "gemma": (64, "canonicalize"), "xlmv": (77, "whitespace")}
 MODEL_NAMES = {"t5": "spiece.model", "gemma": "tokenizer.model", "xlmv": "sentencepiece.bpe.model"}
