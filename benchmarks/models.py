@@ -4,7 +4,8 @@
 For every architecture: build it from the registry's config with CLIP's random
 initialisation, then time ``encode_image`` (random inputs at the architecture's resolution,
 batch 8, or 2 for those over 900M parameters) and ``encode_text`` (77-token context, batch 64 prompts of CLIP-template length)
-for at least ``--budget`` seconds each after one warm-up batch. Speeds do not depend on the
+for at least ``--budget`` seconds each after one warm-up batch (a SigLIP's text: 64 rows of its
+whole context, which it always runs; ``--arch siglip`` names its architectures). Speeds do not depend on the
 weights' values. Writes ``benchmarks/results/models-<label>.json`` and prints a Markdown table.
 
     python benchmarks/models.py --threads 2 [--precision fp32|bf16] [--arch ViT-B-32 ...]
@@ -32,6 +33,9 @@ from clipcli.models.registry import architecture_hints, parameters  # noqa: E402
 
 ARCHITECTURES = ("RN50", "RN50x4", "ViT-B-32", "ViT-B-32-256", "ViT-B-16", "ViT-L-14", "ViT-L-14-336",
                  "ViT-H-14", "ViT-H-14-378", "ViT-g-14", "ViT-bigG-14")
+SIGLIP_ARCHITECTURES = ("ViT-B-32-SigLIP2-256", "ViT-B-16-SigLIP", "ViT-B-16-SigLIP2", "ViT-B-16-SigLIP-i18n-256",
+                        "ViT-L-16-SigLIP-256", "ViT-SO400M-14-SigLIP", "ViT-SO400M-14-SigLIP-384",
+                        "ViT-SO400M-16-SigLIP2-256")
 PROMPTS = [f"a photo of a {word}, a type of animal." for word in ("cat", "dog", "horse", "tiger")] * 16
 
 
@@ -54,7 +58,10 @@ def measure(arch: str, dtype: torch.dtype, budget: float) -> dict:
     built = time.perf_counter() - start
     batch = 2 if parameters(arch) > 900e6 else 8
     images = torch.randn(batch, 3, config.image_resolution, config.image_resolution, dtype=dtype)
-    tokens = clipcli.tokenize(PROMPTS)
+    if config.tokenizer == "clip" and config.context_length == 77:
+        tokens = clipcli.tokenize(PROMPTS)
+    else:  # a SigLIP runs its whole context whatever the text: ids of the full length, as padded
+        tokens = torch.randint(1, config.vocab_size, (len(PROMPTS), config.context_length))
     with torch.inference_mode():
         image_rate = _rate(lambda: model.encode_image(images), batch, budget)
         text_rate = _rate(lambda: model.encode_text(tokens), len(tokens), budget)
@@ -71,6 +78,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=8.0, help="seconds per measurement")
     parser.add_argument("--label", default="cpu")
     args = parser.parse_args()
+    if args.arch == ["siglip"]:
+        args.arch = list(SIGLIP_ARCHITECTURES)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch.float32 if args.precision == "fp32" else torch.bfloat16

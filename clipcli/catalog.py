@@ -22,7 +22,8 @@ from .models import registry
 def _architecture_facts(arch: str) -> dict:
     hints = registry.architecture_hints(arch) or {}
     return {"input_resolution": hints.get("image_resolution"), "embed_dim": hints.get("embed_dim"),
-            "parameters": registry.parameters(arch), "score_kind": registry.score_kind(hints)}
+            "parameters": registry.parameters(arch), "score_kind": registry.score_kind(hints),
+            "context_length": hints.get("context_length")}
 
 
 def _hub_records() -> list[dict]:
@@ -32,7 +33,8 @@ def _hub_records() -> list[dict]:
     for alias in registry.hub_aliases():
         path = hub.first_cached(alias.repo, registry.TRANSFORMERS_FILES)
         records.append({"name": alias.name, "released": True, **_architecture_facts(alias.arch),
-                        "input_resolution": alias.image_resolution, "parameters": alias.parameters, "size": None,
+                        "input_resolution": alias.image_resolution, "context_length": alias.context_length,
+                        "parameters": alias.parameters, "size": None,
                         "cached": path is not None, "path": str(path) if path else None, "sha256": None,
                         "url": f"https://huggingface.co/{alias.repo}", "family": alias.family,
                         "license": alias.license, "imagenet_top1": alias.imagenet_top1,
@@ -51,7 +53,7 @@ def catalog(cache_dir: str | os.PathLike | None = None) -> list[dict]:
         info = registry.find_model(record["name"]) if record["released"] else None
         if info is None:
             downloads.append({**record, "family": None, "parameters": None, "license": None, "imagenet_top1": None,
-                              "score_kind": None, "multilingual": None})
+                              "score_kind": None, "multilingual": None, "context_length": None})
             continue
         facts = registry.openai_facts(info)
         arch = _architecture_facts(registry.openai_architecture(info))
@@ -60,7 +62,7 @@ def catalog(cache_dir: str | os.PathLike | None = None) -> list[dict]:
             record = {**record, "cached": path is not None, "path": str(path) if path else None}
         named.append({**record, "family": "OpenAI", "parameters": arch["parameters"],
                       "license": facts.get("license"), "imagenet_top1": facts.get("imagenet_top1"),
-                      "score_kind": "softmax", "multilingual": False})
+                      "score_kind": "softmax", "multilingual": False, "context_length": arch["context_length"]})
     for entry in registry.pretrained():
         path = hub.first_cached(entry.hf_repo, entry.files)
         named.append({"name": entry.name, "released": True, **_architecture_facts(entry.arch), "size": None,

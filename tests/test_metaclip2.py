@@ -78,8 +78,11 @@ def test_metaclip_2_config_fields(tmp_path):
     mt5["text_config"].update(vocab_size=250100, eos_token_id=1)  # the mT5 tokenizer's models
     assert convert.config_from_transformers(mt5, "m")["text_clean"] == "canonicalize"
     assert convert.config_from_transformers(mt5, "m")["eos_id"] == 1
-    config["text_config"]["eos_token_id"] = None  # MetaClip2TextConfig's default, 2
-    assert convert.config_from_transformers(config, "m")["eos_id"] == 2
+    config["text_config"].update(eos_token_id=None, vocab_size=901629)  # MetaClip2TextConfig's default: 49407
+    assert convert.config_from_transformers(config, "m")["eos_id"] == 49407
+    config["text_config"]["vocab_size"] = 1000  # a default outside the vocabulary is named, not read past
+    with pytest.raises(CheckpointError, match="eos_token_id is 49407, outside the vocabulary"):
+        convert.config_from_transformers(config, "m")
 
 
 @pytest.mark.parametrize("eos, words", [(1000, "text_config.eos_token_id is 1000, outside the vocabulary of 1000"),
@@ -113,3 +116,12 @@ def test_open_clip_worldwide_matches_open_clip():
         text_diff = _max_diff(model.encode_text(ids), reference.encode_text(ids))
     print(f"\ntiny open_clip worldwide max |clipcli - open_clip|: image {image_diff:.2e}, text {text_diff:.2e}")
     assert max(image_diff, text_diff) <= TOLERANCE
+
+
+def test_a_row_without_its_end_token_is_read_at_the_first_position():
+    """open_clip's text_global_pool("eos") and transformers' MetaClip2 both take argmax over
+    ``ids == eos``: the first position when a row has no end token (a cut row always keeps it)."""
+    from clipcli.models.clip import readout
+
+    ids = torch.tensor([[0, 5, 2, 1, 2], [0, 5, 6, 7, 8]])
+    assert readout(ids, "eos", 2).tolist() == [2, 0]

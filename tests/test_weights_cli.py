@@ -89,7 +89,7 @@ def test_models_json_lists_the_nine_uncached():
                    "sha256": "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
                    "url": "https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
                    "family": "OpenAI", "parameters": 151_277_313, "license": "MIT", "imagenet_top1": 63.3,
-                   "score_kind": "softmax", "multilingual": False}
+                   "score_kind": "softmax", "multilingual": False, "context_length": 77}
     assert result.stderr == ""
 
 
@@ -130,11 +130,11 @@ def test_models_shows_cached_and_url_downloads(online, server, cache, fake_model
         {"name": "Fake/1", "released": True, "input_resolution": 32, "embed_dim": 16, "size": len(PAYLOAD),
          "cached": True, "path": str(cache / "Fake-1.pt"), "sha256": SHA, "url": server.url(f"/m/{SHA}/Fake-1.pt"),
          "family": "OpenAI", "parameters": None, "license": None, "imagenet_top1": None, "score_kind": "softmax",
-         "multilingual": False},
+         "multilingual": False, "context_length": None},
         {"name": "mine.pt", "released": False, "input_resolution": None, "embed_dim": None, "size": len(PAYLOAD),
          "cached": True, "path": str(cache / "mine.pt"), "sha256": other_sha, "url": server.url("/custom.pt"),
          "family": None, "parameters": None, "license": None, "imagenet_top1": None, "score_kind": None,
-         "multilingual": None},
+         "multilingual": None, "context_length": None},
     ]
     assert len(records) == 2 + len(registry.pretrained()) + len(registry.hub_aliases())
 

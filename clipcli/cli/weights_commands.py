@@ -40,13 +40,16 @@ def models(
 ) -> None:
     """List every model clipcli knows by name, and what is cached.
 
-    OpenAI's nine (ViT-B/32, ...) and OpenCLIP's LAION, DataComp, CommonPool, DFN, MetaCLIP,
-    YFCC and CC12M weights (ARCH/TAG, e.g. ViT-B-32/laion2b_s34b_b79k): family, parameters,
-    input resolution, embedding size, licence, published ImageNet zero-shot top-1 (%), and
-    whether it is cached (clipcli's cache or the Hugging Face one; --format json gives the
-    path); then any file downloaded with `clipcli download URL`. A narrow terminal shows fewer
-    columns rather than breaking names.
-    Any hf-hub:ORG/REPO holding an OpenCLIP or transformers CLIP loads too.
+    OpenAI's nine (ViT-B/32, ...); OpenCLIP's LAION, DataComp, CommonPool, DFN, MetaCLIP, YFCC
+    and CC12M weights, SigLIP, SigLIP 2 and MetaCLIP 2 "worldwide" (ARCH/TAG, e.g.
+    ViT-B-32/laion2b_s34b_b79k, ViT-B-16-SigLIP2/webli); the transformers repositories of SigLIP,
+    SigLIP 2 and MetaCLIP 2 (hf-hub:google/siglip2-base-patch16-224, also typed without hf-hub:):
+    family, score (softmax for CLIP; sigmoid, each label's own probability, for SigLIP),
+    parameters, input resolution, embedding size, languages (en or multi), licence, published
+    ImageNet zero-shot top-1 (%), and whether it is cached (clipcli's cache or the Hugging Face
+    one; --format json gives the path and the text context length); then any file downloaded
+    with `clipcli download URL`. A narrow terminal shows fewer columns rather than breaking names.
+    Any hf-hub:ORG/REPO holding an OpenCLIP model, a transformers CLIP, SigLIP or MetaCLIP 2 loads too.
 
     Example: clipcli models -f json | jq -r '.[] | select(.cached) | .path'
     """

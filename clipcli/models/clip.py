@@ -267,13 +267,12 @@ class ModifiedResNet(nn.Module):
 def readout(text: torch.Tensor, pool: str, eos_id: int | None = None) -> torch.Tensor:
     """The position each row of token ids ``(B, T)`` is read out at ``(B,)``: its end token, the
     largest id (``"argmax"``, OpenAI's BPE), the first ``eos_id`` (``"eos"``, other tokenizers; the
-    last position when a row has none), or the last position (``"last"``, SigLIP)."""
+    first position when a row has none, as open_clip and transformers read it), or the last
+    position (``"last"``, SigLIP)."""
     if pool == "argmax":
         return text.argmax(dim=-1)
     if pool == "eos":
-        found = text == eos_id  # (B, T)
-        first = found.int().argmax(dim=-1)
-        return torch.where(found.any(dim=-1), first, text.shape[-1] - 1)
+        return (text == eos_id).int().argmax(dim=-1)  # the first True, or 0 when there is none
     if pool == "last":
         return torch.full(text.shape[:1], text.shape[-1] - 1, dtype=torch.long, device=text.device)
     raise ValueError(f"unknown text readout {pool!r}")
@@ -402,9 +401,9 @@ class CLIP(DualEncoder):
             for parameter in (self.visual.class_embedding, self.visual.positional_embedding, self.visual.proj):
                 nn.init.normal_(parameter, std=scale)
             for block in self.visual.transformer.resblocks:
-                _init_block(block, self.visual.transformer.width, self.visual.transformer.layers)
+                init_block(block, self.visual.transformer.width, self.visual.transformer.layers)
         for block in self.transformer.resblocks:
-            _init_block(block, self.transformer.width, self.transformer.layers)
+            init_block(block, self.transformer.width, self.transformer.layers)
         nn.init.normal_(self.text_projection, std=self.transformer.width**-0.5)
 
     @property
@@ -433,7 +432,7 @@ class CLIP(DualEncoder):
         return F.normalize(features, dim=-1) if normalize else features
 
 
-def _init_block(block: nn.Module, width: int, layers: int) -> None:
+def init_block(block: nn.Module, width: int, layers: int) -> None:
     if not isinstance(block, ResidualAttentionBlock):  # a MixerBlock knows its own initialisation
         block.initialize(width, layers)
         return

@@ -262,7 +262,8 @@ def config_from_transformers(config: Any, source: str, preprocessor: Any = None)
         "transformer_heads": text_heads,
     }
     if model_type == "metaclip_2":  # CLIP's towers, its own tokenizer, read out at the first end token
-        eos_id = 2 if text.get("eos_token_id") is None else text["eos_token_id"]  # MetaClip2TextConfig's default
+        # MetaClip2TextConfig's default is CLIP's 49407 (the released configs all say 2)
+        eos_id = 49407 if text.get("eos_token_id") is None else text["eos_token_id"]
         if eos_id >= vocab:
             raise CheckpointError(f"{where}: text_config.eos_token_id is {shown(eos_id)}, outside the vocabulary "
                                   f"of {shown(vocab)}")

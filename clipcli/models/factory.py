@@ -38,7 +38,6 @@ from .config import (  # noqa: F401 (config_to_json, config_from_json, METADATA_
 
 # Entries of the released TorchScript files that are metadata, not parameters.
 EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
-# The safetensors metadata key holding the config of a checkpoint clipcli wrote.
 # Fields shapes determine; a config given for a checkpoint must agree with them.
 SHAPE_FIELDS = ("family", "embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size",
                 "context_length", "vocab_size", "transformer_width", "transformer_layers", "vision_mixer",
@@ -201,9 +200,6 @@ def assumption_note(config: CLIPConfig, source: str) -> str | None:
                   "and QuickGELU as OpenAI's; if it is an OpenCLIP model, give its architecture (arch, e.g. "
                   "ViT-H-14/laion2b_s32b_b79k) or put its open_clip_config.json beside it",
                   fix="arch")
-
-
-# --------------------------------------------------------------------------- config <-> metadata
 
 
 # --------------------------------------------------------------------------- building

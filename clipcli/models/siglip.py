@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ContextLengthError
-from .clip import DualEncoder, LayerNorm, Transformer, activation_module, readout
+from .clip import DualEncoder, LayerNorm, Transformer, activation_module, init_block, readout
 from .config import CLIPConfig
 
 EPS = 1e-6  # SigLIP's LayerNorm epsilon (CLIP's is 1e-5)
@@ -167,10 +167,11 @@ class TextTower(nn.Module):
         self.text_projection = nn.Linear(width, config.embed_dim) if config.text_projection else nn.Identity()
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
-        T = text.shape[-1]
-        if T > self.positional_embedding.shape[0]:
-            raise ContextLengthError(f"token ids of length {T} do not fit the model's "
-                                     f"{self.positional_embedding.shape[0]}-token context")
+        T, context = text.shape[-1], self.positional_embedding.shape[0]
+        if T > context or (self.pool == "last" and T != context):  # read out at the last position: a row
+            # shorter than the context would be read at another position than the model was trained at
+            raise ContextLengthError(f"token ids of length {T} do not fill the model's {context}-token context "
+                                     "(pad every row to it, as the model's tokenizer does)")
         x = self.token_embedding(text) + self.positional_embedding[:T].to(self.token_embedding.weight.dtype)
         # LayerNorm and the projection act per position: only the read-out one is computed.
         x = self.transformer(x, at=readout(text, self.pool, self.eos_id))  # (B, 1, width)
@@ -224,13 +225,7 @@ class SigLIP(DualEncoder):
         nn.init.normal_(text.token_embedding.weight, std=0.02)
         nn.init.normal_(text.positional_embedding, std=0.01)
         for block in text.transformer.resblocks:
-            proj_std = width**-0.5 * (2 * layers) ** -0.5
-            nn.init.normal_(block.attn.in_proj_weight, std=width**-0.5)
-            nn.init.zeros_(block.attn.in_proj_bias)
-            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.zeros_(block.attn.out_proj.bias)
-            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
-            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+            init_block(block, width, layers)
         if isinstance(text.text_projection, nn.Linear):
             nn.init.normal_(text.text_projection.weight, std=width**-0.5)
             nn.init.zeros_(text.text_projection.bias)
