@@ -48,11 +48,9 @@ def tokenize(texts: str | Sequence[str], context_length: int | None = None, trun
         from .text.bpe import tokenize as _tokenize
 
         return _tokenize(texts, context_length=77 if context_length is None else context_length, truncate=truncate)
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None:  # built, or loaded without its files: its config's (which says what is missing)
-        from .text.tokenizers import tokenizer_for
+    from .text.tokenizers import tokenizer_of
 
-        tokenizer = tokenizer_for(model.config, {})
+    tokenizer = tokenizer_of(model)  # built, or loaded without its files: its config's (which says what is missing)
     texts = [texts] if isinstance(texts, str) else list(texts)
     context_length = model.context_length if context_length is None else context_length
     return tokenizer.encode_texts(texts, context_length=context_length, truncate=truncate)[0]

@@ -23,6 +23,7 @@ from .errors import ItemError, Reason
 from .http import FetchOptions
 from .images import DecodeOptions, pillow_limits, read_image, to_rgb
 from .items import Item
+from .text.tokenizers import tokenizer_of  # which tokenizer a model uses: answered there
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -278,22 +279,6 @@ def _stack(rows: list) -> "torch.Tensor":
     import torch
 
     return torch.from_numpy(np.stack(rows)) if isinstance(rows[0], np.ndarray) else torch.stack(rows)
-
-
-def tokenizer_of(model: Any) -> Any:
-    """The tokenizer that fits ``model``: the one loading gave it, else the one its config names
-    (the CLIP BPE for a model that has no config)."""
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is not None:
-        return tokenizer
-    from .text.tokenizers import tokenizer_for
-
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "tokenizer", "clip") == "clip":
-        from .text.tokenizers import ClipTokenizer
-
-        return ClipTokenizer(getattr(model, "context_length", 77))
-    return tokenizer_for(config)
 
 
 def embed_texts(

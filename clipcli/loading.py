@@ -19,8 +19,11 @@ Names a user may type, tried in this order:
 
 A :class:`ModelSource` knows where the weights are, their key schema, the config fields their
 shapes cannot show and, for a model with its own tokenizer (SigLIP's SentencePiece), where its
-tokenizer files are: beside the weights, else in the hub repository its OpenCLIP config names
-(``text_cfg.hf_tokenizer_name``) or its registry entry names (``tokenizer_repo``). :func:`load`
+tokenizer files are: beside the weights, else in hub repositories (the model's own, then the one
+its OpenCLIP config names in ``text_cfg.hf_tokenizer_name`` or its registry entry names in
+``tokenizer_repo``). Resolving never downloads a tokenizer: it takes a repository's files from the
+Hugging Face cache when they are there and otherwise only records the repository, whose files
+are fetched when the first text is tokenized (image-only work fetches nothing). :func:`load`
 reads only the towers asked for, builds the model and gives it its tokenizer (``model.tokenizer``).
 """
 
@@ -36,10 +39,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from . import hub
-from .errors import CheckpointError, ClipcliError, DownloadError, UnknownModelError
+from .errors import CheckpointError, ClipcliError, UnknownModelError
 from .feedback import SILENT, Feedback
 from .models import convert, registry
 from .models.config import METADATA_KEY, TOWERS, config_from_json
+from .tokenizer_files import Repo, fetch_tokenizer_files, find_tokenizer, named_tokenizer_repo, tokenizer_fingerprint
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -48,6 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 TRANSFORMERS_CONFIG, TRANSFORMERS_PREPROCESSOR = "config.json", "preprocessor_config.json"
+TRANSFORMERS_PROCESSOR = "processor_config.json"  # transformers 5: the image processor's settings nested
 TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                         "pytorch_model.bin.index.json")
 
@@ -66,8 +71,13 @@ class ModelSource:
     hints: Mapping[str, Any] = field(default_factory=dict)  # CLIPConfig fields; empty: OpenAI's choices
     described: bool = False  # whether a config (registry, file, metadata) described the model
     # The model's own tokenizer files by name (clipcli.text.tokenizers.TOKENIZER_FILES); empty for
-    # a model with the bundled BPE, or when none were found (its tokenizer says so when used).
+    # a model with the bundled BPE, when none were found (its tokenizer says so when used), or
+    # when they are still to be fetched from tokenizer_repos.
     tokenizer_files: Mapping[str, Path] = field(default_factory=dict)
+    # The hub repositories its tokenizer comes from, in order, when it is not beside the weights:
+    # tokenizer_files are their cached copies, else they are fetched for the first text.
+    tokenizer_repos: tuple[Repo, ...] = ()
+    bars: bool = field(default=False, compare=False, repr=False)  # whether that fetch draws progress bars
 
     @property
     def path(self) -> Path:
@@ -84,17 +94,26 @@ def _read_json(path: Path, what: str) -> Any:
         raise CheckpointError(f"{path}: cannot read the {what} ({' '.join(str(error).split())[:200]})") from None
 
 
-def _transformers_hints(config_path: Path, preprocessor: Callable[[], Path | None], source: str) -> dict | None:
-    """Config fields from a transformers ``config.json`` (and the preprocessor config that
-    ``preprocessor()`` finds), or None when the file is not one (a training run's config.json)."""
+def _transformers_hints(config_path: Path, get: Callable[[str], Path | None], source: str) -> dict | None:
+    """Config fields from a transformers ``config.json`` and its image processor's settings
+    (``preprocessor_config.json``, or the ``image_processor`` entry of the ``processor_config.json``
+    that transformers 5 writes instead), each found with ``get``; None when the file is not one
+    (a training run's config.json)."""
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
     if not isinstance(config, dict) or "model_type" not in config:
         return None
-    preprocessor_path = preprocessor()
-    preprocessor_config = _read_json(preprocessor_path, "preprocessor config") if preprocessor_path else None
+    preprocessor_config = None
+    preprocessor_path = get(TRANSFORMERS_PREPROCESSOR)
+    if preprocessor_path is not None:
+        preprocessor_config = _read_json(preprocessor_path, "preprocessor config")
+    elif (processor_path := get(TRANSFORMERS_PROCESSOR)) is not None:
+        processor = _read_json(processor_path, "processor config")
+        preprocessor_config = processor.get("image_processor") if isinstance(processor, dict) else processor
+        if preprocessor_config is None:  # a processor config without image settings: the defaults
+            preprocessor_config = {}
     return convert.config_from_transformers(config, source, preprocessor_config)
 
 
@@ -108,55 +127,14 @@ def _stored_config(path: Path) -> dict | None:
     return asdict(config_from_json(text)) if text else None
 
 
-# --------------------------------------------------------------------------- tokenizer files
-
-Repo = tuple[str, "str | None"]  # a hub repository and revision (None: main)
-
-
-def _tokenizer_files(get: Callable[[str], Path | None]) -> dict[str, Path]:
-    """The tokenizer files ``get`` finds, by name."""
-    from .text.tokenizers import TOKENIZER_FILES
-
-    return {name: path for name in TOKENIZER_FILES if (path := get(name)) is not None}
-
-
-def _hub_tokenizer_files(repo: str, revision: str | None = None, *, download: bool = False,
-                         bars: bool = False) -> dict[str, Path]:
-    """The tokenizer files of hub ``repo`` in the HF cache, or (``download``) on the hub; none when
-    the hub cannot be reached or has no such repository: the model loads, and its tokenizer names
-    what it lacks when it is first used (image-only work needs none)."""
-    try:
-        if not download:
-            return _tokenizer_files(lambda name: hub.cached_file(repo, name, revision))
-        return _tokenizer_files(lambda name: hub.optional_file(repo, name, revision, bars=bars))
-    except (DownloadError, UnknownModelError):
-        return {}
-
-
-def _named_tokenizer_repo(open_clip_config: Any) -> Repo | None:
-    """The hub repository an OpenCLIP config names for its tokenizer (``text_cfg.hf_tokenizer_name``)."""
-    model_cfg = open_clip_config.get("model_cfg", open_clip_config) if isinstance(open_clip_config, dict) else None
-    text_cfg = model_cfg.get("text_cfg") if isinstance(model_cfg, dict) else None
-    name = text_cfg.get("hf_tokenizer_name") if isinstance(text_cfg, dict) else None
-    return (name, None) if isinstance(name, str) and name.count("/") == 1 else None
-
-
-def _with_tokenizer(source: ModelSource, get: Callable[[str], Path | None], repos: Sequence[Repo | None] = (),
-                    bars: bool = False) -> ModelSource:
-    """``source`` with its tokenizer files: those ``get`` finds beside the weights, else the first
-    of hub ``repos`` that has some. Only for a model whose config names its own tokenizer (a
-    CLIP's BPE is bundled: nothing is looked for, so nothing is asked of the hub)."""
+def _with_tokenizer(source: ModelSource, beside: Callable[[str], Path | None] | None,
+                   repos: Sequence[Repo | None] = (), bars: bool = False) -> ModelSource:
+    """``source`` with where its tokenizer comes from (:func:`~clipcli.tokenizer_files.find_tokenizer`):
+    only for a model whose config names its own (a CLIP's BPE is bundled: nothing is looked for)."""
     if source.hints.get("tokenizer", "clip") == "clip":
         return source
-    files = _tokenizer_files(get)
-    # Every repository's cached files before any download: a model whose tokenizer lives in
-    # another repository (SO400M's in ViT-B-16-SigLIP's), all cached, asks nothing of the hub.
-    for download in (False, True):
-        for repo in filter(None, repos):
-            if files or (download and hub.offline()):
-                break
-            files = _hub_tokenizer_files(*repo, download=download, bars=bars)
-    return replace(source, tokenizer_files=files)
+    files, repos = find_tokenizer(beside, repos)
+    return replace(source, tokenizer_files=files, tokenizer_repos=repos, bars=bars)
 
 
 # --------------------------------------------------------------------------- resolving
@@ -167,22 +145,25 @@ def _layout_source(name: str, get: Callable[[str], Path | None],
                    bars: bool = False) -> ModelSource | None:
     """An OpenCLIP or transformers model from a place holding files (a folder, the HF cache,
     the hub ``repo``): ``get`` one file or None, ``first`` of several or None. Configs are read
-    (and families refused) before any weights are looked for. None when neither layout is whole."""
+    (and families refused) before any weights are looked for. None when neither layout is whole.
+    A hub repository's own tokenizer files are found as any repository's (cached, else fetched
+    for the first text), never downloaded here."""
+    beside = get if repo is None else None
     open_clip_config = get(OPEN_CLIP_CONFIG)
     if open_clip_config is not None:
         data = _read_json(open_clip_config, "OpenCLIP config")
         hints = convert.config_from_open_clip(data, name)
         weights = first(registry.OPEN_CLIP_FILES)
         if weights is not None:
-            return _with_tokenizer(ModelSource(name, (weights,), hints, described=True), get,
-                                   (repo, _named_tokenizer_repo(data)), bars)
+            return _with_tokenizer(ModelSource(name, (weights,), hints, described=True), beside,
+                                   (repo, named_tokenizer_repo(data)), bars)
     config = get(TRANSFORMERS_CONFIG)
-    hints = _transformers_hints(config, lambda: get(TRANSFORMERS_PREPROCESSOR), name) if config is not None else None
+    hints = _transformers_hints(config, get, name) if config is not None else None
     if hints is not None:
         weights = first(TRANSFORMERS_WEIGHTS)
         if weights is not None:
             files = _shards(weights, get) if weights.name.endswith(".index.json") else (weights,)
-            return _with_tokenizer(ModelSource(name, files, hints, described=True), get, (repo,), bars)
+            return _with_tokenizer(ModelSource(name, files, hints, described=True), beside, (repo,), bars)
     return None
 
 
@@ -217,10 +198,10 @@ def _first_of(get: Callable[[str], Path | None]) -> Callable[[Sequence[str]], Pa
     return lambda candidates: next(filter(None, map(get, candidates)), None)
 
 
-def _folder_source(folder: Path, name: str) -> ModelSource:
+def _folder_source(folder: Path, name: str, bars: bool = False) -> ModelSource:
     """An OpenCLIP or transformers model saved in ``folder`` (as the hub holds them)."""
     get = _in_folder(folder)
-    source = _layout_source(name, get, _first_of(get))
+    source = _layout_source(name, get, _first_of(get), bars=bars)
     if source is None:
         raise CheckpointError(
             f"{folder} holds no model clipcli can read: it needs {OPEN_CLIP_CONFIG} with one of "
@@ -249,7 +230,7 @@ def _hub_source(name: str, repo: str, revision: str | None, bars: bool) -> Model
         raise hub.not_cached(repo, missing or (OPEN_CLIP_CONFIG, TRANSFORMERS_CONFIG), None, name=name)
     with hub.looking_for(name, repo, missing):
         source = _layout_source(name, lambda f: hub.optional_file(repo, f, revision, bars=bars),
-                                lambda files: hub.first_file(repo, files, revision, bars=bars))
+                                lambda files: hub.first_file(repo, files, revision, bars=bars), (repo, revision), bars)
     if source is None:
         raise CheckpointError(
             f"{name}: neither the hub nor the Hugging Face cache ({hub.cache_dir()}) holds an OpenCLIP "
@@ -258,7 +239,7 @@ def _hub_source(name: str, repo: str, revision: str | None, bars: bool) -> Model
     return source
 
 
-def _file_source(path: Path, name: str, arch: str | None) -> ModelSource:
+def _file_source(path: Path, name: str, arch: str | None, bars: bool = False) -> ModelSource:
     """A checkpoint file; its config from ``arch``, its own metadata, or a config beside it, and
     its tokenizer files (for a model with its own) from beside it, else where that config says."""
     beside = _in_folder(path.parent)
@@ -266,7 +247,7 @@ def _file_source(path: Path, name: str, arch: str | None) -> ModelSource:
     if arch is not None:
         tokenizer_repo = registry.tokenizer_repo(arch)
         return _with_tokenizer(ModelSource(name, files, _arch_hints(arch), described=True), beside,
-                               ((tokenizer_repo, None) if tokenizer_repo else None,))
+                               ((tokenizer_repo, None) if tokenizer_repo else None,), bars)
     stored = _stored_config(files[0])
     if stored is not None:
         return _with_tokenizer(ModelSource(name, files, stored, described=True), beside)
@@ -274,8 +255,8 @@ def _file_source(path: Path, name: str, arch: str | None) -> ModelSource:
     if open_clip_config is not None:
         data = _read_json(open_clip_config, "OpenCLIP config")
         return _with_tokenizer(ModelSource(name, files, convert.config_from_open_clip(data, name), described=True),
-                               beside, (_named_tokenizer_repo(data),))
-    hints = _transformers_hints(path.parent / TRANSFORMERS_CONFIG, lambda: beside(TRANSFORMERS_PREPROCESSOR), name)
+                               beside, (named_tokenizer_repo(data),), bars)
+    hints = _transformers_hints(path.parent / TRANSFORMERS_CONFIG, beside, name)
     if hints is None:
         return ModelSource(name, files)
     return _with_tokenizer(ModelSource(name, files, hints, described=True), beside)
@@ -303,11 +284,11 @@ def resolve(name: str | os.PathLike, *, arch: str | None = None, cache_dir: str 
     if parsed is not None:
         return _hub_source(text, *parsed, bars=bars)
     if path.is_file():
-        return _file_source(path, text, arch)
+        return _file_source(path, text, arch, bars)
     info = registry.find_model(text)
     pretrained = registry.find_pretrained(text) if info is None else None
     if path.is_dir() and not (info or pretrained):  # a model name beats a folder of that name
-        return _folder_source(path, text)
+        return _folder_source(path, text, bars)
     if info is not None:  # the same weights in the HF cache (open_clip's download), else clipcli's cache
         from .download import model_file
 
@@ -322,7 +303,7 @@ def resolve(name: str | os.PathLike, *, arch: str | None = None, cache_dir: str 
                                   f"{', '.join(pretrained.files)}")
         source = ModelSource(text, (weights,), pretrained.hints, described=True)
         tokenizer_repo = pretrained.tokenizer_repo  # None: its own repository's files
-        return _with_tokenizer(source, lambda _: None,
+        return _with_tokenizer(source, None,
                                ((pretrained.hf_repo, None), (tokenizer_repo, None) if tokenizer_repo else None), bars)
     alias = registry.find_hub_alias(text)  # google/siglip-base-patch16-224 names its hub repository
     if alias is not None:
@@ -365,7 +346,8 @@ def load(source: ModelSource, device: torch.device | str = "cpu", dtype: torch.d
     assumed about an undescribed checkpoint (None when nothing was). ``model.tokenizer`` is
     the tokenizer that fits it (:func:`clipcli.text.tokenizers.tokenizer_for`: the bundled BPE
     for a CLIP, the model's own files for a SigLIP, read when first used), or None when those
-    files were not found: the model still embeds images, and tokenizing for it says what is missing."""
+    files were not found: the model still embeds images, and tokenizing for it says what is missing.
+    A tokenizer from a hub repository not in the cache is downloaded for the first text."""
     import torch
 
     from .models.factory import assumption_note, build_model, config_from_state_dict
@@ -383,8 +365,11 @@ def load(source: ModelSource, device: torch.device | str = "cpu", dtype: torch.d
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
     from .text.tokenizers import tokenizer_for
 
+    repos = source.tokenizer_repos
+    fetch = (lambda: fetch_tokenizer_files(source.name, repos, source.bars)) if repos else None
+    origin = f"the tokenizer of hub repository {source.tokenizer_repos[0][0]}" if source.tokenizer_repos else ""
     try:
-        model.tokenizer = tokenizer_for(model.config, source.tokenizer_files)
+        model.tokenizer = tokenizer_for(model.config, source.tokenizer_files, fetch=fetch, origin=origin)
     except CheckpointError:  # its files were not found: images need none; text raises when tokenized
         model.tokenizer = None
     return model.eval(), note
@@ -415,15 +400,14 @@ def weights_sha256(source: ModelSource) -> str:
 
 def source_key(source: ModelSource) -> str:
     """What decides a model's identity before it is loaded: its weights, the hints that the
-    shapes cannot give and, for a model with its own tokenizer, its tokenizer files' contents
-    (the search index finds its vectors by it without loading)."""
-    from .cache import remembered_sha256
-    from .hub import blob_sha256
-
+    shapes cannot give and, for a model with its own tokenizer, where that comes from: the hub
+    repositories (and revisions) it is taken from, cached or not, or else its files' contents.
+    The key is the same whether or not the hub could be reached (the search index finds its
+    vectors by it without loading)."""
     hints = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in dict(source.hints).items()},
                        sort_keys=True, default=str)
     key = f"{weights_sha256(source)}\0{hints}"
-    if source.tokenizer_files:  # none for a CLIP: its identity stays what it was
-        hashes = {name: blob_sha256(path) or remembered_sha256(path) for name, path in source.tokenizer_files.items()}
-        key += "\0" + json.dumps(hashes, sort_keys=True)
+    tokenizer = tokenizer_fingerprint(source.tokenizer_files, source.tokenizer_repos)
+    if tokenizer is not None:  # none for a CLIP: its identity stays what it was
+        key += "\0" + tokenizer
     return hashlib.sha256(key.encode()).hexdigest()

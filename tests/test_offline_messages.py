@@ -136,7 +136,7 @@ def test_a_reachable_hub_still_falls_back_from_one_layout_to_the_other(hub_serve
     folder = save_transformers(transformers_model("gelu-eos49407"), tmp_path / "served")
     commit = "d" * 40
     base = "/org/tf/resolve/main/"
-    for missing in ("open_clip_config.json", "preprocessor_config.json"):
+    for missing in ("open_clip_config.json", "preprocessor_config.json", "processor_config.json"):
         hub_server.headers[base + missing] = {"status": "404", "X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit}
     for file in folder.iterdir():
         data = file.read_bytes()

@@ -309,3 +309,98 @@ def test_bpe_json_errors(tmp_path):
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
         with pytest.raises(CheckpointError, match=f"{name}.json"):
             JsonTokenizer.from_file(path)
+
+
+@pytest.mark.parametrize("name, change, words", [
+    ("added-id-2-63", lambda s: s["added_tokens"].append({"id": 2 ** 63, "content": "<x>", "special": True}), "an added token's id"),
+    ("added-id-negative", lambda s: s["added_tokens"].append({"id": -1, "content": "<x>", "special": True}), "an added token's id"),
+    ("template-id-2-64", lambda s: s["post_processor"]["special_tokens"]["</s>"].update(ids=[2 ** 64]), "special token '</s>'"),
+    ("roberta-id", lambda s: s.update(post_processor={"type": "RobertaProcessing", "cls": ["<s>", 2 ** 40], "sep": ["</s>", 2]}),
+     "cls id"),
+    ("unk-id-bool", lambda s: s["model"].update(unk_id=True), "unk_id"),
+    ("huge-score", lambda s: s["model"]["vocab"].append(["zz", 10 ** 400]), "float"),
+    ("empty-piece", lambda s: s["model"]["vocab"].append(["", -5.0]), None),
+])
+def test_ids_out_of_range_and_odd_values_raise_checkpoint_errors(tmp_path, name, change, words):
+    """Ids past 2**31 (numpy would overflow on them) and other damage: one line naming the file,
+    or (an empty piece, which tokenizers skips too) a tokenizer that still works."""
+    path = _json_case(tmp_path, name, change)
+    if words is None:
+        assert JsonTokenizer.from_file(path).encode("a cat")
+        return
+    with pytest.raises(CheckpointError, match=f"{name}.json") as error:
+        JsonTokenizer.from_file(path)
+    assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_catastrophic_regex_stops_naming_the_file_and_pattern(tmp_path, monkeypatch):
+    """``(a|aa)+$`` backtracks exponentially on a run of a's not at the end; each use of a file's
+    regex has a time limit (lowered here so the test takes a moment, not a second)."""
+    import time
+
+    from clipcli.text import hf_stages
+
+    monkeypatch.setattr(hf_stages, "REGEX_SECONDS", 0.05)
+    split = {"type": "Split", "pattern": {"Regex": "(a|aa)+$"}, "behavior": "Isolated", "invert": False}
+    replace = {"type": "Replace", "pattern": {"Regex": "(a|aa)+$"}, "content": "b"}
+    for name, change in [("split", lambda s: s.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [split, s["pre_tokenizer"]]})),
+                         ("replace", lambda s: s.update(normalizer={"type": "Sequence", "normalizers": [replace, s["normalizer"]]}))]:
+        ours = JsonTokenizer.from_file(_json_case(tmp_path, f"redos-{name}", change))
+        assert ours.encode("a cat") and ours.encode("baaa")  # short runs: as written
+        start = time.perf_counter()
+        with pytest.raises(CheckpointError, match=rf"redos-{name}\.json: regex '\(a\|aa\)\+\$' ran for over") as error:
+            ours.encode("a" * 60 + "!")  # 2**60 ways to split the run
+        assert time.perf_counter() - start < 2 and "\n" not in str(error.value)
+
+
+def test_the_time_limit_keeps_the_regex_results(tmp_path):
+    """A file's regex under the time limit gives what ``tokenizers`` gives (the rest of the
+    Regex variants are in test_tokenizer_json_components_as_tokenizers)."""
+    from tokenizers import Regex
+    from tokenizers import pre_tokenizers as p
+
+    reference = tokenizers.Tokenizer.from_file(str(hf_folder("gemma") / "tokenizer.json"))
+    reference.pre_tokenizer = p.Split(Regex(r"(\p{L}+|\d)"), behavior="isolated")
+    path = tmp_path / "timed.json"
+    reference.save(str(path))
+    ours = JsonTokenizer.from_file(path)
+    texts = TEXTS[:200] + ["abc123 déf", "x" * 5000 + " 1"]
+    assert _mismatches(ours.encode, lambda text: reference.encode(text, add_special_tokens=False).ids, texts) == []
+
+
+def test_a_vocabulary_piece_past_the_bound_is_refused_and_long_pieces_stay_fast(tmp_path):
+    """A 2,000-character piece would make Viterbi slice up to 2,000 candidates per character
+    (19.6 s for a 20,000-character text): refused, naming the file; one at the bound is fast."""
+    import time
+
+    from clipcli.text.pieces import MAX_PIECE_CHARS
+
+    long = lambda n: lambda s: s["model"]["vocab"].append(["\u2581" + "a" * (n - 1), -30.0])  # noqa: E731
+    with pytest.raises(CheckpointError, match="too-long.json: .*2,000 characters long, over the 256"):
+        JsonTokenizer.from_file(_json_case(tmp_path, "too-long", long(2000)))
+    ours = JsonTokenizer.from_file(_json_case(tmp_path, "at-bound", long(MAX_PIECE_CHARS)))
+    start = time.perf_counter()
+    ours.encode("a" * 20000)
+    assert time.perf_counter() - start < 2  # about 0.1 s here
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(model_file("t5").read_bytes())
+    proto.pieces.add(piece="\u2581" + "a" * 1999, score=-30.0, type=1)
+    path = tmp_path / "too-long.model"
+    path.write_bytes(proto.SerializeToString())
+    with pytest.raises(CheckpointError, match="too-long.model: .*2,000 characters long"):
+        SentencePiece.from_file(path)
+
+
+def test_files_past_the_size_cap_are_refused_before_reading(tmp_path):
+    """A tokenizer file over 512 MiB (XLM-V's are about 50 MB) is refused without being read
+    (a sparse file: nothing is written to disk)."""
+    from clipcli.text.sentencepiece import MAX_FILE_BYTES
+
+    for name, load in (("huge.model", SentencePiece.from_file), ("tokenizer.json", JsonTokenizer.from_file)):
+        path = tmp_path / name
+        with open(path, "wb") as f:
+            f.truncate(MAX_FILE_BYTES + 1)
+        with pytest.raises(CheckpointError, match=f"{name}: 536,870,913 bytes, more than the 512 MiB"):
+            load(path)
+

@@ -23,7 +23,7 @@ from foreign import hf_cache_repo, randomize
 from PIL import Image
 
 import clipcli
-from clipcli.errors import ClipcliError, UnsupportedModelError
+from clipcli.errors import ClipcliError, OfflineError, UnsupportedModelError
 
 TOLERANCE = 1e-4  # float32, as the CLIP parity tests; measured differences are below 1e-5
 SIGLIP_PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
@@ -438,12 +438,10 @@ def _tiny_tokenizer(folder: Path) -> None:
 
 
 def test_a_loaded_siglip_tokenizes_with_its_own_files(siglip_repo, tmp_path):
-    from clipcli.errors import CheckpointError
 
     name, folder, reference = siglip_repo
-    bare, _ = clipcli.load(folder, device="cpu")
-    assert bare.tokenizer is None  # no files found: images still embed, text says what is missing
-    with pytest.raises(CheckpointError, match="tokenizer files were not found"):
+    bare, _ = clipcli.load(folder, device="cpu")  # its config names a hub tokenizer, not cached: fetched for text
+    with pytest.raises(OfflineError, match="the tokenizer of .* no tokenizer.json, .* of timm/tiny-siglip-tokenizer"):
         clipcli.tokenize(["a cat"], model=bare)
     copy = _copy(folder, tmp_path / "with-tokenizer")
     _tiny_tokenizer(copy)
@@ -454,6 +452,65 @@ def test_a_loaded_siglip_tokenizes_with_its_own_files(siglip_repo, tmp_path):
     assert torch.equal(tokens, expected) and torch.equal(model.tokenizer(["A cat!", "a"]), expected)
     with torch.no_grad():
         assert _max_diff(model.encode_text(tokens), reference.encode_text(tokens)) <= TOLERANCE
+
+
+@pytest.fixture
+def tokenizer_hub(tmp_path, monkeypatch):
+    """A hub on 127.0.0.1 serving ``timm/tiny-siglip-tokenizer`` (the repository the tiny SigLIP's
+    config names): the tiny tokenizer.json and its config, and a stand-in ``spiece.model`` that
+    must never be fetched (tokenizer.json is read when there is one). Online, an empty HF cache."""
+    from download_server import start_server, stop_server
+
+    server = start_server()
+    files = tmp_path / "served"
+    files.mkdir()
+    _tiny_tokenizer(files)
+    (files / "spiece.model").write_bytes(b"never read")
+    for file in files.iterdir():
+        path = f"/timm/tiny-siglip-tokenizer/resolve/main/{file.name}"
+        server.add(path, file.read_bytes())
+        server.headers[path] = {"X-Repo-Commit": "d" * 40}
+    missing = "/timm/tiny-siglip-tokenizer/resolve/main/special_tokens_map.json"  # as the hub says "no such file"
+    server.headers[missing] = {"status": "404", "X-Error-Code": "EntryNotFound", "X-Repo-Commit": "d" * 40}
+    monkeypatch.setenv("HF_ENDPOINT", server.base)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub"))
+    monkeypatch.delenv("CLIPCLI_OFFLINE")
+    yield server
+    stop_server(server)
+
+
+def test_a_hub_tokenizer_is_fetched_for_the_first_text_and_the_identity_never_depends_on_it(
+        siglip_repo, tokenizer_hub, monkeypatch):
+    """A local SigLIP whose config names a hub tokenizer: resolving and image-only work ask the
+    hub nothing; the first text fetches only the files that are read; the model's key is the
+    same offline, online, before and after the fetch."""
+    from clipcli.loading import load_model, resolve, source_key
+
+    name, folder, reference = siglip_repo
+    source = resolve(folder)
+    assert source.tokenizer_repos == (("timm/tiny-siglip-tokenizer", None),) and dict(source.tokenizer_files) == {}
+    key = source_key(source)
+    monkeypatch.setenv("CLIPCLI_OFFLINE", "1")
+    assert source_key(resolve(folder)) == key  # offline: the same identity
+    monkeypatch.delenv("CLIPCLI_OFFLINE")
+    image_only = load_model(folder, towers=("image",))
+    images, _ = _inputs(image_only)
+    with torch.no_grad():
+        image_only.encode_image(images)
+    assert tokenizer_hub.requests == []  # resolve, load and images: nothing asked of the hub
+
+    model = load_model(folder)
+    tokens = clipcli.tokenize(["A cat!"], model=model)
+    assert tokens[0, :3].tolist() == [30, 31, 1]  # ▁a ▁cat </s>
+    asked = {request.path.rsplit("/", 1)[-1] for request in tokenizer_hub.requests}
+    assert asked == {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}  # the last: none
+    assert not tokenizer_hub.gets("/timm/tiny-siglip-tokenizer/resolve/main/special_tokens_map.json")
+    cached = resolve(folder)  # now from the HF cache, still keyed by the repository
+    assert cached.tokenizer_files["tokenizer.json"].read_bytes() == model.tokenizer.files["tokenizer.json"].read_bytes()
+    assert source_key(cached) == key
+    monkeypatch.setenv("CLIPCLI_OFFLINE", "1")
+    offline = load_model(folder)
+    assert torch.equal(clipcli.tokenize(["A cat!"], model=offline), tokens)
 
 
 def test_the_api_tokenizes_with_the_models_tokenizer(tiny_vit_checkpoint):
@@ -485,3 +542,24 @@ def test_families_clipcli_does_not_run_are_refused_in_one_line(siglip_repo, fami
     with pytest.raises(UnsupportedModelError) as error:
         clipcli.load(other, device="cpu")
     assert f"is a {family} model" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_transformers_5_processor_config_gives_the_image_settings(transformers_repo, tmp_path, sample_images):
+    """transformers 5's save_pretrained writes processor_config.json, the image processor's
+    settings nested under "image_processor", and no preprocessor_config.json: they are read from it."""
+    from PIL import Image
+    from transformers import SiglipImageProcessorPil
+
+    folder = _copy(transformers_repo[0], tmp_path / "v5")
+    (folder / "preprocessor_config.json").unlink()
+    settings = {"image_processor_type": "SiglipImageProcessor", "image_mean": [0.2, 0.3, 0.4],
+                "image_std": [0.1, 0.2, 0.3], "resample": 2, "size": {"height": 32, "width": 32}, "do_resize": True,
+                "do_rescale": True, "do_normalize": True, "rescale_factor": 1 / 255}
+    (folder / "processor_config.json").write_text(json.dumps({"processor_class": "SiglipProcessor",
+                                                              "image_processor": settings}))
+    model, preprocess = clipcli.load(folder, device="cpu")
+    assert model.config.image_mean == (0.2, 0.3, 0.4) and model.config.interpolation == "bilinear"
+    reference = SiglipImageProcessorPil(**{k: v for k, v in settings.items() if k != "image_processor_type"})
+    image = Image.open(sample_images[0]).convert("RGB")
+    expected = reference(images=image, return_tensors="pt")["pixel_values"][0]
+    assert _max_diff(preprocess(image), expected) <= 2 / 255 / 0.1  # PIL resize rounding, one level

@@ -366,7 +366,9 @@ def test_load_and_tokenize_from_python_match_transformers(hub):
     images = photos()
     pixels = torch.stack([preprocess(image) for image in images])
     reference_pixels = transformers_pixels(hub, "siglip2", images)
-    texts = ["a photo of a cat.", "A Dog", "一只猫", "two cats and 3 dogs"]
+    # lower-cased and nothing else, as transformers' Siglip2Tokenizer: full-width forms, ligatures
+    # and whitespace runs stay as they are (open_clip's cleanings would change them)
+    texts = ["a photo of a cat.", "A Dog", "一只猫", "two cats and 3 dogs", "ＦＵＬＬ width ﬁne", "  spaces   here  "]
     tokens = clipcli.tokenize(texts, model=model)
     expected_ids = transformers_ids(hub, "siglip2", texts, repos.SIGLIP2_CONTEXT)
     assert tokens.shape == (len(texts), repos.SIGLIP2_CONTEXT) and torch.equal(tokens, expected_ids)

@@ -121,7 +121,7 @@ def test_hints_from_config_and_preprocessor_config(saved):
     gemma["text_config"].update(vocab_size=256000, hidden_act="gelu")  # SigLIP 2's tokenizer; another activation
     preprocessor = {**preprocessor, "resample": 2, "image_mean": [0.1, 0.2, 0.3], "do_normalize": True}
     hints = convert.config_from_transformers(gemma, "tiny", preprocessor)
-    assert hints["text_clean"] == "lower" and hints["text_activation"] == "gelu"
+    assert hints["text_clean"] == "lowercase" and hints["text_activation"] == "gelu"
     assert hints["interpolation"] == "bilinear" and hints["image_mean"] == (0.1, 0.2, 0.3)
     unnormalized = convert.config_from_transformers(config, "tiny", {"do_normalize": False})
     assert unnormalized["image_mean"] == (0.0, 0.0, 0.0) and unnormalized["image_std"] == (1.0, 1.0, 1.0)

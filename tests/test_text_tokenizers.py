@@ -190,3 +190,119 @@ def test_ids_past_the_models_embeddings_are_refused_not_an_index_error():
     with pytest.raises(CheckpointError, match="token embeddings: the tokenizer files are not this model's"):
         small(["一只猫 and a cat"])
     assert torch.equal(PieceTokenizer(files, 77, "whitespace", model_vocab=int(ids.max()) + 1)(["一只猫 and a cat"]), ids)
+
+
+# --------------------------------------------------------------------------- damaged files, one line each
+
+
+def _changed(tmp_path: Path, kind: str, bare: bool, file: str = "tokenizer_config.json", **changes) -> dict[str, Path]:
+    """The family's tokenizer files (hub layout, or the bare ``.model``) with ``file``'s JSON updated."""
+    folder = tmp_path / f"{kind}-{'bare' if bare else 'hf'}-{len(list(tmp_path.iterdir()))}"
+    shutil.copytree(bare_folder(kind) if bare else hf_folder(kind), folder)
+    path = folder / file
+    spec = json.loads(path.read_text()) if path.exists() else {}
+    for key, value in changes.items():
+        spec[key] = value(spec) if callable(value) else value
+    path.write_text(json.dumps(spec))
+    return tokenizer_files(folder)
+
+
+def _one_line_error(files: dict[str, Path], *words: str) -> str:
+    with pytest.raises(CheckpointError) as error:
+        PieceTokenizer(files, 64, "whitespace")("a cat")
+    message = str(error.value)
+    assert "\n" not in message and all(word in message for word in words), message
+    return message
+
+
+@pytest.mark.parametrize("bare", [False, True], ids=["tokenizer.json", "model"])
+@pytest.mark.parametrize("key", ["²", "١٢", "99999999999", "2147483648", "-1"])
+def test_added_tokens_decoder_keys_that_are_not_ids_name_the_config(tmp_path, bare, key):
+    """``"²".isdigit()`` is True but ``int("²")`` raises; ids past 2**31 overflow numpy's int64 later."""
+    entry = {"content": "<extra>", "special": True}
+    files = _changed(tmp_path, "xlmv", bare, added_tokens_decoder={key: entry})
+    _one_line_error(files, "tokenizer_config.json", "added_tokens_decoder key", "is not a token id")
+
+
+def test_special_token_ids_past_int64_in_tokenizer_json_name_the_file(tmp_path):
+    for name, change in [("template", lambda s: {**s["post_processor"], "special_tokens": {
+                              "</s>": {"id": "</s>", "ids": [2 ** 63], "tokens": ["</s>"]}}}),
+                         ("added", lambda s: [*s["added_tokens"], {"id": 2 ** 64, "content": "<big>", "special": True}])]:
+        key = "post_processor" if name == "template" else "added_tokens"
+        files = _changed(tmp_path, "t5", False, "tokenizer.json", **{key: change})
+        _one_line_error(files, str(files["tokenizer.json"]), "is not a token id")
+
+
+@pytest.mark.parametrize("bare", [False, True], ids=["tokenizer.json", "model"])
+def test_a_named_special_token_missing_from_the_vocabulary_is_an_error(tmp_path, bare):
+    """transformers would add ``eos_token: "nope"`` as a new token, an id the model never trained."""
+    files = _changed(tmp_path, "t5", bare, eos_token="nope")
+    _one_line_error(files, str(files["tokenizer_config.json"]), "eos_token 'nope' is not in the vocabulary")
+    files = _changed(tmp_path, "xlmv", bare, "special_tokens_map.json", pad_token={"content": "<nothing>"})
+    config = json.loads(files["tokenizer_config.json"].read_text())
+    files["tokenizer_config.json"].write_text(json.dumps({k: v for k, v in config.items() if k != "pad_token"}))
+    _one_line_error(files, "special_tokens_map.json", "pad_token '<nothing>'")
+    # A token the config's added_tokens_decoder gives an id (past the 700 pieces) is not missing:
+    # it is matched in the text, as transformers matches it.
+    files = _changed(tmp_path, "t5", bare, eos_token="<new>", added_tokens_decoder={"700": {"content": "<new>"}})
+    ours = PieceTokenizer(files, 64, "whitespace")
+    words = ours.encode_text("a cat")
+    eos = 700 if bare else 1  # the .model's eos is the config's; tokenizer.json's template keeps </s>
+    assert ours("a cat <new>")[0].tolist()[: len(words) + 2] == [*words, 700, eos] and ours.vocab_size == 701
+
+
+def test_anything_a_damaged_file_raises_while_loading_becomes_one_checkpoint_error(monkeypatch):
+    from clipcli.text import tokenizers
+
+    files = tokenizer_files(bare_folder("t5"))
+    for error in (KeyError("piece"), IndexError("list index out of range"), OverflowError("too\nbig"), TypeError("x")):
+        def damaged(path, config, error=error):
+            raise error
+        monkeypatch.setattr(tokenizers, "_load_model_vocabulary", damaged)
+        _one_line_error(files, str(files["spiece.model"]), type(error).__name__)
+
+
+# --------------------------------------------------------------------------- one answer to "which tokenizer"
+
+
+def test_files_from_a_provider_are_fetched_for_the_first_text_only():
+    calls = []
+
+    def fetch():
+        calls.append(1)
+        return tokenizer_files(hf_folder("xlmv"))
+
+    lazy = PieceTokenizer(fetch, 77, "whitespace", origin="the tokenizer of hub repository x/y")
+    assert calls == [] and lazy.source == "the tokenizer of hub repository x/y"
+    threads = [threading.Thread(target=lambda: lazy(["a cat"])) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert calls == [1] and lazy.source.name == "tokenizer.json"
+    assert torch.equal(lazy(TEXTS[:20], truncate=True), PieceTokenizer(fetch(), 77, "whitespace")(TEXTS[:20], truncate=True))
+    failing = PieceTokenizer(lambda: {}, 77, "whitespace")
+    with pytest.raises(CheckpointError, match="no tokenizer file"):
+        failing("a cat")
+    siglip = SimpleNamespace(tokenizer="sentencepiece", context_length=64, text_clean="canonicalize")
+    assert isinstance(tokenizer_for(siglip, {}, fetch=fetch), PieceTokenizer) and len(calls) == 2
+
+
+def test_tokenizer_of_is_the_one_answer(monkeypatch):
+    from clipcli import batching
+    from clipcli.text.tokenizers import tokenizer_of
+    from clipcli.train.data import caption_tokenizer
+
+    assert batching.tokenizer_of is tokenizer_of
+    siglip = SimpleNamespace(tokenizer="sentencepiece", context_length=16, text_clean="canonicalize", vocab_size=None)
+    own = PieceTokenizer(tokenizer_files(hf_folder("t5")), 16, "canonicalize")
+    with_files = SimpleNamespace(config=siglip, context_length=16, tokenizer=own)
+    without = SimpleNamespace(config=siglip, context_length=16, tokenizer=None)
+    clip = SimpleNamespace(config=SimpleNamespace(tokenizer="clip", context_length=77, text_clean="clip"), context_length=77)
+    assert tokenizer_of(with_files) is own and caption_tokenizer(with_files).tokenizer is own
+    assert torch.equal(clipcli.tokenize(["a cat"], model=with_files), own(["a cat"]))
+    assert isinstance(tokenizer_of(clip), ClipTokenizer) and isinstance(tokenizer_of(SimpleNamespace()), ClipTokenizer)
+    assert torch.equal(caption_tokenizer(clip)(["a photo of a cat"]), clipcli.tokenize(["a photo of a cat"]))
+    for ask in (tokenizer_of, lambda m: clipcli.tokenize("a cat", model=m), caption_tokenizer):
+        with pytest.raises(CheckpointError, match="tokenizer files were not found"):
+            ask(without)

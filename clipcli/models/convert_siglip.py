@@ -188,7 +188,9 @@ _TOWERS = {
 # SiglipTextConfig's and SiglipVisionConfig's defaults, for fields a config.json leaves out
 _DEFAULTS = {"hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": SIGLIP_EPS, "hidden_size": 768,
              "num_attention_heads": 12, "vocab_size": 32000, "image_size": 224, "patch_size": 16, "num_channels": 3}
-GEMMA_VOCAB = 256000  # SigLIP 2's tokenizer; transformers' Siglip2Tokenizer only lowercases its text
+# SigLIP 2's tokenizer (Gemma's vocabulary): transformers' Siglip2Tokenizer only lowercases the text, as
+# SigLIP 2 was trained (open_clip's SigLIP 2 configs canonicalize instead: each layout as its reference)
+GEMMA_VOCAB = 256000
 _PREPROCESSOR = {"do_resize": "flag?", "size": "object?", "resample": "index?", "do_rescale": "flag?",
                  "rescale_factor": "positive?", "do_normalize": "flag?", "image_mean": "mean?", "image_std": "std?",
                  "do_center_crop": "flag?"}
@@ -263,7 +265,7 @@ def config_from_transformers(config: dict, source: str, preprocessor: Any = None
         "text_pool": "last",
         "logit_bias": True,
         "tokenizer": "sentencepiece",
-        "text_clean": "lower" if text["vocab_size"] == GEMMA_VOCAB else "canonicalize",
+        "text_clean": "lowercase" if text["vocab_size"] == GEMMA_VOCAB else "canonicalize",
         "image_resolution": vision["image_size"],
         **SIGLIP_PREPROCESS,
     }

@@ -1,7 +1,8 @@
 """Tokenizers: text -> token ids for a model's text tower.
 
-- ``tokenizers.py``: what a model uses, behind one interface: ``tokenizer_for(config, files)``
-  gives a ``ClipTokenizer`` or a ``PieceTokenizer`` (``TextTokenizer.encode_texts``).
+- ``tokenizers.py``: what a model uses, behind one interface: ``tokenizer_of(model)`` (or
+  ``tokenizer_for(config, files)``) gives a ``ClipTokenizer`` or a ``PieceTokenizer``
+  (``TextTokenizer.encode_texts``).
 - ``bpe.py``: CLIP's byte-level BPE (OpenAI's ``clip.tokenize``).
 - ``canonicalize.py``: how text is cleaned first (``config.text_clean``: SigLIP's canonical form,
   MetaCLIP 2's whitespace tidying).

@@ -66,6 +66,8 @@ CLEANERS: dict[str, Callable[[str], str]] = {
     "canonicalize": clean_canonicalize,
     "whitespace": clean_whitespace,
     "lower": clean_lower,
+    # transformers' Siglip2Tokenizer: a Lowercase normalizer and nothing else (no ftfy, whitespace kept)
+    "lowercase": str.lower,
 }
 
 

@@ -5,6 +5,10 @@ flag, whether it starts where the input text starts, which ``Metaspace``'s ``fir
 needs (``tokenizers`` keeps full offsets for it; here each stage says whether it removed the
 first character). The character classes are Rust's, as ``tokenizers`` uses them: whitespace is
 Unicode's White_Space, a digit any ``\\p{N}``, a word character ``\\w``.
+
+A ``Regex`` pattern comes from the file and runs as written, so each use has a time limit
+(:data:`REGEX_SECONDS`): a pattern that backtracks catastrophically (``(a|aa)+$``) raises
+:class:`PatternTimeout` instead of taking seconds that double with each character.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from .spm_model import CharsMap, Malformed
 WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"  # Unicode White_Space, Rust's char::is_whitespace
 _WS = "[" + re.escape(WHITESPACE) + "]"
 _GRAPHEMES = regex.compile(r"\X")
+TOKEN_ID_LIMIT = 1 << 31  # ids are below it: an embedding table never has 2**31 rows
+REGEX_SECONDS = 1.0  # a sane pattern takes milliseconds on the longest text tokenized (65,536 characters)
 
 Piece = tuple[str, bool]  # a stretch of text, and whether it starts where the input starts
 
@@ -43,15 +49,61 @@ def _get(spec: dict, key: str, kind: type | tuple = object, default: Any = ...) 
     return value
 
 
-def _pattern(spec: dict) -> re.Pattern | regex.Pattern:
+def parse_token_id(value: Any, what: str, digits: bool = False) -> int:
+    """An id as a file writes it: an integer (or, with ``digits``, a string of ASCII digits: a
+    JSON object's key) from 0 to below :data:`TOKEN_ID_LIMIT`; else :class:`Unsupported` naming ``what``."""
+    if digits and isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 10:
+        value = int(value)  # (str.isdigit alone takes "²", which int() refuses)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < TOKEN_ID_LIMIT:
+        raise Unsupported(f"{what} {str(value)[:20]!r} is not a token id (a whole number from 0 to 2**31 - 1)")
+    return value
+
+
+def _get_id(spec: dict, key: str) -> int:
+    return parse_token_id(_get(spec, key, object), f"{spec.get('type', 'an entry')}'s {key!r}")
+
+
+class PatternTimeout(Unsupported):
+    """A ``Regex`` pattern that ran past :data:`REGEX_SECONDS` on a text."""
+
+
+class _TimedPattern:
+    """A compiled ``Regex`` pattern whose every use stops after :data:`REGEX_SECONDS`."""
+
+    def __init__(self, source: str):
+        self.source = source
+        try:
+            self._compiled = regex.compile(source)
+        except (regex.error, OverflowError, RecursionError) as error:
+            raise Unsupported(f"regex {source!r}: {error}") from error
+
+    def _timed(self, method: str, text: str, *args):
+        try:
+            result = getattr(self._compiled, method)(*args, text, timeout=REGEX_SECONDS)
+            return list(result) if method == "finditer" else result  # the matches are found while iterating
+        except TimeoutError:
+            raise PatternTimeout(f"regex {self.source[:80]!r} ran for over {REGEX_SECONDS:g} s on a "
+                                 f"{len(text):,}-character text: a pattern that backtracks without end") from None
+
+    def split(self, text: str) -> list[str]:
+        return self._timed("split", text)
+
+    def match(self, text: str):
+        return self._timed("match", text)
+
+    def finditer(self, text: str) -> list:
+        return self._timed("finditer", text)
+
+    def sub(self, replace: Callable, text: str) -> str:
+        return self._timed("sub", text, replace)
+
+
+def _pattern(spec: dict) -> re.Pattern | _TimedPattern:
     pattern = _get(spec, "pattern", dict)
-    if isinstance(pattern.get("String"), str):
+    if isinstance(pattern.get("String"), str):  # a literal: no backtracking, no time limit needed
         return re.compile(re.escape(pattern["String"])) if pattern["String"] else re.compile(r"(?!)")
     if isinstance(pattern.get("Regex"), str):
-        try:
-            return regex.compile(pattern["Regex"])
-        except regex.error as error:
-            raise Unsupported(f"regex {pattern['Regex']!r}: {error}") from error
+        return _TimedPattern(pattern["Regex"])
     raise Unsupported("a pattern that is neither a String nor a Regex")
 
 

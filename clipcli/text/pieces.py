@@ -27,6 +27,14 @@ splitting it back into the two it came from. ``tokenizers`` merges only the list
 their rank in the merges list, and maps a character missing from the vocabulary to its byte
 pieces or to ``<unk>`` (runs fused into one) before merging.
 
+Piece lengths
+-------------
+Viterbi looks up, at each position, each length some piece starting with that character has: the
+work grows with the longest piece, so a lattice piece over :data:`MAX_PIECE_CHARS` characters is
+refused. Real ones stay far below: SentencePiece's trainer caps a piece at 16 characters by default
+(T5, XLM-R, XLM-V), Gemma's longest are runs of 31 spaces and markup of about that length. 256 is
+eight times that, and bounds the worst vocabulary to seconds on the longest text tokenized.
+
 Words
 -----
 When no piece contains U+2581 ``▁`` after another character (every piece is ``▁*x`` with no ``▁``
@@ -48,6 +56,7 @@ SPACE = "\u2581"  # ▁, how SentencePiece writes a space
 UNK_PENALTY = 10.0
 WORD_CACHE_SIZE = 1 << 16
 LONGEST_CACHED_WORD = 256  # characters; longer words are segmented every time
+MAX_PIECE_CHARS = 256  # the longest lattice piece a Unigram vocabulary may have (see "Piece lengths")
 
 
 def byte_piece(byte: int) -> str:
@@ -142,7 +151,16 @@ class Unigram(_Words):
         self._mantissa = 23 if single_precision else 52
         self._token_ids = token_ids if token_ids is not None else lattice
         self._byte_ids = byte_ids
-        self._longest = {piece[0]: len(piece) for piece in sorted(lattice, key=len)}  # by first character
+        lengths: dict[str, set[int]] = {}  # by first character: the lengths of the pieces starting with it
+        for piece in lattice:
+            if piece:
+                lengths.setdefault(piece[0], set()).add(len(piece))
+        longest = max((max(found) for found in lengths.values()), default=0)
+        if longest > MAX_PIECE_CHARS:
+            piece = next(p for p in lattice if len(p) == longest)
+            raise ValueError(f"piece {lattice[piece]} is {longest:,} characters long, over the {MAX_PIECE_CHARS} "
+                             f"a vocabulary piece may have ({piece[:20]!r}...)")
+        self._lengths = {first: tuple(sorted(found)) for first, found in lengths.items()}
         self._worst = max(abs(unk_score), abs(min(scores)), abs(max(scores)))  # bounds every score used
         self._cached_word = functools.lru_cache(maxsize=WORD_CACHE_SIZE)(lambda word: self._word_result(word))
 
@@ -152,13 +170,16 @@ class Unigram(_Words):
         best = [base] * (n + 1)
         start = [-1] * (n + 1)
         ids = [0] * (n + 1)
-        lattice, scores, longest = self._lattice.get, self._scores, self._longest
+        lattice, scores, lengths = self._lattice.get, self._scores, self._lengths
         rnd = self._round if exact else None
         gap = float("inf")
         for i in range(n):
             here = best[i]
             single = False
-            for j in range(i + 1, min(n, i + longest.get(text[i], 0)) + 1):
+            for length in lengths.get(text[i], ()):
+                j = i + length
+                if j > n:
+                    break
                 piece_id = lattice(text[i:j])
                 if piece_id is None:
                     continue

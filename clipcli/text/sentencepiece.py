@@ -43,14 +43,32 @@ USER_SYMBOL_BONUS = 0.1
 CHUNK_CACHE_SIZE = 1 << 16
 
 
-def read_model(path: str | os.PathLike) -> spm.ModelProto:
-    """The ``ModelProto`` of a ``.model`` file; a file that cannot be read raises :class:`CheckpointError`."""
+# The largest tokenizer file read: XLM-V's 901,629 pieces are a tokenizer.json of about 50 MB and a
+# .model of about 15 MB; a file ten times that is not a vocabulary, and is never read whole.
+MAX_FILE_BYTES = 512 << 20
+
+
+def read_capped(path: str | os.PathLike, what: str) -> bytes:
+    """The bytes of a tokenizer file; one larger than :data:`MAX_FILE_BYTES` (or unreadable) raises
+    :class:`CheckpointError`, before anything is read."""
+    limit = MAX_FILE_BYTES
     try:
         with open(path, "rb") as f:
-            data = f.read()
-        return spm.parse_model(data)
+            size = os.fstat(f.fileno()).st_size
+            data = f.read(limit + 1) if size <= limit else b""
     except OSError as error:
-        raise CheckpointError(f"{path}: cannot read the SentencePiece model ({error.strerror or error})") from error
+        raise CheckpointError(f"{path}: cannot read {what} ({error.strerror or error})") from error
+    if size > limit or len(data) > limit:
+        raise CheckpointError(f"{path}: {max(size, len(data)):,} bytes, more than the {limit >> 20} MiB "
+                              f"{what} may have: not a tokenizer file")
+    return data
+
+
+def read_model(path: str | os.PathLike) -> spm.ModelProto:
+    """The ``ModelProto`` of a ``.model`` file; a file that cannot be read raises :class:`CheckpointError`."""
+    data = read_capped(path, "the SentencePiece model")
+    try:
+        return spm.parse_model(data)
     except spm.Malformed as error:
         raise CheckpointError(f"{path}: not a SentencePiece model we can read: {error}") from error
 
@@ -88,7 +106,14 @@ class SentencePiece:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> SentencePiece:
-        return cls(read_model(path), source=str(path))
+        """The model in ``path``; a damaged or unusable one raises :class:`CheckpointError` naming it."""
+        proto = read_model(path)
+        try:
+            return cls(proto, source=str(path))
+        except (ValueError, KeyError, IndexError, TypeError, OverflowError) as error:
+            # a Unigram piece past MAX_PIECE_CHARS, or damage the reader let through
+            raise CheckpointError(f"{path}: not a SentencePiece model we can use: "
+                                  f"{' '.join(str(error).split())[:300]}") from error
 
     # ------------------------------------------------------------------ the model
 

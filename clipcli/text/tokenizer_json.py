@@ -36,9 +36,9 @@ from typing import Any, Iterable
 import regex
 
 from ..errors import CheckpointError
-from .hf_stages import WHITESPACE, Unsupported, _get, normalizer, pre_tokenizer
+from .hf_stages import WHITESPACE, PatternTimeout, Unsupported, _get, _get_id, normalizer, parse_token_id, pre_tokenizer
 from .pieces import LONGEST_CACHED_WORD, WORD_CACHE_SIZE, RankBpe, Unigram, byte_piece, word_pattern
-from .sentencepiece import decode_pieces
+from .sentencepiece import decode_pieces, read_capped
 from .spm_model import Malformed
 
 _WORD_CHAR = regex.compile(r"\w")  # Rust's \w: letters, marks, digits, connectors
@@ -55,9 +55,9 @@ def _special_ids(spec: dict | None) -> tuple[list[int], list[int]]:
         return [], []
     if kind in ("RobertaProcessing", "BertProcessing"):
         cls, sep = _get(spec, "cls", list), _get(spec, "sep", list)
-        if len(cls) != 2 or len(sep) != 2 or not all(isinstance(t[1], int) for t in (cls, sep)):
+        if len(cls) != 2 or len(sep) != 2:
             raise Unsupported(f"{kind}'s cls/sep")
-        return [cls[1]], [sep[1]]
+        return [parse_token_id(cls[1], f"{kind}'s cls id")], [parse_token_id(sep[1], f"{kind}'s sep id")]
     if kind == "Sequence":
         prefix: list[int] = []
         suffix: list[int] = []
@@ -75,9 +75,7 @@ def _special_ids(spec: dict | None) -> tuple[list[int], list[int]]:
         elif isinstance(item, dict) and "SpecialToken" in item:
             name = _get(item["SpecialToken"], "id", str)
             ids = _get(specials.get(name, {"type": f"special token {name!r}"}), "ids", list)
-            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-                raise Unsupported(f"special token {name!r}'s ids")
-            (suffix if seen else prefix).extend(ids)
+            (suffix if seen else prefix).extend(parse_token_id(i, f"special token {name!r}'s id") for i in ids)
         else:
             raise Unsupported(f"TemplateProcessing item {json.dumps(item)[:60]}")
     if not seen:
@@ -97,7 +95,7 @@ def _model(spec: dict):
             raise Unsupported("Unigram's vocab is not a list of [piece, score]")
         pieces = [e[0] for e in vocab]
         scores = [float(e[1]) for e in vocab]
-        unk_id = _get(spec, "unk_id", int, None) if spec.get("unk_id") is not None else None
+        unk_id = _get_id(spec, "unk_id") if spec.get("unk_id") is not None else None
         if unk_id is not None and not 0 <= unk_id < len(pieces):
             raise Unsupported(f"Unigram's unk_id {unk_id} is outside its {len(pieces)} pieces")
         token_ids = {piece: i for i, piece in enumerate(pieces)}
@@ -186,16 +184,16 @@ class JsonTokenizer:
         self.special_ids: set[int] = set()
         raw, normalized = [], []
         for entry in spec.get("added_tokens") or []:
-            content, token_id = _get(entry, "content", str), _get(entry, "id", int)
-            if not content or token_id < 0:
+            content, added_id = _get(entry, "content", str), parse_token_id(_get(entry, "id", object), "an added token's id")
+            if not content:
                 continue
-            self.added[content] = token_id
+            self.added[content] = added_id
             if entry.get("special"):
-                self.special_ids.add(token_id)
+                self.special_ids.add(added_id)
             if entry.get("normalized") and self._normalize is not None:
-                normalized.append((self._normalize(content, False)[0], token_id, entry))
+                normalized.append((self._normalize(content, False)[0], added_id, entry))
             else:
-                raw.append((content, token_id, entry))
+                raw.append((content, added_id, entry))
         self._raw, self._normalized = _AddedTokens(raw), _AddedTokens(normalized)
         self._ids = {piece: i for i, piece in enumerate(self.pieces) if piece}
         self._ids.update(self.added)
@@ -204,17 +202,16 @@ class JsonTokenizer:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> JsonTokenizer:
+        data = read_capped(path, "the tokenizer")
         try:
-            with open(path, encoding="utf-8") as f:
-                spec = json.load(f)
-        except OSError as error:
-            raise CheckpointError(f"{path}: cannot read the tokenizer ({error.strerror or error})") from error
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+            spec = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:  # ValueError: a number of 5,000 digits
             raise CheckpointError(f"{path}: not a tokenizer.json (bad JSON: {error})") from error
         try:
             return cls(spec, source=str(path))
-        except (Unsupported, Malformed, RecursionError) as error:
-            raise CheckpointError(f"{path}: unsupported tokenizer: {error}") from error
+        except (Unsupported, Malformed, ValueError, TypeError, KeyError, IndexError, OverflowError,
+                RecursionError) as error:  # ValueError: a Unigram piece past MAX_PIECE_CHARS; OverflowError: a score of 1e400
+            raise CheckpointError(f"{path}: unsupported tokenizer: {' '.join(str(error).split())[:300]}") from error
 
     def _segments(self, text: str) -> Iterable[tuple[str, int | None, bool]]:
         for part, token_id, origin in self._raw.split(text, True):
@@ -228,7 +225,7 @@ class JsonTokenizer:
         """The ids of ``text`` (added tokens, normalizer, pre-tokenizer, model), without the post-processor's."""
         try:
             return self._encode(text)
-        except Malformed as error:  # a damaged character map, found only when walked
+        except (Malformed, PatternTimeout) as error:  # a damaged character map, found only when walked
             raise CheckpointError(f"{self.source}: {error}") from error
 
     def _encode(self, text: str) -> list[int]:

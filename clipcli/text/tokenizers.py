@@ -1,4 +1,5 @@
-"""The tokenizer a model's text tower uses, behind one interface: :func:`tokenizer_for`.
+"""The tokenizer a model's text tower uses, behind one interface: :func:`tokenizer_for` (from a
+config and files) and :func:`tokenizer_of` (for a model: the one place that answers which).
 
 Every tokenizer turns texts into a ``[N, context_length]`` tensor of ids laid out as its model
 was trained on, and the layout matters as much as the ids:
@@ -20,12 +21,13 @@ file's name): T5 and SigLIP append ``</s>``; Gemma and Llama prepend ``<bos>`` u
 otherwise; XLM-R writes ``<s> ... </s>`` in fairseq's ids (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2,
 ``<unk>`` 3, every other piece one above its SentencePiece id, ``<mask>`` last). The pad id is
 the config's ``pad_token``, else the tokenizer's own ``<pad>``, else 0; padding goes after the ids
-unless the config's ``padding_side`` is ``"left"``.
+unless the config's ``padding_side`` is ``"left"``. A special token the config names that the
+vocabulary lacks is an error (transformers would add it as a new id the model never trained).
 
 A text longer than the context raises :class:`~clipcli.errors.ContextLengthError` naming it and
 its index, unless truncation is asked for: then its ids are cut and the special tokens kept, as
 transformers truncates. Only the first ``MAX_TOKENIZED_CHARS`` characters of a text are
-tokenized (see :mod:`.bpe`). Nothing is read until the first text is encoded.
+tokenized (see :mod:`.bpe`). Nothing is read (or downloaded) until the first text is encoded.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from ..errors import CheckpointError, ContextLengthError
+from ..errors import CheckpointError, ClipcliError, ContextLengthError
 from . import bpe
 from .canonicalize import cleaner
 
@@ -96,16 +98,20 @@ class ClipTokenizer(TextTokenizer):
 # --------------------------------------------------------------------------- SentencePiece vocabularies
 
 
+def _one_line(error: BaseException, width: int = 300) -> str:
+    return " ".join(str(error).split())[:width] or type(error).__name__
+
+
 def _read_json(path: Path | None) -> dict:
     if path is None:
         return {}
+    from .sentencepiece import read_capped
+
+    data = read_capped(path, "a tokenizer config")
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except OSError as error:
-        raise CheckpointError(f"{path}: cannot read it ({error.strerror or error})") from error
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise CheckpointError(f"{path}: bad JSON ({error})") from error
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:  # ValueError: bad JSON, a 5,000-digit number
+        raise CheckpointError(f"{path}: bad JSON ({_one_line(error)})") from error
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return value
@@ -116,6 +122,48 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) and value else None
+
+
+class _Config:
+    """``special_tokens_map.json`` overlaid with ``tokenizer_config.json``, remembering which file said what."""
+
+    def __init__(self, files: Mapping[str, Path]):
+        self.values: dict = {}
+        self.origin: dict[str, Path] = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            values = _read_json(files.get(name))
+            self.values.update(values)
+            self.origin.update(dict.fromkeys(values, files.get(name)))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.values
+
+    def added_tokens(self) -> dict[str, int]:
+        """``added_tokens_decoder``'s tokens and ids; a key that is not an id raises :class:`CheckpointError`."""
+        from .hf_stages import Unsupported, parse_token_id
+
+        decoder = self.values.get("added_tokens_decoder")
+        added = {}
+        for key, entry in (decoder if isinstance(decoder, dict) else {}).items():
+            if _token_text(entry) is not None:
+                try:
+                    added[_token_text(entry)] = parse_token_id(key, "added_tokens_decoder key", digits=True)
+                except Unsupported as error:
+                    raise CheckpointError(f"{self.origin['added_tokens_decoder']}: {error}") from error
+        return added
+
+    def named_tokens(self) -> dict[str, str]:
+        """The special tokens the config names (``eos_token``: ``"</s>"``), by key."""
+        return {key: token for key in _NAMED_SPECIALS if (token := _token_text(self.values.get(key))) is not None}
+
+    def missing(self, key: str, token: str, source: Path) -> CheckpointError:
+        """The error for a named special token the vocabulary lacks: transformers would add it as a
+        new token, whose id the model's embeddings were never trained with."""
+        return CheckpointError(f"{self.origin[key]}: its {key} {_shorten(token, 40)!r} is not in the vocabulary "
+                               f"({source.name}): the tokenizer files do not belong together")
 
 
 class _Vocabulary:
@@ -147,29 +195,39 @@ def _with_specials(encode: Callable[[str], list[int]], specials: Mapping[str, in
     return split_encode
 
 
-def _load_json_vocabulary(path: Path, config: dict) -> _Vocabulary:
+def _load_json_vocabulary(path: Path, config: _Config) -> _Vocabulary:
     from .tokenizer_json import JsonTokenizer
 
     tokenizer = JsonTokenizer.from_file(path)
+    added = config.added_tokens()
+    ids = {}
+    for key, token in config.named_tokens().items():
+        found = tokenizer.token_to_id(token)
+        ids[token] = found if found is not None else added.get(token)
+        if ids[token] is None:
+            raise config.missing(key, token, path)
+    extra = {token: i for token, i in added.items() if tokenizer.token_to_id(token) is None}
     prefix, suffix = tokenizer.prefix, tokenizer.suffix
     if "add_bos_token" in config or "add_eos_token" in config:  # transformers rebuilds the template then
-        bos, eos = (tokenizer.token_to_id(_token_text(config.get(k)) or "") for k in ("bos_token", "eos_token"))
+        bos, eos = (ids.get(_token_text(config.get(k)) or "") for k in ("bos_token", "eos_token"))
         prefix = [bos] if config.get("add_bos_token") and bos is not None else []
         suffix = [eos] if config.get("add_eos_token") and eos is not None else []
-    pad = tokenizer.token_to_id(_token_text(config.get("pad_token")) or "")
+    pad = ids.get(_token_text(config.get("pad_token")) or "")
     if pad is None:
         pad = tokenizer.token_to_id("<pad>")
-    specials = set(tokenizer.special_ids) | set(prefix) | set(suffix) | {pad or 0}
-    return _Vocabulary(tokenizer.encode, prefix, suffix, pad or 0,
-                       lambda ids: tokenizer.decode([i for i in ids if i not in specials]), tokenizer.vocab_size)
+    specials = set(tokenizer.special_ids) | set(prefix) | set(suffix) | {pad or 0} | set(extra.values())
+    return _Vocabulary(_with_specials(tokenizer.encode, extra), prefix, suffix, pad or 0,
+                       lambda ids: tokenizer.decode([i for i in ids if i not in specials]),
+                       max([tokenizer.vocab_size - 1, *extra.values()]) + 1)
 
 
-def _load_model_vocabulary(path: Path, config: dict) -> _Vocabulary:
+def _load_model_vocabulary(path: Path, config: _Config) -> _Vocabulary:
     from .sentencepiece import SentencePiece, decode_pieces
 
     model = SentencePiece.from_file(path)
     kind = config.get("tokenizer_class")
-    if kind in XLMR_CLASSES or (kind is None and path.name == "sentencepiece.bpe.model"):
+    xlmr = kind in XLMR_CLASSES or (kind is None and path.name == "sentencepiece.bpe.model")
+    if xlmr:
         unk, size = model.unk_id, model.vocab_size
         named = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": size + 1}
 
@@ -193,21 +251,22 @@ def _load_model_vocabulary(path: Path, config: dict) -> _Vocabulary:
         bos_first = kind in BOS_CLASSES or (kind is None and path.name == "tokenizer.model")
         add_bos = config.get("add_bos_token", bos_first and not t5)
         add_eos = config.get("add_eos_token", t5)
-        bos = named.get(_token_text(config.get("bos_token")) or model.proto.bos_piece)
-        eos = named.get(_token_text(config.get("eos_token")) or model.proto.eos_piece)
-        prefix = [bos] if add_bos and bos is not None else []
-        suffix = [eos] if add_eos and eos is not None else []
         pad = model.pad_id if model.pad_id >= 0 else named.get("<pad>", 0)
         vocab_size = model.vocab_size
     # Special tokens the config names are matched in the text, as transformers matches its added tokens.
-    decoder = config.get("added_tokens_decoder")
-    added = {_token_text(entry): int(i) for i, entry in (decoder if isinstance(decoder, dict) else {}).items()
-             if _token_text(entry) and str(i).isdigit()}
-    for key in _NAMED_SPECIALS:
-        token = _token_text(config.get(key))
-        if token is not None and token not in named and model.piece_to_id(token) != model.unk_id:
-            added[token] = to_id(model.piece_to_id(token))
+    added = config.added_tokens()
+    for key, token in config.named_tokens().items():
+        if token in named or token in added:
+            continue
+        if model.piece_to_id(token) == model.unk_id:
+            raise config.missing(key, token, path)
+        added[token] = to_id(model.piece_to_id(token))
     specials = {**named, **added}
+    if not xlmr:
+        bos = specials.get(_token_text(config.get("bos_token")) or model.proto.bos_piece)
+        eos = specials.get(_token_text(config.get("eos_token")) or model.proto.eos_piece)
+        prefix = [bos] if add_bos and bos is not None else []
+        suffix = [eos] if add_eos and eos is not None else []
     pad = specials.get(_token_text(config.get("pad_token")) or ("</s>" if kind in SIGLIP_CLASSES else ""), pad)
     drop = set(specials.values()) | {pad}
     encode = _with_specials(lambda text: [to_id(i) for i in model.encode(text)], specials)
@@ -220,36 +279,72 @@ def _load_model_vocabulary(path: Path, config: dict) -> _Vocabulary:
     return _Vocabulary(encode, prefix, suffix, pad, decode, vocab_size)
 
 
+def _source_name(files: Mapping[str, Path]) -> str | None:
+    """The file a tokenizer is read from: ``tokenizer.json`` when there is one, else the ``.model``."""
+    return "tokenizer.json" if "tokenizer.json" in files else next((n for n in MODEL_FILES if n in files), None)
+
+
+FilesProvider = Callable[[], Mapping[str, Path]]
+
+
 class PieceTokenizer(TextTokenizer):
     """A SentencePiece vocabulary's ids, laid out as its model was trained on (the module docstring).
 
-    ``files`` maps the names of :data:`TOKENIZER_FILES` found with the model to their paths.
-    Constructing one reads nothing; the vocabulary is loaded on the first :meth:`encode_texts`.
+    ``files`` maps the names of :data:`TOKENIZER_FILES` found with the model to their paths, or
+    is a function giving that mapping when first called (it may download them: a hub repository's
+    tokenizer, fetched for the first text, never for image-only work); ``origin`` names where
+    those files will come from until then. Constructing one reads nothing; the vocabulary is loaded
+    on the first :meth:`encode_texts`. Whatever is wrong with the files raises a one-line
+    :class:`CheckpointError` naming the file.
     """
 
-    def __init__(self, files: Mapping[str, Path], context_length: int, clean: str, model_vocab: int | None = None):
-        self.files = {name: Path(path) for name, path in files.items()}
+    def __init__(self, files: Mapping[str, Path] | FilesProvider, context_length: int, clean: str,
+                 model_vocab: int | None = None, origin: str = "the model's tokenizer"):
         self.context_length = context_length
         self.model_vocab = model_vocab  # the model's embedding rows: an id at or past it is refused
         self.clean = clean
         self._clean = cleaner(clean)
         self._vocabulary: _Vocabulary | None = None
-        self._lock = threading.Lock()
-        source = "tokenizer.json" if "tokenizer.json" in self.files else next((n for n in MODEL_FILES if n in self.files), None)
+        self._lock = threading.RLock()
+        self._provider: FilesProvider | None = files if callable(files) else None
+        self._files: dict[str, Path] | None = None
+        self.source: Path | str = origin  # the file read, once known
+        if self._provider is None:
+            self._take(files)  # type: ignore[arg-type]
+
+    def _take(self, files: Mapping[str, Path]) -> None:
+        files = {name: Path(path) for name, path in files.items()}
+        source = _source_name(files)
         if source is None:
-            raise CheckpointError(f"no tokenizer file among {', '.join(sorted(self.files)) or 'the model files'}: "
+            raise CheckpointError(f"no tokenizer file among {', '.join(sorted(files)) or 'the model files'}: "
                                   f"looked for tokenizer.json or {', '.join(MODEL_FILES)}")
-        self.source = self.files[source]
+        self.source, self._files = files[source], files
+
+    @property
+    def files(self) -> dict[str, Path]:
+        """The tokenizer files by name; from a provider, fetched now (the first time)."""
+        if self._files is None:
+            with self._lock:
+                if self._files is None:
+                    self._take(self._provider())  # type: ignore[misc]
+        return self._files  # type: ignore[return-value]
 
     def _load(self) -> _Vocabulary:
         if self._vocabulary is None:
             with self._lock:
                 if self._vocabulary is None:
-                    config = _read_json(self.files.get("special_tokens_map.json"))
-                    config.update(_read_json(self.files.get("tokenizer_config.json")))
-                    load = _load_json_vocabulary if self.source.name == "tokenizer.json" else _load_model_vocabulary
-                    vocabulary = load(self.source, config)
-                    vocabulary.pad_left = config.get("padding_side") == "left"
+                    files = self.files
+                    try:
+                        config = _Config(files)
+                        load = _load_json_vocabulary if self.source.name == "tokenizer.json" else _load_model_vocabulary
+                        vocabulary = load(self.source, config)
+                        vocabulary.pad_left = config.get("padding_side") == "left"
+                    except ClipcliError:
+                        raise
+                    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError,
+                            RecursionError) as error:  # a damaged file, whatever the damage
+                        raise CheckpointError(f"{self.source}: cannot be read as a tokenizer "
+                                              f"({type(error).__name__}: {_one_line(error)})") from error
                     self._vocabulary = vocabulary
         return self._vocabulary
 
@@ -319,16 +414,34 @@ class PieceTokenizer(TextTokenizer):
         return self._load().decode(ids)
 
 
-def tokenizer_for(config: Any, files: Mapping[str, Path] | None = None) -> TextTokenizer:
+def tokenizer_for(config: Any, files: Mapping[str, Path] | None = None, *, fetch: FilesProvider | None = None,
+                  origin: str = "the model's tokenizer") -> TextTokenizer:
     """The tokenizer ``config.tokenizer`` names: ``"clip"`` (CLIP's BPE) or ``"sentencepiece"``
-    (the model's own ``files``, keyed by the names of :data:`TOKENIZER_FILES`)."""
+    (the model's own ``files``, keyed by the names of :data:`TOKENIZER_FILES`; without them,
+    those ``fetch`` gives when the first text is tokenized, coming from ``origin``)."""
     kind = getattr(config, "tokenizer", "clip")
     if kind == "clip":
         return ClipTokenizer(config.context_length)
     if kind == "sentencepiece":
         files = {name: Path(path) for name, path in (files or {}).items()}
-        if not any(name in files for name in ("tokenizer.json", *MODEL_FILES)):
+        clean, vocab = getattr(config, "text_clean", "whitespace"), getattr(config, "vocab_size", None)
+        if _source_name(files) is None and fetch is not None:
+            return PieceTokenizer(fetch, config.context_length, clean, model_vocab=vocab, origin=origin)
+        if _source_name(files) is None:
             raise CheckpointError(f"the model's tokenizer files were not found (looked for {', '.join(TOKENIZER_FILES)})")
-        return PieceTokenizer(files, config.context_length, getattr(config, "text_clean", "whitespace"),
-                              model_vocab=getattr(config, "vocab_size", None))
+        return PieceTokenizer(files, config.context_length, clean, model_vocab=vocab)
     raise CheckpointError(f"tokenizer {kind!r} is not one of clip, sentencepiece")
+
+
+def tokenizer_of(model: Any) -> TextTokenizer:
+    """Which tokenizer ``model`` uses, the one answer to that question: the one loading gave it
+    (``model.tokenizer``: CLIP's BPE, or its own files, found with the weights or fetched for
+    the first text), else the one its config names (a model that needs its own files and has
+    none raises :class:`CheckpointError` saying so), else, for a model without a config, CLIP's BPE."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        return tokenizer
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "tokenizer", "clip") == "clip":
+        return ClipTokenizer(getattr(model, "context_length", None) or getattr(config, "context_length", 77))
+    return tokenizer_for(config)

@@ -100,7 +100,7 @@ def read_pairs(source: str | Path, img_key: str = "filepath", caption_key: str =
 class CaptionTokenizer:
     """Texts -> ``(N, context_length)`` token ids as the model reads them, long texts cut: the
     bundled CLIP BPE, or ``tokenizer``, the model's own (an object with ``encode_texts``, as
-    :func:`clipcli.batching.tokenizer_of` gives)."""
+    :func:`clipcli.text.tokenizers.tokenizer_of` gives)."""
 
     def __init__(self, context_length: int, tokenizer=None):
         self.context_length, self.tokenizer = context_length, tokenizer
@@ -115,12 +115,8 @@ class CaptionTokenizer:
 
 
 def caption_tokenizer(model) -> CaptionTokenizer:
-    """The tokenizer ``model`` was trained with: CLIP's BPE when its config says so (cleaning
-    as CLIP does), else the one loading gave it or its config names."""
-    config = model.config
-    if config.tokenizer == "clip" and config.text_clean == "clip":
-        return CaptionTokenizer(model.context_length)
-    from ..batching import tokenizer_of
+    """The tokenizer ``model`` was trained with (:func:`clipcli.text.tokenizers.tokenizer_of`)."""
+    from ..text.tokenizers import tokenizer_of
 
     return CaptionTokenizer(model.context_length, tokenizer_of(model))
 

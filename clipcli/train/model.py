@@ -134,7 +134,8 @@ def load_for_training(path_or_name: str, feedback: Feedback = SILENT) -> tuple[t
     model, note = load(source, "cpu", torch.float32)
     for parameter in model.parameters():  # own the memory: a memory-mapped file may back the tensors
         parameter.data = parameter.data.clone()
-    return model, note, dict(source.tokenizer_files)
+    # the files the tokenizer reads (a hub tokenizer's are fetched here), else those found with the weights
+    return model, note, dict(getattr(model.tokenizer, "files", None) or source.tokenizer_files)
 
 
 def keep_tokenizer_files(files: dict, out: Path) -> None:
