@@ -132,11 +132,16 @@ class LoadedModel:
 
     @cached_property
     def identity(self) -> str:
-        """The full model identity: weights sha256 + architecture + preprocessing. Caches and
+        """The full model identity: weights sha256 + architecture + preprocessing, + where the
+        tokenizer comes from for a model with its own (a CLIP's stays what it was). Caches and
         resumable outputs are keyed by it, never by the file alone."""
         from .models.config import config_to_json
+        from .tokenizer_files import tokenizer_fingerprint
 
-        return hashlib.sha256(f"{self.sha256}\0{config_to_json(self.model.config)}".encode()).hexdigest()
+        tokenizer = tokenizer_fingerprint(getattr(self.source, "tokenizer_files", {}),
+                                          getattr(self.source, "tokenizer_repos", ()))
+        text = f"{self.sha256}\0{config_to_json(self.model.config)}" + (f"\0{tokenizer}" if tokenizer else "")
+        return hashlib.sha256(text.encode()).hexdigest()
 
     @property
     def input_resolution(self) -> int | None:

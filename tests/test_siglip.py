@@ -386,6 +386,25 @@ def test_tokenizer_files_beside_the_weights_are_part_of_the_identity(siglip_repo
     assert source_key(resolve(copy)) != key != source_key(bare)
 
 
+def test_the_loaded_models_identity_covers_its_tokenizer(siglip_repo, tmp_path, tiny_vit_checkpoint):
+    """Label embeddings and journals are keyed by LoadedModel.identity: other tokenizer files,
+    other identity; a CLIP (the bundled BPE) keeps the identity it always had."""
+    import hashlib
+
+    from clipcli.models.config import config_to_json
+    from clipcli.pipeline import load_model
+    from clipcli.text.tokenizers import TOKENIZER_FILES
+
+    _, folder, _ = siglip_repo
+    copy = _copy(folder, tmp_path / "copy")
+    (copy / TOKENIZER_FILES[0]).write_text("one")
+    one = load_model(str(copy), device="cpu", towers=("image",)).identity
+    (copy / TOKENIZER_FILES[0]).write_text("three")
+    assert load_model(str(copy), device="cpu", towers=("image",)).identity != one
+    clip = load_model(str(tiny_vit_checkpoint), device="cpu")
+    assert clip.identity == hashlib.sha256(f"{clip.sha256}\0{config_to_json(clip.model.config)}".encode()).hexdigest()
+
+
 def test_tokenizer_files_come_from_the_repository_the_config_names(siglip_repo, hf_cache, tmp_path):
     from clipcli.loading import resolve
     from clipcli.text.tokenizers import TOKENIZER_FILES
