@@ -39,7 +39,7 @@ SIGLIP_ARCHITECTURES = ("ViT-B-32-SigLIP2-256", "ViT-B-16-SigLIP", "ViT-B-16-Sig
 PROMPTS = [f"a photo of a {word}, a type of animal." for word in ("cat", "dog", "horse", "tiger")] * 16
 
 
-def _rate(run, count: int, budget: float) -> float:
+def rate(run, count: int, budget: float) -> float:
     run()  # warm-up
     done, start = 0, time.perf_counter()
     while True:
@@ -63,8 +63,8 @@ def measure(arch: str, dtype: torch.dtype, budget: float) -> dict:
     else:  # a SigLIP runs its whole context whatever the text: ids of the full length, as padded
         tokens = torch.randint(1, config.vocab_size, (len(PROMPTS), config.context_length))
     with torch.inference_mode():
-        image_rate = _rate(lambda: model.encode_image(images), batch, budget)
-        text_rate = _rate(lambda: model.encode_text(tokens), len(tokens), budget)
+        image_rate = rate(lambda: model.encode_image(images), batch, budget)
+        text_rate = rate(lambda: model.encode_text(tokens), len(tokens), budget)
     return {"arch": arch, "parameters": parameters(arch), "resolution": config.image_resolution,
             "image_batch": batch, "images_per_s": round(image_rate, 3), "prompts_per_s": round(text_rate, 2),
             "build_s": round(built, 1), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}

@@ -18,12 +18,12 @@ import argparse
 import gc
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import rate  # noqa: E402  (timing as the per-architecture table does)
 from run import environment  # noqa: E402  (the shared machine description)
 
 from clipcli.models.config import CLIPConfig  # noqa: E402
@@ -31,17 +31,6 @@ from clipcli.models.factory import build_model  # noqa: E402
 from clipcli.models.registry import architecture_hints  # noqa: E402
 
 ARCHITECTURES = ("ViT-B-16-SigLIP", "ViT-SO400M-14-SigLIP-384")
-
-
-def _rate(run, count: int, budget: float) -> float:
-    run()  # warm-up
-    done, start = 0, time.perf_counter()
-    while True:
-        run()
-        done += count
-        elapsed = time.perf_counter() - start
-        if elapsed >= budget and done >= 2 * count:
-            return done / elapsed
 
 
 def _transformers_model(config: CLIPConfig, ours: dict[str, torch.Tensor]):
@@ -152,7 +141,7 @@ def measure(arch: str, budget: float, image_batch: int) -> dict:
                                              for i in range(2))
         for tower, index, count in (("images_per_s", 0, image_batch), ("prompts_per_s", 1, len(tokens))):
             for name in runs:  # alternating: clipcli, open_clip, transformers for each tower
-                row[f"{name}_{tower}"] = round(_rate(runs[name][index], count, budget), 3)
+                row[f"{name}_{tower}"] = round(rate(runs[name][index], count, budget), 3)
     return row
 
 

@@ -52,3 +52,23 @@ def sample_images(tmp_path) -> list[Path]:
         if source.suffix.lower() in (".png", ".jpg", ".jpeg"):
             out.append(Path(shutil.copy(source, tmp_path / source.name)))
     return out
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, read offline (tests lay repositories out in it)."""
+    cache = tmp_path / "hf-hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train faster on one thread, and much faster on a machine shared with other jobs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

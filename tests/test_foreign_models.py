@@ -51,14 +51,6 @@ def _target(how: str, folder, repo: str, hf_cache):
     return f"hf-hub:{repo}"
 
 
-@pytest.fixture
-def hf_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "hf-hub"
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache
-
-
 # --------------------------------------------------------------------------- OpenCLIP
 
 

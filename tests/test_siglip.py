@@ -124,14 +124,6 @@ def save_open_clip(model: torch.nn.Module, name: str, folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture
-def hf_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "hf-hub"
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache
-
-
 _SAVED: dict[str, tuple] = {}
 
 

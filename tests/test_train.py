@@ -34,15 +34,6 @@ def shapes_data(tmp_path_factory) -> Path:
     return shapes.make_dataset(tmp_path_factory.mktemp("shapes"), train=960, test=240, seed=0)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train faster on one thread, and much faster on a machine shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_csv(shapes_data: Path, folder: Path, rows: int) -> Path:
     """The first ``rows`` training pairs of the shapes set, as a CSV in another folder."""
     lines = (shapes_data / "train.csv").read_text().splitlines()[: rows + 1]

@@ -36,14 +36,6 @@ def shapes_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
 def pairs(shapes_data, tmp_path) -> Path:
     """32 training pairs of the shapes set, as a CSV with absolute paths."""
     lines = (shapes_data / "train.csv").read_text().splitlines()[:33]
