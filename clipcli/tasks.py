@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -273,6 +274,7 @@ class Converted:
     dtypes: list[str]
     size: int
     note: str | None  # what loading assumed about a checkpoint that did not say
+    tokenizer_files: list[str] = field(default_factory=list)  # the model's own tokenizer, copied beside it
 
 
 CONVERT_DTYPES = ("float16", "bfloat16", "float32")
@@ -287,7 +289,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype:
     same outputs."""
     from . import __version__
     from .checkpoint import write_safetensors
-    from .fsutil import ensure_writable
+    from .fsutil import atomic_path, ensure_writable
     from .loading import load, resolve
     from .models.config import METADATA_KEY, config_to_json
 
@@ -305,11 +307,19 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype:
 
     model, note = load(resolve(src, arch=arch, cache_dir=cache_dir, feedback=feedback), "cpu",
                        getattr(torch, dtype) if dtype else None)
+    # A model with its own tokenizer (SigLIP, MetaCLIP 2) needs its files beside the weights,
+    # where loading looks for them (a hub tokenizer is fetched here).
+    tokenizer = {dst.parent / name: Path(path) for name, path in (getattr(model.tokenizer, "files", None) or {}).items()
+                 if not (dst.parent / name).exists() or not (dst.parent / name).samefile(path)}
+    ensure_writable(list(tokenizer), overwrite)
     tensors = write_safetensors(model.state_dict(), dst, {
         "format": "pt", "converted_by": f"clipcli {__version__}", "source": os.fspath(src),
         METADATA_KEY: config_to_json(model.config)})
+    for target, path in tokenizer.items():
+        with atomic_path(target, overwrite) as temp:
+            shutil.copyfile(path, temp)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()})
-    return Converted(dst, len(tensors), dtypes, dst.stat().st_size, note)
+    return Converted(dst, len(tensors), dtypes, dst.stat().st_size, note, sorted(target.name for target in tokenizer))
 
 
 def download_models(names: Sequence[str], *, cache_dir: str | os.PathLike | None = None, force: bool = False,

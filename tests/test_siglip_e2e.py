@@ -231,6 +231,19 @@ def test_the_installed_command_reads_hf_home(hub, tmp_path):
     check_sigmoid_records(by_image(jsonl(done.stdout)), expected, labels, "python -m clipcli classify")
 
 
+def test_a_converted_siglip_keeps_its_tokenizer_beside_it(hub, tmp_path):
+    """``clipcli convert`` writes one safetensors file and copies the model's own tokenizer files
+    beside it, where loading finds them: the converted file classifies as the repository does."""
+    out = tmp_path / "converted" / "siglip2.safetensors"
+    run("convert", "hf-hub:" + REPOS["siglip2"], str(out))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["siglip2.safetensors", "special_tokens_map.json",
+                                                            "tokenizer.json", "tokenizer_config.json"]
+    labels = ["cat", "dog"]
+    records = classify(str(out), ",".join(labels))
+    expected = siglip2_probs(hub, [TEMPLATE.format(label) for label in labels], photos())
+    check_sigmoid_records(records, expected, labels, "classify converted siglip2")
+
+
 def test_classify_min_prob_keeps_the_labels_that_probable_and_every_image(hub):
     model = "hf-hub:" + REPOS["siglip2"]
     everything = classify(model, "cat,dog")

@@ -206,5 +206,6 @@ def convert(
     if done.note:
         _message(quiet, f"note: {done.note}")
     _message(quiet, f"converted {src} -> {dst} ({done.tensors} tensors, {'/'.join(done.dtypes)}, "
-                    f"{format_size(done.size)})")
+                    f"{format_size(done.size)})" + (f", its tokenizer beside it ({', '.join(done.tokenizer_files)})"
+                                                   if done.tokenizer_files else ""))
     typer.echo(str(dst))
