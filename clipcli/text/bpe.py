@@ -78,7 +78,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable + borrowed, chars))
 
 
-def _needs_repair(text: str) -> bool:
+def needs_repair(text: str) -> bool:
     """False when ftfy and ``html.unescape`` would return ``text`` unchanged.
 
     That holds for ASCII without ``&`` (no entity to unescape) and without control characters
@@ -92,7 +92,7 @@ def _needs_repair(text: str) -> bool:
 
 def clean_text(text: str) -> str:
     """Step 1: the text as the tokenizer sees it (repaired, unescaped, whitespace collapsed, lower case)."""
-    if _needs_repair(text):
+    if needs_repair(text):
         import ftfy
 
         text = html.unescape(html.unescape(ftfy.fix_text(text)))

@@ -24,15 +24,15 @@ import string
 from typing import Callable
 
 from ..errors import CheckpointError
-from .bpe import _needs_repair
 from .bpe import clean_text as clip_clean
+from .bpe import needs_repair
 
 _NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
 def basic_clean(text: str) -> str:
     """ftfy's repairs, HTML entities unescaped twice, the ends stripped (open_clip's ``basic_clean``)."""
-    if _needs_repair(text):
+    if needs_repair(text):
         import ftfy
 
         text = html.unescape(html.unescape(ftfy.fix_text(text)))

@@ -36,7 +36,7 @@ class Unsupported(ValueError):
     """A component of a ``tokenizer.json`` we do not implement (or a malformed one)."""
 
 
-def _get(spec: dict, key: str, kind: type | tuple = object, default: Any = ...) -> Any:
+def get_field(spec: dict, key: str, kind: type | tuple = object, default: Any = ...) -> Any:
     if not isinstance(spec, dict):
         raise Unsupported(f"expected an object, found {type(spec).__name__}")
     if key not in spec:
@@ -59,8 +59,8 @@ def parse_token_id(value: Any, what: str, digits: bool = False) -> int:
     return value
 
 
-def _get_id(spec: dict, key: str) -> int:
-    return parse_token_id(_get(spec, key, object), f"{spec.get('type', 'an entry')}'s {key!r}")
+def get_id(spec: dict, key: str) -> int:
+    return parse_token_id(get_field(spec, key, object), f"{spec.get('type', 'an entry')}'s {key!r}")
 
 
 class PatternTimeout(Unsupported):
@@ -99,7 +99,7 @@ class _TimedPattern:
 
 
 def _pattern(spec: dict) -> re.Pattern | _TimedPattern:
-    pattern = _get(spec, "pattern", dict)
+    pattern = get_field(spec, "pattern", dict)
     if isinstance(pattern.get("String"), str):  # a literal: no backtracking, no time limit needed
         return re.compile(re.escape(pattern["String"])) if pattern["String"] else re.compile(r"(?!)")
     if isinstance(pattern.get("Regex"), str):
@@ -137,7 +137,7 @@ def _lowercase(text: str, origin: bool) -> tuple[str, bool]:
 
 
 def _replace(spec: dict) -> Normalizer:
-    pattern, content = _pattern(spec), _get(spec, "content", str)
+    pattern, content = _pattern(spec), get_field(spec, "content", str)
 
     def apply(text: str, origin: bool) -> tuple[str, bool]:
         if origin and not content and (match := pattern.match(text)) and match.end() > 0:
@@ -148,7 +148,7 @@ def _replace(spec: dict) -> Normalizer:
 
 
 def _strip(spec: dict) -> Normalizer:
-    left, right = _get(spec, "strip_left", bool, False), _get(spec, "strip_right", bool, False)
+    left, right = get_field(spec, "strip_left", bool, False), get_field(spec, "strip_right", bool, False)
 
     def apply(text: str, origin: bool) -> tuple[str, bool]:
         if left:
@@ -164,9 +164,9 @@ def normalizer(spec: dict | None) -> Normalizer | None:
     """The function ``(text, starts at the input's start) -> (normalized, same)`` a spec describes."""
     if spec is None:
         return None
-    kind = _get(spec, "type", str)
+    kind = get_field(spec, "type", str)
     if kind == "Sequence":
-        steps = [step for step in map(normalizer, _get(spec, "normalizers", list)) if step is not None]
+        steps = [step for step in map(normalizer, get_field(spec, "normalizers", list)) if step is not None]
 
         def sequence(text: str, origin: bool) -> tuple[str, bool]:
             for step in steps:
@@ -177,7 +177,7 @@ def normalizer(spec: dict | None) -> Normalizer | None:
     if kind in ("NFC", "NFD", "NFKC", "NFKD"):
         return lambda text, origin: (unicodedata.normalize(kind, text), origin)
     if kind == "Prepend":
-        prepend = _get(spec, "prepend", str)
+        prepend = get_field(spec, "prepend", str)
         return lambda text, origin: ((prepend + text) if text else text, origin)
     builders = {"Precompiled": _precompiled, "Replace": _replace, "Strip": _strip}
     if kind == "Lowercase":
@@ -237,13 +237,13 @@ def split(piece: Piece, pattern, behavior: str, invert: bool = False) -> list[Pi
 
 
 def _metaspace(spec: dict) -> PreTokenizer:
-    replacement = _get(spec, "replacement", str)
-    scheme = _get(spec, "prepend_scheme", str, "always")
+    replacement = get_field(spec, "replacement", str)
+    scheme = get_field(spec, "prepend_scheme", str, "always")
     if spec.get("add_prefix_space") is False:
         scheme = "never"
     if scheme not in ("always", "first", "never") or len(replacement) != 1:
         raise Unsupported(f"Metaspace with prepend_scheme {scheme!r} and replacement {replacement!r}")
-    cut = _get(spec, "split", bool, True)
+    cut = get_field(spec, "split", bool, True)
 
     def apply(pieces: list[Piece]) -> list[Piece]:
         out = []
@@ -271,9 +271,9 @@ def pre_tokenizer(spec: dict | None) -> PreTokenizer | None:
     """The function from pieces to pre-tokens a spec describes."""
     if spec is None:
         return None
-    kind = _get(spec, "type", str)
+    kind = get_field(spec, "type", str)
     if kind == "Sequence":
-        steps = [step for step in map(pre_tokenizer, _get(spec, "pretokenizers", list)) if step is not None]
+        steps = [step for step in map(pre_tokenizer, get_field(spec, "pretokenizers", list)) if step is not None]
 
         def sequence(pieces: list[Piece]) -> list[Piece]:
             for step in steps:
@@ -288,10 +288,10 @@ def pre_tokenizer(spec: dict | None) -> PreTokenizer | None:
     if kind == "Whitespace":
         return _splitter(regex.compile(rf"\w+|[^\w{re.escape(WHITESPACE)}]+"), "Removed", invert=True)
     if kind == "Digits":
-        return _splitter(regex.compile(r"\p{N}"), "Isolated" if _get(spec, "individual_digits", bool, False) else "Contiguous")
+        return _splitter(regex.compile(r"\p{N}"), "Isolated" if get_field(spec, "individual_digits", bool, False) else "Contiguous")
     if kind == "Split":
-        behavior = _get(spec, "behavior", str)
+        behavior = get_field(spec, "behavior", str)
         if behavior not in BEHAVIORS:
             raise Unsupported(f"Split behavior {behavior!r}")
-        return _splitter(_pattern(spec), behavior, _get(spec, "invert", bool, False))
+        return _splitter(_pattern(spec), behavior, get_field(spec, "invert", bool, False))
     raise Unsupported(f"pre-tokenizer {kind!r}")

@@ -36,7 +36,16 @@ from typing import Any, Iterable
 import regex
 
 from ..errors import CheckpointError
-from .hf_stages import WHITESPACE, PatternTimeout, Unsupported, _get, _get_id, normalizer, parse_token_id, pre_tokenizer
+from .hf_stages import (
+    WHITESPACE,
+    PatternTimeout,
+    Unsupported,
+    get_field,
+    get_id,
+    normalizer,
+    parse_token_id,
+    pre_tokenizer,
+)
 from .pieces import LONGEST_CACHED_WORD, WORD_CACHE_SIZE, RankBpe, Unigram, byte_piece, word_pattern
 from .sentencepiece import decode_pieces, read_capped
 from .spm_model import Malformed
@@ -50,31 +59,31 @@ def _special_ids(spec: dict | None) -> tuple[list[int], list[int]]:
     """The ids a post-processor puts before and after a single text."""
     if spec is None:
         return [], []
-    kind = _get(spec, "type", str)
+    kind = get_field(spec, "type", str)
     if kind == "ByteLevel":
         return [], []
     if kind in ("RobertaProcessing", "BertProcessing"):
-        cls, sep = _get(spec, "cls", list), _get(spec, "sep", list)
+        cls, sep = get_field(spec, "cls", list), get_field(spec, "sep", list)
         if len(cls) != 2 or len(sep) != 2:
             raise Unsupported(f"{kind}'s cls/sep")
         return [parse_token_id(cls[1], f"{kind}'s cls id")], [parse_token_id(sep[1], f"{kind}'s sep id")]
     if kind == "Sequence":
         prefix: list[int] = []
         suffix: list[int] = []
-        for step in _get(spec, "processors", list):
+        for step in get_field(spec, "processors", list):
             before, after = _special_ids(step)
             prefix, suffix = before + prefix, suffix + after
         return prefix, suffix
     if kind != "TemplateProcessing":
         raise Unsupported(f"post-processor {kind!r}")
-    specials = _get(spec, "special_tokens", dict, {})
+    specials = get_field(spec, "special_tokens", dict, {})
     prefix, suffix, seen = [], [], False
-    for item in _get(spec, "single", list):
-        if isinstance(item, dict) and "Sequence" in item and _get(item["Sequence"], "id", str) == "A" and not seen:
+    for item in get_field(spec, "single", list):
+        if isinstance(item, dict) and "Sequence" in item and get_field(item["Sequence"], "id", str) == "A" and not seen:
             seen = True
         elif isinstance(item, dict) and "SpecialToken" in item:
-            name = _get(item["SpecialToken"], "id", str)
-            ids = _get(specials.get(name, {"type": f"special token {name!r}"}), "ids", list)
+            name = get_field(item["SpecialToken"], "id", str)
+            ids = get_field(specials.get(name, {"type": f"special token {name!r}"}), "ids", list)
             (suffix if seen else prefix).extend(parse_token_id(i, f"special token {name!r}'s id") for i in ids)
         else:
             raise Unsupported(f"TemplateProcessing item {json.dumps(item)[:60]}")
@@ -87,29 +96,29 @@ def _special_ids(spec: dict | None) -> tuple[list[int], list[int]]:
 
 
 def _model(spec: dict):
-    kind = _get(spec, "type", str, None)
+    kind = get_field(spec, "type", str, None)
     if kind == "Unigram" or (kind is None and isinstance(spec.get("vocab"), list)):
-        vocab = _get(spec, "vocab", list)
+        vocab = get_field(spec, "vocab", list)
         if not vocab or not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str)
                                 and isinstance(e[1], (int, float)) for e in vocab):
             raise Unsupported("Unigram's vocab is not a list of [piece, score]")
         pieces = [e[0] for e in vocab]
         scores = [float(e[1]) for e in vocab]
-        unk_id = _get_id(spec, "unk_id") if spec.get("unk_id") is not None else None
+        unk_id = get_id(spec, "unk_id") if spec.get("unk_id") is not None else None
         if unk_id is not None and not 0 <= unk_id < len(pieces):
             raise Unsupported(f"Unigram's unk_id {unk_id} is outside its {len(pieces)} pieces")
         token_ids = {piece: i for i, piece in enumerate(pieces)}
         byte_ids = None
-        if _get(spec, "byte_fallback", bool, False):
+        if get_field(spec, "byte_fallback", bool, False):
             byte_ids = {b: token_ids[byte_piece(b)] for b in range(256) if byte_piece(b) in token_ids}
         return Unigram(token_ids, scores, unk_id, unk_score=min(scores) - 10.0, fuse_unknown=True,
                        single_precision=False, byte_ids=byte_ids, words=word_pattern(token_ids)), pieces
     if kind == "BPE":
-        vocab = _get(spec, "vocab", dict)
+        vocab = get_field(spec, "vocab", dict)
         if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2 * len(vocab) + 1024 for i in vocab.values()):
             raise Unsupported("BPE's vocab has ids out of range (not integers from 0 to about its size)")
         merges = []
-        for merge in _get(spec, "merges", list):
+        for merge in get_field(spec, "merges", list):
             parts = merge.split(" ") if isinstance(merge, str) else merge
             if not (isinstance(parts, list) and len(parts) == 2 and all(isinstance(p, str) for p in parts)):
                 raise Unsupported(f"BPE merge {json.dumps(merge)[:40]}")
@@ -117,10 +126,10 @@ def _model(spec: dict):
         if spec.get("dropout") not in (None, 0, 0.0):
             raise Unsupported("BPE with dropout (random segmentation)")
         prefix, suffix = spec.get("continuing_subword_prefix"), spec.get("end_of_word_suffix")
-        ignore = _get(spec, "ignore_merges", bool, False)
+        ignore = get_field(spec, "ignore_merges", bool, False)
         try:
-            model = RankBpe(vocab, merges, unk_token=_get(spec, "unk_token", (str, type(None)), None),
-                            fuse_unk=_get(spec, "fuse_unk", bool, False), byte_fallback=_get(spec, "byte_fallback", bool, False),
+            model = RankBpe(vocab, merges, unk_token=get_field(spec, "unk_token", (str, type(None)), None),
+                            fuse_unk=get_field(spec, "fuse_unk", bool, False), byte_fallback=get_field(spec, "byte_fallback", bool, False),
                             prefix=prefix, suffix=suffix, ignore_merges=ignore,
                             words=None if prefix or suffix or ignore else word_pattern(vocab))
         except ValueError as error:
@@ -184,7 +193,7 @@ class JsonTokenizer:
         self.special_ids: set[int] = set()
         raw, normalized = [], []
         for entry in spec.get("added_tokens") or []:
-            content, added_id = _get(entry, "content", str), parse_token_id(_get(entry, "id", object), "an added token's id")
+            content, added_id = get_field(entry, "content", str), parse_token_id(get_field(entry, "id", object), "an added token's id")
             if not content:
                 continue
             self.added[content] = added_id

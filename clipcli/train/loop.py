@@ -28,7 +28,7 @@ from ..models.config import METADATA_KEY
 from . import distributed
 from .data import CaptionTokenizer, GlobalBatches, PairDataset, SkipReporter, caption_tokenizer, loader, read_pairs
 from .evaluate import zeroshot_classes
-from .loss import ContrastiveModel, clamp_logit_scale, contrastive_loss, sigmoid_loss_part
+from .loss import PairModel, clamp_logit_scale, contrastive_loss, sigmoid_loss_part
 from .model import (
     apply_freeze,
     check_encoders,
@@ -189,7 +189,7 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
     steps_per_epoch = len(sampler)
     total_steps = steps_per_epoch * cfg.epochs
 
-    network = ContrastiveModel(clip)
+    network = PairModel(clip)
     if topology.distributed:
         from torch.nn.parallel import DistributedDataParallel
 

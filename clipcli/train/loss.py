@@ -71,7 +71,7 @@ def sigmoid_loss_part(image_features: torch.Tensor, text_features: torch.Tensor,
     return total / sum(sizes)
 
 
-class ContrastiveModel(nn.Module):
+class PairModel(nn.Module):
     """The model behind one ``forward`` (what DistributedDataParallel hooks): normalised
     features, the scale and the bias (None for a model without one). It uses only the surface
     every model family shares (``encode_image``, ``encode_text``, ``logit_scale``, ``logit_bias``)."""
