@@ -114,7 +114,7 @@ def test_hints_from_config_and_preprocessor_config(saved):
     assert hints == {
         "family": "siglip", "activation": "gelu_tanh", "text_activation": None, "vision_head_width": 16,
         "transformer_heads": 2, "text_pool": "last", "logit_bias": True, "tokenizer": "sentencepiece",
-        "text_clean": "canonicalize", "image_resolution": 32, "image_mean": (0.5, 0.5, 0.5),
+        "text_clean": "siglip", "image_resolution": 32, "image_mean": (0.5, 0.5, 0.5),
         "image_std": (0.5, 0.5, 0.5), "interpolation": "bicubic", "resize_mode": "squash",
     }
     gemma = json.loads(json.dumps(config))

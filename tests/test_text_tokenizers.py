@@ -306,3 +306,19 @@ def test_tokenizer_of_is_the_one_answer(monkeypatch):
     for ask in (tokenizer_of, lambda m: clipcli.tokenize("a cat", model=m), caption_tokenizer):
         with pytest.raises(CheckpointError, match="tokenizer files were not found"):
             ask(without)
+
+
+def test_google_siglip_layout_equals_transformers_siglip_tokenizer(tmp_path):
+    """google/siglip-* repositories hold a bare spiece.model read by transformers' SiglipTokenizer,
+    which canonicalizes the text itself (underscores removed, not spaced as open_clip does) and
+    appends </s>: text_clean "siglip" gives its ids, padded to the context with its pad id."""
+    transformers = pytest.importorskip("transformers")
+    shutil.copy(model_file("t5"), tmp_path / "spiece.model")
+    reference = transformers.SiglipTokenizer(vocab_file=str(tmp_path / "spiece.model"), model_max_length=64)
+    reference.save_pretrained(str(tmp_path))
+    files = {name: tmp_path / name for name in TOKENIZER_FILES if (tmp_path / name).exists()}
+    ours = PieceTokenizer(files, 64, "siglip")
+    texts = corpus(300)[:200] + ["A photo of a CAT!", "hello_world, it's 3:45 p.m.", "under_score", "", "  x  ",
+                                 "ＦＵＬＬ－ＷＩＤＴＨ\u3000ｔｅｘｔ １２３"]
+    expected = reference(texts, padding="max_length", max_length=64, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(ours(texts, truncate=True), expected)

@@ -21,7 +21,7 @@ ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 FAMILIES = ("clip", "siglip")  # which towers: CLIP's (clipcli.models.clip) or SigLIP's (clipcli.models.siglip)
 TEXT_POOLS = ("argmax", "eos", "last")  # where the text tower is read out
 TOKENIZERS = ("clip", "sentencepiece")  # the bundled OpenAI BPE, or the model's own files
-TEXT_CLEANS = ("clip", "canonicalize", "whitespace", "lower", "lowercase")
+TEXT_CLEANS = ("clip", "canonicalize", "whitespace", "lower", "lowercase", "siglip")
 METADATA_KEY = "clipcli_config"  # the safetensors metadata entry clipcli writes its config in
 # CLIP's training statistics (OpenCLIP models may use others: image_mean/image_std)
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -63,7 +63,7 @@ class CLIPConfig:
     logit_bias: bool = False  # a learned logit bias: scores are sigmoid probabilities, one per pair
     tokenizer: str = "clip"  # "clip" (the bundled BPE) or "sentencepiece" (the model's own files)
     text_clean: str = "clip"  # "clip" (the BPE's own), "canonicalize" (SigLIP), "whitespace", "lower" (open_clip's),
-    # "lowercase" (transformers' SigLIP 2: str.lower only)
+    # "lowercase" (transformers' SigLIP 2: str.lower only), "siglip" (transformers' SigLIP: canonicalize, "_" removed)
     text_projection: bool = True  # False: a SigLIP text tower without its Linear head (open_clip's SO400M i18n)
 
     @property

@@ -265,7 +265,7 @@ def config_from_transformers(config: dict, source: str, preprocessor: Any = None
         "text_pool": "last",
         "logit_bias": True,
         "tokenizer": "sentencepiece",
-        "text_clean": "lowercase" if text["vocab_size"] == GEMMA_VOCAB else "canonicalize",
+        "text_clean": "lowercase" if text["vocab_size"] == GEMMA_VOCAB else "siglip",
         "image_resolution": vision["image_size"],
         **SIGLIP_PREPROCESS,
     }

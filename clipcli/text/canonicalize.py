@@ -49,6 +49,13 @@ def canonicalize_text(text: str) -> str:
     return " ".join(text.replace("_", " ").translate(_NO_PUNCTUATION).lower().split())
 
 
+def siglip_canonicalize(text: str) -> str:
+    """transformers' ``SiglipTokenizer.canonicalize_text``: lower case, ASCII punctuation removed
+    (underscores too: big_vision's and open_clip's turn them into spaces), whitespace collapsed;
+    no ftfy or HTML repairs."""
+    return " ".join(text.lower().translate(_NO_PUNCTUATION).split())
+
+
 def clean_canonicalize(text: str) -> str:
     return canonicalize_text(basic_clean(text))
 
@@ -68,6 +75,8 @@ CLEANERS: dict[str, Callable[[str], str]] = {
     "lower": clean_lower,
     # transformers' Siglip2Tokenizer: a Lowercase normalizer and nothing else (no ftfy, whitespace kept)
     "lowercase": str.lower,
+    # transformers' SiglipTokenizer (google/siglip-*: a bare spiece.model), which canonicalizes itself
+    "siglip": siglip_canonicalize,
 }
 
 
