@@ -307,19 +307,41 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype:
 
     model, note = load(resolve(src, arch=arch, cache_dir=cache_dir, feedback=feedback), "cpu",
                        getattr(torch, dtype) if dtype else None)
-    # A model with its own tokenizer (SigLIP, MetaCLIP 2) needs its files beside the weights,
-    # where loading looks for them (a hub tokenizer is fetched here).
-    tokenizer = {dst.parent / name: Path(path) for name, path in (getattr(model.tokenizer, "files", None) or {}).items()
-                 if not (dst.parent / name).exists() or not (dst.parent / name).samefile(path)}
-    ensure_writable(list(tokenizer), overwrite)
+    tokenizer, stale, note = _tokenizer_copies(model, dst.parent, note)
+    ensure_writable([*tokenizer, *stale], overwrite)
     tensors = write_safetensors(model.state_dict(), dst, {
         "format": "pt", "converted_by": f"clipcli {__version__}", "source": os.fspath(src),
         METADATA_KEY: config_to_json(model.config)})
     for target, path in tokenizer.items():
         with atomic_path(target, overwrite) as temp:
             shutil.copyfile(path, temp)
+    for path in stale:  # another model's tokenizer would be taken for this one's
+        path.unlink()
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()})
     return Converted(dst, len(tensors), dtypes, dst.stat().st_size, note, sorted(target.name for target in tokenizer))
+
+
+def _tokenizer_copies(model, folder: Path, note: str | None) -> tuple[dict[Path, Path], list[Path], str | None]:
+    """A model with its own tokenizer (SigLIP, MetaCLIP 2) needs its files beside the weights,
+    where loading looks for them (a hub tokenizer is fetched here): ``(target -> file to copy,
+    other tokenizer files already in ``folder`` (to replace), note)``. A tokenizer that cannot
+    be had is said in the note; the weights are converted all the same."""
+    from .errors import ClipcliError
+    from .text.tokenizers import TOKENIZER_FILES
+
+    if getattr(model.config, "tokenizer", "clip") == "clip":
+        return {}, [], note
+    try:
+        files, reason = dict(getattr(model.tokenizer, "files", None) or {}), "none was found with the model"
+    except ClipcliError as error:
+        files, reason = {}, str(error)
+    if not files:
+        why = f"its tokenizer was not copied beside it ({reason}); put its tokenizer files there to embed text"
+        note = f"{note}; {why}" if note else why
+    copies = {folder / name: Path(path) for name, path in files.items()
+              if not (folder / name).exists() or not (folder / name).samefile(path)}
+    stale = [folder / name for name in TOKENIZER_FILES if name not in files and (folder / name).exists()]
+    return copies, stale, note
 
 
 def download_models(names: Sequence[str], *, cache_dir: str | os.PathLike | None = None, force: bool = False,

@@ -244,6 +244,33 @@ def test_a_converted_siglip_keeps_its_tokenizer_beside_it(hub, tmp_path):
     check_sigmoid_records(records, expected, labels, "classify converted siglip2")
 
 
+def test_convert_replaces_another_models_tokenizer_only_when_told(hub, tmp_path):
+    """A folder already holding another tokenizer's files: converting into it is refused without
+    --overwrite (loading would take those files for this model's), and with it they go."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "spiece.model").write_bytes(b"another model's vocabulary")
+    result = CliRunner().invoke(app, ["convert", "hf-hub:" + REPOS["siglip2"], str(out / "m.safetensors")])
+    assert result.exit_code != 0 and "spiece.model already exists" in result.stderr
+    assert not (out / "m.safetensors").exists()
+    run("convert", "hf-hub:" + REPOS["siglip2"], str(out / "m.safetensors"), "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["m.safetensors", "special_tokens_map.json", "tokenizer.json",
+                                                     "tokenizer_config.json"]
+
+
+def test_convert_without_a_tokenizer_converts_the_weights_and_says_so(hub, tmp_path):
+    """A SigLIP folder without its tokenizer files still converts (its images embed); the summary
+    says the tokenizer was not copied."""
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(hub.snapshots["siglip2"], folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink()
+    result = CliRunner().invoke(app, ["convert", str(folder), str(tmp_path / "c" / "m.safetensors")])
+    assert result.exit_code == 0, result.stderr
+    assert "its tokenizer was not copied beside it" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["m.safetensors"]
+
+
 def test_classify_min_prob_keeps_the_labels_that_probable_and_every_image(hub):
     model = "hf-hub:" + REPOS["siglip2"]
     everything = classify(model, "cat,dog")

@@ -322,3 +322,21 @@ def test_google_siglip_layout_equals_transformers_siglip_tokenizer(tmp_path):
                                  "ＦＵＬＬ－ＷＩＤＴＨ\u3000ｔｅｘｔ １２３"]
     expected = reference(texts, padding="max_length", max_length=64, truncation=True, return_tensors="pt").input_ids
     assert torch.equal(ours(texts, truncate=True), expected)
+
+
+def test_lowercase_is_per_character_as_the_tokenizers_normalizer():
+    """transformers' Siglip2Tokenizer lowercases with tokenizers' Lowercase, one character at a
+    time: a word-final capital sigma becomes σ, where Python's str.lower gives ς."""
+    from tokenizers.normalizers import Lowercase
+
+    for text in ("ΟΔΟΣ ΚΑΛΟΣ", "A Photo of İstanbul", "ǅ ß ẞ"):
+        assert cleaner("lowercase")(text) == Lowercase().normalize_str(text)
+
+
+def test_no_texts_read_no_vocabulary():
+    """Zero texts (a finished run resumed, a shard without captions) never load or fetch the tokenizer."""
+    def provider():
+        raise AssertionError("the tokenizer files were asked for")
+
+    ids, cut = PieceTokenizer(provider, 64, "canonicalize").encode_texts([])
+    assert ids.shape == (0, 64) and cut == []

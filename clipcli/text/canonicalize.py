@@ -74,7 +74,7 @@ CLEANERS: dict[str, Callable[[str], str]] = {
     "whitespace": clean_whitespace,
     "lower": clean_lower,
     # transformers' Siglip2Tokenizer: a Lowercase normalizer and nothing else (no ftfy, whitespace kept)
-    "lowercase": str.lower,
+    "lowercase": lambda text: "".join(map(str.lower, text)),  # per character, as Rust's: a final Σ is σ, not ς
     # transformers' SiglipTokenizer (google/siglip-*: a bare spiece.model), which canonicalizes itself
     "siglip": siglip_canonicalize,
 }

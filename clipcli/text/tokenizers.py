@@ -375,6 +375,8 @@ class PieceTokenizer(TextTokenizer):
         if isinstance(texts, str):
             texts = [texts]
         context_length = context_length or self.context_length
+        if not texts:  # nothing to tokenize: the vocabulary is neither read nor fetched
+            return torch.zeros((0, context_length), dtype=torch.long), []
         vocabulary = self._load()
         prefix, suffix = vocabulary.prefix, vocabulary.suffix
         room = context_length - len(prefix) - len(suffix)
@@ -386,8 +388,8 @@ class PieceTokenizer(TextTokenizer):
             if not isinstance(text, str):
                 raise TypeError(f"text {index} is a {type(text).__name__}, not a str")
             long = len(text) > bpe.MAX_TOKENIZED_CHARS
-            if long:  # cleaning collapses whitespace runs anyway: collapse them before cutting
-                text = re.sub(r"\s+", " ", text)
+            if long and self.clean != "lowercase":  # the cleaning collapses whitespace runs anyway:
+                text = re.sub(r"\s+", " ", text)  # collapse them before cutting
                 long = len(text) > bpe.MAX_TOKENIZED_CHARS
             ids = self.encode_text(text[: bpe.MAX_TOKENIZED_CHARS] if long else text)
             if (long or len(ids) > room) and not truncate:
