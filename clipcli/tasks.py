@@ -357,15 +357,21 @@ def download_models(names: Sequence[str], *, cache_dir: str | os.PathLike | None
     from .errors import ClipcliError
     from .loading import resolve
     from .models import registry
+    from .tokenizer_files import fetch_tokenizer_files
 
     checked = " (sha256 verified)" if verify else ""
     for name in names:
         try:
             info = registry.find_model(name)
             if info is None:
-                if registry.find_pretrained(name) is None and hub.parse_name(name) is None:
+                if registry.find_pretrained(name) is None and hub.parse_name(name) is None \
+                        and registry.find_hub_alias(name) is None:
                     raise unknown_model(name)
-                files = resolve(name, feedback=feedback).files
+                source = resolve(name, feedback=feedback)
+                tokenizer = dict(source.tokenizer_files)
+                if source.tokenizer_repos:  # a model's own tokenizer on the hub: fetched now, for offline runs
+                    tokenizer = fetch_tokenizer_files(name, source.tokenizer_repos, feedback.shows_progress)
+                files = (*source.files, *tokenizer.values())
                 for path in files:
                     if verify:
                         hub.verify(path)

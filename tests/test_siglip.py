@@ -524,6 +524,26 @@ def test_a_hub_tokenizer_is_fetched_for_the_first_text_and_the_identity_never_de
     assert torch.equal(clipcli.tokenize(["A cat!"], model=offline), tokens)
 
 
+def test_download_fetches_a_hub_models_tokenizer_for_offline_runs(siglip_repo, tokenizer_hub, monkeypatch, tmp_path):
+    """``clipcli download`` of a model whose tokenizer lives in another hub repository fetches
+    that tokenizer too (loading fetches it only for the first text): offline runs then tokenize."""
+    from clipcli.loading import load_model
+    from clipcli.tasks import download_models
+    from clipcli.text.tokenizers import TOKENIZER_FILES
+
+    name, folder, _ = siglip_repo
+    snapshot = hf_cache_repo(tmp_path / "hf-hub", f"timm/{name}", folder)  # the weights cached, no tokenizer
+    for file in TOKENIZER_FILES:  # the model's own repository has none, as the hub says it
+        tokenizer_hub.headers[f"/timm/{name}/resolve/main/{file}"] = {
+            "status": "404", "X-Error-Code": "EntryNotFound", "X-Repo-Commit": snapshot.name}
+    [(asked, files)] = list(download_models([f"hf-hub:timm/{name}"]))
+    assert not isinstance(files, Exception), files
+    assert {path.name for path in files} >= {"open_clip_model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    monkeypatch.setenv("CLIPCLI_OFFLINE", "1")
+    model = load_model(f"hf-hub:timm/{name}")
+    assert clipcli.tokenize(["A cat!"], model=model)[0, :3].tolist() == [30, 31, 1]  # ▁a ▁cat </s>
+
+
 def test_the_api_tokenizes_with_the_models_tokenizer(tiny_vit_checkpoint):
     model, _ = clipcli.load(tiny_vit_checkpoint, device="cpu")
     texts = ["a photo of a cat", "a dog"]
