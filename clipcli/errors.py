@@ -4,7 +4,7 @@ A message says what went wrong, never which command-line flag would fix it: the 
 used without the CLI too. An error may name the parameter at fault (``option``, by its
 library name: ``"precision"``; its message then starts with the value: ``'fp8': choose ...``)
 and a key for the remedy (``fix``: ``"overwrite"``, ``"resume"``, ``"fp32"``; see
-``clipcli.cli.render.FIXES``); the CLI spells those as its flags, prints one line on stderr
+``clipcli.messages.FIXES``); the CLI spells those as its flags, prints one line on stderr
 and exits with ``error.exit_code``. No traceback is shown for any of these. A failed item's
 :class:`Reason` carries a ``fix`` the same way, and an error made from a Reason keeps it.
 """
