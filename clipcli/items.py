@@ -47,7 +47,7 @@ class Item:
     data: bytes | None = field(default=None, repr=False)  # the file's bytes, read from an archive
 
 
-def _url_item(url: str) -> Item:
+def url_item(url: str) -> Item:
     scheme = url_scheme(url)
     if scheme in ("http", "https"):
         try:
@@ -154,7 +154,7 @@ def _is_stream(path: str) -> bool:
 def _list_entries(lines: Sequence[str], base: str, visited: set) -> Iterator[Item]:
     for line in lines:
         if url_scheme(line):
-            yield _url_item(line)
+            yield url_item(line)
             continue
         path = line if os.path.isabs(line) or not base else os.path.join(base, line)
         if os.path.isdir(path):
@@ -243,7 +243,7 @@ def expand_inputs(inputs: Sequence[str], *, exclude: Sequence[str | os.PathLike]
         if arg == "-":
             items.extend(_list_entries(read_lines("-"), "", visited))
         elif url_scheme(arg):
-            items.append(_url_item(arg))
+            items.append(url_item(arg))
         elif os.path.isdir(arg):  # a folder named x.jpg included
             items.extend(list(walk_folder(arg, visited, excluded)) or [Item(name=arg, error=EMPTY_FOLDER)])
         elif (problem := _missing(arg)) is not None:

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from . import cache
 from .batching import Embedding, embed_images, embed_texts
@@ -274,28 +274,34 @@ def classify(
     are scored as the returned iterator is consumed. ``run`` takes :func:`embed_images`'s
     keyword arguments (batch size, workers, ...).
     """
-    import torch
-
-    from .zeroshot import check_probability, logit_parameters, probabilities, score_kind
-    from .zeroshot import top_k as best
+    from .zeroshot import check_probability
 
     check_probability(min_prob)
     classifier = label_classifier(loaded, labels, templates, use_cache=use_cache)
+    return label_records(loaded, embed_images(loaded, items, normalize=True, **run), classifier, labels,
+                         top_k=top_k, min_prob=min_prob)
+
+
+def label_records(loaded: LoadedModel, results: Iterable[Embedding], classifier: "torch.Tensor",
+                  labels: Sequence[str], *, top_k: int = 5, min_prob: float | None = None) -> Iterator[dict]:
+    """:func:`classify`'s records for image embeddings already made (unit length) and a
+    classifier from :func:`label_classifier`, as ``results`` are consumed."""
+    import torch
+
+    from .zeroshot import logit_parameters, probabilities, score_kind
+    from .zeroshot import top_k as best
+
     scale, bias = logit_parameters(loaded.model)
     kind = score_kind(bias)
-
-    def records() -> Iterator[dict]:
-        for result in embed_images(loaded, items, normalize=True, **run):
-            if not result.ok:
-                yield image_record(result)
-                continue
-            probs = probabilities(torch.from_numpy(result.embedding)[None], classifier, scale, bias)  # (1, L)
-            top = best(probs, labels, top_k, min_prob)[0]
-            label, score = top[0] if top else (None, None)
-            yield image_record(result, label=label, score=score,
-                               top=[{"label": label, "score": score} for label, score in top], score_kind=kind)
-
-    return records()
+    for result in results:
+        if not result.ok:
+            yield image_record(result)
+            continue
+        probs = probabilities(torch.from_numpy(result.embedding)[None], classifier, scale, bias)  # (1, L)
+        top = best(probs, labels, top_k, min_prob)[0]
+        label, score = top[0] if top else (None, None)
+        yield image_record(result, label=label, score=score,
+                           top=[{"label": label, "score": score} for label, score in top], score_kind=kind)
 
 
 # --------------------------------------------------------------------------- similarity

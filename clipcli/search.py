@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -28,7 +28,7 @@ import numpy as np
 from .display import display
 from .errors import InputError, NoVectorsError
 from .http import FetchOptions, url_scheme
-from .items import Item
+from .items import Item, url_item
 from .vectors import check_threshold
 from .vectors import search as nearest
 
@@ -41,28 +41,41 @@ _WEIGHT = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+)):(.+)$", re.DOTALL)
 
 @dataclass(frozen=True)
 class Term:
+    """One query term. ``kind`` "text" or "image" says what it is; None (the CLI's terms): an
+    image when it names an existing file or is an http(s) URL. ``data``: an image's bytes (an
+    upload), read from nowhere else."""
+
     text: str
     weight: float = 1.0
+    kind: str | None = None
+    data: bytes | None = field(default=None, repr=False)
 
     @property
     def is_image(self) -> bool:
+        if self.kind is not None:
+            return self.kind == "image"
         return url_scheme(self.text) in ("http", "https") or os.path.isfile(self.text)
 
 
-def parse_terms(queries: Sequence[str], minus: Sequence[str] = ()) -> list[Term]:
-    """``W:TERM`` -> ``Term(TERM, W)``; every ``minus`` term with its weight negated."""
+def parse_terms(queries: Sequence[str], minus: Sequence[str] = (), *, paths: bool = True) -> list[Term]:
+    """``W:TERM`` -> ``Term(TERM, W)``; every ``minus`` term with its weight negated.
+
+    ``paths`` False (terms from a request, which must never reach the filesystem): a term is
+    an image only as an http(s) URL, and text otherwise, whatever files exist."""
     terms = []
     for sign, group in ((1.0, queries), (-1.0, minus)):
         for query in group:
             match = _WEIGHT.match(query)
-            weight, text = (float(match[1]), match[2]) if match and not os.path.exists(query) else (1.0, query)
+            weighted = match and not (paths and os.path.exists(query))
+            weight, text = (float(match[1]), match[2]) if weighted else (1.0, query)
             if not text.strip():
                 raise InputError(f"empty query term {display(query)!r}")
             if not math.isfinite(weight):  # 400 digits are inf as a float
                 shown = match[1] if len(match[1]) <= 24 else f"{match[1][:12]}...({len(match[1])} characters)"
                 raise InputError(f"the weight {shown} of query term {display(text)[:80]!r} is too large "
                                  "to compute with; give a weight such as 0.5 or 3")
-            terms.append(Term(text, sign * weight))
+            kind = None if paths else ("image" if url_scheme(text) in ("http", "https") else "text")
+            terms.append(Term(text, sign * weight, kind))
     if not terms:
         raise InputError("give a query: text, an image file or an image URL")
     return terms
@@ -79,7 +92,7 @@ def query_vector(loaded: "LoadedModel", terms: Sequence[Term], fetch: FetchOptio
     scale = max(abs(t.weight) for t in terms)  # weights are divided by it: large ones never overflow
     if not scale:
         raise InputError("the query terms cancel out (every weight is zero)")
-    terms = [Term(t.text, t.weight / scale) for t in terms]
+    terms = [replace(t, weight=t.weight / scale) for t in terms]
     texts = [t for t in terms if not t.is_image]
     images = [t for t in terms if t.is_image]
     total = np.zeros(loaded.embed_dim, np.float64)
@@ -87,7 +100,8 @@ def query_vector(loaded: "LoadedModel", terms: Sequence[Term], fetch: FetchOptio
         for term, result in zip(texts, embed_texts(loaded, [t.text for t in texts])):
             total += term.weight * result.embedding.astype(np.float64)
     if images:
-        items = [Item(name=t.text, url=t.text) if url_scheme(t.text) else Item(name=t.text, path=t.text) for t in images]
+        items = [Item(name=t.text, data=t.data) if t.data is not None else url_item(t.text)
+                 if url_scheme(t.text) in ("http", "https") else Item(name=t.text, path=t.text) for t in images]
         for term, result in zip(images, embed_images(loaded, items, workers=0, fetch=fetch)):
             if not result.ok:
                 raise InputError(f"query image {display(term.text)}: {result.error}")

@@ -48,7 +48,7 @@ def _summary_format(value: str) -> str:
     return chosen
 
 
-def _index_model(index, model: Optional[str]) -> str:
+def index_model(index, model: Optional[str]) -> str:
     """``--model`` as given, else the one model the index holds vectors of (else the default)."""
     if model:  # a checkpoint file by its absolute path: the index records the name, for runs from anywhere
         return os.path.abspath(model) if os.path.isfile(model) else model
@@ -130,7 +130,7 @@ def index(
 
     run = run_options(batch_size, workers, max_pixels, allow_truncated, False, exact_decode)
     with Index(db) as opened:
-        summary = _update(opened, inputs, _index_model(opened, model), arch, cache_dir, device, precision, threads,
+        summary = _update(opened, inputs, index_model(opened, model), arch, cache_dir, device, precision, threads,
                           quiet, run, {})
     if fmt == "json":
         sys.stdout.write(to_json({"db": str(opened.path), **summary.as_json()}) + "\n")
@@ -205,7 +205,7 @@ def search(
     except NoVectorsError as error:
         raise NoVectorsError(f"{error.message}; build one with: clipcli index FOLDER") from None
     with opened:
-        model = _index_model(opened, model)
+        model = index_model(opened, model)
         loaded: dict = {}
         towers = ("image",) if all(t.is_image for t in terms) else ("text",)
         if min_prob is not None:  # whether the model has probabilities: known once loaded, before --in's update
