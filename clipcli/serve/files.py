@@ -1,0 +1,149 @@
+"""The files the server shows: named by id, never by a path from the request, and only if indexed.
+
+A result's file is named by an id made of its row in the index's ``files`` table and a
+digest of its path (``"17.3fa9c0d1e2"``): a request can name only a file the index holds,
+and an id that outlived its row (the index rebuilt, the row reused) names nothing rather
+than another file. Before a file is read, its real path (symbolic links resolved) must
+itself be a file of the index: a link planted in an indexed folder, or a folder swapped for
+a link, pointing at ``/etc`` or another user's files, is refused.
+
+Thumbnails are made on demand (the decoder's size and format limits apply, as for the
+model) and kept in a bounded cache keyed by the file's path, size and modification time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import stat
+import threading
+from collections import OrderedDict
+from typing import Sequence
+
+from ..errors import InputError
+from ..images import DecodeOptions, decode_image, pillow_limits
+from ..index import Index, path_key
+
+THUMBNAIL_SIDE = 256
+# Formats a browser shows as they are; any other indexed image is sent as a JPEG of itself.
+BROWSER_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp",
+                 "BMP": "image/bmp", "AVIF": "image/avif"}
+
+
+class NotServed(InputError):
+    """The id names no file the index holds, or the file cannot be shown."""
+
+
+def _digest(path: bytes) -> str:
+    return hashlib.sha256(path).hexdigest()[:10]
+
+
+def file_ids(index: Index, paths: Sequence[bytes]) -> list[str]:
+    """The id of each indexed path (as :class:`~clipcli.index.Hit` holds it)."""
+    ids = []
+    with index.guard():
+        for path in paths:
+            row = index.db.execute("SELECT rowid FROM files WHERE path = ?", (path,)).fetchone()
+            ids.append(f"{row[0]}.{_digest(path)}" if row else "")
+    return ids
+
+
+def resolve_id(index: Index, file_id: str) -> str:
+    """The real path of the file ``file_id`` names, checked (see the module docstring), or
+    :class:`NotServed`."""
+    row_text, _, digest = file_id.partition(".")
+    if not row_text.isdigit() or len(row_text) > 18 or len(digest) != 10:
+        raise NotServed(f"{file_id[:40]!r} is not a file id")
+    with index.guard():
+        row = index.db.execute("SELECT path FROM files WHERE rowid = ? AND error IS NULL", (int(row_text),)).fetchone()
+        if row is None or _digest(row[0]) != digest:
+            raise NotServed(f"no indexed file has the id {file_id}")
+        real = os.path.realpath(os.fsdecode(row[0]))
+        if path_key(real) != row[0] and index.db.execute(
+                "SELECT 1 FROM files WHERE path = ? AND error IS NULL", (path_key(real),)).fetchone() is None:
+            raise NotServed(f"file {file_id} leads out of the indexed files (a symbolic link)")
+    return real
+
+
+def _read(path: str, limit: int) -> bytes:
+    """The file's bytes: a regular file, opened without following a link planted since."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as error:
+        raise NotServed(f"cannot read the file: {error.strerror or error}") from None
+    with os.fdopen(fd, "rb") as stream:
+        info = os.fstat(stream.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise NotServed("not a regular file")
+        if info.st_size > limit:
+            raise NotServed(f"the file is larger than {limit >> 20} MiB")
+        return stream.read(limit + 1)[:limit]
+
+
+class Thumbnails:
+    """JPEG thumbnails (at most :data:`THUMBNAIL_SIDE` pixels a side), made on demand and kept
+    up to ``max_bytes`` (least recently used first out)."""
+
+    def __init__(self, decode: DecodeOptions = DecodeOptions(), max_bytes: int = 64 << 20,
+                 max_file: int = 256 << 20):
+        self.decode = decode
+        self.max_bytes = max_bytes
+        self.max_file = max_file
+        self._cache: OrderedDict[tuple, bytes] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def thumbnail(self, path: str) -> bytes:
+        try:
+            info = os.stat(path)
+        except OSError as error:
+            raise NotServed(f"cannot read the file: {error.strerror or error}") from None
+        key = (path, info.st_size, info.st_mtime_ns)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        image = self._decode(_read(path, self.max_file), draft=2 * THUMBNAIL_SIDE)
+        image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+        data = _jpeg(image, quality=82)
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = data
+                self._size += len(data)
+            while self._size > self.max_bytes and self._cache:
+                self._size -= len(self._cache.popitem(last=False)[1])
+        return data
+
+    def full(self, path: str) -> tuple[bytes, str]:
+        """The image as a browser can show it: the file itself in a format browsers read,
+        else a JPEG of it. ``(bytes, media type)``."""
+        from PIL import Image
+
+        data = _read(path, self.max_file)
+        try:
+            with Image.open(io.BytesIO(data)) as probe:
+                kind = BROWSER_TYPES.get(probe.format or "")
+        except Exception:  # noqa: BLE001 (the decoder below says why)
+            kind = None
+        if kind is not None:
+            return data, kind
+        return _jpeg(self._decode(data), quality=90), "image/jpeg"
+
+    def _decode(self, data: bytes, draft: int | None = None):
+        from dataclasses import replace
+
+        from ..errors import ItemError
+
+        options = replace(self.decode, draft_size=draft) if draft else self.decode
+        try:
+            with pillow_limits(options):
+                return decode_image(io.BytesIO(data), options)
+        except ItemError as error:
+            raise NotServed(str(error)) from None
+
+
+def _jpeg(image, quality: int) -> bytes:
+    out = io.BytesIO()
+    image.convert("RGB").save(out, "JPEG", quality=quality)
+    return out.getvalue()

@@ -1,0 +1,297 @@
+"""`clipcli serve` through Starlette's test client: every endpoint equal to its command's output
+for the same inputs, the errors, the token, the Host check, the limits and file serving."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("httpx")
+from PIL import Image  # noqa: E402
+from starlette.testclient import TestClient  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from clipcli.cli import app as cli_app  # noqa: E402
+from clipcli.serve.app import Limits, create_app  # noqa: E402
+from clipcli.serve.service import Service, Settings  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+runner = CliRunner()
+TOLERANCE = 1e-5  # batches of other sizes round differently (kernels per CPU); the scores keep 1e-5
+
+
+def cli(*args: str) -> str:
+    result = runner.invoke(cli_app, list(args))
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    return result.stdout
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    shutil.copytree(DATA, folder, ignore=shutil.ignore_patterns("*.md"))
+    return folder
+
+
+@pytest.fixture
+def db(photos, tmp_path, tiny_vit_checkpoint) -> Path:
+    path = tmp_path / "index.sqlite3"
+    cli("index", str(photos), "--db", str(path), "-m", str(tiny_vit_checkpoint), "-q")
+    return path
+
+
+def client_for(service: Service, **kwargs) -> TestClient:
+    return TestClient(create_app(service, **kwargs), base_url="http://127.0.0.1", raise_server_exceptions=False)
+
+
+@pytest.fixture
+def client(db, tiny_vit_checkpoint):
+    service = Service(Settings(str(tiny_vit_checkpoint), db=str(db), load=dict(device="cpu")))
+    with client_for(service) as client:
+        assert service.wait(60) and service.status == "ok", service.error
+        client.service = service
+        yield client
+
+
+def upload(*paths: Path) -> list:
+    return [("image", (path.name, path.read_bytes(), "application/octet-stream")) for path in paths]
+
+
+def close(a, b) -> None:
+    np.testing.assert_allclose(np.array(a, np.float64), np.array(b, np.float64), atol=TOLERANCE, rtol=0)
+
+
+# --------------------------------------------------------------------------- equal to the commands
+
+def test_health_names_the_model_its_scores_and_the_indexed_images(client, photos, tiny_vit_checkpoint):
+    body = client.get("/health").json()
+    assert body["status"] == "ok" and body["model"] == str(tiny_vit_checkpoint)
+    assert body["score"] == "cosine"
+    assert body["images"] == len(list(photos.iterdir()))
+
+
+def test_embed_texts_equals_encode(client, tiny_vit_checkpoint):
+    texts = ["a rocket", "a photo of a cat", "x " * 200]
+    args = [a for t in texts for a in ("--text", t)]
+    expected = [json.loads(line) for line in cli("encode", *args, "-m", str(tiny_vit_checkpoint), "-f", "jsonl",
+                                                 "-q").splitlines()]
+    body = client.post("/api/embed", json={"texts": texts}).json()
+    assert body["model"] == str(tiny_vit_checkpoint)
+    close(body["embeddings"], [r["embedding"] for r in expected])
+    assert body["truncated"] == [False, False, True]  # encode says so too
+    assert [r.get("truncated", False) for r in expected] == body["truncated"]
+    refused = client.post("/api/embed", json={"texts": ["x " * 200], "truncate": False}).json()
+    assert refused["embeddings"] == [None] and "context" in refused["errors"][0]["error"]
+
+
+def test_embed_images_equals_encode_and_a_bad_upload_is_an_error_entry(client, photos, tiny_vit_checkpoint):
+    files = sorted(p for p in photos.iterdir() if p.suffix in (".jpg", ".png"))
+    expected = [json.loads(line) for line in cli("encode", *map(str, files), "-m", str(tiny_vit_checkpoint),
+                                                 "-f", "jsonl", "-q").splitlines()]
+    bad = ("image", ("notes.txt", b"not an image", "text/plain"))
+    body = client.post("/api/embed", files=[*upload(*files), bad]).json()
+    close(body["embeddings"][:-1], [r["embedding"] for r in expected])
+    assert body["embeddings"][-1] is None
+    assert body["errors"] == [{"index": len(files), "input": "notes.txt", "error": body["errors"][0]["error"]}]
+    assert "not an image" in body["errors"][0]["error"] or "cannot" in body["errors"][0]["error"]
+    raw = client.post("/api/embed", files=upload(files[0]), data={"normalize": "false"}).json()["embeddings"][0]
+    assert abs(np.linalg.norm(raw) - 1) > 1e-3  # unnormalised, as encode --no-normalize
+
+
+def test_classify_equals_the_command(client, photos, tiny_vit_checkpoint):
+    files = sorted(p for p in photos.iterdir() if p.suffix in (".jpg", ".png"))
+    expected = [json.loads(line) for line in cli("classify", *map(str, files), "-l", "a rocket,a cat,a woman",
+                                                 "-t", "a photo of {}.", "-k", "2", "-m", str(tiny_vit_checkpoint),
+                                                 "-f", "jsonl", "-q").splitlines()]
+    body = client.post("/api/classify", files=upload(*files),
+                       data={"labels": "a rocket,a cat,a woman", "template": "a photo of {}.", "top_k": "2"}).json()
+    got = body["results"]
+    assert [r["image"] for r in got] == [p.name for p in files]
+    for mine, theirs in zip(got, expected):
+        assert mine["label"] == theirs["label"] and mine["score_kind"] == theirs["score_kind"] == "softmax"
+        assert [t["label"] for t in mine["top"]] == [t["label"] for t in theirs["top"]]
+        close([t["score"] for t in mine["top"]], [t["score"] for t in theirs["top"]])
+
+
+@pytest.mark.parametrize("terms", [["a rocket"], ["a cat", "0.5:on a sofa"], ["a cat", "--minus", "a rocket"]])
+def test_search_equals_the_command(client, db, terms):
+    expected = json.loads(cli("search", *terms, "--db", str(db), "-k", "4", "--format", "json"))
+    query = [("q", t) for t in terms if t != "--minus" and terms[terms.index(t) - 1] != "--minus"]
+    query += [("minus", terms[i + 1]) for i, t in enumerate(terms) if t == "--minus"]
+    body = client.get("/api/search", params=[*query, ("k", "4")]).json()
+    assert [r["image"] for r in body["results"]] == [r["image"] for r in expected]
+    assert [r["rank"] for r in body["results"]] == [1, 2, 3, 4]
+    assert all(r.keys() == e.keys() for r, e in zip(body["results"], expected))
+    close([r["score"] for r in body["results"]], [r["score"] for r in expected])
+    assert len(body["ids"]) == 4 and all(body["ids"])
+
+
+def test_search_pages_with_offset_and_filters_with_in_and_threshold(client, db, photos):
+    whole = client.get("/api/search", params={"q": "a cat", "k": 5}).json()["results"]
+    page = client.get("/api/search", params={"q": "a cat", "k": 2, "offset": 2}).json()["results"]
+    assert [r["image"] for r in page] == [r["image"] for r in whole[2:4]]
+    assert [r["rank"] for r in page] == [3, 4]
+    cut = whole[2]["score"]
+    kept = client.get("/api/search", params={"q": "a cat", "k": 5, "threshold": cut}).json()["results"]
+    assert [r["image"] for r in kept] == [r["image"] for r in whole[:3]]
+    sub = photos / "sub"
+    sub.mkdir()
+    shutil.copy(photos / "rocket.jpg", sub / "copy.jpg")
+    cli("index", str(photos), "--db", str(db), "-q")  # the server sees it: a new generation of the vectors
+    found = client.get("/api/search", params={"q": "a rocket", "in": str(sub)}).json()["results"]
+    assert [r["image"] for r in found] == [str(sub / "copy.jpg")]
+    assert client.get("/health").json()["images"] == len(whole) + 1
+
+
+def test_search_by_uploaded_image_finds_that_image_first(client, photos):
+    body = client.post("/api/search", files=upload(photos / "rocket.jpg"), data={"k": "2"}).json()
+    assert body["results"][0]["image"] == str(photos / "rocket.jpg")
+    assert body["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_query_naming_a_file_is_text_never_a_path(client, photos):
+    """A request's terms never reach the filesystem: a path is searched as the words it spells."""
+    path = str(photos / "rocket.jpg")
+    as_text = client.get("/api/search", params={"q": path}).json()["results"]
+    assert as_text[0]["score"] < 0.99  # an image's own vector would score 1.0
+    assert client.get("/api/search", params={"q": f"2:{path}"}).json()["results"] == as_text
+
+
+# --------------------------------------------------------------------------- errors
+
+def test_errors_are_the_commands_one_line_messages_as_json(client, db):
+    cli_error = runner.invoke(cli_app, ["search", "a cat", "--db", str(db), "--min-prob", "0.5"]).stderr
+    answer = client.get("/api/search", params={"q": "a cat", "min_prob": "0.5"})
+    assert answer.status_code == 400
+    assert cli_error.strip().splitlines()[-1] == f"error: {answer.json()['error']}"
+    assert answer.json()["option"] == "min_prob" and answer.json()["fix"] == "threshold"
+    for params in ({"q": "a cat", "k": "0"}, {"q": "a cat", "k": "many"}, {"q": "a cat", "threshold": "2"},
+                   {"q": ""}, {}, {"q": "a cat", "offset": "-1"}, {"q": "a cat", "k": ["1", "2"]}):
+        answer = client.get("/api/search", params=params)
+        assert answer.status_code == 400, params
+        assert "\n" not in answer.json()["error"] and "Traceback" not in answer.text
+    assert client.post("/api/embed", content=b"{not json", headers={"content-type": "application/json"}).status_code == 400
+    assert client.post("/api/embed", json={"texts": [1, 2]}).status_code == 400
+    assert client.post("/api/embed", json=[1]).status_code == 400
+    assert client.post("/api/embed", json={}).status_code == 400
+    assert client.post("/api/embed", content=b"x", headers={"content-type": "text/plain"}).status_code == 400
+    assert client.post("/api/classify", files=upload(DATA / "rocket.jpg"), data={"labels": "a,a"}).status_code == 400
+    assert client.post("/api/classify", files=upload(DATA / "rocket.jpg"),
+                       data={"labels": "a", "templates": "/etc/passwd"}).status_code == 400
+    broken = b"--xx\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a\"\r\n\r\nabc"  # never ends
+    answer = client.post("/api/embed", content=broken, headers={"content-type": "multipart/form-data; boundary=xx"})
+    assert 400 <= answer.status_code < 500 and answer.json()["error"]
+    missing = client.get("/nothing/here")
+    assert missing.status_code == 404 and missing.json() == {"error": "Not Found"}
+    assert client.get("/api/search", params={"q": "x"}, headers={"Host": "evil.example"}).status_code == 403
+
+
+def test_a_private_url_is_refused_as_the_cli_refuses_it(client):
+    body = client.post("/api/embed", json={"urls": ["http://127.0.0.1:9/x.jpg", "file:///etc/passwd"]})
+    assert body.status_code == 400  # not http(s): never fetched
+    body = client.post("/api/embed", json={"urls": ["http://127.0.0.1:9/x.jpg"]}).json()
+    assert body["embeddings"] == [None]
+    assert "allow-private" in body["errors"][0]["error"], body  # the CLI's guard and its wording
+
+
+def test_limits_on_body_images_and_texts(db, tiny_vit_checkpoint, photos):
+    service = Service(Settings(str(tiny_vit_checkpoint), db=str(db), load=dict(device="cpu")))
+    with client_for(service, limits=Limits(max_body=20_000, max_images=2, max_texts=3)) as client:
+        assert service.wait(60)
+        big = client.post("/api/embed", files=upload(photos / "astronaut.png"))
+        assert big.status_code == 413 and "bytes" in big.json()["error"]
+        small = ("image", ("a.png", _png(8), "image/png"))
+        assert client.post("/api/embed", files=[small] * 3).status_code == 400
+        assert client.post("/api/embed", files=[small] * 2).status_code == 200
+        assert client.post("/api/embed", json={"texts": ["a"] * 4}).status_code == 400
+        assert client.get("/api/search", params={"q": "a", "k": 1001}).status_code == 400
+
+
+def _png(side: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (side, side), (200, 30, 30)).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_503_with_retry_after_while_the_model_loads(db, tiny_vit_checkpoint):
+    from clipcli.pipeline import load_model
+
+    release = threading.Event()
+
+    def slow_loader(name, **kwargs):
+        release.wait(30)
+        return load_model(name, **kwargs)
+
+    service = Service(Settings(str(tiny_vit_checkpoint), db=str(db), load=dict(device="cpu")), loader=slow_loader)
+    with client_for(service) as client:
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "loading"
+        answer = client.get("/api/search", params={"q": "a cat"})
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "2"
+        release.set()
+        assert service.wait(60)
+        assert client.get("/health").status_code == 200
+        assert client.get("/api/search", params={"q": "a cat"}).status_code == 200
+
+
+# --------------------------------------------------------------------------- files and tokens
+
+def test_files_are_served_by_id_only(client, photos):
+    found = client.get("/api/search", params={"q": "a rocket", "k": 5}).json()
+    first = found["ids"][found["results"].index(next(r for r in found["results"] if r["image"].endswith("rocket.jpg")))]
+    thumb = client.get(f"/api/thumbnail/{first}")
+    assert thumb.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(thumb.content)).size) <= 256
+    full = client.get(f"/api/image/{first}")
+    assert full.content == (photos / "rocket.jpg").read_bytes()
+    row = first.split(".")[0]
+    for bad in ("abc", f"{row}.0000000000", f"{row}", "99999.abcdefabcd", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd"):
+        answer = client.get(f"/api/thumbnail/{bad}")
+        assert answer.status_code == 404, bad
+        assert answer.headers["content-type"] == "application/json"
+    assert client.get("/api/image/../../etc/passwd").status_code == 404
+
+
+def test_a_symlink_planted_in_an_indexed_folder_is_refused(client, photos, tmp_path):
+    found = client.get("/api/search", params={"q": "a rocket", "k": 5}).json()
+    index = [r["image"] for r in found["results"]].index(str(photos / "rocket.jpg"))
+    secret = tmp_path / "outside" / "secret.jpg"
+    secret.parent.mkdir()
+    shutil.copy(photos / "rocket.jpg", secret)
+    (photos / "rocket.jpg").unlink()
+    os.symlink(secret, photos / "rocket.jpg")  # the indexed path now leads out of the indexed files
+    for kind in ("thumbnail", "image"):
+        answer = client.get(f"/api/{kind}/{found['ids'][index]}")
+        assert answer.status_code == 404 and "symbolic link" in answer.json()["error"]
+
+
+def test_a_token_is_checked_on_every_request(db, tiny_vit_checkpoint):
+    service = Service(Settings(str(tiny_vit_checkpoint), db=str(db), load=dict(device="cpu")))
+    with client_for(service, token="s3cret-token") as client:
+        assert service.wait(60)
+        for path in ("/", "/health", "/api/search?q=a", "/static/app.js", "/api/thumbnail/1.0000000000"):
+            answer = client.get(path)
+            assert answer.status_code == 401 and answer.json()["error"], path
+        assert client.get("/health", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.get("/health", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
+        page = client.get("/?token=s3cret-token")
+        assert page.status_code == 200 and "clipcli_token" in page.headers["set-cookie"]
+        assert client.get("/static/app.js").status_code == 200  # the cookie carries it now
+        client.cookies.clear()
+        assert client.get("/static/app.js").status_code == 401
+
+
+def test_the_page_and_its_files_are_served(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<script" in page.text and "http" not in page.text.split("<body")[0].replace("http-equiv", "")  # no CDN
+    assert client.get("/static/app.js").status_code == 200
+    assert client.get("/static/../app.py").status_code == 404
