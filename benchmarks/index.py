@@ -93,40 +93,56 @@ def bench_tree(work: Path, count: int) -> dict:
             "changed_files": len(changed), "reindex_1pct_s": one_percent}
 
 
+VIT_B_32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
+                context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
+
+
+def vit_b_32(work: Path) -> Path:
+    """A random-weight ViT-B-32 that describes itself."""
+    return checkpoint(work / "vit-b-32.safetensors", **VIT_B_32)
+
+
+def vector_index(work: Path, count: int, model: str) -> Path:
+    """An index holding ``count`` random unit 512-d vectors of ``model``, one file each (built once)."""
+    from clipcli.index import Index
+    from clipcli.pipeline import load_model
+
+    db = work / f"search-{count}.sqlite3"
+    if db.exists():
+        return db
+    loaded = load_model(model, device="cpu", towers=("text",))
+    temp = db.with_suffix(".tmp")
+    for leftover in work.glob(temp.name + "*"):
+        leftover.unlink()
+    rng = np.random.default_rng(0)
+    with Index(temp) as index:
+        index.db.execute("BEGIN")
+        index.db.execute("INSERT INTO models (identity, name, dim) VALUES (?, ?, 512)", (loaded.identity, model))
+        for start in range(0, count, 100_000):
+            block = rng.standard_normal((min(100_000, count - start), 512)).astype(np.float32)
+            block /= np.linalg.norm(block, axis=1, keepdims=True)
+            shas = [f"{i:064x}" for i in range(start, start + len(block))]
+            index.db.executemany("INSERT INTO vectors (model_id, sha256, vector) VALUES (1, ?, ?)",
+                                 zip(shas, (row.tobytes() for row in block)))
+            index.db.executemany("INSERT INTO files VALUES (?, 1, 1, ?, NULL, 0)",
+                                 ((f"/photos/{i // 1000:04d}/{i:07d}.jpg".encode(), sha)
+                                  for i, sha in zip(range(start, start + len(block)), shas)))
+        index.db.execute("UPDATE models SET generation = 1")
+        index.db.execute("COMMIT")
+    for suffix in ("", "-wal", "-shm"):
+        if Path(f"{temp}{suffix}").exists():
+            os.replace(f"{temp}{suffix}", f"{db}{suffix}")
+    return db
+
+
 def bench_search(work: Path, count: int, queries: int = 7) -> dict:
     import torch
 
     from clipcli.index import Index
-    from clipcli.pipeline import load_model
     from clipcli.vectors import search
 
-    model = str(checkpoint(work / "vit-b-32.safetensors", **dict(
-        embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
-        context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)))
-    db = work / f"search-{count}.sqlite3"
-    loaded = load_model(model, device="cpu", towers=("text",))
-    if not db.exists():
-        temp = db.with_suffix(".tmp")
-        for leftover in work.glob(temp.name + "*"):
-            leftover.unlink()
-        rng = np.random.default_rng(0)
-        with Index(temp) as index:
-            index.db.execute("BEGIN")
-            index.db.execute("INSERT INTO models (identity, name, dim) VALUES (?, ?, 512)", (loaded.identity, model))
-            for start in range(0, count, 100_000):
-                block = rng.standard_normal((min(100_000, count - start), 512)).astype(np.float32)
-                block /= np.linalg.norm(block, axis=1, keepdims=True)
-                shas = [f"{i:064x}" for i in range(start, start + len(block))]
-                index.db.executemany("INSERT INTO vectors (model_id, sha256, vector) VALUES (1, ?, ?)",
-                                     zip(shas, (row.tobytes() for row in block)))
-                index.db.executemany("INSERT INTO files VALUES (?, 1, 1, ?, NULL, 0)",
-                                     ((f"/photos/{i // 1000:04d}/{i:07d}.jpg".encode(), sha)
-                                      for i, sha in zip(range(start, start + len(block)), shas)))
-            index.db.execute("UPDATE models SET generation = 1")
-            index.db.execute("COMMIT")
-        for suffix in ("", "-wal", "-shm"):
-            if Path(f"{temp}{suffix}").exists():
-                os.replace(f"{temp}{suffix}", f"{db}{suffix}")
+    model = str(vit_b_32(work))
+    db = vector_index(work, count, model)
     shutil.rmtree(db.with_name(db.name + ".vectors"), ignore_errors=True)  # the first search rebuilds it
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     with Index(db, readonly=True) as index:
@@ -157,7 +173,7 @@ def bench_search(work: Path, count: int, queries: int = 7) -> dict:
 def bench_throughput(work: Path, rounds: int) -> dict:
     photos = work / "photos"
     build_image_set(photos, 200, 640, 480, 85, seed=0)
-    model = str(checkpoint(work / "vit-b-32.safetensors"))
+    model = str(vit_b_32(work))
     common = ["-m", model, "--device", "cpu", "--threads", "2", "-q"]
     encode, index = [], []
     for round_ in range(rounds):

@@ -109,8 +109,10 @@ def _thumbnail(image: "Image.Image") -> "Image.Image":
     return thumb
 
 
-def _prepare(item: Item, preprocess: Callable, decode: DecodeOptions, fetch: FetchOptions, keep_thumbnail: bool):
-    """Decode and preprocess one item in a worker: ``(pixels, thumbnail, None)`` or ``(None, None, reason)``."""
+def prepare_image(item: Item, preprocess: Callable, decode: DecodeOptions, fetch: FetchOptions,
+                  keep_thumbnail: bool = False):
+    """Decode and preprocess one item in a worker: ``(pixels, thumbnail, None)`` or ``(None, None, reason)``.
+    ``preprocess`` and ``decode`` come from :func:`image_step`."""
     try:
         image = read_image(item, decode, fetch)
         tensor = preprocess(image)
@@ -119,6 +121,43 @@ def _prepare(item: Item, preprocess: Callable, decode: DecodeOptions, fetch: Fet
         return None, None, error.reason
     except Exception as error:  # noqa: BLE001 - one bad input must never end the run
         return None, None, f"cannot prepare image ({type(error).__name__}): {error}"
+
+
+def image_step(loaded: Runnable, decode: DecodeOptions) -> tuple[Callable, DecodeOptions]:
+    """What a worker runs on a decoded image for ``loaded`` (its uint8 pixels, when the
+    preprocessing is split: normalised per batch by :func:`image_encoder`) and the decoding
+    options (a JPEG decoded at reduced size down to twice the model's side, unless exact)."""
+    from .preprocess import Preprocess
+
+    if not decode.exact and decode.draft_size is None and loaded.input_resolution:
+        decode = replace(decode, draft_size=2 * loaded.input_resolution)
+    split = isinstance(loaded.preprocess, Preprocess)
+    return (loaded.preprocess.pixels if split else loaded.preprocess), decode
+
+
+def image_encoder(loaded: Runnable) -> Callable[["torch.Tensor"], "torch.Tensor"]:
+    """The model on a stacked batch from :func:`prepare_image`: ``(B, r, r, 3)`` uint8 pixels,
+    or ``(B, 3, r, r)`` from another transform."""
+    from .preprocess import Preprocess
+
+    split = isinstance(loaded.preprocess, Preprocess)
+    on_gpu = loaded.device.type == "cuda"
+
+    def encode(x):
+        if on_gpu:  # page-locked memory: a DMA copy, without a staging copy
+            x = x.pin_memory().to(loaded.device, non_blocking=True)
+        if split:
+            x = loaded.preprocess.normalize(x.to(loaded.device))
+        return loaded.model.encode_image(x.to(device=loaded.device, dtype=loaded.dtype))
+
+    return encode
+
+
+def encode_prepared(loaded: Runnable, rows: list, normalize: bool = True) -> list["np.ndarray | str"]:
+    """The image embeddings of rows from :func:`prepare_image` (one model call per
+    ``run_batches``), or a reason per row."""
+    loaded.ensure("image")
+    return run_batches(image_encoder(loaded), _stack(rows), normalize) if rows else []
 
 
 def default_workers(device: "torch.device") -> int:
@@ -205,23 +244,10 @@ def embed_images(
     decoded ahead of the model on ``workers`` threads (None: :func:`default_workers`; 0: decode in this thread); ``batch_size`` None is
     :func:`default_batch_size`. Items that fail carry a reason and no embedding.
     """
-    from .preprocess import Preprocess
-
     loaded.ensure("image")
-    model = loaded.model
-    if not decode.exact and decode.draft_size is None and loaded.input_resolution:
-        decode = replace(decode, draft_size=2 * loaded.input_resolution)
-    on_gpu = loaded.device.type == "cuda"
-    split = isinstance(loaded.preprocess, Preprocess)  # uint8 pixels in workers, normalised per batch
-    step = loaded.preprocess.pixels if split else loaded.preprocess
+    step, decode = image_step(loaded, decode)
     batch_size, workers = sizes_for(loaded.device, batch_size, workers)
-
-    def encode(x):  # (B, r, r, 3) uint8 pixels, or (B, 3, r, r) from another transform
-        if on_gpu:  # page-locked memory: a DMA copy, without a staging copy
-            x = x.pin_memory().to(loaded.device, non_blocking=True)
-        if split:
-            x = loaded.preprocess.normalize(x.to(loaded.device))
-        return model.encode_image(x.to(device=loaded.device, dtype=loaded.dtype))
+    encode = image_encoder(loaded)
 
     lookahead = 2 * batch_size + workers
     pool = _DaemonPool(workers) if workers > 0 else None
@@ -235,7 +261,7 @@ def embed_images(
             if item is None:
                 return
             held[0] += len(item.data or b"")
-            pending.append((item, pool.submit(_prepare, item, step, decode, fetch, thumbnails) if pool else None))
+            pending.append((item, pool.submit(prepare_image, item, step, decode, fetch, thumbnails) if pool else None))
 
     def flush(window: list) -> Iterator[Embedding]:
         decoded = [entry for entry in window if entry[1] is not None]
@@ -256,7 +282,8 @@ def embed_images(
             while pending:
                 item, future = pending.popleft()
                 held[0] -= len(item.data or b"")
-                tensor, thumb, error = future.result() if future else _prepare(item, step, decode, fetch, thumbnails)
+                tensor, thumb, error = future.result() if future else prepare_image(item, step, decode, fetch,
+                                                                                    thumbnails)
                 refill()
                 window.append([item.name, tensor, thumb, error])  # the name only: bytes go as soon as decoded
                 in_batch += tensor is not None

@@ -27,9 +27,13 @@ DATA = Path(__file__).parent / "data"
 
 
 def _env(tmp: Path) -> dict:
-    env = dict(os.environ)  # the autouse fixture's home and offline cache, for the child too
-    env.pop("CLIPCLI_TOKEN", None)
-    env["PYTHONUNBUFFERED"] = "1"
+    """The child's environment: its own home, cache and offline switch (module-scoped servers
+    outlive the autouse fixture that sets them for a test)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLIPCLI_", "HF_"))}
+    home = tmp / "home"
+    home.mkdir(exist_ok=True)
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), CLIPCLI_CACHE_DIR=str(tmp / "clipcli-cache"),
+               CLIPCLI_OFFLINE="1", PYTHONUNBUFFERED="1")
     return env
 
 
@@ -102,8 +106,9 @@ def post_files(url: str, files: list[Path]) -> dict:
         return json.loads(answer.read())
 
 
-@pytest.fixture
-def indexed(tmp_path, tiny_vit_checkpoint):
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, tiny_vit_checkpoint):
+    tmp_path = tmp_path_factory.mktemp("serve")
     photos = tmp_path / "photos"
     shutil.copytree(DATA, photos, ignore=shutil.ignore_patterns("*.md"))
     db = tmp_path / "index.sqlite3"
@@ -112,17 +117,16 @@ def indexed(tmp_path, tiny_vit_checkpoint):
     return photos, db
 
 
-@pytest.fixture
-def server(indexed, tmp_path, tiny_vit_checkpoint):
+@pytest.fixture(scope="module")
+def server(indexed):
     photos, db = indexed
-    running = Server("--db", str(db), "--batch-window-ms", "20", env=_env(tmp_path))
-    assert running.url, running.lines
+    running = Server("--db", str(db), "--batch-window-ms", "20", env=_env(db.parent))
     running.wait_ready()
     yield running
     assert running.stop() == 0, running.lines
 
 
-def test_the_real_server_answers_as_the_commands(server, indexed, tmp_path, tiny_vit_checkpoint):
+def test_the_real_server_answers_as_the_commands(server, indexed, tmp_path):
     photos, db = indexed
     command = subprocess.run([sys.executable, "-m", "clipcli", "search", "a rocket", "--db", str(db), "-k", "3",
                               "--format", "json"], capture_output=True, text=True, env=_env(tmp_path), check=True)
@@ -139,7 +143,7 @@ def test_eight_concurrent_clients_get_correct_answers_batched(server, indexed):
     expected = {f.name: np.array(post_files(server.url + "api/embed", [f])["embeddings"][0]) for f in files}
     query = get(server.url + "api/search?q=a+cat&k=3")["results"]
     before = get(server.url + "health")["batches"]
-    stop_at = time.monotonic() + 3
+    stop_at = time.monotonic() + 2
 
     def client(number: int) -> int:
         done = 0

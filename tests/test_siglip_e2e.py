@@ -438,3 +438,38 @@ def test_load_and_tokenize_the_open_clip_repo_match_open_clip(hub, open_clip_ref
         diff = max_diff(torch.sigmoid(model(pixels, tokens)[0]), open_clip_probs(open_clip_reference, texts, images))
     print(f"\nclipcli.load(hf-hub:tiny/open-clip-siglip): max |clipcli - open_clip| probabilities {diff:.1e}")
     assert diff <= TOLERANCE
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+def test_serve_answers_a_siglip2_index_with_its_probabilities(hub, tmp_path):
+    """``clipcli serve``'s search and classify on SigLIP 2 equal the commands', probabilities included."""
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from clipcli.serve.app import create_app
+    from clipcli.serve.service import Service, Settings
+
+    db = tmp_path / "x.db"
+    model = "hf-hub:" + REPOS["siglip2"]
+    run("index", "photos/", "--db", db, "-m", model, "-q")
+    expected = search("a cat", db, "-k", "10")
+    floor = sorted(r["prob"] for r in expected)[1]
+    service = Service(Settings(model, db=str(db), load=dict(device="cpu")))
+    with TestClient(create_app(service), base_url="http://127.0.0.1") as client:
+        assert service.wait(60) and service.status == "ok", service.error
+        assert client.get("/health").json()["score"] == "sigmoid"
+        got = client.get("/api/search", params={"q": "a cat", "k": 10}).json()
+        assert got["score_kind"] == "sigmoid" and [r["image"] for r in got["results"]] == [r["image"] for r in expected]
+        assert max_diff([r["prob"] for r in got["results"]], [r["prob"] for r in expected]) <= 1e-5
+        kept = client.get("/api/search", params={"q": "a cat", "k": 10, "min_prob": floor}).json()["results"]
+        assert [r["image"] for r in kept] == [r["image"] for r in expected if r["prob"] >= floor]
+        files = [("image", (name, (hub.root / "photos" / name).read_bytes(), "image/png")) for name in PHOTOS]
+        answer = client.post("/api/classify", files=files, data={"labels": "cat,rocket,woman"}).json()["results"]
+    commands = by_image(jsonl(run("classify", *[f"photos/{n}" for n in PHOTOS], "-l", "cat,rocket,woman", "-f", "jsonl",
+                                  "-m", model, "-q")))
+    for record in answer:
+        theirs = commands[record["image"]]
+        assert record["score_kind"] == "sigmoid" and record["label"] == theirs["label"]
+        assert max_diff([t["score"] for t in record["top"]], [t["score"] for t in theirs["top"]]) <= 1e-5

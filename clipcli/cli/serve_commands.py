@@ -24,7 +24,7 @@ from .options import (
     WorkersOpt,
     run_options,
 )
-from .render import say
+from .render import hinted, say
 
 
 def _listen(host: str, port: int):
@@ -33,7 +33,9 @@ def _listen(host: str, port: int):
 
     try:
         family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say TCP, and without it
+        # a keep-alive client waits 40 ms for every answer (Nagle's algorithm against delayed ACKs)
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host.strip("[]"), port))
         sock.listen(128)
@@ -148,6 +150,10 @@ def serve(
 
     def loaded(done: Service) -> None:
         if done.status == "ok":
+            from ..pipeline import slow_precision_note
+
+            for note in filter(None, [*done.loaded.notes, slow_precision_note(done.loaded.device, done.loaded.dtype)]):
+                say(f"note: {hinted(note)}")
             say(f"clipcli serve: {model} is ready")
         else:  # nothing to serve: stop, and exit with the error
             server.should_exit = True

@@ -201,7 +201,7 @@ def _embedding(result) -> list[float] | None:
 def create_app(service: Service, *, token: str | None = None, loopback_only: bool = True,
                limits: Limits = Limits(), cors: tuple[str, ...] = (), thumbnails: Thumbnails | None = None):
     """The ASGI app for ``service`` (loaded on startup unless it was started already)."""
-    thumbs = thumbnails or Thumbnails()
+    thumbs = thumbnails or Thumbnails(service.settings.run.decode)
 
     async def health(request: Request) -> Response:
         body = await run_in_threadpool(service.health)

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from typing import Sequence
 
 from ..errors import InputError
-from ..images import DecodeOptions, decode_image, pillow_limits
+from ..images import DecodeOptions, decode_image
 from ..index import Index, path_key
 
 THUMBNAIL_SIDE = 256
@@ -136,9 +136,8 @@ class Thumbnails:
         from ..errors import ItemError
 
         options = replace(self.decode, draft_size=draft) if draft else self.decode
-        try:
-            with pillow_limits(options):
-                return decode_image(io.BytesIO(data), options)
+        try:  # Pillow's process-wide limits are the service's, set once (images.pillow_limits)
+            return decode_image(io.BytesIO(data), options)
         except ItemError as error:
             raise NotServed(str(error)) from None
 
