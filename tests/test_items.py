@@ -22,11 +22,11 @@ from PIL import Image
 
 from clipcli import http as fetching
 from clipcli import images
-from clipcli.cli.render import hinted
 from clipcli.errors import InputError, ItemError
 from clipcli.http import FetchOptions, fetch_url
 from clipcli.images import DecodeOptions, pillow_limits, read_image, to_rgb
 from clipcli.items import Item, expand_inputs, parse_list
+from clipcli.messages import hinted
 from clipcli.output import to_json
 
 

@@ -17,8 +17,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from clipcli.cli import app
-from clipcli.cli.render import error_text
 from clipcli.journal import Journal, JournalError, inputs_hash, journal_path
+from clipcli.messages import error_text
 
 IDENTITY = {"sha256": "ab" * 32, "inputs": inputs_hash(["a.jpg", "b.jpg", "c.jpg"]), "count": 3, "key": "image",
             "normalize": True, "dtype": "float32", "dim": 4, "truncate": True}

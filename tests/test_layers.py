@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from clipcli.cli.render import error_text
 from clipcli.errors import ClipcliError, InputError, OutputExistsError
+from clipcli.messages import error_text
 
 PACKAGE = Path(__file__).resolve().parent.parent / "clipcli"
 MAX_LINES = 450

@@ -8,9 +8,10 @@ import os
 
 import pytest
 
-from clipcli.cli.render import Reporter, error_text
+from clipcli.cli.render import Reporter
 from clipcli.errors import OutputError, OutputExistsError
 from clipcli.fsutil import atomic_write, ensure_writable
+from clipcli.messages import error_text
 from clipcli.output import RecordWriter, default_format, to_json
 
 RECORDS = [

@@ -19,7 +19,8 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup
 from .. import __version__
 from ..errors import ClipcliError
 from ..fsutil import named
-from .render import error_line, error_text
+from ..messages import error_text
+from .render import error_line
 
 # Typer's vendored Click: its usage errors derive from this (typer exports BadParameter only).
 _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")

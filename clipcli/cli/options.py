@@ -11,7 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .render import download_feedback, hinted, say
+from ..messages import hinted
+from .render import download_feedback, say
 
 
 class Format(str, Enum):

@@ -13,7 +13,7 @@ from typing import IO
 
 from ..display import display, one_line
 from ..feedback import SILENT, Feedback
-from ..messages import FIXES, error_text, flag, hinted  # noqa: F401 (the CLI's names for them)
+from ..messages import hinted
 
 
 def _isatty(stream: IO) -> bool:

@@ -15,9 +15,10 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import ClipcliError
+from ..messages import error_text
 from .app import command
 from .options import ArchOpt, CacheDirOpt, Format, QuietOpt, dtype_option
-from .render import download_feedback, error_line, error_text, say
+from .render import download_feedback, error_line, say
 
 
 def _message(quiet: bool, text: str) -> None:
