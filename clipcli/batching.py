@@ -181,7 +181,7 @@ def sizes_for(device: "torch.device", batch_size: int | None, workers: int | Non
             default_workers(device) if workers is None else workers)
 
 
-class _DaemonPool:
+class DaemonPool:
     """Worker threads that never hold up the end of the process: an interrupted run exits at
     once even while a worker waits on a stalled URL (``ThreadPoolExecutor``'s threads are
     joined at interpreter exit, for as long as their network timeouts last)."""
@@ -250,7 +250,7 @@ def embed_images(
     encode = image_encoder(loaded)
 
     lookahead = 2 * batch_size + workers
-    pool = _DaemonPool(workers) if workers > 0 else None
+    pool = DaemonPool(workers) if workers > 0 else None
     pending: deque[tuple[Item, Future | None]] = deque()
     source = iter(items)
     held = [0]  # bytes of the pending items' data (WebDataset members): bounded, not only their count

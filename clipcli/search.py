@@ -81,37 +81,52 @@ def parse_terms(queries: Sequence[str], minus: Sequence[str] = (), *, paths: boo
     return terms
 
 
-def query_vector(loaded: "LoadedModel", terms: Sequence[Term], fetch: FetchOptions = FetchOptions()) -> np.ndarray:
-    """The unit vector of the weighted sum of the terms' unit embeddings."""
-    from .batching import embed_images, embed_texts
-
+def scaled(terms: Sequence[Term]) -> list[Term]:
+    """The terms checked, their weights divided by the largest (large ones never overflow)."""
     if not all(math.isfinite(t.weight) for t in terms):
         raise InputError("every query weight must be a finite number")
     if not terms:
         raise InputError("give a query: text, an image file or an image URL")
-    scale = max(abs(t.weight) for t in terms)  # weights are divided by it: large ones never overflow
+    scale = max(abs(t.weight) for t in terms)
     if not scale:
         raise InputError("the query terms cancel out (every weight is zero)")
-    terms = [replace(t, weight=t.weight / scale) for t in terms]
-    texts = [t for t in terms if not t.is_image]
-    images = [t for t in terms if t.is_image]
-    total = np.zeros(loaded.embed_dim, np.float64)
-    if texts:
-        for term, result in zip(texts, embed_texts(loaded, [t.text for t in texts])):
-            total += term.weight * result.embedding.astype(np.float64)
-    if images:
-        items = [Item(name=t.text, data=t.data) if t.data is not None else url_item(t.text)
-                 if url_scheme(t.text) in ("http", "https") else Item(name=t.text, path=t.text) for t in images]
-        for term, result in zip(images, embed_images(loaded, items, workers=0, fetch=fetch)):
-            if not result.ok:
-                raise InputError(f"query image {display(term.text)}: {result.error}")
-            total += term.weight * result.embedding.astype(np.float64)
+    return [replace(t, weight=t.weight / scale) for t in terms]
+
+
+def image_item(term: Term) -> Item:
+    """What an image term is read from: its bytes, its URL or its file."""
+    if term.data is not None:
+        return Item(name=term.text, data=term.data)
+    return url_item(term.text) if url_scheme(term.text) in ("http", "https") else Item(name=term.text, path=term.text)
+
+
+def combine(terms: Sequence[Term], embedded: Sequence, dim: int, model_name: str) -> np.ndarray:
+    """The unit vector of the weighted sum of the terms' unit embeddings (``embedded``: one
+    :class:`~clipcli.batching.Embedding` per term, in order)."""
+    total = np.zeros(dim, np.float64)
+    for term, result in zip(terms, embedded):
+        if not result.ok:
+            raise InputError(f"query {'image' if term.is_image else 'text'} {display(term.text)}: {result.error}")
+        total += term.weight * result.embedding.astype(np.float64)
     norm = np.linalg.norm(total)
     if not np.isfinite(norm):
-        raise InputError(f"the query's vector is not finite ({norm}): {loaded.name} gave NaN or inf for a term")
+        raise InputError(f"the query's vector is not finite ({norm}): {model_name} gave NaN or inf for a term")
     if norm < 1e-6:
         raise InputError("the query terms cancel out (their weighted sum is zero)")
     return (total / norm).astype(np.float32)
+
+
+def query_vector(loaded: "LoadedModel", terms: Sequence[Term], fetch: FetchOptions = FetchOptions()) -> np.ndarray:
+    """The unit vector of the weighted sum of the terms' unit embeddings."""
+    from .batching import embed_images, embed_texts
+
+    terms = scaled(terms)
+    texts = [t for t in terms if not t.is_image]
+    images = [t for t in terms if t.is_image]
+    embedded = embed_texts(loaded, [t.text for t in texts]) if texts else []
+    if images:
+        embedded += list(embed_images(loaded, [image_item(t) for t in images], workers=0, fetch=fetch))
+    return combine(texts + images, embedded, loaded.embed_dim, loaded.name)
 
 
 def score_kind(model) -> str:
@@ -167,11 +182,30 @@ def search(index: "Index", loaded: "LoadedModel", terms: Sequence[Term], *, top_
     check_min_prob(loaded, min_prob)
     if top_k < 1:
         raise InputError(f"top_k must be at least 1, not {top_k}")
+    model = _model_of(index, loaded)
+    return rank(index, loaded, query_vector(loaded, terms, fetch), top_k=top_k, threshold=threshold,
+                min_prob=min_prob, under=under, model=model)
+
+
+def _model_of(index: "Index", loaded: "LoadedModel") -> int:
     model = index.model_id(identity=loaded.identity)
     with index.guard():
         held = model is not None and index.db.execute(
             "SELECT 1 FROM vectors WHERE model_id = ? LIMIT 1", (model,)).fetchone()
     if not held:
         raise NoVectorsError(f"{index.path} holds no vectors of {loaded.name}")
-    hits = nearest(index, model, query_vector(loaded, terms, fetch), top_k=top_k, threshold=threshold, under=under)
+    return model
+
+
+def rank(index: "Index", loaded: "LoadedModel", query: np.ndarray, *, top_k: int = 10,
+         threshold: float | None = None, min_prob: float | None = None, under: Sequence[str] = (),
+         model: int | None = None) -> list["Hit"]:
+    """:func:`search` for a query vector already made (:func:`query_vector`, or :func:`combine`
+    of embeddings made elsewhere)."""
+    check_threshold(threshold)
+    check_min_prob(loaded, min_prob)
+    if top_k < 1:
+        raise InputError(f"top_k must be at least 1, not {top_k}")
+    model = model if model is not None else _model_of(index, loaded)
+    hits = nearest(index, model, query, top_k=top_k, threshold=threshold, under=under)
     return with_probabilities(hits, loaded.model, min_prob)

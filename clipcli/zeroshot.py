@@ -55,6 +55,27 @@ def load_templates(spec: str) -> list[str]:
     return parse_templates(read_lines(spec), spec)
 
 
+def parse_labels(values: Sequence[str], lines: Sequence[str] = ()) -> list[str]:
+    """Labels from comma-separated ``values`` and whole ``lines`` (a labels file's), in order;
+    one given twice is refused (its scores would be split between the two)."""
+    found = [label.strip() for value in values for label in value.split(",") if label.strip()]
+    found += list(lines)
+    seen: set[str] = set()
+    for label in found:
+        if label in seen:
+            raise InputError(f"label {label!r} is given twice")
+        seen.add(label)
+    return found
+
+
+def choose_templates(given: Sequence[str], named: str | None, source: str) -> list[str]:
+    """The templates of ``named`` (a set such as ``imagenet``, or a file), then ``given``
+    (from ``source``, for messages), each once; the default template when there are none."""
+    chosen = load_templates(named) if named else []
+    chosen += parse_templates(given, source) if given else []
+    return list(dict.fromkeys(chosen)) or [DEFAULT_TEMPLATE]
+
+
 def prompts(labels: Sequence[str], templates: Sequence[str]) -> list[str]:
     """Every label in every template, label-major: ``[l0t0, l0t1, ..., l1t0, ...]``."""
     return [template.replace("{}", label) for label in labels for template in templates]

@@ -55,6 +55,14 @@ def sample_images(tmp_path) -> list[Path]:
 
 
 @pytest.fixture
+def photos(tmp_path) -> Path:
+    """A folder holding the sample photos of tests/data (a test module may define its own)."""
+    folder = tmp_path / "photos"
+    shutil.copytree(DATA, folder, ignore=shutil.ignore_patterns("*.md"))
+    return folder
+
+
+@pytest.fixture
 def hf_cache(tmp_path, monkeypatch):
     """An empty Hugging Face cache, read offline (tests lay repositories out in it)."""
     cache = tmp_path / "hf-hub"

@@ -34,13 +34,6 @@ EXACT = RunOptions(decode=DecodeOptions(exact=True), fetch=FetchOptions())
 
 
 @pytest.fixture
-def photos(tmp_path) -> Path:
-    folder = tmp_path / "photos"
-    shutil.copytree(DATA, folder, ignore=shutil.ignore_patterns("*.md"))
-    return folder
-
-
-@pytest.fixture
 def model(tiny_vit_checkpoint, monkeypatch) -> str:
     monkeypatch.setenv("CLIPCLI_MODEL", str(tiny_vit_checkpoint))
     return str(tiny_vit_checkpoint)

@@ -38,13 +38,6 @@ def model(tiny_vit_checkpoint, monkeypatch) -> str:
     return str(tiny_vit_checkpoint)
 
 
-@pytest.fixture
-def photos(tmp_path) -> Path:
-    folder = tmp_path / "photos"
-    shutil.copytree(DATA, folder, ignore=shutil.ignore_patterns("*.md"))
-    return folder
-
-
 def images(folder: Path, count: int, seed: int) -> Path:
     """``count`` distinct small images (noise: no two alike)."""
     folder.mkdir(parents=True, exist_ok=True)

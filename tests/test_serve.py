@@ -35,13 +35,6 @@ def cli(*args: str) -> str:
 
 
 @pytest.fixture
-def photos(tmp_path) -> Path:
-    folder = tmp_path / "photos"
-    shutil.copytree(DATA, folder, ignore=shutil.ignore_patterns("*.md"))
-    return folder
-
-
-@pytest.fixture
 def db(photos, tmp_path, tiny_vit_checkpoint) -> Path:
     path = tmp_path / "index.sqlite3"
     cli("index", str(photos), "--db", str(path), "-m", str(tiny_vit_checkpoint), "-q")
@@ -172,7 +165,7 @@ def test_errors_are_the_commands_one_line_messages_as_json(client, db):
     answer = client.get("/api/search", params={"q": "a cat", "min_prob": "0.5"})
     assert answer.status_code == 400
     assert cli_error.strip().splitlines()[-1] == f"error: {answer.json()['error']}"
-    assert answer.json()["option"] == "min_prob" and answer.json()["fix"] == "threshold"
+    assert answer.json()["option"] == "min_prob" and "--threshold" in answer.json()["error"]
     for params in ({"q": "a cat", "k": "0"}, {"q": "a cat", "k": "many"}, {"q": "a cat", "threshold": "2"},
                    {"q": ""}, {}, {"q": "a cat", "offset": "-1"}, {"q": "a cat", "k": ["1", "2"]}):
         answer = client.get("/api/search", params=params)
@@ -194,12 +187,14 @@ def test_errors_are_the_commands_one_line_messages_as_json(client, db):
     assert client.get("/api/search", params={"q": "x"}, headers={"Host": "evil.example"}).status_code == 403
 
 
-def test_a_private_url_is_refused_as_the_cli_refuses_it(client):
+def test_a_private_url_is_refused_as_the_cli_refuses_it(client, tiny_vit_checkpoint):
     body = client.post("/api/embed", json={"urls": ["http://127.0.0.1:9/x.jpg", "file:///etc/passwd"]})
     assert body.status_code == 400  # not http(s): never fetched
     body = client.post("/api/embed", json={"urls": ["http://127.0.0.1:9/x.jpg"]}).json()
     assert body["embeddings"] == [None]
-    assert "allow-private" in body["errors"][0]["error"], body  # the CLI's guard and its wording
+    result = runner.invoke(cli_app, ["encode", "http://127.0.0.1:9/x.jpg", "-m", str(tiny_vit_checkpoint), "-f",
+                                     "jsonl", "-q"])
+    assert body["errors"][0]["error"] == json.loads(result.stdout)["error"]  # the CLI's guard, its record
 
 
 def test_limits_on_body_images_and_texts(db, tiny_vit_checkpoint, photos):
@@ -273,6 +268,18 @@ def test_a_symlink_planted_in_an_indexed_folder_is_refused(client, photos, tmp_p
         assert answer.status_code == 404 and "symbolic link" in answer.json()["error"]
 
 
+def test_files_under_a_linked_folder_are_served(client, photos, tmp_path, db):
+    """A library whose folder is a symbolic link (2024 -> /mnt/nas/2024) shows its photos."""
+    elsewhere = tmp_path / "nas" / "2024"
+    elsewhere.mkdir(parents=True)
+    shutil.copy(photos / "chelsea.png", elsewhere / "cat.png")
+    os.symlink(elsewhere, photos / "2024")
+    cli("index", str(photos), "--db", str(db), "-q")
+    found = client.get("/api/search", params={"q": "x", "in": str(photos / "2024")}).json()
+    assert [r["image"] for r in found["results"]] == [str(photos / "2024" / "cat.png")]
+    assert client.get(f"/api/image/{found['ids'][0]}").content == (elsewhere / "cat.png").read_bytes()
+
+
 def test_a_token_is_checked_on_every_request(db, tiny_vit_checkpoint):
     service = Service(Settings(str(tiny_vit_checkpoint), db=str(db), load=dict(device="cpu")))
     with client_for(service, token="s3cret-token") as client:
@@ -281,12 +288,70 @@ def test_a_token_is_checked_on_every_request(db, tiny_vit_checkpoint):
             answer = client.get(path)
             assert answer.status_code == 401 and answer.json()["error"], path
         assert client.get("/health", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.get("/health?token=s3cret-tokenX").status_code == 401
         assert client.get("/health", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
-        page = client.get("/?token=s3cret-token")
-        assert page.status_code == 200 and "clipcli_token" in page.headers["set-cookie"]
-        assert client.get("/static/app.js").status_code == 200  # the cookie carries it now
-        client.cookies.clear()
-        assert client.get("/static/app.js").status_code == 401
+        assert client.get("/?token=s3cret-token").status_code == 200
+        assert client.get("/static/app.js?token=s3cret-token").status_code == 200
+        assert "set-cookie" not in client.get("/?token=s3cret-token").headers  # nothing else carries it
+
+
+def test_another_site_cannot_make_a_browser_use_the_server(client):
+    """No token on 127.0.0.1: a page elsewhere must not get the visitor's browser to send work."""
+    evil = {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"}
+    assert client.get("/api/search", params={"q": "a cat"}, headers=evil).status_code == 403
+    assert client.post("/api/embed", json={"texts": ["a"]}, headers=evil).status_code == 403
+    image_tag = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"}
+    assert client.get("/api/search", params={"q": "a cat"}, headers=image_tag).status_code == 403
+    other_port = {"Origin": "http://127.0.0.1:3000", "Sec-Fetch-Site": "same-site"}
+    assert client.post("/api/embed", json={"texts": ["a"]}, headers=other_port).status_code == 403
+    own = {"Origin": "http://127.0.0.1", "Sec-Fetch-Site": "same-origin"}
+    assert client.post("/api/embed", json={"texts": ["a"]}, headers=own).status_code == 200
+    assert client.get("/health", headers={"Sec-Fetch-Site": "none"}).status_code == 200  # an address typed
+    link = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}
+    assert client.get("/", headers=link).status_code == 200  # a link to the page opens it
+    assert client.get("/api/search", params={"q": "a"}, headers=link).status_code == 403
+
+
+def test_cors_lets_a_named_origin_in_with_the_token(db, tiny_vit_checkpoint):
+    service = Service(Settings(str(tiny_vit_checkpoint), db=str(db), load=dict(device="cpu")))
+    with client_for(service, token="t0ken", cors=("http://app.example",)) as client:
+        assert service.wait(60)
+        preflight = client.options("/api/embed", headers={
+            "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "http://app.example"
+        headers = {"Origin": "http://app.example", "Authorization": "Bearer t0ken"}
+        answer = client.post("/api/embed", json={"texts": ["a"]}, headers=headers)
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "http://app.example"
+        refused = client.post("/api/embed", json={"texts": ["a"]}, headers={"Origin": "http://app.example"})
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "http://app.example"
+        other = {"Origin": "http://other.example", "Authorization": "Bearer t0ken"}
+        assert client.post("/api/embed", json={"texts": ["a"]}, headers=other).status_code == 403
+
+
+def test_hostile_requests_are_4xx_never_500(client, photos):
+    deep = b"[" * 100_000
+    assert client.post("/api/embed", content=deep, headers={"content-type": "application/json"}).status_code == 400
+    lone = b'{"texts": ["\\ud800"]}'
+    answer = client.post("/api/embed", content=lone, headers={"content-type": "application/json"})
+    assert answer.status_code == 400 and "Unicode" in answer.json()["error"]
+    answer = client.post("/api/search", content=b'{"q": ["a"], "k": "\\ud800"}',
+                         headers={"content-type": "application/json"})
+    assert answer.status_code == 400
+    answer = client.post("/api/search", content=b'{"q": ["a"], "in": ["/\\ud800"]}',
+                         headers={"content-type": "application/json"})
+    assert answer.status_code == 400
+    assert client.post("/api/search", json={"q": ["a"], "k": {"x": 1}}).status_code == 400
+    for odd in ("%C2%B2.0123456789", "1.ABCDEFABCD", "1.0123456789%00", "-1.0123456789"):
+        assert client.get(f"/api/thumbnail/{odd}").status_code == 404, odd
+    assert client.get("/api/search", params={"q": "a", "in": "photos"}).status_code == 400  # relative
+    many = ",".join(f"l{i}" for i in range(1500))
+    answer = client.post("/api/classify", files=upload(photos / "rocket.jpg"), data={"labels": many})
+    assert answer.status_code == 400 and "at most 1000" in answer.json()["error"]
+    answer = client.post("/api/classify", files=upload(photos / "rocket.jpg"),
+                         data={"labels": ",".join(f"l{i}" for i in range(300)), "templates": "imagenet"})
+    assert answer.status_code == 400 and "prompts" in answer.json()["error"]
 
 
 def test_the_page_and_its_files_are_served(client):
@@ -314,10 +379,20 @@ def test_the_listening_socket_says_tcp_so_answers_are_not_held_back():
     client waited 40 ms for every answer (measured: 58 ms against 18 ms for a search)."""
     import socket
 
-    from clipcli.cli.serve_commands import _listen
+    from clipcli.serve.server import listen
 
-    sock = _listen("127.0.0.1", 0)
+    sock = listen("127.0.0.1", 0)
     try:
         assert sock.proto == socket.IPPROTO_TCP
     finally:
         sock.close()
+
+
+def test_without_the_extra_serve_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if `pip install clipcli` without [serve]
+    monkeypatch.delitem(sys.modules, "clipcli.serve.server", raising=False)  # imported by an earlier test
+    result = runner.invoke(cli_app, ["serve", "--port", "0"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: clipcli serve needs its extra (uvicorn is missing): pip install 'clipcli[serve]'"

@@ -134,7 +134,7 @@ def test_the_real_server_answers_as_the_commands(server, indexed, tmp_path):
     got = get(server.url + "api/search?q=a+rocket&k=3")["results"]
     assert [r["image"] for r in got] == [r["image"] for r in expected]
     np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in expected], atol=1e-5, rtol=0)
-    assert any('"GET /api/search?q=a+rocket&k=3" 200' in line for line in server.lines)  # the access log
+    server.wait_line('"GET /api/search?q=a+rocket&k=3" 200')  # the access log (written once answered)
 
 
 def test_eight_concurrent_clients_get_correct_answers_batched(server, indexed):

@@ -45,26 +45,12 @@ from .options import (
 
 def _labels(labels: list[str], labels_file: Optional[str]) -> list[str]:
     from ..items import read_lines
+    from ..zeroshot import parse_labels
 
-    found = [label.strip() for value in labels for label in value.split(",") if label.strip()]
-    if labels_file:
-        found += read_lines(labels_file, comments=False)  # data: a label may start with "#"
+    found = parse_labels(labels, read_lines(labels_file, comments=False) if labels_file else ())  # a label may start with "#"
     if not found:
         raise InputError("no labels: pass --labels cat,dog or --labels-file FILE")
-    seen: set[str] = set()
-    for label in found:
-        if label in seen:
-            raise InputError(f"label {label!r} is given twice")
-        seen.add(label)
     return found
-
-
-def _templates(template: list[str], templates: Optional[str]) -> list[str]:
-    from ..zeroshot import DEFAULT_TEMPLATE, load_templates, parse_templates
-
-    chosen = load_templates(templates) if templates else []
-    chosen += parse_templates(template, "--template") if template else []
-    return list(dict.fromkeys(chosen)) or [DEFAULT_TEMPLATE]
 
 
 def _top_view(record: dict) -> dict:
@@ -126,12 +112,12 @@ def classify(
     from ..items import expand_inputs
     from ..output import RecordWriter, file_format
     from ..pipeline import classify as run_classify
-    from ..zeroshot import check_probability, logit_parameters, score_kind
+    from ..zeroshot import check_probability, choose_templates, logit_parameters, score_kind
     from .render import Reporter
 
     check_probability(min_prob)  # before a model loads
     label_list = _labels(labels, labels_file)
-    template_list = _templates(template, templates)
+    template_list = choose_templates(template, templates, "--template")
     if output == "-":
         output = None  # stdout, as encode takes it
     fmt_name = fmt.value if fmt is not None else (file_format(output) if output else output_format(None))
@@ -221,8 +207,9 @@ def similarity(
     from ..fsutil import atomic_write, ensure_writable
     from ..heatmap import figure_format, render
     from ..items import expand_inputs
+    from ..messages import hinted
     from ..output import RecordWriter, to_json
-    from .render import Reporter, hinted
+    from .render import Reporter
 
     image_args, captions = _split_similarity_args(inputs, text, text_file, quiet)
     if output:

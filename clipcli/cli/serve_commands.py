@@ -27,23 +27,6 @@ from .options import (
 from .render import hinted, say
 
 
-def _listen(host: str, port: int):
-    """A listening socket on ``host:port`` (port 0: a free one), bound before the model loads."""
-    import socket
-
-    try:
-        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say TCP, and without it
-        # a keep-alive client waits 40 ms for every answer (Nagle's algorithm against delayed ACKs)
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host.strip("[]"), port))
-        sock.listen(128)
-    except OSError as error:
-        raise ClipcliError(f"cannot listen on {host}:{port}: {error.strerror or error}", option="port") from None
-    return sock
-
-
 def _default_db(db: Optional[str]) -> Optional[str]:
     """``--db`` (or $CLIPCLI_INDEX) as given; else the default index if there is one."""
     from ..index import default_path
@@ -96,16 +79,13 @@ def serve(
 
     Example: curl -s 'http://127.0.0.1:8765/api/search?q=a+red+bicycle&k=5'
     """
-    import logging
     import secrets
-    import signal
     import sys
 
     try:
-        import uvicorn
-
         from ..serve.app import Limits, create_app
         from ..serve.guard import is_loopback
+        from ..serve.server import Server, log_requests
         from ..serve.service import Service, Settings
     except ImportError as error:
         raise ClipcliError(f"clipcli serve needs its extra ({error.name} is missing): "
@@ -131,22 +111,12 @@ def serve(
         device=device, precision=precision, threads=threads, arch=arch, cache_dir=cache_dir,
         towers=("image", "text"))))
     limits = Limits(max_body=int(max_upload_mb * (1 << 20)), max_images=max_images)
-    app = create_app(service, token=token, loopback_only=loopback, limits=limits, cors=tuple(cors))
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log = logging.getLogger("clipcli.serve")
-    log.addHandler(handler)
-    log.setLevel(logging.WARNING if quiet else logging.INFO)
-    sock = _listen(host, port)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=30, server_header=False)
-    server = uvicorn.Server(config)
-    shown = f"[{host.strip('[]')}]" if ":" in host.strip("[]") else host
-    url = f"http://{shown}:{sock.getsockname()[1]}/"
-    say(f"clipcli serve: listening on {url}" + (" (token required)" if token else "") + f"; loading {model}")
+    server = Server(service, create_app(service, token=token, loopback_only=loopback, limits=limits,
+                                        cors=tuple(cors)), host, port)
+    log_requests(sys.stderr, quiet)
+    say(f"clipcli serve: listening on {server.url}" + (" (token required)" if token else "") + f"; loading {model}")
     if made_token:
-        say(f"clipcli serve: the token (shown once): {token}; open {url}?token={token}")
+        say(f"clipcli serve: the token (shown once): {token}; open {server.url}?token={token}")
 
     def loaded(done: Service) -> None:
         if done.status == "ok":
@@ -155,15 +125,5 @@ def serve(
             for note in filter(None, [*done.loaded.notes, slow_precision_note(done.loaded.device, done.loaded.dtype)]):
                 say(f"note: {hinted(note)}")
             say(f"clipcli serve: {model} is ready")
-        else:  # nothing to serve: stop, and exit with the error
-            server.should_exit = True
 
-    service.start(on_loaded=loaded)
-    # uvicorn catches SIGTERM while it serves, shuts down gracefully, then raises it again: exit 0 all the same
-    signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
-    try:
-        server.run(sockets=[sock])
-    finally:
-        sock.close()
-    if service.status == "error":
-        raise service.error
+    server.run(on_loaded=loaded)

@@ -39,7 +39,7 @@ from starlette.staticfiles import StaticFiles
 
 from ..errors import ClipcliError, ContextLengthError, IndexDatabaseError, InputError, NoVectorsError
 from ..items import Item, url_item
-from ..messages import error_text, hinted
+from ..messages import error_text
 from .batcher import Busy
 from .files import NotServed, Thumbnails
 from .guard import LOG, Guard, TooLarge
@@ -58,19 +58,25 @@ class Limits:
     max_text_chars: int = 10_000
     max_k: int = 1000
     max_labels: int = 1000
+    max_prompts: int = 20_000  # labels x templates: each is a text the model embeds
 
 
-def _error(status: int, message: str, option: str | None = None, fix: str | None = None,
-           headers: dict | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"error": message}
+class JSON(JSONResponse):
+    """JSON in ASCII: a lone surrogate from a request (``"\\ud800"`` in its JSON) is escaped,
+    never a failure to encode the answer."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _error(status: int, message: str, option: str | None = None, headers: dict | None = None) -> JSON:
+    body: dict[str, Any] = {"error": message}  # the message says the fix, as the CLI's line does
     if option:
         body["option"] = option
-    if fix:
-        body["fix"] = fix
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSON(body, status_code=status, headers=headers)
 
 
-def _library_error(request: Request, error: ClipcliError) -> JSONResponse:
+def _library_error(request: Request, error: ClipcliError) -> JSON:
     if isinstance(error, Loading):
         return _error(503, str(error), headers={"Retry-After": "2"})
     if isinstance(error, (NoVectorsError, NotServed)):
@@ -79,21 +85,21 @@ def _library_error(request: Request, error: ClipcliError) -> JSONResponse:
         status = 503
     else:
         status = 400 if isinstance(error, (InputError, ContextLengthError)) or error.exit_code == 2 else 500
-    return _error(status, error_text(error), error.option, error.fix)
+    return _error(status, error_text(error), error.option)
 
 
-def _unexpected(request: Request, error: Exception) -> JSONResponse:
+def _unexpected(request: Request, error: Exception) -> JSON:
     if isinstance(error, TooLarge):
         return _error(413, "the request body is larger than this server takes (--max-upload-mb)")
-    LOG.error("%s %s failed", request.method, request.url.path, exc_info=error)  # the log has the traceback,
-    return _error(500, f"internal error ({type(error).__name__}); the server's log says more")  # the answer not
+    LOG.error("%s %s failed", request.method, request.url.path, exc_info=error)  # the traceback: in the log only
+    return _error(500, f"internal error ({type(error).__name__}); the server's log says more")
 
 
-def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+def _http_error(request: Request, error: HTTPException) -> JSON:
     return _error(error.status_code, str(error.detail), headers=getattr(error, "headers", None))
 
 
-def _busy(request: Request, error: Busy) -> JSONResponse:
+def _busy(request: Request, error: Busy) -> JSON:
     return _error(503, f"busy: {error}; try again shortly", headers={"Retry-After": "1"})
 
 
@@ -114,10 +120,10 @@ class Form:
         files: list[Item] = []
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if request.method == "POST" and kind == "application/json":
-            try:
-                body = json.loads(await request.body())
-            except (ValueError, UnicodeDecodeError) as error:
-                raise InputError(f"the body is not JSON: {error}") from None
+            try:  # off the event loop: a body may be tens of megabytes
+                body = await run_in_threadpool(json.loads, await request.body())
+            except (ValueError, UnicodeDecodeError, RecursionError) as error:
+                raise InputError(f"the body is not JSON: {str(error)[:200]}") from None
             if not isinstance(body, dict):
                 raise InputError("the JSON body must be an object")
             for key, value in body.items():
@@ -138,6 +144,11 @@ class Form:
         values = self.fields.get(key, [])
         if any(not isinstance(v, str) for v in values):
             raise InputError(f"{key} must be text (a string or a list of strings)")
+        for value in values:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate (JSON's "\ud800"): not text
+                raise InputError(f"a value of {key} is not valid Unicode text") from None
         most = most or self.limits.max_texts
         if len(values) > most:
             raise InputError(f"{len(values)} values of {key}: at most {most} in one request")
@@ -151,7 +162,11 @@ class Form:
         values = self.fields.get(key, [])
         if len(values) > 1:
             raise InputError(f"{key} is given {len(values)} times")
-        return None if not values or values[0] is None else str(values[0])
+        if not values or values[0] is None:
+            return None
+        if isinstance(values[0], (dict, list)):
+            raise InputError(f"{key} must be a single value")
+        return self.strings(key)[0] if isinstance(values[0], str) else str(values[0])
 
     def number(self, key: str, default: float | None, *, integer: bool = False, low: float | None = None,
                high: float | None = None) -> Any:
@@ -205,7 +220,7 @@ def create_app(service: Service, *, token: str | None = None, loopback_only: boo
 
     async def health(request: Request) -> Response:
         body = await run_in_threadpool(service.health)
-        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503,
+        return JSON(body, status_code=200 if body["status"] == "ok" else 503,
                             headers=None if body["status"] == "ok" else {"Retry-After": "2"})
 
     async def embed(request: Request) -> Response:
@@ -221,37 +236,34 @@ def create_app(service: Service, *, token: str | None = None, loopback_only: boo
         body: dict[str, Any] = {"model": service.settings.model, "embeddings": [_embedding(r) for r in results]}
         if any(getattr(r, "truncated", False) for r in results):
             body["truncated"] = [bool(r.truncated) for r in results]
-        errors = [{"index": i, "input": r.name, "error": hinted(r.error)} for i, r in enumerate(results) if not r.ok]
+        errors = [{"index": i, "input": r.name, "error": str(r.error)} for i, r in enumerate(results) if not r.ok]
         if errors:
             body["errors"] = errors
-        return JSONResponse(body)
+        return JSON(body)
 
     async def classify(request: Request) -> Response:
-        from ..zeroshot import DEFAULT_TEMPLATE, TEMPLATE_SETS, load_templates, parse_templates
+        from ..zeroshot import TEMPLATE_SETS, choose_templates, parse_labels
 
         form = await Form.read(request, limits)
         images = form.images()
         if not images:
             raise InputError("give images to classify: uploaded files or urls")
-        labels = [part.strip() for value in form.strings("labels", limits.max_labels) for part in value.split(",")
-                  if part.strip()]
+        labels = parse_labels(form.strings("labels", limits.max_labels))
         if not labels:
             raise InputError("no labels: give labels=cat,dog")
-        if len(set(labels)) != len(labels):
-            raise InputError("a label is given twice")
         named = form.one("templates")
         if named is not None and named not in TEMPLATE_SETS:  # a file name would read this machine's files
             raise InputError(f"templates={named[:40]}: choose {' or '.join(TEMPLATE_SETS)}")
-        given = form.strings("template", 100)
-        chosen = (load_templates(named) if named else []) + (parse_templates(given, "template") if given else [])
-        top_k = form.number("top_k", 5, integer=True, low=1)
-        min_prob = form.number("min_prob", None)
-        records = await service.classify(images, labels, list(dict.fromkeys(chosen)) or [DEFAULT_TEMPLATE],
-                                         top_k=top_k, min_prob=min_prob)
-        return JSONResponse({"model": service.settings.model, "results": records})
+        templates = choose_templates(form.strings("template", 100), named, "template")
+        if len(labels) > limits.max_labels or len(labels) * len(templates) > limits.max_prompts:
+            raise InputError(f"{len(labels)} labels in {len(templates)} templates: at most {limits.max_labels} "
+                             f"labels and {limits.max_prompts} prompts (labels x templates) in one request")
+        records = await service.classify(images, labels, templates, top_k=form.number("top_k", 5, integer=True, low=1),
+                                         min_prob=form.number("min_prob", None))
+        return JSON({"model": service.settings.model, "results": records})
 
     async def search(request: Request) -> Response:
-        from ..search import Term, parse_terms
+        from ..search import Term, parse_terms, score_kind
 
         form = await Form.read(request, limits)
         queries, minus = form.strings("q", 64), form.strings("minus", 64)
@@ -263,9 +275,7 @@ def create_app(service: Service, *, token: str | None = None, loopback_only: boo
         results, ids = await service.search(
             terms, top_k=top_k, offset=offset, threshold=form.number("threshold", None),
             min_prob=form.number("min_prob", None), under=form.strings("in", 64))
-        from ..search import score_kind
-
-        return JSONResponse({"results": results, "ids": ids, "model": service.settings.model,
+        return JSON({"results": results, "ids": ids, "model": service.settings.model,
                              "score_kind": score_kind(service.loaded.model), "offset": offset, "k": top_k})
 
     async def thumbnail(request: Request) -> Response:
@@ -298,9 +308,11 @@ def create_app(service: Service, *, token: str | None = None, loopback_only: boo
     ]
     handlers = {ClipcliError: _library_error, Busy: _busy, HTTPException: _http_error, Exception: _unexpected}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
-    if cors:
-        from starlette.middleware.cors import CORSMiddleware
+    guarded = Guard(app, token=token, max_body=limits.max_body, loopback_only=loopback_only, origins=cors)
+    if not cors:
+        return guarded
+    from starlette.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=list(cors), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
-    return Guard(app, token=token, max_body=limits.max_body, loopback_only=loopback_only)
+    # Outside the guard: a preflight carries no token, and a 401 needs CORS headers to be read.
+    return CORSMiddleware(guarded, allow_origins=list(cors), allow_methods=["GET", "POST"],
+                          allow_headers=["Authorization", "Content-Type"])

@@ -54,19 +54,26 @@ class Batcher:
         self._waiting = 0  # inputs queued, not yet taken by the model thread
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._stopping = False
         self.batches = 0  # model calls made, and the inputs they held (for /health and tests)
         self.batched_inputs = 0
         self.pending = 0  # jobs submitted and not answered yet
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._serve, name="clipcli-model", daemon=True)
-        self._thread.start()
+        with self._lock:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._serve, name="clipcli-model", daemon=True)
+            self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Finish the jobs queued so far, then end the model thread."""
-        if self._thread is not None:
-            self._jobs.put(_STOP)
-            self._thread.join(timeout)
+        """Refuse new jobs, finish those queued so far, then end the model thread."""
+        with self._lock:
+            thread, self._stopping = self._thread, True
+            if thread is not None:
+                self._jobs.put(_STOP)
+        if thread is not None:
+            thread.join(timeout)
+        with self._lock:
             self._thread = None
 
     async def embed(self, kind: Hashable, inputs: Sequence[Any]) -> list:
@@ -77,24 +84,25 @@ class Batcher:
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` on the model thread, between batches."""
-        return await self._submit(None, (), lambda: fn(*args))
+        return await self._submit(None, (), functools.partial(fn, *args))
 
     async def _submit(self, kind, inputs, call) -> Any:
         loop = asyncio.get_running_loop()
         size = max(1, len(inputs))
-        with self._lock:
-            if self._thread is None:
+        job = _Job(kind, inputs, loop.create_future(), loop, call)
+        with self._lock:  # queued under the lock: never behind the stop marker
+            if self._thread is None or self._stopping:
                 raise Busy("the model is not running")
             if self._waiting + size > self.max_queue and self._waiting:
                 raise Busy(f"{self._waiting} inputs are waiting for the model")
             self._waiting += size
-        job = _Job(kind, inputs, loop.create_future(), loop, call)
-        self.pending += 1
-        try:
+            self.pending += 1
             self._jobs.put(job)
+        try:
             return await job.future
         finally:
-            self.pending -= 1
+            with self._lock:
+                self.pending -= 1
 
     def _take(self, job: _Job) -> None:
         with self._lock:
@@ -108,6 +116,8 @@ class Batcher:
             if job is _STOP:
                 return
             self._take(job)
+            if job.future.cancelled():  # its request is gone
+                continue
             if job.call is not None:
                 self._settle([job], job.call)
                 continue
@@ -122,30 +132,52 @@ class Batcher:
                     held = more
                     break
                 self._take(more)
-                batch.append(more)
-                count += len(more.inputs)
-            inputs = [x for member in batch for x in member.inputs]
-            self._settle(batch, functools.partial(self._run, job.kind, inputs))
+                if not more.future.cancelled():
+                    batch.append(more)
+                    count += len(more.inputs)
+            if not self._settle(batch, self._batch_of(job.kind, batch)) and len(batch) > 1:
+                for member in batch:  # one job's input broke the batch: the others are answered alone
+                    self._settle([member], self._batch_of(member.kind, [member]))
             self.batches += 1
             self.batched_inputs += count
 
+    def _batch_of(self, kind: Hashable, batch: list[_Job]) -> Callable[[], list]:
+        """The model call for ``batch``, checked to give one result per input."""
+        inputs = [x for member in batch for x in member.inputs]
+
+        def work() -> list:
+            results = list(self._run(kind, inputs))
+            if len(results) != len(inputs):
+                raise RuntimeError(f"the model gave {len(results)} results for {len(inputs)} inputs")
+            return results
+
+        return work
+
     @staticmethod
-    def _settle(batch: list[_Job], work: Callable[[], Any]) -> None:
-        """Run ``work`` and hand each job its part of the answer (or the error)."""
+    def _settle(batch: list[_Job], work: Callable[[], Any]) -> bool:
+        """Run ``work`` and hand each job its part of the answer; whether it ran. A failure
+        alone in its batch goes to its request; the model thread never ends on one."""
         try:
             result = work()
-        except BaseException as error:  # the request gets it; the model thread goes on
-            for job in batch:
-                job.loop.call_soon_threadsafe(_fail, job.future, error)
-            return
+        except Exception as error:  # noqa: BLE001 (the request is answered with it; the thread goes on)
+            if len(batch) == 1:
+                _answer(batch[0], _fail, error)
+            return False
         if batch[0].call is not None:
-            batch[0].loop.call_soon_threadsafe(_succeed, batch[0].future, result)
-            return
-        result, start = list(result), 0
+            _answer(batch[0], _succeed, result)
+            return True
+        start = 0
         for job in batch:
-            part = result[start : start + len(job.inputs)]
+            _answer(job, _succeed, result[start : start + len(job.inputs)])
             start += len(job.inputs)
-            job.loop.call_soon_threadsafe(_succeed, job.future, part)
+        return True
+
+
+def _answer(job: _Job, settle: Callable, value: Any) -> None:
+    try:
+        job.loop.call_soon_threadsafe(settle, job.future, value)
+    except RuntimeError:  # its event loop has closed: nobody is waiting
+        pass
 
 
 def _succeed(future: asyncio.Future, value: Any) -> None:

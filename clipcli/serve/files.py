@@ -3,9 +3,11 @@
 A result's file is named by an id made of its row in the index's ``files`` table and a
 digest of its path (``"17.3fa9c0d1e2"``): a request can name only a file the index holds,
 and an id that outlived its row (the index rebuilt, the row reused) names nothing rather
-than another file. Before a file is read, its real path (symbolic links resolved) must
-itself be a file of the index: a link planted in an indexed folder, or a folder swapped for
-a link, pointing at ``/etc`` or another user's files, is refused.
+than another file. An indexed path whose last component is a symbolic link is served only
+when the file it leads to is indexed too: a link planted among the photos (or a photo
+swapped for one) pointing at ``~/.ssh`` or another user's files is refused. Linked folders
+on the way (``~/Pictures`` itself a link, ``2024 -> /mnt/nas/2024``) are the ones the index
+walked, and their files are served.
 
 Thumbnails are made on demand (the decoder's size and format limits apply, as for the
 model) and kept in a bounded cache keyed by the file's path, size and modification time.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import stat
 import threading
 from collections import OrderedDict
@@ -52,15 +55,16 @@ def file_ids(index: Index, paths: Sequence[bytes]) -> list[str]:
 def resolve_id(index: Index, file_id: str) -> str:
     """The real path of the file ``file_id`` names, checked (see the module docstring), or
     :class:`NotServed`."""
-    row_text, _, digest = file_id.partition(".")
-    if not row_text.isdigit() or len(row_text) > 18 or len(digest) != 10:
+    if not re.fullmatch(r"[0-9]{1,18}\.[0-9a-f]{10}", file_id, re.ASCII):
         raise NotServed(f"{file_id[:40]!r} is not a file id")
+    row_text, _, digest = file_id.partition(".")
     with index.guard():
         row = index.db.execute("SELECT path FROM files WHERE rowid = ? AND error IS NULL", (int(row_text),)).fetchone()
         if row is None or _digest(row[0]) != digest:
             raise NotServed(f"no indexed file has the id {file_id}")
-        real = os.path.realpath(os.fsdecode(row[0]))
-        if path_key(real) != row[0] and index.db.execute(
+        path = os.fsdecode(row[0])
+        real = os.path.realpath(path)
+        if os.path.islink(path) and index.db.execute(
                 "SELECT 1 FROM files WHERE path = ? AND error IS NULL", (path_key(real),)).fetchone() is None:
             raise NotServed(f"file {file_id} leads out of the indexed files (a symbolic link)")
     return real
@@ -93,6 +97,7 @@ class Thumbnails:
         self._cache: OrderedDict[tuple, bytes] = OrderedDict()
         self._size = 0
         self._lock = threading.Lock()
+        self._reading = threading.BoundedSemaphore(2)  # files held in memory at once: 2 x max_file at most
 
     def thumbnail(self, path: str) -> bytes:
         try:
@@ -104,9 +109,10 @@ class Thumbnails:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        image = self._decode(_read(path, self.max_file), draft=2 * THUMBNAIL_SIDE)
-        image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-        data = _jpeg(image, quality=82)
+        with self._reading:
+            image = self._decode(_read(path, self.max_file), draft=2 * THUMBNAIL_SIDE)
+            image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+            data = _jpeg(image, quality=82)
         with self._lock:
             if key not in self._cache:
                 self._cache[key] = data
@@ -120,15 +126,16 @@ class Thumbnails:
         else a JPEG of it. ``(bytes, media type)``."""
         from PIL import Image
 
-        data = _read(path, self.max_file)
-        try:
-            with Image.open(io.BytesIO(data)) as probe:
-                kind = BROWSER_TYPES.get(probe.format or "")
-        except Exception:  # noqa: BLE001 (the decoder below says why)
-            kind = None
-        if kind is not None:
-            return data, kind
-        return _jpeg(self._decode(data), quality=90), "image/jpeg"
+        with self._reading:
+            data = _read(path, self.max_file)
+            try:
+                with Image.open(io.BytesIO(data)) as probe:
+                    kind = BROWSER_TYPES.get(probe.format or "")
+            except Exception:  # noqa: BLE001 (the decoder below says why)
+                kind = None
+            if kind is not None:
+                return data, kind
+            return _jpeg(self._decode(data), quality=90), "image/jpeg"
 
     def _decode(self, data: bytes, draft: int | None = None):
         from dataclasses import replace

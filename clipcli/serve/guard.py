@@ -1,12 +1,16 @@
-"""What every request passes before the routes: the token, the Host header, the body size,
+"""What every request passes before the routes: the token, where it comes from, its size,
 and the access log line.
 
 - **Token.** A server with a token answers only requests that carry it: the header
-  ``Authorization: Bearer TOKEN``, the query parameter ``token`` (how the page is opened;
-  the answer then sets it as a same-site cookie, so the page's scripts, styles and images
-  need not repeat it), or that cookie. Compared in constant time.
+  ``Authorization: Bearer TOKEN``, or the query parameter ``token`` (how the page is opened,
+  and how it asks for its files and images). Compared in constant time.
 - **Host.** A server on a loopback address answers only requests addressed to a loopback
   name: a web page elsewhere cannot reach it through DNS rebinding.
+- **Origin.** A browser says where a request comes from (``Origin``, ``Sec-Fetch-Site``):
+  only the server's own page, a page of a ``--cors`` origin, or the user typing the address
+  is answered. Another site cannot make the browser of someone running the server send it
+  work (an ``<img>`` or a form posting to 127.0.0.1), even without a token. Programs such as
+  curl send neither header and are answered.
 - **Size.** A body longer than ``max_body`` bytes is refused with 413, from its
   Content-Length before it is read, or as it arrives when the length is not announced.
 - **Log.** One line per request on the ``clipcli.serve`` logger (the CLI sends it to
@@ -19,12 +23,10 @@ import json
 import logging
 import secrets
 import time
-from http.cookies import SimpleCookie
 from typing import Awaitable, Callable
 from urllib.parse import parse_qsl, urlencode
 
 LOG = logging.getLogger("clipcli.serve")
-COOKIE = "clipcli_token"
 LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 Scope = dict
@@ -65,26 +67,32 @@ def _header(scope: Scope, name: bytes) -> str:
 class Guard:
     """The ASGI middleware of the module docstring, around ``app``."""
 
-    def __init__(self, app, *, token: str | None, max_body: int, loopback_only: bool):
+    def __init__(self, app, *, token: str | None, max_body: int, loopback_only: bool, origins: tuple[str, ...] = ()):
         self.app = app
         self.token = token
         self.max_body = max_body
         self.loopback_only = loopback_only
+        self.origins = {origin.rstrip("/") for origin in origins}
 
-    def _token_of(self, scope: Scope) -> tuple[str | None, bool]:
-        """The token the request carries, and whether it came in the query string."""
+    def _token_of(self, scope: Scope) -> str | None:
         auth = _header(scope, b"authorization")
         if auth.lower().startswith("bearer "):
-            return auth[7:].strip(), False
-        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-        if "token" in query:
-            return query["token"], True
-        cookie = SimpleCookie()
-        try:
-            cookie.load(_header(scope, b"cookie"))
-        except Exception:  # noqa: BLE001 (a malformed cookie header carries no token)
-            return None, False
-        return (cookie[COOKIE].value if COOKIE in cookie else None), False
+            return auth[7:].strip()
+        return dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"))).get("token")
+
+    def _foreign(self, scope: Scope) -> str | None:
+        """Why a browser's request from another site is refused, or None."""
+        origin = _header(scope, b"origin")
+        if origin:
+            own = f"{scope.get('scheme', 'http')}://{_header(scope, b'host')}"
+            return None if origin in (own, *self.origins) else f"a page of {origin[:100]}"
+        site = _header(scope, b"sec-fetch-site")
+        if site in ("", "same-origin", "none"):  # not a browser, the page itself, or an address typed
+            return None
+        if _header(scope, b"sec-fetch-mode") == "navigate" and scope.get("method") == "GET" \
+                and scope.get("path") == "/":  # a link to the page: it opens, and asks for the rest itself
+            return None
+        return f"a {site} page"
 
     def _shown_path(self, scope: Scope) -> str:
         query = [(k, v) for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
@@ -111,22 +119,24 @@ class Guard:
                      status[0] or "-", 1000 * (time.perf_counter() - started))
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
-        host = _header(scope, b"host").rsplit(":", 1)[0] if not _header(scope, b"host").endswith("]") \
-            else _header(scope, b"host")
+        host = _header(scope, b"host")
+        host = host[: host.find("]") + 1] if host.startswith("[") else host.rsplit(":", 1)[0]  # the port left out
         if self.loopback_only and not is_loopback(host):
             await send_json(send, 403, {"error": f"this server answers requests to 127.0.0.1 or localhost, "
                                                  f"not to {host[:100]!r}"})
             return
-        set_cookie: list[tuple[bytes, bytes]] = []
+        foreign = self._foreign(scope)
+        if foreign is not None:
+            await send_json(send, 403, {"error": f"refused: {foreign} may not use this server (--cors ORIGIN "
+                                                 "allows one)"})
+            return
         if self.token is not None:
-            given, from_query = self._token_of(scope)
+            given = self._token_of(scope)
             if given is None or not secrets.compare_digest(given.encode(), self.token.encode()):
                 await send_json(send, 401, {"error": "this server needs its token: send the header "
                                                      "'Authorization: Bearer TOKEN' or open the page as /?token=TOKEN"},
                                 [(b"www-authenticate", b"Bearer")])
                 return
-            if from_query:
-                set_cookie = [(b"set-cookie", f"{COOKIE}={self.token}; Path=/; HttpOnly; SameSite=Strict".encode())]
         length = _header(scope, b"content-length")
         if length.isdigit() and int(length) > self.max_body:
             await send_json(send, 413, {"error": f"the request body is {int(length)} bytes; this server takes at "
@@ -144,7 +154,6 @@ class Guard:
         async def marked_send(message: dict) -> None:
             if message["type"] == "http.response.start":
                 started[0] = True
-                message = {**message, "headers": [*message.get("headers", []), *set_cookie]}
             await send(message)
 
         try:

@@ -1,11 +1,15 @@
 """The warm model behind ``clipcli serve``: loaded once, asked many times, by the commands' own code.
 
-:class:`Service` holds the model, the index's path and the batching model thread
-(:mod:`.batcher`). Each question is answered by the library function its command uses:
-:func:`clipcli.batching.embed_texts`/``embed_images`` (``encode``), :func:`clipcli.pipeline.label_classifier` and
-:func:`~clipcli.pipeline.label_records` (``classify``), :func:`clipcli.search.search`
-(``search``), so the answers are the commands' records. Nothing here knows HTTP
-(:mod:`.app` does); errors are the library's own (:mod:`clipcli.errors`) or :class:`Loading`.
+:class:`Service` holds the model, the index's path, the decoding threads and the batching
+model thread (:mod:`.batcher`). Each question is answered with the pieces its command runs:
+texts by :func:`clipcli.batching.embed_texts`; images by
+:func:`~clipcli.batching.prepare_image` and :func:`~clipcli.batching.encode_prepared`, the two
+halves of ``embed_images`` (decoding here happens as requests arrive, while the model runs
+earlier ones); labels by :func:`clipcli.pipeline.label_classifier` and
+:func:`~clipcli.pipeline.label_records`; searches by :func:`clipcli.search.combine` and
+:func:`~clipcli.search.rank`, the two halves of ``search``. So the answers are the commands'
+records. Nothing here knows HTTP (:mod:`.app` does); errors are the library's own
+(:mod:`clipcli.errors`), :class:`Loading` or :class:`~.batcher.Busy`.
 
 The index is opened read-only for each question, on the thread that asks it: a search
 sees what ``clipcli index`` committed last, and its vector cache is rebuilt when the
@@ -15,16 +19,18 @@ model's generation moved (:mod:`clipcli.vectors`).
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
+from ..batching import DaemonPool
+from ..display import display
 from ..errors import ClipcliError, InputError
 from ..images import pillow_limits
 from ..items import Item
 from ..tasks import RunOptions
-from .batcher import Batcher
+from .batcher import Batcher, Busy
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..pipeline import LoadedModel
@@ -59,8 +65,10 @@ class Service:
         self._loader = loader
         self._ready = threading.Event()
         self.started = False
-        self._decoders: ThreadPoolExecutor | None = None
-        self._limits = contextlib.ExitStack()
+        self._decoders: "DaemonPool | None" = None
+        self._admitted = 0  # images taken in (decoding, queued or in the model), against max_queue
+        self._admission = threading.Lock()
+        self._pillow = contextlib.ExitStack()
         self._count: tuple | None = None  # ((model id, generation), when, indexed images): /health's
         self._classifiers: dict[tuple, Any] = {}  # (labels, templates) -> classifier: one per label set in use
         self.batcher = Batcher(self._run_batch, window=settings.window, max_items=self._max_items(),
@@ -87,10 +95,10 @@ class Service:
         try:
             loaded = (self._loader or load_model)(self.settings.model, **self.settings.load)
             self.loaded = loaded
-            self.settings = _with_device_sizes(self.settings, loaded)
+            self.settings = replace(self.settings, run=self.settings.run.for_device(loaded.device))
             self.batcher.max_items = self._max_items()
-            self._decoders = ThreadPoolExecutor(self.settings.run.workers or 1, thread_name_prefix="clipcli-decode")
-            self._limits.enter_context(pillow_limits(self.settings.run.decode))  # process-wide: set once
+            self._decoders = DaemonPool(self.settings.run.workers or 1)
+            self._pillow.enter_context(pillow_limits(self.settings.run.decode))  # process-wide: set once
             if self.settings.db is not None:
                 self._warm_vectors()
             self.batcher.start()
@@ -110,9 +118,9 @@ class Service:
 
     def stop(self) -> None:
         self.batcher.stop(timeout=30)
-        if self._decoders is not None:
-            self._decoders.shutdown(wait=False, cancel_futures=True)
-        self._limits.close()
+        if self._decoders is not None:  # a decode ends in milliseconds; a stalled URL is left behind
+            self._decoders.shutdown(wait=False)
+        self._pillow.close()
 
     def ready(self) -> "LoadedModel":
         """The loaded model, or :class:`Loading` while it is not there."""
@@ -147,7 +155,8 @@ class Service:
 
         what, normalize, truncate = kind
         if what == "text":
-            return embed_texts(self.loaded, inputs, normalize=normalize, truncate=truncate)
+            return embed_texts(self.loaded, inputs, batch_size=self.settings.run.batch_size, normalize=normalize,
+                               truncate=truncate)
         return encode_prepared(self.loaded, inputs, normalize)
 
     async def embed_texts(self, texts: Sequence[str], *, normalize: bool = True, truncate: bool = True) -> list:
@@ -156,25 +165,39 @@ class Service:
         return await self.batcher.embed(("text", normalize, truncate), list(texts))
 
     async def embed_images(self, items: Sequence[Item], *, normalize: bool = True) -> list:
-        """One :class:`~clipcli.batching.Embedding` per image, as ``clipcli encode``. Images are
-        decoded on the decoding threads as they arrive, while the model runs earlier ones;
-        the model thread only stacks and encodes them, batched with other requests' images."""
+        """One :class:`~clipcli.batching.Embedding` per image, as ``clipcli encode``: decoded by
+        :func:`~clipcli.batching.prepare_image` on the decoding threads as they arrive, while the
+        model runs earlier ones, then encoded by :func:`~clipcli.batching.encode_prepared`
+        batched with other requests' images. Refused with :class:`Busy` before any decoding
+        when ``max_queue`` images are in already."""
         import asyncio
 
         from ..batching import Embedding, image_step, prepare_image
 
         loaded = self.ready()
         step, decode = image_step(loaded, self.settings.run.decode)
-        loop = asyncio.get_running_loop()
-        prepared = await asyncio.gather(*(loop.run_in_executor(self._decoders, prepare_image, item, step, decode,
-                                                               self.settings.run.fetch) for item in items))
-        rows = iter(await self.batcher.embed(("pixels", normalize, True),
-                                             [pixels for pixels, _, _ in prepared if pixels is not None]))
+        with self._admit(len(items)):
+            prepared = await asyncio.gather(*(asyncio.wrap_future(self._decoders.submit(
+                prepare_image, item, step, decode, self.settings.run.fetch)) for item in items))
+            rows = iter(await self.batcher.embed(("pixels", normalize, True),
+                                                 [pixels for pixels, _, _ in prepared if pixels is not None]))
         results = []
         for item, (pixels, _, error) in zip(items, prepared):
             row = next(rows) if pixels is not None else error
             results.append(Embedding(item.name, None, row) if isinstance(row, str) else Embedding(item.name, row))
         return results
+
+    @contextlib.contextmanager
+    def _admit(self, count: int):
+        with self._admission:
+            if self._admitted and self._admitted + count > self.settings.max_queue:
+                raise Busy(f"{self._admitted} images are being decoded or wait for the model")
+            self._admitted += count
+        try:
+            yield
+        finally:
+            with self._admission:
+                self._admitted -= count
 
     async def classify(self, items: Sequence[Item], labels: Sequence[str], templates: Sequence[str], *,
                        top_k: int = 5, min_prob: float | None = None) -> list[dict]:
@@ -195,30 +218,48 @@ class Service:
         if key not in self._classifiers:
             if len(self._classifiers) >= 64:  # bounded: a client cycling label sets must not grow memory
                 self._classifiers.pop(next(iter(self._classifiers)))
-            self._classifiers[key] = label_classifier(self.loaded, labels, templates)
+            self._classifiers[key] = label_classifier(self.loaded, labels, templates, use_cache=False)  # not on disk: label sets come from anyone
         return self._classifiers[key]
 
     async def search(self, terms: Sequence["Term"], *, top_k: int = 10, offset: int = 0,
                      threshold: float | None = None, min_prob: float | None = None,
                      under: Sequence[str] = ()) -> tuple[list[dict], list[str]]:
         """``clipcli search --format json``'s records, ranks ``offset + 1`` to ``offset + top_k``,
-        and the id of each result's file (for :meth:`indexed_file`)."""
-        from ..search import check_min_prob, check_threshold
+        and the id of each result's file (for :meth:`indexed_file`). The terms are embedded
+        like any request's texts and images (batched; images decoded off the model thread), then
+        ranked by :func:`clipcli.search.rank` on a thread of its own."""
+        import asyncio
+
+        from ..search import check_min_prob, check_threshold, combine, image_item, scaled
 
         loaded = self.ready()
         check_threshold(threshold)
         check_min_prob(loaded, min_prob)
         if offset < 0:
             raise InputError(f"{offset}: give 0 or more", option="offset")
-        return await self.batcher.call(self._search, list(terms), top_k, offset, threshold, min_prob, tuple(under))
+        for place in under:  # the server's working folder is nobody's business
+            if not os.path.isabs(place):
+                raise InputError(f"in={display(place)[:80]}: give an absolute path")
+        terms = scaled(terms)
+        texts = [t for t in terms if not t.is_image]
+        images = [t for t in terms if t.is_image]
+        embedded = await self.embed_texts([t.text for t in texts]) if texts else []
+        embedded += await self.embed_images([image_item(t) for t in images]) if images else []
+        query = combine(texts + images, embedded, loaded.embed_dim, loaded.name)
+        return await asyncio.to_thread(self._rank, query, top_k, offset, threshold, min_prob, tuple(under))
 
-    def _search(self, terms, top_k, offset, threshold, min_prob, under) -> tuple[list[dict], list[str]]:
-        from ..search import record, score_kind, search
+    def _rank(self, query, top_k, offset, threshold, min_prob, under) -> tuple[list[dict], list[str]]:
+        from ..errors import NoVectorsError
+        from ..search import rank, record, score_kind
         from .files import file_ids
 
         with self.open_index() as index:
-            hits = search(index, self.loaded, terms, top_k=offset + top_k, threshold=threshold, min_prob=min_prob,
-                          under=under, fetch=self.settings.run.fetch)[offset:]
+            try:
+                hits = rank(index, self.loaded, query, top_k=offset + top_k, threshold=threshold, min_prob=min_prob,
+                            under=under)[offset:]
+            except NoVectorsError as error:
+                raise NoVectorsError(f"{error.message}; index with it first: clipcli index FOLDER --model "
+                                     f"{self.settings.model}") from None
             ids = file_ids(index, [hit.path for hit in hits])
         kind = score_kind(self.loaded.model)
         return [record(hit, kind) for hit in hits], ids
@@ -267,10 +308,4 @@ class Service:
 
         with self.open_index() as index:
             return resolve_id(index, file_id)
-
-
-def _with_device_sizes(settings: Settings, loaded: "LoadedModel") -> Settings:
-    from dataclasses import replace
-
-    return replace(settings, run=settings.run.for_device(loaded.device))
 

@@ -86,7 +86,6 @@ function main() {
       let message = `the server answered HTTP ${response.status}`;
       if (body && typeof body.error === "string" && body.error.trim()) {
         message = oneLine(body.error);
-        if (typeof body.fix === "string" && body.fix.trim()) message += " — " + oneLine(body.fix);
       }
       throw new ServerError(message, response.status, body);
     }
