@@ -168,21 +168,46 @@ def test_eight_concurrent_clients_get_correct_answers_batched(server, indexed):
 
 
 def test_sigterm_lets_the_requests_under_way_finish_and_exits_0(indexed, tmp_path):
+    """A request whose image URL answers only after the SIGTERM is in flight when it comes."""
+    import http.server
+
     photos, db = indexed
-    running = Server("--db", str(db), "--batch-window-ms", "1000", env=_env(tmp_path))
-    running.wait_ready()
-    answers = []
-    sent = threading.Thread(target=lambda: answers.append(post_files(running.url + "api/embed",
-                                                                     [photos / "rocket.jpg"])))
-    sent.start()
-    deadline = time.monotonic() + 20
-    while get(running.url + "health")["batches"]["pending"] == 0:  # in flight: the 1 s window holds it
-        assert time.monotonic() < deadline and sent.is_alive()
-        time.sleep(0.02)
-    running.process.send_signal(signal.SIGTERM)
-    sent.join(30)
-    assert running.process.wait(30) == 0, running.lines
-    assert answers and answers[0]["embeddings"][0] is not None
+    asked, release = threading.Event(), threading.Event()
+
+    class SlowImage(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            asked.set()
+            release.wait(30)
+            data = (photos / "rocket.jpg").read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    slow = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowImage)
+    threading.Thread(target=slow.serve_forever, daemon=True).start()
+    running = Server("--db", str(db), "--allow-private", env=_env(tmp_path))
+    try:
+        running.wait_ready()
+        answers = []
+        url = f"http://127.0.0.1:{slow.server_address[1]}/photo.jpg"
+        sent = threading.Thread(target=lambda: answers.append(post_json(running.url + "api/embed", {"urls": [url]})))
+        sent.start()
+        assert asked.wait(30), running.lines  # the server is fetching it: the request is under way
+        running.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # the signal is handled while the request waits; then the image comes
+        release.set()
+        sent.join(30)
+        assert running.process.wait(30) == 0, running.lines
+        assert answers and answers[0]["embeddings"][0] is not None, answers
+    finally:
+        release.set()
+        slow.shutdown()
+        running.stop()
 
 
 def test_a_public_address_needs_a_token_made_and_shown_once(indexed, tmp_path):

@@ -4,7 +4,7 @@ A request hands its inputs to :meth:`Batcher.embed` and awaits the result; the m
 takes the oldest job, waits up to ``window`` seconds for more jobs of the same kind (until
 ``max_items`` inputs), runs them as one call of ``run(kind, inputs)`` and hands each job its
 own slice of the results. So eight clients asking for one image each cost one batch of eight,
-not eight batches of one; a lone request waits only the window. Other work that must not
+not eight batches of one; a request alone (no other under way) does not wait at all. Other work that must not
 run beside the model (a search, building a label classifier) goes through :meth:`call` and
 runs on the same thread, in turn.
 
@@ -122,7 +122,8 @@ class Batcher:
                 self._settle([job], job.call)
                 continue
             batch, count = [job], len(job.inputs)
-            deadline = time.monotonic() + self.window
+            # A window only when other requests are under way: a lone one never waits for company
+            deadline = time.monotonic() + (self.window if self.pending > 1 else 0.0)
             while count < self.max_items:
                 try:
                     more = self._jobs.get(timeout=max(0.0, deadline - time.monotonic()))
