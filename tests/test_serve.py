@@ -210,6 +210,24 @@ def test_limits_on_body_images_and_texts(db, tiny_vit_checkpoint, photos):
         assert client.get("/api/search", params={"q": "a", "k": 1001}).status_code == 400
 
 
+def test_past_max_requests_under_way_a_request_gets_503(db, tiny_vit_checkpoint):
+    from clipcli.pipeline import load_model
+
+    release = threading.Event()
+
+    def slow_loader(name, **kwargs):
+        release.wait(30)
+        return load_model(name, **kwargs)
+
+    service = Service(Settings(str(tiny_vit_checkpoint), db=str(db), load=dict(device="cpu")), loader=slow_loader)
+    app = create_app(service, limits=Limits(max_requests=0))  # every request is one too many
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        answer = client.get("/health")
+        release.set()
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+        assert "busy" in answer.json()["error"]
+
+
 def _png(side: int) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (side, side), (200, 30, 30)).save(out, "PNG")

@@ -167,6 +167,7 @@ def test_eight_concurrent_clients_get_correct_answers_batched(server, indexed):
     assert calls < inputs, (calls, inputs)  # requests that arrived together shared a model call
 
 
+@pytest.mark.slow  # a server process of its own each: with the kill and race tests in `pytest -m slow`
 def test_sigterm_lets_the_requests_under_way_finish_and_exits_0(indexed, tmp_path):
     """A request whose image URL answers only after the SIGTERM is in flight when it comes."""
     import http.server
@@ -210,6 +211,7 @@ def test_sigterm_lets_the_requests_under_way_finish_and_exits_0(indexed, tmp_pat
         running.stop()
 
 
+@pytest.mark.slow  # a server process of its own each: with the kill and race tests in `pytest -m slow`
 def test_a_public_address_needs_a_token_made_and_shown_once(indexed, tmp_path):
     _, db = indexed
     running = Server("--db", str(db), "--host", "0.0.0.0", env=_env(tmp_path))
@@ -228,6 +230,7 @@ def test_a_public_address_needs_a_token_made_and_shown_once(indexed, tmp_path):
         assert running.stop() == 0
 
 
+@pytest.mark.slow  # a server process of its own each: with the kill and race tests in `pytest -m slow`
 def test_start_up_errors_are_one_line_and_an_exit_code(tmp_path, indexed):
     missing = subprocess.run([sys.executable, "-m", "clipcli", "serve", "--db", str(tmp_path / "none.sqlite3")],
                              capture_output=True, text=True, env=_env(tmp_path), timeout=60)

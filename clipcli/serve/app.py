@@ -59,6 +59,7 @@ class Limits:
     max_k: int = 1000
     max_labels: int = 1000
     max_prompts: int = 20_000  # labels x templates: each is a text the model embeds
+    max_requests: int = 256  # under way at once (each may hold a body of max_body in memory)
 
 
 class JSON(JSONResponse):
@@ -308,7 +309,8 @@ def create_app(service: Service, *, token: str | None = None, loopback_only: boo
     ]
     handlers = {ClipcliError: _library_error, Busy: _busy, HTTPException: _http_error, Exception: _unexpected}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
-    guarded = Guard(app, token=token, max_body=limits.max_body, loopback_only=loopback_only, origins=cors)
+    guarded = Guard(app, token=token, max_body=limits.max_body, loopback_only=loopback_only, origins=cors,
+                    max_requests=limits.max_requests)
     if not cors:
         return guarded
     from starlette.middleware.cors import CORSMiddleware

@@ -12,7 +12,8 @@ and the access log line.
   work (an ``<img>`` or a form posting to 127.0.0.1), even without a token. Programs such as
   curl send neither header and are answered.
 - **Size.** A body longer than ``max_body`` bytes is refused with 413, from its
-  Content-Length before it is read, or as it arrives when the length is not announced.
+  Content-Length before it is read, or as it arrives when the length is not announced; past
+  ``max_requests`` requests under way, a new one gets 503 (each may hold a body in memory).
 - **Log.** One line per request on the ``clipcli.serve`` logger (the CLI sends it to
   stderr): client, method, path (the token left out), status, milliseconds.
 """
@@ -67,8 +68,11 @@ def _header(scope: Scope, name: bytes) -> str:
 class Guard:
     """The ASGI middleware of the module docstring, around ``app``."""
 
-    def __init__(self, app, *, token: str | None, max_body: int, loopback_only: bool, origins: tuple[str, ...] = ()):
+    def __init__(self, app, *, token: str | None, max_body: int, loopback_only: bool, origins: tuple[str, ...] = (),
+                 max_requests: int = 256):
         self.app = app
+        self.max_requests = max_requests
+        self.under_way = 0  # one event loop: no lock needed
         self.token = token
         self.max_body = max_body
         self.loopback_only = loopback_only
@@ -111,9 +115,15 @@ class Guard:
                 status[0] = message["status"]
             await send(message)
 
+        self.under_way += 1
         try:
-            await self._guarded(scope, receive, logged_send)
+            if self.under_way > self.max_requests:
+                await send_json(logged_send, 503, {"error": f"busy: {self.under_way - 1} requests are under way; "
+                                                            "try again shortly"}, [(b"retry-after", b"1")])
+            else:
+                await self._guarded(scope, receive, logged_send)
         finally:
+            self.under_way -= 1
             client = scope.get("client") or ("-", 0)
             LOG.info('%s "%s %s" %s %.1f ms', client[0], scope.get("method", ""), self._shown_path(scope),
                      status[0] or "-", 1000 * (time.perf_counter() - started))
