@@ -57,6 +57,15 @@ MIGRATIONS = [  # (version, statements): a database at version n runs every late
         CREATE INDEX vectors_sha256 ON vectors (sha256);   -- collecting orphans by content
         CREATE INDEX vectors_model ON vectors (model_id);  -- a model's rows in id order, no sort
     """),
+    (3, """
+        ALTER TABLE files ADD COLUMN width INTEGER;        -- what clipcli.metadata reads: filled when a
+        ALTER TABLE files ADD COLUMN height INTEGER;       -- file is hashed, and for older rows on the next
+        ALTER TABLE files ADD COLUMN taken REAL;           -- update (Unix seconds, UTC)
+        ALTER TABLE files ADD COLUMN taken_source TEXT;
+        ALTER TABLE files ADD COLUMN camera TEXT;
+        ALTER TABLE files ADD COLUMN gps INTEGER;
+        CREATE INDEX files_taken ON files (taken);
+    """),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 TABLES = {"meta", "files", "models", "model_keys", "vectors"}
@@ -148,6 +157,9 @@ class Hit:
     path: bytes
     score: float
     prob: float | None = None
+    taken: float | None = None  # capture time, Unix seconds UTC (clipcli.metadata)
+    width: int | None = None
+    height: int | None = None
 
     @property
     def name(self) -> str:
@@ -304,15 +316,21 @@ class Index:
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, never corrupt
         if version < SCHEMA_VERSION:
-            if self.readonly:
+            if self.readonly and not self._writable():
                 raise IndexDatabaseError(f"{self.path} has index schema {version}, which this clipcli upgrades to "
                                          f"{SCHEMA_VERSION} on its first update, and it is read-only here")
-            self._migrate(version)
+            if self.readonly:  # a search of an older index: upgraded in place (new columns only), then read
+                Index(self.path).close()
+            else:
+                self._migrate(version)
         with self.guard():
             row = self.db.execute("SELECT value FROM meta WHERE key = 'uuid'").fetchone()
         if row is None or not isinstance(row[0], str):
             raise IndexDatabaseError(f"{self.path} is damaged (its uuid is missing); {REBUILD}")
         self._uuid = row[0]
+
+    def _writable(self) -> bool:
+        return os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)
 
     def _adopt(self) -> None:
         """An empty file: a 0-byte one (``touch``, a bind-mounted placeholder, a first run killed

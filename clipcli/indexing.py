@@ -24,6 +24,7 @@ from .errors import InputError
 from .index import NEXT_GENERATION, Index, Summary, key_range, path_key
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .metadata import Metadata
     from .pipeline import LoadedModel
 
 
@@ -38,7 +39,8 @@ class _Scan:
     sha256: str | None = None
     error: str | None = None
     unreadable: bool = False  # a read error: reported, never stored (a fixed permission changes no mtime)
-    old: tuple | None = field(default=None, repr=False)  # its row before this run: (size, mtime_ns, sha256, error)
+    old: tuple | None = field(default=None, repr=False)  # its row before this run: (size, mtime_ns, sha256, error, taken)
+    meta: "Metadata | None" = None  # read with the hash (clipcli.metadata)
 
     @property
     def same_file(self) -> bool:
@@ -97,12 +99,16 @@ def _update(index: Index, inputs: Sequence[str], key: str, load: Callable[[], "L
     under = _attach_rows(index, scans, roots)
     run.model = index.model_id(key=key)
     have = _shas(index, run.model)
-    todo = []
+    todo, undated = [], []
     for scan in scans:
         if scan.same_file and (scan.old[3] is not None or scan.old[2] in have):
             run.summary.unchanged += 1
+            if scan.old[4] is None and scan.old[3] is None:  # indexed before dates were kept
+                undated.append(scan)
         else:
             todo.append(scan)
+    if undated:
+        _date(index, undated)
     seen = {scan.key for scan in scans}
     kept = [key_range(folder)[0] for folder in unreadable]
     gone = [(path, row[2]) for path, row in under.items()
@@ -183,11 +189,11 @@ def _attach_rows(index: Index, scans: list[_Scan], roots: list[bytes]) -> dict[b
     lows = [key_range(root)[0] for root in roots]
     for low, high in map(key_range, roots):
         rows.update((r[0], r[1:]) for r in index.db.execute(
-            "SELECT path, size, mtime_ns, sha256, error FROM files WHERE path >= ? AND path < ?", (low, high)))
+            "SELECT path, size, mtime_ns, sha256, error, taken FROM files WHERE path >= ? AND path < ?", (low, high)))
     for scan in scans:
         scan.old = rows.get(scan.key)
         if scan.old is None and not any(scan.key.startswith(low) for low in lows):
-            row = index.db.execute("SELECT size, mtime_ns, sha256, error FROM files WHERE path = ?",
+            row = index.db.execute("SELECT size, mtime_ns, sha256, error, taken FROM files WHERE path = ?",
                                    (scan.key,)).fetchone()
             scan.old = tuple(row) if row else None
     return rows
@@ -200,18 +206,36 @@ def _shas(index: Index, model: int | None) -> set[str]:
 
 
 def _hash(scans: list[_Scan]) -> None:
+    """Each file's content sha256 and its :class:`~clipcli.metadata.Metadata` (header and EXIF only)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from .fsutil import sha256_file
+    from .metadata import read_metadata
 
     def one(scan: _Scan) -> None:
         try:
             scan.sha256 = sha256_file(Path(os.fsdecode(scan.key)))
         except OSError as error:
             scan.error, scan.unreadable = f"cannot read it: {error.strerror or error}", True
+            return
+        scan.meta = read_metadata(os.fsdecode(scan.key), scan.mtime_ns)
 
     with ThreadPoolExecutor(4) as pool:  # hashlib releases the interpreter lock on large buffers
         list(pool.map(one, scans))
+
+
+def _date(index: Index, scans: list[_Scan]) -> None:
+    """Read the metadata of rows indexed before it was kept, without touching their vectors."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .metadata import read_metadata
+
+    with ThreadPoolExecutor(4) as pool:
+        metas = list(pool.map(lambda scan: read_metadata(os.fsdecode(scan.key), scan.mtime_ns), scans))
+    with index._write():
+        index.db.executemany(
+            "UPDATE files SET width = ?, height = ?, taken = ?, taken_source = ?, camera = ?, gps = ? WHERE path = ?",
+            [(*meta.row(), scan.key) for scan, meta in zip(scans, metas)])
 
 
 def _apply(run: _Run, todo: list[_Scan], gone: list[tuple[bytes, str | None]], have: set[str]) -> None:
@@ -307,6 +331,9 @@ def _put_files(run: _Run, scans: list[_Scan]) -> None:
         "ON CONFLICT (path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
         "sha256 = excluded.sha256, error = excluded.error, indexed = excluded.indexed",
         [(s.key, s.size, s.mtime_ns, s.sha256, s.error, now) for s in scans])
+    run.index.db.executemany(  # what was read with the hash (a file not hashed again keeps its own)
+        "UPDATE files SET width = ?, height = ?, taken = ?, taken_source = ?, camera = ?, gps = ? WHERE path = ?",
+        [(*s.meta.row(), s.key) for s in scans if s.meta is not None])
 
 
 def _collect_garbage(index: Index, candidates: set[str]) -> None:

@@ -165,26 +165,45 @@ def with_probabilities(hits: Sequence["Hit"], model, min_prob: float | None = No
 
 
 def record(hit: "Hit", kind: str) -> dict:
-    """A result as the commands write it: ``{"rank", "image", "score", ["prob",] "score_kind"}``."""
+    """A result as the commands write it: ``{"rank", "image", "score", ["prob",] "score_kind",
+    "taken", "width", "height"}`` (``taken``: the capture time in ISO 8601 UTC, or None when the
+    index does not know it yet)."""
+    from .metadata import iso
+
     out = {"rank": hit.rank, "image": hit.name, "score": hit.score}
     if hit.prob is not None:
         out["prob"] = hit.prob
-    return {**out, "score_kind": kind}
+    return {**out, "score_kind": kind, "taken": iso(hit.taken), "width": hit.width, "height": hit.height}
+
+
+SORTS = ("score", "date")
+
+
+def ordered(hits: Sequence["Hit"], by: str = "score") -> list["Hit"]:
+    """``hits`` best first (``score``), or the same hits newest first (``date``; undated last),
+    each keeping its rank by score."""
+    if by not in SORTS:
+        raise InputError(f"{by!r}: choose {' or '.join(SORTS)}", option="sort")
+    if by == "score":
+        return list(hits)
+    return sorted(hits, key=lambda hit: (hit.taken is None, -(hit.taken or 0.0), hit.rank))
 
 
 def search(index: "Index", loaded: "LoadedModel", terms: Sequence[Term], *, top_k: int = 10,
            threshold: float | None = None, min_prob: float | None = None, under: Sequence[str] = (),
+           after: float | None = None, before: float | None = None,
            fetch: FetchOptions = FetchOptions()) -> list["Hit"]:
     """The best ``top_k`` files of ``index`` for ``terms`` with ``loaded``'s vectors, at least
     ``threshold`` (a cosine) and ``min_prob`` (a probability: models with a logit bias only)
-    apart; with a logit bias each hit carries its probability."""
+    apart, taken in ``[after, before)`` (Unix seconds) when given; with a logit bias each hit
+    carries its probability."""
     check_threshold(threshold)
     check_min_prob(loaded, min_prob)
     if top_k < 1:
         raise InputError(f"top_k must be at least 1, not {top_k}")
     model = _model_of(index, loaded)
     return rank(index, loaded, query_vector(loaded, terms, fetch), top_k=top_k, threshold=threshold,
-                min_prob=min_prob, under=under, model=model)
+                min_prob=min_prob, under=under, after=after, before=before, model=model)
 
 
 def _model_of(index: "Index", loaded: "LoadedModel") -> int:
@@ -199,7 +218,7 @@ def _model_of(index: "Index", loaded: "LoadedModel") -> int:
 
 def rank(index: "Index", loaded: "LoadedModel", query: np.ndarray, *, top_k: int = 10,
          threshold: float | None = None, min_prob: float | None = None, under: Sequence[str] = (),
-         model: int | None = None) -> list["Hit"]:
+         after: float | None = None, before: float | None = None, model: int | None = None) -> list["Hit"]:
     """:func:`search` for a query vector already made (:func:`query_vector`, or :func:`combine`
     of embeddings made elsewhere)."""
     check_threshold(threshold)
@@ -207,5 +226,9 @@ def rank(index: "Index", loaded: "LoadedModel", query: np.ndarray, *, top_k: int
     if top_k < 1:
         raise InputError(f"top_k must be at least 1, not {top_k}")
     model = model if model is not None else _model_of(index, loaded)
-    hits = nearest(index, model, query, top_k=top_k, threshold=threshold, under=under)
+    if after is not None and before is not None and after >= before:
+        from .metadata import iso
+
+        raise InputError(f"no time is after {iso(after)} and before {iso(before)}: the range is empty")
+    hits = nearest(index, model, query, top_k=top_k, threshold=threshold, under=under, after=after, before=before)
     return with_probabilities(hits, loaded.model, min_prob)

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .display import escaped
 from .images import DecodeOptions, read_image
 from .items import Item
+from .metadata import iso
 
 CELL = 200  # thumbnail side, pixels
 CAPTION = 34
@@ -80,7 +81,9 @@ def render(hits: Sequence, stream: IO[bytes], fmt: str = "png") -> list[str]:
             sheet.paste(thumb, (left + (CELL - thumb.width) // 2, top + (CELL - thumb.height) // 2))
         name = escaped(os.path.basename(hit.name))  # one line, a line break or escape sequence shown as \n, \x1b
         prob = getattr(hit, "prob", None)  # a model with calibrated probabilities: also the probability
-        caption = f"#{hit.rank}  {hit.score:.4f}" + (f"  p {prob:.3f}" if prob is not None else "")
+        taken = getattr(hit, "taken", None)  # the capture day, when the index knows it
+        caption = f"#{hit.rank}  {hit.score:.4f}" + (f"  p {prob:.3f}" if prob is not None else "") + (
+            f"  {iso(taken)[:10]}" if taken is not None else "")
         draw.text((left + 4, top + CELL + 2), _fit(draw, caption, font, CELL - 8), fill="black", font=font)
         draw.text((left + 4, top + CELL + 17), _fit(draw, name, font, CELL - 8), fill="#333333", font=font)
     sheet.save(stream, format=fmt.upper())

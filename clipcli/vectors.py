@@ -205,51 +205,70 @@ def _place(place: str) -> tuple[bytes, bytes, bytes]:
     return (key, *key_range(key))
 
 
-def _allowed(index: Index, model: int, under: Sequence[str]) -> set[int]:
-    """Ids of the model's vectors that some file at or below ``under`` holds."""
-    allowed: set[int] = set()
-    for key, low, high in map(_place, under):
-        allowed.update(row[0] for row in index.db.execute(
-            # CROSS JOIN: walk the files under the place, then their vectors (not every vector)
+def _allowed(index: Index, model: int, under: Sequence[str], taken: tuple[float | None, float | None]) -> set[int] | None:
+    """Ids of the model's vectors that some file at or below ``under`` holds, taken within
+    ``taken`` (``[after, before)``, either open); None: every vector."""
+    allowed: set[int] | None = None
+    if under:
+        allowed = set()
+        for key, low, high in map(_place, under):
+            allowed.update(row[0] for row in index.db.execute(
+                # CROSS JOIN: walk the files under the place, then their vectors (not every vector)
+                "SELECT v.id FROM files f CROSS JOIN vectors v ON v.sha256 = f.sha256 AND v.model_id = ? "
+                "WHERE (f.path >= ? AND f.path < ?) OR f.path = ?", (model, low, high, key)))
+    if taken != (None, None):
+        after, before = taken
+        dated = {row[0] for row in index.db.execute(
             "SELECT v.id FROM files f CROSS JOIN vectors v ON v.sha256 = f.sha256 AND v.model_id = ? "
-            "WHERE (f.path >= ? AND f.path < ?) OR f.path = ?", (model, low, high, key)))
+            "WHERE f.taken >= ? AND f.taken < ?", (model, -1e300 if after is None else after,
+                                                   1e300 if before is None else before))}
+        allowed = dated if allowed is None else allowed & dated
     return allowed
 
 
-def _files_of(index: Index, model: int, best: list[tuple[int, float]],
-              under: Sequence[str]) -> list[tuple[bytes, float]]:
-    """The files holding the ``best`` vectors (one vector may be several files), best first."""
+def _files_of(index: Index, model: int, best: list[tuple[int, float]], under: Sequence[str],
+              taken: tuple[float | None, float | None]) -> list[tuple]:
+    """The files holding the ``best`` vectors (one vector may be several files), best first:
+    ``(path, score, taken, width, height)``."""
     score = dict(best)
     places = [(key, low) for key, low, _ in map(_place, under)]
     found = []
     for start in range(0, len(best), 500):
         chunk = [vector_id for vector_id, _ in best[start : start + 500]]
         found += index.db.execute(
-            f"SELECT f.path, v.id FROM vectors v JOIN files f ON f.sha256 = v.sha256 "
+            f"SELECT f.path, v.id, f.taken, f.width, f.height FROM vectors v JOIN files f ON f.sha256 = v.sha256 "
             # "+": look the ids up by primary key, not by scanning the model's rows (0.24 s at 1M)
             f"WHERE +v.model_id = ? AND v.id IN ({','.join('?' * len(chunk))})", (model, *chunk)).fetchall()
     if places:
-        found = [(p, v) for p, v in found if any(p == key or p.startswith(low) for key, low in places)]
-    return sorted(((path, score[vector_id]) for path, vector_id in found), key=lambda hit: (-hit[1], hit[0]))
+        found = [row for row in found if any(row[0] == key or row[0].startswith(low) for key, low in places)]
+    after, before = taken
+    if after is not None or before is not None:
+        found = [row for row in found if row[2] is not None and (after is None or row[2] >= after)
+                 and (before is None or row[2] < before)]
+    return sorted(((path, score[vector_id], when, width, height) for path, vector_id, when, width, height in found),
+                  key=lambda hit: (-hit[1], hit[0]))
 
 
 def search(index: Index, model: int, query: np.ndarray, *, top_k: int = 10, threshold: float | None = None,
-           under: Sequence[str] = ()) -> list[Hit]:
+           under: Sequence[str] = (), after: float | None = None, before: float | None = None) -> list[Hit]:
     """The ``top_k`` files whose vectors score highest against the unit vector ``query``
-    (cosine), best first; ``under`` limits them to files at or below those paths. Exact:
-    every vector of the model is scored."""
+    (cosine), best first; ``under`` limits them to files at or below those paths, ``after``
+    and ``before`` (Unix seconds) to files taken in ``[after, before)`` (clipcli.metadata).
+    Exact: every vector of the model is scored."""
     check_threshold(threshold)
     for place in under:
         named(place, "a place to search in")
+    taken = (after, before)
     with index.guard():
         ids, vectors = load_matrix(index, model)
         if np.shape(query) != (vectors.shape[1],):
             raise InputError(f"the query has shape {np.shape(query)}; the model's vectors have {vectors.shape[1]} values")
-        allowed = _allowed(index, model, under) if under else None
+        allowed = _allowed(index, model, under, taken)
         want = top_k
         while True:  # duplicates share a vector: widen until top_k files, or every vector
             best = top_scores(vectors, ids, query, want, threshold, allowed)
-            hits = _files_of(index, model, best, under)
+            hits = _files_of(index, model, best, under, taken)
             if len(hits) >= top_k or len(best) < want:
-                return [Hit(rank, path, score) for rank, (path, score) in enumerate(hits[:top_k], start=1)]
+                return [Hit(rank, path, score, taken=when, width=width, height=height)
+                        for rank, (path, score, when, width, height) in enumerate(hits[:top_k], start=1)]
             want *= 4

@@ -414,3 +414,15 @@ def test_without_the_extra_serve_says_how_to_install_it(monkeypatch):
     result = runner.invoke(cli_app, ["serve", "--port", "0"])
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: clipcli serve needs its extra (uvicorn is missing): pip install 'clipcli[serve]'"
+
+
+def test_search_by_date_equals_the_command(client, db):
+    expected = json.loads(cli("search", "a cat", "--db", str(db), "-k", "4", "--sort", "date", "--format", "json"))
+    got = client.get("/api/search", params={"q": "a cat", "k": 4, "sort": "date"}).json()["results"]
+    assert [r["image"] for r in got] == [r["image"] for r in expected]
+    assert [r["taken"] for r in got] == sorted((r["taken"] for r in got), reverse=True)
+    newest = got[0]["taken"]
+    after = client.get("/api/search", params={"q": "a cat", "after": newest}).json()["results"]
+    assert after and all(r["taken"] >= newest for r in after)
+    assert client.get("/api/search", params={"q": "a cat", "after": "June"}).status_code == 400
+    assert client.get("/api/search", params={"q": "a cat", "sort": "size"}).status_code == 400

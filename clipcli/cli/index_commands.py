@@ -41,6 +41,19 @@ IndexModelOpt = Annotated[Optional[str], typer.Option(
          f"the index holds vectors of, else {DEFAULT_MODEL}.")]
 
 
+def _when(value: str) -> float:
+    from ..metadata import parse_when
+
+    try:
+        return parse_when(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r}: give a date (2024-06-01) or a date and time (2024-06-01T14:30, "
+                                 "UTC unless it says +02:00)") from None
+
+
+WhenOpt = Optional[float]
+
+
 def _summary_format(value: str) -> str:
     chosen = {"text": "table"}.get(value.strip().lower(), value.strip().lower())  # text: the old name, for a release
     if chosen not in ("table", "json"):
@@ -147,6 +160,14 @@ def search(
     minus: Annotated[list[str], typer.Option("--minus", help="Subtract this query (repeatable).")] = [],
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many results.")] = 10,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Only results scoring at least S (cosine).")] = None,
+    after: Annotated[WhenOpt, typer.Option("--after", parser=_when, metavar="DATE", show_default=False,
+                                           help="Only photos taken on or after DATE (2024-06-01, or 2024-06-01T14:30; "
+                                                "UTC unless it says +02:00): EXIF's capture time, else the file's.")] = None,
+    before: Annotated[WhenOpt, typer.Option("--before", parser=_when, metavar="DATE", show_default=False,
+                                            help="Only photos taken before DATE (2024-09-01: up to August 31).")] = None,
+    sort: Annotated[str, typer.Option("--sort", metavar="score|date",
+                                      help="The best --top-k by score, listed by score or by date (newest first; "
+                                           "each keeps its rank).")] = "score",
     min_prob: Annotated[Optional[float], typer.Option(
         "--min-prob", metavar="P", show_default=False,
         help="Only results at least P probable (0 to 1), for indexes of a model with calibrated probabilities "
@@ -173,21 +194,26 @@ def search(
     "score" is the cosine similarity. "score_kind" is "cosine" for a CLIP, or "sigmoid" for a
     model with a logit bias (SigLIP), whose results also carry "prob": the model's probability
     that the text matches the image (for image queries the same function of the cosine).
+    "taken" is the capture time (EXIF, else the file's time; ISO 8601, UTC), with "width" and
+    "height": --after/--before filter on it, --sort date lists by it.
 
     Example: clipcli search "a red bicycle" --top-k 5 -o sheet.png
 
     Example: clipcli search photos/cat.jpg --in ~/Pictures/2024 --print0 | xargs -0 ls -l
+
+    Example: clipcli search "a dog on a beach" --after 2024-06-01 --before 2024-09-01 --sort date
     """
     from ..fsutil import atomic_write, ensure_writable
     from ..http import FetchOptions
     from ..index import Index
     from ..output import RecordWriter, write_paths
-    from ..search import check_min_prob, check_threshold, parse_terms, record, score_kind
+    from ..search import check_min_prob, check_threshold, ordered, parse_terms, record, score_kind
     from ..search import search as run_search
     from ..zeroshot import check_probability
 
     terms = parse_terms(queries, minus)
     check_threshold(threshold)  # before --in updates the index and a model loads
+    ordered([], sort)
     check_probability(min_prob)
     if print0 and fmt not in (None, SearchFormat.paths):
         raise InputError(f"prints paths: it cannot go with --format {fmt.value}", option="print0")
@@ -220,9 +246,10 @@ def search(
                                              cache_dir=cache_dir)
         try:
             hits = run_search(opened, loaded, terms, top_k=top_k, threshold=threshold, min_prob=min_prob,
-                              under=within, fetch=FetchOptions(allow_private=allow_private))
+                              under=within, after=after, before=before, fetch=FetchOptions(allow_private=allow_private))
         except NoVectorsError as error:
             raise NoVectorsError(f"{error.message}; index with it first: clipcli index FOLDER --model {model}") from None
+    hits = ordered(hits, sort)
     name = "paths" if print0 else (output_format(fmt) if fmt is None else fmt.value)
     skipped: list[bytes] = []
     if name == "paths":
@@ -231,7 +258,8 @@ def search(
         kind = score_kind(loaded.model)
         columns, title = None, None
         if name == "table":  # for people: the kind in the title, the names keep their width
-            columns = ["rank", "image", "score", *(["prob"] if kind == "sigmoid" else [])]
+            dated = sort == "date" or after is not None or before is not None
+            columns = ["rank", "image", "score", *(["prob"] if kind == "sigmoid" else []), *(["taken"] if dated else [])]
             title = "score: cosine" + (", prob: the model's probability (sigmoid)" if kind == "sigmoid" else "")
         with RecordWriter(sys.stdout, name, columns=columns, title=title, paths_column="image") as writer:
             for hit in hits:

@@ -183,6 +183,19 @@ class Form:
             raise InputError(f"{key}={text[:40]}: give a number {bounds}")
         return value
 
+    def when(self, key: str) -> float | None:
+        """A date or date and time (:func:`clipcli.metadata.parse_when`) as Unix seconds."""
+        from ..metadata import parse_when
+
+        text = self.one(key)
+        if not text:
+            return None
+        try:
+            return parse_when(text)
+        except ValueError:
+            raise InputError(f"{key}={text[:40]}: give a date (2024-06-01) or a date and time "
+                             "(2024-06-01T14:30, UTC unless it says +02:00)") from None
+
     def flag(self, key: str, default: bool) -> bool:
         text = self.one(key)
         if text is None:
@@ -275,7 +288,8 @@ def create_app(service: Service, *, token: str | None = None, loopback_only: boo
         offset = form.number("offset", 0, integer=True, low=0, high=100 * limits.max_k)
         results, ids = await service.search(
             terms, top_k=top_k, offset=offset, threshold=form.number("threshold", None),
-            min_prob=form.number("min_prob", None), under=form.strings("in", 64))
+            min_prob=form.number("min_prob", None), under=form.strings("in", 64), after=form.when("after"),
+            before=form.when("before"), sort=form.one("sort") or "score")
         return JSON({"results": results, "ids": ids, "model": service.settings.model,
                              "score_kind": score_kind(service.loaded.model), "offset": offset, "k": top_k})
 

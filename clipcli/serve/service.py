@@ -223,14 +223,16 @@ class Service:
 
     async def search(self, terms: Sequence["Term"], *, top_k: int = 10, offset: int = 0,
                      threshold: float | None = None, min_prob: float | None = None,
-                     under: Sequence[str] = ()) -> tuple[list[dict], list[str]]:
+                     under: Sequence[str] = (), after: float | None = None, before: float | None = None,
+                     sort: str = "score") -> tuple[list[dict], list[str]]:
         """``clipcli search --format json``'s records, ranks ``offset + 1`` to ``offset + top_k``,
         and the id of each result's file (for :meth:`indexed_file`). The terms are embedded
         like the command's (query images decoded off the model thread, as any request's images),
         summed by :func:`clipcli.search.combine` and ranked by :func:`~clipcli.search.rank`."""
-        from ..search import check_min_prob, check_threshold, image_item, scaled
+        from ..search import check_min_prob, check_threshold, image_item, ordered, scaled
 
         loaded = self.ready()
+        ordered([], sort)
         check_threshold(threshold)
         check_min_prob(loaded, min_prob)
         if offset < 0:
@@ -246,12 +248,13 @@ class Service:
         # second thread starts a second OpenMP team, and two teams on the same cores slowed
         # every answer by a fifth (measured)
         return await self.batcher.call(self._rank, texts, images, pictures, top_k, offset, threshold, min_prob,
-                                       tuple(under))
+                                       tuple(under), (after, before), sort)
 
-    def _rank(self, texts, images, pictures, top_k, offset, threshold, min_prob, under) -> tuple[list[dict], list[str]]:
+    def _rank(self, texts, images, pictures, top_k, offset, threshold, min_prob, under, taken,
+              sort) -> tuple[list[dict], list[str]]:
         from ..batching import embed_texts
         from ..errors import NoVectorsError
-        from ..search import combine, rank, record, score_kind
+        from ..search import combine, ordered, rank, record, score_kind
         from .files import file_ids
 
         words = embed_texts(self.loaded, [t.text for t in texts]) if texts else []
@@ -259,10 +262,11 @@ class Service:
         with self.open_index() as index:
             try:
                 hits = rank(index, self.loaded, query, top_k=offset + top_k, threshold=threshold, min_prob=min_prob,
-                            under=under)[offset:]
+                            under=under, after=taken[0], before=taken[1])[offset:]
             except NoVectorsError as error:
                 raise NoVectorsError(f"{error.message}; index with it first: clipcli index FOLDER --model "
                                      f"{self.settings.model}") from None
+            hits = ordered(hits, sort)
             ids = file_ids(index, [hit.path for hit in hits])
         kind = score_kind(self.loaded.model)
         return [record(hit, kind) for hit in hits], ids
