@@ -293,6 +293,7 @@ function main() {
     const label = document.createElement("span");
     label.className = "name";
     label.textContent = name;
+    label.title = result.taken ? `${name}\ntaken ${result.taken}` : name;
     caption.append(score, label);
 
     tile.append(img, caption);
@@ -380,7 +381,9 @@ function main() {
     viewerImg.src = withToken("api/image/" + encodeURIComponent(result.id));
     $("viewer-rank").textContent = `#${result.rank}`;
     $("viewer-path").textContent = String(result.image);
-    $("viewer-score").textContent = `score ${formatScore(result)}`;
+    $("viewer-score").textContent = `score ${formatScore(result)}` +
+      (result.taken ? ` · ${String(result.taken).slice(0, 10)}` : "") +
+      (result.width && result.height ? ` · ${result.width}×${result.height}` : "");
     $("viewer-prev").disabled = index === 0;
     $("viewer-next").disabled = index === state.results.length - 1 && state.done;
     // The dialog itself takes the focus: a key released on a button there would press it.
