@@ -2,12 +2,14 @@
 
 Decoding is deliberately narrow: only the formats in :data:`IMAGE_FORMATS` are opened
 (Pillow's ``formats=``), the pixel count is checked from the header before any pixel is
-decoded, and every exception Pillow raises on malformed data becomes a reason string
-(:class:`~clipcli.errors.ItemError`). Nothing heavy is imported at module import time.
+decoded, and every exception a decoder raises on malformed data becomes a reason string
+(:class:`~clipcli.errors.ItemError`). HEIC/HEIF, AVIF and camera RAW go through the optional
+decoders of :mod:`clipcli.decoders`. Nothing heavy is imported at module import time.
 """
 
 from __future__ import annotations
 
+import codecs
 import errno
 import io
 import os
@@ -16,16 +18,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Iterator
 
+from . import decoders
 from .errors import ItemError, Reason
 from .http import FetchOptions, fetch_url
-from .items import Item
+from .items import RAW_EXTENSIONS, Item
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
 
-# Pillow format names we open (the JPEG opener also yields MPO, as many camera JPEGs are).
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# The formats we open: Pillow's names (the JPEG opener also yields MPO, as many camera JPEGs are;
+# PPM covers PBM, PGM, PPM and PNM), then those of the optional decoders: HEIF (pillow-heif's
+# opener), AVIF (Pillow's own where it has it) and RAW (rawpy, not a Pillow format).
+PILLOW_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM", "ICO")
+IMAGE_FORMATS = (*PILLOW_FORMATS, "HEIF", "AVIF", "RAW")
 # Pillow's own default cap (about 89 megapixels).
 DEFAULT_MAX_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)
 
@@ -95,19 +101,16 @@ _FOREIGN_MAGIC = (
     (b"qoif", "QOI"),
     (b"DDS ", "DDS"),
     (b"icns", "ICNS"),
-    (b"\x00\x00\x01\x00", "ICO"),
     (b"\x89HDF", "HDF5"),
 )
-_SUPPORTED = "JPEG, PNG, WebP, BMP, GIF, TIFF"
+_SUPPORTED = "JPEG, PNG, WebP, BMP, GIF, TIFF, PNM, ICO, HEIC/HEIF, AVIF, camera RAW"
 
 
 def _why_unidentified(head: bytes, content_type: str | None) -> str:
+    if kind := decoders.sniff(head):  # its decoder is there (checked before opening): the file is bad
+        return f"cannot decode: malformed or truncated {decoders.LABELS[kind]} file"
     if head[4:8] == b"ftyp":
         brand = head[8:12]
-        if brand in (b"avif", b"avis"):
-            return f"unsupported format: AVIF (not among the formats clipcli opens: {_SUPPORTED})"
-        if brand in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"):
-            return "unsupported format: HEIC/HEIF (no HEIF decoder in Pillow; convert to JPEG or PNG)"
         return f"unsupported format: ISO media ({brand.decode('latin-1').strip()!r}), not an image we open"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         from PIL import features
@@ -125,25 +128,30 @@ def _why_unidentified(head: bytes, content_type: str | None) -> str:
         return "unsupported format: SVG (vector graphics; render it to PNG first)"
     if b"\x00" not in head:
         try:
-            head.decode("utf-8")
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # may end mid-character
             return "not an image: a text file"
         except UnicodeDecodeError:
             pass
     return f"not a recognised image (clipcli opens {_SUPPORTED})"
 
 
-def _reason(error: BaseException, allow_truncated: bool) -> Reason:
+def _reason(error: BaseException, allow_truncated: bool, kind: str | None = None) -> Reason:
+    """The reason for what a decoder raised; ``kind`` names an optional decoder's format (its
+    files are never decoded in part, so no remedy is offered for a truncated one)."""
     from PIL import Image
 
-    message = str(error) or type(error).__name__
+    message = (str(error) or type(error).__name__).strip().splitlines()[0]
     if isinstance(error, Image.DecompressionBombError):
         return Reason(f"image too large: {message}", fix="max_pixels")
     if isinstance(error, MemoryError):
         return Reason("out of memory while decoding")
-    if "truncated" in message.lower() or "broken data stream" in message.lower():
+    lowered = message.lower()
+    if "truncated" in lowered or "broken data stream" in lowered or "end of file" in lowered:
+        if kind:
+            return Reason(f"truncated {decoders.LABELS[kind]} file: {message}")
         return Reason(f"truncated image: {message}", fix=None if allow_truncated else "allow_truncated")
-    return Reason(f"cannot decode: {message}" if isinstance(error, OSError)
-                  else f"cannot decode ({type(error).__name__}): {message}")
+    what = f"cannot decode {decoders.LABELS[kind]}" if kind else "cannot decode"
+    return Reason(f"{what}: {message}" if isinstance(error, OSError) else f"{what} ({type(error).__name__}): {message}")
 
 
 def to_rgb(image: "Image.Image") -> "Image.Image":
@@ -203,41 +211,85 @@ def _upright(image: "Image.Image") -> "Image.Image":
         return image
 
 
-def decode_image(fp: BinaryIO, options: DecodeOptions = DecodeOptions(), content_type: str | None = None) -> "Image.Image":
-    """Decode the first frame of an image file object into an upright image: RGB
-    (:func:`to_rgb`), or in the file's own mode with ``options.exact`` (the transform converts
-    it after resizing, as the reference does).
+def _extension(name: str | None) -> str:
+    base = (name or "").partition("?")[0].rpartition("/")[2]
+    return "." + base.rpartition(".")[2].lower() if "." in base.lstrip(".") else ""
 
-    Raises :class:`ItemError` with a specific reason for any malformed, unsupported,
-    truncated or oversized input; nothing Pillow raises on bad data escapes.
-    """
+
+def _open(fp: BinaryIO, options: DecodeOptions, head: bytes, kind: str | None, content_type: str | None,
+          try_raw: bool) -> "tuple[Image.Image, bool]":
+    """``(image, decoded)``: Pillow's image of ``fp``, header read and size checked, not yet
+    decoded; or, with ``try_raw``, the decoded RAW of a TIFF-based RAW file that only its bytes
+    tell apart (a DNG whatever its name, a RAW file named otherwise)."""
     from PIL import Image, UnidentifiedImageError
 
-    head = fp.read(64)
+    if kind == "HEIF":
+        decoders.heif_opener()
+    elif kind == "AVIF":
+        decoders.avif_opener()
+    formats = [name for name in options.formats if name not in decoders.LABELS or name == kind]
+    try:
+        image = Image.open(fp, formats=formats)
+    except UnidentifiedImageError:
+        fp.seek(0)
+        if try_raw and (raw := decoders.raw_image(fp, options, sure=False)) is not None:
+            return raw, True
+        raise ItemError(_why_unidentified(head, content_type)) from None
+    if try_raw and image.format == "TIFF" and decoders.DNG_VERSION_TAG in image.tag_v2:
+        fp.seek(0)
+        return decoders.raw_image(fp, options), True
+    width, height = image.size
+    if width * height > options.max_pixels:
+        raise ItemError(
+            f"image too large: {width}x{height} = {width * height} pixels exceeds the limit of "
+            f"{options.max_pixels}", fix="max_pixels"
+        )
+    return image, False
+
+
+def decode_image(fp: BinaryIO, options: DecodeOptions = DecodeOptions(), content_type: str | None = None,
+                 name: str | None = None) -> "Image.Image":
+    """Decode the first frame (page, or the largest icon) of an image file object into an upright
+    image: RGB (:func:`to_rgb`), or in the file's own mode with ``options.exact`` (the transform
+    converts it after resizing, as the reference does). A camera RAW file is always RGB.
+
+    The file's first bytes choose the decoder; ``name`` (the file's name or URL) tells the
+    TIFF-based RAW formats (NEF, ARW, ...) by their extension. Raises :class:`ItemError` with a
+    specific reason for any malformed, unsupported, truncated or oversized input, or a missing
+    optional decoder; nothing a decoder raises on bad data escapes.
+    """
+    from PIL import Image
+
+    head = fp.read(256)
     fp.seek(0)
     if not head:
         raise ItemError("empty file (0 bytes)")
+    kind = decoders.sniff(head)
+    if kind is not None and kind not in options.formats:
+        raise ItemError(f"unsupported format: {decoders.LABELS[kind]} (not among the formats opened here: "
+                        f"{', '.join(options.formats)})")
+    tiff = decoders.looks_like_tiff(head)
     try:
-        try:
-            image = Image.open(fp, formats=list(options.formats))
-        except UnidentifiedImageError:
-            raise ItemError(_why_unidentified(head, content_type)) from None
-        width, height = image.size
-        if width * height > options.max_pixels:
-            raise ItemError(
-                f"image too large: {width}x{height} = {width * height} pixels exceeds the limit of "
-                f"{options.max_pixels}", fix="max_pixels"
-            )
+        # A TIFF named like a RAW file is one (NEF, ARW, DNG, ...); a RAW file named otherwise is
+        # tried when Pillow cannot read it; a JPEG or a text file named .cr2 is read as what it is.
+        if kind == "RAW" or (kind is None and tiff and "RAW" in options.formats
+                             and _extension(name) in RAW_EXTENSIONS):
+            return decoders.raw_image(fp, options)
+        image, decoded = _open(fp, options, head, kind, content_type, try_raw=tiff and "RAW" in options.formats)
+        if decoded:
+            return image
         if options.draft_size and not options.exact and image.format == "JPEG":
             image.draft(image.mode, (options.draft_size, options.draft_size))
         image.load()
+        if image.format == "PPM" and image.mode == "I" and not options.exact:
+            image = image.convert("I;16")  # Pillow scales any maximum above 255 to 65535: 16-bit
         image = _upright(image)
         return image if options.exact else to_rgb(image)
     except ItemError:
         raise
     except (Image.DecompressionBombError, OSError, SyntaxError, ValueError, MemoryError, NotImplementedError,
-            OverflowError, EOFError, IndexError, KeyError, TypeError, ZeroDivisionError) as error:
-        raise ItemError(_reason(error, options.allow_truncated)) from None
+            OverflowError, EOFError, IndexError, KeyError, TypeError, ZeroDivisionError, RuntimeError) as error:
+        raise ItemError(_reason(error, options.allow_truncated, kind)) from None
     except Exception as error:  # noqa: BLE001 - one bad file must never end the run
         raise ItemError(f"cannot decode (unexpected {type(error).__name__}): {error}") from None
 
@@ -258,10 +310,10 @@ def read_image(item: Item, decode: DecodeOptions = DecodeOptions(), fetch: Fetch
     if item.error:
         raise ItemError(item.error)
     if item.data is not None:
-        return decode_image(io.BytesIO(item.data), decode)
+        return decode_image(io.BytesIO(item.data), decode, name=item.name)
     if item.url is not None:
         data, content_type = fetch_url(item.url, fetch)
-        return decode_image(io.BytesIO(data), decode, content_type)
+        return decode_image(io.BytesIO(data), decode, content_type, name=item.url)
     path = item.path
     try:
         info = os.stat(path)
@@ -272,6 +324,6 @@ def read_image(item: Item, decode: DecodeOptions = DecodeOptions(), fetch: Fetch
         if info.st_size == 0:
             raise ItemError("empty file (0 bytes)")
         with open(path, "rb") as f:
-            return decode_image(f, decode)
+            return decode_image(f, decode, name=path)
     except OSError as error:
         raise ItemError(_local_failure(path, error)) from None

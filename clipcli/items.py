@@ -21,7 +21,12 @@ from .display import display
 from .errors import InputError
 from .http import has_credentials, redact_credentials, url_scheme
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# Camera RAW files (read through rawpy, see clipcli.decoders), and what a camera or a RAW developer
+# writes beside one: a RAW file with such a twin of the same stem is skipped by :func:`raw_pairs`.
+RAW_EXTENSIONS = frozenset({".cr2", ".cr3", ".nef", ".nrw", ".arw", ".dng", ".orf", ".rw2", ".raf", ".pef", ".srw"})
+DEVELOPED_EXTENSIONS = frozenset({".jpg", ".jpeg", ".heic", ".heif", ".avif", ".png", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif",
+                              ".avif", ".pnm", ".ppm", ".pgm", ".pbm", ".ico"}) | RAW_EXTENSIONS
 # Always read as list files; other files without an image extension are sniffed.
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list", ".urls", ".csv", ".tsv"})
 MAX_LINE_CHARS = 16384
@@ -64,6 +69,28 @@ def url_item(url: str) -> Item:
 def has_image_extension(name: str) -> bool:
     base = name.rpartition("/")[2]
     return "." in base.lstrip(".") and "." + base.rpartition(".")[2].lower() in IMAGE_EXTENSIONS
+
+
+def _twin_key(path: str) -> tuple[str, str]:
+    folder, base = os.path.split(path)
+    return os.path.normpath(folder or "."), os.path.splitext(base)[0].casefold()
+
+
+def raw_pairs(items: Sequence[Item]) -> tuple[list[Item], list[Item]]:
+    """``(kept, skipped)``: the items, less each camera RAW file that has a developed twin among
+    them (a JPEG, HEIC, AVIF, PNG or TIFF of the same stem, letter case aside, in the same
+    folder), which is skipped: the twin is the picture people look at. Order is kept."""
+    def extension(item: Item) -> str:
+        return os.path.splitext(item.path or "")[1].lower()
+
+    developed = {_twin_key(item.path) for item in items
+                 if item.path and not item.error and extension(item) in DEVELOPED_EXTENSIONS}
+    kept: list[Item] = []
+    skipped: list[Item] = []
+    for item in items:
+        twin = item.path and extension(item) in RAW_EXTENSIONS and _twin_key(item.path) in developed
+        (skipped if twin else kept).append(item)
+    return kept, skipped
 
 
 # --------------------------------------------------------------------------- list files
@@ -210,7 +237,8 @@ def walk_folder(folder: str, visited: set | None = None, exclude: frozenset[str]
 # --------------------------------------------------------------------------- expansion
 
 
-EMPTY_FOLDER = "the folder holds no images (jpg, jpeg, png, webp, bmp, gif, tif, tiff)"
+EMPTY_FOLDER = ("the folder holds no images (jpg, jpeg, png, webp, heic, heif, avif, bmp, gif, tif, tiff, pnm, ppm, "
+                "pgm, pbm, ico, or camera RAW: cr2, cr3, nef, nrw, arw, dng, orf, rw2, raf, pef, srw)")
 
 
 def _missing(path: str) -> str | None:

@@ -15,6 +15,7 @@ from test_journal import _journal_identity
 from typer.testing import CliRunner
 
 from clipcli.cli import app
+from clipcli.items import EMPTY_FOLDER
 
 DATA = Path(__file__).parent / "data"
 
@@ -357,7 +358,7 @@ def test_a_folder_with_no_images_says_so(tmp_path, tiny_vit_checkpoint):
     result = run("encode", tmp_path / "x.jpg", DATA / "rocket.jpg", "-m", tiny_vit_checkpoint, "-f", "jsonl")
     assert result.exit_code == 1
     assert records(result.stdout)[0] == {"image": str(tmp_path / "x.jpg"), "status": "error",
-                                         "error": "the folder holds no images (jpg, jpeg, png, webp, bmp, gif, tif, tiff)"}
+                                         "error": EMPTY_FOLDER}
     alone = run("encode", tmp_path / "x.jpg", "-m", tiny_vit_checkpoint)
     assert alone.exit_code == 2 and "no images found" in alone.stderr
 

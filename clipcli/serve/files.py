@@ -110,7 +110,7 @@ class Thumbnails:
                 self._cache.move_to_end(key)
                 return self._cache[key]
         with self._reading:
-            image = self._decode(_read(path, self.max_file), draft=2 * THUMBNAIL_SIDE)
+            image = self._decode(_read(path, self.max_file), path, draft=2 * THUMBNAIL_SIDE)
             image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
             data = _jpeg(image, quality=82)
         with self._lock:
@@ -135,16 +135,16 @@ class Thumbnails:
                 kind = None
             if kind is not None:
                 return data, kind
-            return _jpeg(self._decode(data), quality=90), "image/jpeg"
+            return _jpeg(self._decode(data, path), quality=90), "image/jpeg"
 
-    def _decode(self, data: bytes, draft: int | None = None):
+    def _decode(self, data: bytes, path: str, draft: int | None = None):
         from dataclasses import replace
 
         from ..errors import ItemError
 
         options = replace(self.decode, draft_size=draft) if draft else self.decode
         try:  # Pillow's process-wide limits are the service's, set once (images.pillow_limits)
-            return decode_image(io.BytesIO(data), options)
+            return decode_image(io.BytesIO(data), options, name=path)  # a RAW is known by its extension too
         except ItemError as error:
             raise NotServed(str(error)) from None
 
