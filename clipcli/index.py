@@ -141,6 +141,7 @@ class Summary:
     unchanged: int = 0
     failed: int = 0
     embedded: int = 0  # files the model ran on (the others reused a vector)
+    paired: int = 0  # camera RAW files left out beside their JPEG (or HEIC, PNG, ...) of the same name
     model_loaded: bool = False
     seconds: float = 0.0
 

@@ -69,20 +69,22 @@ class _Run:
 
 def update(index: Index, inputs: Sequence[str], key: str, load: Callable[[], "LoadedModel"], *,
            embed: Callable[["LoadedModel", list], Iterator] | None = None, batch_size: int | None = None,
-           on_result: Callable[[str, str | None], None] | None = None) -> Summary:
+           on_result: Callable[[str, str | None], None] | None = None, raw_pairs: bool = True) -> Summary:
     """Bring the rows of ``inputs`` (folders, list files, files) up to date for the model
     whose :func:`~clipcli.loading.source_key` is ``key``. ``load()`` is called only if an
     image must be embedded; ``embed(loaded, items)`` yields one
     :class:`~clipcli.batching.Embedding` per item (default: :func:`embed_images`); rows are
-    committed every ``batch_size`` files (None: the device's default batch). SQLite's errors
-    leave as the index's one-line errors (:meth:`Index.guard`)."""
+    committed every ``batch_size`` files (None: the device's default batch). With ``raw_pairs``,
+    a camera RAW file beside a developed twin of the same name is left out
+    (:func:`clipcli.items.raw_pairs`; counted as ``paired``). SQLite's errors leave as the
+    index's one-line errors (:meth:`Index.guard`)."""
     with index.guard():
-        return _update(index, inputs, key, load, embed, batch_size, on_result)
+        return _update(index, inputs, key, load, embed, batch_size, on_result, raw_pairs)
 
 
 def _update(index: Index, inputs: Sequence[str], key: str, load: Callable[[], "LoadedModel"],
             embed: Callable[["LoadedModel", list], Iterator] | None, batch_size: int | None,
-            on_result: Callable[[str, str | None], None] | None) -> Summary:
+            on_result: Callable[[str, str | None], None] | None, pair_raws: bool = True) -> Summary:
     from .fsutil import named
 
     for arg in inputs:  # before anything: rows under a folder an empty path seemed to name would go
@@ -92,6 +94,11 @@ def _update(index: Index, inputs: Sequence[str], key: str, load: Callable[[], "L
     if index.readonly:
         index._write()  # raises: say so before walking a tree
     items, roots = _expand(index, inputs)
+    if pair_raws:
+        from .items import raw_pairs
+
+        items, paired = raw_pairs(items)
+        run.summary.paired = len(paired)
     scans, failures, unreadable = _scan(items)
     for name, error in failures:
         run.summary.failed += 1

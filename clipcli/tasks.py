@@ -246,11 +246,13 @@ def _write_outputs(target, output, outputs, matrix, records, key, loaded, overwr
 
 def update_index(index, inputs: Sequence[str], model: str, load: Callable[[], "LoadedModel"], *,
                  arch: str | None = None, cache_dir: str | os.PathLike | None = None, run: RunOptions = RunOptions(),
-                 on_result: Callable[[str, str | None], None] | None = None, feedback: Feedback = SILENT):
+                 on_result: Callable[[str, str | None], None] | None = None, feedback: Feedback = SILENT,
+                 raw_pairs: bool = True):
     """Bring ``index`` (:class:`clipcli.index.Index`) up to date for ``inputs`` with ``model``.
 
     The model is found in the index by its weights and hints, without loading it; ``load()``
-    (which must load ``model``) runs only if some image must be embedded. Returns the
+    (which must load ``model``) runs only if some image must be embedded; ``raw_pairs`` leaves
+    out a camera RAW file beside a JPEG (or HEIC, ...) of the same name. Returns the
     :class:`~clipcli.index.Summary`.
     """
     from .batching import embed_images
@@ -262,7 +264,8 @@ def update_index(index, inputs: Sequence[str], model: str, load: Callable[[], "L
     def embed(loaded, items):
         return embed_images(loaded, items, normalize=True, **run.for_device(loaded.device).pipeline_kwargs())
 
-    return update(index, inputs, key, load, embed=embed, batch_size=run.batch_size, on_result=on_result)
+    return update(index, inputs, key, load, embed=embed, batch_size=run.batch_size, on_result=on_result,
+                  raw_pairs=raw_pairs)
 
 
 @dataclass(frozen=True)

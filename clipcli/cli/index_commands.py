@@ -83,11 +83,14 @@ class SearchFormat(str, Enum):
 def _summary_line(summary) -> str:
     counts = summary.as_json()
     parts = [f"{counts[k]} {k}" for k in ("added", "updated", "moved", "removed", "unchanged", "failed")]
+    if summary.paired:
+        parts.append(f"{summary.paired} RAW left out beside their JPEG (--keep-raw-pairs keeps them)")
     model = f"; the model ran on {summary.embedded}" if summary.model_loaded else "; the model was not loaded"
     return f"indexed: {', '.join(parts)} in {summary.seconds:.1f} s{model}"
 
 
-def _update(index, inputs, model, arch, cache_dir, device, precision, threads, quiet, run, loaded: dict):
+def _update(index, inputs, model, arch, cache_dir, device, precision, threads, quiet, run, loaded: dict,
+            raw_pairs: bool = True):
     """Update ``index``; a model it had to load is left in ``loaded["model"]`` for reuse."""
     from ..tasks import update_index
     from .render import Reporter, download_feedback
@@ -102,7 +105,7 @@ def _update(index, inputs, model, arch, cache_dir, device, precision, threads, q
 
     with Reporter(0, "images", quiet) as report:
         summary = update_index(index, inputs, model, load_once, arch=arch, cache_dir=cache_dir, run=run,
-                               on_result=report.done, feedback=download_feedback(quiet))
+                               on_result=report.done, feedback=download_feedback(quiet), raw_pairs=raw_pairs)
         report.message(_summary_line(summary))
     return summary
 
@@ -126,6 +129,9 @@ def index(
     max_pixels: MaxPixelsOpt = MAX_PIXELS,
     allow_truncated: TruncatedOpt = False,
     exact_decode: ExactOpt = False,
+    keep_raw_pairs: Annotated[bool, typer.Option(
+        "--keep-raw-pairs", help="Index a camera RAW file (CR2, NEF, DNG, ...) even when a JPEG, HEIC, PNG or TIFF "
+                                 "of the same name sits beside it (by default the RAW is left out, and counted).")] = False,
 ) -> None:
     """Add new images under PATH to the search index, re-embed changed ones, drop rows of
     files gone from the indexed folders; unchanged files are left alone.
@@ -144,7 +150,7 @@ def index(
     run = run_options(batch_size, workers, max_pixels, allow_truncated, False, exact_decode)
     with Index(db) as opened:
         summary = _update(opened, inputs, index_model(opened, model), arch, cache_dir, device, precision, threads,
-                          quiet, run, {})
+                          quiet, run, {}, raw_pairs=not keep_raw_pairs)
     if fmt == "json":
         sys.stdout.write(to_json({"db": str(opened.path), **summary.as_json()}) + "\n")
     raise typer.Exit(1 if summary.failed else 0)
