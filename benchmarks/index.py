@@ -124,7 +124,7 @@ def vector_index(work: Path, count: int, model: str) -> Path:
             shas = [f"{i:064x}" for i in range(start, start + len(block))]
             index.db.executemany("INSERT INTO vectors (model_id, sha256, vector) VALUES (1, ?, ?)",
                                  zip(shas, (row.tobytes() for row in block)))
-            index.db.executemany("INSERT INTO files VALUES (?, 1, 1, ?, NULL, 0)",
+            index.db.executemany("INSERT INTO files (path, size, mtime_ns, sha256, error, indexed) VALUES (?, 1, 1, ?, NULL, 0)",
                                  ((f"/photos/{i // 1000:04d}/{i:07d}.jpg".encode(), sha)
                                   for i, sha in zip(range(start, start + len(block)), shas)))
         index.db.execute("UPDATE models SET generation = 1")

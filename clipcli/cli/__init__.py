@@ -1,6 +1,14 @@
 """``clipcli`` command line. Importing this is cheap: torch loads only inside commands."""
 
-from . import encode_commands, index_commands, scoring_commands, serve_commands, train_commands, weights_commands  # noqa: F401  (register their commands)
+from . import (  # noqa: F401  (register their commands)
+    duplicates_commands,
+    encode_commands,
+    index_commands,
+    scoring_commands,
+    serve_commands,
+    train_commands,
+    weights_commands,
+)
 from .app import app, flush_at_exit, mend_streams
 
 

@@ -89,8 +89,8 @@ class _Group(TyperGroup):
 app = typer.Typer(
     name="clipcli",
     cls=_Group,
-    help="Batch image-text scoring with CLIP: classify, similarity, encode, index and search, train, models, "
-         "download, convert.",
+    help="Batch image-text scoring with CLIP: classify, similarity, encode, index, search, duplicates, serve, "
+         "train, models, download, convert.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
