@@ -28,6 +28,9 @@ if TYPE_CHECKING:  # pragma: no cover
 DecodeOptions = Any
 
 EXTRA = 'pip install "clipcli[photos]"'
+# The ``fix`` of a failure this machine causes, not the file: an index does not store it, and
+# tries the file again once the decoder is there.
+MISSING = "decoder"
 LABELS = {"HEIF": "HEIC/HEIF", "AVIF": "AVIF", "RAW": "camera RAW"}
 
 # ISO base media ("ftyp") brands: AVIF's, HEIF's (HEVC and the generic image brands), Canon CR3's.
@@ -78,7 +81,7 @@ def heif_opener() -> None:
         try:
             import pillow_heif
         except (ImportError, OSError):
-            raise ItemError(f"unsupported format: HEIC/HEIF (needs pillow-heif: {EXTRA})") from None
+            raise ItemError(f"unsupported format: HEIC/HEIF (needs pillow-heif: {EXTRA})", fix=MISSING) from None
         pillow_heif.register_heif_opener()
         _registered.add("HEIF")
 
@@ -96,16 +99,17 @@ def avif_opener() -> None:
                 import pillow_heif
                 register = pillow_heif.register_avif_opener  # pillow-heif before 1.0
             except (ImportError, OSError, AttributeError):
-                raise ItemError("unsupported format: AVIF (this Pillow has no AVIF decoder: pip install -U Pillow)") from None
+                raise ItemError("unsupported format: AVIF (this Pillow has no AVIF decoder: pip install -U Pillow)",
+                                fix=MISSING) from None
             register()
         _registered.add("AVIF")
 
 
-def _rawpy():
+def load_rawpy():
     try:
         import rawpy
     except (ImportError, OSError):
-        raise ItemError(f"unsupported format: camera RAW (needs rawpy: {EXTRA})") from None
+        raise ItemError(f"unsupported format: camera RAW (needs rawpy: {EXTRA})", fix=MISSING) from None
     return rawpy
 
 
@@ -154,7 +158,7 @@ def raw_image(fp: BinaryIO, options: DecodeOptions, sure: bool = True) -> "Image
     ``None`` when LibRaw does not take it either. The pixel cap is checked from the RAW's
     header, before anything is demosaiced.
     """
-    rawpy = _rawpy()
+    rawpy = load_rawpy()
     from PIL import Image
 
     try:

@@ -302,7 +302,35 @@ def find_duplicates(index: Index, model: int | None, *, tiers: Sequence[str] = T
             if model is None:
                 raise NoVectorsError(f"{index.path} holds no vectors to compare for near and similar photos")
             groups += _by_vectors(index, model, thresholds, places, rows, cols)
+    groups = [found for group in groups if (found := _on_disk(group)) is not None]
     return sorted(groups, key=lambda g: (TIERS.index(g.tier), g.keep.path))
+
+
+def _on_disk(group: Group) -> Group | None:
+    """``group`` as the disk has it now, so that no extra is ever the last copy: a member gone
+    since the index saw it is left out; two paths to one file (a link, a folder indexed by two
+    names) are one member, the path that is not a link. A near or similar group whose keeper is
+    gone is dropped (its similarities were to that file); None when one member is left."""
+    members: list[Member] = []
+    files: dict[tuple[int, int], int] = {}  # (device, inode) -> its place in members
+    for member in group.members:
+        try:
+            info = os.stat(member.path)
+        except OSError:
+            if member is group.keep and group.tier != "exact":
+                return None
+            continue
+        place = files.get((info.st_dev, info.st_ino))
+        if place is None:
+            files[(info.st_dev, info.st_ino)] = len(members)
+            members.append(member)
+        elif os.path.islink(members[place].path) and not os.path.islink(member.path):
+            members[place] = replace(member, similarity=members[place].similarity)
+    if len(members) < 2:
+        return None
+    if group.tier == "exact":  # the same content: the keep rule chooses again among what is there
+        members.sort(key=keep_order)
+    return Group(group.tier, tuple(members))
 
 
 def model_of(index: Index, name: str, *, arch: str | None = None, cache_dir: str | os.PathLike | None = None,

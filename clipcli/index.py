@@ -65,6 +65,8 @@ MIGRATIONS = [  # (version, statements): a database at version n runs every late
         ALTER TABLE files ADD COLUMN camera TEXT;
         ALTER TABLE files ADD COLUMN gps INTEGER;
         CREATE INDEX files_taken ON files (taken);
+        -- files refused before HEIC/AVIF/RAW were read: seen again (as changed) by the next update
+        UPDATE files SET size = -1 WHERE error LIKE 'unsupported format: %';
     """),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -159,6 +161,7 @@ class Hit:
     score: float
     prob: float | None = None
     taken: float | None = None  # capture time, Unix seconds UTC (clipcli.metadata)
+    taken_source: str | None = None
     width: int | None = None
     height: int | None = None
 
@@ -177,6 +180,7 @@ class Index:
     def __init__(self, path: str | os.PathLike | None = None, *, readonly: bool = False, timeout: float = 60.0):
         self.path = Path(named(path, "the index path")).expanduser() if path is not None else default_path()
         self._opened = False  # a write failing before the index is open is no run failing part-way
+        self._timeout = timeout
         exists = self.path.exists()
         if not exists and readonly:
             raise NoVectorsError(f"no index at {self.path}")
@@ -321,7 +325,7 @@ class Index:
                 raise IndexDatabaseError(f"{self.path} has index schema {version}, which this clipcli upgrades to "
                                          f"{SCHEMA_VERSION} on its first update, and it is read-only here")
             if self.readonly:  # a search of an older index: upgraded in place (new columns only), then read
-                Index(self.path).close()
+                Index(self.path, timeout=self._timeout).close()
             else:
                 self._migrate(version)
         with self.guard():

@@ -20,12 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
+from .decoders import MISSING
 from .errors import InputError
 from .index import NEXT_GENERATION, Index, Summary, key_range, path_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from .metadata import Metadata
     from .pipeline import LoadedModel
+
+
+METADATA_UPDATE = ("UPDATE files SET width = ?, height = ?, taken = ?, taken_source = ?, camera = ?, gps = ? "
+                   "WHERE path = ?")
 
 
 @dataclass
@@ -238,11 +243,11 @@ def _date(index: Index, scans: list[_Scan]) -> None:
     from .metadata import read_metadata
 
     with ThreadPoolExecutor(4) as pool:
-        metas = list(pool.map(lambda scan: read_metadata(os.fsdecode(scan.key), scan.mtime_ns), scans))
-    with index._write():
-        index.db.executemany(
-            "UPDATE files SET width = ?, height = ?, taken = ?, taken_source = ?, camera = ?, gps = ? WHERE path = ?",
-            [(*meta.row(), scan.key) for scan, meta in zip(scans, metas)])
+        for start in range(0, len(scans), 1000):  # committed as it goes: an interrupted run keeps what it read
+            chunk = scans[start : start + 1000]
+            metas = list(pool.map(lambda scan: read_metadata(os.fsdecode(scan.key), scan.mtime_ns), chunk))
+            with index._write():
+                index.db.executemany(METADATA_UPDATE, [(*meta.row(), scan.key) for scan, meta in zip(chunk, metas)])
 
 
 def _apply(run: _Run, todo: list[_Scan], gone: list[tuple[bytes, str | None]], have: set[str]) -> None:
@@ -310,6 +315,8 @@ def _embed(run: _Run, fresh: dict[str, list[_Scan]]) -> None:
         for member in group:
             member.error = result.error
             run.count(("updated" if member.old else "added") if result.ok else "failed", member)
+        if getattr(result.error, "fix", None) == MISSING:  # a decoder this machine lacks: tried again with it
+            continue
         files += group
         if result.ok:
             vectors.append((run.model, scan.sha256, np.asarray(result.embedding, np.float32).tobytes()))
@@ -338,9 +345,8 @@ def _put_files(run: _Run, scans: list[_Scan]) -> None:
         "ON CONFLICT (path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
         "sha256 = excluded.sha256, error = excluded.error, indexed = excluded.indexed",
         [(s.key, s.size, s.mtime_ns, s.sha256, s.error, now) for s in scans])
-    run.index.db.executemany(  # what was read with the hash (a file not hashed again keeps its own)
-        "UPDATE files SET width = ?, height = ?, taken = ?, taken_source = ?, camera = ?, gps = ? WHERE path = ?",
-        [(*s.meta.row(), s.key) for s in scans if s.meta is not None])
+    run.index.db.executemany(METADATA_UPDATE,  # what was read with the hash (a file not hashed again keeps its own)
+                             [(*s.meta.row(), s.key) for s in scans if s.meta is not None])
 
 
 def _collect_garbage(index: Index, candidates: set[str]) -> None:

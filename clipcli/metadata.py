@@ -45,8 +45,18 @@ class Metadata:
                 None if self.gps is None else int(self.gps))
 
 
+# Times outside these years are a broken clock or a hostile file: not dates anyone filters by.
+_EARLIEST, _LATEST = -5364662400.0, 7258118400.0  # 1800-01-01, 2200-01-01 (UTC)
+
+
+def _plausible(seconds: float | None) -> float | None:
+    return seconds if seconds is not None and _EARLIEST <= seconds < _LATEST else None
+
+
 def exif_time(text: object, offset: object = None) -> tuple[float, str] | None:
-    """An EXIF date (``2024:06:01 14:30:00``) and offset (``+02:00``) as ``(Unix seconds, source)``."""
+    """An EXIF date (``2024:06:01 14:30:00``) and offset (``+02:00``) as ``(Unix seconds, source)``;
+    None for a date that is not one (``0000:00:00``, year 9999); an offset that is not one
+    (``+99:99``) is ignored."""
     if not isinstance(text, str) or not (found := _DATE.match(text)):
         return None
     try:
@@ -54,10 +64,12 @@ def exif_time(text: object, offset: object = None) -> tuple[float, str] | None:
     except ValueError:  # 0000:00:00 00:00:00, as cameras without a clock write
         return None
     zone = _OFFSET.match(offset) if isinstance(offset, str) else None
-    if zone is None:
-        return moment.timestamp(), "exif-local"
-    minutes = (int(zone[2]) * 60 + int(zone[3])) * (1 if zone[1] == "+" else -1)
-    return moment.timestamp() - 60 * minutes, "exif"
+    if zone is None or int(zone[2]) > 14 or int(zone[3]) > 59:
+        seconds, source = moment.timestamp(), "exif-local"
+    else:
+        minutes = (int(zone[2]) * 60 + int(zone[3])) * (1 if zone[1] == "+" else -1)
+        seconds, source = moment.timestamp() - 60 * minutes, "exif"
+    return (seconds, source) if _plausible(seconds) is not None else None
 
 
 def _text(value: object) -> str | None:
@@ -77,40 +89,102 @@ def _camera(exif) -> str | None:
 
 
 def read_metadata(path: str | os.PathLike, mtime_ns: int | None = None) -> Metadata:
-    """The file's :class:`Metadata`; ``mtime_ns`` (from the walk) dates a file without EXIF."""
-    import warnings
+    """The file's :class:`Metadata`; ``mtime_ns`` (from the walk) dates a file without EXIF.
+    Opened as decoding opens it (the same formats; HEIF and AVIF through their openers; a
+    camera RAW through its embedded preview, whose EXIF the camera wrote)."""
+    mtime = _plausible(mtime_ns / 1e9) if mtime_ns is not None else None
+    fallback = Metadata(taken=mtime, taken_source="mtime" if mtime is not None else None)
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(64)
+        if os.path.splitext(os.fspath(path))[1].lower() in _raw_extensions() or _kind(head) == "RAW":
+            return _raw_metadata(path, fallback)
+        return _exif_metadata(_open(path, head), fallback)
+    except Exception:  # noqa: BLE001 (not an image, a malformed header, a missing decoder: a date at least)
+        return fallback
+
+
+def _raw_extensions() -> frozenset[str]:
+    from .items import RAW_EXTENSIONS
+
+    return RAW_EXTENSIONS
+
+
+def _kind(head: bytes) -> str | None:
+    from .decoders import sniff
+
+    return sniff(head)
+
+
+def _open(path: str | os.PathLike, head: bytes):
+    """``Image.open`` restricted to the formats decoding opens."""
+    from PIL import Image
+
+    from .decoders import avif_opener, heif_opener
+    from .images import PILLOW_FORMATS
+
+    kind = _kind(head)
+    if kind == "HEIF":
+        heif_opener()
+    elif kind == "AVIF":
+        avif_opener()
+    return Image.open(path, formats=[*PILLOW_FORMATS, *([kind] if kind in ("HEIF", "AVIF") else [])])
+
+
+def _exif_metadata(image, fallback: Metadata, size: tuple[int, int] | None = None) -> Metadata:
+    """What ``image``'s header and EXIF say (``size``: the picture's own, as stored, when the
+    image is only its preview)."""
+    with image:
+        width, height = size or image.size
+        exif = image.getexif()
+        orientation = exif.get(_ORIENTATION)
+        details = exif.get_ifd(_EXIF_IFD)
+        gps = bool(exif.get_ifd(_GPS_IFD))
+        taken = None
+        for tag in (_ORIGINAL, _DIGITIZED, _CHANGED):
+            where = exif if tag == _CHANGED else details
+            taken = exif_time(where.get(tag), details.get(_OFFSETS[tag]))
+            if taken is not None:
+                break
+        camera = _camera(exif)
+    if orientation in (5, 6, 7, 8) and size is None:
+        width, height = height, width
+    taken_at, source = taken or (fallback.taken, fallback.taken_source)
+    return Metadata(width, height, taken_at, source, camera, gps)
+
+
+def _raw_metadata(path: str | os.PathLike, fallback: Metadata) -> Metadata:
+    """A camera RAW: its size from LibRaw (as shown: its flip applied), the rest from the EXIF
+    of its embedded JPEG preview."""
+    import io
 
     from PIL import Image
 
-    fallback = (mtime_ns / 1e9, "mtime") if mtime_ns is not None else (None, None)
+    from .decoders import load_rawpy
+
+    rawpy = load_rawpy()
+    with rawpy.imread(os.fspath(path)) as raw:
+        sizes = raw.sizes
+        size = (sizes.height, sizes.width) if sizes.flip in (5, 6) else (sizes.width, sizes.height)
+        try:
+            thumb = raw.extract_thumb()
+        except Exception:  # noqa: BLE001 (no preview: the size alone)
+            thumb = None
+    if thumb is None or thumb.format != rawpy.ThumbFormat.JPEG:
+        return Metadata(size[0], size[1], fallback.taken, fallback.taken_source)
+    return _exif_metadata(Image.open(io.BytesIO(thumb.data), formats=["JPEG"]), fallback, size)
+
+
+def iso(seconds: float | None, source: str | None = None) -> str | None:
+    """Unix seconds as ISO 8601, as the records show them: in UTC (``2024-06-01T12:30:00Z``), or
+    for ``exif-local`` the camera's clock with no zone (``2024-06-01T14:30:00``)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a large or odd header is decoded elsewhere, not here
-            with Image.open(path) as image:
-                width, height = image.size
-                exif = image.getexif()
-                orientation = exif.get(_ORIENTATION)
-                details = exif.get_ifd(_EXIF_IFD)
-                gps = bool(exif.get_ifd(_GPS_IFD))
-    except Exception:  # noqa: BLE001 (not an image Pillow opens, or a malformed header: a date at least)
-        return Metadata(taken=fallback[0], taken_source=fallback[1])
-    if orientation in (5, 6, 7, 8):
-        width, height = height, width
-    taken = None
-    for tag in (_ORIGINAL, _DIGITIZED, _CHANGED):
-        where = exif if tag == _CHANGED else details
-        taken = exif_time(where.get(tag), details.get(_OFFSETS[tag]))
-        if taken is not None:
-            break
-    taken_at, source = taken or fallback
-    return Metadata(width, height, taken_at, source, _camera(exif), gps)
-
-
-def iso(seconds: float | None) -> str | None:
-    """Unix seconds as ISO 8601 in UTC (``2024-06-01T12:30:00Z``), as the records show them."""
-    if seconds is None:
+        moment = dt.datetime.fromtimestamp(seconds, dt.timezone.utc) if seconds is not None else None
+    except (ValueError, OverflowError, OSError):  # a time no calendar holds (a hostile row)
         return None
-    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if moment is None:
+        return None
+    return moment.strftime("%Y-%m-%dT%H:%M:%S" + ("" if source == "exif-local" else "Z"))
 
 
 def parse_when(text: str) -> float:

@@ -166,14 +166,15 @@ def with_probabilities(hits: Sequence["Hit"], model, min_prob: float | None = No
 
 def record(hit: "Hit", kind: str) -> dict:
     """A result as the commands write it: ``{"rank", "image", "score", ["prob",] "score_kind",
-    "taken", "width", "height"}`` (``taken``: the capture time in ISO 8601 UTC, or None when the
-    index does not know it yet)."""
+    "taken", "taken_source", "width", "height"}`` (``taken``: the capture time in ISO 8601, UTC
+    but for an ``exif-local`` one, the camera's clock; None when the index does not know it)."""
     from .metadata import iso
 
     out = {"rank": hit.rank, "image": hit.name, "score": hit.score}
     if hit.prob is not None:
         out["prob"] = hit.prob
-    return {**out, "score_kind": kind, "taken": iso(hit.taken), "width": hit.width, "height": hit.height}
+    return {**out, "score_kind": kind, "taken": iso(hit.taken, hit.taken_source), "taken_source": hit.taken_source,
+            "width": hit.width, "height": hit.height}
 
 
 SORTS = ("score", "date")

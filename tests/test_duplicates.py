@@ -264,3 +264,33 @@ def test_blocked_pairs_equal_a_brute_force_computation():
         assert expected <= set(found) and all(abs(exact[a, b] - threshold) <= 1e-6 for a, b in set(found) - expected)
         assert max(abs(s - exact[a, b]) for (a, b), s in found.items()) < 1e-6
     assert len(found) > 1000 and {(k, 500 + k) for k in range(20)} <= set(found)
+
+
+def test_an_extra_is_never_the_keepers_own_file(tmp_path, tiny_vit_checkpoint):
+    """Two paths to one file (a link) are one photo, and a file deleted since it was indexed is
+    no keeper: `-0 | xargs rm` could otherwise remove the last copy."""
+    import os
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from clipcli.cli import app
+
+    folder = tmp_path / "linked"
+    folder.mkdir()
+    shutil.copy(Path(__file__).parent / "data" / "rocket.jpg", folder / "b-rocket.jpg")
+    os.symlink(folder / "b-rocket.jpg", folder / "a.jpg")  # the shorter path: the keeper by name
+    shutil.copy(Path(__file__).parent / "data" / "chelsea.png", folder / "c.png")
+    shutil.copy(folder / "c.png", folder / "c-copy.png")
+    db = tmp_path / "linked.sqlite3"
+
+    def groups(*args: str) -> list[dict]:
+        result = CliRunner().invoke(app, ["duplicates", *args, "--db", str(db), "-m", str(tiny_vit_checkpoint),
+                                          "--tiers", "exact", "-f", "json", "-q"])
+        assert result.exit_code == 0, result.stderr
+        return json.loads(result.stdout)
+
+    found = groups(str(folder))
+    assert [g["keep"] for g in found] == [str(folder / "c.png")]  # the link and its target: one file
+    (folder / "c.png").unlink()  # the keeper goes; the index has not seen it
+    assert groups() == []

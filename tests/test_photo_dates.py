@@ -53,6 +53,17 @@ def utc(*parts: int) -> float:
     return dt.datetime(*parts, tzinfo=dt.timezone.utc).timestamp()
 
 
+def test_hostile_dates_are_no_dates(tmp_path):
+    """Year 9999 shifted past the calendar, year 0, a +99:99 offset, a file time of 1e15 s: never a crash."""
+    assert exif_time("9999:12:31 23:59:59", "-05:00") is None
+    assert exif_time("0001:01:01 00:00:00", "+01:00") is None
+    assert exif_time("2024:06:01 14:30:00", "+99:99") == (utc(2024, 6, 1, 14, 30), "exif-local")
+    assert iso(1e20) is None and iso(-1e20) is None
+    shot = photo(tmp_path / "far.jpg", "9999:12:31 23:59:59", "-05:00")
+    meta = read_metadata(shot, mtime_ns=10**24)
+    assert (meta.taken, meta.taken_source) == (None, None) and meta.width == 64
+
+
 def test_exif_times_with_and_without_offsets():
     assert exif_time("2024:06:01 14:30:00", "+02:00") == (utc(2024, 6, 1, 12, 30), "exif")
     assert exif_time("2024:06:01 14:30:00", "-05:30") == (utc(2024, 6, 1, 20, 0), "exif")
@@ -64,6 +75,7 @@ def test_exif_times_with_and_without_offsets():
     assert parse_when("2024-06-01T14:30+02:00") == utc(2024, 6, 1, 12, 30)
     assert parse_when("2024-06-01T14:30Z") == utc(2024, 6, 1, 14, 30)
     assert iso(utc(2024, 6, 1, 12, 30)) == "2024-06-01T12:30:00Z" and iso(None) is None
+    assert iso(utc(2024, 6, 1, 12, 30), "exif-local") == "2024-06-01T12:30:00"
 
 
 def test_metadata_read_from_the_header(tmp_path):
@@ -102,8 +114,10 @@ def test_search_filters_and_sorts_by_capture_time(dated):
     folder, db = dated
     everything = json.loads(cli("search", "a photo", "--db", str(db), "-f", "json", "-k", "10"))
     taken = {Path(r["image"]).name: r["taken"] for r in everything}
-    assert taken == {"june.jpg": "2024-06-15T10:00:00Z", "august.jpg": "2024-08-20T10:00:00Z",
+    assert taken == {"june.jpg": "2024-06-15T10:00:00Z", "august.jpg": "2024-08-20T10:00:00",  # the camera's clock
                      "march.jpg": "2024-03-01T01:00:00Z", "undated.jpg": "2020-01-01T00:00:00Z"}
+    assert {Path(r["image"]).name: r["taken_source"] for r in everything} == {
+        "june.jpg": "exif", "august.jpg": "exif-local", "march.jpg": "exif", "undated.jpg": "mtime"}
     assert all((r["width"], r["height"]) == (64, 48) for r in everything)
     summer = json.loads(cli("search", "a photo", "--db", str(db), "-f", "json", "--after", "2024-06-01",
                             "--before", "2024-09-01"))
@@ -149,3 +163,22 @@ def test_an_index_of_the_previous_schema_migrates_in_place_without_re_embedding(
     found = json.loads(cli("search", "a photo", "--db", str(db), "-f", "json", "--after", "2022-05-05",
                            "--before", "2022-05-06"))
     assert names(found) == ["a.jpg"]
+
+
+def test_a_heic_tells_its_date_and_size_in_a_fresh_process(tmp_path):
+    """pillow-heif's opener is registered for the metadata too, not only when pixels are decoded."""
+    pillow_heif = pytest.importorskip("pillow_heif")
+    import subprocess
+    import sys
+
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9003] = "2024:07:04 09:15:00"
+    exif.get_ifd(0x8769)[0x9011] = "-04:00"
+    exif[0x0112] = 6
+    pillow_heif.from_pillow(Image.new("RGB", (64, 48), (90, 160, 30))).save(tmp_path / "iphone.heic",
+                                                                           exif=exif.tobytes())
+    code = ("import sys; from clipcli.metadata import read_metadata; "
+            "m = read_metadata(sys.argv[1], 0); print(m.width, m.height, m.taken, m.taken_source)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "iphone.heic")], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["48", "64", str(utc(2024, 7, 4, 13, 15)), "exif"]

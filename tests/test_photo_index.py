@@ -15,10 +15,10 @@ from clipcli.cli import app
 DATA = Path(__file__).parent / "data"
 
 
-def index(folder: Path, db: Path, model: Path, *more: str) -> dict:
+def index(folder: Path, db: Path, model: Path, *more: str, code: int = 0) -> dict:
     result = CliRunner().invoke(app, ["index", str(folder), "--db", str(db), "-m", str(model), "-f", "json", "-q",
                                       *more])
-    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert result.exit_code == code, (result.stdout, result.stderr)
     return json.loads(result.stdout)
 
 
@@ -43,3 +43,26 @@ def test_a_raw_file_beside_its_jpeg_is_left_out_unless_asked(tmp_path, tiny_vit_
     line = CliRunner().invoke(app, ["index", str(folder), "--db", str(tmp_path / "c.sqlite3"), "-m",
                                     str(tiny_vit_checkpoint)]).stderr
     assert "1 RAW left out beside their JPEG" in line
+
+
+def test_a_photo_failed_for_a_missing_decoder_is_indexed_once_it_is_installed(tmp_path, tiny_vit_checkpoint,
+                                                                              monkeypatch):
+    import sys
+
+    import pytest
+    from PIL import Image
+
+    pillow_heif = pytest.importorskip("pillow_heif")
+    from clipcli import decoders
+
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    pillow_heif.from_pillow(Image.new("RGB", (64, 48), (90, 160, 30))).save(folder / "IMG_0001.heic")
+    db = tmp_path / "phone.sqlite3"
+    with monkeypatch.context() as blocked:  # as if `pip install clipcli` without [photos]
+        blocked.setitem(sys.modules, "pillow_heif", None)
+        blocked.setattr(decoders, "_registered", set())
+        before = index(folder, db, tiny_vit_checkpoint, code=1)
+    assert before["failed"] == 1 and indexed(db) == []  # not stored: the file is not at fault
+    after = index(folder, db, tiny_vit_checkpoint)
+    assert after["added"] == 1 and indexed(db) == ["IMG_0001.heic"]

@@ -101,7 +101,7 @@ def duplicates(
 
     Example: clipcli duplicates ~/Pictures -o dupes/
 
-    Example: clipcli duplicates --tiers exact,near -0 | xargs -0 -r mv -t ~/dupes-to-check/
+    Example: clipcli duplicates --tiers exact,near -0 | xargs -0 -r mv -n -t ~/dupes-to-check/
     """
     from ..duplicates import check_sheet_folder, check_tiers, extras, find_duplicates, model_of, record, write_sheets
     from ..index import Index

@@ -84,7 +84,7 @@ def _summary_line(summary) -> str:
     counts = summary.as_json()
     parts = [f"{counts[k]} {k}" for k in ("added", "updated", "moved", "removed", "unchanged", "failed")]
     if summary.paired:
-        parts.append(f"{summary.paired} RAW left out beside their JPEG (--keep-raw-pairs keeps them)")
+        parts.append(f"{summary.paired} RAW left out beside their JPEG")
     model = f"; the model ran on {summary.embedded}" if summary.model_loaded else "; the model was not loaded"
     return f"indexed: {', '.join(parts)} in {summary.seconds:.1f} s{model}"
 

@@ -262,11 +262,11 @@ class Service:
         with self.open_index() as index:
             try:
                 hits = rank(index, self.loaded, query, top_k=offset + top_k, threshold=threshold, min_prob=min_prob,
-                            under=under, after=taken[0], before=taken[1])[offset:]
+                            under=under, after=taken[0], before=taken[1])
             except NoVectorsError as error:
                 raise NoVectorsError(f"{error.message}; index with it first: clipcli index FOLDER --model "
                                      f"{self.settings.model}") from None
-            hits = ordered(hits, sort)
+            hits = ordered(hits, sort)[offset:]  # pages continue one order: the best offset + k, then sorted
             ids = file_ids(index, [hit.path for hit in hits])
         kind = score_kind(self.loaded.model)
         return [record(hit, kind) for hit in hits], ids
