@@ -306,7 +306,7 @@ def test_search_min_prob_equals_filtering_by_probability(squares, models):
 def test_search_min_prob_with_a_clip_index_is_a_usage_error(squares, models):
     assert run("index", "sq", "--db", "i.sqlite3", "-m", "clip", "-q").exit_code == 0
     records = search("a red square", "-k", "2")
-    assert [sorted(r) for r in records] == [["height", "image", "rank", "score", "score_kind", "taken", "width"]] * 2
+    assert [sorted(r) for r in records] == [["height", "image", "rank", "score", "score_kind", "taken", "taken_source", "width"]] * 2
     assert {r["score_kind"] for r in records} == {"cosine"}
     result = run("search", "a red square", "--db", "i.sqlite3", "--min-prob", "0.5")
     assert result.exit_code == 2 and result.stdout == ""
