@@ -182,17 +182,24 @@ def top_scores(vectors: np.ndarray, ids: np.ndarray, query: np.ndarray, k: int, 
     ``threshold``), best first; ties by id."""
     import torch
 
+    matrix, candidates = torch.from_numpy(vectors), len(ids)
+    excluded = None  # rows scored but not allowed
     if allowed is not None:
         wanted = np.array(sorted(allowed), np.int64)
         rows = np.searchsorted(ids, wanted)
         rows = rows[(rows < len(ids)) & (ids[np.minimum(rows, len(ids) - 1)] == wanted)] if len(ids) else rows[:0]
-        ids, matrix = ids[rows], torch.from_numpy(np.ascontiguousarray(vectors[rows]))
-    else:
-        matrix = torch.from_numpy(vectors)
-    if not len(ids) or k <= 0:
+        candidates = len(rows)
+        if 4 * len(rows) < len(ids):  # a few: their rows copied out and scored
+            ids, matrix = ids[rows], torch.from_numpy(np.ascontiguousarray(vectors[rows]))
+        else:  # most (a wide date range): every row scored in place, the others masked, no copy of the matrix
+            excluded = torch.ones(len(ids), dtype=torch.bool)
+            excluded[torch.from_numpy(rows)] = False
+    if not candidates or k <= 0:
         return []
     scores = torch.mv(matrix, torch.from_numpy(np.array(query, np.float32)))  # (N,)
-    values, rows = torch.topk(scores, min(k, len(ids)))
+    if excluded is not None:
+        scores[excluded] = -torch.inf
+    values, rows = torch.topk(scores, min(k, candidates))
     best = [(int(ids[row]), float(value)) for value, row in zip(values.tolist(), rows.tolist())]
     if threshold is not None:
         best = [(i, s) for i, s in best if s >= threshold]
