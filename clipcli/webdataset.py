@@ -31,7 +31,10 @@ from .display import display
 from .errors import ClipcliError, InputError
 from .items import Item
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# A sample's image, by its member's extension, in this order of preference (img2dataset writes jpg;
+# photo libraries packed as shards hold the rest; HEIC and RAW need the photos extra).
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "avif", "heic", "heif", "tif", "tiff", "bmp", "gif", "ppm", "pgm",
+                    "pnm", "dng")
 WANTED = (*IMAGE_EXTENSIONS, "txt", "json")
 MAX_MEMBER_BYTES = 64 << 20  # an image larger than this is an error sample
 MAX_SIDECAR_BYTES = 1 << 20  # and so is a caption or JSON larger than this: a whole shard's are held

@@ -66,3 +66,35 @@ def test_a_photo_failed_for_a_missing_decoder_is_indexed_once_it_is_installed(tm
     assert before["failed"] == 1 and indexed(db) == []  # not stored: the file is not at fault
     after = index(folder, db, tiny_vit_checkpoint)
     assert after["added"] == 1 and indexed(db) == ["IMG_0001.heic"]
+
+
+def test_a_webdataset_shard_of_heic_and_avif_members_is_encoded(tmp_path, tiny_vit_checkpoint):
+    import io
+    import tarfile
+
+    import pytest
+    from PIL import Image
+
+    pillow_heif = pytest.importorskip("pillow_heif")
+    members = {}
+    picture = Image.open(DATA / "chelsea.png").convert("RGB")
+    buffer = io.BytesIO()
+    pillow_heif.from_pillow(picture).save(buffer, format="HEIF")
+    members["0000.heic"] = buffer.getvalue()
+    buffer = io.BytesIO()
+    picture.save(buffer, "AVIF")
+    members["0001.avif"] = buffer.getvalue()
+    members.update({"0000.txt": b"a cat", "0001.txt": b"a cat again"})
+    shard = tmp_path / "photos-00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in sorted(members.items()):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["encode", str(shard), "-m", str(tiny_vit_checkpoint), "-o", f"{out}/", "-q"])
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    import numpy as np
+
+    vectors = np.concatenate([np.load(part) for part in sorted((out / "img_emb").glob("*.npy"))])
+    assert vectors.shape[0] == 2 and np.isfinite(vectors).all()  # both members embedded
