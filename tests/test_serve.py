@@ -210,7 +210,8 @@ def test_limits_on_body_images_and_texts(db, tiny_vit_checkpoint, photos):
         assert client.get("/api/search", params={"q": "a", "k": 1001}).status_code == 400
 
 
-def test_past_max_requests_under_way_a_request_gets_503(db, tiny_vit_checkpoint):
+def held(db, checkpoint) -> tuple[Service, threading.Event]:
+    """A service whose model loads only once the event is set."""
     from clipcli.pipeline import load_model
 
     release = threading.Event()
@@ -219,7 +220,11 @@ def test_past_max_requests_under_way_a_request_gets_503(db, tiny_vit_checkpoint)
         release.wait(30)
         return load_model(name, **kwargs)
 
-    service = Service(Settings(str(tiny_vit_checkpoint), db=str(db), load=dict(device="cpu")), loader=slow_loader)
+    return Service(Settings(str(checkpoint), db=str(db), load=dict(device="cpu")), loader=slow_loader), release
+
+
+def test_past_max_requests_under_way_a_request_gets_503(db, tiny_vit_checkpoint):
+    service, release = held(db, tiny_vit_checkpoint)
     app = create_app(service, limits=Limits(max_requests=0))  # every request is one too many
     with TestClient(app, base_url="http://127.0.0.1") as client:
         answer = client.get("/health")
@@ -235,15 +240,7 @@ def _png(side: int) -> bytes:
 
 
 def test_503_with_retry_after_while_the_model_loads(db, tiny_vit_checkpoint):
-    from clipcli.pipeline import load_model
-
-    release = threading.Event()
-
-    def slow_loader(name, **kwargs):
-        release.wait(30)
-        return load_model(name, **kwargs)
-
-    service = Service(Settings(str(tiny_vit_checkpoint), db=str(db), load=dict(device="cpu")), loader=slow_loader)
+    service, release = held(db, tiny_vit_checkpoint)
     with client_for(service) as client:
         health = client.get("/health")
         assert health.status_code == 503 and health.json()["status"] == "loading"
