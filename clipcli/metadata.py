@@ -187,10 +187,17 @@ def iso(seconds: float | None, source: str | None = None) -> str | None:
     return moment.strftime("%Y-%m-%dT%H:%M:%S" + ("" if source == "exif-local" else "Z"))
 
 
-def parse_when(text: str) -> float:
+def parse_when(text: str, option: str | None = None) -> float:
     """A date (``2024-06-01``: the start of that day, UTC) or a date and time (``2024-06-01T14:30``,
-    UTC unless it says ``+02:00`` or ``Z``) as Unix seconds. Raises ValueError."""
-    moment = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    UTC unless it says ``+02:00`` or ``Z``) as Unix seconds; :class:`InputError` naming
+    ``option`` otherwise."""
+    from .errors import InputError
+
+    try:
+        moment = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise InputError(f"{text[:40]!r}: give a date (2024-06-01) or a date and time (2024-06-01T14:30, UTC "
+                         "unless it says +02:00)", option=option) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.timezone.utc)
     return moment.timestamp()

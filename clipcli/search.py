@@ -180,11 +180,15 @@ def record(hit: "Hit", kind: str) -> dict:
 SORTS = ("score", "date")
 
 
+def check_sort(by: str) -> None:
+    if by not in SORTS:
+        raise InputError(f"{by!r}: choose {' or '.join(SORTS)}", option="sort")
+
+
 def ordered(hits: Sequence["Hit"], by: str = "score") -> list["Hit"]:
     """``hits`` best first (``score``), or the same hits newest first (``date``; undated last),
     each keeping its rank by score."""
-    if by not in SORTS:
-        raise InputError(f"{by!r}: choose {' or '.join(SORTS)}", option="sort")
+    check_sort(by)
     if by == "score":
         return list(hits)
     return sorted(hits, key=lambda hit: (hit.taken is None, -(hit.taken or 0.0), hit.rank))

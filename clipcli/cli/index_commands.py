@@ -46,9 +46,8 @@ def _when(value: str) -> float:
 
     try:
         return parse_when(value)
-    except ValueError:
-        raise typer.BadParameter(f"{value!r}: give a date (2024-06-01) or a date and time (2024-06-01T14:30, "
-                                 "UTC unless it says +02:00)") from None
+    except InputError as error:
+        raise typer.BadParameter(error.message) from None
 
 
 WhenOpt = Optional[float]
@@ -213,13 +212,13 @@ def search(
     from ..http import FetchOptions
     from ..index import Index
     from ..output import RecordWriter, write_paths
-    from ..search import check_min_prob, check_threshold, ordered, parse_terms, record, score_kind
+    from ..search import check_min_prob, check_sort, check_threshold, ordered, parse_terms, record, score_kind
     from ..search import search as run_search
     from ..zeroshot import check_probability
 
     terms = parse_terms(queries, minus)
     check_threshold(threshold)  # before --in updates the index and a model loads
-    ordered([], sort)
+    check_sort(sort)
     check_probability(min_prob)
     if print0 and fmt not in (None, SearchFormat.paths):
         raise InputError(f"prints paths: it cannot go with --format {fmt.value}", option="print0")

@@ -188,13 +188,7 @@ class Form:
         from ..metadata import parse_when
 
         text = self.one(key)
-        if not text:
-            return None
-        try:
-            return parse_when(text)
-        except ValueError:
-            raise InputError(f"{key}={text[:40]}: give a date (2024-06-01) or a date and time "
-                             "(2024-06-01T14:30, UTC unless it says +02:00)") from None
+        return parse_when(text, option=key) if text else None
 
     def flag(self, key: str, default: bool) -> bool:
         text = self.one(key)

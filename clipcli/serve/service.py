@@ -229,10 +229,10 @@ class Service:
         and the id of each result's file (for :meth:`indexed_file`). The terms are embedded
         like the command's (query images decoded off the model thread, as any request's images),
         summed by :func:`clipcli.search.combine` and ranked by :func:`~clipcli.search.rank`."""
-        from ..search import check_min_prob, check_threshold, image_item, ordered, scaled
+        from ..search import check_min_prob, check_sort, check_threshold, image_item, scaled
 
         loaded = self.ready()
-        ordered([], sort)
+        check_sort(sort)
         check_threshold(threshold)
         check_min_prob(loaded, min_prob)
         if offset < 0:
