@@ -210,11 +210,22 @@ class DaemonPool:
         self._tasks.put((future, fn, args))
         return future
 
+    def abandon(self) -> None:
+        """One worker is stuck (a decoder that never returns cannot be stopped): another takes its
+        place, and the pool no longer waits for them all when it shuts down."""
+        import threading
+
+        thread = threading.Thread(target=self._work, name=f"clipcli-decode-{len(self._threads)}", daemon=True)
+        self._threads.append(thread)
+        self._abandoned = True
+        thread.start()
+
     def shutdown(self, wait: bool, grace: float = 1.0) -> None:
-        """Stop the workers; without ``wait``, give those still busy ``grace`` seconds (a
-        decode ends in milliseconds; a stalled URL is left behind)."""
+        """Stop the workers; without ``wait`` (or with a stuck one), give those still busy
+        ``grace`` seconds (a decode ends in milliseconds; a stalled URL is left behind)."""
         import time
 
+        wait = wait and not getattr(self, "_abandoned", False)
         for _ in self._threads:
             self._tasks.put(None)
         deadline = time.monotonic() + grace
@@ -242,7 +253,9 @@ def embed_images(
 
     Up to ``2 * batch_size + workers`` items (and :data:`MAX_PENDING_BYTES` of their bytes) are
     decoded ahead of the model on ``workers`` threads (None: :func:`default_workers`; 0: decode in this thread); ``batch_size`` None is
-    :func:`default_batch_size`. Items that fail carry a reason and no embedding.
+    :func:`default_batch_size`. Items that fail carry a reason and no embedding; so does an item
+    whose worker gives no result within ``decode.timeout`` seconds of being waited for (its
+    thread is left behind and replaced; with no workers there is no timeout).
     """
     loaded.ensure("image")
     step, decode = image_step(loaded, decode)
@@ -282,8 +295,10 @@ def embed_images(
             while pending:
                 item, future = pending.popleft()
                 held[0] -= len(item.data or b"")
-                tensor, thumb, error = future.result() if future else prepare_image(item, step, decode, fetch,
-                                                                                    thumbnails)
+                if future is None:
+                    tensor, thumb, error = prepare_image(item, step, decode, fetch, thumbnails)
+                else:
+                    tensor, thumb, error = _result(future, pool, decode.timeout)
                 refill()
                 window.append([item.name, tensor, thumb, error])  # the name only: bytes go as soon as decoded
                 in_batch += tensor is not None
@@ -298,6 +313,19 @@ def embed_images(
                 if future is not None:
                     future.cancel()
             pool.shutdown(wait=finished)
+
+
+def _result(future: Future, pool: DaemonPool, timeout: float | None) -> tuple:
+    """A worker's ``(pixels, thumbnail, reason)``, or a reason when it takes over ``timeout`` seconds."""
+    from concurrent.futures import TimeoutError as Late
+
+    try:
+        return future.result(timeout=timeout)
+    except Late:
+        if not future.cancel():  # running: stuck in a decoder
+            pool.abandon()
+        return None, None, Reason(f"decoding took over {timeout:g} s; left behind (a stuck decoder or file "
+                                  "system)", fix="decode_timeout")
 
 
 def _stack(rows: list) -> "torch.Tensor":

@@ -34,6 +34,9 @@ PILLOW_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM", "ICO")
 IMAGE_FORMATS = (*PILLOW_FORMATS, "HEIF", "AVIF", "RAW")
 # Pillow's own default cap (about 89 megapixels).
 DEFAULT_MAX_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)
+# A decoder stuck longer than this on one file (a hostile file, a hung network mount) is left
+# behind and the file fails: a 100-megapixel RAW demosaics in a few seconds here.
+DECODE_TIMEOUT = 60.0
 
 
 
@@ -62,6 +65,7 @@ class DecodeOptions:
     formats: tuple[str, ...] = IMAGE_FORMATS
     exact: bool = False
     draft_size: int | None = None
+    timeout: float | None = DECODE_TIMEOUT  # seconds a worker may take on one item (clipcli.batching)
 
 
 @contextmanager
@@ -323,6 +327,11 @@ def read_image(item: Item, decode: DecodeOptions = DecodeOptions(), fetch: Fetch
             raise ItemError("not a regular file")
         if info.st_size == 0:
             raise ItemError("empty file (0 bytes)")
+        if item.frame is not None:
+            from .video import read_frame
+
+            image = read_frame(path, item.frame, decode)
+            return image if decode.exact else to_rgb(image)
         with open(path, "rb") as f:
             return decode_image(f, decode, name=path)
     except OSError as error:

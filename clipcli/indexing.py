@@ -8,6 +8,12 @@ vectors is committed in its own transaction with its files' rows: a killed run l
 most the batch in flight. Rows of files gone from an indexed folder are removed last, with
 the vectors no file refers to any more. Nothing is removed under a folder that could not
 be read, and a file that changed while it was embedded is left for the next run.
+
+A video is a row of its own (its content sha256 and metadata, no vector) and one row per frame
+read (:mod:`clipcli.video`), keyed ``PATH#t=SECONDS``, whose content is ``SHA256#t=SECONDS``:
+a copy of a video reuses its frames' vectors, and a changed video re-embeds all of them. The
+video's own row is written once every frame is, so a run killed part-way through a video reads
+it again next time.
 """
 
 from __future__ import annotations
@@ -16,13 +22,15 @@ import os
 import stat
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from .decoders import MISSING
-from .errors import InputError
+from .errors import InputError, ItemError
 from .index import NEXT_GENERATION, Index, Summary, key_range, path_key
+from .items import VIDEO_INTERVAL
+from .video import MARK, frame_name, frame_times, is_video, seconds_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from .metadata import Metadata
@@ -46,10 +54,30 @@ class _Scan:
     unreadable: bool = False  # a read error: reported, never stored (a fixed permission changes no mtime)
     old: tuple | None = field(default=None, repr=False)  # its row before this run: (size, mtime_ns, sha256, error, taken)
     meta: "Metadata | None" = None  # read with the hash (clipcli.metadata)
+    video: bool = False
+    frames: list = field(default_factory=list, repr=False)  # a video's frame rows before this run: (path, sha256, error)
+    frame: float | None = None  # a video frame's time; ``source`` is then its video's key
+    source: bytes | None = None
 
     @property
     def same_file(self) -> bool:
         return self.old is not None and (self.old[0], self.old[1]) == (self.size, self.mtime_ns)
+
+    @property
+    def file(self) -> str:
+        """The file on disk (a frame's video)."""
+        return os.fsdecode(self.source or self.key)
+
+    def done(self, have: set[str], interval: float) -> bool:
+        """Whether its row holds what this run would store: a failure, a vector of the model, or
+        (a video) a row for each frame at this interval, each a failure or a vector."""
+        if self.old[3] is not None:
+            return True
+        if self.video:
+            times = sorted(float(path.rpartition(MARK.encode())[2]) for path, _, _ in self.frames)
+            return times == frame_times(len(times) * interval, interval) and all(
+                error is not None or sha in have for _, sha, error in self.frames)
+        return self.old[2] in have
 
 
 @dataclass
@@ -63,9 +91,12 @@ class _Run:
     report: Callable[[str, str | None], None]
     summary: Summary
     batch_size: int | None = None  # files per commit (None: the device's default batch)
+    video_interval: float = VIDEO_INTERVAL
     model: int | None = None
     loaded: "LoadedModel | None" = None
     stale: set = field(default_factory=set)  # content sha256s some row stopped pointing to
+    videos: list = field(default_factory=list)  # the videos read this run: their rows go in once their frames are
+    left_out: set = field(default_factory=set)  # videos with a frame not stored this run: their rows wait
 
     def count(self, kind: str, scan: _Scan) -> None:
         setattr(self.summary, kind, getattr(self.summary, kind) + 1)
@@ -74,27 +105,34 @@ class _Run:
 
 def update(index: Index, inputs: Sequence[str], key: str, load: Callable[[], "LoadedModel"], *,
            embed: Callable[["LoadedModel", list], Iterator] | None = None, batch_size: int | None = None,
-           on_result: Callable[[str, str | None], None] | None = None, raw_pairs: bool = True) -> Summary:
+           on_result: Callable[[str, str | None], None] | None = None, raw_pairs: bool = True,
+           video_interval: float = VIDEO_INTERVAL) -> Summary:
     """Bring the rows of ``inputs`` (folders, list files, files) up to date for the model
     whose :func:`~clipcli.loading.source_key` is ``key``. ``load()`` is called only if an
     image must be embedded; ``embed(loaded, items)`` yields one
     :class:`~clipcli.batching.Embedding` per item (default: :func:`embed_images`); rows are
     committed every ``batch_size`` files (None: the device's default batch). With ``raw_pairs``,
     a camera RAW file beside a developed twin of the same name is left out
-    (:func:`clipcli.items.raw_pairs`; counted as ``paired``). SQLite's errors leave as the
-    index's one-line errors (:meth:`Index.guard`)."""
+    (:func:`clipcli.items.raw_pairs`; counted as ``paired``). A video is read as a frame every
+    ``video_interval`` seconds (see the module; each frame counts as a file). SQLite's errors
+    leave as the index's one-line errors (:meth:`Index.guard`)."""
+    from .video import check_interval
+
+    check_interval(video_interval)
     with index.guard():
-        return _update(index, inputs, key, load, embed, batch_size, on_result, raw_pairs)
+        return _update(index, inputs, key, load, embed, batch_size, on_result, raw_pairs, video_interval)
 
 
 def _update(index: Index, inputs: Sequence[str], key: str, load: Callable[[], "LoadedModel"],
             embed: Callable[["LoadedModel", list], Iterator] | None, batch_size: int | None,
-            on_result: Callable[[str, str | None], None] | None, pair_raws: bool = True) -> Summary:
+            on_result: Callable[[str, str | None], None] | None, pair_raws: bool = True,
+            video_interval: float = VIDEO_INTERVAL) -> Summary:
     from .fsutil import named
 
     for arg in inputs:  # before anything: rows under a folder an empty path seemed to name would go
         named(arg, "a path to index")
-    run = _Run(index, key, load, embed, on_result or (lambda name, error: None), Summary(), batch_size=batch_size)
+    run = _Run(index, key, load, embed, on_result or (lambda name, error: None), Summary(), batch_size=batch_size,
+               video_interval=video_interval)
     started = time.monotonic()
     if index.readonly:
         index._write()  # raises: say so before walking a tree
@@ -113,15 +151,15 @@ def _update(index: Index, inputs: Sequence[str], key: str, load: Callable[[], "L
     have = _shas(index, run.model)
     todo, undated = [], []
     for scan in scans:
-        if scan.same_file and (scan.old[3] is not None or scan.old[2] in have):
-            run.summary.unchanged += 1
-            if scan.old[4] is None and scan.old[3] is None:  # indexed before dates were kept
+        if scan.same_file and scan.done(have, run.video_interval):
+            run.summary.unchanged += len(scan.frames) if scan.video and scan.old[3] is None else 1
+            if scan.old[4] is None and scan.old[3] is None and not scan.video:  # indexed before dates were kept
                 undated.append(scan)
         else:
             todo.append(scan)
     if undated:
         _date(index, undated)
-    seen = {scan.key for scan in scans}
+    seen = {scan.key for scan in scans} | {path for scan in scans for path, _, _ in scan.frames}
     kept = [key_range(folder)[0] for folder in unreadable]
     gone = [(path, row[2]) for path, row in under.items()
             if path not in seen and not any(path.startswith(low) for low in kept)]
@@ -134,7 +172,8 @@ def _update(index: Index, inputs: Sequence[str], key: str, load: Callable[[], "L
         with index._write():
             index.db.executemany("DELETE FROM files WHERE path = ?", [(path,) for path, _ in gone])
             _collect_garbage(index, run.stale | {sha for _, sha in gone if sha})
-        run.summary.removed += len(gone)
+        # a video's own row is no image: its frames are counted
+        run.summary.removed += sum(1 for path, sha in gone if not (sha and is_video(os.fsdecode(path))))
     elif run.stale:
         with index._write():
             _collect_garbage(index, run.stale)
@@ -158,7 +197,7 @@ def _expand(index: Index, inputs: Sequence[str]) -> tuple[list, list[bytes]]:
                 roots.append(path_key(arg))
                 continue
         try:
-            items += [item for item in expand_inputs([arg]) if item.error != EMPTY_FOLDER]
+            items += [item for item in expand_inputs([arg], video_interval=None) if item.error != EMPTY_FOLDER]
         except InputError:
             if not os.path.isdir(arg):
                 raise
@@ -189,7 +228,7 @@ def _scan(items) -> tuple[list[_Scan], list[tuple[str, str]], list[bytes]]:
         if not stat.S_ISREG(st.st_mode):
             failures.append((item.name, "not a regular file"))
             continue
-        scans.append(_Scan(key, item.name, st.st_size, st.st_mtime_ns))
+        scans.append(_Scan(key, item.name, st.st_size, st.st_mtime_ns, video=is_video(item.path)))
     return scans, failures, unreadable
 
 
@@ -208,7 +247,16 @@ def _attach_rows(index: Index, scans: list[_Scan], roots: list[bytes]) -> dict[b
             row = index.db.execute("SELECT size, mtime_ns, sha256, error, taken FROM files WHERE path = ?",
                                    (scan.key,)).fetchone()
             scan.old = tuple(row) if row else None
+        if scan.video:
+            scan.frames = index.db.execute("SELECT path, sha256, error FROM files WHERE path >= ? AND path < ?",
+                                           _frame_range(scan.key)).fetchall()
     return rows
+
+
+def _frame_range(key: bytes) -> tuple[bytes, bytes]:
+    """The keys of a video's frames (``PATH#t=...``; ">" is the byte after "=")."""
+    mark = MARK.encode()
+    return key + mark, key + mark[:-1] + b">"
 
 
 def _shas(index: Index, model: int | None) -> set[str]:
@@ -253,6 +301,8 @@ def _date(index: Index, scans: list[_Scan]) -> None:
 def _apply(run: _Run, todo: list[_Scan], gone: list[tuple[bytes, str | None]], have: set[str]) -> None:
     """Store what needs no model (reused vectors, failures), then embed the new content."""
     moved_from = Counter(sha for _, sha in gone if sha)  # content that left a path this run
+    videos = [s for s in todo if s.video and s.error is None]
+    todo = _with_frames(run, todo)
     failed = [s for s in todo if s.error is not None]
     for scan in failed:
         run.count("failed", scan)
@@ -274,20 +324,54 @@ def _apply(run: _Run, todo: list[_Scan], gone: list[tuple[bytes, str | None]], h
         else:
             kind = "updated" if scan.old else "added"
         run.count(kind, scan)
+    broken = [s for s in videos if s.error is not None and getattr(s.error, "fix", None) != MISSING]
     with run.index._write():  # read errors are not stored: the old row stays until the file can be read
-        _put_files(run, reuse)
+        for video in videos:  # its frames as they were: replaced by this run's
+            run.index.db.execute("DELETE FROM files WHERE path >= ? AND path < ?", _frame_range(video.key))
+            run.stale.update(sha for _, sha, _ in video.frames if sha)
+        _put_files(run, reuse + broken)
     fresh: dict[str, list[_Scan]] = {}  # content sha -> the files holding it
     for scan in ready:
         if scan.sha256 not in have:
             fresh.setdefault(scan.sha256, []).append(scan)
     if fresh:
         _embed(run, fresh)
+    if run.videos:
+        with run.index._write():
+            _put_files(run, [video for video in run.videos if video.key not in run.left_out])
+
+
+def _with_frames(run: _Run, scans: list[_Scan]) -> list[_Scan]:
+    """``scans`` with each video that opens in place of its frames (named and keyed ``PATH#t=SECONDS``,
+    their content ``SHA256#t=SECONDS``, their capture time the video's plus their own); a video
+    that does not open keeps its scan, with the reason."""
+    from .video import probe
+
+    out = []
+    for scan in scans:
+        if not scan.video or scan.error is not None:
+            out.append(scan)
+            continue
+        try:
+            info = probe(scan.file)
+        except ItemError as error:
+            scan.error = error.reason
+            out.append(scan)
+            continue
+        run.videos.append(scan)
+        for t in frame_times(info.duration, run.video_interval):
+            text, meta = seconds_text(t), scan.meta
+            if meta is not None and meta.taken is not None and meta.taken_source == "video":
+                meta = replace(meta, taken=meta.taken + t)
+            out.append(_Scan(scan.key + (MARK + text).encode(), frame_name(scan.name, t), scan.size, scan.mtime_ns,
+                             sha256=f"{scan.sha256}{MARK}{text}", old=scan.old, meta=meta, frame=t, source=scan.key))
+    return out
 
 
 def _changed(scan: _Scan) -> bool:
     """Whether the file is no longer what was hashed (its vector would be stored under the old content)."""
     try:
-        st = os.stat(os.fsdecode(scan.key))
+        st = os.stat(scan.file)
     except OSError:
         return True
     return (st.st_size, st.st_mtime_ns) != (scan.size, scan.mtime_ns)
@@ -300,7 +384,7 @@ def _embed(run: _Run, fresh: dict[str, list[_Scan]]) -> None:
     from .items import Item
 
     firsts = [group[0] for group in fresh.values()]
-    items = [Item(name=scan.name, path=os.fsdecode(scan.key)) for scan in firsts]
+    items = [Item(name=scan.name, path=scan.file, frame=scan.frame) for scan in firsts]
     embed = run.embed or (lambda loaded, items: embed_images(loaded, items, normalize=True))
     batch, _ = sizes_for(run.loaded.device, run.batch_size, 0)
     files, vectors = [], []
@@ -311,11 +395,13 @@ def _embed(run: _Run, fresh: dict[str, list[_Scan]]) -> None:
             for member in group:
                 member.error = "changed while it was being indexed; it is indexed on the next run"
                 run.count("failed", member)
+            run.left_out.update(member.source for member in group)
             continue
         for member in group:
             member.error = result.error
             run.count(("updated" if member.old else "added") if result.ok else "failed", member)
         if getattr(result.error, "fix", None) == MISSING:  # a decoder this machine lacks: tried again with it
+            run.left_out.update(member.source for member in group)
             continue
         files += group
         if result.ok:

@@ -20,6 +20,8 @@ from typing import Iterator, Sequence
 from .display import display
 from .errors import InputError
 from .http import has_credentials, redact_credentials, url_scheme
+from .video import DEFAULT_INTERVAL as VIDEO_INTERVAL
+from .video import VIDEO_EXTENSIONS, check_interval, frame_name, frame_times, is_video, split_frame
 
 # Camera RAW files (read through rawpy, see clipcli.decoders), and what a camera or a RAW developer
 # writes beside one: a RAW file with such a twin of the same stem is skipped by :func:`raw_pairs`.
@@ -27,6 +29,8 @@ RAW_EXTENSIONS = frozenset({".cr2", ".cr3", ".nef", ".nrw", ".arw", ".dng", ".or
 DEVELOPED_EXTENSIONS = frozenset({".jpg", ".jpeg", ".heic", ".heif", ".avif", ".png", ".tif", ".tiff"})
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif",
                               ".avif", ".pnm", ".ppm", ".pgm", ".pbm", ".ico"}) | RAW_EXTENSIONS
+# Videos are read as frames every few seconds (clipcli.video) and found in folders like images.
+MEDIA_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
 # Always read as list files; other files without an image extension are sniffed.
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list", ".urls", ".csv", ".tsv"})
 MAX_LINE_CHARS = 16384
@@ -42,7 +46,8 @@ class Item:
     ``name`` is what records show: the path as the user can reach it from the current
     folder (list entries are joined to their list file's folder), or the URL. ``error`` is
     set when the item is known to be unusable before any reading (e.g. an ``ftp://`` URL);
-    ``data`` holds the bytes of an image read from a WebDataset shard.
+    ``data`` holds the bytes of an image read from a WebDataset shard; ``frame`` the time in
+    seconds of a video's frame (:mod:`clipcli.video`; ``name`` is then ``PATH#t=SECONDS``).
     """
 
     name: str
@@ -50,6 +55,7 @@ class Item:
     url: str | None = None
     error: str | None = None
     data: bytes | None = field(default=None, repr=False)  # the file's bytes, read from an archive
+    frame: float | None = None
 
 
 def url_item(url: str) -> Item:
@@ -67,8 +73,9 @@ def url_item(url: str) -> Item:
 
 
 def has_image_extension(name: str) -> bool:
+    """Whether ``name`` is an image's or a video's by its extension (what a folder walk picks up)."""
     base = name.rpartition("/")[2]
-    return "." in base.lstrip(".") and "." + base.rpartition(".")[2].lower() in IMAGE_EXTENSIONS
+    return "." in base.lstrip(".") and "." + base.rpartition(".")[2].lower() in MEDIA_EXTENSIONS
 
 
 def _twin_key(path: str) -> tuple[str, str]:
@@ -238,7 +245,8 @@ def walk_folder(folder: str, visited: set | None = None, exclude: frozenset[str]
 
 
 EMPTY_FOLDER = ("the folder holds no images (jpg, jpeg, png, webp, heic, heif, avif, bmp, gif, tif, tiff, pnm, ppm, "
-                "pgm, pbm, ico, or camera RAW: cr2, cr3, nef, nrw, arw, dng, orf, rw2, raf, pef, srw)")
+                "pgm, pbm, ico, camera RAW: cr2, cr3, nef, nrw, arw, dng, orf, rw2, raf, pef, srw, or video: mp4, m4v, "
+                "mov, webm, mkv, avi, 3gp, mts, m2ts, mpg, mpeg, wmv, ogv)")
 
 
 def _missing(path: str) -> str | None:
@@ -253,11 +261,14 @@ def _missing(path: str) -> str | None:
     return None
 
 
-def expand_inputs(inputs: Sequence[str], *, exclude: Sequence[str | os.PathLike] = ()) -> list[Item]:
+def expand_inputs(inputs: Sequence[str], *, exclude: Sequence[str | os.PathLike] = (),
+                  video_interval: float | None = VIDEO_INTERVAL) -> list[Item]:
     """One :class:`Item` per image named by ``inputs``, in order.
 
-    Each input is a URL, an image file, a folder, a list file or ``-`` (a list on stdin).
-    Files listed in ``exclude`` (the run's own outputs) are not picked up from folders.
+    Each input is a URL, an image file, a video, a folder, a list file or ``-`` (a list on stdin).
+    A video is one item per frame read every ``video_interval`` seconds (:func:`clipcli.video.
+    frame_items`; None: one item for the file, as the index takes it). Files listed in
+    ``exclude`` (the run's own outputs) are not picked up from folders.
     A missing input, an empty one (which would mean the current folder) or an empty result
     raises :class:`InputError`.
     """
@@ -291,4 +302,37 @@ def expand_inputs(inputs: Sequence[str], *, exclude: Sequence[str | os.PathLike]
             items.extend(_list_entries(read_lines(arg), os.path.dirname(arg), visited))
     if all(item.error == EMPTY_FOLDER for item in items):
         raise InputError(f"no images found in {display(', '.join(inputs))}")
+    if video_interval is not None:
+        items = _with_frames(items, video_interval)
     return items
+
+
+def local_item(name: str) -> Item:
+    """The item of a local path as an index stores it: a video's frame (``PATH#t=SECONDS``) or a file."""
+    path, t = split_frame(name)
+    return Item(name=name, path=path, frame=t)
+
+
+def frame_items(item: Item, interval: float = VIDEO_INTERVAL) -> list[Item]:
+    """The frame items of a video item (its container probed), or the item with the reason it
+    cannot be read."""
+    from .errors import ItemError
+    from .video import probe
+
+    try:
+        info = probe(item.path)
+    except ItemError as error:
+        return [Item(name=item.name, error=error.reason)]
+    return [Item(name=frame_name(item.name, t), path=item.path, frame=t) for t in frame_times(info.duration, interval)]
+
+
+def _with_frames(items: list[Item], interval: float) -> list[Item]:
+    """``items`` with each local video replaced by its frames (probed only when there is one)."""
+    check_interval(interval)
+    out: list[Item] = []
+    for item in items:
+        if item.path is not None and item.error is None and item.frame is None and is_video(item.path):
+            out += frame_items(item, interval)
+        else:
+            out.append(item)
+    return out

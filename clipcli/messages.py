@@ -23,6 +23,7 @@ FIXES = {
     "keys": "choose them with --img-key and --caption-key",
     "truncate": "shorten it, or leave out --no-truncate to cut it",
     "max_pixels": "raise --max-pixels to allow it",
+    "decode_timeout": "raise --decode-timeout to wait longer",
     "allow_truncated": "pass --allow-truncated to score what can be decoded",
     "allow_private": "pass --allow-private to fetch from it",
     "arch": "the commands take it as --arch NAME",

@@ -8,6 +8,8 @@ hashes a file. The capture time is, in order of trust:
 - ``exif-local``: the same without an offset (most cameras before 2018): the camera's clock
   as it read, stored as if it were UTC, so a date filter means the calendar day the camera
   showed, wherever it was;
+- ``video``: a video's creation time from its container (Apple's creation date with its
+  offset, else the UTC ``creation_time``); a frame's is the video's plus its own time;
 - ``mtime``: the file's modification time, when the file has no usable EXIF date.
 
 Width and height are the image as shown (EXIF orientation 5 to 8 swaps them). Nothing here
@@ -35,7 +37,7 @@ class Metadata:
     width: int | None = None
     height: int | None = None
     taken: float | None = None  # Unix seconds, UTC
-    taken_source: str | None = None  # "exif", "exif-local" or "mtime"
+    taken_source: str | None = None  # "exif", "exif-local", "video" or "mtime"
     camera: str | None = None
     gps: bool | None = None
 
@@ -97,11 +99,28 @@ def read_metadata(path: str | os.PathLike, mtime_ns: int | None = None) -> Metad
     try:
         with open(path, "rb") as stream:
             head = stream.read(64)
+        if _is_video(os.fspath(path)):
+            return _video_metadata(os.fspath(path), fallback)
         if os.path.splitext(os.fspath(path))[1].lower() in _raw_extensions() or _kind(head) == "RAW":
             return _raw_metadata(path, fallback)
         return _exif_metadata(_open(path, head), fallback)
     except Exception:  # noqa: BLE001 (not an image, a malformed header, a missing decoder: a date at least)
         return fallback
+
+
+def _is_video(path: str) -> bool:
+    from .video import is_video
+
+    return is_video(path)
+
+
+def _video_metadata(path: str, fallback: Metadata) -> Metadata:
+    from .video import probe
+
+    info = probe(path)
+    created = _plausible(info.created)
+    return Metadata(info.width, info.height, created if created is not None else fallback.taken,
+                    "video" if created is not None else fallback.taken_source, info.camera, info.gps)
 
 
 def _raw_extensions() -> frozenset[str]:

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .display import escaped
 from .images import DecodeOptions, read_image
-from .items import Item
+from .items import local_item
 from .metadata import iso
 
 CELL = 200  # thumbnail side, pixels
@@ -36,7 +36,7 @@ def sheet_format(path: str | os.PathLike) -> str:
 
 def _thumbnail(name: str) -> Image.Image | None:
     try:
-        image = read_image(Item(name=name, path=name), DecodeOptions(draft_size=CELL))
+        image = read_image(local_item(name), DecodeOptions(draft_size=CELL))  # a file, or a video's frame
     except Exception:  # noqa: BLE001 - a file gone or changed since indexing is drawn as a blank cell
         return None
     image.thumbnail((CELL - 8, CELL - 8))  # a margin between cells

@@ -23,7 +23,7 @@ from .errors import InputError, OutputError, OutputExistsError
 from .feedback import SILENT, Feedback
 from .http import FetchOptions
 from .images import DecodeOptions
-from .items import Item
+from .items import VIDEO_INTERVAL, Item
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -41,6 +41,7 @@ class RunOptions:
     workers: int | None = None  # None: clipcli.batching.default_workers (4 threads; one per core on a GPU)
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     fetch: FetchOptions = field(default_factory=FetchOptions)
+    video_interval: float = VIDEO_INTERVAL  # seconds between a video's frames (clipcli.video)
 
     def for_device(self, device: "torch.device") -> "RunOptions":
         """These options with the device's defaults in place of None."""
@@ -265,7 +266,7 @@ def update_index(index, inputs: Sequence[str], model: str, load: Callable[[], "L
         return embed_images(loaded, items, normalize=True, **run.for_device(loaded.device).pipeline_kwargs())
 
     return update(index, inputs, key, load, embed=embed, batch_size=run.batch_size, on_result=on_result,
-                  raw_pairs=raw_pairs)
+                  raw_pairs=raw_pairs, video_interval=run.video_interval)
 
 
 @dataclass(frozen=True)

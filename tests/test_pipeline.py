@@ -252,3 +252,34 @@ def test_slurm_tasks_sharing_a_nodes_gpus_take_their_local_id(monkeypatch):
     assert resolve_device("auto") == torch.device("cuda", 3)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # --gpus-per-task: its own GPU is cuda:0
     assert resolve_device("cuda") == torch.device("cuda", 0)
+
+
+def test_a_stuck_decoder_fails_its_file_and_the_run_goes_on(corpus, monkeypatch):
+    """A decoder that never returns (a hostile file) is left behind after --decode-timeout; its
+    file fails with the flag to raise, the others are embedded, and the run ends at once."""
+    import time
+
+    from clipcli import batching
+    from clipcli.images import DecodeOptions
+    from clipcli.messages import hinted
+
+    release = threading.Event()
+    real = batching.read_image
+
+    def stuck_on_the_first(item, *args, **kwargs):
+        if item.name == corpus[0].name:
+            release.wait(30)  # stuck until the test ends
+        return real(item, *args, **kwargs)
+
+    monkeypatch.setattr(batching, "read_image", stuck_on_the_first)
+    started = time.monotonic()
+    try:
+        results = list(embed_images(loaded(FakeModel()), corpus, batch_size=4, workers=2,
+                                    decode=DecodeOptions(timeout=0.5)))
+    finally:
+        release.set()
+    assert time.monotonic() - started < 10
+    assert [r.name for r in results] == [item.name for item in corpus]
+    assert results[0].error.startswith("decoding took over 0.5 s")
+    assert hinted(results[0].error).endswith("raise --decode-timeout to wait longer")
+    assert sum(r.ok for r in results) == 15  # all the others but the four empty files

@@ -15,11 +15,14 @@ import typer
 from ..errors import InputError
 from .app import command
 from .options import (
+    DECODE_TIMEOUT,
     DEFAULT_MODEL,
     MAX_PIXELS,
+    VIDEO_INTERVAL,
     ArchOpt,
     BatchOpt,
     CacheDirOpt,
+    DecodeTimeoutOpt,
     DeviceOpt,
     ExactOpt,
     FormatOpt,
@@ -33,6 +36,7 @@ from .options import (
     TextOpt,
     ThreadsOpt,
     TruncatedOpt,
+    VideoIntervalOpt,
     WorkersOpt,
     dtype_option,
     load,
@@ -80,6 +84,8 @@ def encode(
     allow_truncated: TruncatedOpt = False,
     allow_private: PrivateOpt = False,
     exact_decode: ExactOpt = False,
+    video_interval: VideoIntervalOpt = VIDEO_INTERVAL,
+    decode_timeout: DecodeTimeoutOpt = DECODE_TIMEOUT,
     partition_size: Annotated[int, typer.Option("--partition-size", min=1, help="With -o DIR/: inputs per partition.")] = 10_000,
     rank: Annotated[Optional[int], typer.Option("--rank", min=0, show_default=False, help="With -o DIR/: this process's rank (default: torchrun's RANK, SLURM's SLURM_PROCID, or 0).")] = None,
     world: Annotated[Optional[int], typer.Option("--world", min=1, show_default=False, help="With -o DIR/: how many processes share the work (default: WORLD_SIZE, SLURM_STEP_NUM_TASKS inside srun, or 1).")] = None,
@@ -126,7 +132,8 @@ def encode(
         encode_partitioned(inputs, output, lambda text=False: load(model, arch, device, precision, threads, quiet,
                                                                     towers=("image", "text") if text else ("image",),
                                                                     cache_dir=cache_dir),
-                           run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode),
+                           run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode, video_interval,
+                                       decode_timeout),
                            normalize=not no_normalize, dtype=dtype, partition_size=partition_size, rank=rank,
                            world=world, captions=captions, quiet=quiet)
     if not texts_given and not inputs:
@@ -143,7 +150,7 @@ def encode(
     # the lock is taken before any work, so a second run is refused at once.
     with exclusive_lock(output) if target != "stdout" else contextlib.nullcontext():
         texts = read_captions(text, text_file, quiet, old_file_flag=True) if texts_given else None
-        items = expand_inputs(inputs, exclude=outputs) if inputs else None
+        items = expand_inputs(inputs, exclude=outputs, video_interval=video_interval) if inputs else None
         loaded = load(model, arch, device, precision, threads, quiet,
                       towers=("text",) if texts is not None else ("image",), cache_dir=cache_dir)
         stream_writer = None
@@ -156,7 +163,8 @@ def encode(
             done = run_encode(loaded, items=items, texts=texts, output=None if target == "stdout" else output,
                        normalize=not no_normalize, store=dtype, truncate=not no_truncate, resume=resume,
                        overwrite=overwrite,
-                       run=run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode),
+                       run=run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode, video_interval,
+                                       decode_timeout),
                        on_result=report.done, on_record=stream_writer.write if stream_writer else None, locked=True)
         if done.resumed:
             report.message(f"resumed: {done.resumed} of {total} inputs came from the journal of the interrupted run")
@@ -191,7 +199,7 @@ def encode_partitioned(inputs: list[str], output: str, loaded_model, run, *, nor
     shards = expand_shards(inputs) if is_shards(inputs) else None
     if captions and shards is None:
         raise InputError("--captions embeds the .txt of WebDataset samples: give tar shards")
-    items = expand_inputs(inputs) if shards is None else []
+    items = expand_inputs(inputs, video_interval=run.video_interval) if shards is None else []
     mine = part.count(len(items), partition_size)
     prefix = f"[rank {part.rank}/{part.world}] " if part.world > 1 else ""
     with Reporter(mine, "images", quiet, prefix=prefix, bar=part.rank == 0 and shards is None) as report:

@@ -13,11 +13,14 @@ from ..display import escaped
 from ..errors import InputError, NoVectorsError, OutputError
 from .app import command
 from .options import (
+    DECODE_TIMEOUT,
     DEFAULT_MODEL,
     MAX_PIXELS,
+    VIDEO_INTERVAL,
     ArchOpt,
     BatchOpt,
     CacheDirOpt,
+    DecodeTimeoutOpt,
     DeviceOpt,
     ExactOpt,
     MaxPixelsOpt,
@@ -26,6 +29,7 @@ from .options import (
     QuietOpt,
     ThreadsOpt,
     TruncatedOpt,
+    VideoIntervalOpt,
     WorkersOpt,
     load,
     output_format,
@@ -128,6 +132,8 @@ def index(
     max_pixels: MaxPixelsOpt = MAX_PIXELS,
     allow_truncated: TruncatedOpt = False,
     exact_decode: ExactOpt = False,
+    video_interval: VideoIntervalOpt = VIDEO_INTERVAL,
+    decode_timeout: DecodeTimeoutOpt = DECODE_TIMEOUT,
     keep_raw_pairs: Annotated[bool, typer.Option(
         "--keep-raw-pairs", help="Index a camera RAW file (CR2, NEF, DNG, ...) even when a JPEG, HEIC, PNG or TIFF "
                                  "of the same name sits beside it (by default the RAW is left out, and counted).")] = False,
@@ -146,7 +152,7 @@ def index(
     from ..index import Index
     from ..output import to_json
 
-    run = run_options(batch_size, workers, max_pixels, allow_truncated, False, exact_decode)
+    run = run_options(batch_size, workers, max_pixels, allow_truncated, False, exact_decode, video_interval, decode_timeout)
     with Index(db) as opened:
         summary = _update(opened, inputs, index_model(opened, model), arch, cache_dir, device, precision, threads,
                           quiet, run, {}, raw_pairs=not keep_raw_pairs)

@@ -85,6 +85,15 @@ MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse l
 TruncatedOpt = Annotated[bool, typer.Option("--allow-truncated", help="Score truncated files from what decodes.")]
 PrivateOpt = Annotated[bool, typer.Option("--allow-private", help="Allow URLs on loopback/private/link-local addresses.")]
 ExactOpt = Annotated[bool, typer.Option("--exact-decode", help="Decode exactly as the reference does: JPEGs at full size (by default large ones decode at the smallest scale keeping twice the model's resolution), and palette/transparent images resized in their own mode and converted to RGB after the crop (by default alpha is composited on white first). Slower.")]
+# clipcli.images.DECODE_TIMEOUT, spelled out likewise.
+DECODE_TIMEOUT = 60.0
+DecodeTimeoutOpt = Annotated[float, typer.Option("--decode-timeout", min=0.001, metavar="SECONDS",
+                                                 help="A file whose decoding takes longer fails (a stuck decoder).")]
+# clipcli.items.VIDEO_INTERVAL, spelled out likewise.
+VIDEO_INTERVAL = 5.0
+VideoIntervalOpt = Annotated[float, typer.Option("--video-interval", min=0.0, metavar="SECONDS",
+                                                 help="Read a video's first frame, then one every SECONDS (0: the "
+                                                      "first only); each frame is an item named VIDEO#t=SECONDS.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
 CacheDirOpt = Annotated[Optional[str], typer.Option(
     "--cache-dir", show_default=False,
@@ -95,15 +104,16 @@ TextFileOpt = Annotated[list[str], typer.Option("--text-file", help="Captions, o
 
 
 def run_options(batch_size: Optional[int], workers: Optional[int], max_pixels: int, allow_truncated: bool, allow_private: bool,
-                exact_decode: bool):
+                exact_decode: bool, video_interval: float = VIDEO_INTERVAL, decode_timeout: float = DECODE_TIMEOUT):
     """The shared run options (:class:`clipcli.tasks.RunOptions`) from the shared flags."""
     from ..http import FetchOptions
     from ..images import DecodeOptions
     from ..tasks import RunOptions
 
     return RunOptions(batch_size=batch_size, workers=workers,
-                      decode=DecodeOptions(max_pixels=max_pixels, allow_truncated=allow_truncated, exact=exact_decode),
-                      fetch=FetchOptions(allow_private=allow_private))
+                      decode=DecodeOptions(max_pixels=max_pixels, allow_truncated=allow_truncated, exact=exact_decode,
+                                          timeout=decode_timeout),
+                      fetch=FetchOptions(allow_private=allow_private), video_interval=video_interval)
 
 
 def output_format(fmt: Optional[Format]) -> str:

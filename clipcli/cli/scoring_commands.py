@@ -15,11 +15,14 @@ import typer
 from ..errors import ClipcliError, InputError
 from .app import command
 from .options import (
+    DECODE_TIMEOUT,
     DEFAULT_MODEL,
     MAX_PIXELS,
+    VIDEO_INTERVAL,
     ArchOpt,
     BatchOpt,
     CacheDirOpt,
+    DecodeTimeoutOpt,
     DeviceOpt,
     ExactOpt,
     FormatOpt,
@@ -33,6 +36,7 @@ from .options import (
     TextOpt,
     ThreadsOpt,
     TruncatedOpt,
+    VideoIntervalOpt,
     WorkersOpt,
     load,
     output_format,
@@ -91,6 +95,8 @@ def classify(
     allow_truncated: TruncatedOpt = False,
     allow_private: PrivateOpt = False,
     exact_decode: ExactOpt = False,
+    video_interval: VideoIntervalOpt = VIDEO_INTERVAL,
+    decode_timeout: DecodeTimeoutOpt = DECODE_TIMEOUT,
 ) -> None:
     """Zero-shot classify images: one record per image with its best label and the top K.
 
@@ -123,11 +129,12 @@ def classify(
     fmt_name = fmt.value if fmt is not None else (file_format(output) if output else output_format(None))
     if output:
         ensure_writable([output], overwrite)
-    items = expand_inputs(inputs, exclude=[output] if output else [])
+    items = expand_inputs(inputs, exclude=[output] if output else [], video_interval=video_interval)
     loaded = load(model, arch, device, precision, threads, quiet, towers=("image",),  # text tower: on a label-cache miss
                   cache_dir=cache_dir)
     records = run_classify(loaded, items, label_list, template_list, top_k=top_k, min_prob=min_prob,
-                           **run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode).pipeline_kwargs())
+                           **run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode,
+                                       decode_timeout=decode_timeout).pipeline_kwargs())
     columns = ["image", "status", "label", "score", "top", "error"]
     kind = score_kind(logit_parameters(loaded.model)[1])
     if fmt_name == "table":  # for people: the kind in the title, the names keep their width
@@ -186,6 +193,8 @@ def similarity(
     allow_truncated: TruncatedOpt = False,
     allow_private: PrivateOpt = False,
     exact_decode: ExactOpt = False,
+    video_interval: VideoIntervalOpt = VIDEO_INTERVAL,
+    decode_timeout: DecodeTimeoutOpt = DECODE_TIMEOUT,
 ) -> None:
     """Similarity of every caption with every image (cosine, and the model's probabilities), as a matrix or a heatmap.
 
@@ -218,7 +227,7 @@ def similarity(
         except ValueError as error:
             raise InputError(str(error)) from None
         ensure_writable([output], overwrite)
-    items = expand_inputs(image_args, exclude=[output] if output else [])
+    items = expand_inputs(image_args, exclude=[output] if output else [], video_interval=video_interval)
     fmt_name = fmt.value if fmt is not None else (None if output else output_format(None))
     loaded = load(model, arch, device, precision, threads, quiet, cache_dir=cache_dir)
 
@@ -229,7 +238,8 @@ def similarity(
             loaded, items, captions, truncate=not no_truncate, thumbnails=bool(output),
             on_image=lambda r: report.done(r.name, r.error),
             on_text=lambda r: None if r.ok else report.message(f"skipping caption {r.name!r}: {hinted(r.error)}"),
-            **run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode).pipeline_kwargs(),
+            **run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode,
+                                       decode_timeout=decode_timeout).pipeline_kwargs(),
         )
     text_failures = sum(1 for f in result.failed if "text" in f)
     if output:

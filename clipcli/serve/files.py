@@ -10,7 +10,8 @@ on the way (``~/Pictures`` itself a link, ``2024 -> /mnt/nas/2024``) are the one
 walked, and their files are served.
 
 Thumbnails are made on demand (the decoder's size and format limits apply, as for the
-model) and kept in a bounded cache keyed by the file's path, size and modification time.
+model) and kept in a bounded cache keyed by the file's path, size and modification time. A
+video's frame (``PATH#t=SECONDS``, :mod:`clipcli.video`) is shown as a JPEG of that frame.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from collections import OrderedDict
 from typing import Sequence
 
 from ..errors import InputError
-from ..images import DecodeOptions, decode_image
+from ..images import DecodeOptions, decode_image, read_image
 from ..index import Index, path_key
+from ..video import MARK, seconds_text, split_frame
 
 THUMBNAIL_SIDE = 256
 # Formats a browser shows as they are; any other indexed image is sent as a JPEG of itself.
@@ -62,12 +64,12 @@ def resolve_id(index: Index, file_id: str) -> str:
         row = index.db.execute("SELECT path FROM files WHERE rowid = ? AND error IS NULL", (int(row_text),)).fetchone()
         if row is None or _digest(row[0]) != digest:
             raise NotServed(f"no indexed file has the id {file_id}")
-        path = os.fsdecode(row[0])
+        path, frame = split_frame(os.fsdecode(row[0]))  # a video's frame: the video is the file checked
         real = os.path.realpath(path)
         if os.path.islink(path) and index.db.execute(
                 "SELECT 1 FROM files WHERE path = ? AND error IS NULL", (path_key(real),)).fetchone() is None:
             raise NotServed(f"file {file_id} leads out of the indexed files (a symbolic link)")
-    return real
+    return real if frame is None else f"{real}{MARK}{seconds_text(frame)}"
 
 
 def _read(path: str, limit: int) -> bytes:
@@ -100,8 +102,9 @@ class Thumbnails:
         self._reading = threading.BoundedSemaphore(2)  # files held in memory at once: 2 x max_file at most
 
     def thumbnail(self, path: str) -> bytes:
+        file, frame = split_frame(path)
         try:
-            info = os.stat(path)
+            info = os.stat(file)
         except OSError as error:
             raise NotServed(f"cannot read the file: {error.strerror or error}") from None
         key = (path, info.st_size, info.st_mtime_ns)
@@ -110,7 +113,10 @@ class Thumbnails:
                 self._cache.move_to_end(key)
                 return self._cache[key]
         with self._reading:
-            image = self._decode(_read(path, self.max_file), path, draft=2 * THUMBNAIL_SIDE)
+            if frame is not None:
+                image = self._frame(path)
+            else:
+                image = self._decode(_read(path, self.max_file), path, draft=2 * THUMBNAIL_SIDE)
             image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
             data = _jpeg(image, quality=82)
         with self._lock:
@@ -126,6 +132,9 @@ class Thumbnails:
         else a JPEG of it. ``(bytes, media type)``."""
         from PIL import Image
 
+        if split_frame(path)[1] is not None:
+            with self._reading:
+                return _jpeg(self._frame(path), quality=90), "image/jpeg"
         with self._reading:
             data = _read(path, self.max_file)
             try:
@@ -136,6 +145,16 @@ class Thumbnails:
             if kind is not None:
                 return data, kind
             return _jpeg(self._decode(data, path), quality=90), "image/jpeg"
+
+    def _frame(self, path: str):
+        """A video's frame (``PATH#t=SECONDS``), decoded from the video file."""
+        from ..errors import ItemError
+        from ..items import local_item
+
+        try:
+            return read_image(local_item(path), self.decode)
+        except ItemError as error:
+            raise NotServed(str(error)) from None
 
     def _decode(self, data: bytes, path: str, draft: int | None = None):
         from dataclasses import replace

@@ -1,0 +1,232 @@
+"""Videos as frames (clipcli.video): a frame every --video-interval seconds, named VIDEO#t=SECONDS,
+through encode, index, search, duplicates and serve. The videos are made here with PyAV: H.264 in
+MP4 and VP8 in WebM, 64x48, 10 frames a second, each frame a flat colour of its own, so the frame
+read at a time is told by the colour nearest to what it shows."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from clipcli.batching import embed_images, image_step
+from clipcli.cli import app
+from clipcli.errors import ItemError
+from clipcli.images import DecodeOptions, read_image
+from clipcli.items import Item, expand_inputs
+
+av = pytest.importorskip("av")
+
+DATA = Path(__file__).parent / "data"
+FPS = 10
+
+
+def colour(frame: int) -> tuple[int, int, int]:
+    return ((frame * 9) % 256, 255 - (frame * 5) % 256, (frame * 13 + 40) % 256)
+
+
+def make_video(path: Path, seconds: float = 6.0, codec: str = "libx264", created: str | None = None,
+               faststart: bool = False, offset: int = 0) -> Path:
+    """A video whose frame ``i`` is flat :func:`colour` ``(i + offset)``."""
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), "w", options=options) as container:
+        if created:
+            container.metadata["creation_time"] = created
+        stream = container.add_stream(codec, rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"crf": "10"} if codec == "libx264" else {"crf": "4", "b:v": "4M"}  # colours told apart
+        for i in range(int(seconds * FPS)):
+            pixels = np.empty((48, 64, 3), np.uint8)
+            pixels[:] = colour(i + offset)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def shown(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), np.float64).reshape(-1, 3).mean(axis=0)
+
+
+def nearest(image, frames: int = 200) -> int:
+    """The frame whose colour ``image`` shows."""
+    return int(np.argmin([np.abs(shown(image) - colour(i)).sum() for i in range(frames)]))
+
+
+@pytest.mark.parametrize("codec, suffix", [("libx264", "mp4"), ("libvpx", "webm")])
+def test_a_video_is_its_frames_every_interval_named_by_time(tmp_path, codec, suffix):
+    make_video(tmp_path / f"clip.{suffix}", seconds=6.0, codec=codec)
+    items = expand_inputs([str(tmp_path)], video_interval=2)
+    assert [item.name.rpartition("/")[2] for item in items] == [f"clip.{suffix}#t={t}" for t in (0, 2, 4)]
+    for item in items:
+        image = read_image(item)
+        assert image.size == (64, 48) and image.mode == "RGB"
+        assert nearest(image) == round(item.frame * FPS), item.name
+    assert [i.name.rpartition("#")[2] for i in expand_inputs([str(tmp_path)], video_interval=0)] == ["t=0"]
+    assert len(expand_inputs([str(tmp_path / f"clip.{suffix}")])) == 2  # the default: every 5 s
+    assert len(expand_inputs([str(tmp_path)], video_interval=None)) == 1  # one item: the file
+
+
+def test_frames_embed_like_the_same_pixels_as_png(tmp_path, tiny_vit_checkpoint):
+    from clipcli.pipeline import load_model
+
+    model = load_model(str(tiny_vit_checkpoint), device="cpu")
+    make_video(tmp_path / "clip.mp4", seconds=3.0)
+    frames = expand_inputs([str(tmp_path / "clip.mp4")], video_interval=1)
+    _, options = image_step(model, DecodeOptions())
+    twins = []
+    for item in frames:  # the frame as the pipeline decodes it, saved losslessly
+        twin = tmp_path / f"{item.frame}.png"
+        read_image(item, options).save(twin)
+        twins.append(Item(name=str(twin), path=str(twin)))
+    results = list(embed_images(model, frames + twins, batch_size=8, workers=2))
+    assert [r.error for r in results] == [None] * 6 and [r.name for r in results[:3]] == [i.name for i in frames]
+    for frame, twin in zip(results[:3], results[3:]):
+        assert np.abs(frame.embedding - twin.embedding).max() <= 1e-6, frame.name
+
+
+def test_a_video_damaged_halfway_gives_its_frames_up_to_the_damage(tmp_path, tiny_vit_checkpoint):
+    whole = make_video(tmp_path / "whole.mp4", seconds=10.0, faststart=True)
+    data = whole.read_bytes()
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(data[: len(data) // 2])  # the index (moov) is whole, the media half there
+    frames = expand_inputs([str(broken)], video_interval=2)
+    assert [item.frame for item in frames] == [0, 2, 4, 6, 8]
+    reasons = []
+    for item in frames:
+        try:
+            read_image(item)
+            reasons.append(None)
+        except ItemError as error:
+            reasons.append(str(error))
+    assert reasons[0] is None and reasons[-1] is not None, reasons
+    assert all("video frame at 8 s" in r for r in reasons[-1:]), reasons
+    result = CliRunner().invoke(app, ["encode", str(broken), "-m", str(tiny_vit_checkpoint), "-f", "jsonl",
+                                      "--video-interval", "2"])
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.exit_code == 1 and len(records) == 5
+    assert records[0]["status"] == "ok" and records[-1]["status"] == "error"
+    not_a_video = tmp_path / "notes.mp4"
+    not_a_video.write_text("not a video")
+    [failed] = expand_inputs([str(not_a_video)])
+    assert failed.error.startswith("cannot open video"), failed.error
+
+
+def test_without_pyav_a_video_fails_naming_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    make_video(tmp_path / "clip.mp4", seconds=1.0)
+    monkeypatch.setitem(sys.modules, "av", None)
+    [item] = expand_inputs([str(tmp_path / "clip.mp4")])
+    assert 'pip install "clipcli[photos]"' in item.error and item.error.fix == "decoder"
+
+
+def index(db: Path, model: Path, *paths: Path, interval: str = "2") -> dict:
+    result = CliRunner().invoke(app, ["index", *map(str, paths), "--db", str(db), "-m", str(model), "-f", "json",
+                                      "-q", "--video-interval", interval])
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    return json.loads(result.stdout)
+
+
+def rows(db: Path) -> dict[str, tuple]:
+    from clipcli.index import Index
+
+    with Index(db, readonly=True) as opened, opened.guard():
+        return {Path(path.decode()).name: (sha, taken) for path, sha, taken in
+                opened.db.execute("SELECT path, sha256, taken FROM files")}
+
+
+def test_the_index_holds_a_row_per_frame_and_follows_the_video(tmp_path, tiny_vit_checkpoint):
+    folder, db = tmp_path / "photos", tmp_path / "index.sqlite3"
+    folder.mkdir()
+    shutil.copy(DATA / "rocket.jpg", folder / "rocket.jpg")
+    os.utime(folder / "rocket.jpg", (1.6e9, 1.6e9))  # 2020: before the video
+    make_video(folder / "clip.mp4", seconds=6.0, created="2024-07-01T10:00:00.000000Z")
+    first = index(db, tiny_vit_checkpoint, folder)
+    assert (first["added"], first["embedded"]) == (4, 4)
+    found = rows(db)
+    assert sorted(found) == ["clip.mp4", "clip.mp4#t=0", "clip.mp4#t=2", "clip.mp4#t=4", "rocket.jpg"]
+    video_sha, created = found["clip.mp4"]
+    assert found["clip.mp4#t=4"] == (f"{video_sha}#t=4", created + 4)  # the video's time plus the frame's
+    again = index(db, tiny_vit_checkpoint, folder)
+    assert (again["unchanged"], again["model_loaded"]) == (4, False)
+
+    search = CliRunner().invoke(app, ["search", "--db", str(db), "-m", str(tiny_vit_checkpoint), "a rocket", "-k",
+                                      "10", "-f", "json", "--after", "2024-07-01", "--sort", "date"])
+    assert search.exit_code == 0, search.stderr
+    hits = json.loads(search.stdout)
+    assert [Path(h["image"]).name for h in hits] == ["clip.mp4#t=4", "clip.mp4#t=2", "clip.mp4#t=0"]  # newest first
+    assert [h["taken"] for h in hits] == ["2024-07-01T10:00:04Z", "2024-07-01T10:00:02Z", "2024-07-01T10:00:00Z"]
+
+    shutil.copy(folder / "clip.mp4", folder / "copy.mp4")  # the same content: its frames' vectors reused
+    copied = index(db, tiny_vit_checkpoint, folder)
+    assert (copied["added"], copied["unchanged"], copied["model_loaded"]) == (3, 4, False)
+    make_video(folder / "clip.mp4", seconds=4.0, offset=20)  # changed: every frame read again
+    changed = index(db, tiny_vit_checkpoint, folder)
+    assert (changed["updated"], changed["embedded"]) == (2, 2)
+    assert sorted(n for n in rows(db) if n.startswith("clip")) == ["clip.mp4", "clip.mp4#t=0", "clip.mp4#t=2"]
+    wider = index(db, tiny_vit_checkpoint, folder, interval="3")  # another interval: other frames
+    assert sorted(n for n in rows(db) if n.startswith("copy")) == ["copy.mp4", "copy.mp4#t=0", "copy.mp4#t=3"]
+    assert wider["unchanged"] == 1
+    (folder / "copy.mp4").unlink()
+    gone = index(db, tiny_vit_checkpoint, folder, interval="3")
+    assert gone["removed"] == 2 and not any(n.startswith("copy") for n in rows(db))
+
+
+def test_a_frame_is_served_and_drawn_from_its_video(tmp_path, tiny_vit_checkpoint):
+    from PIL import Image
+
+    from clipcli.index import Index
+    from clipcli.serve.files import Thumbnails, file_ids, resolve_id
+    from clipcli.sheet import render
+
+    folder, db = tmp_path / "videos", tmp_path / "index.sqlite3"
+    folder.mkdir()
+    make_video(folder / "clip.mp4", seconds=4.0)
+    index(db, tiny_vit_checkpoint, folder)
+    frame = str(folder / "clip.mp4") + "#t=2"
+    with Index(db, readonly=True) as opened:
+        [file_id] = file_ids(opened, [frame.encode()])
+        assert resolve_id(opened, file_id) == frame
+    import io
+
+    thumbnail = Image.open(io.BytesIO(Thumbnails().thumbnail(frame)))
+    assert thumbnail.format == "JPEG" and nearest(thumbnail) == 20
+    data, kind = Thumbnails().full(frame)
+    assert kind == "image/jpeg" and Image.open(io.BytesIO(data)).size == (64, 48)
+
+    class Cell:
+        name, rank, score, taken, prob = frame, "1", 0.5, None, None
+
+    sheet = io.BytesIO()
+    assert render([Cell()], sheet, "png") == []  # drawn, not a blank cell with a note
+
+
+def test_duplicates_compare_videos_whole_not_their_frames(tmp_path, tiny_vit_checkpoint):
+    folder, db = tmp_path / "videos", tmp_path / "index.sqlite3"
+    folder.mkdir()
+    make_video(folder / "a.mp4", seconds=6.0)
+    shutil.copy(folder / "a.mp4", folder / "b.mp4")
+    index(db, tiny_vit_checkpoint, folder)
+    result = CliRunner().invoke(app, ["duplicates", "--db", str(db), "-m", str(tiny_vit_checkpoint), "-f", "json",
+                                      "--similar", "0.5"])
+    assert result.exit_code == 0, result.stderr
+    groups = json.loads(result.stdout)
+    assert [(g["tier"], sorted(Path(m["image"]).name for m in g["members"])) for g in groups] == [
+        ("exact", ["a.mp4", "b.mp4"])]
+
+
+def test_the_interval_is_checked():
+    from clipcli.errors import InputError
+    from clipcli.video import check_interval, split_frame
+
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(InputError, match="seconds between frames"):
+            check_interval(bad)
+    assert split_frame("a/clip.mp4#t=2.5") == ("a/clip.mp4", 2.5)
+    assert split_frame("a/photo.jpg#t=2") == ("a/photo.jpg#t=2", None)  # no video: a name like any other
+    assert split_frame("a/clip.mp4#t=-1") == ("a/clip.mp4#t=-1", None)
