@@ -248,16 +248,25 @@ def test_the_keep_rule():
     assert sorted([big_new, member("/p/portrait.jpg", 3000, 4000, OLD)], key=keep_order)[0].name == "/p/portrait.jpg"
 
 
-def test_blocked_pairs_equal_a_brute_force_computation():
+@pytest.mark.parametrize("fast", [False, True])
+def test_blocked_pairs_equal_a_brute_force_computation(fast):
+    """In float32, and with the bfloat16 first pass (the same pairs, float32 scores): pairs planted
+    on both sides of the threshold, closer to it than bfloat16 rounding, land where float64 says."""
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((1000, 16)).astype(np.float32)
     vectors[500:520] = vectors[:20] + 0.05 * rng.standard_normal((20, 16)).astype(np.float32)  # planted near pairs
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     threshold = 0.6
+    for k, delta in enumerate(np.linspace(-0.004, 0.004, 40)):  # cos(angle) = threshold + delta
+        angle = np.arccos(threshold + delta)
+        vectors[900 + 2 * k] = 0.0
+        vectors[900 + 2 * k, k % 16] = 1.0
+        vectors[901 + 2 * k] = 0.0
+        vectors[901 + 2 * k, k % 16], vectors[901 + 2 * k, (k + 1) % 16] = np.cos(angle), np.sin(angle)
     exact = vectors.astype(np.float64) @ vectors.astype(np.float64).T  # (N, N)
     i, j = np.nonzero(np.triu(exact >= threshold, k=1))
     for rows, cols in ((64, 96), (1000, 1000), (7, 1024)):  # tiles that do not divide N, one tile, thin rows
-        left, right, score = similar_pairs(vectors, threshold, rows=rows, cols=cols)
+        left, right, score = similar_pairs(vectors, threshold, rows=rows, cols=cols, fast=fast)
         assert np.all(left < right)
         found = dict(zip(zip(left.tolist(), right.tolist()), score.tolist()))
         expected = {(a, b) for a, b in zip(i.tolist(), j.tolist()) if abs(exact[a, b] - threshold) > 1e-6}
