@@ -7,7 +7,8 @@ batch by batch so that ``resume=True`` finishes an interrupted run (:mod:`clipcl
 and it holds the output's lock for the whole run so two runs never mix their rows. It
 reports through callbacks (``on_result`` per input, ``on_record`` per record) and never prints.
 :func:`update_index` brings a search index up to date; :func:`download_models` gets models
-into the caches; :func:`convert_checkpoint` writes any model clipcli reads as one safetensors file.
+into the caches; :func:`convert_checkpoint` writes any model clipcli reads as one safetensors file
+(or its towers as ONNX graphs).
 """
 
 from __future__ import annotations
@@ -271,7 +272,8 @@ def update_index(index, inputs: Sequence[str], model: str, load: Callable[[], "L
 
 @dataclass(frozen=True)
 class Converted:
-    """What :func:`convert_checkpoint` wrote: the file, its tensor count, float types and size."""
+    """What :func:`convert_checkpoint` wrote: the file, its tensor count, float types and size
+    (of every file written: an ONNX export writes several)."""
 
     path: Path
     tensors: int
@@ -279,6 +281,7 @@ class Converted:
     size: int
     note: str | None  # what loading assumed about a checkpoint that did not say
     tokenizer_files: list[str] = field(default_factory=list)  # the model's own tokenizer, copied beside it
+    files: list[Path] = field(default_factory=list)  # what was written (not the tokenizer): [path], or the ONNX files
 
 
 CONVERT_DTYPES = ("float16", "bfloat16", "float32")
@@ -290,7 +293,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype:
     """Any model clipcli reads (name, hub repo, folder or file) as one safetensors file at
     ``dst``: OpenAI's key names, the full config in its metadata, floats as ``dtype`` (None:
     as stored), written atomically. The result loads with :func:`clipcli.load` and gives the
-    same outputs."""
+    same outputs. A ``dst`` ending in ``.onnx`` exports the two towers as float32 ONNX graphs
+    and a JSON sidecar instead (:mod:`clipcli.models.onnx_export`; ``NAME.onnx`` ->
+    ``NAME.visual.onnx``, ``NAME.text.onnx``, ``NAME.json``), which needs the ``onnx`` package."""
     from . import __version__
     from .checkpoint import write_safetensors
     from .fsutil import atomic_path, ensure_writable
@@ -298,31 +303,55 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype:
     from .models.config import METADATA_KEY, config_to_json
 
     dst = Path(dst).expanduser()
-    if dst.suffix != ".safetensors":
-        raise InputError(f"{dst} must end in .safetensors", option="dst")
+    onnx = dst.suffix == ".onnx"
+    if dst.suffix != ".safetensors" and not onnx:
+        raise InputError(f"{dst} must end in .safetensors or .onnx", option="dst")
     if dtype is not None and dtype not in CONVERT_DTYPES:
         raise InputError(f"{dtype!r}: choose {', '.join(CONVERT_DTYPES)}", option="dtype")
+    if onnx:  # refused before the model is loaded
+        from .models.onnx_export import OnnxFiles, require_onnx
+
+        if dtype not in (None, "float32"):
+            raise InputError(f"{dtype!r}: an ONNX export is float32 only", option="dtype")
+        require_onnx()
+        files = OnnxFiles.of(dst)
+        outputs = [*files.graphs.values(), files.sidecar]
+    else:
+        outputs = [dst]
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"cannot create the folder of {dst}: {error.strerror or error}") from None
-    ensure_writable([dst], overwrite)
+    ensure_writable(outputs, overwrite)
     import torch
 
     model, note = load(resolve(src, arch=arch, cache_dir=cache_dir, feedback=feedback), "cpu",
-                       getattr(torch, dtype) if dtype else None)
+                       torch.float32 if onnx else getattr(torch, dtype) if dtype else None)
     tokenizer, stale, note = _tokenizer_copies(model, dst.parent, note)
-    ensure_writable([*tokenizer, *stale], overwrite)
-    tensors = write_safetensors(model.state_dict(), dst, {
-        "format": "pt", "converted_by": f"clipcli {__version__}", "source": os.fspath(src),
-        METADATA_KEY: config_to_json(model.config)})
+    ensure_writable([*tokenizer, *stale, *(files.data_files(model) if onnx else [])], overwrite)
+    metadata = {"converted_by": f"clipcli {__version__}", "source": os.fspath(src)}
+    if onnx:
+        from .models.onnx_export import export_onnx
+        from .text.tokenizers import TOKENIZER_FILES
+
+        # The model's own tokenizer as it will lie beside the graphs: the copies, and its files already there.
+        own = model.config.tokenizer != "clip"
+        beside = {dst.parent / name for name in TOKENIZER_FILES} - set(stale) if own else set()
+        tokenizer_files = sorted({path.name for path in tokenizer} | {path.name for path in beside if path.exists()})
+        written = export_onnx(model, dst, overwrite=overwrite, tokenizer_files=tokenizer_files, metadata=metadata)
+        tensors = model.state_dict()
+    else:
+        tensors = write_safetensors(model.state_dict(), dst, {
+            "format": "pt", **metadata, METADATA_KEY: config_to_json(model.config)})
+        written = [dst]
     for target, path in tokenizer.items():
         with atomic_path(target, overwrite) as temp:
             shutil.copyfile(path, temp)
     for path in stale:  # another model's tokenizer would be taken for this one's
         path.unlink()
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()})
-    return Converted(dst, len(tensors), dtypes, dst.stat().st_size, note, sorted(target.name for target in tokenizer))
+    return Converted(dst, len(tensors), dtypes, sum(path.stat().st_size for path in written), note,
+                     sorted(target.name for target in tokenizer), written)
 
 
 def _tokenizer_copies(model, folder: Path, note: str | None) -> tuple[dict[Path, Path], list[Path], str | None]:

@@ -180,25 +180,36 @@ def convert(
         metavar="SRC", show_default=False,
         help="A model name (see `clipcli models`), hf-hub:ORG/REPO, a model folder, or a checkpoint file "
              "(OpenAI TorchScript .pt, PyTorch state dict, safetensors).")],
-    dst: Annotated[Path, typer.Argument(metavar="DST.safetensors", dir_okay=False, show_default=False,
-                                        help="The safetensors file to write.")],
+    dst: Annotated[Path, typer.Argument(
+        metavar="DST", dir_okay=False, show_default=False,
+        help="The file to write: NAME.safetensors, or NAME.onnx for NAME.visual.onnx, NAME.text.onnx and NAME.json.")],
     dtype: Annotated[Optional[str], dtype_option(("float32", "float16", "bfloat16"),
-                                                 "Store floating-point tensors as this type (default: as in SRC).")] = None,
+                                                 "Store floating-point tensors as this type (default: as in SRC; "
+                                                 "ONNX: float32 only).")] = None,
     arch: ArchOpt = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace DST if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace DST (and its other files) if it exists.")] = False,
     quiet: QuietOpt = False,
     cache_dir: CacheDirOpt = None,
 ) -> None:
-    """Convert a model to one safetensors file with OpenAI's key names and its full config.
+    """Convert a model to one safetensors file with OpenAI's key names and its full config, or to ONNX.
 
-    Any model clipcli reads (OpenAI, OpenCLIP, transformers CLIPModel) becomes one file that
+    Any model clipcli reads (OpenAI, OpenCLIP, transformers CLIPModel, SigLIP) becomes one file that
     loads with `clipcli.load(DST)` (and `--model DST`), gives the same outputs, and carries
     its architecture and preprocessing in its metadata. DST is written atomically.
 
-    Example: clipcli convert ViT-B/32 vit-b-32.safetensors --dtype float16
+    DST ending in .onnx exports the two towers for ONNX runtimes (opset 17, float32, needs
+    pip install "clipcli[onnx]"): NAME.visual.onnx (input `pixels` (N, 3, S, S) float32, preprocessed
+    -> `image_embeds` (N, D)), NAME.text.onnx (input `input_ids` (N, context) int64, padded as the
+    model's tokenizer pads -> `text_embeds` (N, D)), both outputs unit vectors with a dynamic batch N,
+    and NAME.json with the image size, mean/std, context length, tokenizer and logit scale/bias.
+    A tower over 1.5 GiB keeps its weights in NAME.visual.onnx.data (or .text) beside its graph.
+    Prints the paths written on stdout.
+
+    Examples: clipcli convert ViT-B/32 vit-b-32.safetensors --dtype float16;
+    clipcli convert ViT-B-16-SigLIP2/webli siglip2.onnx
     """
-    if dst.suffix != ".safetensors":
-        raise typer.BadParameter(f"{dst} must end in .safetensors", param_hint="DST.safetensors")
+    if dst.suffix not in (".safetensors", ".onnx"):
+        raise typer.BadParameter(f"{dst} must end in .safetensors or .onnx", param_hint="DST")
     from ..tasks import convert_checkpoint
     from ..transfer import format_size
 
@@ -206,7 +217,14 @@ def convert(
                               overwrite=overwrite, feedback=download_feedback(quiet))
     if done.note:
         _message(quiet, f"note: {done.note}")
-    _message(quiet, f"converted {src} -> {dst} ({done.tensors} tensors, {'/'.join(done.dtypes)}, "
-                    f"{format_size(done.size)})" + (f", its tokenizer beside it ({', '.join(done.tokenizer_files)})"
-                                                   if done.tokenizer_files else ""))
-    typer.echo(str(dst))
+    onnx = dst.suffix == ".onnx"
+    if onnx:
+        from ..models.onnx_export import OPSET
+
+        what = f"exported {src} -> {', '.join(path.name for path in done.files)} (opset {OPSET}, "
+    else:
+        what = f"converted {src} -> {dst} ({done.tensors} tensors, "
+    _message(quiet, what + f"{'/'.join(done.dtypes)}, {format_size(done.size)})"
+             + (f", its tokenizer beside it ({', '.join(done.tokenizer_files)})" if done.tokenizer_files else ""))
+    for path in done.files if onnx else [dst]:
+        typer.echo(str(path))
