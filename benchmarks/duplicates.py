@@ -60,7 +60,8 @@ def bench_command(work: Path, count: int, runs: int = 2) -> dict:
 def bench_pairs(sizes: list[int]) -> dict:
     import torch
 
-    from clipcli.duplicates import SIMILAR, bfloat16_pays, similar_pairs
+    from clipcli.duplicates import SIMILAR
+    from clipcli.pairs import bfloat16_pays, similar_pairs
 
     rng = np.random.default_rng(0)
     out = {"threads": torch.get_num_threads(), "threshold": SIMILAR, "bfloat16_pays": bfloat16_pays()}

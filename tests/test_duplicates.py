@@ -21,8 +21,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from clipcli.cli import app
-from clipcli.duplicates import Member, find_duplicates, keep_order, model_of, similar_pairs, star_groups
+from clipcli.duplicates import Member, find_duplicates, keep_order, model_of
 from clipcli.index import Index
+from clipcli.pairs import similar_pairs, star_groups
 from clipcli.vectors import load_matrix
 
 DATA = Path(__file__).parent / "data"
