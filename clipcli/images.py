@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import errno
+import functools
 import io
 import os
 import stat
@@ -56,8 +57,9 @@ class DecodeOptions:
     images with nearest neighbour whatever is asked, ``convert("RGB")`` drops alpha (transparent
     pixels show their stored colour, often black) and clips 16-bit values above 255. By default
     the image is converted first, by :func:`to_rgb`: alpha composited on white, 16-bit grey
-    scaled to 8 bits, then the bicubic resize runs on RGB. Both paths apply the EXIF orientation,
-    which the reference transforms do not.
+    scaled to 8 bits, an embedded colour profile applied (to sRGB), then the bicubic resize runs
+    on RGB. Both paths apply the EXIF orientation, which the reference transforms do not (nor
+    colour profiles).
     """
 
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -158,9 +160,47 @@ def _reason(error: BaseException, allow_truncated: bool, kind: str | None = None
     return Reason(f"{what}: {message}" if isinstance(error, OSError) else f"{what} ({type(error).__name__}): {message}")
 
 
+@functools.lru_cache(maxsize=16)
+def _srgb_transform(profile: bytes, mode: str):
+    """LittleCMS's transform (Pillow's ImageCms) from an embedded ICC ``profile`` to sRGB for
+    ``mode`` (RGB or CMYK) images; None for an sRGB profile (nothing to do) or one that cannot be
+    used (damaged, or for another colour space than the pixels')."""
+    from PIL import ImageCms
+
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        if mode == "RGB" and ImageCms.getProfileDescription(source).strip().lower().startswith("srgb"):
+            return None
+        return ImageCms.buildTransform(source, ImageCms.createProfile("sRGB"), mode, "RGB",
+                                       renderingIntent=ImageCms.Intent.PERCEPTUAL)
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return None
+
+
+def _in_srgb(image: "Image.Image") -> "Image.Image | None":
+    """An RGB or CMYK image with an embedded colour profile, converted to sRGB by it; None for
+    one without (or with an sRGB or unusable profile)."""
+    profile = image.info.get("icc_profile")
+    if image.mode not in ("RGB", "CMYK") or not isinstance(profile, bytes) or not profile:
+        return None
+    transform = _srgb_transform(profile, image.mode)
+    if transform is None:
+        return None
+    from PIL import ImageCms
+
+    try:
+        return ImageCms.applyTransform(image, transform)
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return None
+
+
 def to_rgb(image: "Image.Image") -> "Image.Image":
     """``image`` in RGB (the image itself when it already is), from any Pillow mode: the default
     decoding, before any resize.
+
+    An RGB or CMYK image with an embedded ICC profile (Adobe RGB, Display P3, a printer's CMYK)
+    is converted to sRGB by it, as a colour-managed viewer shows it (perceptual intent); without
+    one, CMYK is Pillow's conversion (ink subtracted from white).
 
     Transparency (an alpha band, or the ``transparency`` of a palette or greyscale image; an RGB
     image's transparent colour is ignored) is composited on white, so that a transparent logo is
@@ -171,6 +211,8 @@ def to_rgb(image: "Image.Image") -> "Image.Image":
     """
     from PIL import Image
 
+    if (managed := _in_srgb(image)) is not None:
+        return managed
     mode = image.mode
     if mode == "RGB":
         return image

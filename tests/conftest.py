@@ -58,7 +58,7 @@ def sample_images(tmp_path) -> list[Path]:
 def photos(tmp_path) -> Path:
     """A folder holding the sample photos of tests/data (a test module may define its own)."""
     folder = tmp_path / "photos"
-    shutil.copytree(DATA, folder, ignore=shutil.ignore_patterns("*.md"))
+    shutil.copytree(DATA, folder, ignore=shutil.ignore_patterns("*.md", "icc"))
     return folder
 
 

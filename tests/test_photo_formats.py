@@ -57,8 +57,11 @@ def mad(a: Image.Image, b: Image.Image) -> float:
 
 @pytest.fixture(scope="module")
 def source() -> Image.Image:
-    """A photo, not square (a 90-degree turn shows in its size)."""
-    return Image.open(DATA / "rocket.jpg").convert("RGB").resize((240, 160), Image.Resampling.BICUBIC)
+    """A photo, not square (a 90-degree turn shows in its size), without the Adobe RGB profile of
+    the file it comes from (which HEIF and AVIF writers would carry, and JPEG's would not)."""
+    image = Image.open(DATA / "rocket.jpg").convert("RGB").resize((240, 160), Image.Resampling.BICUBIC)
+    image.info.pop("icc_profile", None)
+    return image
 
 
 def exif(orientation: int) -> bytes:
@@ -476,3 +479,27 @@ def test_encode_a_folder_mixing_formats(tmp_path, source, tiny_vit_checkpoint):
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert sorted(Path(r["image"]) for r in records) == files
     assert {r["status"] for r in records} == {"ok"}, [r for r in records if r["status"] != "ok"]
+
+
+def test_an_embedded_colour_profile_is_applied_except_in_exact_decoding(tmp_path):
+    """An image tagged with a colour profile is seen in sRGB, as a colour-managed viewer shows it:
+    colord's "Swapped Red and Green" profile (CC0) makes stored red show green; an Adobe RGB
+    photo's saturated green is out of sRGB's gamut (clipped) and its grey stays grey. An sRGB
+    profile changes nothing, and --exact-decode leaves profiles alone, as the reference does."""
+    swapped, adobe = (DATA / "icc" / "SwappedRedAndGreen.icc").read_bytes(), (DATA / "icc" / "AdobeRGB1998.icc").read_bytes()
+    red = Image.new("RGB", (32, 32), (255, 0, 0))
+    shown = decode(save(red, tmp_path / "swapped.png", "PNG", icc_profile=swapped))
+    assert np.abs(pixels(shown)[0, 0] - (0, 255, 0)).max() <= 2
+    assert (pixels(decode(tmp_path / "swapped.png", exact=True).convert("RGB"))[0, 0] == (255, 0, 0)).all()
+    tiles = Image.new("RGB", (32, 32), (128, 128, 128))
+    tiles.paste((0, 255, 0), (0, 0, 16, 32))
+    shown = pixels(decode(save(tiles, tmp_path / "adobe.jpg", "JPEG", quality=95, icc_profile=adobe)))
+    assert shown[8, 4, 1] >= 250 and shown[8, 4, 0] <= 10  # pure green: the most sRGB shows
+    assert np.abs(shown[8, 28] - shown[8, 28].mean()).max() <= 2  # grey stays neutral
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    same = decode(save(red, tmp_path / "srgb.png", "PNG", icc_profile=srgb))
+    assert (pixels(same) == pixels(red)).all()
+    broken = decode(save(red, tmp_path / "broken.png", "PNG", icc_profile=b"not a profile"))
+    assert (pixels(broken) == pixels(red)).all()  # a damaged profile is ignored, the pixels kept

@@ -23,7 +23,7 @@ runner = CliRunner()
 @pytest.fixture
 def indexed(tmp_path, tiny_vit_checkpoint, monkeypatch) -> tuple[Path, str]:
     """An index of tests/data's photos, with the current folder above them."""
-    shutil.copytree(DATA, tmp_path / "photos", ignore=shutil.ignore_patterns("*.md"))
+    shutil.copytree(DATA, tmp_path / "photos", ignore=shutil.ignore_patterns("*.md", "icc"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CLIPCLI_MODEL", str(tiny_vit_checkpoint))
     db = str(tmp_path / "index.sqlite3")

@@ -110,7 +110,7 @@ def post_files(url: str, files: list[Path]) -> dict:
 def indexed(tmp_path_factory, tiny_vit_checkpoint):
     tmp_path = tmp_path_factory.mktemp("serve")
     photos = tmp_path / "photos"
-    shutil.copytree(DATA, photos, ignore=shutil.ignore_patterns("*.md"))
+    shutil.copytree(DATA, photos, ignore=shutil.ignore_patterns("*.md", "icc"))
     db = tmp_path / "index.sqlite3"
     subprocess.run([sys.executable, "-m", "clipcli", "index", str(photos), "--db", str(db), "-m",
                     str(tiny_vit_checkpoint), "-q"], check=True, env=_env(tmp_path))
