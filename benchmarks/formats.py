@@ -7,6 +7,10 @@ writer: a Bayer mosaic plus an embedded JPEG preview). Each is decoded as clipcl
 for a 224-pixel model (``DecodeOptions(draft_size=448)``: a JPEG decoded at a reduced scale,
 a RAW from its preview) and for the full image (``exact``: no reduced decode, a RAW
 demosaiced), on one thread, best of ``--rounds`` timed loops of at least ``--budget`` seconds.
+Videos: 10 s of 1080p H.264 at 30 frames a second (the picture panning), with a keyframe every
+second (as phones record) and every 250 frames (x264's default); a frame is read as clipcli
+reads one (:func:`clipcli.video.read_frame`: open, seek to the keyframe before, decode up to the
+time), at 1-second steps; the rate is frames read per second.
 Prints a Markdown table and writes ``--out`` (JSON with the machine's description).
 
     python benchmarks/formats.py [--size 4000x3000] [--out FILE.json]
@@ -62,6 +66,40 @@ def files(image: Image.Image) -> dict[str, bytes]:
     return out
 
 
+def videos(image: Image.Image, folder: Path, seconds: int = 10, fps: int = 30) -> dict[str, Path]:
+    """1080p H.264 MP4s of ``image`` panning, one per keyframe interval."""
+    import av
+
+    wide = np.asarray(image.resize((2400, 1350), Image.BICUBIC))
+    out = {}
+    for label, gop in (("H.264 1080p, keyframe 1 s", fps), ("H.264 1080p, keyframe 250", 250)):
+        path = folder / f"pan-{gop}.mp4"
+        with av.open(str(path), "w") as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.width, stream.height, stream.pix_fmt, stream.gop_size = 1920, 1080, "yuv420p", gop
+            for i in range(seconds * fps):
+                left = int(i * (2400 - 1920) / (seconds * fps))
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(wide[135:1215, left : left + 1920]), "rgb24")
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode())
+        out[label] = path
+    return out
+
+
+def video_rate(path: Path, options, budget: float, rounds: int) -> float:
+    from clipcli.video import frame_times, probe, read_frame
+
+    times = frame_times(probe(str(path)).duration, 1.0)
+    best = 0.0
+    for _ in range(rounds):
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < budget or done < 2:
+            read_frame(str(path), times[done % len(times)], options)
+            done += 1
+        best = max(best, done / (time.perf_counter() - start))
+    return best
+
+
 def rate(data: bytes, name: str, options, budget: float, rounds: int) -> float:
     from clipcli.images import decode_image, pillow_limits
 
@@ -97,6 +135,13 @@ def main() -> None:
         rows[fmt] = {"bytes": len(data),
                      "model_per_s": rate(data, name, DecodeOptions(draft_size=448), args.budget, args.rounds),
                      "full_per_s": rate(data, name, DecodeOptions(exact=True), args.budget, args.rounds)}
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        for label, path in videos(picture(width, height), Path(folder)).items():
+            rows[label] = {"bytes": path.stat().st_size,
+                           "model_per_s": video_rate(path, DecodeOptions(draft_size=448), args.budget, args.rounds),
+                           "full_per_s": video_rate(path, DecodeOptions(exact=True), args.budget, args.rounds)}
     result = {"environment": environment(), "size": args.size, "formats": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
