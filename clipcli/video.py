@@ -86,6 +86,11 @@ def split_frame(name: str) -> tuple[str, float | None]:
     return (head, t) if math.isfinite(t) and t >= 0 else (name, None)
 
 
+def file_of(path: bytes) -> bytes:
+    """The file a path as an index stores it names: a frame's video, else the path itself."""
+    return os.fsencode(split_frame(os.fsdecode(path))[0])
+
+
 def check_interval(interval: float) -> None:
     from .errors import InputError
 

@@ -230,3 +230,14 @@ def test_the_interval_is_checked():
     assert split_frame("a/clip.mp4#t=2.5") == ("a/clip.mp4", 2.5)
     assert split_frame("a/photo.jpg#t=2") == ("a/photo.jpg#t=2", None)  # no video: a name like any other
     assert split_frame("a/clip.mp4#t=-1") == ("a/clip.mp4#t=-1", None)
+
+
+def test_search_paths_name_the_video_once(tmp_path, tiny_vit_checkpoint):
+    """`-0 | xargs -0 mpv`: a path that exists, not VIDEO#t=SECONDS, and each video once."""
+    folder, db = tmp_path / "videos", tmp_path / "index.sqlite3"
+    folder.mkdir()
+    make_video(folder / "clip.mp4", seconds=6.0)
+    index(db, tiny_vit_checkpoint, folder)
+    result = CliRunner().invoke(app, ["search", "--db", str(db), "-m", str(tiny_vit_checkpoint), "a clip", "-0"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout_bytes == str(folder / "clip.mp4").encode() + b"\0"

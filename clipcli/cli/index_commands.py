@@ -192,7 +192,7 @@ def search(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = None,
     threads: ThreadsOpt = None,
-    fmt: Annotated[Optional[SearchFormat], typer.Option("--format", "-f", help="Default: table on a terminal, jsonl in a pipe; paths: one path per line (a name that holds a line break is skipped: use --print0).")] = None,
+    fmt: Annotated[Optional[SearchFormat], typer.Option("--format", "-f", help="Default: table on a terminal, jsonl in a pipe; paths: one path per line (a name that holds a line break is skipped: use --print0; a video's frames give the video, once).")] = None,
     print0: Annotated[bool, typer.Option("--print0", "-0", help="Paths, each followed by a NUL byte instead of a line break, for xargs -0: file names may contain line breaks (implies --format paths).")] = False,
     quiet: QuietOpt = False,
     allow_private: PrivateOpt = False,
@@ -264,7 +264,10 @@ def search(
     name = "paths" if print0 else (output_format(fmt) if fmt is None else fmt.value)
     skipped: list[bytes] = []
     if name == "paths":
-        skipped = write_paths(sys.stdout.buffer, [hit.path for hit in hits], b"\0" if print0 else b"\n")
+        from ..video import file_of
+
+        files = list(dict.fromkeys(file_of(hit.path) for hit in hits))  # a video's frames: the video, once
+        skipped = write_paths(sys.stdout.buffer, files, b"\0" if print0 else b"\n")
     else:
         kind = score_kind(loaded.model)
         columns, title = None, None
