@@ -32,7 +32,8 @@ is no extra anywhere, and deleting every extra (every member but the keeper) lea
 deleted file, a kept file of the same content or within its tier's threshold of that content.
 
 Which to keep: the largest resolution (width x height), then the oldest capture time (EXIF,
-else the file's modification time), then the shortest path. The index's ``width``, ``height``
+else the file's modification time), then the oldest file (a copy is newer than its original),
+then the shortest path. The index's ``width``, ``height``
 and ``taken`` columns say; a NULL is read from the file's header for group candidates only.
 
 Scale: the cosines are blocked matrix products over the model's vector cache
@@ -67,7 +68,7 @@ SHEET = re.compile(r"^\d{4,}-(exact|near|similar)\.png$")
 class Member:
     """One file of a group: ``taken`` in Unix seconds (the capture time, else the file's
     modification time), ``similarity`` its cosine to the group's keeper (1.0 for the keeper
-    and exact copies)."""
+    and exact copies), ``mtime`` the file's modification time."""
 
     path: bytes
     size: int
@@ -75,6 +76,7 @@ class Member:
     height: int | None
     taken: float | None
     similarity: float = 1.0
+    mtime: float | None = None
 
     @property
     def name(self) -> str:
@@ -103,9 +105,11 @@ class Group:
 
 
 def keep_order(member: Member) -> tuple:
-    """Sorts the file to keep first: largest width x height, then oldest, then shortest path."""
+    """Sorts the file to keep first: largest width x height, then oldest (taken, then the file's
+    own modification time: a copy is newer than what it copies), then shortest path."""
     pixels = (member.width or 0) * (member.height or 0)
-    return (-pixels, member.taken if member.taken is not None else math.inf, len(member.path), member.path)
+    return (-pixels, member.taken if member.taken is not None else math.inf,
+            member.mtime if member.mtime is not None else math.inf, len(member.path), member.path)
 
 
 def check_tiers(tiers: Sequence[str], near: float = NEAR, similar: float = SIMILAR) -> None:
@@ -150,7 +154,7 @@ def _member(path: bytes, size: int, mtime_ns: int, width: int | None, height: in
         read = read_metadata(os.fsdecode(path), mtime_ns)
         width, height = read.width, read.height
         taken = taken if taken is not None else read.taken
-    return Member(path, size, width, height, taken if taken is not None else mtime_ns / 1e9)
+    return Member(path, size, width, height, taken if taken is not None else mtime_ns / 1e9, mtime=mtime_ns / 1e9)
 
 
 _COLUMNS = "f.path, f.size, f.mtime_ns, f.width, f.height, f.taken"

@@ -245,6 +245,10 @@ def test_the_keep_rule():
     unknown = member("/p/u.jpg", None, None, OLD - 1)
     ranked = sorted([unknown, small_old, big_new, same_old_long, same_old_short], key=keep_order)
     assert ranked == [same_old_short, same_old_long, big_new, small_old, unknown]
+    # an exact copy taken at the same moment: the older file is the original, whatever its name
+    original = Member(b"/p/2024/IMG_0001.jpg", 1, 4000, 3000, OLD, mtime=OLD)
+    copy = Member(b"/p/c/IMG_0001 (1).jpg", 1, 4000, 3000, OLD, mtime=NEW)
+    assert sorted([copy, original], key=keep_order) == [original, copy]
     # 3000 x 4000 (portrait) is as large as 4000 x 3000: pixels, not width
     assert sorted([big_new, member("/p/portrait.jpg", 3000, 4000, OLD)], key=keep_order)[0].name == "/p/portrait.jpg"
 
