@@ -28,9 +28,10 @@ import numpy as np
 from .display import display
 from .errors import InputError, NoVectorsError
 from .http import FetchOptions, url_scheme
-from .items import Item, url_item
+from .items import Item, local_item, url_item
 from .vectors import check_threshold
 from .vectors import search as nearest
+from .video import is_video, split_frame
 
 if TYPE_CHECKING:  # pragma: no cover
     from .index import Hit, Index
@@ -54,7 +55,7 @@ class Term:
     def is_image(self) -> bool:
         if self.kind is not None:
             return self.kind == "image"
-        return url_scheme(self.text) in ("http", "https") or os.path.isfile(self.text)
+        return url_scheme(self.text) in ("http", "https") or os.path.isfile(split_frame(self.text)[0])
 
 
 def parse_terms(queries: Sequence[str], minus: Sequence[str] = (), *, paths: bool = True) -> list[Term]:
@@ -66,7 +67,7 @@ def parse_terms(queries: Sequence[str], minus: Sequence[str] = (), *, paths: boo
     for sign, group in ((1.0, queries), (-1.0, minus)):
         for query in group:
             match = _WEIGHT.match(query)
-            weighted = match and not (paths and os.path.exists(query))
+            weighted = match and not (paths and os.path.exists(split_frame(query)[0]))
             weight, text = (float(match[1]), match[2]) if weighted else (1.0, query)
             if not text.strip():
                 raise InputError(f"empty query term {display(query)!r}")
@@ -97,7 +98,10 @@ def image_item(term: Term) -> Item:
     """What an image term is read from: its bytes, its URL or its file."""
     if term.data is not None:
         return Item(name=term.text, data=term.data)
-    return url_item(term.text) if url_scheme(term.text) in ("http", "https") else Item(name=term.text, path=term.text)
+    if url_scheme(term.text) in ("http", "https"):
+        return url_item(term.text)
+    item = local_item(term.text)  # a file, or a video's frame: clip.mp4#t=12 (a video alone: its first frame)
+    return replace(item, frame=0.0) if item.frame is None and is_video(term.text) else item
 
 
 def combine(terms: Sequence[Term], embedded: Sequence, dim: int, model_name: str) -> np.ndarray:

@@ -241,3 +241,8 @@ def test_search_paths_name_the_video_once(tmp_path, tiny_vit_checkpoint):
     result = CliRunner().invoke(app, ["search", "--db", str(db), "-m", str(tiny_vit_checkpoint), "a clip", "-0"])
     assert result.exit_code == 0, result.stderr
     assert result.stdout_bytes == str(folder / "clip.mp4").encode() + b"\0"
+    # a frame (or a video: its first) as the query finds itself first
+    for query, best in ((f"{folder / 'clip.mp4'}#t=4", "clip.mp4#t=4"), (str(folder / "clip.mp4"), "clip.mp4#t=0")):
+        found = CliRunner().invoke(app, ["search", "--db", str(db), "-m", str(tiny_vit_checkpoint), query, "-f", "json"])
+        assert found.exit_code == 0, found.stderr
+        assert Path(json.loads(found.stdout)[0]["image"]).name == best and json.loads(found.stdout)[0]["score"] > 0.9999

@@ -68,8 +68,10 @@ def folder_images(folder: str | Path) -> list[Path]:
     """The image files under ``folder`` as inference finds them (:func:`clipcli.items.walk_folder`:
     sorted, hidden entries skipped, symlink loops cut); unreadable entries left out."""
     from ..items import walk_folder
+    from ..video import is_video
 
-    return [Path(item.path) for item in walk_folder(str(folder)) if item.error is None and item.path]
+    return [Path(item.path) for item in walk_folder(str(folder))
+            if item.error is None and item.path and not is_video(item.path)]  # videos are no captioned images
 
 
 def _folder_pairs(folder: Path) -> list[Pair]:
