@@ -4,13 +4,20 @@
   a no-op re-index (whole ``clipcli index`` process, model never loaded) and a re-index
   after changing 1% of the files.
 - ``search``: 1,000,000 random unit 512-d vectors stored for a random-weight ViT-B-32; the
-  first search (which builds the contiguous vector cache), then per-query time in process,
-  and a whole ``clipcli search`` process against a whole ``clipcli encode --text-file`` of one
-  caption (the same start-up and model load, without the search).
+  first search (which builds the contiguous vector cache), then per-query time in process
+  (``search()``: state, bfloat16 scan, float32 re-scoring of the candidates, the files), the
+  top 10 of the bfloat16 scan against that of the float32 one on the same cache (alternating,
+  the same random queries, the hits compared), and a whole ``clipcli search`` process against a
+  whole ``clipcli encode --text-file`` of one caption (the same start-up and model load,
+  without the search).
+- ``scan``: ``--scan-vectors`` (10,000,000) random unit 512-d vectors written straight into
+  the cache's files (a float32 ``.npy`` and its bfloat16 rounding; no SQLite index: at 10M
+  it would take 45 GB), then the top 10 of random queries from the memory-mapped files, with
+  the process's peak RSS. The files stay in ``--work`` for another run: delete them after.
 - ``throughput``: ``clipcli index`` against ``clipcli encode`` of the same 200 photos near
   640x480 with a random-weight ViT-B-32, alternating, best of ``--rounds``.
 
-    python benchmarks/index.py [--only tree,search,throughput] [--work DIR] [--out FILE.json]
+    python benchmarks/index.py [--only tree,search,throughput,scan] [--work DIR] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -135,28 +142,53 @@ def vector_index(work: Path, count: int, model: str) -> Path:
     return db
 
 
-def bench_search(work: Path, count: int, queries: int = 7) -> dict:
+def unit_queries(count: int, seed: int) -> np.ndarray:
+    rows = np.random.default_rng(seed).standard_normal((count, 512)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def scan_against_float32(ids: np.ndarray, vectors: np.ndarray, scan, queries: np.ndarray) -> dict:
+    """Per query, the top 10 by the bfloat16 scan and by a float32 scan of every row, alternating."""
+    from clipcli.vectors import top_scores
+
+    times: dict[str, list[float]] = {"bfloat16": [], "float32": []}
+    same = True
+    for at, query in enumerate(queries):
+        found = {}
+        for kind in ("bfloat16", "float32") if at % 2 == 0 else ("float32", "bfloat16"):
+            start = time.perf_counter()
+            found[kind] = top_scores(vectors, ids, query, 10, None, None, scan if kind == "bfloat16" else None)
+            times[kind].append(time.perf_counter() - start)
+        same &= [i for i, _ in found["bfloat16"]] == [i for i, _ in found["float32"]]
+    return {"top10_ms_median_bfloat16": 1000 * float(np.median(times["bfloat16"])),
+            "top10_ms_median_float32": 1000 * float(np.median(times["float32"])), "same_top10": same,
+            "top10_ms_bfloat16": [1000 * t for t in times["bfloat16"]],
+            "top10_ms_float32": [1000 * t for t in times["float32"]]}
+
+
+def bench_search(work: Path, count: int, queries: int = 9) -> dict:
     import torch
 
     from clipcli.index import Index
-    from clipcli.vectors import search
+    from clipcli.vectors import load_cache, search
 
     model = str(vit_b_32(work))
     db = vector_index(work, count, model)
     shutil.rmtree(db.with_name(db.name + ".vectors"), ignore_errors=True)  # the first search rebuilds it
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     with Index(db, readonly=True) as index:
-        query = np.random.default_rng(1).standard_normal(512).astype(np.float32)
-        query /= np.linalg.norm(query)
+        query = unit_queries(1, 1)[0]
         start = time.perf_counter()
         search(index, 1, query, top_k=10)
         first = time.perf_counter() - start
+    os.sync()  # the cache's 3 GB written back before the steady-state queries are timed
     with Index(db, readonly=True) as index:
         times = []
-        for _ in range(queries):
+        for query in unit_queries(queries, 2):
             start = time.perf_counter()
             search(index, 1, query, top_k=10)
             times.append(time.perf_counter() - start)
+        compared = scan_against_float32(*load_cache(index, 1), unit_queries(queries, 3))
     search = clipcli("search", "a photo of a cat", "--db", str(db), "-m", model, "--device", "cpu", "--format", "json")
     captions = work / "caption.txt"
     captions.write_text("a photo of a cat\n")
@@ -167,7 +199,71 @@ def bench_search(work: Path, count: int, queries: int = 7) -> dict:
             "whole_encode_one_caption_s": min(w[1][0] for w in whole),
             "search_overhead_s": min(w[0][0] for w in whole) - min(w[1][0] for w in whole),
             "search_peak_rss_mb": max(w[0][1] for w in whole), "encode_peak_rss_mb": max(w[1][1] for w in whole),
-            "vectors_mb": count * 512 * 4 / 2**20}
+            "vectors_mb": count * 512 * 4 / 2**20, "scanned_mb": count * 512 * 2 / 2**20, **compared}
+
+
+def scan_files(work: Path, count: int) -> tuple[Path, Path]:
+    """A float32 ``.npy`` of ``count`` random unit 512-d vectors and its ``.bf16`` rounding
+    (clipcli.vectors' format: the array, then the rows' largest norm), built once."""
+    from clipcli.vectors import _rounded
+
+    exact, rounded = work / f"scan-{count}.npy", work / f"scan-{count}.bf16"
+    if exact.exists() and rounded.exists():
+        return exact, rounded
+    rng, norm = np.random.default_rng(0), 0.0
+    with open(f"{exact}.tmp", "wb") as exact_out, open(f"{rounded}.tmp", "wb") as rounded_out:
+        for out, dtype in ((exact_out, np.float32), (rounded_out, np.uint16)):
+            np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                       "fortran_order": False, "shape": (count, 512)})
+        for start in range(0, count, 100_000):
+            block = rng.standard_normal((min(100_000, count - start), 512), dtype=np.float32)
+            block /= np.linalg.norm(block, axis=1, keepdims=True)
+            bits, largest = _rounded(block)
+            norm = max(norm, largest)
+            exact_out.write(block.tobytes())
+            rounded_out.write(bits.tobytes())
+        rounded_out.write(np.array([norm], "<f8").tobytes())
+    os.replace(f"{exact}.tmp", exact)
+    os.replace(f"{rounded}.tmp", rounded)
+    return exact, rounded
+
+
+def measure_scan(exact: Path, rounded: Path, queries: int) -> dict:
+    """The top 10 of ``queries`` random queries (after one untimed) from memory-mapped cache
+    files, and this process's peak RSS."""
+    import resource
+
+    import torch
+
+    from clipcli.vectors import Scan, top_scores
+
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    vectors, bits = np.load(exact, mmap_mode="c"), np.load(rounded, mmap_mode="c")
+    with open(rounded, "rb") as file:
+        file.seek(bits.offset + bits.nbytes)
+        scan = Scan(bits, float(np.frombuffer(file.read(8), "<f8")[0]))
+    ids, times = np.arange(1, len(bits) + 1), []
+    for query in unit_queries(queries + 1, 4):
+        start = time.perf_counter()
+        top_scores(vectors, ids, query, 10, None, None, scan)
+        times.append(time.perf_counter() - start)
+    return {"first_ms": 1000 * times[0], "top10_ms_median": 1000 * float(np.median(times[1:])),
+            "top10_ms": [1000 * t for t in times[1:]],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def bench_scan(work: Path, count: int, queries: int = 7) -> dict:
+    """:func:`measure_scan` on files of ``count`` vectors, in a process of its own."""
+    start = time.perf_counter()
+    exact, rounded = scan_files(work, count)
+    built = time.perf_counter() - start
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import index; "
+            f"print(json.dumps(index.measure_scan({str(exact)!r}, {str(rounded)!r}, {queries})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"the scan of {count} vectors failed: {done.stderr[-2000:]}")
+    return {"vectors": count, "files_built_s": built, **json.loads(done.stdout.splitlines()[-1]),
+            "scanned_mb": count * 512 * 2 / 2**20, "float32_file_mb": count * 512 * 4 / 2**20}
 
 
 def bench_throughput(work: Path, rounds: int) -> dict:
@@ -194,6 +290,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/index.json"))
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--vectors", type=int, default=1_000_000)
+    parser.add_argument("--scan-vectors", type=int, default=10_000_000)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -206,6 +303,8 @@ def main() -> None:
             report["search"] = bench_search(args.work, args.vectors)
         elif part == "throughput":
             report["throughput"] = bench_throughput(args.work, args.rounds)
+        elif part == "scan":
+            report["scan"] = bench_scan(args.work, args.scan_vectors)
         print(part, f"{time.perf_counter() - start:.0f} s:", json.dumps(report.get(part)), flush=True)
     report["load_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
