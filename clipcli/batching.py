@@ -322,6 +322,8 @@ def _result(future: Future, pool: DaemonPool, timeout: float | None) -> tuple:
     try:
         return future.result(timeout=timeout)
     except Late:
+        if future.done():  # it finished as the wait ended
+            return future.result()
         if not future.cancel():  # running: stuck in a decoder
             pool.abandon()
         return None, None, Reason(f"decoding took over {timeout:g} s; left behind (a stuck decoder or file "

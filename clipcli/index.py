@@ -2,9 +2,9 @@
 
 Tables (schema version in ``PRAGMA user_version``, migrations in :data:`MIGRATIONS`):
 
-- ``files``: one row per image, by absolute path as the filesystem's bytes, with the size
-  and modification time it was seen at, its content's sha256, and the reason it failed (a
-  failed file is retried only once it changes).
+- ``files``: one row per image (and per video and video frame: :mod:`clipcli.index_videos`),
+  by absolute path as the filesystem's bytes, with the size and modification time it was seen
+  at, its content's sha256, and the reason it failed (retried only once it changes).
 - ``models``: one row per model identity (weights sha256 + architecture + preprocessing),
   found before loading by its *keys* (``model_keys``: weights sha256 + the hints that
   shapes cannot give; two keys may name one identity).
@@ -68,6 +68,11 @@ MIGRATIONS = [  # (version, statements): a database at version n runs every late
         -- files refused before HEIC/AVIF/RAW were read: seen again (as changed) by the next update
         UPDATE files SET size = -1 WHERE error LIKE 'unsupported format: %';
     """),
+    (4, """
+        ALTER TABLE files ADD COLUMN interval REAL;  -- a video's row: the seconds between the frames read
+        -- videos named in lists were refused as no image before they were read: seen again by the next update
+        UPDATE files SET size = -1 WHERE error IS NOT NULL AND (lower(CAST(path AS TEXT)) LIKE '%.mp4' OR lower(CAST(path AS TEXT)) LIKE '%.m4v' OR lower(CAST(path AS TEXT)) LIKE '%.mov' OR lower(CAST(path AS TEXT)) LIKE '%.webm' OR lower(CAST(path AS TEXT)) LIKE '%.mkv' OR lower(CAST(path AS TEXT)) LIKE '%.avi' OR lower(CAST(path AS TEXT)) LIKE '%.3gp' OR lower(CAST(path AS TEXT)) LIKE '%.mts' OR lower(CAST(path AS TEXT)) LIKE '%.m2ts' OR lower(CAST(path AS TEXT)) LIKE '%.mpg' OR lower(CAST(path AS TEXT)) LIKE '%.mpeg' OR lower(CAST(path AS TEXT)) LIKE '%.wmv' OR lower(CAST(path AS TEXT)) LIKE '%.ogv')
+    """),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 TABLES = {"meta", "files", "models", "model_keys", "vectors"}
@@ -130,25 +135,6 @@ def _write_limits(path: Path) -> tuple[str, str]:
     except OSError:
         pass
     return found, fix
-
-
-@dataclass
-class Summary:
-    """What an update did, by file."""
-
-    added: int = 0
-    updated: int = 0
-    moved: int = 0
-    removed: int = 0
-    unchanged: int = 0
-    failed: int = 0
-    embedded: int = 0  # files the model ran on (the others reused a vector)
-    paired: int = 0  # camera RAW files left out beside their JPEG (or HEIC, PNG, ...) of the same name
-    model_loaded: bool = False
-    seconds: float = 0.0
-
-    def as_json(self) -> dict:
-        return dict(self.__dict__)
 
 
 @dataclass

@@ -9,11 +9,7 @@ most the batch in flight. Rows of files gone from an indexed folder are removed 
 the vectors no file refers to any more. Nothing is removed under a folder that could not
 be read, and a file that changed while it was embedded is left for the next run.
 
-A video is a row of its own (its content sha256 and metadata, no vector) and one row per frame
-read (:mod:`clipcli.video`), keyed ``PATH#t=SECONDS``, whose content is ``SHA256#t=SECONDS``:
-a copy of a video reuses its frames' vectors, and a changed video re-embeds all of them. The
-video's own row is written once every frame is, so a run killed part-way through a video reads
-it again next time.
+A video is a row of its own and one row per frame read (:mod:`clipcli.index_videos`).
 """
 
 from __future__ import annotations
@@ -22,15 +18,16 @@ import os
 import stat
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from .decoders import MISSING
-from .errors import InputError, ItemError
-from .index import NEXT_GENERATION, Index, Summary, key_range, path_key
+from .errors import InputError
+from .index import NEXT_GENERATION, Index, key_range, path_key
+from .index_videos import FRAME_COLUMNS, frame_rows, frames_done, with_frames
 from .items import VIDEO_INTERVAL
-from .video import MARK, frame_name, frame_times, is_video, seconds_text
+from .video import is_video
 
 if TYPE_CHECKING:  # pragma: no cover
     from .metadata import Metadata
@@ -39,6 +36,25 @@ if TYPE_CHECKING:  # pragma: no cover
 
 METADATA_UPDATE = ("UPDATE files SET width = ?, height = ?, taken = ?, taken_source = ?, camera = ?, gps = ? "
                    "WHERE path = ?")
+
+
+@dataclass
+class Summary:
+    """What an update did, by file."""
+
+    added: int = 0
+    updated: int = 0
+    moved: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    embedded: int = 0  # files the model ran on (the others reused a vector)
+    paired: int = 0  # camera RAW files left out beside their JPEG (or HEIC, PNG, ...) of the same name
+    model_loaded: bool = False
+    seconds: float = 0.0
+
+    def as_json(self) -> dict:
+        return dict(self.__dict__)
 
 
 @dataclass
@@ -52,12 +68,13 @@ class _Scan:
     sha256: str | None = None
     error: str | None = None
     unreadable: bool = False  # a read error: reported, never stored (a fixed permission changes no mtime)
-    old: tuple | None = field(default=None, repr=False)  # its row before this run: (size, mtime_ns, sha256, error, taken)
+    old: tuple | None = field(default=None, repr=False)  # its row before: (size, mtime_ns, sha256, error, taken[, interval])
     meta: "Metadata | None" = None  # read with the hash (clipcli.metadata)
     video: bool = False
-    frames: list = field(default_factory=list, repr=False)  # a video's frame rows before this run: (path, sha256, error)
+    frames: list = field(default_factory=list, repr=False)  # a video's frame rows before this run (FRAME_COLUMNS)
     frame: float | None = None  # a video frame's time; ``source`` is then its video's key
     source: bytes | None = None
+    interval: float | None = None  # a video's: the seconds between the frames read
 
     @property
     def same_file(self) -> bool:
@@ -68,15 +85,13 @@ class _Scan:
         """The file on disk (a frame's video)."""
         return os.fsdecode(self.source or self.key)
 
-    def done(self, have: set[str], interval: float) -> bool:
+    def done(self, have: set[str], interval: float | None) -> bool:
         """Whether its row holds what this run would store: a failure, a vector of the model, or
-        (a video) a row for each frame at this interval, each a failure or a vector."""
+        (a video) its frames at ``interval`` (None: any), each a failure or a vector."""
         if self.old[3] is not None:
             return True
         if self.video:
-            times = sorted(float(path.rpartition(MARK.encode())[2]) for path, _, _ in self.frames)
-            return times == frame_times(len(times) * interval, interval) and all(
-                error is not None or sha in have for _, sha, error in self.frames)
+            return (interval is None or self.old[5] == interval) and self.old[5] is not None and frames_done(self.frames, have)
         return self.old[2] in have
 
 
@@ -91,12 +106,18 @@ class _Run:
     report: Callable[[str, str | None], None]
     summary: Summary
     batch_size: int | None = None  # files per commit (None: the device's default batch)
-    video_interval: float = VIDEO_INTERVAL
+    video_interval: float | None = None  # None: as each video was read, else VIDEO_INTERVAL
     model: int | None = None
     loaded: "LoadedModel | None" = None
     stale: set = field(default_factory=set)  # content sha256s some row stopped pointing to
     videos: list = field(default_factory=list)  # the videos read this run: their rows go in once their frames are
     left_out: set = field(default_factory=set)  # videos with a frame not stored this run: their rows wait
+
+    def interval_of(self, scan: _Scan) -> float:
+        """The seconds between a video's frames: as asked, else as it was read before, else the default."""
+        if self.video_interval is not None:
+            return self.video_interval
+        return scan.old[5] if scan.old is not None and len(scan.old) > 5 and scan.old[5] else VIDEO_INTERVAL
 
     def count(self, kind: str, scan: _Scan) -> None:
         setattr(self.summary, kind, getattr(self.summary, kind) + 1)
@@ -106,7 +127,7 @@ class _Run:
 def update(index: Index, inputs: Sequence[str], key: str, load: Callable[[], "LoadedModel"], *,
            embed: Callable[["LoadedModel", list], Iterator] | None = None, batch_size: int | None = None,
            on_result: Callable[[str, str | None], None] | None = None, raw_pairs: bool = True,
-           video_interval: float = VIDEO_INTERVAL) -> Summary:
+           video_interval: float | None = None) -> Summary:
     """Bring the rows of ``inputs`` (folders, list files, files) up to date for the model
     whose :func:`~clipcli.loading.source_key` is ``key``. ``load()`` is called only if an
     image must be embedded; ``embed(loaded, items)`` yields one
@@ -114,11 +135,13 @@ def update(index: Index, inputs: Sequence[str], key: str, load: Callable[[], "Lo
     committed every ``batch_size`` files (None: the device's default batch). With ``raw_pairs``,
     a camera RAW file beside a developed twin of the same name is left out
     (:func:`clipcli.items.raw_pairs`; counted as ``paired``). A video is read as a frame every
-    ``video_interval`` seconds (see the module; each frame counts as a file). SQLite's errors
-    leave as the index's one-line errors (:meth:`Index.guard`)."""
+    ``video_interval`` seconds (None: as it was read before, else every
+    :data:`~clipcli.items.VIDEO_INTERVAL`; each frame counts as a file). SQLite's errors leave
+    as the index's one-line errors (:meth:`Index.guard`)."""
     from .video import check_interval
 
-    check_interval(video_interval)
+    if video_interval is not None:
+        check_interval(video_interval)
     with index.guard():
         return _update(index, inputs, key, load, embed, batch_size, on_result, raw_pairs, video_interval)
 
@@ -126,7 +149,7 @@ def update(index: Index, inputs: Sequence[str], key: str, load: Callable[[], "Lo
 def _update(index: Index, inputs: Sequence[str], key: str, load: Callable[[], "LoadedModel"],
             embed: Callable[["LoadedModel", list], Iterator] | None, batch_size: int | None,
             on_result: Callable[[str, str | None], None] | None, pair_raws: bool = True,
-            video_interval: float = VIDEO_INTERVAL) -> Summary:
+            video_interval: float | None = None) -> Summary:
     from .fsutil import named
 
     for arg in inputs:  # before anything: rows under a folder an empty path seemed to name would go
@@ -159,9 +182,9 @@ def _update(index: Index, inputs: Sequence[str], key: str, load: Callable[[], "L
             todo.append(scan)
     if undated:
         _date(index, undated)
-    seen = {scan.key for scan in scans} | {path for scan in scans for path, _, _ in scan.frames}
+    seen = {scan.key for scan in scans} | {row[0] for scan in scans for row in scan.frames}
     kept = [key_range(folder)[0] for folder in unreadable]
-    gone = [(path, row[2]) for path, row in under.items()
+    gone = [(path, row[2], row[3]) for path, row in under.items()
             if path not in seen and not any(path.startswith(low) for low in kept)]
     if todo:
         _hash([scan for scan in todo if not scan.same_file or scan.old[2] is None])
@@ -170,10 +193,10 @@ def _update(index: Index, inputs: Sequence[str], key: str, load: Callable[[], "L
         _apply(run, todo, gone, have)
     if gone:
         with index._write():
-            index.db.executemany("DELETE FROM files WHERE path = ?", [(path,) for path, _ in gone])
-            _collect_garbage(index, run.stale | {sha for _, sha in gone if sha})
-        # a video's own row is no image: its frames are counted
-        run.summary.removed += sum(1 for path, sha in gone if not (sha and is_video(os.fsdecode(path))))
+            index.db.executemany("DELETE FROM files WHERE path = ?", [(path,) for path, _, _ in gone])
+            _collect_garbage(index, run.stale | {sha for _, sha, _ in gone if sha})
+        # a video's own row is no image (its frames are counted), unless it failed whole
+        run.summary.removed += sum(1 for path, _, error in gone if error is not None or not is_video(os.fsdecode(path)))
     elif run.stale:
         with index._write():
             _collect_garbage(index, run.stale)
@@ -240,23 +263,16 @@ def _attach_rows(index: Index, scans: list[_Scan], roots: list[bytes]) -> dict[b
     lows = [key_range(root)[0] for root in roots]
     for low, high in map(key_range, roots):
         rows.update((r[0], r[1:]) for r in index.db.execute(
-            "SELECT path, size, mtime_ns, sha256, error, taken FROM files WHERE path >= ? AND path < ?", (low, high)))
+            f"SELECT {FRAME_COLUMNS}, interval FROM files WHERE path >= ? AND path < ?", (low, high)))
     for scan in scans:
         scan.old = rows.get(scan.key)
         if scan.old is None and not any(scan.key.startswith(low) for low in lows):
-            row = index.db.execute("SELECT size, mtime_ns, sha256, error, taken FROM files WHERE path = ?",
+            row = index.db.execute(f"SELECT {FRAME_COLUMNS}, interval FROM files WHERE path = ?",
                                    (scan.key,)).fetchone()
-            scan.old = tuple(row) if row else None
+            scan.old = tuple(row[1:]) if row else None
         if scan.video:
-            scan.frames = index.db.execute("SELECT path, sha256, error FROM files WHERE path >= ? AND path < ?",
-                                           _frame_range(scan.key)).fetchall()
+            scan.frames = frame_rows(index.db, scan.key)
     return rows
-
-
-def _frame_range(key: bytes) -> tuple[bytes, bytes]:
-    """The keys of a video's frames (``PATH#t=...``; ">" is the byte after "=")."""
-    mark = MARK.encode()
-    return key + mark, key + mark[:-1] + b">"
 
 
 def _shas(index: Index, model: int | None) -> set[str]:
@@ -298,11 +314,14 @@ def _date(index: Index, scans: list[_Scan]) -> None:
                 index.db.executemany(METADATA_UPDATE, [(*meta.row(), scan.key) for scan, meta in zip(chunk, metas)])
 
 
-def _apply(run: _Run, todo: list[_Scan], gone: list[tuple[bytes, str | None]], have: set[str]) -> None:
+def _apply(run: _Run, todo: list[_Scan], gone: list[tuple], have: set[str]) -> None:
     """Store what needs no model (reused vectors, failures), then embed the new content."""
-    moved_from = Counter(sha for _, sha in gone if sha)  # content that left a path this run
-    videos = [s for s in todo if s.video and s.error is None]
-    todo = _with_frames(run, todo)
+    from .metadata import read_metadata
+
+    moved_from = Counter(sha for _, sha, _ in gone if sha)  # content that left a path this run
+    videos, dropped = [s for s in todo if s.video and s.error is None], []
+    todo = with_frames(todo, run.interval_of, lambda scan: read_metadata(scan.file, scan.mtime_ns), run.videos,
+                       dropped)
     failed = [s for s in todo if s.error is not None]
     for scan in failed:
         run.count("failed", scan)
@@ -326,10 +345,10 @@ def _apply(run: _Run, todo: list[_Scan], gone: list[tuple[bytes, str | None]], h
         run.count(kind, scan)
     broken = [s for s in videos if s.error is not None and getattr(s.error, "fix", None) != MISSING]
     with run.index._write():  # read errors are not stored: the old row stays until the file can be read
-        for video in videos:  # its frames as they were: replaced by this run's
-            run.index.db.execute("DELETE FROM files WHERE path >= ? AND path < ?", _frame_range(video.key))
-            run.stale.update(sha for _, sha, _ in video.frames if sha)
+        run.index.db.executemany("DELETE FROM files WHERE path = ?", [(row[0],) for row in dropped])
+        run.summary.removed += len(dropped)  # frames no longer read: another interval, a shorter or broken video
         _put_files(run, reuse + broken)
+        _collect_garbage(run.index, {row[3] for row in dropped if row[3]})
     fresh: dict[str, list[_Scan]] = {}  # content sha -> the files holding it
     for scan in ready:
         if scan.sha256 not in have:
@@ -339,33 +358,6 @@ def _apply(run: _Run, todo: list[_Scan], gone: list[tuple[bytes, str | None]], h
     if run.videos:
         with run.index._write():
             _put_files(run, [video for video in run.videos if video.key not in run.left_out])
-
-
-def _with_frames(run: _Run, scans: list[_Scan]) -> list[_Scan]:
-    """``scans`` with each video that opens in place of its frames (named and keyed ``PATH#t=SECONDS``,
-    their content ``SHA256#t=SECONDS``, their capture time the video's plus their own); a video
-    that does not open keeps its scan, with the reason."""
-    from .video import probe
-
-    out = []
-    for scan in scans:
-        if not scan.video or scan.error is not None:
-            out.append(scan)
-            continue
-        try:
-            info = probe(scan.file)
-        except ItemError as error:
-            scan.error = error.reason
-            out.append(scan)
-            continue
-        run.videos.append(scan)
-        for t in frame_times(info.duration, run.video_interval):
-            text, meta = seconds_text(t), scan.meta
-            if meta is not None and meta.taken is not None and meta.taken_source == "video":
-                meta = replace(meta, taken=meta.taken + t)
-            out.append(_Scan(scan.key + (MARK + text).encode(), frame_name(scan.name, t), scan.size, scan.mtime_ns,
-                             sha256=f"{scan.sha256}{MARK}{text}", old=scan.old, meta=meta, frame=t, source=scan.key))
-    return out
 
 
 def _changed(scan: _Scan) -> bool:
@@ -400,7 +392,7 @@ def _embed(run: _Run, fresh: dict[str, list[_Scan]]) -> None:
         for member in group:
             member.error = result.error
             run.count(("updated" if member.old else "added") if result.ok else "failed", member)
-        if getattr(result.error, "fix", None) == MISSING:  # a decoder this machine lacks: tried again with it
+        if getattr(result.error, "fix", None) in (MISSING, "decode_timeout"):  # not the file's fault: tried again
             run.left_out.update(member.source for member in group)
             continue
         files += group
@@ -433,6 +425,7 @@ def _put_files(run: _Run, scans: list[_Scan]) -> None:
         [(s.key, s.size, s.mtime_ns, s.sha256, s.error, now) for s in scans])
     run.index.db.executemany(METADATA_UPDATE,  # what was read with the hash (a file not hashed again keeps its own)
                              [(*s.meta.row(), s.key) for s in scans if s.meta is not None])
+    run.index.db.executemany("UPDATE files SET interval = ? WHERE path = ?", [(s.interval, s.key) for s in scans if s.video])
 
 
 def _collect_garbage(index: Index, candidates: set[str]) -> None:

@@ -266,8 +266,8 @@ def expand_inputs(inputs: Sequence[str], *, exclude: Sequence[str | os.PathLike]
     """One :class:`Item` per image named by ``inputs``, in order.
 
     Each input is a URL, an image file, a video, a folder, a list file or ``-`` (a list on stdin).
-    A video is one item per frame read every ``video_interval`` seconds (:func:`clipcli.video.
-    frame_items`; None: one item for the file, as the index takes it). Files listed in
+    A video is one item per frame read every ``video_interval`` seconds (:func:`frame_items`;
+    None: one item for the file, as the index takes it). Files listed in
     ``exclude`` (the run's own outputs) are not picked up from folders.
     A missing input, an empty one (which would mean the current folder) or an empty result
     raises :class:`InputError`.
@@ -308,9 +308,10 @@ def expand_inputs(inputs: Sequence[str], *, exclude: Sequence[str | os.PathLike]
 
 
 def local_item(name: str) -> Item:
-    """The item of a local path as an index stores it: a video's frame (``PATH#t=SECONDS``) or a file."""
+    """The item of a local path as an index stores it: a video's frame (``PATH#t=SECONDS``), a
+    video (its first frame) or a file."""
     path, t = split_frame(name)
-    return Item(name=name, path=path, frame=t)
+    return Item(name=name, path=path, frame=0.0 if t is None and is_video(path) else t)
 
 
 def frame_items(item: Item, interval: float = VIDEO_INTERVAL) -> list[Item]:
@@ -320,10 +321,10 @@ def frame_items(item: Item, interval: float = VIDEO_INTERVAL) -> list[Item]:
     from .video import probe
 
     try:
-        info = probe(item.path)
+        times = frame_times(probe(item.path).duration, interval)
     except ItemError as error:
         return [Item(name=item.name, error=error.reason)]
-    return [Item(name=frame_name(item.name, t), path=item.path, frame=t) for t in frame_times(info.duration, interval)]
+    return [Item(name=frame_name(item.name, t), path=item.path, frame=t) for t in times]
 
 
 def _with_frames(items: list[Item], interval: float) -> list[Item]:

@@ -24,6 +24,7 @@ FIXES = {
     "truncate": "shorten it, or leave out --no-truncate to cut it",
     "max_pixels": "raise --max-pixels to allow it",
     "decode_timeout": "raise --decode-timeout to wait longer",
+    "video_interval": "give a larger --video-interval",
     "allow_truncated": "pass --allow-truncated to score what can be decoded",
     "allow_private": "pass --allow-private to fetch from it",
     "arch": "the commands take it as --arch NAME",

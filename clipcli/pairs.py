@@ -39,11 +39,13 @@ def bfloat16_pays() -> bool:
     return timings[1] * 2 <= timings[0]
 
 
-# What rounding both factors to bfloat16 (8 significant bits: u = 2^-8 each) and the product to
-# bfloat16 can move a dot product of rows of norm at most n, over n^2: (2u + u^2) for the factors
-# (summed over the terms, at most the product of the norms), u for the result; the float32
-# accumulation adds D 2^-24 (about 3e-5 at 512), covered by the 1e-4 added.
-_BF16_ERROR = 3 * 2.0**-8 + 2.0**-16
+def bfloat16_error(dim: int) -> float:
+    """How far rounding to bfloat16 can move a dot product of rows of norm at most n, over n^2
+    (u = 2^-8, bfloat16's 8 significant bits): (2u + u^2) for rounding both factors, summed over
+    the terms (at most the product of the norms); D 2^-24 (1 + u)^2 for the float32 accumulation
+    of D terms; u (1 + u) for rounding the result (a score near a cut below n^2)."""
+    u = 2.0**-8
+    return 2 * u + u * u + dim * 2.0**-24 * (1 + u) ** 2 + u * (1 + u)
 
 
 def _exact_scores(block, other, a, b, chunk: int = 1 << 16):
@@ -64,7 +66,7 @@ def similar_pairs(vectors: np.ndarray, threshold: float, *, rows: int | None = N
 
     ``fast`` (None: where :func:`bfloat16_pays`) multiplies the tiles in bfloat16 and scores
     again in float32 only the pairs within the rounding bound of the threshold
-    (:data:`_BF16_ERROR`): the same pairs and float32 scores, the products 8x faster on AMX.
+    (:func:`bfloat16_error`): the same pairs and float32 scores, the products 8x faster on AMX.
     (oneDNN accumulates bfloat16 products in float32, which the bound assumes.)"""
     import torch
 
@@ -74,8 +76,9 @@ def similar_pairs(vectors: np.ndarray, threshold: float, *, rows: int | None = N
     fast = bfloat16_pays() if fast is None and count > ROWS else bool(fast)
     rows, cols = rows or (FAST_ROWS if fast else ROWS), cols or (FAST_COLS if fast else COLS)
     low = matrix.to(torch.bfloat16) if fast else matrix  # (N, D): 2 bytes a value more while it runs
-    norm = float(matrix.norm(dim=1).max()) if fast and count else 1.0
-    cut = threshold - (_BF16_ERROR * norm * norm + 1e-4) if fast else threshold
+    norms = matrix.norm(dim=1) if fast and count else torch.ones(1)
+    norm = float(norms[torch.isfinite(norms)].max()) if bool(torch.isfinite(norms).any()) else 1.0  # NaN rows pair with none
+    cut = threshold - (bfloat16_error(matrix.shape[1]) * norm * norm + 1e-6) if fast else threshold
     # Positive bfloat16 values order as their bits do (as int16), which a maximum reads twice as fast.
     bits = int(torch.tensor(cut, dtype=torch.bfloat16).view(torch.int16)) if fast and cut > 0 else None
     found: list[tuple] = []

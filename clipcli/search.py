@@ -31,7 +31,7 @@ from .http import FetchOptions, url_scheme
 from .items import Item, local_item, url_item
 from .vectors import check_threshold
 from .vectors import search as nearest
-from .video import is_video, split_frame
+from .video import split_frame
 
 if TYPE_CHECKING:  # pragma: no cover
     from .index import Hit, Index
@@ -100,8 +100,7 @@ def image_item(term: Term) -> Item:
         return Item(name=term.text, data=term.data)
     if url_scheme(term.text) in ("http", "https"):
         return url_item(term.text)
-    item = local_item(term.text)  # a file, or a video's frame: clip.mp4#t=12 (a video alone: its first frame)
-    return replace(item, frame=0.0) if item.frame is None and is_video(term.text) else item
+    return local_item(term.text)  # a file, or a video's frame: clip.mp4#t=12 (a video alone: its first frame)
 
 
 def combine(terms: Sequence[Term], embedded: Sequence, dim: int, model_name: str) -> np.ndarray:

@@ -24,7 +24,7 @@ from .errors import InputError, OutputError, OutputExistsError
 from .feedback import SILENT, Feedback
 from .http import FetchOptions
 from .images import DecodeOptions
-from .items import VIDEO_INTERVAL, Item
+from .items import Item
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -42,7 +42,7 @@ class RunOptions:
     workers: int | None = None  # None: clipcli.batching.default_workers (4 threads; one per core on a GPU)
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     fetch: FetchOptions = field(default_factory=FetchOptions)
-    video_interval: float = VIDEO_INTERVAL  # seconds between a video's frames (clipcli.video)
+    video_interval: float | None = None  # seconds between a video's frames; None: an index keeps each video's, else 5
 
     def for_device(self, device: "torch.device") -> "RunOptions":
         """These options with the device's defaults in place of None."""
@@ -255,7 +255,7 @@ def update_index(index, inputs: Sequence[str], model: str, load: Callable[[], "L
     The model is found in the index by its weights and hints, without loading it; ``load()``
     (which must load ``model``) runs only if some image must be embedded; ``raw_pairs`` leaves
     out a camera RAW file beside a JPEG (or HEIC, ...) of the same name. Returns the
-    :class:`~clipcli.index.Summary`.
+    :class:`~clipcli.indexing.Summary`.
     """
     from .batching import embed_images
     from .indexing import update

@@ -445,6 +445,14 @@ def test_the_default_pixel_cap_is_the_input_layers():
     assert MAX_PIXELS == DEFAULT_MAX_PIXELS
 
 
+def test_the_flags_defaults_spelled_out_for_help_are_the_librarys():
+    from clipcli.cli import options
+    from clipcli.images import DECODE_TIMEOUT
+    from clipcli.video import DEFAULT_INTERVAL
+
+    assert (options.VIDEO_INTERVAL, options.DECODE_TIMEOUT) == (DEFAULT_INTERVAL, DECODE_TIMEOUT)
+
+
 def test_threads_and_the_emulated_precision_note(photos, ckpt):
     before = torch.get_num_threads()
     try:

@@ -280,6 +280,17 @@ def test_blocked_pairs_equal_a_brute_force_computation(fast):
     assert len(found) > 1000 and {(k, 500 + k) for k in range(20)} <= set(found)
 
 
+def test_a_vector_that_is_not_finite_pairs_with_nothing_and_hides_nothing():
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((300, 8)).astype(np.float32)
+    vectors[150:160] = vectors[:10] + 0.01
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors[42] = np.nan
+    plain = similar_pairs(vectors, 0.9, fast=False)
+    fast = similar_pairs(vectors, 0.9, fast=True)
+    assert len(plain[0]) >= 10 and sorted(zip(*plain[:2])) == sorted(zip(*fast[:2]))
+
+
 def test_an_extra_is_never_the_keepers_own_file(tmp_path, tiny_vit_checkpoint):
     """Two paths to one file (a link) are one photo, and a file deleted since it was indexed is
     no keeper: `-0 | xargs rm` could otherwise remove the last copy."""

@@ -144,9 +144,9 @@ def test_an_index_of_the_previous_schema_migrates_in_place_without_re_embedding(
     photo(folder / "b.jpg", colour=(10, 200, 10))
     db = tmp_path / "old.sqlite3"
     cli("index", str(folder), "--db", str(db), "-m", str(tiny_vit_checkpoint), "-q")
-    with sqlite3.connect(db) as raw:  # back to schema 2: the columns of 3 dropped, its version restored
+    with sqlite3.connect(db) as raw:  # back to schema 2: the columns of 3 and 4 dropped, its version restored
         raw.execute("DROP INDEX files_taken")
-        for column in ("width", "height", "taken", "taken_source", "camera", "gps"):
+        for column in ("width", "height", "taken", "taken_source", "camera", "gps", "interval"):
             raw.execute(f"ALTER TABLE files DROP COLUMN {column}")
         raw.execute(f"PRAGMA user_version = {MIGRATIONS[1][0]}")
         vectors = raw.execute("SELECT id, vector FROM vectors ORDER BY id").fetchall()

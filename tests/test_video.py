@@ -125,9 +125,10 @@ def test_without_pyav_a_video_fails_naming_the_extra(tmp_path, monkeypatch):
     assert 'pip install "clipcli[photos]"' in item.error and item.error.fix == "decoder"
 
 
-def index(db: Path, model: Path, *paths: Path, interval: str = "2") -> dict:
+def index(db: Path, model: Path, *paths: Path, interval: str | None = "2") -> dict:
+    asked = ["--video-interval", interval] if interval is not None else []
     result = CliRunner().invoke(app, ["index", *map(str, paths), "--db", str(db), "-m", str(model), "-f", "json",
-                                      "-q", "--video-interval", interval])
+                                      "-q", *asked])
     assert result.exit_code == 0, (result.stdout, result.stderr)
     return json.loads(result.stdout)
 
@@ -171,9 +172,13 @@ def test_the_index_holds_a_row_per_frame_and_follows_the_video(tmp_path, tiny_vi
     assert sorted(n for n in rows(db) if n.startswith("clip")) == ["clip.mp4", "clip.mp4#t=0", "clip.mp4#t=2"]
     wider = index(db, tiny_vit_checkpoint, folder, interval="3")  # another interval: other frames
     assert sorted(n for n in rows(db) if n.startswith("copy")) == ["copy.mp4", "copy.mp4#t=0", "copy.mp4#t=3"]
-    assert wider["unchanged"] == 1
+    # each video keeps #t=0 (and the photo is unchanged), reads #t=3, drops #t=2 (and copy's #t=4)
+    assert (wider["unchanged"], wider["added"], wider["removed"]) == (3, 2, 3)
+    assert rows(db)["copy.mp4#t=3"][1] == created + 3  # the frames read again keep their dates
+    kept = index(db, tiny_vit_checkpoint, folder, interval=None)  # no interval asked: each video's own
+    assert (kept["unchanged"], kept["model_loaded"]) == (5, False)
     (folder / "copy.mp4").unlink()
-    gone = index(db, tiny_vit_checkpoint, folder, interval="3")
+    gone = index(db, tiny_vit_checkpoint, folder, interval=None)
     assert gone["removed"] == 2 and not any(n.startswith("copy") for n in rows(db))
 
 
@@ -246,3 +251,133 @@ def test_search_paths_name_the_video_once(tmp_path, tiny_vit_checkpoint):
         found = CliRunner().invoke(app, ["search", "--db", str(db), "-m", str(tiny_vit_checkpoint), query, "-f", "json"])
         assert found.exit_code == 0, found.stderr
         assert Path(json.loads(found.stdout)[0]["image"]).name == best and json.loads(found.stdout)[0]["score"] > 0.9999
+
+
+# ----------------------------------------------------------------------------- hostile and odd videos
+
+
+def test_hostile_and_odd_videos_are_failed_items_never_crashes(tmp_path, tiny_vit_checkpoint):
+    """A codec FFmpeg cannot decode, a header claiming a huge duration (or an interval that small),
+    a time past the end: one failed item each, with its reason; the run goes on."""
+    from clipcli.errors import InputError
+    from clipcli.video import MAX_FRAMES, frame_times, read_frame
+
+    clip = make_video(tmp_path / "clip.mp4", seconds=3.0)
+    data = clip.read_bytes()
+    (tmp_path / "alien.mp4").write_bytes(data.replace(b"avc1", b"zzzz"))  # a codec no decoder knows
+    [alien] = expand_inputs([str(tmp_path / "alien.mp4")])
+    assert alien.error and "codec" in alien.error, alien.error
+    result = CliRunner().invoke(app, ["index", str(tmp_path / "alien.mp4"), str(clip), "--db",
+                                      str(tmp_path / "a.sqlite3"), "-m", str(tiny_vit_checkpoint), "-f", "json", "-q"])
+    assert result.exit_code == 1 and json.loads(result.stdout)["failed"] == 1, (result.stdout, result.stderr)
+    with pytest.raises(ItemError, match=f"over the limit of {MAX_FRAMES}"):
+        frame_times(1e12, 5.0)  # a hostile header's duration
+    with pytest.raises(InputError, match="0.001 or more"):
+        expand_inputs([str(clip)], video_interval=1e-4)
+    with pytest.raises(ItemError, match="the stream ends before it"):
+        read_frame(str(clip), 8.0, DecodeOptions())
+    assert np.abs(shown(read_frame(str(clip), 2.95, DecodeOptions())) - colour(29)).max() <= 8  # the last frame
+
+
+def test_a_transport_stream_starting_late_gives_the_frames_asked(tmp_path):
+    """MPEG-TS starts its clock at 1.4 s and has no seek index: frames are timed from the start."""
+    path = tmp_path / "camcorder.mts"
+    with av.open(str(path), "w", format="mpegts") as container:
+        stream = container.add_stream("libx264", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"crf": "10"}
+        for i in range(60):
+            pixels = np.empty((48, 64, 3), np.uint8)
+            pixels[:] = colour(i)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].start_time > 0  # the case at hand
+    frames = expand_inputs([str(path)], video_interval=1)
+    assert [item.frame for item in frames] == [0, 1, 2, 3, 4, 5]
+    assert [nearest(read_image(item)) for item in frames] == [0, 10, 20, 30, 40, 50]
+
+
+def test_a_portrait_phone_video_is_upright_and_sized_as_shown(tmp_path):
+    from clipcli.video import probe
+
+    path = tmp_path / "portrait.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.set_display_rotation(-90)  # as phones store portrait video: landscape pixels, turned on display
+        for _ in range(10):
+            pixels = np.zeros((48, 64, 3), np.uint8)
+            pixels[:, :32] = (250, 20, 20)  # left half red
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+    info = probe(str(path))
+    assert (info.width, info.height) == (48, 64)
+    [item] = expand_inputs([str(path)])
+    image = read_image(item)
+    assert image.size == (48, 64)
+    top, bottom = np.asarray(image)[:16].mean(axis=(0, 1)), np.asarray(image)[-16:].mean(axis=(0, 1))
+    assert top[0] > 200 > bottom[0]  # turned clockwise: the left half is on top
+
+
+def test_names_like_frames_beside_a_video_are_files_of_their_own(tmp_path, tiny_vit_checkpoint):
+    folder, db = tmp_path / "videos", tmp_path / "index.sqlite3"
+    folder.mkdir()
+    make_video(folder / "clip.mp4", seconds=4.0)
+    shutil.copy(DATA / "rocket.jpg", folder / "clip.mp4#t=5.jpg")
+    (folder / "clip.mp4#t=old").mkdir()
+    shutil.copy(DATA / "rocket.jpg", folder / "clip.mp4#t=old" / "rocket.jpg")
+    first = index(db, tiny_vit_checkpoint, folder)
+    again = index(db, tiny_vit_checkpoint, folder)
+    assert (first["added"], again["unchanged"], again["removed"]) == (4, 4, 0)
+    make_video(folder / "clip.mp4", seconds=2.0, offset=30)  # changed: its frames only are replaced
+    changed = index(db, tiny_vit_checkpoint, folder)
+    assert (changed["updated"], changed["removed"]) == (1, 1)
+    assert {"clip.mp4#t=5.jpg", "rocket.jpg"} <= set(rows(db))
+
+
+def test_updates_in_passing_keep_the_interval_a_video_was_indexed_at(tmp_path, tiny_vit_checkpoint):
+    """`search --in` and `duplicates PATH` update the index first: they must not re-read every
+    video at the default interval (nor does a plain `index`), and a single-frame video is read
+    again when a smaller interval is asked."""
+    folder, db = tmp_path / "videos", tmp_path / "index.sqlite3"
+    folder.mkdir()
+    make_video(folder / "clip.mp4", seconds=6.0)
+    assert index(db, tiny_vit_checkpoint, folder, interval="0")["added"] == 1
+    assert index(db, tiny_vit_checkpoint, folder, interval="2")["added"] == 2  # #t=2, #t=4
+    for command in (["search", "a clip", "--in", str(folder)], ["duplicates", str(folder)]):
+        result = CliRunner().invoke(app, [*command, "--db", str(db), "-m", str(tiny_vit_checkpoint), "-f", "json"])
+        assert result.exit_code == 0, result.stderr
+    assert sorted(n for n in rows(db) if "#t=" in n) == ["clip.mp4#t=0", "clip.mp4#t=2", "clip.mp4#t=4"]
+
+
+def test_a_contact_sheet_draws_a_video_by_its_first_frame(tmp_path, tiny_vit_checkpoint):
+    folder, db = tmp_path / "videos", tmp_path / "index.sqlite3"
+    folder.mkdir()
+    make_video(folder / "a.mp4", seconds=2.0)
+    shutil.copy(folder / "a.mp4", folder / "b.mp4")
+    index(db, tiny_vit_checkpoint, folder)
+    result = CliRunner().invoke(app, ["duplicates", "--db", str(db), "-m", str(tiny_vit_checkpoint), "-o",
+                                      str(tmp_path / "sheets")])
+    assert result.exit_code == 0 and "cannot" not in result.stderr, result.stderr
+    assert [p.name for p in (tmp_path / "sheets").iterdir()] == ["0001-exact.png"]
+
+
+def test_a_video_the_previous_schema_refused_is_read_after_the_upgrade(tmp_path, tiny_vit_checkpoint):
+    """Schema 3 read no video: one named in a list was stored as a failed image, never retried.
+    The upgrade to schema 4 (the interval column) has the next update look at it again."""
+    import sqlite3
+
+    from clipcli.index import MIGRATIONS
+
+    folder, db = tmp_path / "videos", tmp_path / "index.sqlite3"
+    folder.mkdir()
+    make_video(folder / "clip.mp4", seconds=2.0)
+    index(db, tiny_vit_checkpoint, folder)
+    with sqlite3.connect(db) as raw:  # as schema 3 left it: the video's row a failure, no frames
+        raw.execute("DELETE FROM files WHERE path != ?", (os.fsencode(folder / "clip.mp4"),))
+        raw.execute("UPDATE files SET error = 'unsupported format: ISO media (''isom''), not an image we open'")
+        raw.execute("ALTER TABLE files DROP COLUMN interval")
+        raw.execute(f"PRAGMA user_version = {MIGRATIONS[2][0]}")
+    again = index(db, tiny_vit_checkpoint, folder)
+    assert again["added"] == 1 and sorted(rows(db)) == ["clip.mp4", "clip.mp4#t=0"]

@@ -4,6 +4,7 @@ batching, decoding, output format; and loading a model with its notes on stderr.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from enum import Enum
@@ -94,6 +95,10 @@ VIDEO_INTERVAL = 5.0
 VideoIntervalOpt = Annotated[float, typer.Option("--video-interval", min=0.0, metavar="SECONDS",
                                                  help="Read a video's first frame, then one every SECONDS (0: the "
                                                       "first only); each frame is an item named VIDEO#t=SECONDS.")]
+IndexVideoIntervalOpt = Annotated[Optional[float], typer.Option(
+    "--video-interval", min=0.0, metavar="SECONDS", show_default=False,
+    help="Read a video's first frame, then one every SECONDS (0: the first only), each frame a row "
+         "VIDEO#t=SECONDS. Default: as each video was indexed before, else 5.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
 CacheDirOpt = Annotated[Optional[str], typer.Option(
     "--cache-dir", show_default=False,
@@ -104,7 +109,7 @@ TextFileOpt = Annotated[list[str], typer.Option("--text-file", help="Captions, o
 
 
 def run_options(batch_size: Optional[int], workers: Optional[int], max_pixels: int, allow_truncated: bool, allow_private: bool,
-                exact_decode: bool, video_interval: float = VIDEO_INTERVAL, decode_timeout: float = DECODE_TIMEOUT):
+                exact_decode: bool, video_interval: Optional[float] = None, decode_timeout: float = DECODE_TIMEOUT):
     """The shared run options (:class:`clipcli.tasks.RunOptions`) from the shared flags."""
     from ..http import FetchOptions
     from ..images import DecodeOptions
@@ -112,7 +117,7 @@ def run_options(batch_size: Optional[int], workers: Optional[int], max_pixels: i
 
     return RunOptions(batch_size=batch_size, workers=workers,
                       decode=DecodeOptions(max_pixels=max_pixels, allow_truncated=allow_truncated, exact=exact_decode,
-                                          timeout=decode_timeout),
+                                          timeout=decode_timeout if math.isfinite(decode_timeout) else None),
                       fetch=FetchOptions(allow_private=allow_private), video_interval=video_interval)
 
 

@@ -28,7 +28,7 @@ from typing import Sequence
 from ..errors import InputError
 from ..images import DecodeOptions, decode_image, read_image
 from ..index import Index, path_key
-from ..video import MARK, seconds_text, split_frame
+from ..video import MARK, is_video, seconds_text, split_frame
 
 THUMBNAIL_SIDE = 256
 # Formats a browser shows as they are; any other indexed image is sent as a JPEG of itself.
@@ -65,9 +65,11 @@ def resolve_id(index: Index, file_id: str) -> str:
         if row is None or _digest(row[0]) != digest:
             raise NotServed(f"no indexed file has the id {file_id}")
         path, frame = split_frame(os.fsdecode(row[0]))  # a video's frame: the video is the file checked
+        indexed = "SELECT 1 FROM files WHERE path = ? AND error IS NULL"
+        if frame is not None and index.db.execute(indexed, (path_key(path),)).fetchone() is None:
+            raise NotServed(f"no indexed video holds the frame {file_id}")
         real = os.path.realpath(path)
-        if os.path.islink(path) and index.db.execute(
-                "SELECT 1 FROM files WHERE path = ? AND error IS NULL", (path_key(real),)).fetchone() is None:
+        if os.path.islink(path) and index.db.execute(indexed, (path_key(real),)).fetchone() is None:
             raise NotServed(f"file {file_id} leads out of the indexed files (a symbolic link)")
     return real if frame is None else f"{real}{MARK}{seconds_text(frame)}"
 
@@ -113,7 +115,7 @@ class Thumbnails:
                 self._cache.move_to_end(key)
                 return self._cache[key]
         with self._reading:
-            if frame is not None:
+            if frame is not None or is_video(file):
                 image = self._frame(path)
             else:
                 image = self._decode(_read(path, self.max_file), path, draft=2 * THUMBNAIL_SIDE)
@@ -132,7 +134,7 @@ class Thumbnails:
         else a JPEG of it. ``(bytes, media type)``."""
         from PIL import Image
 
-        if split_frame(path)[1] is not None:
+        if is_video(split_frame(path)[0]):
             with self._reading:
                 return _jpeg(self._frame(path), quality=90), "image/jpeg"
         with self._reading:
