@@ -7,8 +7,9 @@ One folder (``$CLIPCLI_CACHE_DIR``, else ``$XDG_CACHE_HOME/clipcli``, else ``~/.
   ``<file>.json`` with its sha256, size and source, so a cached file is checked before use
   (size always, the full sha256 on request) and a corrupt one is deleted;
 - ``labels/``: zero-shot classifiers by model, labels and templates (:func:`entry`);
-- ``checksums/``: the sha256 of local checkpoints by path, size and mtime
-  (:func:`remembered_sha256`), so identifying a model does not re-read gigabytes.
+- ``checksums/``: the sha256 of local checkpoints by path, size, mtime and inode
+  (:func:`remembered_sha256`; a download records its own), so identifying a model does not
+  re-read gigabytes.
 
 A cache entry that cannot be written is not an error. Locks are :func:`clipcli.fsutil.exclusive_lock`;
 downloading is :mod:`clipcli.download`'s. Hugging Face hub files stay in the HF cache (:mod:`clipcli.hub`).
@@ -93,6 +94,7 @@ def file_problem(path: Path, sha256: str, size: int | None, *, full: bool) -> st
         return None
     actual = sha256_file(path)
     if actual == sha256:
+        remember_sha256(path, actual)
         return None
     if size is not None and actual_size != size:
         return f"{actual_size} bytes instead of {size}"
@@ -204,15 +206,32 @@ def save_entry(path: Path, write) -> None:
         pass
 
 
+def _stamp(path: str | os.PathLike) -> tuple[str, str]:
+    """``(real path, stamp)``: what says a file is the one hashed before. Size and mtime alone
+    miss a file replaced by another of the same size and mtime (``rsync -t``, ``cp -p``, an
+    unpacked archive): that one is a new inode."""
+    real = os.path.realpath(path)
+    info = os.stat(real)
+    return real, f"{real}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_ino}\0{info.st_dev}"
+
+
+def remember_sha256(path: str | os.PathLike, sha256: str) -> None:
+    """Record ``sha256`` as the file's, for a file just hashed whole (a download checked against
+    it): :func:`remembered_sha256` then never reads it again while it stays the same file."""
+    with contextlib.suppress(OSError):
+        memo = entry("checksums", _stamp(path)[1])
+        save_entry(memo, lambda f: f.write(f"{sha256}\n".encode()))
+
+
 def remembered_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file, remembered by real path, size and mtime."""
-    path = os.path.realpath(path)
-    info = os.stat(path)
-    memo = entry("checksums", f"{path}\0{info.st_size}\0{info.st_mtime_ns}")
+    """sha256 of a file, hashed once: remembered by real path, size, mtime, inode and device
+    (identifying a model must not read hundreds of MB on every run: 0.3 s for ViT-B/32)."""
+    real, stamp = _stamp(path)
+    memo = entry("checksums", stamp)
     with contextlib.suppress(OSError):
         value = memo.read_text().strip()
-        if len(value) == 64:
+        if is_sha256(value):
             return value
-    value = sha256_file(path)
+    value = sha256_file(real)
     save_entry(memo, lambda f: f.write(f"{value}\n".encode()))
     return value

@@ -41,6 +41,7 @@ from .cache import (
     offline,
     openai_cache_dir,
     read_meta,
+    remember_sha256,
     resolve_cache_dir,
     write_meta,
 )
@@ -123,6 +124,7 @@ def download_url(
             write_meta(dest, {"name": label, "sha256": sha256, "size": part.stat().st_size, "url": url})
             os.replace(part, dest)
             fsync_folder(dest.parent)
+            remember_sha256(dest, sha256)  # hashed as it came: loading it never hashes it again
         except DownloadError as error:
             if 400 <= getattr(error, "http_status", 0) < 500:
                 part.unlink(missing_ok=True)  # gone from this server: nothing to resume
@@ -199,6 +201,7 @@ def _reuse_openai_cache(info: ModelInfo, cache: Path, log: Log, settings: Downlo
         if sha256_file(source) != info.sha256:
             log(f"not reusing {source}: its sha256 does not match {info.name}")
             return None
+        remember_sha256(source, info.sha256)
     except OSError:
         return None
     dest = cache / info.file
@@ -216,6 +219,7 @@ def _reuse_openai_cache(info: ModelInfo, cache: Path, log: Log, settings: Downlo
                     raise DownloadError(f"the copy in {cache} does not match {info.sha256}") from None
                 how = "copied"
             os.replace(tmp, dest)
+            remember_sha256(dest, info.sha256)
     except (OSError, DownloadError) as error:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)

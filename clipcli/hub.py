@@ -73,7 +73,11 @@ def parse_name(name: str) -> tuple[str, str | None] | None:
 
 
 def cached_file(repo: str, filename: str, revision: str | None = None) -> Path | None:
-    """The cached copy of ``filename`` at ``revision`` (default: the cached ``main``), else None."""
+    """The cached copy of ``filename`` at ``revision`` (default: the cached ``main``), else None.
+    huggingface_hub is imported only when the cache has a folder for ``repo`` (importing it is
+    50 ms of a cold start that looks for a released model there and finds none)."""
+    if not (cache_dir() / f"models--{repo.replace('/', '--')}").is_dir():
+        return None
     from huggingface_hub import try_to_load_from_cache
 
     try:

@@ -1,5 +1,7 @@
 """``clipcli`` command line. Importing this is cheap: torch loads only inside commands."""
 
+import sys
+
 from . import (  # noqa: F401  (register their commands)
     duplicates_commands,
     encode_commands,
@@ -9,10 +11,13 @@ from . import (  # noqa: F401  (register their commands)
     train_commands,
     weights_commands,
 )
-from .app import app, flush_at_exit, mend_streams
+from .app import app, exit_now, flush_at_exit, mend_streams, only_command
 
 
 def main() -> None:
     mend_streams()
-    with flush_at_exit():
-        app()
+    try:
+        with flush_at_exit(), only_command(sys.argv):
+            app()
+    except SystemExit as done:  # every run ends here (Typer exits even on success)
+        exit_now(done)
