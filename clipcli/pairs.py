@@ -82,10 +82,13 @@ def similar_pairs(vectors: np.ndarray, threshold: float, *, rows: int | None = N
     # Positive bfloat16 values order as their bits do (as int16), which a maximum reads twice as fast.
     bits = int(torch.tensor(cut, dtype=torch.bfloat16).view(torch.int16)) if fast and cut > 0 else None
     found: list[tuple] = []
+    buffer = torch.empty(rows, cols, dtype=low.dtype)  # one tile's scores, reused: no allocation (and page faults) per tile
     for top in range(0, count, rows):
         block = low[top : top + rows]  # (R, D)
         for left in range(top, count, cols):  # tiles on or right of the diagonal
-            scores = torch.mm(block, low[left : left + cols].T)  # (R, C)
+            other = low[left : left + cols]  # (C, D)
+            full = (len(block), len(other)) == (rows, cols)
+            scores = torch.mm(block, other.T, out=buffer) if full else torch.mm(block, other.T)  # (R, C)
             if (int(scores.view(torch.int16).max()) < bits) if bits is not None else float(scores.max()) < cut:
                 continue
             where = torch.nonzero(scores >= cut)  # (K, 2)
