@@ -39,6 +39,7 @@ def _siglip(**changes) -> dict:
 # --------------------------------------------------------------------------- timm's trunks
 
 
+@pytest.mark.slow  # builds every trunk timm names: an oracle table, run in `pytest -m slow`
 def test_trunk_table_is_timms():
     """Every SigLIP ViT timm registers with attention pooling is in the table, with timm's own
     width, depth, heads, MLP width, patch, resolution and activation (timm builds its SigLIP 2

@@ -172,6 +172,7 @@ def _shell(command: str, **env):
                           capture_output=True, text=True, timeout=300, env={**os.environ, **env})
 
 
+@pytest.mark.slow  # several whole processes: run in `pytest -m slow`
 def test_closed_and_full_streams_are_one_line_and_finished_work_is_kept(tmp_path, tiny_vit_checkpoint):
     image = tmp_path / "a.png"
     shutil.copy(DATA / "rocket.jpg", image)

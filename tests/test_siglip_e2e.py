@@ -216,6 +216,7 @@ def test_classify_with_the_transformers_siglip2_repo_prints_each_labels_probabil
     check_sigmoid_records(records, expected, labels, "classify hf-hub:tiny/siglip2")
 
 
+@pytest.mark.slow  # a whole installed process: run in `pytest -m slow`
 def test_the_installed_command_reads_hf_home(hub, tmp_path):
     """``python -m clipcli`` in its own process, the cache found through ``$HF_HOME`` as a user
     sets it (``$HF_HOME/hub``), no HF_HUB_CACHE."""

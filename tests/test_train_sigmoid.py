@@ -134,6 +134,7 @@ def _two_ranks(tmp_path: Path, oracle: bool) -> list[list[dict]]:
     return [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(2)]
 
 
+@pytest.mark.slow  # two processes: with the whole training runs in `pytest -m slow`
 def test_two_gloo_processes_passing_captions_round_the_ring_equal_one_process(tmp_path):
     """Each rank's part, its images against both ranks' captions, sums to the loss of one
     process on the whole batch; DDP's average of the ranks' (doubled) gradients is its gradient."""
