@@ -187,7 +187,10 @@ def _profiled(image: "Image.Image") -> bool:
 def _kept_info(image: "Image.Image", source: "Image.Image") -> "Image.Image":
     """``image`` (made from ``source``) with ``source``'s info and EXIF: profile and orientation."""
     image.info.update(source.info)
-    image.getexif().update(source.getexif())
+    try:
+        image.getexif().update(source.getexif())
+    except Exception:  # noqa: BLE001 - EXIF is advisory: a malformed block leaves the image as stored
+        pass
     return image
 
 

@@ -56,10 +56,10 @@ def with_frames(scans: list, interval_of: Callable, read_meta: Callable, videos:
             scan.meta = read_meta(scan)
         scan.interval = interval_of(scan)
         try:
-            times = frame_times(probe(scan.file).duration, scan.interval)
+            times = frame_times(probe(scan.file, rotation=False).duration, scan.interval)
         except ItemError as error:
             scan.error = error.reason
-            if error.fix != MISSING:  # the file at fault: its frames go with it
+            if error.fix not in (MISSING, "video_interval"):  # the file at fault: its frames go with it
                 dropped += scan.frames
             out.append(scan)
             continue

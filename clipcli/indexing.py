@@ -117,7 +117,8 @@ class _Run:
         """The seconds between a video's frames: as asked, else as it was read before, else the default."""
         if self.video_interval is not None:
             return self.video_interval
-        return scan.old[5] if scan.old is not None and len(scan.old) > 5 and scan.old[5] else VIDEO_INTERVAL
+        stored = scan.old[5] if scan.old is not None and len(scan.old) > 5 else None
+        return VIDEO_INTERVAL if stored is None else stored
 
     def count(self, kind: str, scan: _Scan) -> None:
         setattr(self.summary, kind, getattr(self.summary, kind) + 1)
@@ -343,9 +344,11 @@ def _apply(run: _Run, todo: list[_Scan], gone: list[tuple], have: set[str]) -> N
         else:
             kind = "updated" if scan.old else "added"
         run.count(kind, scan)
-    broken = [s for s in videos if s.error is not None and getattr(s.error, "fix", None) != MISSING]
+    broken = [s for s in videos if s.error is not None and getattr(s.error, "fix", None) not in (MISSING, "video_interval")]
     with run.index._write():  # read errors are not stored: the old row stays until the file can be read
         run.index.db.executemany("DELETE FROM files WHERE path = ?", [(row[0],) for row in dropped])
+        # a video being read looks changed until its own row is written (last): a killed run reads it again
+        run.index.db.executemany("UPDATE files SET size = -1 WHERE path = ?", [(video.key,) for video in run.videos])
         run.summary.removed += len(dropped)  # frames no longer read: another interval, a shorter or broken video
         _put_files(run, reuse + broken)
         _collect_garbage(run.index, {row[3] for row in dropped if row[3]})

@@ -321,7 +321,7 @@ def frame_items(item: Item, interval: float = VIDEO_INTERVAL) -> list[Item]:
     from .video import probe
 
     try:
-        times = frame_times(probe(item.path).duration, interval)
+        times = frame_times(probe(item.path, rotation=False).duration, interval)
     except ItemError as error:
         return [Item(name=item.name, error=error.reason)]
     return [Item(name=frame_name(item.name, t), path=item.path, frame=t) for t in times]

@@ -168,9 +168,10 @@ def _first_frame(container, stream):
     return next(iter(container.decode(stream)), None)
 
 
-def probe(path: str) -> VideoInfo:
-    """What ``path``'s container says, and its first frame's rotation; :class:`ItemError` when it
-    is no video we can read."""
+def probe(path: str, rotation: bool = True) -> VideoInfo:
+    """What ``path``'s container says, and (with ``rotation``) its first frame's rotation, which
+    only a decoded frame tells (the size as shown); :class:`ItemError` when it is no video we
+    can read."""
     av, container = _open(path)
     try:
         with container:
@@ -182,7 +183,7 @@ def probe(path: str) -> VideoInfo:
             elif container.duration is not None:
                 duration = container.duration / av.time_base
             width, height = stream.codec_context.width, stream.codec_context.height
-            first = _first_frame(container, stream)
+            first = _first_frame(container, stream) if rotation else None
             rotation = int(round(getattr(first, "rotation", 0) or 0)) if first is not None else 0
     except ItemError:
         raise
@@ -224,8 +225,8 @@ def _frame_at(container, stream, t: float):
         last, overshot = None, False
         for frame in container.decode(stream):
             when = None if frame.time is None else frame.time - offset
-            if when is not None and when > t + 1.5 * span and target > 0:
-                overshot = True  # landed (or could only decode from) after the time: seek from earlier
+            if last is None and when is not None and when > t + 1.5 * span and target > 0:
+                overshot = True  # landed after the time: seek from earlier
                 break
             last = frame
             if when is None or when >= t - 1e-3:

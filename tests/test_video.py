@@ -381,3 +381,46 @@ def test_a_video_the_previous_schema_refused_is_read_after_the_upgrade(tmp_path,
         raw.execute(f"PRAGMA user_version = {MIGRATIONS[2][0]}")
     again = index(db, tiny_vit_checkpoint, folder)
     assert again["added"] == 1 and sorted(rows(db)) == ["clip.mp4", "clip.mp4#t=0"]
+
+
+def test_an_interval_too_small_or_a_killed_run_loses_no_frame(tmp_path, tiny_vit_checkpoint, monkeypatch):
+    """--video-interval 0.001 on a long video is refused for that video (its frames kept, the
+    next run with a sensible interval unchanged); a run killed part-way through an interval
+    change leaves the video to be read again, not a mix of frames called up to date."""
+    from clipcli import video
+
+    folder, db = tmp_path / "videos", tmp_path / "index.sqlite3"
+    folder.mkdir()
+    make_video(folder / "clip.mp4", seconds=6.0)
+    index(db, tiny_vit_checkpoint, folder, interval="2")
+    monkeypatch.setattr(video, "MAX_FRAMES", 100)
+    result = CliRunner().invoke(app, ["index", str(folder), "--db", str(db), "-m", str(tiny_vit_checkpoint), "-f",
+                                      "json", "-q", "--video-interval", "0.01"])
+    assert result.exit_code == 1 and json.loads(result.stdout)["removed"] == 0
+    assert index(db, tiny_vit_checkpoint, folder, interval=None)["unchanged"] == 3
+
+    from clipcli import batching
+
+    real, calls = batching.read_image, []
+
+    def killed_after_one(item, *args, **kwargs):
+        calls.append(item.name)
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # the run is killed while the second new frame is read
+        return real(item, *args, **kwargs)
+
+    monkeypatch.setattr(batching, "read_image", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        from clipcli.index import Index
+        from clipcli.pipeline import load_model
+        from clipcli.tasks import RunOptions, update_index
+
+        with Index(db) as opened:
+            update_index(opened, [str(folder)], str(tiny_vit_checkpoint),
+                         lambda: load_model(str(tiny_vit_checkpoint), device="cpu"),
+                         run=RunOptions(workers=0, batch_size=1, video_interval=1.0))
+    monkeypatch.setattr(batching, "read_image", real)
+    again = index(db, tiny_vit_checkpoint, folder, interval=None)  # read again at its own interval, 2 s
+    assert again["removed"] == 1  # the frame at 1 s the killed run had stored
+    assert sorted(n for n in rows(db) if "#t=" in n) == ["clip.mp4#t=0", "clip.mp4#t=2", "clip.mp4#t=4"]
+    assert index(db, tiny_vit_checkpoint, folder, interval=None)["unchanged"] == 3

@@ -61,13 +61,14 @@ def resolve_id(index: Index, file_id: str) -> str:
         raise NotServed(f"{file_id[:40]!r} is not a file id")
     row_text, _, digest = file_id.partition(".")
     with index.guard():
-        row = index.db.execute("SELECT path FROM files WHERE rowid = ? AND error IS NULL", (int(row_text),)).fetchone()
+        row = index.db.execute("SELECT path, sha256 FROM files WHERE rowid = ? AND error IS NULL",
+                               (int(row_text),)).fetchone()
         if row is None or _digest(row[0]) != digest:
             raise NotServed(f"no indexed file has the id {file_id}")
         path, frame = split_frame(os.fsdecode(row[0]))  # a video's frame: the video is the file checked
+        if frame is not None and not (row[1] or "").endswith(f"{MARK}{seconds_text(frame)}"):
+            path, frame = os.fsdecode(row[0]), None  # a file named like a frame, indexed as a file
         indexed = "SELECT 1 FROM files WHERE path = ? AND error IS NULL"
-        if frame is not None and index.db.execute(indexed, (path_key(path),)).fetchone() is None:
-            raise NotServed(f"no indexed video holds the frame {file_id}")
         real = os.path.realpath(path)
         if os.path.islink(path) and index.db.execute(indexed, (path_key(real),)).fetchone() is None:
             raise NotServed(f"file {file_id} leads out of the indexed files (a symbolic link)")
