@@ -223,6 +223,7 @@ def test_only_the_command_run_is_built():
             assert [info.name for info in app.registered_commands] == every
 
 
+@pytest.mark.slow  # a whole process (or a large sheet): with the kill and race tests in `pytest -m slow`
 def test_a_whole_process_ends_with_its_records_status_and_exit_handlers(tmp_path, tiny_vit_checkpoint):
     """Through ``main``: every record is on stdout (flushed before the process ends), the exit
     status is the command's (1: an image failed), and atexit handlers ran."""

@@ -176,6 +176,7 @@ def _journal_identity(runner, args, out) -> Path:
     return journal / "identity.json"
 
 
+@pytest.mark.slow  # a whole process (or a large sheet): with the kill and race tests in `pytest -m slow`
 def test_sigterm_keeps_the_journal_and_exits_130(folder, tiny_vit_checkpoint, tmp_path):
     out = tmp_path / "out.npy"
     records = Path(journal_path(out)) / "records.jsonl"

@@ -407,6 +407,7 @@ def test_a_damaged_journal_is_one_line_and_overwrite_starts_over(damage, tmp_pat
 # --------------------------------------------------------------------------- item 14: Ctrl-C and the network
 
 
+@pytest.mark.slow  # a whole process (or a large sheet): with the kill and race tests in `pytest -m slow`
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
 def test_an_interrupt_ends_a_run_at_once_while_a_url_stalls(signal_name, tiny_vit_checkpoint):
     import signal

@@ -274,6 +274,7 @@ def test_hub_names_the_hub_would_refuse_are_one_line(name, monkeypatch):
 # ----------------------------------------------------------------------------- 18: hostile pickles
 
 
+@pytest.mark.slow  # a whole process (or a large sheet): with the kill and race tests in `pytest -m slow`
 def test_a_hostile_pickle_is_refused_in_one_line_without_torchs_advice(tmp_path):
     import sys
 

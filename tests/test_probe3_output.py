@@ -206,6 +206,7 @@ def test_every_sheet_fits_every_format(count):
         assert columns == min(count, sheet.COLUMNS)
 
 
+@pytest.mark.slow  # a whole process (or a large sheet): with the kill and race tests in `pytest -m slow`
 def test_the_largest_sheet_is_written_as_webp():
     out = io.BytesIO()
     assert sheet.render(hits([f"gone{i}.png" for i in range(sheet.MAX_THUMBNAILS + 1)]), out, "webp")

@@ -126,6 +126,7 @@ def server(indexed):
     assert running.stop() == 0, running.lines
 
 
+@pytest.mark.slow  # a whole process (or a large sheet): with the kill and race tests in `pytest -m slow`
 def test_the_real_server_answers_as_the_commands(server, indexed, tmp_path):
     photos, db = indexed
     command = subprocess.run([sys.executable, "-m", "clipcli", "search", "a rocket", "--db", str(db), "-k", "3",
@@ -137,6 +138,7 @@ def test_the_real_server_answers_as_the_commands(server, indexed, tmp_path):
     server.wait_line('"GET /api/search?q=a+rocket&k=3" 200')  # the access log (written once answered)
 
 
+@pytest.mark.slow  # a whole process (or a large sheet): with the kill and race tests in `pytest -m slow`
 def test_eight_concurrent_clients_get_correct_answers_batched(server, indexed):
     photos, _ = indexed
     files = sorted(p for p in photos.iterdir() if p.suffix in (".jpg", ".png"))
