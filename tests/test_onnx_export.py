@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from foreign import randomize
+from tiny_hub_repos import tiny_unigram_tokenizer
 from typer.testing import CliRunner
 
 import clipcli
@@ -181,26 +182,13 @@ def test_a_siglip_exports_with_its_sigmoid_scores(ort, tmp_path):
     assert np.abs(1 / (1 + np.exp(-logits)) - expected).max() < TOLERANCE
 
 
-def write_tiny_tokenizer(folder: Path) -> None:
-    """A tiny Unigram ``tokenizer.json`` and its config, as SigLIP's repositories hold theirs."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *((c, -2.0) for c in "▁abcdefghijklmnopqrstuvwxyz"),
-             ("▁a", -1.0), ("▁cat", -1.5)]
-    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>", "eos_token": "</s>"}))
-
-
 def test_a_model_with_its_own_tokenizer_gets_it_beside_the_graphs(ort, tmp_path):
     pytest.importorskip("tokenizers")
     config = replace(SIGLIP, tokenizer="sentencepiece", text_clean="canonicalize")
     source = tmp_path / "src"
     source.mkdir()
     save_clipcli_file(tiny_model(config, seed=4), source / "siglip.safetensors")
-    write_tiny_tokenizer(source)
+    tiny_unigram_tokenizer(source)
     result = runner.invoke(app, ["convert", str(source / "siglip.safetensors"), str(tmp_path / "out" / "s.onnx")])
     assert result.exit_code == 0, result.stderr
     assert "its tokenizer beside it (tokenizer.json, tokenizer_config.json)" in result.stderr

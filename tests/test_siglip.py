@@ -21,6 +21,7 @@ import pytest
 import torch
 from foreign import hf_cache_repo, randomize
 from PIL import Image
+from tiny_hub_repos import tiny_unigram_tokenizer
 
 import clipcli
 from clipcli.errors import ClipcliError, OfflineError, UnsupportedModelError
@@ -435,19 +436,6 @@ def test_registry_siglip_names_find_their_tokenizer_repository(hf_cache, tmp_pat
     assert source.tokenizer_files[TOKENIZER_FILES[0]].read_text() == "vocabulary"
 
 
-def _tiny_tokenizer(folder: Path) -> None:
-    """A tiny Unigram ``tokenizer.json`` (and its config) as SigLIP's repositories hold theirs."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *((c, -2.0) for c in "▁abcdefghijklmnopqrstuvwxyz"),
-             ("▁a", -1.0), ("▁cat", -1.5)]
-    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>", "eos_token": "</s>"}))
-
-
 def test_a_loaded_siglip_tokenizes_with_its_own_files(siglip_repo, tmp_path):
 
     name, folder, reference = siglip_repo
@@ -455,7 +443,7 @@ def test_a_loaded_siglip_tokenizes_with_its_own_files(siglip_repo, tmp_path):
     with pytest.raises(OfflineError, match="the tokenizer of .* no tokenizer.json, .* of timm/tiny-siglip-tokenizer"):
         clipcli.tokenize(["a cat"], model=bare)
     copy = _copy(folder, tmp_path / "with-tokenizer")
-    _tiny_tokenizer(copy)
+    tiny_unigram_tokenizer(copy)
     model, _ = clipcli.load(copy, device="cpu")
     tokens = clipcli.tokenize(["A cat!", "a"], model=model)  # canonicalized: lower case, no punctuation
     expected = torch.zeros(2, model.context_length, dtype=torch.long)
@@ -475,7 +463,7 @@ def tokenizer_hub(tmp_path, monkeypatch):
     server = start_server()
     files = tmp_path / "served"
     files.mkdir()
-    _tiny_tokenizer(files)
+    tiny_unigram_tokenizer(files)
     (files / "spiece.model").write_bytes(b"never read")
     for file in files.iterdir():
         path = f"/timm/tiny-siglip-tokenizer/resolve/main/{file.name}"

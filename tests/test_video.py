@@ -211,12 +211,18 @@ def test_a_frame_is_served_and_drawn_from_its_video(tmp_path, tiny_vit_checkpoin
     assert render([Cell()], sheet, "png") == []  # drawn, not a blank cell with a note
 
 
-def test_duplicates_compare_videos_whole_not_their_frames(tmp_path, tiny_vit_checkpoint):
+def two_copies_indexed(tmp_path: Path, model: Path, seconds: float) -> Path:
+    """videos/a.mp4 and its copy b.mp4, indexed every 2 s: the index's path."""
     folder, db = tmp_path / "videos", tmp_path / "index.sqlite3"
     folder.mkdir()
-    make_video(folder / "a.mp4", seconds=6.0)
+    make_video(folder / "a.mp4", seconds=seconds)
     shutil.copy(folder / "a.mp4", folder / "b.mp4")
-    index(db, tiny_vit_checkpoint, folder)
+    index(db, model, folder)
+    return db
+
+
+def test_duplicates_compare_videos_whole_not_their_frames(tmp_path, tiny_vit_checkpoint):
+    db = two_copies_indexed(tmp_path, tiny_vit_checkpoint, 6.0)
     result = CliRunner().invoke(app, ["duplicates", "--db", str(db), "-m", str(tiny_vit_checkpoint), "-f", "json",
                                       "--similar", "0.5"])
     assert result.exit_code == 0, result.stderr
@@ -352,11 +358,7 @@ def test_updates_in_passing_keep_the_interval_a_video_was_indexed_at(tmp_path, t
 
 
 def test_a_contact_sheet_draws_a_video_by_its_first_frame(tmp_path, tiny_vit_checkpoint):
-    folder, db = tmp_path / "videos", tmp_path / "index.sqlite3"
-    folder.mkdir()
-    make_video(folder / "a.mp4", seconds=2.0)
-    shutil.copy(folder / "a.mp4", folder / "b.mp4")
-    index(db, tiny_vit_checkpoint, folder)
+    db = two_copies_indexed(tmp_path, tiny_vit_checkpoint, 2.0)
     result = CliRunner().invoke(app, ["duplicates", "--db", str(db), "-m", str(tiny_vit_checkpoint), "-o",
                                       str(tmp_path / "sheets")])
     assert result.exit_code == 0 and "cannot" not in result.stderr, result.stderr

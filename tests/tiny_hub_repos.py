@@ -130,3 +130,16 @@ def metaclip2_transformers(folder: Path, seed: int = 7) -> tuple[Path, torch.nn.
 
 __all__ = ["GEMMA_VOCAB", "SIGLIP2_CONTEXT", "OPEN_CLIP_CONTEXT", "SIGLIP_TRUNK_SIZES", "TINY_TRUNK",
            "siglip2_transformers", "siglip_open_clip", "metaclip2_transformers", "open_clip_siglip_config"]
+
+
+def tiny_unigram_tokenizer(folder: Path) -> None:
+    """A tiny Unigram ``tokenizer.json`` (and its config) as SigLIP's repositories hold theirs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *((c, -2.0) for c in "▁abcdefghijklmnopqrstuvwxyz"),
+             ("▁a", -1.0), ("▁cat", -1.5)]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>", "eos_token": "</s>"}))
