@@ -19,7 +19,6 @@ the grouping, which runs over the pairs kept only.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from index import clipcli, measured, vector_index, vit_b_32  # noqa: E402
+from index import clipcli, measured, run_parts, vector_index, vit_b_32  # noqa: E402
 from run import environment  # noqa: E402
 
 
@@ -96,16 +95,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     report = {"environment": environment(), "cpu_flags": cpu_flags(), "cores": len(os.sched_getaffinity(0)),
               "load_before": os.getloadavg()}
-    for part in args.only.split(","):
-        start = time.perf_counter()
-        if part == "pairs":
-            report["pairs"] = bench_pairs([*map(int, filter(None, args.sizes.split(","))), args.vectors])
-        elif part == "command":
-            report["command"] = bench_command(args.work, args.vectors)
-        print(part, f"{time.perf_counter() - start:.0f} s:", json.dumps(report.get(part)), flush=True)
-    report["load_after"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    run_parts(args.only, {"pairs": lambda: bench_pairs([*map(int, filter(None, args.sizes.split(","))), args.vectors]),
+                          "command": lambda: bench_command(args.work, args.vectors)}, report, args.out)
 
 
 if __name__ == "__main__":

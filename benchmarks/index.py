@@ -295,20 +295,24 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     report = {"environment": environment(), "load_before": os.getloadavg()}
-    for part in args.only.split(","):
+    run_parts(args.only, {"tree": lambda: bench_tree(args.work, args.files),
+                          "search": lambda: bench_search(args.work, args.vectors),
+                          "throughput": lambda: bench_throughput(args.work, args.rounds),
+                          "scan": lambda: bench_scan(args.work, args.scan_vectors)}, report, args.out)
+
+
+def run_parts(only: str, parts: dict, report: dict, out: Path) -> None:
+    """The parts named in ``only`` (comma-separated; other names are skipped), in that order, each
+    timed and printed as it ends, into ``report``; then the report as JSON at ``out``."""
+    for part in only.split(","):
+        if part not in parts:
+            continue
         start = time.perf_counter()
-        if part == "tree":
-            report["tree"] = bench_tree(args.work, args.files)
-        elif part == "search":
-            report["search"] = bench_search(args.work, args.vectors)
-        elif part == "throughput":
-            report["throughput"] = bench_throughput(args.work, args.rounds)
-        elif part == "scan":
-            report["scan"] = bench_scan(args.work, args.scan_vectors)
-        print(part, f"{time.perf_counter() - start:.0f} s:", json.dumps(report.get(part)), flush=True)
+        report[part] = parts[part]()
+        print(part, f"{time.perf_counter() - start:.0f} s:", json.dumps(report[part]), flush=True)
     report["load_after"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -160,13 +160,14 @@ def _member(path: bytes, size: int, mtime_ns: int, width: int | None, height: in
 _COLUMNS = "f.path, f.size, f.mtime_ns, f.width, f.height, f.taken"
 # A video's frames (content "SHA256#t=SECONDS", clipcli.video) are no photos: a video is compared
 # whole, by its own row's content, in the exact tier only.
-_NOT_FRAME = "instr(sha256, '#') = 0"
+def _not_frame(column: str = "sha256") -> str:
+    return f"instr({column}, '#') = 0"
 
 
 def _exact(index: Index, places: list) -> list[Group]:
     where, args = _scope(places)
     shas = [row[0] for row in index.db.execute(
-        f"SELECT sha256 FROM files WHERE sha256 IS NOT NULL AND {_NOT_FRAME}{where} GROUP BY sha256 "
+        f"SELECT sha256 FROM files WHERE sha256 IS NOT NULL AND {_not_frame()}{where} GROUP BY sha256 "
         "HAVING count(*) > 1", args)]
     copies: dict[str, list[Member]] = {}
     for start in range(0, len(shas), 500):
@@ -197,14 +198,14 @@ def _nodes(index: Index, model: int, places: list) -> tuple[np.ndarray, np.ndarr
     from .vectors import load_matrix
 
     ids, vectors = load_matrix(index, model)
-    frames = index.db.execute(f"SELECT id FROM vectors WHERE model_id = ? AND NOT {_NOT_FRAME} LIMIT 1",
+    frames = index.db.execute(f"SELECT id FROM vectors WHERE model_id = ? AND NOT {_not_frame()} LIMIT 1",
                               (model,)).fetchall()
     if not places and not frames:
         return ids, vectors
     where, args = _scope(places, "f.path")
     wanted = np.array(sorted(row[0] for row in index.db.execute(
         "SELECT DISTINCT v.id FROM files f CROSS JOIN vectors v ON v.sha256 = f.sha256 AND v.model_id = ? "
-        f"WHERE {_NOT_FRAME.replace('sha256', 'v.sha256')}{where}", (model, *args))), np.int64)
+        f"WHERE {_not_frame('v.sha256')}{where}", (model, *args))), np.int64)
     rows = np.searchsorted(ids, wanted)
     rows = rows[(rows < len(ids)) & (ids[np.minimum(rows, len(ids) - 1)] == wanted)] if len(ids) else rows[:0]
     return ids[rows], np.ascontiguousarray(vectors[rows])
