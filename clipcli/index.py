@@ -304,7 +304,7 @@ class Index:
             raise IndexDatabaseError(f"{self.path} is damaged (schema {version}, missing tables: {missing}); {REBUILD}")
         if not self.readonly:  # only now that the file is known to be ours (WAL rewrites its header)
             with self.guard(writing=True):
-                self.db.execute("PRAGMA journal_mode=WAL")
+                self._wal()
                 self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, never corrupt
         if version < SCHEMA_VERSION:
             if self.readonly and not self._writable():
@@ -319,6 +319,22 @@ class Index:
         if row is None or not isinstance(row[0], str):
             raise IndexDatabaseError(f"{self.path} is damaged (its uuid is missing); {REBUILD}")
         self._uuid = row[0]
+
+    def _wal(self) -> None:
+        """WAL mode. SQLite answers this pragma "locked" at once, without waiting, while another
+        process holds the new file (two first runs at once): tried again until the timeout."""
+        import time
+
+        deadline = time.monotonic() + self._timeout
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as error:
+                busy = (getattr(error, "sqlite_errorcode", 0) or 0) & 0xFF in (_BUSY, _LOCKED)
+                if not busy or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def _writable(self) -> bool:
         return os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)
