@@ -35,7 +35,6 @@ from .items import Item
 # photo libraries packed as shards hold the rest; HEIC and RAW need the photos extra).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "avif", "heic", "heif", "tif", "tiff", "bmp", "gif", "ppm", "pgm",
                     "pnm", "dng")
-WANTED = (*IMAGE_EXTENSIONS, "txt", "json")
 MAX_MEMBER_BYTES = 64 << 20  # an image larger than this is an error sample
 MAX_SIDECAR_BYTES = 1 << 20  # and so is a caption or JSON larger than this: a whole shard's are held
 SHARD = re.compile(r"\.(tar(\.gz|\.bz2|\.xz)?|tgz)$", re.IGNORECASE)
@@ -100,7 +99,7 @@ def _split(member: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
 
 
-def _sample(key: str, parts: dict) -> Sample:
+def _sample(key: str, parts: dict, caption: str = "txt") -> Sample:
     image = next((ext for ext in IMAGE_EXTENSIONS if ext in parts), None)
     if "error" in parts:
         item = Item(name=key, error=parts.pop("error"))
@@ -109,8 +108,8 @@ def _sample(key: str, parts: dict) -> Sample:
     else:
         item = Item(name=key, error=f"no image in this sample (it has {', '.join(sorted(parts)) or 'nothing we read'})")
     sample = Sample(key, item)
-    if "txt" in parts:
-        sample.caption = parts["txt"].decode("utf-8", "replace").strip()
+    if caption in parts:
+        sample.caption = parts[caption].decode("utf-8", "replace").strip()
     if "json" in parts:
         sample.json = parts["json"].decode("utf-8", "replace")
         try:
@@ -122,7 +121,7 @@ def _sample(key: str, parts: dict) -> Sample:
     return sample
 
 
-def samples(shard: str) -> Iterator[Sample]:
+def samples(shard: str, caption: str = "txt") -> Iterator[Sample]:
     """The samples of ``shard`` in order, read as a stream. A shard that cannot be opened or
     read (missing, a permission, an I/O error) raises :class:`ShardError`: it is not done and a
     rerun tries it again. Damage found in its bytes (a truncated or corrupt archive) is final:
@@ -133,6 +132,7 @@ def samples(shard: str) -> Iterator[Sample]:
         raise ShardError(f"cannot read shard {display(shard)}: {error.strerror or error}") from None
     key, parts, done = None, {}, None  # done: the last sample read whole
     seen: set[str] = set()  # every key read whole: one coming back means the members are not grouped
+    wanted = (*IMAGE_EXTENSIONS, caption, "json")
     try:
         with stream, tarfile.open(fileobj=stream, mode="r|*") as archive:
             for member in archive:
@@ -145,13 +145,13 @@ def samples(shard: str) -> Iterator[Sample]:
                             f"{display(shard)} is not grouped by key: {display(member.name)} comes after sample "
                             f"{display(key)}, away from the rest of sample {display(member_key)}; WebDataset needs "
                             "each sample's files side by side: write the shard again with tar --sort=name")
-                    yield _sample(key, parts)
+                    yield _sample(key, parts, caption)
                     seen.add(key)
                     done, parts = key, {}
                 key = member_key
-                if extension not in WANTED:
+                if extension not in wanted:
                     continue  # never read: other members may be large (.mp4, .npy)
-                limit = MAX_SIDECAR_BYTES if extension in ("txt", "json") else MAX_MEMBER_BYTES
+                limit = MAX_SIDECAR_BYTES if extension in (caption, "json") else MAX_MEMBER_BYTES
                 if member.size > limit:
                     parts["error"] = f"{extension} member of {member.size:,} bytes is over the {limit:,} limit"
                     continue
@@ -164,4 +164,4 @@ def samples(shard: str) -> Iterator[Sample]:
     except OSError as error:  # reading failed (an I/O error), not the archive: try again later
         raise ShardError(f"cannot read shard {display(shard)}: {error.strerror or error}") from None
     if key is not None:
-        yield _sample(key, parts)
+        yield _sample(key, parts, caption)

@@ -14,6 +14,15 @@ and reports it once on stderr (``skipping PATH: reason``); it is never fatal.
 Batches are *global*: every rank draws the same shuffled order (seeded by seed and epoch) and
 takes its own contiguous slice of each global batch, so N processes see exactly the batch one
 process would.
+
+Training reads through a *source*, :class:`PairSource` for these pairs and
+:class:`clipcli.train.shards.ShardSource` for WebDataset shards (:func:`open_source` picks), with
+one interface: ``steps_per_epoch``, ``samples_per_epoch``, ``dropped_per_epoch``, ``notes`` and
+``batches(epoch, start)``, this rank's share of global batches ``start, start + 1, ...``. A
+training transform is ``transform(image, generator)`` (:mod:`clipcli.train.augment`), and each
+sample's generator is seeded by :func:`sample_seed` from the seed, the epoch and the sample's
+position in the epoch, never from global state: the batches do not depend on the number of data
+workers, and an epoch resumed at batch ``start`` gives exactly what the uninterrupted epoch gave.
 """
 
 from __future__ import annotations
@@ -26,6 +35,26 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..errors import InputError
+
+_MASK = (1 << 64) - 1
+
+
+def sample_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, epoch, position, ...): splitmix64 over them, so that
+    neighbouring positions get unrelated generators."""
+    state = 0x9E3779B97F4A7C15
+    for part in parts:
+        state = (state ^ (part & _MASK)) & _MASK
+        state = (state + 0x9E3779B97F4A7C15) & _MASK
+        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & _MASK
+        state ^= state >> 31
+    return state >> 1
+
+
+def generator_for(*parts: int) -> torch.Generator:
+    """A CPU generator seeded by :func:`sample_seed` of ``parts``."""
+    return torch.Generator().manual_seed(sample_seed(*parts))
 
 
 @dataclass(frozen=True)
@@ -123,8 +152,30 @@ def caption_tokenizer(model) -> CaptionTokenizer:
     return CaptionTokenizer(model.context_length, tokenizer_of(model))
 
 
+def prepare_image(item, transform: Callable, generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor | None, str | None]:
+    """``(pixels, None)`` for an :class:`~clipcli.items.Item`'s image through ``transform``
+    (called with ``generator`` when one is given), or ``(None, reason)`` when it cannot be read.
+
+    The guarded decoding inference uses (no FIFOs, the pixel cap, EXIF orientation), at full
+    size and in the file's own mode, converted after the crop as open_clip's training does."""
+    from ..errors import ItemError
+    from ..images import DecodeOptions, read_image
+
+    try:
+        image = read_image(item, DecodeOptions(exact=True))
+        return (transform(image) if generator is None else transform(image, generator)), None
+    except ItemError as error:
+        return None, str(error)
+    except Exception as error:  # noqa: BLE001 - one bad image must never end the training
+        return None, f"cannot prepare image ({type(error).__name__}): {error}"
+
+
 class PairDataset(torch.utils.data.Dataset):
-    """``(image tensor, token ids)`` per pair, or ``(None, path, reason)`` for an unreadable image."""
+    """``(image tensor, token ids)`` per pair, or ``(None, path, reason)`` for an unreadable image.
+
+    An ``int`` key calls ``transform(image)``; an ``(index, seed)`` key (what :class:`SeededBatches`
+    yields) calls a training transform, ``transform(image, generator)``, with a generator of that seed."""
 
     def __init__(self, pairs: Sequence[Pair], transform: Callable, context_length: int,
                  tokenize: CaptionTokenizer | None = None):
@@ -134,21 +185,16 @@ class PairDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int):
-        from ..errors import ItemError
-        from ..images import DecodeOptions, read_image
+    def __getitem__(self, key: int | tuple[int, int]):
         from ..items import Item
 
+        index, seed = key if isinstance(key, tuple) else (key, None)
         pair = self.pairs[index]
         path = str(pair.image)
-        # The guarded decoding inference uses (no FIFOs, the pixel cap, EXIF orientation), at full
-        # size and in the file's own mode, converted after the crop as open_clip's training does.
-        try:
-            pixels = self.transform(read_image(Item(name=path, path=path), DecodeOptions(exact=True)))
-        except ItemError as error:
-            return None, path, str(error)
-        except Exception as error:  # noqa: BLE001 - one bad image must never end the training
-            return None, path, f"cannot prepare image ({type(error).__name__}): {error}"
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        pixels, reason = prepare_image(Item(name=path, path=path), self.transform, generator)
+        if pixels is None:
+            return None, path, reason
         return pixels, self.tokenize([pair.caption])[0]
 
 
@@ -168,7 +214,8 @@ def collate(items: list) -> Batch:
 
 
 class GlobalBatches(torch.utils.data.Sampler):
-    """This rank's slice of each shuffled global batch; the same order on every rank."""
+    """This rank's slice of each shuffled global batch; the same order on every rank. ``start``
+    (set before iterating) skips the epoch's first global batches, for a resumed epoch."""
 
     def __init__(self, size: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: bool = True, drop_last: bool = True):
@@ -176,25 +223,46 @@ class GlobalBatches(torch.utils.data.Sampler):
             raise InputError(f"{batch_size} is the global batch; it must divide by the {world_size} processes",
                              option="batch_size")
         self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
-        self.seed, self.shuffle, self.drop_last, self.epoch = seed, shuffle, drop_last, 0
+        self.seed, self.shuffle, self.drop_last, self.epoch, self.start = seed, shuffle, drop_last, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
+    @property
+    def steps(self) -> int:
+        """Global batches in a whole epoch."""
         return self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
+
+    def shares(self) -> Iterator[list[tuple[int, int]]]:
+        """This rank's ``[(position in the epoch's order, pair index)]`` of each global batch from ``start``."""
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = torch.randperm(self.size, generator=generator).tolist()
         else:
             order = list(range(self.size))
         local = self.batch_size // self.world_size
-        for b in range(len(self)):
-            batch = order[b * self.batch_size : (b + 1) * self.batch_size]
+        for b in range(self.start, self.steps):
+            first = b * self.batch_size
+            batch = order[first : first + self.batch_size]
             share = -(-len(batch) // self.world_size) if len(batch) < self.batch_size else local
-            yield batch[self.rank * share : (self.rank + 1) * share]
+            begin = self.rank * share
+            yield [(first + begin + j, index) for j, index in enumerate(batch[begin : begin + share])]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for share in self.shares():
+            yield [index for _, index in share]
+
+
+class SeededBatches(GlobalBatches):
+    """:class:`GlobalBatches` whose keys carry each sample's transform seed: ``(pair index,
+    sample_seed(seed, epoch, position))``, the same on any rank and with any number of workers."""
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for share in self.shares():
+            yield [(index, sample_seed(self.seed, self.epoch, position)) for position, index in share]
 
 
 class SkipReporter:
@@ -218,3 +286,69 @@ class SkipReporter:
 def loader(dataset: PairDataset, sampler: GlobalBatches, workers: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                                        persistent_workers=workers > 0)
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+class PairSource:
+    """Training batches from pairs (a CSV/TSV file or a folder): this rank's slice of each shuffled
+    global batch (:class:`SeededBatches`), decoded by ``workers`` DataLoader processes (kept from
+    epoch to epoch). With ``drop_last`` the pairs that do not fill a last global batch are left out
+    of the epoch (others next epoch: the order is shuffled again); without it the last batch is smaller."""
+
+    def __init__(self, pairs: Sequence[Pair], transform: Callable, tokenize: CaptionTokenizer | None,
+                 context_length: int, batch_size: int, rank: int, world_size: int, seed: int, workers: int,
+                 drop_last: bool = True):
+        if len(pairs) < batch_size:
+            raise InputError(f"{batch_size} is more than the {len(pairs)} pairs to train on", option="batch_size")
+        self.dataset = PairDataset(pairs, transform, context_length, tokenize)
+        self.sampler = SeededBatches(len(pairs), batch_size, rank, world_size, seed, drop_last=drop_last)
+        self.workers = workers
+        self.steps_per_epoch = self.sampler.steps
+        self.dropped_per_epoch = len(pairs) % batch_size if drop_last else 0
+        self.samples_per_epoch = len(pairs) - self.dropped_per_epoch
+        self.notes: list[str] = []
+        self._loader: torch.utils.data.DataLoader | None = None
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """This rank's share of global batches ``start, start + 1, ...`` of ``epoch``."""
+        if self._loader is None:
+            self._loader = loader(self.dataset, self.sampler, self.workers)
+        self.sampler.start = start
+        self.sampler.set_epoch(epoch)
+        yield from self._loader
+
+
+CSV_CAPTION_KEY, SHARD_CAPTION_KEY = "title", "txt"  # the caption's column / a shard member's extension
+
+
+def open_source(train_data: str, *, img_key: str, caption_key: str | None, transform: Callable,
+                tokenize: CaptionTokenizer | None, context_length: int, batch_size: int, rank: int,
+                world_size: int, seed: int, workers: int, num_samples: int | None = None, resampled: bool = False,
+                drop_last: bool = True):
+    """The training source ``train_data`` names: :class:`~clipcli.train.shards.ShardSource` for
+    WebDataset shards (``shards/{00000..00099}.tar``, ``::`` between several patterns), else a
+    :class:`PairSource` over :func:`read_pairs`. ``caption_key`` is the caption column of a table,
+    or the caption member's extension in shards (the table's default, ``title``, or None means
+    ``txt`` there). ``num_samples`` and ``resampled`` are for shards only; shards always fill
+    every batch (``drop_last`` does not apply: a stream has no last batch)."""
+    from ..webdataset import is_shards
+
+    if is_shards([train_data]):
+        from .shards import ShardSource
+
+        key = SHARD_CAPTION_KEY if caption_key in (None, CSV_CAPTION_KEY) else caption_key
+        return ShardSource(train_data, transform, tokenize, context_length, batch_size, rank, world_size, seed,
+                           workers, num_samples=num_samples, resampled=resampled, caption_key=key)
+    if num_samples is not None:
+        raise InputError(f"{num_samples}: a number of samples per epoch is for WebDataset shards; "
+                         f"{train_data} is read whole each epoch", option="train_num_samples")
+    if resampled:
+        raise InputError(f"resampling is for WebDataset shards; {train_data} is shuffled and read whole each epoch",
+                         option="dataset_resampled")
+    pairs = read_pairs(train_data, img_key, caption_key or CSV_CAPTION_KEY)
+    if len(pairs) < batch_size:
+        raise InputError(f"{batch_size} is more than the {len(pairs)} pairs in {train_data}", option="batch_size")
+    return PairSource(pairs, transform, tokenize, context_length, batch_size, rank, world_size, seed, workers,
+                      drop_last=drop_last)
