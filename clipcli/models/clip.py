@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +98,35 @@ class MLP(nn.Module):
         return self.c_proj(self.gelu(self.c_fc(x)))
 
 
+def recomputes(blocks: nn.Module) -> bool:
+    """Whether a block loop (a module with ``grad_checkpointing``, switched on by
+    :meth:`DualEncoder.set_grad_checkpointing`) recomputes its blocks: only while training with
+    gradients, so inference runs exactly as without."""
+    return blocks.grad_checkpointing and blocks.training and torch.is_grad_enabled()
+
+
+@contextmanager
+def buffers_kept(module: nn.Module):
+    """Put every buffer of ``module`` back as it was (BatchNorm's running mean and variance)."""
+    saved = [buffer.clone() for buffer in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(module.buffers(), saved):
+                buffer.copy_(value)
+
+
+def checkpointed(block: nn.Module, *args):
+    """``block(*args)`` keeping none of its activations: the backward pass runs the block again
+    (``torch.utils.checkpoint``, non-reentrant), trading one more forward for the memory. The
+    buffers the second run would move again (BatchNorm's running statistics) are put back, so
+    they move once per step as without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(block, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), buffers_kept(block)))
+
+
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, width: int, heads: int, mlp_width: int | None = None, activation: str = "quick_gelu",
                  eps: float = 1e-5):
@@ -117,6 +147,8 @@ class Transformer(nn.Module):
     """A stack of pre-norm residual blocks over batch-first sequences ``(B, T, width)``
     (LayerNorm ``eps``: CLIP's 1e-5, SigLIP's 1e-6)."""
 
+    grad_checkpointing = False  # see recomputes()
+
     def __init__(self, width: int, layers: int, heads: int, causal: bool = False, mlp_width: int | None = None,
                  activation: str = "quick_gelu", eps: float = 1e-5):
         super().__init__()
@@ -131,6 +163,10 @@ class Transformer(nn.Module):
         """``(B, T, width)``; with ``at`` ``(B,)`` (bidirectional only), only each row's output at
         that position ``(B, 1, width)``, which the last block computes alone."""
         last = len(self.resblocks) - 1
+        if recomputes(self):
+            for i, block in enumerate(self.resblocks):
+                x = checkpointed(block, x, self.causal, at if i == last else None)
+            return x
         for i, block in enumerate(self.resblocks):
             x = block(x, causal=self.causal, at=at if i == last else None)
         return x
@@ -227,6 +263,8 @@ class ModifiedResNet(nn.Module):
     """CLIP's ResNet: a 3-convolution stem with average pooling, anti-aliased bottlenecks,
     and attention pooling in place of global average pooling."""
 
+    grad_checkpointing = False  # see recomputes(): one checkpoint per stage
+
     def __init__(self, layers: tuple[int, ...], output_dim: int, heads: int, input_resolution: int, width: int):
         super().__init__()
         self.input_resolution = input_resolution
@@ -260,7 +298,11 @@ class ModifiedResNet(nn.Module):
         x = self.relu2(self.bn2(self.conv2(x)))
         x = self.relu3(self.bn3(self.conv3(x)))
         x = self.avgpool(x)  # (B, width, res/4, res/4)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, width*32, res/32, res/32)
+        if recomputes(self):
+            for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+                x = checkpointed(stage, x)
+        else:
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, width*32, res/32, res/32)
         return self.attnpool(x)
 
 
@@ -317,6 +359,14 @@ class DualEncoder(nn.Module):
         for name in self._attributes(tower):
             setattr(self, name, getattr(other, name))
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each residual block (each ResNet stage) in the backward pass instead of
+        keeping its activations: less memory for about one more forward pass, while training
+        with gradients; inference is untouched. The gradients are the same."""
+        for module in self.modules():
+            if hasattr(module, "grad_checkpointing"):
+                module.grad_checkpointing = enable
+
     def _require(self, tower: str) -> None:
         if tower not in self.towers:
             raise ClipcliError(f"this model was loaded without its {tower} tower (towers: {', '.join(self.towers)})")
@@ -346,7 +396,11 @@ class CLIP(DualEncoder):
         self.config = config
         self.context_length = config.context_length
         self.vocab_size = config.vocab_size
-        if config.vision_patch_size is None:
+        if config.image_tower is not None:  # a torchvision network and a projection
+            from .torchvision_tower import TorchvisionTower
+
+            self.visual = TorchvisionTower(config.image_tower, config.embed_dim, config.image_resolution)
+        elif config.vision_patch_size is None:
             self.visual = ModifiedResNet(
                 layers=tuple(config.vision_layers),
                 output_dim=config.embed_dim,
@@ -386,7 +440,9 @@ class CLIP(DualEncoder):
             nn.init.constant_(self.logit_bias, -10.0)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        if isinstance(self.visual, ModifiedResNet):
+        if self.config.image_tower is not None:  # torchvision drew the trunk's weights as it built it
+            self.visual.initialize_parameters()
+        elif isinstance(self.visual, ModifiedResNet):
             pool = self.visual.attnpool
             nn.init.normal_(pool.positional_embedding, std=pool.positional_embedding.shape[-1] ** -0.5)
             std = pool.c_proj.in_features**-0.5
@@ -408,7 +464,9 @@ class CLIP(DualEncoder):
 
     @property
     def dtype(self) -> torch.dtype:
-        return (self.visual.conv1 if self.visual is not None else self.token_embedding).weight.dtype
+        if self.visual is None:
+            return self.token_embedding.weight.dtype
+        return (self.visual.proj if self.config.image_tower is not None else self.visual.conv1).weight.dtype
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         self._require("image")

@@ -26,6 +26,22 @@ METADATA_KEY = "clipcli_config"  # the safetensors metadata entry clipcli writes
 # CLIP's training statistics (OpenCLIP models may use others: image_mean/image_std)
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+# ImageNet's statistics, which torchvision's weights were trained with (an image_tower's default)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Image towers taken from torchvision (clipcli.models.torchvision_tower): the classifier without its
+# last layer, then a linear projection. A config names one in image_tower ("torchvision:resnet50")
+# and carries what it is in the vision fields: name -> (stage depths, or a ViT's blocks; the width
+# of the pooled features; the ViT's patch size, None for a convolutional network).
+TORCHVISION = "torchvision:"
+TORCHVISION_TOWERS: dict[str, tuple[int | tuple[int, ...], int, int | None]] = {
+    "resnet18": ((2, 2, 2, 2), 512, None), "resnet34": ((3, 4, 6, 3), 512, None),
+    "resnet50": ((3, 4, 6, 3), 2048, None), "resnet101": ((3, 4, 23, 3), 2048, None),
+    "resnet152": ((3, 8, 36, 3), 2048, None),
+    "convnext_tiny": ((3, 3, 9, 3), 768, None), "convnext_small": ((3, 3, 27, 3), 768, None),
+    "convnext_base": ((3, 3, 27, 3), 1024, None), "convnext_large": ((3, 3, 27, 3), 1536, None),
+    "vit_b_16": (12, 768, 16), "vit_b_32": (12, 768, 32), "vit_l_16": (24, 1024, 16),
+}
 
 
 @dataclass(frozen=True)
@@ -65,6 +81,7 @@ class CLIPConfig:
     text_clean: str = "clip"  # "clip" (the BPE's own), "canonicalize" (SigLIP), "whitespace", "lower" (open_clip's),
     # "lowercase" (transformers' SigLIP 2: str.lower only), "siglip" (transformers' SigLIP: canonicalize, "_" removed)
     text_projection: bool = True  # False: a SigLIP text tower without its Linear head (open_clip's SO400M i18n)
+    image_tower: str | None = None  # "torchvision:NAME" (TORCHVISION_TOWERS): that trunk and a projection, not CLIP's own
 
     @property
     def vision_heads(self) -> int:
@@ -75,6 +92,38 @@ class CLIPConfig:
     def text_act(self) -> str:
         """The text tower's activation."""
         return self.text_activation or self.activation
+
+
+def image_tower_fields(image_tower: str) -> dict[str, Any]:
+    """The vision fields (``vision_layers``, ``vision_width``, ``vision_patch_size``) of a model whose
+    image tower is ``image_tower`` (``"torchvision:resnet50"``); ValueError naming the known towers."""
+    name = image_tower[len(TORCHVISION):] if isinstance(image_tower, str) and image_tower.startswith(TORCHVISION) else None
+    if name not in TORCHVISION_TOWERS:
+        known = ", ".join(TORCHVISION + n for n in TORCHVISION_TOWERS)
+        raise ValueError(f"{shown(image_tower)} is not an image tower clipcli builds; choose one of {known}")
+    layers, width, patch = TORCHVISION_TOWERS[name]
+    return {"vision_layers": layers, "vision_width": width, "vision_patch_size": patch}
+
+
+def image_tower_problem(config: CLIPConfig) -> str | None:
+    """What is wrong with ``config``'s ``image_tower`` (an unknown name, vision fields that are not
+    that tower's, a resolution a ViT cannot take, a family or Mixer that does not go with it), or None."""
+    if config.image_tower is None:
+        return None
+    try:
+        expected = image_tower_fields(config.image_tower)
+    except ValueError as error:
+        return f"image_tower {error}"
+    wrong = [f"{k} {shown(getattr(config, k))} (a {config.image_tower} has {shown(v)})" for k, v in expected.items()
+             if getattr(normalized(config), k) != v]
+    if wrong:
+        return "the vision fields do not describe its image_tower: " + ", ".join(wrong)
+    if config.family != "clip" or config.vision_mixer:
+        return f"an image_tower ({config.image_tower}) goes with a CLIP's text tower, not a {config.family} or Mixer one"
+    patch = expected["vision_patch_size"]
+    if patch is not None and config.image_resolution % patch:
+        return f"image_resolution {config.image_resolution} is not a multiple of {config.image_tower}'s patch size {patch}"
+    return None
 
 
 TOWERS = ("image", "text")
@@ -186,14 +235,14 @@ _STORED = {
     "activation": "text", "vision_head_width": "count", "vision_mlp_width": "count?", "text_mlp_width": "count?",
     "image_mean": "mean", "image_std": "std", "interpolation": "text", "resize_mode": "text",
     "family": "text", "text_activation": "text?", "text_pool": "text", "eos_id": "index?", "logit_bias": "flag",
-    "tokenizer": "text", "text_clean": "text", "text_projection": "flag",
+    "tokenizer": "text", "text_clean": "text", "text_projection": "flag", "image_tower": "text?",
 }
 
 
 # Fields added with SigLIP: written only when not CLIP's default, so a CLIP's stored config (and
 # the identity of indexes built with it) stays what it was.
 _LATER_FIELDS = ("family", "text_activation", "text_pool", "eos_id", "logit_bias", "tokenizer", "text_clean",
-                 "text_projection")
+                 "text_projection", "image_tower")
 
 
 def config_to_json(config: CLIPConfig) -> str:
@@ -220,9 +269,13 @@ def config_from_json(text: str, source: str | Path | None = None) -> CLIPConfig:
             raise CheckpointError(f"{where}: {name} is {shown(data[name])}, not one of {', '.join(allowed)}")
     data = {k: triple(v) if k in ("image_mean", "image_std") else v for k, v in data.items()}
     try:
-        return normalized(CLIPConfig(**data))
+        config = normalized(CLIPConfig(**data))
     except TypeError as error:  # a required field missing
         raise CheckpointError(f"{where} is not a whole config ({error})") from None
+    problem = image_tower_problem(config)
+    if problem:
+        raise CheckpointError(f"{where}: {problem}")
+    return config
 
 
 def safetensors_metadata(path: str | Path) -> dict[str, str]:

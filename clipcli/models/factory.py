@@ -11,6 +11,10 @@ registry entry, an ``open_clip_config.json``, a transformers ``config.json``, or
 clipcli stores in the safetensors files it writes); :func:`config_from_state_dict` alone assumes
 OpenAI's choices for a CLIP and SigLIP's released ones for a SigLIP, and :func:`assumption_note`
 says when that assumption is doubtful.
+
+A CLIP whose image tower is a torchvision network (``image_tower``, :mod:`clipcli.models.torchvision_tower`)
+is built from its config alone: clipcli writes that config into the checkpoints it saves, and its
+``visual.trunk.``/``visual.proj.`` tensors are checked against the model it describes.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from .config import (  # noqa: F401 (config_to_json, config_from_json, METADATA_
     CLIPConfig,
     config_from_json,
     config_to_json,
+    image_tower_problem,
     normalized,
 )
 
@@ -67,6 +72,8 @@ def create_model(config: CLIPConfig, initialize: bool = True) -> DualEncoder:
         raise ValueError(f"unknown model family {config.family!r}; use one of {FAMILIES}")
     if not config.text_projection:
         raise ValueError("a CLIP's text tower always has its projection (text_projection=False is SigLIP's)")
+    if image_tower_problem(config):
+        raise ValueError(image_tower_problem(config))
     model = CLIP(config, initialize=False)
     if config.vision_mixer or config.text_mixer:
         from .mixer import Mixer
@@ -223,6 +230,25 @@ def _check_choices(config: CLIPConfig, source: str) -> None:
             raise CheckpointError(f"{source}: {name} {value!r} is not one of {', '.join(allowed)}")
     if len(config.image_mean) != 3 or len(config.image_std) != 3 or not all(config.image_std):
         raise CheckpointError(f"{source}: image_mean and image_std must be three numbers (std not 0)")
+    problem = image_tower_problem(config)
+    if problem:
+        raise CheckpointError(f"{source}: {problem}")
+
+
+def _image_tower_config(hints: Mapping[str, Any], source: str) -> CLIPConfig:
+    """The config of a checkpoint whose image tower is torchvision's: its shapes show no CLIP
+    tower, so the config it names (clipcli stores it) describes it whole; the strict load checks
+    every tensor against it."""
+    try:
+        config = normalized(CLIPConfig(**hints))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{source}: a model with a torchvision image tower ({hints['image_tower']}) needs its "
+                              f"whole config, as clipcli stores it in the safetensors files it writes ({error})") from None
+    _check_choices(config, source)
+    if config.transformer_heads < 1 or config.transformer_width % config.transformer_heads:
+        raise CheckpointError(f"{source}: text width {config.transformer_width} does not split into "
+                              f"{config.transformer_heads} attention heads")
+    return config
 
 
 def _same_grid(config: CLIPConfig, shapes: CLIPConfig) -> bool:
@@ -268,19 +294,22 @@ def build_model(state_dict: dict[str, torch.Tensor], hints: CLIPConfig | Mapping
     that disagree with ``config``).
     """
     sd = {k: v for k, v in state_dict.items() if k not in EXTRA_KEYS and not k.endswith("attn_mask")}
-    try:
-        shapes = config_from_state_dict(sd)
-    except (KeyError, IndexError, ValueError, TypeError) as error:
-        raise CheckpointError(f"{source} is not a CLIP checkpoint (nor a SigLIP one): cannot read its "
-                              f"architecture ({error!r})") from None
     if isinstance(hints, CLIPConfig):
         hints = asdict(hints)
-    try:
-        config = normalized(replace(shapes, **hints)) if hints else shapes
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{source}: the architecture given for it is not valid ({error})") from None
-    _check_choices(config, source)
-    _check_agrees(config, shapes, source, head_width_given="vision_head_width" in (hints or {}))
+    if hints and hints.get("image_tower") is not None:
+        config = _image_tower_config(hints, source)
+    else:
+        try:
+            shapes = config_from_state_dict(sd)
+        except (KeyError, IndexError, ValueError, TypeError) as error:
+            raise CheckpointError(f"{source} is not a CLIP checkpoint (nor a SigLIP one): cannot read its "
+                                  f"architecture ({error!r})") from None
+        try:
+            config = normalized(replace(shapes, **hints)) if hints else shapes
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"{source}: the architecture given for it is not valid ({error})") from None
+        _check_choices(config, source)
+        _check_agrees(config, shapes, source, head_width_given="vision_head_width" in (hints or {}))
     with torch.device("meta"):
         model = create_model(config, initialize=False)
     expected = model.state_dict()

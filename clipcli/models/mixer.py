@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip import MLP, LayerNorm, QuickGELU
+from .clip import MLP, LayerNorm, QuickGELU, checkpointed, recomputes
 
 
 class TokenMixing(nn.Module):
@@ -78,6 +78,8 @@ class MixerBlock(nn.Module):
 class Mixer(nn.Module):
     """A stack of Mixer blocks over ``(B, T, width)``; a drop-in for :class:`clipcli.models.clip.Transformer`."""
 
+    grad_checkpointing = False  # see clipcli.models.clip.recomputes
+
     def __init__(self, width: int, layers: int, tokens: int, causal: bool = False, mlp_width: int | None = None,
                  activation: str = "quick_gelu"):
         super().__init__()
@@ -88,5 +90,5 @@ class Mixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.resblocks:
-            x = block(x)
+            x = checkpointed(block, x) if recomputes(self) else block(x)
         return x

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ContextLengthError
-from .clip import DualEncoder, LayerNorm, Transformer, activation_module, init_block, readout
+from .clip import DualEncoder, LayerNorm, Transformer, activation_module, checkpointed, init_block, readout, recomputes
 from .config import CLIPConfig
 
 EPS = 1e-6  # SigLIP's LayerNorm epsilon (CLIP's is 1e-5)
@@ -117,6 +117,8 @@ class VisionTrunk(nn.Module):
     embeddings, pre-norm blocks, a final LayerNorm, the MAP head. Its output is the embedding
     (SigLIP has no image projection)."""
 
+    grad_checkpointing = False  # see clipcli.models.clip.recomputes
+
     def __init__(self, resolution: int, patch_size: int, width: int, layers: int, heads: int, mlp_width: int,
                  activation: str):
         super().__init__()
@@ -130,7 +132,7 @@ class VisionTrunk(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x) + self.pos_embed.to(x.dtype)  # (B, g*g, width)
         for block in self.blocks:
-            x = block(x)
+            x = checkpointed(block, x) if recomputes(self) else block(x)
         return self.attn_pool(self.norm(x))  # (B, width)
 
 

@@ -13,6 +13,12 @@ ranks, so we sum (not average) the feature gradients across ranks first; the ave
 ``W * dL/dF_r`` back-propagated through each rank's encoder is exactly the one-process
 gradient. The temperature's direct gradient is identical on every rank and averages to itself.
 
+With ``local_loss`` each rank computes only its own part of the contrastive loss, its rows
+against every rank's columns (:func:`clipcli.train.loss.contrastive_loss_part`); the parts sum
+to ``L``. The backward is the same sum over ranks: rank ``r``'s features get the sum of every
+part's gradient, and this rank's part, scaled by ``W``, is averaged by DistributedDataParallel
+into the one-process gradient.
+
 The sigmoid loss needs no gathering: :func:`rows_round_the_ring` passes each rank's caption
 features to its right-hand neighbour ``W - 1`` times (open_clip's "neighbour exchange"), so
 every rank meets every caption while holding only two ranks' rows, and the gradient of a
@@ -68,6 +74,11 @@ class _GatherRows(torch.autograd.Function):
         dist.all_reduce(grad)  # sum over ranks; see the module docstring
         start = sum(ctx.sizes[: ctx.rank])
         return grad[start : start + ctx.sizes[ctx.rank]], None
+
+
+def rank() -> int:
+    """This process's rank; 0 in one process."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def gather_sizes(rows: int, device: torch.device) -> list[int]:

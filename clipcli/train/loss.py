@@ -14,6 +14,11 @@ the N^2 - N negative pairs then start near probability 0 and do not swamp the N 
 Since no pair's term depends on another's, the sum splits into blocks, one per pair of
 ranks (:func:`sigmoid_loss_part`), and no rank needs every feature at once.
 
+Under ``torchrun`` the contrastive loss is computed either whole on every rank (the N x N
+logits of the gathered features) or, with ``local_loss``, in parts: each rank its own rows
+against every rank's columns (:func:`contrastive_loss_part`, n x N logits), as the sigmoid loss
+always is.
+
 Both clamp the scale at 100 after every step (:data:`MAX_LOGIT_SCALE`), as open_clip does.
 """
 
@@ -35,6 +40,24 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
     logits = scale * image_features @ text_features.t()  # (N, N)
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def contrastive_loss_part(image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor,
+                          sizes: list[int]) -> torch.Tensor:
+    """This rank's part of :func:`contrastive_loss` of the global batch (``sizes``: every rank's
+    rows): the cross-entropies of its own rows only, its images against every rank's captions and
+    its captions against every rank's images (logits ``(n, N)``, not ``(N, N)``), summed over
+    ``2 N``. The parts of all ranks sum to the loss of the whole batch; the gathered features
+    carry gradients back to their ranks (open_clip's ``--local-loss --gather-with-grad``). In one
+    process this is :func:`contrastive_loss`."""
+    from .distributed import gather_rows, rank
+
+    all_images, all_texts = gather_rows(image_features, sizes), gather_rows(text_features, sizes)  # (N, D)
+    start = sum(sizes[: rank()])
+    labels = torch.arange(start, start + image_features.shape[0], device=image_features.device)
+    per_image = F.cross_entropy(scale * image_features @ all_texts.t(), labels, reduction="sum")  # (n, N) logits
+    per_text = F.cross_entropy(scale * text_features @ all_images.t(), labels, reduction="sum")  # (n, N) logits
+    return (per_image + per_text) / (2 * sum(sizes))
 
 
 def sigmoid_pair_sum(image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor,
