@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip import MLP, LayerNorm, QuickGELU, checkpointed, recomputes
+from .checkpointing import checkpointed, recomputes
+from .clip import MLP, LayerNorm, QuickGELU
 
 
 class TokenMixing(nn.Module):
@@ -78,7 +79,7 @@ class MixerBlock(nn.Module):
 class Mixer(nn.Module):
     """A stack of Mixer blocks over ``(B, T, width)``; a drop-in for :class:`clipcli.models.clip.Transformer`."""
 
-    grad_checkpointing = False  # see clipcli.models.clip.recomputes
+    grad_checkpointing = False  # see clipcli.models.checkpointing.recomputes
 
     def __init__(self, width: int, layers: int, tokens: int, causal: bool = False, mlp_width: int | None = None,
                  activation: str = "quick_gelu"):

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ContextLengthError
-from .clip import DualEncoder, LayerNorm, Transformer, activation_module, checkpointed, init_block, readout, recomputes
+from .checkpointing import checkpointed, recomputes
+from .clip import DualEncoder, LayerNorm, Transformer, activation_module, init_block, readout
 from .config import CLIPConfig
 
 EPS = 1e-6  # SigLIP's LayerNorm epsilon (CLIP's is 1e-5)
@@ -117,7 +118,7 @@ class VisionTrunk(nn.Module):
     embeddings, pre-norm blocks, a final LayerNorm, the MAP head. Its output is the embedding
     (SigLIP has no image projection)."""
 
-    grad_checkpointing = False  # see clipcli.models.clip.recomputes
+    grad_checkpointing = False  # see clipcli.models.checkpointing.recomputes
 
     def __init__(self, resolution: int, patch_size: int, width: int, layers: int, heads: int, mlp_width: int,
                  activation: str):

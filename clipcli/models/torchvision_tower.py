@@ -89,7 +89,7 @@ class TorchvisionTower(nn.Module):
     ``(B, width)`` projected to ``(B, output_dim)``. torchvision initialises the trunk as it builds
     it (cheap on the ``meta`` device); :meth:`initialize_parameters` draws the projection."""
 
-    grad_checkpointing = False  # see clipcli.models.clip.recomputes()
+    grad_checkpointing = False  # see clipcli.models.checkpointing.recomputes()
 
     def __init__(self, name: str, output_dim: int, input_resolution: int):
         super().__init__()
@@ -119,7 +119,7 @@ class TorchvisionTower(nn.Module):
 
     def _recomputed(self, x: torch.Tensor) -> torch.Tensor:
         """The trunk's forward (torchvision's, step by step) with each stage or block checkpointed."""
-        from .clip import checkpointed
+        from .checkpointing import checkpointed
 
         trunk = self.trunk
         if self.family == "resnet":

@@ -42,7 +42,7 @@ from contextlib import nullcontext
 import torch
 
 from ..errors import ClipcliError
-from ..models.clip import buffers_kept
+from ..models.checkpointing import buffers_kept
 from . import distributed
 from .loss import contrastive_loss, contrastive_loss_part, sigmoid_loss_part
 
