@@ -29,6 +29,8 @@ FIXES = {
     "allow_private": "pass --allow-private to fetch from it",
     "arch": "the commands take it as --arch NAME",
     "threshold": "use --threshold S with a cosine instead",
+    "warmup": "give a shorter --warmup or more --epochs",
+    "accumulate": "lower --accum-freq or --batch-size",
 }
 
 

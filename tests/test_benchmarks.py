@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,48 @@ def test_harness_end_to_end(bench, tmp_path, tiny_vit_checkpoint):
     assert "| web end to end, `clipcli encode` fp32, whole process (images/s) |" in table
     assert "| cli-web-fp32 |" in table  # its peak RSS row
     assert "| `clipcli classify`, 3 labels x 7 templates, 3 images: first run vs label cache" in table
+
+
+@pytest.mark.slow
+def test_train_benchmark_smoke(tmp_path, monkeypatch):
+    """benchmarks/train.py --smoke: both tools train the same shapes on the same shards for the
+    same steps, each run's samples/s comes from its own log, and the table lines them up."""
+    import tarfile
+
+    import open_clip
+
+    from clipcli.models.config import CLIPConfig
+    from clipcli.models.factory import create_model
+    from clipcli.train.presets import PRESETS
+
+    spec = importlib.util.spec_from_file_location("benchmarks_train", ROOT / "benchmarks" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, train)  # its dataclass looks its module up
+    spec.loader.exec_module(train)
+
+    # ViT-B/32 is open_clip's own ViT-B-32-quickgelu; the tiny preset has the same shapes in both.
+    assert train.open_clip_config(PRESETS["ViT-B/32"]) == open_clip.get_model_config("ViT-B-32-quickgelu")
+    (tmp_path / "bench-tiny.json").write_text(json.dumps(train.open_clip_config(PRESETS["tiny"])))
+    open_clip.add_model_config(tmp_path / "bench-tiny.json")
+    shapes = [sorted(tuple(p.shape) for p in model.parameters())
+              for model in (create_model(CLIPConfig(**PRESETS["tiny"])), open_clip.create_model("bench-tiny"))]
+    assert shapes[0] == shapes[1]
+
+    out = tmp_path / "bench"
+    report = train.main(["--smoke", "--out", str(out), "--batches", "4", "--modes", "plain,accum2"])
+    with tarfile.open(out / "shards" / "00000.tar") as tar:
+        names = tar.getnames()
+    assert names == sorted(names) and names[:2] == ["000000000.jpg", "000000000.txt"]
+    assert 0 < report["data"]["caption_tokens"]["mean"] <= 77
+    for label, per_step in (("b4 plain", 4), ("b4 accum2", 8)):
+        row = report["summary"][label]
+        assert row["ratio"] > 0, row
+        runs = report["measurements"][label]
+        assert runs["clipcli"]["steps_run"] == runs["open_clip"]["steps_run"] >= 3  # 1 warmup + 2 timed, even
+        for tool in train.TOOLS:
+            run = runs[tool]
+            assert run["torch_threads"] == 2 and run["returncode"] == 0, (tool, run)
+            assert len(run["step_seconds"]) == run["steps_run"] and run["samples_per_second"] > 0
+            assert run["peak_rss_mb"] > 100 and run["peak_tree_pss_mb"] > 100
+        assert f"| {label} | {per_step} |" in train.markdown(report)
+    assert json.loads((out / "results.json").read_text())["summary"] == report["summary"]

@@ -63,16 +63,36 @@ def test_loss_is_symmetric_cross_entropy_and_small_for_matching_pairs():
     assert math.isclose(CLIP(CLIPConfig(**TINY)).logit_scale.exp().item(), 1 / 0.07, rel_tol=1e-6)
 
 
-def test_no_weight_decay_on_gains_biases_embeddings_and_temperature():
+def test_weight_decay_as_open_clip_applies_it_embeddings_included():
     model = CLIP(CLIPConfig(**TINY))
-    decay, no_decay = build_optimizer(model, 1e-3, 0.2).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
-    exempt = {names[id(p)] for p in no_decay["params"]}
-    assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 0.2
-    assert {"logit_scale", "token_embedding.weight", "positional_embedding", "visual.class_embedding",
-            "visual.positional_embedding", "ln_final.weight", "ln_final.bias"} <= exempt
-    assert all(p.ndim >= 2 and "embedding" not in names[id(p)] for p in decay["params"])
-    assert {"text_projection", "visual.proj", "visual.conv1.weight"} <= {names[id(p)] for p in decay["params"]}
+
+    def split(optimizer):
+        decay, no_decay = optimizer.param_groups
+        assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 0.2
+        return {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in no_decay["params"]}
+
+    decayed, exempt = split(build_optimizer(model, 1e-3, 0.2))
+    # open_clip_train's rule (main.py): exclude p.ndim < 2 or "bn"/"ln"/"bias"/"logit_scale" in the name
+    open_clip_exempt = {n for n, p in model.named_parameters()
+                        if p.ndim < 2 or any(part in n for part in ("bn", "ln", "bias", "logit_scale"))}
+    assert exempt == open_clip_exempt and decayed == set(names.values()) - open_clip_exempt
+    assert {"token_embedding.weight", "positional_embedding", "visual.positional_embedding", "text_projection",
+            "visual.proj", "visual.conv1.weight"} <= decayed
+    assert {"logit_scale", "visual.class_embedding", "ln_final.weight", "ln_final.bias"} <= exempt
+    decayed, exempt = split(build_optimizer(model, 1e-3, 0.2, decay_embeddings=False))  # the old exemption, kept as an option
+    assert {"token_embedding.weight", "positional_embedding", "visual.positional_embedding"} <= exempt
+    assert all("embedding" not in n for n in decayed)
+
+
+def test_adam_betas_and_eps_by_architecture_as_open_clip():
+    from clipcli.train.model import is_vit, model_config
+    from clipcli.train.optim import default_adam
+
+    assert default_adam(is_vit(model_config("ViT-B/32", {}, None, None))) == (0.9, 0.98, 1e-6)
+    assert default_adam(is_vit(model_config("siglip-tiny", {}, None, None))) == (0.9, 0.98, 1e-6)
+    assert default_adam(is_vit(model_config("RN50", {}, None, None))) == (0.9, 0.999, 1e-8)
+    assert default_adam(is_vit(model_config("tiny", {}, "mixer", None))) == (0.9, 0.999, 1e-8)
 
 
 def test_warmup_then_cosine():

@@ -20,8 +20,9 @@ import torch
 from PIL import Image
 
 from clipcli.errors import InputError
-from clipcli.train.data import PairSource, open_source, read_pairs
+from clipcli.train.data import PairSource, read_pairs
 from clipcli.train.shards import ShardSource, count_samples, shard_list, slot_shards
+from clipcli.train.sources import open_source
 from clipcli.webdataset import ShardError, samples
 
 

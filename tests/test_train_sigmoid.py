@@ -190,7 +190,7 @@ def test_a_sigmoid_run_learns_and_saves_its_logit_bias(pairs, tmp_path, one_thre
     # --resume goes on with the run's loss without being told; another loss is refused.
     result = runner.invoke(app, ["train", "--train-data", str(pairs), "--resume", "--loss", "contrastive",
                                  "--epochs", "5", "--batch-size", "16", "-o", str(run)])
-    assert result.exit_code == 2 and "--loss 'contrastive' cannot train" in result.stderr
+    assert result.exit_code == 2 and "--loss 'contrastive' cannot train" in result.stderr, (result.stderr, (run / "config.json").read_text())
     train_cli("--train-data", str(pairs), "--resume", "--epochs", "5", "--batch-size", "16", "--log-every", "1", "-o", str(run))
     assert [r["step"] for r in train_records(run)] == list(range(1, 11)) and "logit_bias" in train_records(run)[-1]
 

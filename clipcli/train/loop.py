@@ -2,121 +2,67 @@
 
 A run writes everything into ``out`` (``runs/NAME``):
 
-- ``config.json``: the training options and the model architecture;
-- ``metrics.jsonl``: one JSON object per logged step (``"kind": "train"``) and per epoch
-  (``"kind": "eval"``);
-- ``last.safetensors``: the model after the last finished epoch, with its family's key names
-  (OpenAI's for a CLIP) and its config, loadable by ``clipcli.load`` and every ``--model`` option;
-- ``state.pt``: optimiser, scheduler, gradient scaler, step, epoch and RNG, for ``--resume``.
+- ``config.json``: the training options and the model architecture as the run started, and
+  what each resume changed;
+- ``metrics.jsonl``: one JSON object per logged step (``"kind": "train"``) and per evaluation
+  (``"kind": "eval"``); with ``--report-to tensorboard`` the same numbers as TensorBoard events;
+- checkpoints (:mod:`clipcli.train.checkpoints`): ``step_N.safetensors`` + ``step_N.state.pt``
+  after each epoch and every ``save_every_n_steps`` steps, the newest also as
+  ``last.safetensors`` + ``state.pt``. The model files load with every ``--model`` option; a run
+  resumes from any checkpoint exactly, mid-epoch included: the data of an epoch is a function
+  of (seed, epoch), so the position in it is a number of global batches.
+
+A step takes ``accum_freq`` global batches of ``batch_size`` (:mod:`clipcli.train.step`): the
+loss covers all of them, as one batch ``accum_freq`` times larger would.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 import os
+import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ..errors import ClipcliError, InputError, OutputError, OutputExistsError
+from ..errors import InputError, OutputError, OutputExistsError
 from ..feedback import SILENT, Feedback
 from ..models.config import METADATA_KEY
-from . import distributed
-from .data import CaptionTokenizer, GlobalBatches, PairDataset, SkipReporter, caption_tokenizer, loader, read_pairs
-from .evaluate import zeroshot_classes
-from .loss import PairModel, clamp_logit_scale, contrastive_loss, sigmoid_loss_part
+from . import checkpoints, distributed, resume
+from .config import TrainConfig
+from .data import SkipReporter, caption_tokenizer
+from .evaluate import val_source, zeroshot_classes
+from .loss import PairModel, clamp_logit_scale
 from .model import (
     apply_freeze,
     check_encoders,
     choose_loss,
     describe,
+    is_vit,
     keep_tokenizer_files,
     load_for_training,
     model_config,
     new_model,
-    save_checkpoint,  # noqa: F401 (re-exported: benchmarks and tests write checkpoints with it)
+    save_checkpoint,
     with_logit_bias,
 )
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, default_adam
+from .sources import open_source
 
-CHECKPOINT, STATE, METRICS, CONFIG = "last.safetensors", "state.pt", "metrics.jsonl", "config.json"
-
-
-@dataclass
-class TrainConfig:
-    train_data: str
-    out: str
-    val_data: str | None = None
-    zeroshot_dir: str | None = None
-    zeroshot_templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
-    img_key: str = "filepath"
-    caption_key: str = "title"
-    arch: str | None = "tiny"
-    init: str | None = None
-    image_encoder: str | None = None  # vit | resnet | mixer; None: what the arch or checkpoint has
-    text_encoder: str | None = None  # transformer | mixer
-    overrides: dict = field(default_factory=dict)  # CLIPConfig fields replacing the preset's
-    loss: str | None = None  # contrastive | sigmoid; None: the model's own (sigmoid when it has a logit bias)
-    freeze: str | None = None  # image | text
-    epochs: int = 10
-    batch_size: int = 64  # the global batch, over all processes
-    lr: float = 5e-4
-    wd: float = 0.2
-    warmup: int = 100
-    grad_clip: float = 1.0
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    device: str = "cpu"
-    workers: int = 2
-    seed: int = 0
-    log_every: int = 10
-    resume: bool = False
-    overwrite: bool = False
+CHECKPOINT, STATE, METRICS, CONFIG = checkpoints.LAST, checkpoints.STATE, "metrics.jsonl", "config.json"
+DEFAULT_WARMUP = 100
 
 
-# ----------------------------------------------------------------------------- the loop
-
-
-def _save_state(state: dict, path: Path) -> None:
-    """The optimizer and scheduler state for ``--resume``, written atomically."""
-    from ..fsutil import atomic_path, write_error
-
-    try:
-        with atomic_path(path, overwrite=True) as temp:
-            torch.save(state, temp)
-    except RuntimeError as error:  # torch.save's wrapper around an I/O error
-        raise write_error(OSError(None, str(error)), path) from None
-
-
-class MetricsLog:
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as file:
-                file.write(json.dumps(record) + "\n")
-
-
-def _autocast(precision: str, device: torch.device):
-    """Mixed precision by inference's table (:data:`clipcli.pipeline.PRECISIONS`); fp32: off."""
-    from ..pipeline import resolve_dtype
-
-    dtype = resolve_dtype(precision, device)
-    return torch.autocast(device.type, enabled=False) if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+# ----------------------------------------------------------------------------- set-up
 
 
 def _prepare_out(cfg: TrainConfig, is_main: bool) -> Path:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
-        raise OutputError(f"{out} is a file; it must be a folder (new or holding a run)", option="out")
+        raise OutputError(f"{out} is a file; it must be a folder (new or holding a run)", option="output")
     if is_main and not cfg.resume and (out / CHECKPOINT).exists() and not cfg.overwrite:
         raise OutputExistsError(f"{out} already holds a run", fix="resume")
-    if cfg.resume and not (out / STATE).exists():
-        raise InputError(f"nothing to resume: {out} has no {STATE}")
     if is_main:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -127,101 +73,184 @@ def _prepare_out(cfg: TrainConfig, is_main: bool) -> Path:
         if not cfg.resume:
             for name in (METRICS, CHECKPOINT, STATE):
                 (out / name).unlink(missing_ok=True)
+            for old in checkpoints.saved(out):
+                old.model.unlink(missing_ok=True)
+                old.state.unlink(missing_ok=True)
+            shutil.rmtree(out / "tensorboard", ignore_errors=True)  # another run's events would mix with this one's
     return out
 
 
-def train(cfg: TrainConfig, feedback: Feedback = SILENT) -> Path:
-    """Train as ``cfg`` says and return the path of ``last.safetensors``."""
+def _build_model(cfg: TrainConfig, resume_point, feedback: Feedback):
+    """``(model, cfg with its loss, notes, tokenizer files)``: the run's checkpoint when resuming,
+    a torchvision backbone model, a loaded checkpoint (``init``) or a new model of a preset."""
+    notes, tokenizer_files = [], {}
+    if resume_point is not None:
+        clip, _, _ = load_for_training(str(resume_point.model))
+        return clip, replace(cfg, loss=choose_loss(cfg.loss, clip.config, cfg.out, resumed=True)), notes, {}
+    if cfg.image_tower:
+        from .backbones import backbone_model
+
+        size = cfg.overrides.get("image_resolution")
+        clip, notes, tokenizer_files = backbone_model(
+            cfg.image_tower, pretrained=cfg.image_pretrained, text_init=cfg.text_init, preset=cfg.arch or "ViT-B/32",
+            embed_dim=cfg.overrides.get("embed_dim"), image_size=size, feedback=feedback)
+        return clip, replace(cfg, loss=choose_loss(cfg.loss, clip.config, cfg.image_tower)), list(notes), tokenizer_files
+    if cfg.init:
+        clip, note, tokenizer_files = load_for_training(cfg.init, feedback)
+        check_encoders(clip.config, cfg.image_encoder, cfg.text_encoder, cfg.init)
+        return clip, replace(cfg, loss=choose_loss(cfg.loss, clip.config, cfg.init)), [note] if note else [], tokenizer_files
+    config = model_config(cfg.arch, cfg.overrides, cfg.image_encoder, cfg.text_encoder)
+    cfg = replace(cfg, loss=choose_loss(cfg.loss, config, f"preset {cfg.arch}"))
+    return new_model(replace(config, logit_bias=cfg.loss == "sigmoid")), cfg, notes, tokenizer_files
+
+
+def _freeze(clip, cfg: TrainConfig) -> None:
+    if cfg.image_tower:
+        from .backbones import lock_image_trunk, lock_text_tower
+
+        if cfg.lock_image_unlocked_groups and cfg.freeze not in ("image", "both"):
+            raise InputError(f"{cfg.lock_image_unlocked_groups}: stage groups are unlocked in an image tower kept fixed",
+                             option="lock_image_unlocked_groups")
+
+        if cfg.freeze in ("image", "both"):
+            lock_image_trunk(clip, cfg.lock_image_unlocked_groups)
+        if cfg.freeze in ("text", "both"):
+            lock_text_tower(clip)
+        return
+    if cfg.lock_image_unlocked_groups:
+        raise InputError(f"{cfg.lock_image_unlocked_groups}: only a torchvision image tower has stage groups to unlock",
+                         option="lock_image_unlocked_groups")
+    if cfg.freeze == "both":
+        raise InputError("both towers can be kept fixed only with a torchvision image tower (its projection trains)",
+                         option="freeze")
+    apply_freeze(clip, cfg.freeze)
+
+
+def _warmup(cfg: TrainConfig, total_steps: int, say) -> int:
+    if cfg.warmup is not None:
+        if cfg.warmup >= total_steps > 0:
+            raise InputError(f"{cfg.warmup} is not shorter than the run's {total_steps} steps, so the learning rate "
+                             f"would never decay (a tenth of the run is {max(1, total_steps // 10)})", option="warmup",
+                             fix="warmup")
+        return cfg.warmup
+    if DEFAULT_WARMUP < total_steps:
+        return DEFAULT_WARMUP
+    warmup = max(1, total_steps // 10)
+    say(f"note: the run has {total_steps} steps, no more than the default warmup of {DEFAULT_WARMUP}: "
+        f"warming up over {warmup} steps instead (a tenth of the run)")
+    return warmup
+
+
+def train(cfg: TrainConfig, feedback: Feedback = SILENT, given: set[str] | None = None) -> Path:
+    """Train as ``cfg`` says and return the path of ``last.safetensors``. A resumed run
+    (``cfg.resume``) takes the options not in ``given`` from its ``config.json``."""
     topology, device = distributed.setup(cfg.device)
     try:
-        return _train(cfg, topology, device, feedback)
+        return _train(cfg, topology, device, feedback, given)
     finally:
         distributed.teardown()
 
 
-def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.device, feedback: Feedback) -> Path:
+def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.device, feedback: Feedback,
+           given: set[str] | None) -> Path:
     from ..preprocess import preprocess_for
+    from .augment import train_transform
+    from .report import Reporter, check_report_to
+    from .step import train_step
 
     main = topology.is_main
+    say = feedback.log if main else SILENT.log
     # Every input is checked before --out is touched (an --overwrite run would discard the old one).
-    fresh_config = None
-    if not (cfg.resume or cfg.init):
-        fresh_config = model_config(cfg.arch, cfg.overrides, cfg.image_encoder, cfg.text_encoder)
-        cfg = replace(cfg, loss=choose_loss(cfg.loss, fresh_config, f"preset {cfg.arch}"))
-        fresh_config = replace(fresh_config, logit_bias=cfg.loss == "sigmoid")
-    if cfg.zeroshot_dir and not zeroshot_classes(cfg.zeroshot_dir):
-        raise InputError(f"{cfg.zeroshot_dir} holds no class folders with images", option="zeroshot_dir")
-    train_pairs = read_pairs(cfg.train_data, cfg.img_key, cfg.caption_key)
-    val_pairs = read_pairs(cfg.val_data, cfg.img_key, cfg.caption_key) if cfg.val_data else None
-    if len(train_pairs) < cfg.batch_size:
-        raise InputError(f"{cfg.batch_size} is more than the {len(train_pairs)} pairs in {cfg.train_data}",
-                         option="batch_size")
-    notes, tokenizer_files = [], {}
-    if cfg.init and not cfg.resume:
-        clip, note, tokenizer_files = load_for_training(cfg.init, feedback if main else SILENT)
-        notes += [note] if note else []
-        check_encoders(clip.config, cfg.image_encoder, cfg.text_encoder, cfg.init)
-        cfg = replace(cfg, loss=choose_loss(cfg.loss, clip.config, cfg.init))
-    out = _prepare_out(cfg, main)
-    if main:
-        keep_tokenizer_files(tokenizer_files, out)
-    torch.manual_seed(cfg.seed)
-
+    changed, resume_point, resume_notes = {}, None, []
     state = None
     if cfg.resume:
-        state = torch.load(out / STATE, map_location="cpu", weights_only=True)
-        clip, _, _ = load_for_training(str(out / CHECKPOINT))
-        cfg = replace(cfg, loss=choose_loss(cfg.loss, clip.config, str(out), resumed=True))
-    elif not cfg.init:
-        clip = new_model(fresh_config)
+        resume_point = checkpoints.resume_point(Path(cfg.out), cfg.resume_from)
+        cfg, changed, resume_notes = resume.resumed_config(cfg, given)
+        state = torch.load(resume_point.state, map_location="cpu", weights_only=True)
+        resume.check_position(state, resume.data_signature(cfg, topology.world_size))
+    check_report_to(cfg.report_to)
+    if cfg.accum_freq < 1:
+        raise InputError(f"{cfg.accum_freq}: give 1 or more", option="accum_freq")
+    if cfg.val_data:
+        val_source(cfg.val_data, cfg.img_key, cfg.caption_key)  # a missing file or shard, no pairs: before --out
+    if cfg.zeroshot_dir and not zeroshot_classes(cfg.zeroshot_dir):
+        raise InputError(f"{cfg.zeroshot_dir} holds no class folders with images", option="zeroshot_dir")
+    torch.manual_seed(cfg.seed)
+    clip, cfg, notes, tokenizer_files = _build_model(cfg, resume_point, feedback if main else SILENT)
     tokenize = caption_tokenizer(clip)  # before the model may be rebuilt: loading may have given it its tokenizer
     if cfg.loss == "sigmoid" and not clip.config.logit_bias:
         clip = with_logit_bias(clip)
-        notes.append(f"{cfg.init} has no logit bias: the sigmoid loss adds one at -10 and restarts its scale at 10")
-    apply_freeze(clip, cfg.freeze)
-    clip = clip.to(device).train()
+        notes.append(f"{cfg.init or cfg.image_tower} has no logit bias: the sigmoid loss adds one at -10 and restarts its scale at 10")
     config = clip.config
-
-    transform = preprocess_for(config)  # inference's transform, bit for bit, without torchvision
-    train_set = PairDataset(train_pairs, transform, config.context_length, tokenize)
-    val_set = PairDataset(val_pairs, transform, config.context_length, tokenize) if val_pairs else None
-    sampler = GlobalBatches(len(train_set), cfg.batch_size, topology.rank, topology.world_size, cfg.seed)
-    steps_per_epoch = len(sampler)
+    transform = train_transform(config, cfg.aug_cfg)
+    source = open_source(cfg.train_data, img_key=cfg.img_key, caption_key=cfg.caption_key, transform=transform,
+                         tokenize=tokenize, context_length=config.context_length, batch_size=cfg.batch_size,
+                         rank=topology.rank, world_size=topology.world_size, seed=cfg.seed, workers=cfg.workers,
+                         num_samples=cfg.train_num_samples, resampled=cfg.dataset_resampled, drop_last=cfg.drop_last)
+    steps_per_epoch = source.steps_per_epoch // cfg.accum_freq
+    if steps_per_epoch == 0:
+        raise InputError(f"{cfg.accum_freq}: an epoch holds {source.steps_per_epoch} batch(es) of {cfg.batch_size}, "
+                         "fewer than a step accumulates", option="accum_freq", fix="accumulate")
     total_steps = steps_per_epoch * cfg.epochs
+    cfg = replace(cfg, warmup=_warmup(cfg, total_steps, say))  # kept in config.json: a resumed run warms up alike
+    out = _prepare_out(cfg, main)
+    if main:
+        keep_tokenizer_files(tokenizer_files, out)
 
+    _freeze(clip, cfg)
+    if cfg.grad_checkpointing:
+        clip.set_grad_checkpointing(True)
+    clip = clip.to(device).train()
     network = PairModel(clip)
     if topology.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         network = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(clip, cfg.lr, cfg.wd)
-    scheduler = build_scheduler(optimizer, min(cfg.warmup, total_steps), total_steps)
+    adam = [value if value is not None else default
+            for value, default in zip((cfg.beta1, cfg.beta2, cfg.eps), default_adam(is_vit(config)))]
+    optimizer = build_optimizer(clip, cfg.lr, cfg.wd, adam[:2], adam[2], decay_embeddings=cfg.decay_embeddings)
+    scheduler = build_scheduler(optimizer, cfg.warmup, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    step, start_epoch = 0, 0
+    step, start_epoch, position = 0, 0, 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, start_epoch = int(state["step"]), int(state["epoch"])
-        torch.set_rng_state(state["rng"])
+        resume.restore(state, optimizer, scheduler, scaler, cfg, adam)
+        step, start_epoch, position = int(state["step"]), int(state["epoch"]), int(state.get("position", 0))
+        resume.set_rng_state(state["rng"] if isinstance(state["rng"], dict) else {"torch": state["rng"]})
+        if main:
+            for dropped in checkpoints.drop_after(out, step):
+                notes.append(f"resumed at step {step}: removed the later checkpoint {dropped.name}")
+            checkpoints.make_last(out, resume_point)
 
-    record = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(config), "world_size": topology.world_size}
     if main:
-        (out / CONFIG).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    metrics = MetricsLog(out / METRICS, main)
+        resume.write_config(out, cfg, config, topology.world_size, changed, step)
+    reporter = Reporter(out, main, cfg.report_to)
+    if cfg.resume:
+        reporter.resume_at(step)
     skips = SkipReporter(feedback.log)
-    batches = loader(train_set, sampler, cfg.workers)
-    say = feedback.log if main else SILENT.log
-    for note in notes:
+    for note in [*resume_notes, *notes, *source.notes]:
         say(f"note: {note}")
+    if source.dropped_per_epoch:
+        say(f"note: {source.dropped_per_epoch} sample(s) do not fill a last batch of {cfg.batch_size}: each epoch "
+            "leaves them out (or trains on them in a smaller last batch when told not to drop it)")
+    if source.steps_per_epoch % cfg.accum_freq:
+        say(f"note: the last {source.steps_per_epoch % cfg.accum_freq} batch(es) of each epoch do not fill a step of "
+            f"{cfg.accum_freq} accumulated batches: each epoch leaves them out")
     live = main and feedback.status is not None
-    say(f"training {describe(config)} with the {cfg.loss} loss on {len(train_set)} pairs, {steps_per_epoch} steps/epoch "
-        f"x {cfg.epochs} epochs, global batch {cfg.batch_size} over {topology.world_size} process(es) on {device}")
+    effective = f"{cfg.batch_size} x {cfg.accum_freq} accumulated" if cfg.accum_freq > 1 else str(cfg.batch_size)
+    say(f"training {describe(config)} with the {cfg.loss} loss on {source.samples_per_epoch} samples per epoch, "
+        f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, global batch {effective} over {topology.world_size} "
+        f"process(es) on {device}")
 
+    def save(epoch: int, position: int) -> None:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                 "step": step, "epoch": epoch, "position": position, "rng": resume.rng_state(), "data": data}
+        checkpoints.save(out, step, lambda path: save_checkpoint(clip, path, {METADATA_KEY: config}), state, cfg.keep)
+
+    data = resume.data_signature(cfg, topology.world_size)
     for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
-        started, seen = time.perf_counter(), 0
-        for batch in batches:
+        started, seen, group, skipped_before = time.perf_counter(), 0, [], skips.count
+        in_epoch = position // cfg.accum_freq  # steps of this epoch already taken
+        for batch in source.batches(epoch, start=position):
             skips(batch.skipped)
             if not len(batch.images):  # every image of this rank's share was unreadable
                 resolution = config.image_resolution
@@ -229,87 +258,69 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
                                 texts=torch.empty(0, config.context_length, dtype=torch.long))
             images, texts = batch.images.to(device, non_blocking=True), batch.texts.to(device, non_blocking=True)
             sizes = distributed.gather_sizes(len(images), device) if topology.distributed else [len(images)]
-            if sum(sizes) == 0:  # the whole global batch: no step (its images are counted as skipped)
+            group.append((images, texts, sizes))
+            if len(group) < cfg.accum_freq:
                 continue
-            with _autocast(cfg.precision, device):
-                features = network(images, texts)
-            objective, loss = _objective(cfg.loss, *features, sizes, topology.world_size, device)
-            if not math.isfinite(loss):
-                raise ClipcliError(f"the loss became {loss} at step {step}", fix="lr")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(objective).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(clip.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            scaler.step(optimizer)
-            scaler.update()
+            micro = [m for m in group if sum(m[2])]  # a global batch of nothing but unreadable images adds nothing
+            lr = optimizer.param_groups[0]["lr"]  # this step's: the scheduler moves it after the step
+            loss = grad_norm = None
+            if micro:
+                loss, grad_norm = train_step(network, clip, micro, loss=cfg.loss, precision=cfg.precision, device=device,
+                                             world_size=topology.world_size, optimizer=optimizer, scaler=scaler,
+                                             grad_clip=cfg.grad_clip, local_loss=cfg.local_loss, step=step)
+                clamp_logit_scale(clip)
             scheduler.step()
-            clamp_logit_scale(clip)
+            seen += sum(sum(m[2]) for m in group)
+            group = []
             step += 1
-            seen += sum(sizes)
-            logged = step % cfg.log_every == 0 or step == total_steps
-            if logged or live:
+            in_epoch += 1
+            logged = loss is not None and (step % cfg.log_every == 0 or step == total_steps)
+            if loss is not None and (logged or live):
                 rate = seen / (time.perf_counter() - started)
-                lr = optimizer.param_groups[0]["lr"]
-                line = f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total_steps} loss {loss:.4f} lr {lr:.2e} {rate:.0f} samples/s"
+                line = (f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total_steps} loss {loss:.4f} lr {lr:.2e} "
+                        f"{rate:.0f} samples/s")
                 if live:  # e.g. a terminal: one line, rewritten every step
                     feedback.status(line)
                 elif logged:
                     say(line)
             if logged:
-                entry = {"kind": "train", "epoch": epoch + 1, "step": step, "loss": loss, "grad_norm": grad_norm.item(),
+                entry = {"kind": "train", "epoch": epoch + 1, "step": step, "loss": loss, "grad_norm": grad_norm,
                          "lr": lr, "logit_scale": float(clip.logit_scale.detach().exp())}
                 if clip.logit_bias is not None:
                     entry["logit_bias"] = float(clip.logit_bias.detach())
-                metrics.write({**entry, "samples_per_second": rate})
+                reporter.write({**entry, "samples_per_second": rate})
+            if in_epoch == steps_per_epoch:
+                break  # batches left over that do not fill a step
+            if main and cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0:
+                save(epoch, in_epoch * cfg.accum_freq)
+        position = 0
         elapsed = time.perf_counter() - started
-        skipped = int(distributed.all_sum(skips.count, device))
+        skipped = int(distributed.all_sum(skips.count - skipped_before, device))  # this epoch's training images
+        last = epoch + 1 == cfg.epochs
+        evaluation = {"kind": "eval", "epoch": epoch + 1, "step": step,
+                      "samples_per_second": seen / elapsed if elapsed > 0 else 0.0, "skipped_images": skipped}
+        if (epoch + 1) % cfg.val_frequency == 0 or last:
+            evaluation.update(_evaluate(clip, cfg, tokenize, preprocess_for(config), device, skips, topology))
         if main:
-            evaluation = {"kind": "eval", "epoch": epoch + 1, "step": step, "samples_per_second": seen / elapsed,
-                          "skipped_images": skipped}
-            evaluation.update(_evaluate(clip, cfg, val_set, transform, tokenize, device, skips))
-            clip.train()
-            metrics.write(evaluation)
+            reporter.write(evaluation)
             say("epoch {} done: {}".format(epoch + 1, ", ".join(
-                f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in evaluation.items() if k not in ("kind", "epoch"))))
-            save_checkpoint(clip, out / CHECKPOINT, {METADATA_KEY: config})
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "step": step, "epoch": epoch + 1, "rng": torch.get_rng_state()}
-            _save_state(state, out / STATE)
+                f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in evaluation.items()
+                if k not in ("kind", "epoch"))))
+            save(epoch + 1, 0)
+    reporter.close()
     if main and cfg.resume and start_epoch >= cfg.epochs:
         say(f"{out} already finished {cfg.epochs} epochs; nothing to train (ask for more epochs to go on)")
     return out / CHECKPOINT
 
 
-def _objective(loss: str, image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor,
-               bias: torch.Tensor | None, sizes: list[int], world_size: int, device: torch.device) -> tuple[torch.Tensor, float]:
-    """``(what this rank back-propagates, the loss of the global batch)`` from this rank's features.
+def _evaluate(clip, cfg: TrainConfig, tokenize, transform, device, skips, topology) -> dict:
+    from .evaluate import evaluate
+    from .step import autocast
 
-    contrastive: every rank gathers every rank's features and computes the same global loss
-    (see :mod:`clipcli.train.distributed` for why its gradient comes out right). sigmoid: each
-    rank computes its own part, its images against every rank's captions; DistributedDataParallel
-    averages the ranks' gradients, so each part counts ``world_size`` times to make their sum."""
-    image_features, text_features = image_features.float(), text_features.float()
-    if loss == "sigmoid":
-        part = sigmoid_loss_part(image_features, text_features, scale.float(), bias.float(), sizes)
-        return part * world_size, distributed.all_sum(part.item(), device)
-    image_features = distributed.gather_rows(image_features, sizes)
-    text_features = distributed.gather_rows(text_features, sizes)
-    objective = contrastive_loss(image_features, text_features, scale.float())
-    return objective, objective.item()
-
-
-def _evaluate(clip, cfg: TrainConfig, val_set, transform, tokenize: CaptionTokenizer, device, skips) -> dict:
-    from .evaluate import encode_pairs, recall_at_k, zeroshot_accuracy
-
-    clip.eval()
-    results = {}
-    with _autocast(cfg.precision, device):
-        if val_set is not None:
-            images, texts = encode_pairs(clip, val_set, cfg.batch_size, device, cfg.workers, skips)
-            if len(images):
-                results.update({f"val/{k}": v for k, v in recall_at_k(images, texts).items()})
-        if cfg.zeroshot_dir:
-            accuracy = zeroshot_accuracy(clip, cfg.zeroshot_dir, transform, cfg.zeroshot_templates, device,
-                                         cfg.batch_size, cfg.workers, skips, tokenize)
-            results.update({f"zeroshot/{k}": v for k, v in accuracy.items()})
-    return results
+    if not (cfg.val_data or cfg.zeroshot_dir):
+        return {}
+    return evaluate(clip, val_data=cfg.val_data, zeroshot_dir=cfg.zeroshot_dir, templates=cfg.zeroshot_templates,
+                    transform=transform, tokenize=tokenize, device=device,
+                    precision_ctx=lambda: autocast(cfg.precision, device), batch_size=cfg.batch_size,
+                    workers=cfg.workers, img_key=cfg.img_key, caption_key=cfg.caption_key, skips=skips,
+                    rank=topology.rank, world_size=topology.world_size)

@@ -176,8 +176,18 @@ def save_checkpoint(model: torch.nn.Module, path: Path, metadata: dict | None = 
     write_safetensors(state, path, metadata)
 
 
+def is_vit(config: CLIPConfig) -> bool:
+    """Whether the image tower is a Vision Transformer (it decides Adam's betas: :mod:`clipcli.train.optim`)."""
+    tower = getattr(config, "image_tower", None)
+    if tower:
+        return "vit" in tower.lower()
+    return config.vision_patch_size is not None and not config.vision_mixer
+
+
 def describe(config: CLIPConfig) -> str:
     image = "Mixer" if config.vision_mixer else ("ResNet" if config.vision_patch_size is None else "ViT")
+    if getattr(config, "image_tower", None):
+        image = config.image_tower
     text = "Mixer" if config.text_mixer else "Transformer"
     family = {"clip": "CLIP", "siglip": "SigLIP"}.get(config.family, config.family)
     return f"{family} ({image} image encoder, {text} text encoder, {config.image_resolution} px, embed {config.embed_dim})"

@@ -6,7 +6,10 @@ a few phrasings ("a red circle", "a photo of a small blue square"). The zero-sho
 one folder per colour-shape class ("red_circle"), as ``clipcli train --zeroshot-dir`` and
 ``clipcli classify`` expect.
 
-    python -m clipcli.train.shapes DATA_DIR [--train 1200] [--test 240] [--size 32]
+    python -m clipcli.train.shapes DATA_DIR [--train 1200] [--test 240] [--size 32] [--txt]
+
+``--txt`` also writes each caption beside its image (``train/00000.txt``): a folder of captioned
+images, as ``clipcli train --train-data DIR`` and ``examples/make_shards.py`` read it.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ def caption(colour: str, shape: str, big: bool, rng: random.Random) -> str:
     return rng.choice(PHRASES).format(size=size, colour=colour, shape=shape)
 
 
-def make_dataset(root: str | Path, train: int = 1200, test: int = 240, size: int = 32, seed: int = 0) -> Path:
+def make_dataset(root: str | Path, train: int = 1200, test: int = 240, size: int = 32, seed: int = 0,
+                 txt: bool = False) -> Path:
     """Write ``train.csv`` + ``val.csv`` (columns ``filepath``, ``title``) and ``zeroshot/<class>/``."""
     root = Path(root)
     rng = random.Random(seed)
@@ -62,7 +66,10 @@ def make_dataset(root: str | Path, train: int = 1200, test: int = 240, size: int
                 colour, shape, big = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.random() < 0.5
                 name = f"{split}/{i:05d}.png"
                 draw(colour, shape, big, size, rng).save(root / name)
-                writer.writerow([name, caption(colour, shape, big, rng)])
+                text = caption(colour, shape, big, rng)
+                writer.writerow([name, text])
+                if txt:
+                    (root / name).with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
     for k in range(test):
         colour, shape = list(COLOURS)[k % len(COLOURS)], SHAPES[(k // len(COLOURS)) % len(SHAPES)]
         folder = root / "zeroshot" / f"{colour}_{shape}"
@@ -78,8 +85,9 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=240)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--txt", action="store_true", help="also write each caption beside its image")
     args = parser.parse_args()
-    make_dataset(args.root, args.train, args.test, args.size, args.seed)
+    make_dataset(args.root, args.train, args.test, args.size, args.seed, args.txt)
 
 
 if __name__ == "__main__":
