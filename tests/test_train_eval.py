@@ -189,6 +189,7 @@ def _evaluate_on_rank(rank: int, world_size: int, store: str, out: str, jobs: li
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes
 def test_two_gloo_processes_give_the_metrics_of_one(val_data, tiny, tmp_path, one_thread):
     """Each rank encodes its share (7 and 6 pairs, the bad image in one share), features gathered
     and put back in order: the metrics of one process, to 1e-6; each bad image reported once."""
