@@ -174,8 +174,10 @@ def imagenet_state_dict(image_tower: str, feedback: Feedback = SILENT) -> tuple[
             raise InputError(f"imagenet: torchvision's weights for {name} are not in the torch hub cache and "
                              f"clipcli is offline; {place}", option="image_pretrained")
         feedback.log(f"downloading torchvision's {name} {weights.name} weights from {weights.url} to {path}")
-        try:
-            weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+        try:  # torch.hub's own fetch (a temporary file, the hash prefix in the name checked), without its prints
+            path.parent.mkdir(parents=True, exist_ok=True)
+            prefix = torch.hub.HASH_REGEX.search(path.name)
+            torch.hub.download_url_to_file(weights.url, str(path), prefix.group(1) if prefix else None, progress=False)
         except (OSError, RuntimeError, ValueError) as error:  # URLError is an OSError; a bad hash a RuntimeError
             reason = " ".join(str(error).split())[:160] or type(error).__name__
             raise InputError(f"imagenet: cannot download torchvision's weights for {name} ({reason}); {place}",
