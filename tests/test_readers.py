@@ -6,12 +6,12 @@ from __future__ import annotations
 import io
 import json
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from shard_files import write_shard
 from typer.testing import CliRunner
 
 from clipcli.cli import app
@@ -32,14 +32,6 @@ def jpeg(colour: tuple) -> bytes:
     return out.getvalue()
 
 
-def shard(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def sidecar(**fields) -> bytes:
     return json.dumps(fields).encode()
 
@@ -51,14 +43,14 @@ def shards(tmp_path) -> Path:
     fields the first shard lacks, one of another type, nested objects and a non-object JSON."""
     folder = tmp_path / "shards"
     folder.mkdir()
-    shard(folder / "00000.tar", [
+    write_shard(folder / "00000.tar", [
         ("a0.jpg", jpeg((200, 10, 10))), ("a0.txt", b"a red square"),
         ("a0.json", sidecar(url="http://x/a0.jpg", status="success", error_message=None, exif=None, width=32,
                             caption="from the sidecar", image_path="theirs")),
         ("a1.jpg", jpeg((10, 200, 10))), ("a1.json", sidecar(url="http://x/a1.jpg", status="success", width=32)),
     ])
-    shard(folder / "00001.tar", [("b0.jpg", b"\xff\xd8 corrupt"), ("b0.txt", b"broken"), ("b1.txt", b"no image")])
-    shard(folder / "00002.tar", [
+    write_shard(folder / "00001.tar", [("b0.jpg", b"\xff\xd8 corrupt"), ("b0.txt", b"broken"), ("b1.txt", b"no image")])
+    write_shard(folder / "00002.tar", [
         ("c0.jpg", jpeg((10, 10, 200))), ("c0.json", sidecar(url=7, width="wide", extra={"deep": [1, 2]})),
         ("c1.jpg", jpeg((90, 90, 90))), ("c1.json", b"[1, 2, 3]"),
         ("c2.jpg", jpeg((0, 0, 0))), ("c2.json", b"{not json"),
@@ -132,7 +124,7 @@ def test_a_flat_faiss_index_of_the_folder_ranks_as_clipcli_search(tiny_vit_check
 def test_a_shard_whose_members_are_not_grouped_by_key_stops_with_the_fix(tmp_path, tiny_vit_checkpoint):
     folder = tmp_path / "shards"
     folder.mkdir()
-    shard(folder / "0.tar", [("a.jpg", jpeg((1, 2, 3))), ("b.jpg", jpeg((4, 5, 6))), ("a.txt", b"late caption")])
+    write_shard(folder / "0.tar", [("a.jpg", jpeg((1, 2, 3))), ("b.jpg", jpeg((4, 5, 6))), ("a.txt", b"late caption")])
     result = runner.invoke(app, ["encode", str(folder / "0.tar"), "-m", str(tiny_vit_checkpoint), "-o",
                                  f"{tmp_path}/out/", "--device", "cpu"])
     assert result.exit_code == 1 and "not grouped by key" in result.stderr and "tar --sort=name" in result.stderr

@@ -12,11 +12,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+from shard_files import write_shard
 
 from clipcli.errors import InputError
 from clipcli.preprocess import preprocess_for
@@ -62,13 +62,9 @@ def val_data(tmp_path_factory) -> Path:
     samples.insert(9, ("uncaptioned", samples[0][1], None))  # only in the shards
     (root / "shards").mkdir()
     for number, part in enumerate((samples[:6], samples[6:11], samples[11:])):
-        with tarfile.open(root / "shards" / f"{number}.tar", "w") as tar:
-            for key, data, caption in part:
-                members = [(f"{key}.png", data)] + ([(f"{key}.txt", caption.encode())] if caption else [])
-                for name, content in members:
-                    info = tarfile.TarInfo(name)
-                    info.size = len(content)
-                    tar.addfile(info, io.BytesIO(content))
+        write_shard(root / "shards" / f"{number}.tar", [
+            member for key, data, caption in part
+            for member in [(f"{key}.png", data)] + ([(f"{key}.txt", caption.encode())] if caption else [])])
     for k in range(12):
         colour, shape = list(shapes.COLOURS)[k % 4], shapes.SHAPES[(k // 4) % 3]
         folder = root / "zeroshot" / f"{colour}_{shape}"

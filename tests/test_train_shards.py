@@ -11,13 +11,13 @@ from __future__ import annotations
 import inspect
 import io
 import json
-import tarfile
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from shard_files import write_shard
 
 from clipcli.errors import InputError
 from clipcli.train.data import PairSource, read_pairs
@@ -41,15 +41,6 @@ def png(size: int, value: int) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (size, size), (value % 256, (value * 7) % 256, 90)).save(buffer, "PNG")
     return buffer.getvalue()
-
-
-def write_shard(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as archive:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return path
 
 
 def make_shards(folder: Path, sizes: list[int]) -> list[int]:
