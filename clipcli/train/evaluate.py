@@ -34,6 +34,7 @@ import torch
 
 from ..errors import InputError
 from .data import CaptionTokenizer, Pair, SkipReporter, folder_images, prepare_image, read_pairs
+from .shards import WorkerFailure
 
 RECALL_AT = (1, 5, 10)
 _SHARD_BITS = 32  # a shard sample's index: shard number << 32 | position in the shard
@@ -76,13 +77,6 @@ def val_source(val_data: str, img_key: str = "filepath", caption_key: str = "tit
 
 
 # ----------------------------------------------------------------------------- what a rank reads
-
-
-@dataclass(frozen=True)
-class _Fatal:
-    """A shard that cannot be read, carried out of a data worker to be raised where it is readable."""
-
-    message: str
 
 
 def _prepared(index: int, item, transform: Callable, payload, name: str) -> tuple:
@@ -129,8 +123,8 @@ class _ShardPairs(torch.utils.data.IterableDataset):
                         yield index, None, None, name, "no caption in this sample (a .txt member)"
                     else:
                         yield _prepared(index, sample.item, self.transform, sample.caption, name)
-            except ShardError as error:  # raised in the main process, as itself (see _collate)
-                yield _Fatal(str(error))
+            except ShardError as error:  # raised in the main process, as itself (see _batches)
+                yield WorkerFailure(error)
                 return
 
 
@@ -142,8 +136,8 @@ class _Batch:
     skipped: list[tuple[str, str]]
 
 
-def _collate(items: list) -> _Batch | _Fatal:
-    fatal = next((item for item in items if isinstance(item, _Fatal)), None)
+def _collate(items: list) -> _Batch | WorkerFailure:
+    fatal = next((item for item in items if isinstance(item, WorkerFailure)), None)
     if fatal is not None:
         return fatal
     good = [item for item in items if item[1] is not None]
@@ -155,11 +149,9 @@ def _collate(items: list) -> _Batch | _Fatal:
 def _batches(dataset: torch.utils.data.Dataset, batch_size: int, workers: int,
              skips: SkipReporter | None) -> Iterator[_Batch]:
     """The readable part of each batch; the skipped images go to ``skips``."""
-    from ..webdataset import ShardError
-
     for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate):
-        if isinstance(batch, _Fatal):
-            raise ShardError(batch.message)
+        if isinstance(batch, WorkerFailure):
+            raise batch.error
         if skips is not None:
             skips(batch.skipped)
         if batch.indices:

@@ -247,8 +247,9 @@ def _join(parts: list[Batch]) -> Batch:
 
 
 @dataclass
-class _Failure:
-    """An error raised in a data worker, handed to the main process to raise there as itself."""
+class WorkerFailure:
+    """An error raised in a data worker, handed to the main process to raise there as itself
+    (training's shard readers here, evaluation's in :mod:`clipcli.train.evaluate`)."""
 
     error: ClipcliError
 
@@ -266,7 +267,7 @@ class _SlotReader(torch.utils.data.IterableDataset):
         try:
             yield from slot_batches(self.plan, self.epoch, slot, self.start)
         except ClipcliError as error:  # raised in the main process as it is, not as a worker's traceback
-            yield _Failure(error)
+            yield WorkerFailure(error)
 
 
 def _unchanged(part):
@@ -347,7 +348,7 @@ class ShardSource:
         parts: list[Batch] = []
         for part in torch.utils.data.DataLoader(reader, batch_size=None, num_workers=self.workers,
                                                 collate_fn=_unchanged):
-            if isinstance(part, _Failure):
+            if isinstance(part, WorkerFailure):
                 raise part.error
             parts.append(part)
             if len(parts) == len(self.rank_slots):
