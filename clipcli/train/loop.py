@@ -48,9 +48,10 @@ from .model import (
     with_logit_bias,
 )
 from .optim import build_optimizer, build_scheduler, default_adam
+from .report import METRICS, TENSORBOARD, Reporter, check_report_to
 from .sources import open_source
 
-CHECKPOINT, STATE, METRICS, CONFIG = checkpoints.LAST, checkpoints.STATE, "metrics.jsonl", "config.json"
+CHECKPOINT, STATE = checkpoints.LAST, checkpoints.STATE
 DEFAULT_WARMUP = 100
 
 
@@ -76,7 +77,7 @@ def _prepare_out(cfg: TrainConfig, is_main: bool) -> Path:
             for old in checkpoints.saved(out):
                 old.model.unlink(missing_ok=True)
                 old.state.unlink(missing_ok=True)
-            shutil.rmtree(out / "tensorboard", ignore_errors=True)  # another run's events would mix with this one's
+            shutil.rmtree(out / TENSORBOARD, ignore_errors=True)  # another run's events would mix with this one's
     return out
 
 
@@ -155,7 +156,6 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
            given: set[str] | None) -> Path:
     from ..preprocess import preprocess_for
     from .augment import train_transform
-    from .report import Reporter, check_report_to
     from .step import train_step
 
     main = topology.is_main
@@ -167,7 +167,9 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
         resume_point = checkpoints.resume_point(Path(cfg.out), cfg.resume_from)
         cfg, changed, resume_notes = resume.resumed_config(cfg, given)
         state = torch.load(resume_point.state, map_location="cpu", weights_only=True)
-        resume.check_position(state, resume.data_signature(cfg, topology.world_size))
+    data = resume.data_signature(cfg, topology.world_size)  # what the order of an epoch's batches depends on
+    if state is not None:
+        resume.check_position(state, data)
     check_report_to(cfg.report_to)
     if cfg.accum_freq < 1:
         raise InputError(f"{cfg.accum_freq}: give 1 or more", option="accum_freq")
@@ -215,7 +217,7 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
     if state is not None:
         resume.restore(state, optimizer, scheduler, scaler, cfg, adam)
         step, start_epoch, position = int(state["step"]), int(state["epoch"]), int(state.get("position", 0))
-        resume.set_rng_state(state["rng"] if isinstance(state["rng"], dict) else {"torch": state["rng"]})
+        resume.set_rng_state(state["rng"])
         if main:
             for dropped in checkpoints.drop_after(out, step):
                 notes.append(f"resumed at step {step}: removed the later checkpoint {dropped.name}")
@@ -246,7 +248,7 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
                  "step": step, "epoch": epoch, "position": position, "rng": resume.rng_state(), "data": data}
         checkpoints.save(out, step, lambda path: save_checkpoint(clip, path, {METADATA_KEY: config}), state, cfg.keep)
 
-    data = resume.data_signature(cfg, topology.world_size)
+    val_transform = preprocess_for(config)  # inference's: evaluation measures the model as it will be used
     for epoch in range(start_epoch, cfg.epochs):
         started, seen, group, skipped_before = time.perf_counter(), 0, [], skips.count
         in_epoch = position // cfg.accum_freq  # steps of this epoch already taken
@@ -261,11 +263,10 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
             group.append((images, texts, sizes))
             if len(group) < cfg.accum_freq:
                 continue
-            micro = [m for m in group if sum(m[2])]  # a global batch of nothing but unreadable images adds nothing
             lr = optimizer.param_groups[0]["lr"]  # this step's: the scheduler moves it after the step
             loss = grad_norm = None
-            if micro:
-                loss, grad_norm = train_step(network, clip, micro, loss=cfg.loss, precision=cfg.precision, device=device,
+            if any(sum(sizes) for *_, sizes in group):  # else every image of the step was unreadable: no update
+                loss, grad_norm = train_step(network, clip, group, loss=cfg.loss, precision=cfg.precision, device=device,
                                              world_size=topology.world_size, optimizer=optimizer, scaler=scaler,
                                              grad_clip=cfg.grad_clip, local_loss=cfg.local_loss, step=step)
                 clamp_logit_scale(clip)
@@ -300,7 +301,7 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: torch.devic
         evaluation = {"kind": "eval", "epoch": epoch + 1, "step": step,
                       "samples_per_second": seen / elapsed if elapsed > 0 else 0.0, "skipped_images": skipped}
         if (epoch + 1) % cfg.val_frequency == 0 or last:
-            evaluation.update(_evaluate(clip, cfg, tokenize, preprocess_for(config), device, skips, topology))
+            evaluation.update(_evaluate(clip, cfg, tokenize, val_transform, device, skips, topology))
         if main:
             reporter.write(evaluation)
             say("epoch {} done: {}".format(epoch + 1, ", ".join(

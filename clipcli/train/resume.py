@@ -106,12 +106,12 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict | torch.Tensor) -> None:
+    """The generators as :func:`rng_state` saved them (a run from before saved torch's alone)."""
+    if isinstance(state, torch.Tensor):
+        state = {"torch": state}
     torch.set_rng_state(state["torch"])
     if "python" in state:
         random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ----------------------------------------------------------------------------- the loop
