@@ -118,6 +118,7 @@ class LoadedModel:
     device: "torch.device"
     dtype: "torch.dtype"
     notes: list[str] = field(default_factory=list)  # what was assumed while loading (for stderr)
+    pack_after: int | None = None  # see load_model
 
     @property
     def path(self) -> Path:
@@ -156,6 +157,14 @@ class LoadedModel:
     def embed_dim(self) -> int:
         return self.model.config.embed_dim
 
+    def enable_packing(self) -> None:
+        """On the CPU, let the towers run on packed weights after ``pack_after`` runs (see
+        :func:`load_model`); a tower adopted later is included by calling it again."""
+        if self.device.type == "cpu" and self.pack_after is not None:
+            from .models.packed import enable_packing
+
+            enable_packing(self.model, after=self.pack_after)
+
     def ensure(self, tower: str) -> None:
         """Load ``tower`` now if the model was loaded without it, reading only its weights (a
         ``classify`` whose label embeddings are cached never reads the text tower)."""
@@ -166,6 +175,7 @@ class LoadedModel:
 
         other, _ = load(self.source, self.device, self.dtype, towers=(tower,))
         self.model.adopt_tower(other, tower)
+        self.enable_packing()
         if tower == "image":
             self.preprocess = _preprocess_for(self.model)
 
@@ -173,12 +183,15 @@ class LoadedModel:
 def load_model(name: str, device: str = "auto", precision: str | None = None,
                towers: Sequence[str] = ("image", "text"), threads: int | None = None,
                arch: str | None = None, cache_dir: str | os.PathLike | None = None,
-               feedback: Feedback = SILENT) -> LoadedModel:
+               feedback: Feedback = SILENT, pack_after: int | None = 1) -> LoadedModel:
     """Resolve a model name, folder or checkpoint (see :mod:`clipcli.loading`) and load it
     with only the ``towers`` the run needs (``encode`` of images never reads the text
     tower's weights). ``threads`` sets torch's CPU threads for this process (default:
     torch's choice, one per core); a download goes to ``cache_dir`` (default: clipcli's cache)
-    and reports to ``feedback``."""
+    and reports to ``feedback``. On the CPU, each tower's blocks run on weights packed for
+    oneDNN once the tower has run ``pack_after`` times (1: when reused, so a one-image run never
+    pays for it; 0: from the start, as a warm server wants; None: never; see
+    :mod:`clipcli.models.packed`)."""
     import torch
 
     from .loading import load, resolve
@@ -193,8 +206,10 @@ def load_model(name: str, device: str = "auto", precision: str | None = None,
     dtype = resolve_dtype(precision, torch_device)
     source = resolve(name, arch=arch, cache_dir=cache_dir, feedback=feedback)
     model, note = load(source, torch_device, dtype, towers)
-    return LoadedModel(model, _preprocess_for(model), str(name), source, torch_device, dtype,
-                       notes=[note] if note else [])
+    loaded = LoadedModel(model, _preprocess_for(model), str(name), source, torch_device, dtype,
+                         notes=[note] if note else [], pack_after=pack_after)
+    loaded.enable_packing()
+    return loaded
 
 
 def _preprocess_for(model) -> Callable | None:

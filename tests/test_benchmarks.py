@@ -48,6 +48,8 @@ def test_harness_end_to_end(bench, tmp_path, tiny_vit_checkpoint):
     plan = {
         "model-reference": dict(task="model", impl="reference", batches="1,2"),
         "model-clipcli": dict(task="model", impl="clipcli", batches="1,2"),
+        "model-open_clip": dict(task="model", impl="open_clip", batches="1,2"),
+        "model-onnxruntime": dict(task="model", impl="onnxruntime", batches="1,2"),
         "text-reference": dict(task="text", impl="reference", prompts=prompts, text_batch=8),
         "text-clipcli": dict(task="text", impl="clipcli", prompts=prompts, text_batch=8),
         "e2e-web-reference": dict(task="e2e", impl="reference", images=images),
@@ -71,14 +73,18 @@ def test_harness_end_to_end(bench, tmp_path, tiny_vit_checkpoint):
 
     assert measurements["cli-web-fp32"]["embeddings_read"] == 3
     summary = bench.summarize(measurements, emb, {"web": (3, 96, 72, 85)})
-    assert set(summary["model_only"]) >= {"fp32/b1", "fp32/b2", "bf16/b1", "bf16/b2"}
+    assert set(summary["model_only"]) >= {"fp32/b1", "fp32/b2", "bf16/b1", "bf16/b2", "fp32/text-b32"}
+    assert all(summary["model_only"]["fp32/b2"][impl] > 0 for impl in bench.MODEL_IMPLS)
+    assert summary["model_only"]["bf16/b2"]["onnxruntime"] is None  # no bfloat16 on its CPU provider
     assert summary["text"]["ratio"] > 0
     agreement = summary["agreement"]
     # clipcli runs the reference's exact preprocessing and maths: fp32 agrees to rounding.
     assert summary["text"]["pipeline_ratio"] > 0
     assert summary["classify"]["same_labels"] and summary["classify"]["labels"] == 3
     assert summary["classify"]["images"] == 3 and summary["classify"]["cached_s"] > 0
-    for key in ("text clipcli vs reference", "text clipcli pipeline vs reference", "model-only clipcli fp32 vs reference fp32",
+    towers = [f"model-only {tower}-tower {impl} fp32 vs reference fp32" for tower in ("image", "text")
+              for impl in ("clipcli", "open_clip", "onnxruntime")]
+    for key in ("text clipcli vs reference", "text clipcli pipeline vs reference", *towers,
                 "e2e-web-clipcli-fp32 vs reference", "cli-web-fp32 vs reference"):
         assert agreement[key]["min"] > 0.99999, key
         assert agreement[key]["n"] >= 3, key
@@ -89,6 +95,7 @@ def test_harness_end_to_end(bench, tmp_path, tiny_vit_checkpoint):
               "measurements": measurements, "environment": bench.environment()}
     table = bench.markdown(report)
     assert "| text, short prompts (prompts/s) |" in table
+    assert "| model-only (images or texts /s) | reference | clipcli | open_clip | onnxruntime | clipcli / reference |" in table
     assert "| text, short prompts, `pipeline.embed_texts` (length-sorted batches) (prompts/s) |" in table
     assert "| web end to end, `clipcli encode` fp32, whole process (images/s) |" in table
     assert "| cli-web-fp32 |" in table  # its peak RSS row

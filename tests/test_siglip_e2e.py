@@ -456,7 +456,11 @@ def test_serve_answers_a_siglip2_index_with_its_probabilities(hub, tmp_path):
     model = "hf-hub:" + REPOS["siglip2"]
     run("index", "photos/", "--db", db, "-m", model, "-q")
     expected = search("a cat", db, "-k", "10")
-    floor = sorted(r["prob"] for r in expected)[1]
+    probs = sorted(r["prob"] for r in expected)
+    # A floor midway in the widest gap: a warm server's later queries run on packed weights
+    # (clipcli.models.packed), equal to about 1e-6, so a floor on a result could go either way.
+    gap = max(range(len(probs) - 1), key=lambda i: probs[i + 1] - probs[i])
+    floor = (probs[gap] + probs[gap + 1]) / 2
     service = Service(Settings(model, db=str(db), load=dict(device="cpu")))
     with TestClient(create_app(service), base_url="http://127.0.0.1") as client:
         assert service.wait(60) and service.status == "ok", service.error

@@ -157,11 +157,15 @@ def _caption_file(name: str) -> list[str]:
 
 
 def load(model: str, arch: Optional[str], device: str, precision: Optional[str], threads: Optional[int],
-         quiet: bool, towers: tuple[str, ...] = ("image", "text"), cache_dir: Optional[str] = None):
+         quiet: bool, towers: tuple[str, ...] = ("image", "text"), cache_dir: Optional[str] = None,
+         pack_after: Optional[int] = 1):
+    """The model, its loading notes said. ``pack_after``: see :func:`clipcli.pipeline.load_model`
+    (the commands that write embeddings pack from the first batch, so that a file's bytes do not
+    depend on which batch of its process it fell in)."""
     from ..pipeline import load_model, slow_precision_note
 
     loaded = load_model(model, device=device, precision=precision, towers=towers, threads=threads, arch=arch,
-                        cache_dir=cache_dir, feedback=download_feedback(quiet))
+                        cache_dir=cache_dir, feedback=download_feedback(quiet), pack_after=pack_after)
     notes = [*loaded.notes, slow_precision_note(loaded.device, loaded.dtype)]
     if not quiet:
         for note in filter(None, notes):

@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import ClipcliError
 from .checkpointing import checkpointed, recomputes
 from .config import _TEXT_PREFIXES, ACTIVATIONS, HEAD_WIDTH, TOWERS, CLIPConfig, tower_of  # noqa: F401 (re-exported)
+from .packed import PackedBlock, Packing
 from .resnet import ModifiedResNet  # noqa: F401 (re-exported)
 
 
@@ -30,13 +31,15 @@ class LayerNorm(nn.LayerNorm):
 
 
 class QuickGELU(nn.Module):
-    """The sigmoid approximation of GELU that CLIP was trained with."""
+    """The sigmoid approximation of GELU that CLIP was trained with: a swish ``x * sigmoid(b x)``, b = 1.702."""
+
+    swish_beta = 1.702
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
-            return x * torch.sigmoid(1.702 * x)
+            return x * torch.sigmoid(self.swish_beta * x)
         # Inference: one new tensor instead of three (the same values, bit for bit).
-        return torch.mul(x, 1.702).sigmoid_().mul_(x)
+        return torch.mul(x, self.swish_beta).sigmoid_().mul_(x)
 
 
 class SelfAttention(nn.Module):
@@ -113,12 +116,20 @@ class ResidualAttentionBlock(nn.Module):
         x = (x if at is None else x[torch.arange(x.shape[0], device=x.device), at][:, None]) + y
         return x + self.mlp(self.ln_2(x))
 
+    def packed(self) -> PackedBlock:
+        """This block's inference forward on weights packed for oneDNN (see :mod:`clipcli.models.packed`)."""
+        attn, mlp = self.attn, self.mlp
+        return PackedBlock(self.ln_1, (attn.in_proj_weight, attn.in_proj_bias), (attn.out_proj.weight, attn.out_proj.bias),
+                           self.ln_2, (mlp.c_fc.weight, mlp.c_fc.bias), (mlp.c_proj.weight, mlp.c_proj.bias), mlp.gelu,
+                           attn.heads)
+
 
 class Transformer(nn.Module):
     """A stack of pre-norm residual blocks over batch-first sequences ``(B, T, width)``
     (LayerNorm ``eps``: CLIP's 1e-5, SigLIP's 1e-6)."""
 
     grad_checkpointing = False  # see recomputes()
+    packing: Packing | None = None  # see clipcli.models.packed.enable_packing
 
     def __init__(self, width: int, layers: int, heads: int, causal: bool = False, mlp_width: int | None = None,
                  activation: str = "quick_gelu", eps: float = 1e-5):
@@ -138,8 +149,12 @@ class Transformer(nn.Module):
             for i, block in enumerate(self.resblocks):
                 x = checkpointed(block, x, self.causal, at if i == last else None)
             return x
+        packed = self.packing.blocks_for(self.resblocks, x) if self.packing is not None else None
         for i, block in enumerate(self.resblocks):
-            x = block(x, causal=self.causal, at=at if i == last else None)
+            if packed is not None and (i < last or at is None):
+                x = packed[i](x, causal=self.causal)
+            else:
+                x = block(x, causal=self.causal, at=at if i == last else None)
         return x
 
 

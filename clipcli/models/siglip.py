@@ -27,6 +27,7 @@ from ..errors import ContextLengthError
 from .checkpointing import checkpointed, recomputes
 from .clip import DualEncoder, LayerNorm, Transformer, activation_module, init_block, readout
 from .config import CLIPConfig
+from .packed import PackedBlock, Packing
 
 EPS = 1e-6  # SigLIP's LayerNorm epsilon (CLIP's is 1e-5)
 
@@ -74,6 +75,13 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
+    def packed(self) -> PackedBlock:
+        """This block's inference forward on weights packed for oneDNN (see :mod:`clipcli.models.packed`)."""
+        attn, mlp = self.attn, self.mlp
+        return PackedBlock(self.norm1, (attn.qkv.weight, attn.qkv.bias), (attn.proj.weight, attn.proj.bias),
+                           self.norm2, (mlp.fc1.weight, mlp.fc1.bias), (mlp.fc2.weight, mlp.fc2.bias), mlp.act,
+                           attn.heads)
+
 
 class PatchEmbed(nn.Module):
     """Non-overlapping patches to tokens: a strided convolution with a bias. A side that is not
@@ -119,6 +127,7 @@ class VisionTrunk(nn.Module):
     (SigLIP has no image projection)."""
 
     grad_checkpointing = False  # see clipcli.models.checkpointing.recomputes
+    packing: Packing | None = None  # see clipcli.models.packed.enable_packing
 
     def __init__(self, resolution: int, patch_size: int, width: int, layers: int, heads: int, mlp_width: int,
                  activation: str):
@@ -132,8 +141,9 @@ class VisionTrunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x) + self.pos_embed.to(x.dtype)  # (B, g*g, width)
-        for block in self.blocks:
-            x = checkpointed(block, x) if recomputes(self) else block(x)
+        packed = self.packing.blocks_for(self.blocks, x) if self.packing is not None else None
+        for i, block in enumerate(self.blocks):
+            x = packed[i](x) if packed is not None else checkpointed(block, x) if recomputes(self) else block(x)
         return self.attn_pool(self.norm(x))  # (B, width)
 
 

@@ -93,7 +93,9 @@ class Service:
         from ..pipeline import load_model
 
         try:
-            loaded = (self._loader or load_model)(self.settings.model, **self.settings.load)
+            # Packed weights from the first request: every answer then comes from the same kernels.
+            load = {"pack_after": 0, **self.settings.load}
+            loaded = (self._loader or load_model)(self.settings.model, **load)
             self.loaded = loaded
             self.settings = replace(self.settings, run=self.settings.run.for_device(loaded.device))
             self.batcher.max_items = self._max_items()
