@@ -148,33 +148,96 @@ def _timed_batches(run, inputs, batch: int, budget: float, minimum: int) -> tupl
     return time.perf_counter() - start, done, outputs
 
 
+MODEL_IMPLS = ("reference", "clipcli", "open_clip", "onnxruntime")
+
+
+def _full_context_tokens(count: int):
+    """``count`` prompts as token ids, one of them filling the whole context: every implementation
+    then runs all 77 positions (clipcli otherwise stops at a batch's last end token)."""
+    import clipcli
+
+    prompts = build_prompts(count - 1) + [" ".join(["photo"] * 100)]
+    return clipcli.tokenize(prompts, truncate=True)
+
+
+def _towers(args, dtype: str) -> dict | None:
+    """One implementation's image and text towers at ``dtype`` (None where it has no such
+    precision): callables on float32 pixels and token ids, its input resolution, and whether
+    it computes under bf16 autocast."""
+    import torch
+
+    if args.impl == "onnxruntime":
+        if dtype != "fp32":  # the CPU execution provider has no bfloat16 kernels for these graphs
+            return None
+        import onnxruntime
+
+        from clipcli.models.onnx_export import OnnxFiles, export_onnx
+
+        model, _ = _load_clipcli(args.checkpoint, "fp32")
+        path = Path(args.emb) / "onnx" / "model.onnx"
+        export_onnx(model, path, overwrite=True)
+        files, res = OnnxFiles.of(path), model.visual.input_resolution
+        del model
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+        sessions = [onnxruntime.InferenceSession(str(f), options, providers=["CPUExecutionProvider"])
+                    for f in (files.visual, files.text)]
+        return {"image": lambda x: torch.from_numpy(sessions[0].run(None, {"pixels": x.numpy()})[0]),
+                "text": lambda t: torch.from_numpy(sessions[1].run(None, {"input_ids": t.numpy()})[0]),
+                "resolution": res, "to": torch.float32, "autocast": False}
+    if args.impl == "reference":
+        _, model, _ = _load_reference(args.checkpoint, dtype)
+    elif args.impl == "open_clip":
+        import open_clip
+
+        model = open_clip.load_openai_model(args.checkpoint, precision="fp32", device="cpu").eval()
+    else:  # as the commands run it: blocks packed for oneDNN once reused (clipcli.pipeline.load_model)
+        from clipcli.models.packed import enable_packing
+
+        model, _ = _load_clipcli(args.checkpoint, dtype)
+        enable_packing(model)
+    # The references' fp32-only LayerNorm rejects bf16 weights on CPU: their bf16 is autocast.
+    ours = args.impl == "clipcli"
+    return {"image": model.encode_image, "text": model.encode_text, "resolution": model.visual.input_resolution,
+            "to": torch.bfloat16 if ours and dtype == "bf16" else torch.float32, "autocast": not ours and dtype == "bf16"}
+
+
 def task_model(args) -> dict:
-    """Model-only image forward: preloaded tensors, batch 1/8/32, fp32 and bf16."""
+    """Model-only forwards on preloaded tensors: the image tower at batch 1/8/32 and the text
+    tower on a full-context batch of 32, fp32 and bf16, for one of :data:`MODEL_IMPLS` (clipcli
+    as the commands run it; onnxruntime on clipcli's own ONNX export)."""
     import numpy as np
     import torch
 
     results = {}
     for dtype in ("fp32", "bf16"):
-        # The reference's fp32-only LayerNorm rejects bf16 weights on CPU; its bf16 is autocast.
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.impl == "reference" and dtype == "bf16")
-        if args.impl == "reference":
-            _, model, _ = _load_reference(args.checkpoint, dtype)
-            to = torch.float32
-        else:
-            model, _ = _load_clipcli(args.checkpoint, dtype)
-            to = torch.bfloat16 if dtype == "bf16" else torch.float32
-        res = model.visual.input_resolution
+        towers = _towers(args, dtype)
+        if towers is None:
+            continue
+        image, text, to = towers["image"], towers["text"], towers["to"]
+        res = towers["resolution"]
         torch.manual_seed(0)
         images = torch.randn(max(args.batches) * 2, 3, res, res)
-        with torch.inference_mode(), autocast:
-            model.encode_image(images[:2].to(to))  # warm up kernels and allocator
+        tokens = _full_context_tokens(32)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=towers["autocast"]):
+            for _ in range(2):  # warm up kernels and allocator (clipcli packs its blocks on the second run)
+                image(images[:2].to(to)), text(tokens[:2])
             for batch in args.batches:
-                seconds, n, out = _timed_batches(lambda x, model=model, to=to: model.encode_image(x.to(to)).float(),
-                                                 images, batch, args.budget, batch * 2)
-                results[f"{dtype}/b{batch}"] = {"images_per_s": n / seconds, "images": n, "seconds": seconds}
-            first = model.encode_image(images[:8].to(to)).float()
+                seconds, n, out = _timed_batches(lambda x, image=image, to=to: image(x.to(to)).float(), images, batch,
+                                                 args.budget, batch * 2)
+                results[f"{dtype}/b{batch}"] = {"per_s": n / seconds, "images": n, "seconds": seconds}
+            first = image(images[:8].to(to)).float()
+            calls, start = 0, time.perf_counter()
+            while calls < 2 or time.perf_counter() - start < args.budget:
+                text(tokens)
+                calls += 1
+            seconds = time.perf_counter() - start
+            results[f"{dtype}/text-b{len(tokens)}"] = {"per_s": calls * len(tokens) / seconds, "batches": calls,
+                                                       "seconds": seconds}
+            texts = text(tokens).float()
         np.save(Path(args.emb) / f"model-{args.impl}-{dtype}.npy", first.numpy())
-        del model
+        np.save(Path(args.emb) / f"model-text-{args.impl}-{dtype}.npy", texts.numpy())
+        del towers, image, text
     return {"results": results}
 
 
@@ -539,7 +602,7 @@ def main(argv: list[str] | None = None) -> dict:
     m = report["measurements"]
 
     plan: list[tuple[str, str, dict]] = []  # (label, key to compare, child options), one round
-    for impl in ("reference", "clipcli") if "model" in only else ():
+    for impl in MODEL_IMPLS if "model" in only else ():
         plan.append((f"model-{impl}", "wall_in_process_s", dict(task="model", impl=impl, budget=budget, batches=batches)))
     for impl in ("reference", "clipcli") if "text" in only else ():
         plan.append((f"text-{impl}", "prompts_per_s", dict(task="text", impl=impl, budget=text_budget, prompts=prompts_file,
@@ -590,9 +653,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _swap_pairs(plan: list) -> list:
-    """The plan with every reference/clipcli neighbour pair swapped."""
+    """The plan with the order reversed within each group of measurements (the model-only
+    implementations; each reference/clipcli neighbour pair)."""
     plan = list(plan)
-    for i in range(0, len(plan) - 1, 2):
+    models = [i for i, (label, _, _) in enumerate(plan) if label.startswith("model-")]
+    if models:
+        plan[models[0] : models[-1] + 1] = plan[models[0] : models[-1] + 1][::-1]
+    for i in range(len(models), len(plan) - 1, 2):
         if "reference" in plan[i][0] and "clipcli" in plan[i + 1][0]:
             plan[i], plan[i + 1] = plan[i + 1], plan[i]
     return plan
@@ -609,17 +676,20 @@ def summarize(m: dict, emb: Path, sets: dict) -> dict:
         return label in m and "failed" not in m[label] and "skipped" not in m[label]
 
     s: dict = {"model_only": {}, "text": {}, "e2e": {}, "agreement": {}, "peak_rss_mb": {}}
-    if ok("model-reference") and ok("model-clipcli"):
-        ref, ours = m["model-reference"]["results"], m["model-clipcli"]["results"]
+    impls = [impl for impl in MODEL_IMPLS if ok(f"model-{impl}")]
+    if "clipcli" in impls:
+        ours = m["model-clipcli"]["results"]
         for key in ours:
-            s["model_only"][key] = {"reference": ref[key]["images_per_s"], "clipcli": ours[key]["images_per_s"],
-                                    "ratio": ours[key]["images_per_s"] / ref[key]["images_per_s"]}
+            s["model_only"][key] = {impl: m[f"model-{impl}"]["results"].get(key, {}).get("per_s") for impl in impls}
         for b in {k.split("/")[1] for k in ours}:
-            s["model_only"][f"clipcli bf16/fp32 {b}"] = ours[f"bf16/{b}"]["images_per_s"] / ours[f"fp32/{b}"]["images_per_s"]
-        for dtype in ("fp32", "bf16"):
-            a, b = load("model-reference-fp32"), load(f"model-clipcli-{dtype}")
-            if a is not None and b is not None:
-                s["agreement"][f"model-only clipcli {dtype} vs reference fp32"] = cosine_stats(a, b)
+            s["model_only"][f"clipcli bf16/fp32 {b}"] = ours[f"bf16/{b}"]["per_s"] / ours[f"fp32/{b}"]["per_s"]
+        for impl in impls:
+            for dtype in ("fp32", "bf16"):
+                for tower in ("", "text-"):
+                    a, b = load(f"model-{tower}reference-fp32"), load(f"model-{tower}{impl}-{dtype}")
+                    if a is not None and b is not None and (impl, dtype) != ("reference", "fp32"):
+                        s["agreement"][f"model-only {tower or 'image-'}tower {impl} {dtype} vs reference fp32"] = \
+                            cosine_stats(a, b)
     if ok("text-reference") and ok("text-clipcli"):
         r, c = m["text-reference"], m["text-clipcli"]
         s["text"] = {"reference": r["prompts_per_s"], "clipcli": c["prompts_per_s"], "ratio": c["prompts_per_s"] / r["prompts_per_s"]}
@@ -687,12 +757,18 @@ def markdown(report: dict) -> str:
              f"best of {report['rounds']} interleaved rounds); {env['cpu']}, {env['cpu_count']} cores, torch threads per process "
              f"{_threads(report)}, flags {' '.join(env['cpu_flags'])}, torch capability {env['torch_cpu_capability']}; "
              + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v), ""]
+    impls = [impl for impl in MODEL_IMPLS if any(isinstance(row, dict) and row.get(impl) for row in s["model_only"].values())]
+    if impls:
+        lines += ["| model-only (images or texts /s) | " + " | ".join(impls)
+                  + " | clipcli / " + " | clipcli / ".join(i for i in impls if i != "clipcli") + " |",
+                  "|---|" + "---:|" * (2 * len(impls) - 1)]
+        for key, row in s["model_only"].items():
+            if isinstance(row, dict):
+                ratios = [_f(row["clipcli"] / row[i], 2) + "x" if row.get(i) else "" for i in impls if i != "clipcli"]
+                lines.append(f"| {key} | " + " | ".join(_f(row.get(i) or "") for i in impls) + " | " + " | ".join(ratios) + " |")
+        speedups = [f"{key.split()[-1]} {_f(row, 2)}x" for key, row in s["model_only"].items() if not isinstance(row, dict)]
+        lines += ["", "clipcli bf16 / clipcli fp32, model-only: " + ", ".join(speedups), ""]
     lines += ["| measurement | reference | clipcli | ratio |", "|---|---:|---:|---:|"]
-    for key, row in s["model_only"].items():
-        if isinstance(row, dict):
-            lines.append(f"| model-only {key} (images/s) | {_f(row['reference'])} | {_f(row['clipcli'])} | {_f(row['ratio'], 2)}x |")
-        else:
-            lines.append(f"| model-only {key} (clipcli bf16 / clipcli fp32) | | | {_f(row, 2)}x |")
     if s["text"]:
         t = s["text"]
         lines.append(f"| text, short prompts (prompts/s) | {_f(t['reference'])} | {_f(t['clipcli'])} | {_f(t['ratio'], 2)}x |")
