@@ -156,7 +156,7 @@ def _full_context_tokens(count: int):
     then runs all 77 positions (clipcli otherwise stops at a batch's last end token)."""
     import clipcli
 
-    prompts = build_prompts(count - 1) + [" ".join(["photo"] * 100)]
+    prompts = build_prompts(count)[: count - 1] + [" ".join(["photo"] * 100)]
     return clipcli.tokenize(prompts, truncate=True)
 
 
@@ -175,6 +175,7 @@ def _towers(args, dtype: str) -> dict | None:
 
         model, _ = _load_clipcli(args.checkpoint, "fp32")
         path = Path(args.emb) / "onnx" / "model.onnx"
+        path.parent.mkdir(parents=True, exist_ok=True)
         export_onnx(model, path, overwrite=True)
         files, res = OnnxFiles.of(path), model.visual.input_resolution
         del model
@@ -198,7 +199,8 @@ def _towers(args, dtype: str) -> dict | None:
         enable_packing(model)
     # The references' fp32-only LayerNorm rejects bf16 weights on CPU: their bf16 is autocast.
     ours = args.impl == "clipcli"
-    return {"image": model.encode_image, "text": model.encode_text, "resolution": model.visual.input_resolution,
+    size = getattr(model.visual, "input_resolution", None) or getattr(model.visual, "image_size", None)
+    return {"image": model.encode_image, "text": model.encode_text, "resolution": size if isinstance(size, int) else size[0],
             "to": torch.bfloat16 if ours and dtype == "bf16" else torch.float32, "autocast": not ours and dtype == "bf16"}
 
 
