@@ -497,6 +497,19 @@ def run_child(out: Path, label: str, threads: int = 0, **options) -> dict:
     return result
 
 
+def run_script(out: Path, script: str, *argv) -> dict:
+    """Another benchmark of this folder as a whole process (it does its own rounds), its JSON
+    report read back from ``DIR/raw`` (``{"failed": ...}`` when it failed)."""
+    result = out / "raw" / f"{Path(script).stem}.json"
+    result.parent.mkdir(parents=True, exist_ok=True)
+    print(f"  {script} {' '.join(map(str, argv))} ...", file=sys.stderr)
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / script), *map(str, argv),
+                           "--out", str(result)], capture_output=True, text=True, cwd=out)
+    if done.returncode != 0:
+        return {"failed": done.stderr.strip()[-2000:]}
+    return json.loads(result.read_text())
+
+
 def _better(old: dict | None, new: dict, key: str) -> dict:
     """Keep the faster of two rounds (a shared machine only ever slows a run down)."""
     if old is None or "failed" in old or "skipped" in old:
@@ -566,7 +579,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="tiny model, few images, short budgets (CI)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out", help="work and results folder")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (best counts); 2, 1 with --smoke")
-    parser.add_argument("--only", default="model,text,e2e,cli,decode,classify", help="comma-separated task groups")
+    parser.add_argument("--only", default="model,text,e2e,cli,decode,classify",
+                        help="comma-separated task groups; also cold (cold_start.py) and search (index.py: 1M "
+                             "and 10M vectors, about 30 GB of files in DIR/index)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (and OMP_NUM_THREADS) for every process; 0: torch's default")
     parser.add_argument("--report-only", action="store_true",
@@ -635,6 +650,17 @@ def main(argv: list[str] | None = None) -> dict:
                 key = "_score"
             m[label] = _better(m.get(label), result, key)
 
+    scripts = {"cold": ("cold_start.py", "--rounds", max(rounds, 3), "--work", out / "cold_start"),
+               "search": ("index.py", "--only", "search,scan", "--work", out / "index",
+                          "--vectors", 20_000 if args.smoke else 1_000_000,
+                          "--scan-vectors", 50_000 if args.smoke else 10_000_000)}
+    for group, (script, *script_args) in scripts.items():
+        if group not in only:
+            continue
+        raw = out / "raw" / f"{Path(script).stem}.json"
+        m[group] = run_script(out, script, *script_args) if not args.report_only else \
+            json.loads(raw.read_text()) if raw.exists() else {"failed": "not run"}
+
     if args.report_only:
         for label, key, _ in plan:
             for raw in sorted((out / "raw").glob(f"{label}-r*.json")):
@@ -667,6 +693,9 @@ def _swap_pairs(plan: list) -> list:
     return plan
 
 
+SCRIPT_GROUPS = ("cold", "search")  # measured by cold_start.py and index.py, which report their own RSS
+
+
 def summarize(m: dict, emb: Path, sets: dict) -> dict:
     import numpy as np
 
@@ -683,7 +712,7 @@ def summarize(m: dict, emb: Path, sets: dict) -> dict:
         ours = m["model-clipcli"]["results"]
         for key in ours:
             s["model_only"][key] = {impl: m[f"model-{impl}"]["results"].get(key, {}).get("per_s") for impl in impls}
-        for b in {k.split("/")[1] for k in ours}:
+        for b in dict.fromkeys(k.split("/")[1] for k in ours):
             s["model_only"][f"clipcli bf16/fp32 {b}"] = ours[f"bf16/{b}"]["per_s"] / ours[f"fp32/{b}"]["per_s"]
         for impl in impls:
             for dtype in ("fp32", "bf16"):
@@ -737,8 +766,18 @@ def summarize(m: dict, emb: Path, sets: dict) -> dict:
     if ok("classify"):
         c = m["classify"]
         s["classify"] = {k: c[k] for k in ("first_s", "cached_s", "same_labels", "labels", "templates", "images")}
+    if ok("cold"):
+        s["cold_start"] = {name: {"best_s": p["wall_s"]["best"], "median_s": p["wall_s"]["median"],
+                                  "beyond_import_torch_s": p["beyond_s"]["import torch"], "peak_rss_mb": p["peak_rss_mb"]}
+                           for name, p in m["cold"]["process"].items()}
+        s["cold_start_steps"] = {name: {step: t["best"] for step, t in steps.items() if isinstance(t, dict)}
+                                 for name, steps in m["cold"].get("steps", {}).items()}
+    if ok("search"):
+        found = m["search"]
+        s["search"] = {part: {k: v for k, v in found[part].items() if not isinstance(v, list)}
+                       for part in ("search", "scan") if part in found}
     for label, res in m.items():
-        if "failed" in res or "skipped" in res:
+        if "failed" in res or "skipped" in res or label in SCRIPT_GROUPS:
             continue
         s["peak_rss_mb"][label] = res.get("child_peak_rss_mb", res.get("peak_rss_mb"))
     return s
@@ -770,6 +809,7 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {key} | " + " | ".join(_f(row.get(i) or "") for i in impls) + " | " + " | ".join(ratios) + " |")
         speedups = [f"{key.split()[-1]} {_f(row, 2)}x" for key, row in s["model_only"].items() if not isinstance(row, dict)]
         lines += ["", "clipcli bf16 / clipcli fp32, model-only: " + ", ".join(speedups), ""]
+    table = len(lines)
     lines += ["| measurement | reference | clipcli | ratio |", "|---|---:|---:|---:|"]
     if s["text"]:
         t = s["text"]
@@ -800,9 +840,31 @@ def markdown(report: dict) -> str:
         lines.append(f"| `clipcli classify`, {c['labels']:,} labels x {c['templates']} templates, {c['images']} images: "
                      f"first run vs label cache (s, whole process) | {_f(c['first_s'])} | {_f(c['cached_s'])} | "
                      f"{_f(c['first_s'] / c['cached_s'], 2)}x{'' if c['same_labels'] else ' (labels differ!)'} |")
+    if len(lines) == table + 2:  # no rows: no table
+        del lines[table:]
     lines += ["", "| agreement (cosine to the reference) | min | mean | max abs diff (unit vectors) |", "|---|---:|---:|---:|"]
     for key, a in s["agreement"].items():
         lines.append(f"| {key} | {a['min']:.6f} | {a['mean']:.6f} | {a['max_abs_diff_unit']:.2e} |")
+    if s.get("cold_start"):
+        lines += ["", "| cold one-image `classify` (whole process) | best (s) | median (s) | best beyond `import torch` (s) "
+                      "| peak RSS (MB) |", "|---|---:|---:|---:|---:|"]
+        for name, c in s["cold_start"].items():
+            lines.append(f"| {name} | {_f(c['best_s'], 2)} | {_f(c['median_s'], 2)} | "
+                         f"{_f(c['beyond_import_torch_s'], 2)} | {_f(c['peak_rss_mb'], 0)} |")
+        for name, steps in s.get("cold_start_steps", {}).items():
+            lines.append(f"\nsteps of {name} (best, s): " + ", ".join(f"{k} {_f(v, 3)}" for k, v in steps.items()))
+    search = s.get("search", {})
+    if search:
+        lines += ["", "| search | vectors | median per query (ms) | same top 10 as float32 | peak RSS (MB) |",
+                  "|---|---:|---:|---|---:|"]
+        if "search" in search:
+            q = search["search"]
+            lines.append(f"| `search()` in process, bfloat16 scan + float32 re-rank | {q['vectors']:,} | "
+                         f"{_f(q['query_ms_median'])} | {q.get('same_top10', '')} | {_f(q.get('search_peak_rss_mb'), 0)} |")
+        if "scan" in search:
+            q = search["scan"]
+            lines.append(f"| top 10 from the memory-mapped cache | {q['vectors']:,} | {_f(q['top10_ms_median'])} | | "
+                         f"{_f(q['peak_rss_mb'], 0)} |")
     lines += ["", "| process | peak RSS (MB) | load average (1 min) before |", "|---|---:|---:|"]
     for key, rss in s["peak_rss_mb"].items():
         lines.append(f"| {key} | {_f(rss, 0)} | {report['measurements'][key].get('load_average_before', ['?'])[0]} |")
