@@ -23,15 +23,13 @@ from .batching import Embedding, embed_images, embed_texts
 from .errors import ClipcliError
 from .feedback import SILENT, Feedback
 from .items import Item
+from .precision import resolve_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch
 
     from .loading import ModelSource
-
-PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
 
 # --------------------------------------------------------------------------- model
 
@@ -72,39 +70,6 @@ def resolve_device(device: str = "auto") -> "torch.device":
     elif resolved.index not in (None, 0):
         raise ClipcliError(f"{device}: there is one CPU device", option="device", fix="one_cpu")
     return resolved
-
-
-def resolve_dtype(precision: str | None, device: "torch.device") -> "torch.dtype":
-    """``fp32``/``fp16``/``bf16``; by default fp16 on CUDA and fp32 elsewhere."""
-    import torch
-
-    if precision is None:
-        precision = "fp16" if device.type == "cuda" else "fp32"
-    if precision not in PRECISIONS:
-        raise ClipcliError(f"{precision!r}: choose {', '.join(PRECISIONS)}", option="precision")
-    return getattr(torch, PRECISIONS[precision])
-
-
-def slow_precision_note(device: "torch.device", dtype: "torch.dtype") -> str | None:
-    """Why fp16/bf16 will be slow on this CPU (no native support: emulated), or None.
-
-    Measured on an AVX2-only EPYC: bf16 ViT-B/32 at 0.11-0.22x the fp32 speed, an fp16
-    matrix product 100x slower than fp32.
-    """
-    import torch
-
-    probes = {torch.bfloat16: ("bf16", "_is_mkldnn_bf16_supported"), torch.float16: ("fp16", "_is_mkldnn_fp16_supported")}
-    if device.type != "cpu" or dtype not in probes:
-        return None
-    name, probe = probes[dtype]
-    try:
-        native = bool(getattr(torch.ops.mkldnn, probe)())
-    except (AttributeError, RuntimeError):  # an older or newer torch without the probe: say nothing
-        return None
-    if native:
-        return None
-    return (f"this CPU has no native {name} arithmetic (AVX512-{name.upper()}/AMX), so {name} precision runs "
-            "emulated and several times slower than fp32; fp32 is the fast choice here")
 
 
 @dataclass
@@ -164,6 +129,14 @@ class LoadedModel:
             from .models.packed import enable_packing
 
             enable_packing(self.model, after=self.pack_after)
+
+    def pack_from_start(self) -> None:
+        """Run on packed weights from the next batch on (where packing is on at all): what writes
+        embeddings (encode, index) calls it, so that a file's bytes never depend on where in its
+        process a batch ran."""
+        if self.pack_after is not None:
+            self.pack_after = 0
+            self.enable_packing()
 
     def ensure(self, tower: str) -> None:
         """Load ``tower`` now if the model was loaded without it, reading only its weights (a

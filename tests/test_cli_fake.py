@@ -61,6 +61,9 @@ class FakeLoaded:
     def ensure(self, tower: str) -> None:
         pass
 
+    def pack_from_start(self) -> None:
+        pass
+
 
 PROMPTS = {f"a photo of a {name}.": vector for name, vector in BASIS.items()} | BASIS
 

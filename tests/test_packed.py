@@ -156,6 +156,9 @@ def test_commands_pack_on_reuse_and_a_server_from_the_start(tiny_vit_checkpoint)
     assert loaded.model.transformer.packing is not None
     embed_texts(loaded, ["a cat"])
     assert loaded.model.transformer.packing.blocks is None  # one run: never packed
+    loaded.pack_from_start()  # what writes embeddings asks (tasks.encode, partitions, the index)
+    embed_texts(loaded, ["a cat"])
+    assert loaded.model.transformer.packing.blocks is not None
     warm = load_model(str(tiny_vit_checkpoint), device="cpu", pack_after=0)
     embed_texts(warm, ["a cat"])
     assert warm.model.transformer.packing.blocks is not None

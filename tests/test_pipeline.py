@@ -175,7 +175,7 @@ def test_texts_are_batched_by_length_and_returned_in_input_order(tiny_vit_checkp
 
 
 def test_slow_precision_is_noted_only_where_it_is_emulated():
-    from clipcli.pipeline import slow_precision_note
+    from clipcli.precision import slow_precision_note
 
     cpu = torch.device("cpu")
     assert slow_precision_note(cpu, torch.float32) is None
@@ -185,6 +185,39 @@ def test_slow_precision_is_noted_only_where_it_is_emulated():
     assert (note is not None) == emulated
     if emulated:
         assert "bf16" in note and "fp32" in note
+
+
+@pytest.mark.parametrize("native", [True, False, None])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(native, monkeypatch):
+    from clipcli import precision
+
+    monkeypatch.setattr(precision, "native_on_cpu", lambda name: native)
+    cpu = torch.device("cpu")
+    assert precision.resolve_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+    assert precision.resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert precision.resolve_dtype(None, cpu) == torch.float32  # the default stays exact
+    with pytest.raises(precision.ClipcliError, match="auto"):
+        precision.resolve_dtype("fp8", cpu)
+
+
+def test_precision_auto_on_the_command_line(tiny_vit_checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from clipcli.cli import app
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (40, 30), (200, 30, 10)).save(image)
+    out = tmp_path / "a.npy"
+    result = CliRunner().invoke(app, ["encode", str(image), "-m", str(tiny_vit_checkpoint), "--device", "cpu",
+                                      "--precision", "AUTO", "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert np.load(out).shape == (1, 32)
+    import typer
+
+    from clipcli.cli.options import fixed_precision_name
+
+    with pytest.raises(typer.BadParameter, match="auto"):  # training's --precision names one
+        fixed_precision_name("auto")
 
 
 def test_threads_sets_torchs_thread_count(tiny_vit_checkpoint):

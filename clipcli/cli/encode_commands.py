@@ -131,7 +131,7 @@ def encode(
             raise InputError("nothing to encode: give images, folders or list files")
         encode_partitioned(inputs, output, lambda text=False: load(model, arch, device, precision, threads, quiet,
                                                                     towers=("image", "text") if text else ("image",),
-                                                                    cache_dir=cache_dir, pack_after=0),
+                                                                    cache_dir=cache_dir),
                            run_options(batch_size, workers, max_pixels, allow_truncated, allow_private, exact_decode, video_interval,
                                        decode_timeout),
                            normalize=not no_normalize, dtype=dtype, partition_size=partition_size, rank=rank,
@@ -152,7 +152,7 @@ def encode(
         texts = read_captions(text, text_file, quiet, old_file_flag=True) if texts_given else None
         items = expand_inputs(inputs, exclude=outputs, video_interval=video_interval) if inputs else None
         loaded = load(model, arch, device, precision, threads, quiet,
-                      towers=("text",) if texts is not None else ("image",), cache_dir=cache_dir, pack_after=0)
+                      towers=("text",) if texts is not None else ("image",), cache_dir=cache_dir)
         stream_writer = None
         if target == "stdout":
             fmt_name = output_format(fmt)

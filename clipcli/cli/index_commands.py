@@ -102,7 +102,7 @@ def _update(index, inputs, model, arch, cache_dir, device, precision, threads, q
             loaded["model"].ensure("image")
         else:
             loaded["model"] = load(model, arch, device, precision, threads, quiet, towers=("image",),
-                                   cache_dir=cache_dir, pack_after=0)
+                                   cache_dir=cache_dir)
         return loaded["model"]
 
     with Reporter(0, "images", quiet) as report:

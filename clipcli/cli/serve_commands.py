@@ -120,7 +120,7 @@ def serve(
 
     def loaded(done: Service) -> None:
         if done.status == "ok":
-            from ..pipeline import slow_precision_note
+            from ..precision import slow_precision_note
 
             for note in filter(None, [*done.loaded.notes, slow_precision_note(done.loaded.device, done.loaded.dtype)]):
                 say(f"note: {hinted(note)}")

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from .app import command
-from .options import DeviceOpt, QuietOpt, precision_name
+from .options import DeviceOpt, QuietOpt, fixed_precision_name
 
 
 class ImageEncoder(str, Enum):
@@ -95,7 +95,7 @@ def train(
     eps: Annotated[Optional[float], typer.Option("--eps", min=0.0, show_default=False, help="Adam epsilon (default 1e-6 for a ViT image tower, else 1e-8).", rich_help_panel=OPT)] = None,
     warmup: Annotated[Optional[int], typer.Option("--warmup", min=0, show_default=False, help="Linear warmup steps before the cosine decay (default 100; a tenth of a shorter run, said).", rich_help_panel=OPT)] = None,
     grad_clip: Annotated[float, typer.Option("--grad-clip", min=0.0, help="Clip the gradient norm (0: off).", rich_help_panel=OPT)] = 1.0,
-    precision: Annotated[str, typer.Option("--precision", parser=precision_name, metavar="fp32|fp16|bf16", help="fp32, bf16 autocast, or fp16 autocast with a gradient scaler.", rich_help_panel=OPT)] = "fp32",
+    precision: Annotated[str, typer.Option("--precision", parser=fixed_precision_name, metavar="fp32|fp16|bf16", help="fp32, bf16 autocast, or fp16 autocast with a gradient scaler.", rich_help_panel=OPT)] = "fp32",
     seed: Annotated[int, typer.Option("--seed", rich_help_panel=OPT)] = 0,
     device: DeviceOpt = "auto",
     workers: Annotated[int, typer.Option("--workers", "-j", min=0, help="Processes decoding images for each rank (0: in the training process). Processes, not the threads of the other commands.")] = 2,

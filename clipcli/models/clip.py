@@ -158,6 +158,19 @@ class Transformer(nn.Module):
         return x
 
 
+def patch_tokens(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv`` (a patch embedding: stride = kernel, no padding) on images ``(B, 3, H, W)`` as one
+    matrix product over the patches: ``(B, gh*gw, width)``. The same sums as the convolution in
+    another order (equal to about 1e-6), several times faster than oneDNN's convolution at
+    small batches. A side that is not a multiple of the patch loses its remainder, as with the
+    convolution."""
+    B, C, H, W = x.shape
+    p = conv.kernel_size[0]
+    gh, gw = H // p, W // p
+    x = x[:, :, : gh * p, : gw * p].reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)  # (B, gh, gw, C, p, p)
+    return F.linear(x.reshape(B, gh * gw, C * p * p), conv.weight.reshape(conv.out_channels, -1), conv.bias)
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int,
                  mlp_width: int | None = None, activation: str = "quick_gelu"):
@@ -174,8 +187,7 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Parameter(torch.empty(width, output_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)  # (B, width, grid, grid)
-        x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, width)
+        x = patch_tokens(x, self.conv1)  # (B, grid*grid, width)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, width)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, grid*grid+1, width)
         x = self.transformer(self.ln_pre(x))

@@ -142,7 +142,7 @@ def enable_packing(model: nn.Module, after: int = 1) -> int:
     once it has run ``after`` times the plain way: 1, the default, packs on reuse, so a single
     call never pays for it; 0 packs on the first call (a warm server, whose answers then never
     change between requests). Returns how many stacks will; none where this torch has no oneDNN.
-    Idempotent: call it again after adopting a tower."""
+    Call it again after adopting a tower, or to change ``after`` (packed blocks are kept)."""
     if not supported():
         return 0
     count = 0
@@ -150,5 +150,6 @@ def enable_packing(model: nn.Module, after: int = 1) -> int:
         if hasattr(module, "packing"):
             if module.packing is None:
                 module.packing = Packing(after)
+            module.packing.after = after
             count += 1
     return count

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import ContextLengthError
 from .checkpointing import checkpointed, recomputes
-from .clip import DualEncoder, LayerNorm, Transformer, activation_module, init_block, readout
+from .clip import DualEncoder, LayerNorm, Transformer, activation_module, init_block, patch_tokens, readout
 from .config import CLIPConfig
 from .packed import PackedBlock, Packing
 
@@ -92,7 +92,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, width, g, g) -> (B, g*g, width)
+        return patch_tokens(x, self.proj)  # (B, g*g, width)
 
 
 class AttentionPool(nn.Module):

@@ -50,8 +50,8 @@ MicroBatch = tuple[torch.Tensor, torch.Tensor, list[int]]  # images, token ids, 
 
 
 def autocast(precision: str, device: torch.device):
-    """Mixed precision by inference's table (:data:`clipcli.pipeline.PRECISIONS`); fp32: off."""
-    from ..pipeline import resolve_dtype
+    """Mixed precision by inference's table (:data:`clipcli.precision.PRECISIONS`); fp32: off."""
+    from ..precision import resolve_dtype
 
     dtype = resolve_dtype(precision, device)
     if dtype == torch.float32:
