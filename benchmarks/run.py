@@ -710,10 +710,14 @@ def summarize(m: dict, emb: Path, sets: dict) -> dict:
     impls = [impl for impl in MODEL_IMPLS if ok(f"model-{impl}")]
     if "clipcli" in impls:
         ours = m["model-clipcli"]["results"]
+        def rate(impl, key):  # raw results from before the text rows call it images_per_s
+            found = m[f"model-{impl}"]["results"].get(key, {})
+            return found.get("per_s", found.get("images_per_s"))
+
         for key in ours:
-            s["model_only"][key] = {impl: m[f"model-{impl}"]["results"].get(key, {}).get("per_s") for impl in impls}
+            s["model_only"][key] = {impl: rate(impl, key) for impl in impls}
         for b in dict.fromkeys(k.split("/")[1] for k in ours):
-            s["model_only"][f"clipcli bf16/fp32 {b}"] = ours[f"bf16/{b}"]["per_s"] / ours[f"fp32/{b}"]["per_s"]
+            s["model_only"][f"clipcli bf16/fp32 {b}"] = rate("clipcli", f"bf16/{b}") / rate("clipcli", f"fp32/{b}")
         for impl in impls:
             for dtype in ("fp32", "bf16"):
                 for tower in ("", "text-"):

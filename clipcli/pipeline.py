@@ -138,6 +138,19 @@ class LoadedModel:
             self.pack_after = 0
             self.enable_packing()
 
+    def warm_up(self) -> None:
+        """Run each loaded tower once on a blank input (packing it, where packing starts at the
+        first run): a warm server's first request then costs what the next ones do."""
+        import torch
+
+        towers = getattr(self.model, "towers", ("image", "text"))
+        if "image" in towers and self.input_resolution:
+            side = self.input_resolution
+            with torch.inference_mode():
+                self.model.encode_image(torch.zeros(1, 3, side, side, dtype=self.dtype, device=self.device))
+        if "text" in towers:
+            embed_texts(self, [""])
+
     def ensure(self, tower: str) -> None:
         """Load ``tower`` now if the model was loaded without it, reading only its weights (a
         ``classify`` whose label embeddings are cached never reads the text tower)."""

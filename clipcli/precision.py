@@ -3,6 +3,7 @@ computes bf16/fp16 natively or by emulation. No model code here."""
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from .errors import ClipcliError
@@ -16,8 +17,8 @@ PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 def resolve_dtype(precision: str | None, device: "torch.device") -> "torch.dtype":
     """``fp32``/``fp16``/``bf16``, or ``auto``: the fast one that computes natively here (fp16 on
     CUDA; bf16 on a CPU with AVX512-BF16 or AMX, fp32 on other CPUs). By default fp16 on CUDA
-    and fp32 on the CPU, whose results equal the reference's (BENCHMARKS.md: bf16 is 3.6x
-    faster on an AMX Xeon, at a cosine of about 0.9999 to fp32)."""
+    and fp32 on the CPU, whose results equal the reference's (BENCHMARKS.md: bf16 is about 3.2x
+    faster on an AMX Xeon at batch 32, at a cosine of about 0.9999 to fp32)."""
     import torch
 
     if precision == "auto":
@@ -29,15 +30,18 @@ def resolve_dtype(precision: str | None, device: "torch.device") -> "torch.dtype
     return getattr(torch, PRECISIONS[precision])
 
 
+@functools.cache
 def native_on_cpu(precision: str) -> bool | None:
-    """Whether this CPU computes ``bf16``/``fp16`` natively (oneDNN's probe: AVX512-BF16/-FP16 or
-    AMX) rather than by emulation; None where this torch cannot say."""
+    """Whether this CPU computes ``bf16`` (AVX512-BF16 or AMX) or ``fp16`` (AVX512-FP16 or AMX-FP16,
+    oneDNN's probe) natively rather than by emulation; None where this torch cannot say.
+    (oneDNN's own bf16 probe says yes to any AVX-512 CPU, which emulates bf16.)"""
     import torch
 
-    probe = {"bf16": "_is_mkldnn_bf16_supported", "fp16": "_is_mkldnn_fp16_supported"}[precision]
     try:
-        return bool(getattr(torch.ops.mkldnn, probe)())
-    except (AttributeError, RuntimeError):  # an older or newer torch without the probe
+        if precision == "bf16":
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):  # an older or newer torch without the probes
         return None
 
 

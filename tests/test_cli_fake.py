@@ -64,6 +64,9 @@ class FakeLoaded:
     def pack_from_start(self) -> None:
         pass
 
+    def warm_up(self) -> None:
+        pass
+
 
 PROMPTS = {f"a photo of a {name}.": vector for name, vector in BASIS.items()} | BASIS
 

@@ -98,8 +98,44 @@ def test_changed_weights_are_never_served_from_stale_packs(pair):
         assert model.visual.transformer.packing.blocks is None
         assert _max_diff(model.encode_image(x), expected) <= TOLERANCE  # repacked from the new weights
         assert model.visual.transformer.packing.blocks is not None
-    model.load_state_dict(plain.state_dict())  # a reload (copy_) is a change too
-    assert not all(block.fresh for block in model.visual.transformer.packing.blocks)
+    stack = model.visual.transformer
+    model.load_state_dict(plain.state_dict())  # a reload, copied or assigned, is a change too
+    assert not all(p.fresh(b.parts()) for p, b in zip(stack.packing.blocks, stack.resblocks))
+    with torch.inference_mode():
+        model.encode_image(x), model.encode_image(x)
+    assert all(p.fresh(b.parts()) for p, b in zip(stack.packing.blocks, stack.resblocks))
+    model.load_state_dict({k: v * 2 if k.endswith("c_fc.weight") else v for k, v in plain.state_dict().items()},
+                          assign=True)
+    with torch.inference_mode():
+        assert stack.packing.blocks_for(stack.resblocks, x.new_zeros(1, 5, 64)) is None  # stale: plain again
+
+
+def test_replaced_layers_run_as_they_are(pair):
+    """A quantized Linear is not a plain one: the stack stays plain, before or after packing."""
+    plain, model = pair
+    x = _images(plain.visual.input_resolution)
+    with torch.inference_mode():
+        model.encode_image(x), model.encode_image(x)
+    quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    with torch.inference_mode():
+        quantized.encode_image(x), quantized.encode_image(x)
+        assert quantized.visual.transformer.packing.blocks is None
+    assert model.visual.transformer.packing.blocks is not None  # the original keeps its packs
+
+
+def test_a_packed_model_copies_and_pickles_without_its_packs(pair, tmp_path):
+    import copy
+
+    plain, model = pair
+    x = _images(plain.visual.input_resolution)
+    with torch.inference_mode():
+        model.encode_image(x), model.encode_image(x)
+        twin = copy.deepcopy(model)
+        assert twin.visual.transformer.packing.blocks is None and twin.visual.transformer.packing.after == 1
+        assert _max_diff(twin.encode_image(x), plain.encode_image(x)) <= TOLERANCE
+    torch.save(model, tmp_path / "model.pt")
+    again = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert again.visual.transformer.packing.blocks is None
 
 
 def test_gradients_and_other_dtypes_run_the_plain_forward(pair):
@@ -111,6 +147,8 @@ def test_gradients_and_other_dtypes_run_the_plain_forward(pair):
     assert out.requires_grad and torch.equal(out, plain.encode_image(x))
     out.sum().backward()
     assert model.visual.transformer.resblocks[0].mlp.c_fc.weight.grad is not None
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # float32 packs, bfloat16 inputs
+        assert _max_diff(model.encode_image(x), plain.encode_image(x)) == 0
     model.double(), plain.double()
     with torch.inference_mode():
         assert torch.equal(model.encode_image(x.double()), plain.encode_image(x.double()))
@@ -123,11 +161,11 @@ def test_bfloat16_packs_only_where_the_cpu_computes_it(pair, monkeypatch):
         exact = plain.encode_image(x, normalize=True)  # float32
     plain.bfloat16(), model.bfloat16()
     x = x.bfloat16()
-    monkeypatch.setattr(packed, "_native_bf16", lambda: False)
+    monkeypatch.setattr(packed, "native_on_cpu", lambda name: False)
     with torch.inference_mode():
         model.encode_image(x), model.encode_image(x)
     assert model.visual.transformer.packing.blocks is None
-    monkeypatch.setattr(packed, "_native_bf16", lambda: True)
+    monkeypatch.setattr(packed, "native_on_cpu", lambda name: True)
     with torch.inference_mode():
         model.encode_image(x), model.encode_image(x)
         ours, theirs = model.encode_image(x).float(), plain.encode_image(x).float()
@@ -141,8 +179,35 @@ def test_bfloat16_packs_only_where_the_cpu_computes_it(pair, monkeypatch):
 
 def test_without_onednn_nothing_is_enabled(tiny_vit_checkpoint, monkeypatch):
     model, _ = clipcli.load(tiny_vit_checkpoint, device="cpu")
-    monkeypatch.setattr(packed, "supported", lambda: False)
+    monkeypatch.setattr(packed, "_probe", lambda: False)  # a build whose packed products fail
     assert enable_packing(model) == 0 and _stacks(model) == []
+    monkeypatch.undo()
+    with torch.backends.mkldnn.flags(enabled=False):  # switched off by the user
+        assert enable_packing(model) == 0
+
+
+def test_a_stack_that_fails_to_pack_stays_plain(pair, monkeypatch):
+    plain, model = pair
+    x = _images(plain.visual.input_resolution)
+
+    def refuse(weight):
+        raise RuntimeError("could not create a primitive")
+
+    monkeypatch.setattr(packed, "_reorder", refuse)
+    with torch.inference_mode():
+        model.encode_image(x)
+        assert torch.equal(model.encode_image(x), plain.encode_image(x))
+    assert model.visual.transformer.packing.failed
+
+
+def test_siglips_text_tower_packs_all_but_its_read_out_block(tmp_path):
+    model, _ = clipcli.load(save_transformers(siglip_model(seed=5), tmp_path / "siglip"), device="cpu")
+    enable_packing(model, after=0)
+    tokens = torch.randint(1, 100, (2, model.context_length), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        model.encode_text(tokens)
+    stack = model.text.transformer
+    assert len(stack.packing.blocks) == len(stack.resblocks) - 1
 
 
 def test_commands_pack_on_reuse_and_a_server_from_the_start(tiny_vit_checkpoint):
@@ -160,6 +225,7 @@ def test_commands_pack_on_reuse_and_a_server_from_the_start(tiny_vit_checkpoint)
     embed_texts(loaded, ["a cat"])
     assert loaded.model.transformer.packing.blocks is not None
     warm = load_model(str(tiny_vit_checkpoint), device="cpu", pack_after=0)
-    embed_texts(warm, ["a cat"])
+    warm.warm_up()  # as the server does before its first request
     assert warm.model.transformer.packing.blocks is not None
+    assert warm.model.visual.transformer.packing.blocks is not None
     assert load_model(str(tiny_vit_checkpoint), device="cpu", pack_after=None).model.transformer.packing is None

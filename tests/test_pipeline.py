@@ -180,7 +180,7 @@ def test_slow_precision_is_noted_only_where_it_is_emulated():
     cpu = torch.device("cpu")
     assert slow_precision_note(cpu, torch.float32) is None
     assert slow_precision_note(torch.device("cuda"), torch.bfloat16) is None
-    emulated = not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    emulated = not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     note = slow_precision_note(cpu, torch.bfloat16)
     assert (note is not None) == emulated
     if emulated:

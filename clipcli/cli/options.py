@@ -41,7 +41,7 @@ def number_type(value: str) -> str:
 
 
 def fixed_precision_name(value: str) -> str:
-    """``float16``/``fp16`` -> ``fp16``: the precision names of :mod:`clipcli.pipeline`."""
+    """``float16``/``fp16`` -> ``fp16``: the precision names of :mod:`clipcli.precision`."""
     return SHORT[number_type(value)]
 
 
@@ -83,7 +83,7 @@ PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", parser=preci
                                                     help="Number type the model computes in (float32, float16, "
                                                          "bfloat16 also accepted). Default: fp16 on CUDA, fp32 on "
                                                          "CPU (equal to the reference). auto: fp16 on CUDA, bf16 on a "
-                                                         "CPU with AVX512-BF16 or AMX (several times faster, cosine "
+                                                         "CPU with AVX512-BF16 or AMX (about 3x faster, cosine "
                                                          "about 0.9999 to fp32), else fp32.")]
 FormatOpt = Annotated[Optional[Format], typer.Option("--format", "-f", help="Default: table on a terminal, jsonl in a pipe.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for the model (default: one per core). On a busy or shared machine, fewer threads can be much faster.")]

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ClipcliError
+from .attention import attend
 from .checkpointing import checkpointed, recomputes
 from .config import _TEXT_PREFIXES, ACTIVATIONS, HEAD_WIDTH, TOWERS, CLIPConfig, tower_of  # noqa: F401 (re-exported)
-from .packed import PackedBlock, Packing
+from .packed import Packing, Parts, linear_weights
 from .resnet import ModifiedResNet  # noqa: F401 (re-exported)
 
 
@@ -55,16 +56,12 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, causal: bool = False, at: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, T, C)`` -> ``(B, T, C)``; with ``at`` ``(B,)`` (bidirectional only), each row's
         output at that one position ``(B, 1, C)``: the other queries are never computed."""
-        B, T, C = x.shape
         if at is not None:
             if causal:
                 raise ValueError("one position's output is computed for bidirectional attention only")
             return self._at(x, at)
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3C)
-        qkv = qkv.view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
-        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.out_proj(y)
+        return self.out_proj(attend(qkv, self.heads, causal))
 
     def _at(self, x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -116,12 +113,14 @@ class ResidualAttentionBlock(nn.Module):
         x = (x if at is None else x[torch.arange(x.shape[0], device=x.device), at][:, None]) + y
         return x + self.mlp(self.ln_2(x))
 
-    def packed(self) -> PackedBlock:
-        """This block's inference forward on weights packed for oneDNN (see :mod:`clipcli.models.packed`)."""
+    def parts(self) -> Parts | None:
+        """What :mod:`clipcli.models.packed` runs this block from (None: it runs as it is)."""
         attn, mlp = self.attn, self.mlp
-        return PackedBlock(self.ln_1, (attn.in_proj_weight, attn.in_proj_bias), (attn.out_proj.weight, attn.out_proj.bias),
-                           self.ln_2, (mlp.c_fc.weight, mlp.c_fc.bias), (mlp.c_proj.weight, mlp.c_proj.bias), mlp.gelu,
-                           attn.heads)
+        linears = [linear_weights(layer) for layer in (attn.out_proj, mlp.c_fc, mlp.c_proj)]
+        if None in linears or not attn.in_proj_weight.is_floating_point():
+            return None
+        return Parts(self.ln_1, (attn.in_proj_weight, attn.in_proj_bias), linears[0], self.ln_2, linears[1],
+                     linears[2], mlp.gelu, attn.heads)
 
 
 class Transformer(nn.Module):
@@ -149,7 +148,9 @@ class Transformer(nn.Module):
             for i, block in enumerate(self.resblocks):
                 x = checkpointed(block, x, self.causal, at if i == last else None)
             return x
-        packed = self.packing.blocks_for(self.resblocks, x) if self.packing is not None else None
+        # With ``at``, the last block computes one position and stays plain: it is not packed.
+        packing = self.packing
+        packed = packing.blocks_for(self.resblocks[:last] if at is not None else self.resblocks, x) if packing is not None else None
         for i, block in enumerate(self.resblocks):
             if packed is not None and (i < last or at is None):
                 x = packed[i](x, causal=self.causal)

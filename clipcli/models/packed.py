@@ -1,4 +1,5 @@
-"""Transformer blocks on weights laid out once for oneDNN: float32 inference on the CPU.
+"""Transformer blocks on weights laid out once for oneDNN: CPU inference in float32, and in
+bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX).
 
 A ``Linear`` layer hands its weight to the matrix-product library on every call, and at the
 row counts of one to a few images (50 tokens per ViT-B/32 image) re-laying it out costs about
@@ -6,49 +7,97 @@ as much as the product itself. Here each block's four weight matrices are reorde
 oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``: a lossless permutation of
 the same values, as large as the weights), and the block's inference forward runs on them with
 the elementwise work fused into the products: the activation (GELU, its tanh form, and
-QuickGELU as a swish on weights scaled by 1.702) and both residual additions.
+QuickGELU as a swish on weights scaled by 1.702, in float32) and both residual additions.
 
-Measured on a 2-core Xeon (BENCHMARKS.md): the ViT-B/32 image tower 1.3x faster at batch 1,
-1.15x at 8, 1.08x at 32; results equal the plain path to about 1e-6 (a different summation
-order, and QuickGELU's scale moved into the weights).
+Measured on a 2-core Xeon with AMX (BENCHMARKS.md, the same process alternating the two
+paths): the ViT-B/32 image tower 1.23x/1.14x/1.09x faster at batch 1/8/32 in float32,
+1.34x/1.21x/1.18x in bfloat16; results equal the plain path to about 1e-6 (a different
+summation order, and QuickGELU's scale moved into the weights).
 
-:func:`enable_packing` switches it on for a model's stacks of blocks: by default each one packs
-its blocks the second time it runs without gradients on float32 CPU inputs (so a one-image
-command never pays for it, in time or memory: the packed copies double the blocks' weights). A packed block falls
-back to the plain forward whenever its weights have changed since (training, ``load_state_dict``,
-a dtype or device move), gradients are on, or the input is not float32 on the CPU.
+:func:`enable_packing` switches it on for a model's stacks of blocks, each packed once it has
+run a given number of times the plain way (so a one-image command never pays for it, in time
+or in memory: the packed copies double the blocks' weights). A stack runs its plain forward
+whenever packing does not apply: gradients on, autocast, tracing or compiling, an input of
+another dtype or device, a block that is not made of plain ``Linear`` layers (a quantized one),
+and whenever a block's live weights are no longer the tensors it was packed from at the same
+versions (an optimiser step, ``load_state_dict`` copied or assigned, a dtype or device move, a
+replaced layer); it packs again once reused. Changes made through ``.data`` bypass torch's
+version counters and are not seen: call :func:`enable_packing` again after them.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+import threading
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..precision import native_on_cpu
+from .attention import attend
+
+Weights = tuple[torch.Tensor, "torch.Tensor | None"]  # a linear map's (weight, bias)
+
+
+class Parts(NamedTuple):
+    """A pre-norm block ``x + out(attend(qkv(ln1(x))))``, then ``x + proj(act(fc(ln2(x))))``, by its
+    parts: CLIP's (``in_proj``, ``out_proj``, ``c_fc``, ``c_proj``) and timm's (``qkv``, ``proj``,
+    ``fc1``, ``fc2``) names map to the same four products."""
+
+    ln1: nn.Module
+    qkv: Weights
+    out: Weights
+    ln2: nn.Module
+    fc: Weights
+    proj: Weights
+    activation: nn.Module
+    heads: int
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for pair in (self.qkv, self.out, self.fc, self.proj) for t in pair if t is not None]
+
+
+def linear_weights(layer: nn.Module) -> Weights | None:
+    """A plain ``nn.Linear``'s floating-point (weight, bias); None for anything else (a quantized
+    or wrapped layer runs as it is)."""
+    if type(layer) is not nn.Linear or not layer.weight.is_floating_point():
+        return None
+    return layer.weight, layer.bias
+
 
 def supported() -> bool:
-    """Whether this torch build has oneDNN's packed linear operators."""
-    try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    except (AttributeError, RuntimeError):
-        return False
+    """Whether oneDNN's packed products run in this torch (and are not switched off)."""
+    return torch.backends.mkldnn.enabled and _probe()
 
 
 @functools.cache
-def _native_bf16() -> bool:
-    """Whether oneDNN computes bfloat16 natively here (AVX512-BF16 or AMX), not by emulation."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def applies(x: torch.Tensor) -> bool:
-    """Whether packed weights serve this input: float32 (or bfloat16 where the CPU computes it
-    natively) on the CPU, without gradients."""
-    if x.device.type != "cpu" or torch.is_grad_enabled():
+def _probe() -> bool:
+    """One tiny packed product with each post-op used here, against ``F.linear``: False where
+    any is missing or wrong in this build (then every stack stays plain)."""
+    try:
+        generator = torch.Generator().manual_seed(0)
+        x, w, b, r = (torch.randn(shape, generator=generator) for shape in ((3, 8), (16, 8), (16,), (3, 16)))
+        linear, packed, z = torch.ops.mkldnn._linear_pointwise, _reorder(w), F.linear(x, w, b)
+        pairs = [(linear(x, packed, b, "none", [], ""), z), (linear(x, packed, b, "swish", [], ""), F.silu(z)),
+                 (linear(x, packed, b, "gelu", [], "none"), F.gelu(z)),
+                 (linear(x, packed, b, "gelu", [], "tanh"), F.gelu(z, approximate="tanh")),
+                 (linear.binary(x, r, packed, b, "add"), z + r)]
+        return torch.backends.mkldnn.is_available() and all(torch.allclose(a, e, atol=1e-4) for a, e in pairs)
+    except (AttributeError, RuntimeError, NotImplementedError):
         return False
-    return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _native_bf16())
+
+
+def applies(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether weights of ``dtype`` packed for oneDNN serve the input ``x``: both float32, or both
+    bfloat16 on a CPU that computes it natively; on the CPU; no gradients, autocast, tracing or
+    compiling."""
+    if x.device.type != "cpu" or x.dtype != dtype or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+        return False
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and bool(native_on_cpu("bf16")))
 
 
 def _reorder(weight: torch.Tensor) -> torch.Tensor:
@@ -59,7 +108,7 @@ def _activation(module: nn.Module, dtype: torch.dtype) -> tuple[str, str, float]
     """oneDNN's post-op for an activation module, as (name, algorithm, scale of the weights
     before it); None where it runs apart (unknown, or a swish in bfloat16, whose weights would
     lose bits to the scale)."""
-    if isinstance(module, nn.GELU):
+    if type(module) is nn.GELU:
         return "gelu", module.approximate, 1.0
     beta = getattr(module, "swish_beta", None)  # x * sigmoid(b x) = swish(b x) / b: b moves into the weights
     if beta is not None and dtype == torch.float32:
@@ -68,88 +117,98 @@ def _activation(module: nn.Module, dtype: torch.dtype) -> tuple[str, str, float]
 
 
 class PackedBlock:
-    """One pre-norm block ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``, on packed weights.
+    """One block's inference forward on packed weights, with what it was packed from."""
 
-    Built from the block's parts, so CLIP's (``in_proj``, ``out_proj``, ``c_fc``, ``c_proj``)
-    and timm's (``qkv``, ``proj``, ``fc1``, ``fc2``) names map to the same four products."""
-
-    def __init__(self, ln1: nn.Module, qkv: tuple, out: tuple, ln2: nn.Module, fc: tuple, proj: tuple,
-                 activation: nn.Module, heads: int):
-        self.ln1, self.ln2, self.heads = ln1, ln2, heads
-        fused = _activation(activation, fc[0].dtype)
-        self.activation = None if fused else activation
+    def __init__(self, parts: Parts):
+        self.parts, self.versions = parts, [t._version for t in parts.tensors()]
+        fused = _activation(parts.activation, parts.fc[0].dtype)
+        self.activation = None if fused else parts.activation  # run apart, between the products
         self.post, self.algorithm, scale = fused or ("none", "", 1.0)
-        self.sources = [w for w, _ in (qkv, out, fc, proj)] + [b for _, b in (qkv, out, fc, proj) if b is not None]
-        self.stamp = self._stamp()
         with torch.no_grad():
-            self.qkv, self.qkv_bias = _reorder(qkv[0]), qkv[1]
-            self.out, self.out_bias = _reorder(out[0]), out[1]
-            self.fc = _reorder(fc[0] * scale) if scale != 1.0 else _reorder(fc[0])
-            self.fc_bias = fc[1] * scale if scale != 1.0 and fc[1] is not None else fc[1]
-            self.proj = _reorder(proj[0] / scale) if scale != 1.0 else _reorder(proj[0])
-            self.proj_bias = proj[1]
+            (fc, fc_bias), (proj, _) = parts.fc, parts.proj
+            self.qkv, self.out = _reorder(parts.qkv[0]), _reorder(parts.out[0])
+            self.fc = _reorder(fc * scale if scale != 1.0 else fc)
+            self.fc_bias = fc_bias * scale if scale != 1.0 and fc_bias is not None else fc_bias
+            self.proj = _reorder(proj / scale if scale != 1.0 else proj)
 
-    def _stamp(self) -> list[tuple]:
-        return [(t._version, t.data_ptr(), t.dtype, t.device) for t in self.sources]
-
-    @property
-    def fresh(self) -> bool:
-        """Whether the weights are those that were packed (not trained, reloaded or moved since)."""
-        return self._stamp() == self.stamp
+    def fresh(self, live: Parts | None) -> bool:
+        """Whether ``live`` (the block's parts now) are what this was packed from, unchanged."""
+        p = self.parts
+        if live is None or live.heads != p.heads:
+            return False
+        if live.ln1 is not p.ln1 or live.ln2 is not p.ln2 or live.activation is not p.activation:
+            return False
+        tensors = live.tensors()
+        return len(tensors) == len(self.versions) and all(
+            a is b and a._version == v for a, b, v in zip(tensors, p.tensors(), self.versions))
 
     def __call__(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         linear = torch.ops.mkldnn._linear_pointwise
-        B, T, C = x.shape
-        qkv = linear(self.ln1(x), self.qkv, self.qkv_bias, "none", [], "")  # (B, T, 3C)
-        qkv = qkv.view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
-        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        x = linear.binary(y, x, self.out, self.out_bias, "add")  # x + out(y)
-        h = linear(self.ln2(x), self.fc, self.fc_bias, self.post, [], self.algorithm)  # (B, T, hidden)
+        p = self.parts
+        qkv = linear(p.ln1(x), self.qkv, p.qkv[1], "none", [], "")  # (B, T, 3C)
+        x = linear.binary(attend(qkv, p.heads, causal), x, self.out, p.out[1], "add")  # x + out(attention)
+        h = linear(p.ln2(x), self.fc, self.fc_bias, self.post, [], self.algorithm)  # (B, T, hidden)
         if self.activation is not None:
             h = self.activation(h)
-        return linear.binary(h, x, self.proj, self.proj_bias, "add")  # x + proj(h)
+        return linear.binary(h, x, self.proj, p.proj[1], "add")  # x + proj(h)
 
 
 class Packing:
-    """The packing state of one stack of blocks: waiting for its second run, or its packed blocks."""
+    """One stack of blocks' packing: the plain runs so far, and its packed blocks once made."""
 
     def __init__(self, after: int = 1):
         self.after = after  # plain runs before packing
         self.runs = 0
         self.blocks: list[PackedBlock] | None = None
+        self.failed = False  # this build's oneDNN refused to pack: plain for good
+        self._lock = threading.Lock()
 
     def blocks_for(self, blocks: Sequence[nn.Module], x: torch.Tensor) -> list[PackedBlock] | None:
-        """The packed forms of ``blocks`` (each block's ``packed()``) to run ``x`` through, made
-        once ``after`` eligible runs went the plain way (again after the weights change); None
-        where the plain forward must run."""
-        if not applies(x):
+        """The packed forms of ``blocks`` (each has ``parts()``) to run ``x`` through, made once
+        ``after`` eligible runs went the plain way, and again when the weights changed since;
+        None where the plain forward must run."""
+        if self.failed or not blocks:
             return None
-        if self.blocks is not None:
-            if all(block.fresh for block in self.blocks):
-                return self.blocks
-            self.blocks = None  # stale: the plain forward until the new weights are reused
-        if self.runs < self.after:
-            self.runs += 1
+        parts = [block.parts() for block in blocks]
+        if any(p is None for p in parts) or not applies(x, parts[0].qkv[0].dtype):
             return None
-        self.runs = 0
-        self.blocks = [block.packed() for block in blocks]
-        return self.blocks
+        packed = self.blocks
+        if packed is not None and len(packed) == len(parts) and all(b.fresh(p) for b, p in zip(packed, parts)):
+            return packed
+        with self._lock:  # one thread packs; another that waited finds it done
+            packed = self.blocks
+            if packed is not None and len(packed) == len(parts) and all(b.fresh(p) for b, p in zip(packed, parts)):
+                return packed
+            self.blocks = None  # stale or never made: freed before any new copy is made
+            if self.runs < self.after:
+                self.runs += 1
+                return None
+            try:
+                self.blocks = [PackedBlock(p) for p in parts]
+            except (RuntimeError, NotImplementedError):
+                self.failed = True
+                return None
+            self.runs = 0
+            return self.blocks
+
+    def __getstate__(self) -> dict:  # copies and pickles carry the policy, not oneDNN's opaque tensors
+        return {"after": self.after}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["after"])
 
 
 def enable_packing(model: nn.Module, after: int = 1) -> int:
     """Let every stack of blocks in ``model`` (a module with a ``packing`` attribute) pack them
     once it has run ``after`` times the plain way: 1, the default, packs on reuse, so a single
-    call never pays for it; 0 packs on the first call (a warm server, whose answers then never
-    change between requests). Returns how many stacks will; none where this torch has no oneDNN.
-    Call it again after adopting a tower, or to change ``after`` (packed blocks are kept)."""
+    call never pays for it; 0 packs on the first call. Returns how many stacks will; none where
+    this torch has no working oneDNN. Call it again after adopting a tower, to change ``after``,
+    or after changing weights through ``.data`` (the packed blocks are dropped)."""
     if not supported():
         return 0
     count = 0
     for module in model.modules():
         if hasattr(module, "packing"):
-            if module.packing is None:
-                module.packing = Packing(after)
-            module.packing.after = after
+            module.packing = Packing(after)
             count += 1
     return count

@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ContextLengthError
+from .attention import attend
 from .checkpointing import checkpointed, recomputes
 from .clip import DualEncoder, LayerNorm, Transformer, activation_module, init_block, patch_tokens, readout
 from .config import CLIPConfig
-from .packed import PackedBlock, Packing
+from .packed import Packing, Parts, linear_weights
 
 EPS = 1e-6  # SigLIP's LayerNorm epsilon (CLIP's is 1e-5)
 
@@ -42,10 +43,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
-        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, nh, T, hs)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+        return self.proj(attend(self.qkv(x), self.heads))  # (B, T, C)
 
 
 class Mlp(nn.Module):
@@ -75,12 +73,13 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
-    def packed(self) -> PackedBlock:
-        """This block's inference forward on weights packed for oneDNN (see :mod:`clipcli.models.packed`)."""
+    def parts(self) -> Parts | None:
+        """What :mod:`clipcli.models.packed` runs this block from (None: it runs as it is)."""
         attn, mlp = self.attn, self.mlp
-        return PackedBlock(self.norm1, (attn.qkv.weight, attn.qkv.bias), (attn.proj.weight, attn.proj.bias),
-                           self.norm2, (mlp.fc1.weight, mlp.fc1.bias), (mlp.fc2.weight, mlp.fc2.bias), mlp.act,
-                           attn.heads)
+        linears = [linear_weights(layer) for layer in (attn.qkv, attn.proj, mlp.fc1, mlp.fc2)]
+        if None in linears:
+            return None
+        return Parts(self.norm1, linears[0], linears[1], self.norm2, linears[2], linears[3], mlp.act, attn.heads)
 
 
 class PatchEmbed(nn.Module):
@@ -143,7 +142,10 @@ class VisionTrunk(nn.Module):
         x = self.patch_embed(x) + self.pos_embed.to(x.dtype)  # (B, g*g, width)
         packed = self.packing.blocks_for(self.blocks, x) if self.packing is not None else None
         for i, block in enumerate(self.blocks):
-            x = packed[i](x) if packed is not None else checkpointed(block, x) if recomputes(self) else block(x)
+            if packed is not None:
+                x = packed[i](x)
+            else:
+                x = checkpointed(block, x) if recomputes(self) else block(x)
         return self.attn_pool(self.norm(x))  # (B, width)
 
 

@@ -93,9 +93,11 @@ class Service:
         from ..pipeline import load_model
 
         try:
-            # Packed weights from the first request: every answer then comes from the same kernels.
+            # Packed weights from the start, made by a warm-up run before the first request: every
+            # answer then comes from the same kernels, none pays for the packing.
             load = {"pack_after": 0, **self.settings.load}
             loaded = (self._loader or load_model)(self.settings.model, **load)
+            loaded.warm_up()
             self.loaded = loaded
             self.settings = replace(self.settings, run=self.settings.run.for_device(loaded.device))
             self.batcher.max_items = self._max_items()
