@@ -130,13 +130,15 @@ class LoadedModel:
 
             enable_packing(self.model, after=self.pack_after)
 
-    def pack_from_start(self) -> None:
-        """Run on packed weights from the next batch on (where packing is on at all): what writes
-        embeddings (encode, index) calls it, so that a file's bytes never depend on where in its
-        process a batch ran."""
-        if self.pack_after is not None:
-            self.pack_after = 0
-            self.enable_packing()
+    def unpacked(self) -> None:
+        """Run the plain forward from now on, packed weights dropped. What writes embeddings in
+        bulk (encode, index) calls it: at its batches of 32, packing saved at most 5-9% of the
+        model's time and nothing measurable end to end, for 31% more memory (BENCHMARKS.md),
+        and a file's bytes then never depend on where in its process a batch ran."""
+        self.pack_after = None
+        from .models.packed import disable_packing
+
+        disable_packing(self.model)
 
     def warm_up(self) -> None:
         """Run each loaded tower once on a blank input (packing it, where packing starts at the

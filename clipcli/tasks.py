@@ -134,7 +134,7 @@ def encode(
 
     if (items is None) == (texts is None):
         raise InputError("encode needs either images or texts")
-    loaded.pack_from_start()
+    loaded.unpacked()
     target, outputs = encode_target(output)
     check_outputs(output, resume, overwrite)
     lock = exclusive_lock(output) if target != "stdout" and not locked else contextlib.nullcontext()

@@ -61,7 +61,7 @@ class FakeLoaded:
     def ensure(self, tower: str) -> None:
         pass
 
-    def pack_from_start(self) -> None:
+    def unpacked(self) -> None:
         pass
 
     def warm_up(self) -> None:

@@ -210,7 +210,7 @@ def test_siglips_text_tower_packs_all_but_its_read_out_block(tmp_path):
     assert len(stack.packing.blocks) == len(stack.resblocks) - 1
 
 
-def test_commands_pack_on_reuse_and_a_server_from_the_start(tiny_vit_checkpoint):
+def test_commands_pack_on_reuse_bulk_writers_never_and_a_server_from_the_start(tiny_vit_checkpoint):
     from clipcli.batching import embed_texts
     from clipcli.pipeline import load_model
 
@@ -221,9 +221,12 @@ def test_commands_pack_on_reuse_and_a_server_from_the_start(tiny_vit_checkpoint)
     assert loaded.model.transformer.packing is not None
     embed_texts(loaded, ["a cat"])
     assert loaded.model.transformer.packing.blocks is None  # one run: never packed
-    loaded.pack_from_start()  # what writes embeddings asks (tasks.encode, partitions, the index)
     embed_texts(loaded, ["a cat"])
-    assert loaded.model.transformer.packing.blocks is not None
+    assert loaded.model.transformer.packing.blocks is not None  # reused: packed
+    loaded.unpacked()  # what writes embeddings in bulk asks (tasks.encode, partitions, the index)
+    assert loaded.model.transformer.packing is None and loaded.model.visual.transformer.packing is None
+    loaded.ensure("text")
+    assert loaded.model.transformer.packing is None  # and stays so
     warm = load_model(str(tiny_vit_checkpoint), device="cpu", pack_after=0)
     warm.warm_up()  # as the server does before its first request
     assert warm.model.transformer.packing.blocks is not None

@@ -198,6 +198,13 @@ class Packing:
         self.__init__(state["after"])
 
 
+def disable_packing(model: nn.Module) -> None:
+    """Every stack of ``model`` runs its plain forward again; packed blocks are dropped."""
+    for module in model.modules():
+        if hasattr(module, "packing"):
+            module.packing = None
+
+
 def enable_packing(model: nn.Module, after: int = 1) -> int:
     """Let every stack of blocks in ``model`` (a module with a ``packing`` attribute) pack them
     once it has run ``after`` times the plain way: 1, the default, packs on reuse, so a single
