@@ -329,7 +329,7 @@ def _apply(run: _Run, todo: list[_Scan], gone: list[tuple], have: set[str]) -> N
     ready = [s for s in todo if s.error is None]
     if any(s.sha256 not in have for s in ready):
         run.loaded = loaded = run.load()
-        loaded.unpacked()
+        loaded.disable_packing()
         run.summary.model_loaded = True
         # registered also when the key is new but the identity is not
         run.model = run.index._register(run.key, loaded.identity, loaded.name, loaded.embed_dim)

@@ -326,7 +326,7 @@ def encode_partitions(loaded: "LoadedModel", items: Sequence["Item"], outdir: st
         raise InputError(f"partition size must be at least 1, not {partition_size}")
     _check_dtype(dtype)
     _pyarrow()
-    loaded.unpacked()
+    loaded.disable_packing()
     run = (run or RunOptions()).for_device(loaded.device)
     report = on_result or (lambda name, error: None)
     outdir = make_folder(outdir)  # the partitions' folders: _Partition
@@ -378,7 +378,7 @@ def encode_shards(loaded: "LoadedModel", shards: Sequence[str], outdir: str | os
 
     _check_dtype(dtype)
     _pyarrow()
-    loaded.unpacked()
+    loaded.disable_packing()
     run = (run or RunOptions()).for_device(loaded.device)
     report = on_result or (lambda name, error: None)
     outdir = make_folder(outdir)

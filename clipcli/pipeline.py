@@ -130,14 +130,14 @@ class LoadedModel:
 
             enable_packing(self.model, after=self.pack_after)
 
-    def unpacked(self) -> None:
-        """Run the plain forward from now on, packed weights dropped. What writes embeddings in
-        bulk (encode, index) calls it: at its batches of 32, packing saved at most 5-9% of the
-        model's time and nothing measurable end to end, for 31% more memory (BENCHMARKS.md),
-        and a file's bytes then never depend on where in its process a batch ran."""
-        self.pack_after = None
+    def disable_packing(self) -> None:
+        """Run the plain forward from now on (towers adopted later too), packed weights dropped.
+        What writes embeddings in bulk (encode, index) calls it: at batches of 32 packing saves
+        6-16% of the model's time but nothing measurable end to end, for 31-34% more memory
+        (BENCHMARKS.md), and a file's bytes then never depend on where in its process a batch ran."""
         from .models.packed import disable_packing
 
+        self.pack_after = None
         disable_packing(self.model)
 
     def warm_up(self) -> None:

@@ -17,7 +17,7 @@ PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 def resolve_dtype(precision: str | None, device: "torch.device") -> "torch.dtype":
     """``fp32``/``fp16``/``bf16``, or ``auto``: the fast one that computes natively here (fp16 on
     CUDA; bf16 on a CPU with AVX512-BF16 or AMX, fp32 on other CPUs). By default fp16 on CUDA
-    and fp32 on the CPU, whose results equal the reference's (BENCHMARKS.md: bf16 is about 3.2x
+    and fp32 on the CPU, whose results equal the reference's (BENCHMARKS.md: bf16 is about 3.4x
     faster on an AMX Xeon at batch 32, at a cosine of about 0.9999 to fp32)."""
     import torch
 

@@ -134,9 +134,9 @@ def encode(
 
     if (items is None) == (texts is None):
         raise InputError("encode needs either images or texts")
-    loaded.unpacked()
     target, outputs = encode_target(output)
     check_outputs(output, resume, overwrite)
+    loaded.disable_packing()
     lock = exclusive_lock(output) if target != "stdout" and not locked else contextlib.nullcontext()
     with lock:
         return _encode(loaded, items, texts, target, output, outputs, normalize, store, truncate, resume, overwrite,

@@ -61,7 +61,7 @@ class FakeLoaded:
     def ensure(self, tower: str) -> None:
         pass
 
-    def unpacked(self) -> None:
+    def disable_packing(self) -> None:
         pass
 
     def warm_up(self) -> None:

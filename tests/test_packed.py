@@ -110,6 +110,49 @@ def test_changed_weights_are_never_served_from_stale_packs(pair):
         assert stack.packing.blocks_for(stack.resblocks, x.new_zeros(1, 5, 64)) is None  # stale: plain again
 
 
+def test_dtype_round_trips_fused_optimiser_steps_and_hooks_are_seen(pair):
+    """``Module.to`` keeps each Parameter and swaps its storage; a fused optimiser step bumps no
+    version; a hook watches the plain forward. None of them may meet stale or skipped packs."""
+    plain, model = pair
+    x = _images(plain.visual.input_resolution)
+    stack = model.visual.transformer
+
+    def packed_now():
+        with torch.inference_mode():
+            model.encode_image(x), model.encode_image(x)
+        assert stack.packing.blocks is not None
+
+    packed_now()
+    model.bfloat16().float(), plain.bfloat16().float()  # the weights are rounded to bfloat16 and back
+    with torch.inference_mode():
+        assert torch.equal(model.encode_image(x), plain.encode_image(x))
+    packed_now()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    model.encode_image(x).sum().backward()  # a training step: the packs are dropped by its forward
+    optimiser.step()
+    assert stack.packing.blocks is None
+    plain.load_state_dict(model.state_dict())
+    with torch.inference_mode():
+        assert _max_diff(model.encode_image(x), plain.encode_image(x)) == 0
+    packed_now()
+    seen = []
+    handle = stack.resblocks[1].mlp.c_fc.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.inference_mode():
+        model.encode_image(x)
+    handle.remove()
+    assert len(seen) == 1 and stack.packing.blocks is None
+
+
+def test_adopting_a_tower_keeps_the_others_packs(tiny_vit_checkpoint):
+    from clipcli.pipeline import load_model
+
+    loaded = load_model(str(tiny_vit_checkpoint), device="cpu", towers=("image",), pack_after=0)
+    loaded.warm_up()
+    blocks = loaded.model.visual.transformer.packing.blocks
+    loaded.ensure("text")
+    assert loaded.model.visual.transformer.packing.blocks is blocks and loaded.model.transformer.packing is not None
+
+
 def test_replaced_layers_run_as_they_are(pair):
     """A quantized Linear is not a plain one: the stack stays plain, before or after packing."""
     plain, model = pair
@@ -179,7 +222,7 @@ def test_bfloat16_packs_only_where_the_cpu_computes_it(pair, monkeypatch):
 
 def test_without_onednn_nothing_is_enabled(tiny_vit_checkpoint, monkeypatch):
     model, _ = clipcli.load(tiny_vit_checkpoint, device="cpu")
-    monkeypatch.setattr(packed, "_probe", lambda: False)  # a build whose packed products fail
+    monkeypatch.setattr(packed, "_probe", lambda dtype: False)  # a build whose packed products fail
     assert enable_packing(model) == 0 and _stacks(model) == []
     monkeypatch.undo()
     with torch.backends.mkldnn.flags(enabled=False):  # switched off by the user
@@ -223,7 +266,7 @@ def test_commands_pack_on_reuse_bulk_writers_never_and_a_server_from_the_start(t
     assert loaded.model.transformer.packing.blocks is None  # one run: never packed
     embed_texts(loaded, ["a cat"])
     assert loaded.model.transformer.packing.blocks is not None  # reused: packed
-    loaded.unpacked()  # what writes embeddings in bulk asks (tasks.encode, partitions, the index)
+    loaded.disable_packing()  # what writes embeddings in bulk asks (tasks.encode, partitions, the index)
     assert loaded.model.transformer.packing is None and loaded.model.visual.transformer.packing is None
     loaded.ensure("text")
     assert loaded.model.transformer.packing is None  # and stays so

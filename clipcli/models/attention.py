@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 
 def attend(qkv: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:
-    """``(B, T, 3C)`` projections (q, k, v side by side, each ``heads`` wide heads) -> ``(B, T, C)``."""
+    """``(B, T, 3C)`` projections (q, k and v side by side, each split into ``heads`` heads of
+    ``C / heads``) -> ``(B, T, C)``."""
     B, T, C3 = qkv.shape
     C = C3 // 3
     qkv = qkv.view(B, T, 3, heads, C // heads).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)

@@ -148,9 +148,9 @@ class Transformer(nn.Module):
             for i, block in enumerate(self.resblocks):
                 x = checkpointed(block, x, self.causal, at if i == last else None)
             return x
-        # With ``at``, the last block computes one position and stays plain: it is not packed.
-        packing = self.packing
-        packed = packing.blocks_for(self.resblocks[:last] if at is not None else self.resblocks, x) if packing is not None else None
+        packed = None
+        if self.packing is not None:  # with ``at``, the last block computes one position and stays plain
+            packed = self.packing.blocks_for(self.resblocks[:last] if at is not None else self.resblocks, x)
         for i, block in enumerate(self.resblocks):
             if packed is not None and (i < last or at is None):
                 x = packed[i](x, causal=self.causal)

@@ -19,16 +19,19 @@ run a given number of times the plain way (so a one-image command never pays for
 or in memory: the packed copies double the blocks' weights). A stack runs its plain forward
 whenever packing does not apply: gradients on, autocast, tracing or compiling, an input of
 another dtype or device, a block that is not made of plain ``Linear`` layers (a quantized one),
-and whenever a block's live weights are no longer the tensors it was packed from at the same
-versions (an optimiser step, ``load_state_dict`` copied or assigned, a dtype or device move, a
-replaced layer); it packs again once reused. Changes made through ``.data`` bypass torch's
-version counters and are not seen: call :func:`enable_packing` again after them.
+a forward hook on a block or its layers, and whenever a block's live weights are no longer the
+tensors it was packed from, on the same storage, at the same version (an optimiser step,
+``load_state_dict`` copied or assigned, a dtype move, a replaced layer); it packs again once
+reused. A run with gradients drops the packs (a fused optimiser's step bumps no version), so
+training between inference runs is safe. In-place changes through ``.data`` bypass torch's
+version counters and are not seen: call :func:`disable_packing` after them.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+import weakref
 from typing import NamedTuple, Sequence
 
 import torch
@@ -67,37 +70,70 @@ def linear_weights(layer: nn.Module) -> Weights | None:
     return layer.weight, layer.bias
 
 
-def supported() -> bool:
-    """Whether oneDNN's packed products run in this torch (and are not switched off)."""
-    return torch.backends.mkldnn.enabled and _probe()
+def supported(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether oneDNN's packed products run in this torch for ``dtype`` (float32, or bfloat16 on
+    a CPU that computes it natively), and are not switched off."""
+    if not torch.backends.mkldnn.enabled:
+        return False
+    if dtype == torch.bfloat16 and not native_on_cpu("bf16"):
+        return False
+    return dtype in (torch.float32, torch.bfloat16) and _probe(dtype)
 
 
 @functools.cache
-def _probe() -> bool:
+def _probe(dtype: torch.dtype) -> bool:
     """One tiny packed product with each post-op used here, against ``F.linear``: False where
     any is missing or wrong in this build (then every stack stays plain)."""
     try:
         generator = torch.Generator().manual_seed(0)
-        x, w, b, r = (torch.randn(shape, generator=generator) for shape in ((3, 8), (16, 8), (16,), (3, 16)))
+        x, w, b, r = (torch.randn(shape, generator=generator).to(dtype)
+                      for shape in ((3, 8), (16, 8), (16,), (3, 16)))
         linear, packed, z = torch.ops.mkldnn._linear_pointwise, _reorder(w), F.linear(x, w, b)
         pairs = [(linear(x, packed, b, "none", [], ""), z), (linear(x, packed, b, "swish", [], ""), F.silu(z)),
                  (linear(x, packed, b, "gelu", [], "none"), F.gelu(z)),
                  (linear(x, packed, b, "gelu", [], "tanh"), F.gelu(z, approximate="tanh")),
                  (linear.binary(x, r, packed, b, "add"), z + r)]
-        return torch.backends.mkldnn.is_available() and all(torch.allclose(a, e, atol=1e-4) for a, e in pairs)
+        tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+        return torch.backends.mkldnn.is_available() and all(
+            torch.allclose(a.float(), e.float(), atol=tolerance, rtol=tolerance) for a, e in pairs)
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
 
 
 def applies(x: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether weights of ``dtype`` packed for oneDNN serve the input ``x``: both float32, or both
-    bfloat16 on a CPU that computes it natively; on the CPU; no gradients, autocast, tracing or
-    compiling."""
+    """Whether weights of ``dtype`` packed for oneDNN serve the input ``x`` (the same dtype, on
+    the CPU, one :func:`supported`); no gradients, autocast, tracing or compiling."""
     if x.device.type != "cpu" or x.dtype != dtype or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
         return False
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and bool(native_on_cpu("bf16")))
+    return supported(dtype)
+
+
+def _hooked(block: nn.Module) -> bool:
+    """Whether anything watches ``block`` or its layers run (forward hooks): then it runs as it is."""
+    from torch.nn.modules import module as torch_module
+
+    if getattr(torch_module, "_global_forward_hooks", None) or getattr(torch_module, "_global_forward_pre_hooks", None):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in block.modules())
+
+
+class _Stamp(NamedTuple):
+    """What changes when a tensor's values may have: its version (in-place changes), its dtype
+    and its storage (``Module.to()`` and ``.data =`` keep the tensor and swap the storage)."""
+
+    version: int
+    dtype: torch.dtype
+    storage: weakref.ref
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> "_Stamp":
+        return cls(tensor._version, tensor.dtype, weakref.ref(tensor.untyped_storage()))
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        return (tensor._version == self.version and tensor.dtype == self.dtype
+                and self.storage() is tensor.untyped_storage())
 
 
 def _reorder(weight: torch.Tensor) -> torch.Tensor:
@@ -120,7 +156,7 @@ class PackedBlock:
     """One block's inference forward on packed weights, with what it was packed from."""
 
     def __init__(self, parts: Parts):
-        self.parts, self.versions = parts, [t._version for t in parts.tensors()]
+        self.parts, self.stamps = parts, [_Stamp.of(t) for t in parts.tensors()]
         fused = _activation(parts.activation, parts.fc[0].dtype)
         self.activation = None if fused else parts.activation  # run apart, between the products
         self.post, self.algorithm, scale = fused or ("none", "", 1.0)
@@ -132,15 +168,17 @@ class PackedBlock:
             self.proj = _reorder(proj / scale if scale != 1.0 else proj)
 
     def fresh(self, live: Parts | None) -> bool:
-        """Whether ``live`` (the block's parts now) are what this was packed from, unchanged."""
+        """Whether ``live`` (the block's parts now) are what this was packed from, unchanged: the
+        same modules and tensors, each on the same storage (a dtype move swaps it: ``.to()``
+        keeps the Parameter) at the same version (an in-place change bumps it)."""
         p = self.parts
         if live is None or live.heads != p.heads:
             return False
         if live.ln1 is not p.ln1 or live.ln2 is not p.ln2 or live.activation is not p.activation:
             return False
         tensors = live.tensors()
-        return len(tensors) == len(self.versions) and all(
-            a is b and a._version == v for a, b, v in zip(tensors, p.tensors(), self.versions))
+        return len(tensors) == len(self.stamps) and all(
+            a is b and stamp.holds(a) for a, b, stamp in zip(tensors, p.tensors(), self.stamps))
 
     def __call__(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         linear = torch.ops.mkldnn._linear_pointwise
@@ -170,14 +208,17 @@ class Packing:
         if self.failed or not blocks:
             return None
         parts = [block.parts() for block in blocks]
-        if any(p is None for p in parts) or not applies(x, parts[0].qkv[0].dtype):
+        if torch.is_grad_enabled() or None in parts or any(_hooked(block) for block in blocks):
+            self.drop()  # training (a fused optimiser step bumps no version), a replaced layer, a hook
             return None
-        packed = self.blocks
-        if packed is not None and len(packed) == len(parts) and all(b.fresh(p) for b, p in zip(packed, parts)):
+        if not applies(x, parts[0].qkv[0].dtype):
+            return None
+        packed = self._current(parts)
+        if packed is not None:
             return packed
         with self._lock:  # one thread packs; another that waited finds it done
-            packed = self.blocks
-            if packed is not None and len(packed) == len(parts) and all(b.fresh(p) for b, p in zip(packed, parts)):
+            packed = self._current(parts)
+            if packed is not None:
                 return packed
             self.blocks = None  # stale or never made: freed before any new copy is made
             if self.runs < self.after:
@@ -190,6 +231,17 @@ class Packing:
                 return None
             self.runs = 0
             return self.blocks
+
+    def _current(self, parts: list[Parts]) -> list[PackedBlock] | None:
+        packed = self.blocks
+        if packed is not None and len(packed) == len(parts) and all(b.fresh(p) for b, p in zip(packed, parts)):
+            return packed
+        return None
+
+    def drop(self) -> None:
+        """Forget the packed blocks (they are made again once reused)."""
+        with self._lock:
+            self.blocks, self.runs = None, 0
 
     def __getstate__(self) -> dict:  # copies and pickles carry the policy, not oneDNN's opaque tensors
         return {"after": self.after}
@@ -209,13 +261,16 @@ def enable_packing(model: nn.Module, after: int = 1) -> int:
     """Let every stack of blocks in ``model`` (a module with a ``packing`` attribute) pack them
     once it has run ``after`` times the plain way: 1, the default, packs on reuse, so a single
     call never pays for it; 0 packs on the first call. Returns how many stacks will; none where
-    this torch has no working oneDNN. Call it again after adopting a tower, to change ``after``,
-    or after changing weights through ``.data`` (the packed blocks are dropped)."""
+    this torch has no working oneDNN. Call it again after adopting a tower or to change ``after``
+    (packed blocks are kept); after changing weights in place through ``.data``, call
+    :func:`disable_packing` first, then this again."""
     if not supported():
         return 0
     count = 0
     for module in model.modules():
         if hasattr(module, "packing"):
-            module.packing = Packing(after)
+            if module.packing is None:
+                module.packing = Packing(after)
+            module.packing.after = after
             count += 1
     return count
