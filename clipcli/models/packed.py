@@ -156,7 +156,8 @@ class PackedBlock:
     """One block's inference forward on packed weights, with what it was packed from."""
 
     def __init__(self, parts: Parts):
-        self.parts, self.stamps = parts, [_Stamp.of(t) for t in parts.tensors()]
+        self.parts, self.sources = parts, parts.tensors()
+        self.stamps = [_Stamp.of(t) for t in self.sources]
         fused = _activation(parts.activation, parts.fc[0].dtype)
         self.activation = None if fused else parts.activation  # run apart, between the products
         self.post, self.algorithm, scale = fused or ("none", "", 1.0)
@@ -177,8 +178,8 @@ class PackedBlock:
         if live.ln1 is not p.ln1 or live.ln2 is not p.ln2 or live.activation is not p.activation:
             return False
         tensors = live.tensors()
-        return len(tensors) == len(self.stamps) and all(
-            a is b and stamp.holds(a) for a, b, stamp in zip(tensors, p.tensors(), self.stamps))
+        return len(tensors) == len(self.sources) and all(
+            a is b and stamp.holds(a) for a, b, stamp in zip(tensors, self.sources, self.stamps))
 
     def __call__(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         linear = torch.ops.mkldnn._linear_pointwise
